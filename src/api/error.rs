@@ -1,0 +1,98 @@
+//! API errors: every refusal is JSON `{"error": "...", "detail": ...}`.
+
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+
+use crate::consensus::ConsensusError;
+use crate::model::InvalidField;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    Invalid(#[from] InvalidField),
+    #[error("{message}")]
+    BadRequest { message: String, status: StatusCode },
+    #[error("missing or wrong token")]
+    Unauthorized,
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Consensus(#[from] ConsensusError),
+}
+
+impl ApiError {
+    fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Invalid(_) => StatusCode::BAD_REQUEST,
+            ApiError::BadRequest { status, .. } => *status,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Consensus(ConsensusError::Rejected(_)) => StatusCode::CONFLICT,
+            ApiError::Consensus(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    fn detail(&self) -> Value {
+        match self {
+            ApiError::Invalid(f) => json!({"field": f.field, "reason": f.reason}),
+            ApiError::Consensus(ConsensusError::Unavailable(_)) => {
+                json!({"retryable": true, "situation": "no leader reachable with a quorum"})
+            }
+            ApiError::Consensus(ConsensusError::Unknown(_)) => {
+                json!({"retryable": false, "situation": "the leader went away mid-write; the write may or may not have been applied"})
+            }
+            _ => Value::Null,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let body = Json(json!({"error": self.to_string(), "detail": self.detail()}));
+        if status == StatusCode::UNAUTHORIZED {
+            return (status, [(header::WWW_AUTHENTICATE, "Bearer")], body).into_response();
+        }
+        (status, body).into_response()
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> Self {
+        let status = match r.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            format!("body larger than {} bytes", super::BODY_LIMIT)
+        } else {
+            format!("invalid JSON body: {}", r.body_text())
+        };
+        ApiError::BadRequest { message, status }
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(r: PathRejection) -> Self {
+        ApiError::BadRequest {
+            message: format!("invalid path: {}", r.body_text()),
+            status: StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(r: QueryRejection) -> Self {
+        ApiError::BadRequest {
+            message: format!("invalid query: {}", r.body_text()),
+            status: StatusCode::BAD_REQUEST,
+        }
+    }
+}

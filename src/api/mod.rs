@@ -1,0 +1,457 @@
+//! HTTP API v1 (axum): JSON, `Authorization: Bearer TOKEN`, same listener as
+//! the peer RPCs. Handlers validate, build a [`Command`], and hand it to
+//! [`Consensus`], which replicates it through the leader from any node.
+
+mod error;
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post, put};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+pub use error::ApiError;
+
+use crate::config::Role;
+use crate::consensus::{Consensus, NodeId, Written};
+use crate::model::{
+    self, Balance, Check, Command, MemberSpec, MemberState, Mode, Registry, Response as Outcome,
+    ServiceDef,
+};
+
+/// Client request bodies are small; anything larger is a mistake or an attack.
+pub const BODY_LIMIT: usize = 64 * 1024;
+
+/// Accepted bearer tokens.
+#[derive(Debug, Default)]
+pub struct Tokens {
+    tokens: Vec<Vec<u8>>,
+}
+
+impl Tokens {
+    /// One token per line; blank lines and `#` comments are skipped.
+    pub fn parse(text: &str) -> Tokens {
+        let tokens = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(|l| l.as_bytes().to_vec())
+            .collect();
+        Tokens { tokens }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    /// Compares against every token without stopping early, so timing does
+    /// not tell which prefix was right.
+    pub fn accepts(&self, presented: &[u8]) -> bool {
+        let mut ok = false;
+        for t in &self.tokens {
+            ok |= constant_time_eq(t, presented);
+        }
+        ok
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Everything a handler needs.
+#[derive(Clone)]
+pub struct AppState {
+    pub consensus: Consensus,
+    pub tokens: Arc<Tokens>,
+    pub role: Role,
+    pub advertise: String,
+    pub auto_create_services: bool,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/services", get(list_services))
+        .route("/v1/services/{service}", get(get_service).put(define_service))
+        .route(
+            "/v1/services/{service}/members/{member}",
+            put(register).delete(unregister),
+        )
+        .route(
+            "/v1/services/{service}/members/{member}/state",
+            put(set_member_state),
+        )
+        .route("/v1/cluster", get(cluster))
+        .route("/v1/cluster/nodes", post(add_node))
+        .route("/v1/cluster/nodes/{id}", delete(remove_node))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("route".into())
+}
+
+/// Proof that the request carried an accepted bearer token.
+pub struct Authorized;
+
+impl FromRequestParts<AppState> for Authorized {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let presented = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .ok_or(ApiError::Unauthorized)?;
+        if state.tokens.accepts(presented.as_bytes()) {
+            Ok(Authorized)
+        } else {
+            Err(ApiError::Unauthorized)
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Turns a replicated outcome into the HTTP answer.
+fn answer(w: Written) -> Result<Json<Value>, ApiError> {
+    match w.response {
+        Outcome::Done => Ok(Json(json!({"index": w.index}))),
+        Outcome::NotFound { what } => Err(ApiError::NotFound(what)),
+        Outcome::Rejected { reason } => Err(ApiError::Conflict(reason)),
+    }
+}
+
+async fn write(state: &AppState, cmd: Command) -> Result<Json<Value>, ApiError> {
+    cmd.validate()?;
+    answer(state.consensus.write(cmd).await?)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegisterBody {
+    address: String,
+    port: Option<u32>,
+    weight: Option<u32>,
+    ttl_s: Option<u32>,
+}
+
+async fn register(
+    State(state): State<AppState>,
+    _: Authorized,
+    path: Result<Path<(String, String)>, PathRejection>,
+    body: Result<Json<RegisterBody>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Path((service, member)) = path?;
+    let Json(body) = body?;
+    model::validate_name("service", &service)?;
+    model::validate_name("member", &member)?;
+    let spec = MemberSpec {
+        address: body.address,
+        port: body
+            .port
+            .map(|p| model::validate_port("port", p))
+            .transpose()?,
+        weight: body.weight.map(model::validate_weight).transpose()?,
+        ttl_s: body.ttl_s,
+    };
+    let create = if state.auto_create_services {
+        ServiceDef::well_known(&service)
+    } else {
+        None
+    };
+    let cmd = Command::Register {
+        service: service.clone(),
+        member,
+        spec,
+        create,
+        at_ms: now_ms(),
+    };
+    write(&state, cmd).await.map_err(|e| match e {
+        ApiError::NotFound(what) if what.starts_with("service") => ApiError::NotFound(format!(
+            "{what} (define it first: PUT /v1/services/{service} with its port)"
+        )),
+        e => e,
+    })
+}
+
+async fn unregister(
+    State(state): State<AppState>,
+    _: Authorized,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Path((service, member)) = path?;
+    write(&state, Command::Unregister { service, member }).await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StateBody {
+    state: String,
+}
+
+async fn set_member_state(
+    State(state): State<AppState>,
+    _: Authorized,
+    path: Result<Path<(String, String)>, PathRejection>,
+    body: Result<Json<StateBody>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Path((service, member)) = path?;
+    let Json(body) = body?;
+    let new_state: MemberState = body.state.parse()?;
+    let cmd = Command::SetMemberState {
+        service,
+        member,
+        state: new_state,
+    };
+    write(&state, cmd).await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServiceBody {
+    port: u32,
+    member_port: Option<u32>,
+    mode: Option<Mode>,
+    balance: Option<Balance>,
+    check: Option<Check>,
+}
+
+async fn define_service(
+    State(state): State<AppState>,
+    _: Authorized,
+    path: Result<Path<String>, PathRejection>,
+    body: Result<Json<ServiceBody>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Path(service) = path?;
+    let Json(body) = body?;
+    let port = model::validate_port("port", body.port)?;
+    let def = ServiceDef {
+        port,
+        member_port: body
+            .member_port
+            .map(|p| model::validate_port("member_port", p))
+            .transpose()?
+            .unwrap_or(port),
+        mode: body.mode.unwrap_or_default(),
+        balance: body.balance.unwrap_or_default(),
+        check: body.check.unwrap_or_default(),
+    };
+    write(&state, Command::DefineService { service, def }).await
+}
+
+#[derive(Debug, Deserialize)]
+struct ReadParams {
+    consistent: Option<bool>,
+}
+
+/// The registry to answer a read from: local, or after a read barrier.
+async fn read_registry(
+    state: &AppState,
+    params: Result<Query<ReadParams>, QueryRejection>,
+) -> Result<(u64, Arc<Registry>), ApiError> {
+    let Query(params) = params?;
+    if params.consistent.unwrap_or(false) {
+        state.consensus.read_barrier().await?;
+    }
+    let applied = state.consensus.applied();
+    Ok((applied.index, applied.registry.clone()))
+}
+
+fn service_json(svc: &model::Service) -> Value {
+    let mut v = serde_json::to_value(&svc.def).unwrap_or(Value::Null);
+    v["members"] = serde_json::to_value(&svc.members).unwrap_or(Value::Null);
+    v
+}
+
+async fn list_services(
+    State(state): State<AppState>,
+    _: Authorized,
+    params: Result<Query<ReadParams>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let (index, reg) = read_registry(&state, params).await?;
+    let services: serde_json::Map<String, Value> = reg
+        .services
+        .iter()
+        .map(|(name, svc)| (name.clone(), service_json(svc)))
+        .collect();
+    Ok(Json(json!({"index": index, "services": services})))
+}
+
+async fn get_service(
+    State(state): State<AppState>,
+    _: Authorized,
+    path: Result<Path<String>, PathRejection>,
+    params: Result<Query<ReadParams>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Path(service) = path?;
+    model::validate_name("service", &service)?;
+    let (index, reg) = read_registry(&state, params).await?;
+    let svc = reg
+        .services
+        .get(&service)
+        .ok_or_else(|| ApiError::NotFound(format!("service {service}")))?;
+    Ok(Json(json!({"index": index, "service": service, "definition": service_json(svc)})))
+}
+
+/// This node's view of the cluster.
+pub fn cluster_view(state: &AppState) -> Value {
+    let m = state.consensus.raft.metrics().borrow().clone();
+    let membership = m.membership_config.membership();
+    let voters: Vec<NodeId> = membership.voter_ids().collect();
+    let learners: Vec<NodeId> = membership.learner_ids().collect();
+    let nodes: serde_json::Map<String, Value> = membership
+        .nodes()
+        .map(|(id, n)| (id.to_string(), json!(n.addr)))
+        .collect();
+    let applied = state.consensus.applied();
+    json!({
+        "node_id": state.consensus.id,
+        "role": state.role,
+        "advertise": state.advertise,
+        "cluster_id": state.consensus.cluster_id(),
+        "state": format!("{:?}", m.state).to_lowercase(),
+        "leader": m.current_leader,
+        "term": m.current_term,
+        "voters": voters,
+        "learners": learners,
+        "nodes": nodes,
+        "applied_index": applied.index,
+        "last_log_index": m.last_log_index,
+        "millis_since_quorum_ack": m.millis_since_quorum_ack,
+        "members": applied.registry.member_count(),
+        "vip_holder": Value::Null,
+    })
+}
+
+async fn cluster(State(state): State<AppState>, _: Authorized) -> Json<Value> {
+    Json(cluster_view(&state))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddNodeBody {
+    id: NodeId,
+    addr: String,
+    #[serde(default)]
+    learner: bool,
+}
+
+async fn add_node(
+    State(state): State<AppState>,
+    _: Authorized,
+    body: Result<Json<AddNodeBody>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Json(body) = body?;
+    if body.id == 0 {
+        return Err(model::InvalidField {
+            field: "id",
+            reason: "must be at least 1".into(),
+        }
+        .into());
+    }
+    let (host, port) = body.addr.rsplit_once(':').ok_or(model::InvalidField {
+        field: "addr",
+        reason: "must be HOST:PORT".into(),
+    })?;
+    model::validate_address(host.trim_start_matches('[').trim_end_matches(']'))
+        .map_err(|f| model::InvalidField { field: "addr", ..f })?;
+    model::validate_port("addr", port.parse().unwrap_or(0))?;
+    let index = state
+        .consensus
+        .add_node(body.id, body.addr, body.learner)
+        .await?;
+    Ok(Json(json!({"index": index})))
+}
+
+async fn remove_node(
+    State(state): State<AppState>,
+    _: Authorized,
+    path: Result<Path<NodeId>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Path(id) = path?;
+    let index = state.consensus.remove_node(id).await?;
+    Ok(Json(json!({"index": index})))
+}
+
+async fn healthz(State(state): State<AppState>) -> Response {
+    let m = state.consensus.raft.metrics().borrow().clone();
+    let ok = m.running_state.is_ok();
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(json!({"ok": ok, "node_id": state.consensus.id, "leader": m.current_leader})),
+    )
+        .into_response()
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let m = state.consensus.raft.metrics().borrow().clone();
+    let applied = state.consensus.applied();
+    let mut out = String::new();
+    let mut gauge = |name: &str, help: &str, value: String| {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"
+        ));
+    };
+    gauge("clb_raft_term", "Current Raft term.", m.current_term.to_string());
+    gauge(
+        "clb_raft_leader",
+        "Node id of the known leader, 0 when none.",
+        m.current_leader.unwrap_or(0).to_string(),
+    );
+    gauge(
+        "clb_raft_is_leader",
+        "1 when this node is the leader.",
+        u8::from(m.current_leader == Some(state.consensus.id)).to_string(),
+    );
+    gauge(
+        "clb_raft_last_log_index",
+        "Last log index on this node.",
+        m.last_log_index.unwrap_or(0).to_string(),
+    );
+    gauge(
+        "clb_raft_applied_index",
+        "Last applied log index on this node.",
+        applied.index.to_string(),
+    );
+    out.push_str("# HELP clb_members Registered members per service and state.\n# TYPE clb_members gauge\n");
+    for (name, svc) in &applied.registry.services {
+        for st in [MemberState::Active, MemberState::Drain, MemberState::Maint] {
+            let n = svc.members.values().filter(|m| m.state == st).count();
+            out.push_str(&format!(
+                "clb_members{{service=\"{name}\",state=\"{st}\"}} {n}\n"
+            ));
+        }
+    }
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        out,
+    )
+        .into_response()
+}

@@ -1,0 +1,430 @@
+//! The `clb` command line: clap definitions, calls through [`Client`], and
+//! output as readable tables or `--json`. Exit codes are stable for scripts.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+
+use crate::client::{Client, ClientError};
+use crate::model;
+
+/// Exit codes: 0 success; these otherwise (2 is clap's usage error).
+pub mod exit {
+    pub const FAILED: i32 = 1;
+    pub const USAGE: i32 = 2;
+    pub const NOT_FOUND: i32 = 3;
+    pub const AUTH: i32 = 4;
+    pub const UNAVAILABLE: i32 = 5;
+    pub const INVALID: i32 = 6;
+}
+
+#[derive(Parser, Debug)]
+#[command(name = "clb", version, about = "Talk to a clb cluster")]
+pub struct Cli {
+    /// Servers to try in turn, comma-separated HOST:PORT or URLs
+    #[arg(long, env = "CLB_SERVER", default_value = "127.0.0.1:8090", global = true)]
+    pub server: String,
+    /// API token
+    #[arg(long, env = "CLB_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+    /// File holding the API token (first line)
+    #[arg(long, env = "CLB_TOKEN_FILE", global = true)]
+    pub token_file: Option<PathBuf>,
+    /// Print JSON instead of tables
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Register (or update) a member of a service
+    Register {
+        service: String,
+        member: String,
+        #[arg(long)]
+        address: String,
+        /// Member port [default: the service's member port]
+        #[arg(long)]
+        port: Option<u16>,
+        #[arg(long)]
+        weight: Option<u16>,
+        /// Remove the member unless re-registered within this many seconds
+        #[arg(long)]
+        ttl: Option<u32>,
+    },
+    /// Remove a member from a service
+    Unregister { service: String, member: String },
+    /// Stop new sessions to a member, keep existing ones
+    Drain { service: String, member: String },
+    /// Take a member out of rotation
+    Maint { service: String, member: String },
+    /// Put a member back into rotation
+    Ready { service: String, member: String },
+    /// List members of one service or all
+    Members {
+        service: Option<String>,
+        /// Linearizable read through the leader
+        #[arg(long)]
+        consistent: bool,
+    },
+    /// Define services
+    #[command(subcommand)]
+    Service(ServiceCmd),
+    /// Show this cluster's nodes, leader and indexes
+    Status,
+    /// Change cluster membership
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ServiceCmd {
+    /// Define or change a service
+    Set {
+        service: String,
+        /// Frontend port on the balancers
+        #[arg(long)]
+        port: u16,
+        /// Default member port [default: --port]
+        #[arg(long)]
+        member_port: Option<u16>,
+        /// http or tcp
+        #[arg(long)]
+        mode: Option<String>,
+        /// roundrobin, leastconn, first or random
+        #[arg(long)]
+        balance: Option<String>,
+        /// none, tcp or http:/PATH
+        #[arg(long)]
+        check: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterCmd {
+    /// Add a node: it catches up as a learner, then becomes a voter unless --learner
+    Add {
+        id: u64,
+        addr: String,
+        #[arg(long)]
+        learner: bool,
+    },
+    /// Remove a node from the cluster
+    Remove { id: u64 },
+}
+
+/// A failure with the exit code it maps to.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: i32,
+    pub message: String,
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        let code = match &e {
+            ClientError::Api { status, .. } => match status {
+                404 => exit::NOT_FOUND,
+                401 | 403 => exit::AUTH,
+                503 => exit::UNAVAILABLE,
+                400 | 409 | 413 | 415 | 422 => exit::INVALID,
+                _ => exit::FAILED,
+            },
+            ClientError::Unreachable(_) => exit::UNAVAILABLE,
+            ClientError::Usage(_) => exit::USAGE,
+            ClientError::Decode { .. } => exit::FAILED,
+        };
+        Failure {
+            code,
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<model::InvalidField> for Failure {
+    fn from(e: model::InvalidField) -> Self {
+        Failure {
+            code: exit::INVALID,
+            message: e.to_string(),
+        }
+    }
+}
+
+/// Resolves the token from `--token`, then `--token-file`.
+pub fn token(cli_token: Option<String>, file: Option<&PathBuf>) -> Result<Option<String>, Failure> {
+    if cli_token.is_some() {
+        return Ok(cli_token);
+    }
+    let Some(path) = file else { return Ok(None) };
+    let text = std::fs::read_to_string(path).map_err(|e| Failure {
+        code: exit::USAGE,
+        message: format!("token file {}: {e}", path.display()),
+    })?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string))
+}
+
+/// Runs one command and returns what to print.
+pub async fn run(cli: Cli) -> Result<String, Failure> {
+    let token = token(cli.token.clone(), cli.token_file.as_ref())?;
+    let client = Client::new(&cli.server, token)?;
+    let json_out = cli.json;
+    let done = |index: u64, what: String| {
+        if json_out {
+            json!({"index": index}).to_string()
+        } else {
+            format!("{what} (index {index})")
+        }
+    };
+    match cli.command {
+        Command::Register {
+            service,
+            member,
+            address,
+            port,
+            weight,
+            ttl,
+        } => {
+            model::validate_name("service", &service)?;
+            model::validate_name("member", &member)?;
+            let i = client
+                .register(&service, &member, &address, port, weight, ttl)
+                .await?;
+            Ok(done(i, format!("registered {member} in {service}")))
+        }
+        Command::Unregister { service, member } => {
+            model::validate_name("service", &service)?;
+            model::validate_name("member", &member)?;
+            let i = client.unregister(&service, &member).await?;
+            Ok(done(i, format!("unregistered {member} from {service}")))
+        }
+        Command::Drain { service, member } => set_state(&client, &service, &member, "drain", done).await,
+        Command::Maint { service, member } => set_state(&client, &service, &member, "maint", done).await,
+        Command::Ready { service, member } => set_state(&client, &service, &member, "active", done).await,
+        Command::Members {
+            service,
+            consistent,
+        } => {
+            if let Some(s) = &service {
+                model::validate_name("service", s)?;
+            }
+            let v = client.services(service.as_deref(), consistent).await?;
+            if json_out {
+                return Ok(v.to_string());
+            }
+            let services = match &service {
+                Some(s) => json!({ s.as_str(): v["definition"].clone() }),
+                None => v["services"].clone(),
+            };
+            Ok(members_table(&services, v["index"].as_u64().unwrap_or(0)))
+        }
+        Command::Service(ServiceCmd::Set {
+            service,
+            port,
+            member_port,
+            mode,
+            balance,
+            check,
+        }) => {
+            model::validate_name("service", &service)?;
+            let mut def = json!({"port": port});
+            if let Some(p) = member_port {
+                def["member_port"] = json!(p);
+            }
+            if let Some(m) = mode {
+                def["mode"] = json!(m);
+            }
+            if let Some(b) = balance {
+                def["balance"] = json!(b);
+            }
+            if let Some(c) = check {
+                def["check"] = parse_check(&c)?;
+            }
+            let i = client.define_service(&service, def).await?;
+            Ok(done(i, format!("service {service} defined")))
+        }
+        Command::Status => {
+            let v = client.cluster().await?;
+            if json_out {
+                return Ok(v.to_string());
+            }
+            Ok(status_table(&v))
+        }
+        Command::Cluster(ClusterCmd::Add { id, addr, learner }) => {
+            let i = client.add_node(id, &addr, learner).await?;
+            let role = if learner { "learner" } else { "voter" };
+            Ok(done(i, format!("node {id} added as {role}")))
+        }
+        Command::Cluster(ClusterCmd::Remove { id }) => {
+            let i = client.remove_node(id).await?;
+            Ok(done(i, format!("node {id} removed")))
+        }
+    }
+}
+
+async fn set_state(
+    client: &Client,
+    service: &str,
+    member: &str,
+    state: &str,
+    done: impl Fn(u64, String) -> String,
+) -> Result<String, Failure> {
+    model::validate_name("service", service)?;
+    model::validate_name("member", member)?;
+    let i = client.set_state(service, member, state).await?;
+    Ok(done(i, format!("{member} of {service} is now {state}")))
+}
+
+fn parse_check(text: &str) -> Result<Value, Failure> {
+    match text {
+        "none" | "tcp" => Ok(json!(text)),
+        _ => match text.strip_prefix("http:") {
+            Some(path) => Ok(json!({"http": {"path": path}})),
+            None => Err(Failure {
+                code: exit::USAGE,
+                message: format!("--check {text:?}: use none, tcp or http:/PATH"),
+            }),
+        },
+    }
+}
+
+/// Left-aligned columns, two spaces apart.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut s = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(cell);
+            } else {
+                s.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        s.trim_end().to_string()
+    };
+    let mut out = vec![line(header.iter().map(|h| h.to_string()).collect())];
+    out.extend(rows.iter().map(|r| line(r.clone())));
+    out.join("\n")
+}
+
+fn members_table(services: &Value, index: u64) -> String {
+    let mut rows = Vec::new();
+    if let Some(map) = services.as_object() {
+        for (name, svc) in map {
+            if let Some(members) = svc["members"].as_object() {
+                for (member, m) in members {
+                    rows.push(vec![
+                        name.clone(),
+                        member.clone(),
+                        format!("{}:{}", m["address"].as_str().unwrap_or(""), m["port"]),
+                        m["weight"].to_string(),
+                        m["state"].as_str().unwrap_or("").to_string(),
+                    ]);
+                }
+            }
+        }
+    }
+    format!(
+        "{}\n({} members, applied index {index})",
+        table(&["SERVICE", "MEMBER", "ADDRESS", "WEIGHT", "STATE"], &rows),
+        rows.len()
+    )
+}
+
+fn status_table(v: &Value) -> String {
+    let leader = v["leader"].as_u64();
+    let voters: Vec<u64> = v["voters"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_u64).collect())
+        .unwrap_or_default();
+    let mut rows = Vec::new();
+    if let Some(nodes) = v["nodes"].as_object() {
+        for (id, addr) in nodes {
+            let idn: u64 = id.parse().unwrap_or(0);
+            let role = if Some(idn) == leader {
+                "leader"
+            } else if voters.contains(&idn) {
+                "voter"
+            } else {
+                "learner"
+            };
+            rows.push(vec![
+                id.clone(),
+                addr.as_str().unwrap_or("").to_string(),
+                role.to_string(),
+            ]);
+        }
+    }
+    format!(
+        "node {} ({}), term {}, applied index {}, {} members\n{}",
+        v["node_id"],
+        v["role"].as_str().unwrap_or(""),
+        v["term"],
+        v["applied_index"],
+        v["members"],
+        table(&["ID", "ADDRESS", "RAFT"], &rows)
+    )
+}
+
+/// The 2010 calling form: `clb_register PASSWORD NODE SERVICE`. NODE is both
+/// the member's name and its address; the service's member port applies.
+pub async fn legacy(register: bool, args: &[String]) -> Result<String, Failure> {
+    let prog = if register {
+        "clb_register"
+    } else {
+        "clb_unregister"
+    };
+    let [password, node, service] = args else {
+        return Err(Failure {
+            code: exit::USAGE,
+            message: format!("usage: {prog} PASSWORD NODE SERVICE"),
+        });
+    };
+    model::validate_name("service", service)?;
+    model::validate_name("member", node)?;
+    model::validate_address(node)?;
+    let server = std::env::var("CLB_SERVER").unwrap_or_else(|_| "localhost:8090".into());
+    let client = Client::new(&server, Some(password.clone()))?;
+    if register {
+        let i = client.register(service, node, node, None, None, None).await?;
+        Ok(format!("registered {node} in {service} (index {i})"))
+    } else {
+        let i = client.unregister(service, node).await?;
+        Ok(format!("unregistered {node} from {service} (index {i})"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align_columns() {
+        let t = table(
+            &["A", "BB"],
+            &[vec!["xyz".into(), "1".into()], vec!["q".into(), "22".into()]],
+        );
+        assert_eq!(t, "A    BB\nxyz  1\nq    22");
+    }
+
+    #[test]
+    fn check_syntax() {
+        assert_eq!(parse_check("tcp").unwrap(), json!("tcp"));
+        assert_eq!(
+            parse_check("http:/health").unwrap(),
+            json!({"http": {"path": "/health"}})
+        );
+        assert_eq!(parse_check("ping").unwrap_err().code, exit::USAGE);
+    }
+}

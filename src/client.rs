@@ -1,0 +1,237 @@
+//! Typed HTTP client for the API, used by the CLI and the tests. Tries each
+//! server in turn until one answers.
+
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server answered with an error status.
+    #[error("{status}: {message}")]
+    Api {
+        status: u16,
+        message: String,
+        detail: Value,
+    },
+    /// No server answered.
+    #[error("no server reachable: {0}")]
+    Unreachable(String),
+    #[error("bad answer from {server}: {reason}")]
+    Decode { server: String, reason: String },
+    #[error("{0}")]
+    Usage(String),
+}
+
+impl ClientError {
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Client {
+    servers: Vec<String>,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+/// `host:port` or a URL → base URL without a trailing slash.
+fn base_url(server: &str) -> String {
+    let s = server.trim().trim_end_matches('/');
+    if s.starts_with("http://") || s.starts_with("https://") {
+        s.to_string()
+    } else {
+        format!("http://{s}")
+    }
+}
+
+impl Client {
+    /// `servers` is a comma-separated list, tried in turn.
+    pub fn new(servers: &str, token: Option<String>) -> Result<Client, ClientError> {
+        let servers: Vec<String> = servers
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(base_url)
+            .collect();
+        if servers.is_empty() {
+            return Err(ClientError::Usage("no server given".into()));
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| ClientError::Usage(e.to_string()))?;
+        Ok(Client {
+            servers,
+            token,
+            http,
+        })
+    }
+
+    /// Sends one request to the first server that answers.
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, ClientError> {
+        let mut failures = Vec::new();
+        for server in &self.servers {
+            let mut req = self.http.request(method.clone(), format!("{server}{path}"));
+            if let Some(t) = &self.token {
+                req = req.bearer_auth(t);
+            }
+            if let Some(b) = &body {
+                req = req.json(b);
+            }
+            let resp = match req.send().await {
+                Ok(r) => r,
+                Err(e) if e.is_connect() || e.is_timeout() => {
+                    failures.push(format!("{server}: {e}"));
+                    continue;
+                }
+                Err(e) => {
+                    failures.push(format!("{server}: {e}"));
+                    continue;
+                }
+            };
+            let status = resp.status();
+            let text = resp.text().await.map_err(|e| ClientError::Decode {
+                server: server.clone(),
+                reason: e.to_string(),
+            })?;
+            let value: Value = serde_json::from_str(&text).map_err(|e| ClientError::Decode {
+                server: server.clone(),
+                reason: format!("{e}: {}", text.chars().take(200).collect::<String>()),
+            })?;
+            // A node with no leader answers 503; another node may do better.
+            if status == StatusCode::SERVICE_UNAVAILABLE && server != self.servers.last().unwrap_or(server) {
+                failures.push(format!("{server}: {}", value["error"]));
+                continue;
+            }
+            if !status.is_success() {
+                return Err(ClientError::Api {
+                    status: status.as_u16(),
+                    message: value["error"].as_str().unwrap_or("").to_string(),
+                    detail: value["detail"].clone(),
+                });
+            }
+            return Ok(value);
+        }
+        Err(ClientError::Unreachable(failures.join("; ")))
+    }
+
+    pub async fn register(
+        &self,
+        service: &str,
+        member: &str,
+        address: &str,
+        port: Option<u16>,
+        weight: Option<u16>,
+        ttl_s: Option<u32>,
+    ) -> Result<u64, ClientError> {
+        let mut body = json!({"address": address});
+        if let Some(p) = port {
+            body["port"] = json!(p);
+        }
+        if let Some(w) = weight {
+            body["weight"] = json!(w);
+        }
+        if let Some(t) = ttl_s {
+            body["ttl_s"] = json!(t);
+        }
+        let v = self
+            .request(Method::PUT, &member_path(service, member), Some(body))
+            .await?;
+        Ok(index_of(&v))
+    }
+
+    pub async fn unregister(&self, service: &str, member: &str) -> Result<u64, ClientError> {
+        let v = self
+            .request(Method::DELETE, &member_path(service, member), None)
+            .await?;
+        Ok(index_of(&v))
+    }
+
+    pub async fn set_state(
+        &self,
+        service: &str,
+        member: &str,
+        state: &str,
+    ) -> Result<u64, ClientError> {
+        let path = format!("{}/state", member_path(service, member));
+        let v = self
+            .request(Method::PUT, &path, Some(json!({"state": state})))
+            .await?;
+        Ok(index_of(&v))
+    }
+
+    pub async fn define_service(&self, service: &str, def: Value) -> Result<u64, ClientError> {
+        let path = format!("/v1/services/{}", enc(service));
+        let v = self.request(Method::PUT, &path, Some(def)).await?;
+        Ok(index_of(&v))
+    }
+
+    /// All services, or one (`{"index", "service", "definition"}`).
+    pub async fn services(
+        &self,
+        service: Option<&str>,
+        consistent: bool,
+    ) -> Result<Value, ClientError> {
+        let mut path = match service {
+            Some(s) => format!("/v1/services/{}", enc(s)),
+            None => "/v1/services".to_string(),
+        };
+        if consistent {
+            path.push_str("?consistent=true");
+        }
+        self.request(Method::GET, &path, None).await
+    }
+
+    pub async fn cluster(&self) -> Result<Value, ClientError> {
+        self.request(Method::GET, "/v1/cluster", None).await
+    }
+
+    pub async fn add_node(&self, id: u64, addr: &str, learner: bool) -> Result<u64, ClientError> {
+        let body = json!({"id": id, "addr": addr, "learner": learner});
+        let v = self
+            .request(Method::POST, "/v1/cluster/nodes", Some(body))
+            .await?;
+        Ok(index_of(&v))
+    }
+
+    pub async fn remove_node(&self, id: u64) -> Result<u64, ClientError> {
+        let v = self
+            .request(Method::DELETE, &format!("/v1/cluster/nodes/{id}"), None)
+            .await?;
+        Ok(index_of(&v))
+    }
+}
+
+fn index_of(v: &Value) -> u64 {
+    v["index"].as_u64().unwrap_or(0)
+}
+
+fn member_path(service: &str, member: &str) -> String {
+    format!("/v1/services/{}/members/{}", enc(service), enc(member))
+}
+
+/// Percent-encodes a path segment so a bad name reaches the server's
+/// validation (and its 400) instead of changing the route.
+fn enc(segment: &str) -> String {
+    let mut out = String::with_capacity(segment.len());
+    for b in segment.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

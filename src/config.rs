@@ -1,0 +1,376 @@
+//! `clbd` settings from flags, `CLB_*` env and `--config clbd.toml` (flags and
+//! env win over the file), validated into a [`Config`].
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::consensus::{Bootstrap, NodeId, RaftSettings};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("read config file {path}: {source}")]
+    ReadFile {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    ParseFile {
+        path: String,
+        source: toml::de::Error,
+    },
+    #[error("--{flag}: {reason}")]
+    Invalid { flag: &'static str, reason: String },
+}
+
+fn invalid(flag: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        flag,
+        reason: reason.into(),
+    }
+}
+
+/// Every setting, all optional: the same struct is parsed from flags/env and
+/// from the TOML file, then merged field by field.
+#[derive(Debug, Default, Clone, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// This node's id, unique in the cluster [default: 1]
+    #[arg(long, env = "CLB_NODE_ID")]
+    pub node_id: Option<NodeId>,
+    /// Address for the API and peer RPCs [default: 0.0.0.0:8090]
+    #[arg(long, env = "CLB_LISTEN")]
+    pub listen: Option<String>,
+    /// Address other nodes and clients use to reach this one [default: from --peers or --listen]
+    #[arg(long, env = "CLB_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Where the Raft log and registry live [default: ./clb-data]
+    #[arg(long, env = "CLB_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Initial cluster, identical on every node: 1=HOST:PORT,2=HOST:PORT,3=HOST:PORT
+    #[arg(long, env = "CLB_PEERS")]
+    pub peers: Option<String>,
+    /// Start empty and wait to be added with `clb cluster add`
+    #[arg(long, env = "CLB_JOIN", num_args = 0..=1, default_missing_value = "true")]
+    pub join: Option<bool>,
+    /// balancer or witness [default: balancer]
+    #[arg(long, env = "CLB_ROLE")]
+    pub role: Option<String>,
+    /// File with accepted API tokens, one per line [default: DATA_DIR/token, created]
+    #[arg(long, env = "CLB_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Directory with haproxy.cfg.j2 overriding the built-in template
+    #[arg(long, env = "CLB_TEMPLATE_DIR")]
+    pub template_dir: Option<PathBuf>,
+    /// Where the rendered haproxy config goes [default: /etc/haproxy/haproxy.cfg]
+    #[arg(short = 'o', long, env = "CLB_OUTPUT")]
+    pub output: Option<PathBuf>,
+    /// Command that reloads haproxy after a structural change
+    #[arg(long, env = "CLB_RELOAD_CMD")]
+    pub reload_cmd: Option<String>,
+    /// haproxy admin socket for runtime API changes
+    #[arg(long, env = "CLB_HAPROXY_SOCKET")]
+    pub haproxy_socket: Option<PathBuf>,
+    /// The virtual/elastic IP the leader holds
+    #[arg(long, env = "CLB_VIP")]
+    pub vip: Option<String>,
+    /// Command run as `CMD claim|release VIP NODE_ID TERM`
+    #[arg(long, env = "CLB_VIP_HOOK")]
+    pub vip_hook: Option<String>,
+    /// Raft heartbeat interval [default: 50]
+    #[arg(long, env = "CLB_HEARTBEAT_MS")]
+    pub heartbeat_ms: Option<u64>,
+    /// Lower bound of the randomized election timeout [default: 300]
+    #[arg(long, env = "CLB_ELECTION_TIMEOUT_MIN_MS")]
+    pub election_timeout_min_ms: Option<u64>,
+    /// Upper bound of the randomized election timeout [default: 600]
+    #[arg(long, env = "CLB_ELECTION_TIMEOUT_MAX_MS")]
+    pub election_timeout_max_ms: Option<u64>,
+    /// How long a write waits for a leader before answering 503 [default: 5000]
+    #[arg(long, env = "CLB_FORWARD_TIMEOUT_MS")]
+    pub forward_timeout_ms: Option<u64>,
+    /// Auto-create well-known services (http, https, ...) on first registration [default: true]
+    #[arg(long, env = "CLB_AUTO_CREATE_SERVICES", num_args = 0..=1, default_missing_value = "true")]
+    pub auto_create_services: Option<bool>,
+}
+
+macro_rules! merge {
+    ($a:ident, $b:ident, $($f:ident),* $(,)?) => {
+        Settings { $($f: $a.$f.or($b.$f)),* }
+    };
+}
+
+impl Settings {
+    /// Fields set in `self` win; the rest come from `file`.
+    pub fn or(self, file: Settings) -> Settings {
+        merge!(
+            self,
+            file,
+            node_id,
+            listen,
+            advertise,
+            data_dir,
+            peers,
+            join,
+            role,
+            token_file,
+            template_dir,
+            output,
+            reload_cmd,
+            haproxy_socket,
+            vip,
+            vip_hook,
+            heartbeat_ms,
+            election_timeout_min_ms,
+            election_timeout_max_ms,
+            forward_timeout_ms,
+            auto_create_services,
+        )
+    }
+
+    pub fn from_file(path: &Path) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+            path: path.display().to_string(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::ParseFile {
+            path: path.display().to_string(),
+            source,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Balancer,
+    Witness,
+}
+
+/// Validated daemon configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub node_id: NodeId,
+    pub listen: SocketAddr,
+    /// `None`: derived from the bound listener.
+    pub advertise: Option<String>,
+    pub data_dir: PathBuf,
+    /// `None` for a single-node cluster, which needs the bound address first.
+    pub peers: Option<BTreeMap<NodeId, String>>,
+    pub join: bool,
+    pub role: Role,
+    pub token_file: Option<PathBuf>,
+    pub template_dir: Option<PathBuf>,
+    pub output: PathBuf,
+    pub reload_cmd: Option<String>,
+    pub haproxy_socket: Option<PathBuf>,
+    pub vip: Option<String>,
+    pub vip_hook: Option<String>,
+    pub raft: RaftSettings,
+    pub auto_create_services: bool,
+}
+
+impl Config {
+    pub fn from_settings(s: Settings) -> Result<Config, ConfigError> {
+        let node_id = s.node_id.unwrap_or(1);
+        if node_id == 0 {
+            return Err(invalid("node-id", "must be at least 1"));
+        }
+        let listen_text = s.listen.unwrap_or_else(|| "0.0.0.0:8090".into());
+        let listen: SocketAddr = listen_text
+            .parse()
+            .map_err(|_| invalid("listen", format!("{listen_text:?} is not IP:PORT")))?;
+        let peers = s.peers.as_deref().map(parse_peers).transpose()?;
+        if let Some(peers) = &peers {
+            if !peers.contains_key(&node_id) {
+                return Err(invalid(
+                    "peers",
+                    format!("does not name this node (--node-id {node_id})"),
+                ));
+            }
+        }
+        let join = s.join.unwrap_or(false);
+        if join && peers.is_some() {
+            return Err(invalid("join", "cannot be combined with --peers"));
+        }
+        let role = match s.role.as_deref().unwrap_or("balancer") {
+            "balancer" => Role::Balancer,
+            "witness" => Role::Witness,
+            other => {
+                return Err(invalid(
+                    "role",
+                    format!("{other:?} is not balancer or witness"),
+                ))
+            }
+        };
+        let heartbeat_ms = s.heartbeat_ms.unwrap_or(50);
+        let min = s.election_timeout_min_ms.unwrap_or(300);
+        let max = s.election_timeout_max_ms.unwrap_or(600);
+        if heartbeat_ms == 0 || heartbeat_ms >= min {
+            return Err(invalid(
+                "heartbeat-ms",
+                format!("{heartbeat_ms} must be above 0 and below --election-timeout-min-ms {min}"),
+            ));
+        }
+        if max <= min {
+            return Err(invalid(
+                "election-timeout-max-ms",
+                format!("{max} must be above --election-timeout-min-ms {min}"),
+            ));
+        }
+        if let Some(adv) = &s.advertise {
+            check_host_port("advertise", adv)?;
+        }
+        Ok(Config {
+            node_id,
+            listen,
+            advertise: s.advertise,
+            data_dir: s.data_dir.unwrap_or_else(|| PathBuf::from("clb-data")),
+            peers,
+            join,
+            role,
+            token_file: s.token_file,
+            template_dir: s.template_dir,
+            output: s
+                .output
+                .unwrap_or_else(|| PathBuf::from("/etc/haproxy/haproxy.cfg")),
+            reload_cmd: s.reload_cmd,
+            haproxy_socket: s.haproxy_socket,
+            vip: s.vip,
+            vip_hook: s.vip_hook,
+            raft: RaftSettings {
+                heartbeat_ms,
+                election_timeout_min_ms: min,
+                election_timeout_max_ms: max,
+                elect: role == Role::Balancer,
+                forward_timeout: Duration::from_millis(s.forward_timeout_ms.unwrap_or(5_000)),
+            },
+            auto_create_services: s.auto_create_services.unwrap_or(true),
+        })
+    }
+
+    /// How this node starts its cluster, now that the listener is bound.
+    pub fn bootstrap(&self, bound: SocketAddr) -> Bootstrap {
+        match (&self.peers, self.join) {
+            (Some(peers), _) => Bootstrap::Peers(peers.clone()),
+            (None, true) => Bootstrap::Join,
+            (None, false) => Bootstrap::Single {
+                addr: self.advertise_addr(bound),
+            },
+        }
+    }
+
+    /// The address peers and clients should use for this node.
+    pub fn advertise_addr(&self, bound: SocketAddr) -> String {
+        if let Some(a) = &self.advertise {
+            return a.clone();
+        }
+        if let Some(a) = self.peers.as_ref().and_then(|p| p.get(&self.node_id)) {
+            return a.clone();
+        }
+        let ip = if bound.ip().is_unspecified() {
+            std::net::IpAddr::from([127, 0, 0, 1])
+        } else {
+            bound.ip()
+        };
+        SocketAddr::new(ip, bound.port()).to_string()
+    }
+}
+
+/// `1=HOST:PORT,2=HOST:PORT`.
+pub fn parse_peers(text: &str) -> Result<BTreeMap<NodeId, String>, ConfigError> {
+    let mut peers = BTreeMap::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part
+            .split_once('=')
+            .ok_or_else(|| invalid("peers", format!("{part:?} is not ID=HOST:PORT")))?;
+        let id: NodeId = id
+            .trim()
+            .parse()
+            .ok()
+            .filter(|&id| id > 0)
+            .ok_or_else(|| invalid("peers", format!("{id:?} is not a node id (1 or more)")))?;
+        check_host_port("peers", addr)?;
+        if peers.insert(id, addr.trim().to_string()).is_some() {
+            return Err(invalid("peers", format!("node {id} is listed twice")));
+        }
+    }
+    if peers.is_empty() {
+        return Err(invalid("peers", "is empty"));
+    }
+    Ok(peers)
+}
+
+fn check_host_port(flag: &'static str, addr: &str) -> Result<(), ConfigError> {
+    let addr = addr.trim();
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| invalid(flag, format!("{addr:?} is not HOST:PORT")))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    crate::model::validate_address(host)
+        .map_err(|_| invalid(flag, format!("{addr:?}: bad host")))?;
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(invalid(flag, format!("{addr:?}: bad port"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_parse_and_reject_garbage() {
+        let p = parse_peers("1=127.0.0.1:1, 2=node-b:2,3=[::1]:3").unwrap();
+        assert_eq!(p.len(), 3);
+        assert_eq!(p[&3], "[::1]:3");
+        for bad in ["", "1", "x=a:1", "0=a:1", "1=a", "1=a:0", "1=a:1,1=b:2", "1=a b:1"] {
+            assert!(parse_peers(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn flags_win_over_file() {
+        let flags = Settings {
+            node_id: Some(2),
+            ..Default::default()
+        };
+        let file: Settings = toml::from_str("node_id = 1\nlisten = \"127.0.0.1:9\"").unwrap();
+        let merged = flags.or(file);
+        assert_eq!(merged.node_id, Some(2));
+        assert_eq!(merged.listen.as_deref(), Some("127.0.0.1:9"));
+    }
+
+    #[test]
+    fn unknown_file_keys_are_refused() {
+        assert!(toml::from_str::<Settings>("nodeid = 1").is_err());
+    }
+
+    #[test]
+    fn validation_names_the_flag() {
+        let bad = |s: Settings| Config::from_settings(s).unwrap_err().to_string();
+        assert!(bad(Settings {
+            role: Some("boss".into()),
+            ..Default::default()
+        })
+        .starts_with("--role"));
+        assert!(bad(Settings {
+            peers: Some("2=a:1".into()),
+            ..Default::default()
+        })
+        .contains("does not name this node"));
+        assert!(bad(Settings {
+            heartbeat_ms: Some(500),
+            ..Default::default()
+        })
+        .starts_with("--heartbeat-ms"));
+        assert!(bad(Settings {
+            listen: Some("nope".into()),
+            ..Default::default()
+        })
+        .starts_with("--listen"));
+    }
+}

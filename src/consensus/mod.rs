@@ -1,0 +1,555 @@
+//! Raft: openraft type configuration, the sled log store and state machine,
+//! the HTTP peer transport, and [`Consensus`], the handle the rest of clb
+//! uses to write (from any node) and to read linearizably.
+
+pub mod network;
+pub mod rpc;
+pub mod store;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Cursor;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
+use openraft::{BasicNode, ChangeMembers, ServerState};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::model::{Command, Response};
+use network::{CallError, Network, PeerClient};
+pub use store::Applied;
+
+openraft::declare_raft_types!(
+    /// clb's Raft types: registry commands in, apply outcomes out.
+    pub TypeConfig:
+        D = Command,
+        R = Response,
+        NodeId = NodeId,
+        Node = openraft::BasicNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+pub type NodeId = u64;
+pub type Raft = openraft::Raft<TypeConfig>;
+pub type LogId = openraft::LogId<NodeId>;
+pub type StorageError = openraft::StorageError<NodeId>;
+
+/// How a node finds its cluster on first start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Bootstrap {
+    /// A cluster of this node alone (the embedded default).
+    Single { addr: String },
+    /// The `--peers` set; identical on every node, so every node may initialize.
+    Peers(BTreeMap<NodeId, String>),
+    /// Wait to be added by `clb cluster add`.
+    Join,
+}
+
+/// Timers and role for the Raft instance.
+#[derive(Debug, Clone)]
+pub struct RaftSettings {
+    pub heartbeat_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// False for a witness: it votes but never campaigns.
+    pub elect: bool,
+    /// How long a write waits for a leader before answering 503.
+    pub forward_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("open data dir {dir}: {source}")]
+    OpenStore {
+        dir: String,
+        source: store::StoreError,
+    },
+    #[error("data dir {dir} belongs to node {stored}, not --node-id {given}")]
+    WrongNode {
+        dir: String,
+        stored: String,
+        given: NodeId,
+    },
+    #[error("data dir {dir} belongs to cluster {stored}, but --peers describe cluster {given}; keep --peers as they were at first start, or use a fresh data dir")]
+    WrongCluster {
+        dir: String,
+        stored: String,
+        given: String,
+    },
+    #[error("--node-id {0} is not in --peers")]
+    NotInPeers(NodeId),
+    #[error("raft config: {0}")]
+    Config(String),
+    #[error("start raft: {0}")]
+    Raft(String),
+}
+
+/// Why a write, read or membership change did not happen.
+#[derive(Debug, Clone, thiserror::Error, Serialize, Deserialize)]
+pub enum ConsensusError {
+    /// Retryable: no leader, leader unreachable, or no quorum.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The write may or may not have been applied (the leader went away mid-call).
+    #[error("outcome unknown: {0}")]
+    Unknown(String),
+    /// The request itself cannot succeed (for example an invalid membership change).
+    #[error("{0}")]
+    Rejected(String),
+}
+
+/// What only the leader can do; followers forward these over `/raft/leader`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum LeaderRequest {
+    Write(Command),
+    ReadIndex,
+    AddNode {
+        id: NodeId,
+        addr: String,
+        learner: bool,
+    },
+    RemoveNode {
+        id: NodeId,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum LeaderReply {
+    Written { index: u64, response: Response },
+    ReadIndex(u64),
+    Membership { index: u64 },
+}
+
+/// A leader's refusal; `NotLeader` and `NoQuorum` are worth retrying.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum LeaderError {
+    NotLeader,
+    NoQuorum(String),
+    Rejected(String),
+    Failed(String),
+}
+
+/// An acknowledged write: durable on a quorum and applied on the leader.
+#[derive(Debug, Clone)]
+pub struct Written {
+    pub index: u64,
+    pub response: Response,
+}
+
+/// The running Raft node and everything needed to use it from any node.
+#[derive(Clone)]
+pub struct Consensus {
+    pub raft: Raft,
+    pub id: NodeId,
+    applied: watch::Receiver<Arc<Applied>>,
+    peers: PeerClient,
+    forward_timeout: Duration,
+    db: sled::Db,
+}
+
+impl Consensus {
+    /// Opens the data dir, checks it belongs to this node and cluster, starts
+    /// Raft and initializes the cluster on first start.
+    pub async fn start(
+        id: NodeId,
+        data_dir: &Path,
+        bootstrap: Bootstrap,
+        settings: &RaftSettings,
+    ) -> Result<Self, StartError> {
+        let dir = data_dir.display().to_string();
+        let stores = store::open(data_dir).map_err(|source| StartError::OpenStore {
+            dir: dir.clone(),
+            source,
+        })?;
+        let meta = |key: &str| {
+            store::get_meta(&stores.db, key).map_err(|source| StartError::OpenStore {
+                dir: dir.clone(),
+                source,
+            })
+        };
+        let set_meta = |key: &str, value: &str| {
+            store::set_meta(&stores.db, key, value).map_err(|source| StartError::OpenStore {
+                dir: dir.clone(),
+                source,
+            })
+        };
+        match meta("node_id")? {
+            Some(stored) if stored != id.to_string() => {
+                return Err(StartError::WrongNode {
+                    dir,
+                    stored,
+                    given: id,
+                })
+            }
+            Some(_) => {}
+            None => set_meta("node_id", &id.to_string())?,
+        }
+        let stored_cluster = meta("cluster_id")?;
+        let cluster_id = match (&bootstrap, stored_cluster) {
+            (Bootstrap::Peers(peers), stored) => {
+                if !peers.contains_key(&id) {
+                    return Err(StartError::NotInPeers(id));
+                }
+                let given = peers_cluster_id(peers);
+                match stored {
+                    Some(stored) if stored != given => {
+                        return Err(StartError::WrongCluster { dir, stored, given })
+                    }
+                    _ => given,
+                }
+            }
+            (_, Some(stored)) => stored,
+            (Bootstrap::Single { .. }, None) => format!("s-{:016x}", rand::random::<u64>()),
+            // Adopted from the first peer that contacts us.
+            (Bootstrap::Join, None) => String::new(),
+        };
+        if !cluster_id.is_empty() {
+            set_meta("cluster_id", &cluster_id)?;
+        }
+
+        let config = openraft::Config {
+            cluster_name: "clb".into(),
+            heartbeat_interval: settings.heartbeat_ms,
+            election_timeout_min: settings.election_timeout_min_ms,
+            election_timeout_max: settings.election_timeout_max_ms,
+            enable_elect: settings.elect,
+            install_snapshot_timeout: 2_000,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(5_000),
+            max_in_snapshot_log_to_keep: 1_000,
+            purge_batch_size: 256,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| StartError::Config(e.to_string()))?;
+
+        let peers = PeerClient::new(cluster_id);
+        let applied = stores.sm.subscribe();
+        let raft = Raft::new(
+            id,
+            Arc::new(config),
+            Network::new(peers.clone()),
+            stores.log,
+            stores.sm,
+        )
+        .await
+        .map_err(|e| StartError::Raft(e.to_string()))?;
+
+        let members = match &bootstrap {
+            Bootstrap::Single { addr } => Some(BTreeMap::from([(id, addr.clone())])),
+            Bootstrap::Peers(peers) => Some(peers.clone()),
+            Bootstrap::Join => None,
+        };
+        let initialized = raft
+            .is_initialized()
+            .await
+            .map_err(|e| StartError::Raft(e.to_string()))?;
+        if let (false, Some(members)) = (initialized, members) {
+            let nodes: BTreeMap<NodeId, BasicNode> = members
+                .into_iter()
+                .map(|(id, addr)| (id, BasicNode { addr }))
+                .collect();
+            match raft.initialize(nodes).await {
+                Ok(()) => tracing::info!("initialized a new cluster"),
+                // Another node's identical initialize got here first.
+                Err(RaftError::APIError(InitializeError::NotAllowed(e))) => {
+                    tracing::info!(reason = %e, "cluster already initialized")
+                }
+                Err(e) => return Err(StartError::Raft(e.to_string())),
+            }
+        }
+        Ok(Self {
+            raft,
+            id,
+            applied,
+            peers,
+            forward_timeout: settings.forward_timeout,
+            db: stores.db,
+        })
+    }
+
+    /// The latest applied registry on this node.
+    pub fn applied(&self) -> Arc<Applied> {
+        self.applied.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Applied>> {
+        self.applied.clone()
+    }
+
+    pub fn cluster_id(&self) -> String {
+        self.peers.cluster_id()
+    }
+
+    /// Accepts a peer's cluster id: equal, or adopted when this node joined
+    /// with none. Returns false for a stranger.
+    pub fn accept_cluster(&self, claimed: &str) -> bool {
+        if claimed.is_empty() {
+            return false;
+        }
+        let ours = self.peers.cluster_id();
+        if ours == claimed {
+            return true;
+        }
+        if ours.is_empty() && self.peers.adopt_cluster_id(claimed) {
+            if let Err(e) = store::set_meta(&self.db, "cluster_id", claimed) {
+                tracing::error!(cause = %e, "could not persist the adopted cluster id");
+                return false;
+            }
+            tracing::info!(cluster = claimed, "joined cluster");
+            return true;
+        }
+        false
+    }
+
+    /// Replicates `cmd` through the leader, from any node.
+    pub async fn write(&self, cmd: Command) -> Result<Written, ConsensusError> {
+        match self.to_leader(LeaderRequest::Write(cmd)).await? {
+            LeaderReply::Written { index, response } => Ok(Written { index, response }),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Waits until this node has applied everything committed before the call:
+    /// a linearizable read of local state after it returns. Returns the index.
+    pub async fn read_barrier(&self) -> Result<u64, ConsensusError> {
+        let index = match self.to_leader(LeaderRequest::ReadIndex).await? {
+            LeaderReply::ReadIndex(index) => index,
+            other => return Err(unexpected(other)),
+        };
+        self.raft
+            .wait(Some(self.forward_timeout))
+            .applied_index_at_least(Some(index), "read barrier")
+            .await
+            .map_err(|e| ConsensusError::Unavailable(format!("catching up to {index}: {e}")))?;
+        Ok(index)
+    }
+
+    pub async fn add_node(
+        &self,
+        id: NodeId,
+        addr: String,
+        learner: bool,
+    ) -> Result<u64, ConsensusError> {
+        match self
+            .to_leader(LeaderRequest::AddNode { id, addr, learner })
+            .await?
+        {
+            LeaderReply::Membership { index } => Ok(index),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn remove_node(&self, id: NodeId) -> Result<u64, ConsensusError> {
+        match self.to_leader(LeaderRequest::RemoveNode { id }).await? {
+            LeaderReply::Membership { index } => Ok(index),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Runs `req` on the leader: locally when this node leads, else forwarded.
+    /// Retries with backoff while there is no leader or it is unreachable, for
+    /// at most `forward_timeout`.
+    async fn to_leader(&self, req: LeaderRequest) -> Result<LeaderReply, ConsensusError> {
+        let deadline = Instant::now() + self.forward_timeout;
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            let metrics = self.raft.metrics().borrow().clone();
+            let attempt = match metrics.current_leader {
+                Some(leader) if leader == self.id => self.on_leader(req.clone()).await,
+                Some(leader) => {
+                    let addr = metrics
+                        .membership_config
+                        .membership()
+                        .get_node(&leader)
+                        .map(|n| n.addr.clone());
+                    match addr {
+                        Some(addr) => self.forward(leader, &addr, &req).await,
+                        None => Err(LeaderError::NotLeader),
+                    }
+                }
+                None => Err(LeaderError::NotLeader),
+            };
+            let last = match attempt {
+                Ok(reply) => return Ok(reply),
+                Err(LeaderError::NotLeader) => match metrics.current_leader {
+                    Some(l) => format!("leader {l} stepped down or is unreachable"),
+                    None => "no leader elected".into(),
+                },
+                Err(LeaderError::NoQuorum(why)) => why,
+                Err(LeaderError::Rejected(why)) => return Err(ConsensusError::Rejected(why)),
+                Err(LeaderError::Failed(why)) => return Err(ConsensusError::Unknown(why)),
+            };
+            if Instant::now() + backoff > deadline {
+                return Err(ConsensusError::Unavailable(format!(
+                    "{last}; gave up after {:?}",
+                    self.forward_timeout
+                )));
+            }
+            // Wake early when the leader changes, else after the backoff.
+            let mut m = self.raft.metrics();
+            let before = metrics.current_leader;
+            let _ = tokio::time::timeout(backoff, async {
+                while m.changed().await.is_ok() {
+                    let now = m.borrow().current_leader;
+                    if now.is_some() && now != before {
+                        break;
+                    }
+                }
+            })
+            .await;
+            backoff = (backoff * 2).min(Duration::from_millis(200));
+        }
+    }
+
+    async fn forward(
+        &self,
+        leader: NodeId,
+        addr: &str,
+        req: &LeaderRequest,
+    ) -> Result<LeaderReply, LeaderError> {
+        let reply: Result<Result<LeaderReply, LeaderError>, CallError> = self
+            .peers
+            .call(addr, "/raft/leader", req, self.forward_timeout)
+            .await;
+        match reply {
+            Ok(answer) => answer,
+            // The request never left: safe to retry elsewhere.
+            Err(e) if e.never_sent() => {
+                tracing::debug!(leader, cause = %e, "leader unreachable");
+                Err(LeaderError::NotLeader)
+            }
+            Err(e) => match req {
+                // Reads and membership reads are safe to repeat.
+                LeaderRequest::ReadIndex => Err(LeaderError::NoQuorum(e.to_string())),
+                _ => Err(LeaderError::Failed(format!("forwarding to node {leader}: {e}"))),
+            },
+        }
+    }
+
+    /// Executes a leader request on this node, which believes it leads.
+    pub async fn on_leader(&self, req: LeaderRequest) -> Result<LeaderReply, LeaderError> {
+        match req {
+            LeaderRequest::Write(cmd) => {
+                // A refused command (unknown member, port taken) must write nothing.
+                // Our applied state may lag; the barrier makes it include every
+                // acknowledged write before we answer a refusal from it. (A
+                // refusal it misses is caught by apply, which changes nothing.)
+                if self.applied().registry.refusal(&cmd).is_some() {
+                    let index = self.leader_barrier().await?;
+                    if let Some(response) = self.applied().registry.refusal(&cmd) {
+                        return Ok(LeaderReply::Written { index, response });
+                    }
+                }
+                match self.raft.client_write(cmd).await {
+                    Ok(resp) => Ok(LeaderReply::Written {
+                        index: resp.log_id.index,
+                        response: resp.data,
+                    }),
+                    Err(e) => Err(write_error(e)),
+                }
+            }
+            LeaderRequest::ReadIndex => Ok(LeaderReply::ReadIndex(self.leader_barrier().await?)),
+            LeaderRequest::AddNode { id, addr, learner } => {
+                let node = BasicNode { addr };
+                let mut resp = self
+                    .raft
+                    .add_learner(id, node, true)
+                    .await
+                    .map_err(write_error)?;
+                if !learner {
+                    resp = self
+                        .raft
+                        .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+                        .await
+                        .map_err(write_error)?;
+                }
+                Ok(LeaderReply::Membership {
+                    index: resp.log_id.index,
+                })
+            }
+            LeaderRequest::RemoveNode { id } => {
+                let metrics = self.raft.metrics().borrow().clone();
+                let membership = metrics.membership_config.membership().clone();
+                if membership.get_node(&id).is_none() {
+                    return Err(LeaderError::Rejected(format!(
+                        "node {id} is not a member of the cluster"
+                    )));
+                }
+                let is_voter = membership.voter_ids().any(|v| v == id);
+                let change = if is_voter {
+                    ChangeMembers::RemoveVoters(BTreeSet::from([id]))
+                } else {
+                    ChangeMembers::RemoveNodes(BTreeSet::from([id]))
+                };
+                // retain=false: a removed voter leaves the cluster instead of staying a learner.
+                let resp = self
+                    .raft
+                    .change_membership(change, false)
+                    .await
+                    .map_err(write_error)?;
+                Ok(LeaderReply::Membership {
+                    index: resp.log_id.index,
+                })
+            }
+        }
+    }
+
+    async fn leader_barrier(&self) -> Result<u64, LeaderError> {
+        match self.raft.ensure_linearizable().await {
+            Ok(read) => Ok(read.map(|l| l.index).unwrap_or(0)),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_))) => {
+                Err(LeaderError::NotLeader)
+            }
+            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => {
+                Err(LeaderError::NoQuorum(format!("leader has no quorum: {e}")))
+            }
+            Err(e) => Err(LeaderError::Failed(e.to_string())),
+        }
+    }
+
+    /// True when this node is the leader.
+    pub fn is_leader(&self) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        m.state == ServerState::Leader
+    }
+
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(cause = %e, "raft shutdown");
+        }
+        if let Err(e) = self.db.flush_async().await {
+            tracing::warn!(cause = %e, "final flush");
+        }
+    }
+}
+
+fn unexpected(reply: LeaderReply) -> ConsensusError {
+    ConsensusError::Unknown(format!("unexpected leader reply {reply:?}"))
+}
+
+fn write_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> LeaderError {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => LeaderError::NotLeader,
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+            LeaderError::Rejected(e.to_string())
+        }
+        RaftError::Fatal(e) => LeaderError::Failed(e.to_string()),
+    }
+}
+
+/// The cluster id of a `--peers` set: the same on every node given the same set.
+pub fn peers_cluster_id(peers: &BTreeMap<NodeId, String>) -> String {
+    // FNV-1a: stable across builds and platforms, unlike std's hasher.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for (id, addr) in peers {
+        for b in format!("{id}={addr};").bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    format!("p-{h:016x}")
+}

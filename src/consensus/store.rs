@@ -1,0 +1,1092 @@
+//! sled-backed Raft storage: the log store (entries, vote, committed, last
+//! purged) and the state machine (the registry, persisted key by key, and the
+//! current snapshot). One `sled::Db` holds every tree.
+//!
+//! Trees: `log` (big-endian index → bincode entry), `meta` (vote, committed,
+//! last purged), `sm` (registry keys plus applied log id and membership),
+//! `snapshot` (current snapshot meta and data) and `ident` (node identity,
+//! see [`get_meta`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::error::Error;
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::ops::{Bound, RangeBounds};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
+use openraft::{
+    BasicNode, Entry, EntryPayload, LogState, OptionalSend, RaftLogReader, RaftSnapshotBuilder,
+    Snapshot, SnapshotMeta, StorageIOError, StoredMembership, Vote,
+};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::{LogId, NodeId, StorageError, TypeConfig};
+use crate::model::{Command, Member, Registry, Response, Service, ServiceDef};
+
+const VOTE_KEY: &[u8] = b"vote";
+const COMMITTED_KEY: &[u8] = b"committed";
+const PURGED_KEY: &[u8] = b"last_purged";
+const APPLIED_KEY: &[u8] = b"applied";
+const MEMBERSHIP_KEY: &[u8] = b"membership";
+const SNAP_META_KEY: &[u8] = b"meta";
+const SNAP_DATA_KEY: &[u8] = b"data";
+const SNAP_COUNTER_KEY: &[u8] = b"counter";
+
+type Membership = StoredMembership<NodeId, BasicNode>;
+
+/// Why the data dir could not be opened or read outside of Raft.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("open database: {0}")]
+    Open(#[source] sled::Error),
+    #[error("open tree {tree}: {source}")]
+    OpenTree {
+        tree: &'static str,
+        source: sled::Error,
+    },
+    #[error("read {what}: {source}")]
+    Read { what: String, source: sled::Error },
+    #[error("write {what}: {source}")]
+    Write { what: String, source: sled::Error },
+    #[error("flush: {0}")]
+    Flush(#[source] sled::Error),
+    #[error("decode {what}: {reason}")]
+    Decode { what: String, reason: String },
+}
+
+/// Everything opened from one data dir.
+pub struct Stores {
+    pub log: LogStore,
+    pub sm: StateMachine,
+    pub db: sled::Db,
+}
+
+/// Opens (or creates) the database in `dir` and loads the state machine.
+pub fn open(dir: &Path) -> Result<Stores, StoreError> {
+    let db = sled::open(dir).map_err(StoreError::Open)?;
+    let tree = |name: &'static str| {
+        db.open_tree(name)
+            .map_err(|source| StoreError::OpenTree { tree: name, source })
+    };
+    let log = LogStore {
+        log: tree("log")?,
+        meta: tree("meta")?,
+    };
+    let sm = StateMachine::load(tree("sm")?, tree("snapshot")?)?;
+    Ok(Stores { log, sm, db })
+}
+
+/// Reads a node identity value (node id, cluster id) from tree `ident`.
+pub fn get_meta(db: &sled::Db, key: &str) -> Result<Option<String>, StoreError> {
+    let tree = db
+        .open_tree("ident")
+        .map_err(|source| StoreError::OpenTree {
+            tree: "ident",
+            source,
+        })?;
+    let Some(raw) = tree.get(key).map_err(|source| StoreError::Read {
+        what: format!("ident {key}"),
+        source,
+    })?
+    else {
+        return Ok(None);
+    };
+    String::from_utf8(raw.to_vec())
+        .map(Some)
+        .map_err(|e| StoreError::Decode {
+            what: format!("ident {key}"),
+            reason: e.to_string(),
+        })
+}
+
+/// Writes a node identity value and flushes: it must survive a crash right after start.
+pub fn set_meta(db: &sled::Db, key: &str, value: &str) -> Result<(), StoreError> {
+    let tree = db
+        .open_tree("ident")
+        .map_err(|source| StoreError::OpenTree {
+            tree: "ident",
+            source,
+        })?;
+    tree.insert(key, value.as_bytes())
+        .map_err(|source| StoreError::Write {
+            what: format!("ident {key}"),
+            source,
+        })?;
+    db.flush().map_err(StoreError::Flush)?;
+    Ok(())
+}
+
+// ---- error mapping --------------------------------------------------------
+
+fn read_logs_err<E: Error + 'static>(e: E) -> StorageError {
+    StorageIOError::read_logs(&e).into()
+}
+
+fn write_logs_err<E: Error + 'static>(e: E) -> StorageError {
+    StorageIOError::write_logs(&e).into()
+}
+
+fn read_vote_err<E: Error + 'static>(e: E) -> StorageError {
+    StorageIOError::read_vote(&e).into()
+}
+
+fn write_vote_err<E: Error + 'static>(e: E) -> StorageError {
+    StorageIOError::write_vote(&e).into()
+}
+
+fn read_sm_err<E: Error + 'static>(e: E) -> StorageError {
+    StorageIOError::read_state_machine(&e).into()
+}
+
+fn write_sm_err<E: Error + 'static>(e: E) -> StorageError {
+    StorageIOError::write_state_machine(&e).into()
+}
+
+fn read_snapshot_err<E: Error + 'static>(e: E) -> StorageError {
+    StorageIOError::read_snapshot(None, &e).into()
+}
+
+fn write_snapshot_err<E: Error + 'static>(
+    meta: &SnapshotMeta<NodeId, BasicNode>,
+    e: E,
+) -> StorageError {
+    StorageIOError::write_snapshot(Some(meta.signature()), &e).into()
+}
+
+// ---- encoding -------------------------------------------------------------
+
+fn bin<T: Serialize>(v: &T) -> Result<Vec<u8>, bincode::Error> {
+    bincode::serialize(v)
+}
+
+fn unbin<T: DeserializeOwned>(raw: &[u8]) -> Result<T, bincode::Error> {
+    bincode::deserialize(raw)
+}
+
+fn index_key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+fn service_key(service: &str) -> String {
+    format!("s/{service}")
+}
+
+fn member_key(service: &str, member: &str) -> String {
+    format!("m/{service}/{member}")
+}
+
+fn member_prefix(service: &str) -> String {
+    format!("m/{service}/")
+}
+
+// ---- log store ------------------------------------------------------------
+
+/// The Raft log, vote, committed and last purged log id. Clones share the
+/// same trees (a `sled::Tree` is a reference-counted handle).
+#[derive(Clone)]
+pub struct LogStore {
+    log: sled::Tree,
+    meta: sled::Tree,
+}
+
+impl LogStore {
+    fn get_meta<T: DeserializeOwned>(
+        &self,
+        key: &[u8],
+        err: fn(StoreError) -> StorageError,
+    ) -> Result<Option<T>, StorageError> {
+        let what = String::from_utf8_lossy(key).into_owned();
+        let raw = self.meta.get(key).map_err(|source| {
+            err(StoreError::Read {
+                what: what.clone(),
+                source,
+            })
+        })?;
+        raw.map(|raw| {
+            unbin(&raw).map_err(|e| {
+                err(StoreError::Decode {
+                    what,
+                    reason: e.to_string(),
+                })
+            })
+        })
+        .transpose()
+    }
+
+    fn last_purged(&self) -> Result<Option<LogId>, StorageError> {
+        self.get_meta(PURGED_KEY, read_logs_err)
+    }
+
+    async fn flush(&self, err: fn(sled::Error) -> StorageError) -> Result<(), StorageError> {
+        self.log.flush_async().await.map(|_| ()).map_err(err)
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, StorageError> {
+        let start = match range.start_bound() {
+            Bound::Included(&i) => i,
+            Bound::Excluded(&i) => match i.checked_add(1) {
+                Some(i) => i,
+                None => return Ok(Vec::new()),
+            },
+            Bound::Unbounded => 0,
+        };
+        // Exclusive end; None means to the end of the log.
+        let end = match range.end_bound() {
+            Bound::Included(&i) => i.checked_add(1),
+            Bound::Excluded(&i) => Some(i),
+            Bound::Unbounded => None,
+        };
+        let iter = match end {
+            Some(end) if start >= end => return Ok(Vec::new()),
+            Some(end) => self.log.range(index_key(start)..index_key(end)),
+            None => self.log.range(index_key(start)..),
+        };
+        let mut entries = Vec::new();
+        for item in iter {
+            let (_, value) = item.map_err(read_logs_err)?;
+            entries.push(unbin::<Entry<TypeConfig>>(&value).map_err(read_logs_err)?);
+        }
+        Ok(entries)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        let last_purged_log_id = self.last_purged()?;
+        let last_entry = match self.log.last().map_err(read_logs_err)? {
+            Some((_, value)) => Some(
+                unbin::<Entry<TypeConfig>>(&value)
+                    .map_err(read_logs_err)?
+                    .log_id,
+            ),
+            None => None,
+        };
+        Ok(LogState {
+            last_log_id: last_entry.or(last_purged_log_id),
+            last_purged_log_id,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
+        let value = bin(vote).map_err(write_vote_err)?;
+        self.meta.insert(VOTE_KEY, value).map_err(write_vote_err)?;
+        // A vote must be durable before it is acted upon.
+        self.flush(write_vote_err).await
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
+        self.get_meta(VOTE_KEY, read_vote_err)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        match committed {
+            Some(log_id) => {
+                let value = bin(&log_id).map_err(write_logs_err)?;
+                self.meta
+                    .insert(COMMITTED_KEY, value)
+                    .map_err(write_logs_err)?;
+            }
+            None => {
+                self.meta.remove(COMMITTED_KEY).map_err(write_logs_err)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        self.get_meta(COMMITTED_KEY, read_logs_err)
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut batch = sled::Batch::default();
+        for entry in entries {
+            let value = bin(&entry).map_err(write_logs_err)?;
+            batch.insert(&index_key(entry.log_id.index)[..], value);
+        }
+        self.log.apply_batch(batch).map_err(write_logs_err)?;
+        // Raft may only count these entries once they are on disk.
+        match self.log.flush_async().await {
+            Ok(_) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+                Err(write_logs_err(e))
+            }
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        let mut batch = sled::Batch::default();
+        for item in self.log.range(index_key(log_id.index)..) {
+            let (key, _) = item.map_err(read_logs_err)?;
+            batch.remove(key);
+        }
+        self.log.apply_batch(batch).map_err(write_logs_err)?;
+        self.flush(write_logs_err).await
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        // Record the purge point first so a crash midway never hides it.
+        let value = bin(&log_id).map_err(write_logs_err)?;
+        self.meta
+            .insert(PURGED_KEY, value)
+            .map_err(write_logs_err)?;
+        let mut batch = sled::Batch::default();
+        for item in self.log.range(..=index_key(log_id.index)) {
+            let (key, _) = item.map_err(read_logs_err)?;
+            batch.remove(key);
+        }
+        self.log.apply_batch(batch).map_err(write_logs_err)?;
+        self.flush(write_logs_err).await
+    }
+}
+
+// ---- state machine --------------------------------------------------------
+
+/// The applied registry as of a log index, published after every change.
+#[derive(Debug, Clone, Default)]
+pub struct Applied {
+    /// Index of the last applied log entry; 0 when none.
+    pub index: u64,
+    pub registry: Arc<Registry>,
+}
+
+/// In-memory mirror of the `sm` tree.
+struct SmState {
+    registry: Registry,
+    last_applied: Option<LogId>,
+    last_membership: Membership,
+}
+
+/// The snapshot blob: the whole state machine.
+#[derive(Serialize, Deserialize)]
+struct SnapshotState {
+    last_applied: Option<LogId>,
+    last_membership: Membership,
+    registry: Registry,
+}
+
+/// The registry state machine. Clones share state, so a clone serves as the
+/// snapshot builder.
+#[derive(Clone)]
+pub struct StateMachine {
+    state: Arc<Mutex<SmState>>,
+    sm: sled::Tree,
+    snapshot: sled::Tree,
+    /// Serializes the compare-and-store of the current snapshot.
+    snapshot_lock: Arc<Mutex<()>>,
+    applied_tx: Arc<watch::Sender<Arc<Applied>>>,
+}
+
+/// Service definitions and members are JSON so that fields added later with
+/// `#[serde(default)]` still decode from older data.
+fn json<T: Serialize>(v: &T) -> Result<Vec<u8>, serde_json::Error> {
+    serde_json::to_vec(v)
+}
+
+fn decode_err(what: &[u8], reason: impl ToString) -> StoreError {
+    StoreError::Decode {
+        what: format!("sm key {}", String::from_utf8_lossy(what)),
+        reason: reason.to_string(),
+    }
+}
+
+/// Rebuilds the state from the `sm` tree.
+fn load_state(tree: &sled::Tree) -> Result<SmState, StoreError> {
+    let mut defs: BTreeMap<String, ServiceDef> = BTreeMap::new();
+    let mut members: Vec<(String, String, Member)> = Vec::new();
+    let mut last_applied = None;
+    let mut last_membership = Membership::default();
+    for item in tree.iter() {
+        let (key, value) = item.map_err(|source| StoreError::Read {
+            what: "state machine".into(),
+            source,
+        })?;
+        let text = std::str::from_utf8(&key).map_err(|e| decode_err(&key, e))?;
+        if let Some(service) = text.strip_prefix("s/") {
+            let def = serde_json::from_slice(&value).map_err(|e| decode_err(&key, e))?;
+            defs.insert(service.to_owned(), def);
+        } else if let Some(rest) = text.strip_prefix("m/") {
+            let (service, member) = rest
+                .split_once('/')
+                .ok_or_else(|| decode_err(&key, "member key without service"))?;
+            let m = serde_json::from_slice(&value).map_err(|e| decode_err(&key, e))?;
+            members.push((service.to_owned(), member.to_owned(), m));
+        } else if *key == *APPLIED_KEY {
+            last_applied = unbin(&value).map_err(|e| decode_err(&key, e))?;
+        } else if *key == *MEMBERSHIP_KEY {
+            last_membership = unbin(&value).map_err(|e| decode_err(&key, e))?;
+        } else {
+            tracing::warn!(key = text, "ignoring unknown state machine key");
+        }
+    }
+    let mut services: BTreeMap<String, Service> = defs
+        .into_iter()
+        .map(|(name, def)| {
+            let svc = Service {
+                def,
+                members: BTreeMap::new(),
+            };
+            (name, svc)
+        })
+        .collect();
+    for (service, member, m) in members {
+        let svc = services
+            .get_mut(&service)
+            .ok_or_else(|| StoreError::Decode {
+                what: format!("member {member}"),
+                reason: format!("its service {service} is not stored"),
+            })?;
+        svc.members.insert(member, m);
+    }
+    let registry = Registry {
+        services: services
+            .into_iter()
+            .map(|(name, svc)| (name, Arc::new(svc)))
+            .collect(),
+    };
+    Ok(SmState {
+        registry,
+        last_applied,
+        last_membership,
+    })
+}
+
+/// Adds to `batch` the writes that turn the stored `old` registry keys into
+/// `new` ones, for the services and members named.
+fn diff_into_batch(
+    batch: &mut sled::Batch,
+    tree: &sled::Tree,
+    old: &Registry,
+    new: &Registry,
+    services: &BTreeSet<String>,
+    members: &BTreeSet<(String, String)>,
+) -> Result<(), StorageError> {
+    for service in services {
+        let before = old.services.get(service).map(|s| &s.def);
+        let after = new.services.get(service).map(|s| &s.def);
+        if before == after {
+            continue;
+        }
+        match after {
+            Some(def) => batch.insert(
+                service_key(service).as_bytes(),
+                json(def).map_err(write_sm_err)?,
+            ),
+            None => {
+                // A service gone takes its members with it.
+                batch.remove(service_key(service).as_bytes());
+                for item in tree.scan_prefix(member_prefix(service)) {
+                    let (key, _) = item.map_err(read_sm_err)?;
+                    batch.remove(key);
+                }
+            }
+        }
+    }
+    for (service, member) in members {
+        let before = old.member(service, member);
+        let after = new.member(service, member);
+        if before == after {
+            continue;
+        }
+        let key = member_key(service, member);
+        match after {
+            Some(m) => batch.insert(key.as_bytes(), json(m).map_err(write_sm_err)?),
+            None => batch.remove(key.as_bytes()),
+        }
+    }
+    Ok(())
+}
+
+/// Adds the full registry to `batch`.
+fn registry_into_batch(batch: &mut sled::Batch, registry: &Registry) -> Result<(), StorageError> {
+    for (name, svc) in &registry.services {
+        batch.insert(
+            service_key(name).as_bytes(),
+            json(&svc.def).map_err(write_sm_err)?,
+        );
+        for (member, m) in &svc.members {
+            batch.insert(
+                member_key(name, member).as_bytes(),
+                json(m).map_err(write_sm_err)?,
+            );
+        }
+    }
+    Ok(())
+}
+
+fn applied_of(state: &SmState) -> Arc<Applied> {
+    Arc::new(Applied {
+        index: state.last_applied.map(|l| l.index).unwrap_or(0),
+        registry: Arc::new(state.registry.clone()),
+    })
+}
+
+impl StateMachine {
+    fn load(sm: sled::Tree, snapshot: sled::Tree) -> Result<Self, StoreError> {
+        let state = load_state(&sm)?;
+        let (applied_tx, _) = watch::channel(applied_of(&state));
+        Ok(Self {
+            state: Arc::new(Mutex::new(state)),
+            sm,
+            snapshot,
+            snapshot_lock: Arc::new(Mutex::new(())),
+            applied_tx: Arc::new(applied_tx),
+        })
+    }
+
+    /// Watches the applied registry; the current value is available at once.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Applied>> {
+        self.applied_tx.subscribe()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SmState> {
+        // A panic while holding the lock leaves the state consistent: every
+        // change is computed aside and swapped in after its write succeeded.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn publish(&self, state: &SmState) {
+        self.applied_tx.send_replace(applied_of(state));
+    }
+
+    fn read_snapshot_meta(&self) -> Result<Option<SnapshotMeta<NodeId, BasicNode>>, StorageError> {
+        let Some(raw) = self
+            .snapshot
+            .get(SNAP_META_KEY)
+            .map_err(read_snapshot_err)?
+        else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&raw)
+            .map(Some)
+            .map_err(read_snapshot_err)
+    }
+
+    /// Stores `meta` and `data` as the current snapshot unless a newer one is
+    /// already stored (a build may finish after an install overtook it).
+    fn store_snapshot(
+        &self,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+        data: &[u8],
+        counter: Option<u64>,
+    ) -> Result<bool, StorageError> {
+        let _guard = self.snapshot_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(current) = self.read_snapshot_meta()? {
+            if current.last_log_id > meta.last_log_id {
+                return Ok(false);
+            }
+        }
+        let mut batch = sled::Batch::default();
+        batch.insert(
+            SNAP_META_KEY,
+            serde_json::to_vec(meta).map_err(|e| write_snapshot_err(meta, e))?,
+        );
+        batch.insert(SNAP_DATA_KEY, data);
+        if let Some(counter) = counter {
+            batch.insert(SNAP_COUNTER_KEY, &counter.to_be_bytes()[..]);
+        }
+        self.snapshot
+            .apply_batch(batch)
+            .map_err(|e| write_snapshot_err(meta, e))?;
+        Ok(true)
+    }
+
+    /// A snapshot id unique for this data dir.
+    fn next_snapshot_counter(&self) -> Result<u64, StorageError> {
+        let _guard = self.snapshot_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let last = match self
+            .snapshot
+            .get(SNAP_COUNTER_KEY)
+            .map_err(read_snapshot_err)?
+        {
+            Some(raw) => {
+                let bytes: [u8; 8] = raw.as_ref().try_into().map_err(|_| {
+                    read_snapshot_err(std::io::Error::other("bad snapshot counter"))
+                })?;
+                u64::from_be_bytes(bytes)
+            }
+            None => 0,
+        };
+        Ok(last + 1)
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let blob = {
+            let st = self.lock();
+            SnapshotState {
+                last_applied: st.last_applied,
+                last_membership: st.last_membership.clone(),
+                registry: st.registry.clone(),
+            }
+        };
+        let data = serde_json::to_vec(&blob).map_err(read_sm_err)?;
+        let counter = self.next_snapshot_counter()?;
+        let snapshot_id = match blob.last_applied {
+            Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, counter),
+            None => format!("0-0-{counter}"),
+        };
+        let meta = SnapshotMeta {
+            last_log_id: blob.last_applied,
+            last_membership: blob.last_membership,
+            snapshot_id,
+        };
+        self.store_snapshot(&meta, &data, Some(counter))?;
+        self.snapshot
+            .flush_async()
+            .await
+            .map_err(|e| write_snapshot_err(&meta, e))?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = StateMachine;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, Membership), StorageError> {
+        let st = self.lock();
+        Ok((st.last_applied, st.last_membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut st = self.lock();
+        let mut registry = st.registry.clone();
+        let mut last_applied = st.last_applied;
+        let mut last_membership = st.last_membership.clone();
+        let mut services = BTreeSet::new();
+        let mut members = BTreeSet::new();
+        let mut responses = Vec::new();
+        for entry in entries {
+            last_applied = Some(entry.log_id);
+            let response = match entry.payload {
+                EntryPayload::Blank => Response::Done,
+                EntryPayload::Normal(cmd) => {
+                    match &cmd {
+                        Command::Register {
+                            service, member, ..
+                        } => {
+                            // May create the service.
+                            services.insert(service.clone());
+                            members.insert((service.clone(), member.clone()));
+                        }
+                        Command::Unregister { service, member }
+                        | Command::SetMemberState {
+                            service, member, ..
+                        } => {
+                            members.insert((service.clone(), member.clone()));
+                        }
+                        Command::DefineService { service, .. } => {
+                            services.insert(service.clone());
+                        }
+                    }
+                    registry.apply(&cmd)
+                }
+                EntryPayload::Membership(m) => {
+                    last_membership = StoredMembership::new(Some(entry.log_id), m);
+                    Response::Done
+                }
+            };
+            responses.push(response);
+        }
+        if responses.is_empty() {
+            return Ok(responses);
+        }
+
+        // No flush: the log is durable, and openraft re-applies what is lost.
+        let mut batch = sled::Batch::default();
+        diff_into_batch(
+            &mut batch,
+            &self.sm,
+            &st.registry,
+            &registry,
+            &services,
+            &members,
+        )?;
+        batch.insert(APPLIED_KEY, bin(&last_applied).map_err(write_sm_err)?);
+        if last_membership != st.last_membership {
+            batch.insert(MEMBERSHIP_KEY, bin(&last_membership).map_err(write_sm_err)?);
+        }
+        self.sm.apply_batch(batch).map_err(write_sm_err)?;
+
+        st.registry = registry;
+        st.last_applied = last_applied;
+        st.last_membership = last_membership;
+        self.publish(&st);
+        Ok(responses)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let data = snapshot.into_inner();
+        let blob: SnapshotState = serde_json::from_slice(&data).map_err(|e| {
+            openraft::StorageError::from(StorageIOError::read_snapshot(Some(meta.signature()), &e))
+        })?;
+        // The meta is authoritative for what the snapshot covers.
+        let new_state = SmState {
+            registry: blob.registry,
+            last_applied: meta.last_log_id,
+            last_membership: meta.last_membership.clone(),
+        };
+        {
+            let mut st = self.lock();
+            // Replace the whole tree in one atomic batch.
+            let mut batch = sled::Batch::default();
+            for item in self.sm.iter() {
+                let (key, _) = item.map_err(read_sm_err)?;
+                batch.remove(key);
+            }
+            registry_into_batch(&mut batch, &new_state.registry)?;
+            batch.insert(
+                APPLIED_KEY,
+                bin(&new_state.last_applied).map_err(write_sm_err)?,
+            );
+            batch.insert(
+                MEMBERSHIP_KEY,
+                bin(&new_state.last_membership).map_err(write_sm_err)?,
+            );
+            self.sm.apply_batch(batch).map_err(write_sm_err)?;
+            *st = new_state;
+            self.publish(&st);
+        }
+        self.store_snapshot(meta, &data, None)?;
+        self.sm
+            .flush_async()
+            .await
+            .map_err(|e| write_snapshot_err(meta, e))?;
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let _guard = self.snapshot_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(meta) = self.read_snapshot_meta()? else {
+            return Ok(None);
+        };
+        let data = self
+            .snapshot
+            .get(SNAP_DATA_KEY)
+            .map_err(read_snapshot_err)?
+            .map(|d| d.to_vec())
+            .unwrap_or_default();
+        Ok(Some(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Check, MemberSpec, MemberState};
+    use openraft::{CommittedLeaderId, Membership as RaftMembership};
+
+    fn log_id(term: u64, index: u64) -> LogId {
+        LogId::new(CommittedLeaderId::new(term, 1), index)
+    }
+
+    fn normal(index: u64, cmd: Command) -> Entry<TypeConfig> {
+        Entry {
+            log_id: log_id(1, index),
+            payload: EntryPayload::Normal(cmd),
+        }
+    }
+
+    fn register(service: &str, member: &str, address: &str) -> Command {
+        Command::Register {
+            service: service.into(),
+            member: member.into(),
+            spec: MemberSpec {
+                address: address.into(),
+                port: Some(8080),
+                weight: None,
+                ttl_s: Some(30),
+            },
+            create: ServiceDef::well_known("http"),
+            at_ms: 5,
+        }
+    }
+
+    fn membership_entry(index: u64) -> Entry<TypeConfig> {
+        let nodes = BTreeMap::from([(
+            1,
+            BasicNode {
+                addr: "127.0.0.1:1".into(),
+            },
+        )]);
+        Entry {
+            log_id: log_id(1, index),
+            payload: EntryPayload::Membership(RaftMembership::new(
+                vec![BTreeSet::from([1])],
+                nodes,
+            )),
+        }
+    }
+
+    fn api_def() -> ServiceDef {
+        ServiceDef {
+            port: 8443,
+            member_port: 9000,
+            mode: crate::model::Mode::Http,
+            balance: crate::model::Balance::Leastconn,
+            check: Check::Http {
+                path: "/health".into(),
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn applied_state_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (want_registry, want_membership) = {
+            let mut stores = open(dir.path()).unwrap();
+            let rx = stores.sm.subscribe();
+            assert_eq!(rx.borrow().index, 0);
+            let responses = stores
+                .sm
+                .apply(vec![
+                    membership_entry(1),
+                    Entry {
+                        log_id: log_id(1, 2),
+                        payload: EntryPayload::Blank,
+                    },
+                    normal(
+                        3,
+                        Command::DefineService {
+                            service: "api".into(),
+                            def: api_def(),
+                        },
+                    ),
+                    normal(4, register("http", "a", "10.0.0.1")),
+                    normal(5, register("http", "b", "10.0.0.2")),
+                ])
+                .await
+                .unwrap();
+            assert_eq!(responses, vec![Response::Done; 5]);
+            let responses = stores
+                .sm
+                .apply(vec![
+                    normal(6, register("api", "x", "10.0.0.3")),
+                    normal(
+                        7,
+                        Command::Unregister {
+                            service: "http".into(),
+                            member: "a".into(),
+                        },
+                    ),
+                    normal(
+                        8,
+                        Command::SetMemberState {
+                            service: "http".into(),
+                            member: "b".into(),
+                            state: MemberState::Drain,
+                        },
+                    ),
+                    normal(
+                        9,
+                        Command::Unregister {
+                            service: "http".into(),
+                            member: "zz".into(),
+                        },
+                    ),
+                ])
+                .await
+                .unwrap();
+            assert!(responses[..3].iter().all(|r| *r == Response::Done));
+            assert!(matches!(responses[3], Response::NotFound { .. }));
+            assert_eq!(rx.borrow().index, 9);
+            let (applied, membership) = stores.sm.applied_state().await.unwrap();
+            assert_eq!(applied, Some(log_id(1, 9)));
+            let registry = rx.borrow().registry.clone();
+            assert!(registry.member("http", "a").is_none());
+            assert_eq!(
+                registry.member("http", "b").map(|m| m.state),
+                Some(MemberState::Drain)
+            );
+            ((*registry).clone(), membership)
+        };
+
+        let mut stores = open(dir.path()).unwrap();
+        let applied = stores.sm.subscribe().borrow().clone();
+        assert_eq!(applied.index, 9);
+        assert_eq!(*applied.registry, want_registry);
+        assert_eq!(want_registry.services["api"].def, api_def());
+        let (last, membership) = stores.sm.applied_state().await.unwrap();
+        assert_eq!(last, Some(log_id(1, 9)));
+        assert_eq!(membership, want_membership);
+        assert_eq!(membership.log_id(), &Some(log_id(1, 1)));
+    }
+
+    #[tokio::test]
+    async fn installed_snapshot_replaces_state() {
+        let leader_dir = tempfile::tempdir().unwrap();
+        let follower_dir = tempfile::tempdir().unwrap();
+        let mut leader = open(leader_dir.path()).unwrap();
+        leader
+            .sm
+            .apply(vec![
+                membership_entry(1),
+                normal(2, register("http", "a", "10.0.0.1")),
+                normal(
+                    3,
+                    Command::DefineService {
+                        service: "api".into(),
+                        def: api_def(),
+                    },
+                ),
+            ])
+            .await
+            .unwrap();
+        let snap = leader
+            .sm
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        assert_eq!(snap.meta.last_log_id, Some(log_id(1, 3)));
+
+        {
+            let mut follower = open(follower_dir.path()).unwrap();
+            follower
+                .sm
+                .apply(vec![
+                    normal(1, register("http", "old", "10.9.9.9")),
+                    normal(2, register("redis", "r", "10.9.9.8")),
+                ])
+                .await
+                .unwrap();
+            let mut rx = follower.sm.subscribe();
+            rx.mark_unchanged();
+            let mut incoming = follower.sm.begin_receiving_snapshot().await.unwrap();
+            *incoming = *snap.snapshot.clone();
+            follower
+                .sm
+                .install_snapshot(&snap.meta, incoming)
+                .await
+                .unwrap();
+            assert!(rx.has_changed().unwrap());
+            let applied = rx.borrow().clone();
+            assert_eq!(applied.index, 3);
+            assert!(applied.registry.member("http", "old").is_none());
+            assert!(applied.registry.services.get("redis").is_none());
+            let current = follower.sm.get_current_snapshot().await.unwrap().unwrap();
+            assert_eq!(current.meta, snap.meta);
+        }
+
+        // The replaced tree is what a restart sees.
+        let mut follower = open(follower_dir.path()).unwrap();
+        let leader_registry = leader.sm.subscribe().borrow().registry.clone();
+        let applied = follower.sm.subscribe().borrow().clone();
+        assert_eq!(applied.registry, leader_registry);
+        assert_eq!(applied.index, 3);
+        assert_eq!(
+            follower.sm.applied_state().await.unwrap(),
+            (snap.meta.last_log_id, snap.meta.last_membership.clone())
+        );
+        let current = follower.sm.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(current.meta, snap.meta);
+    }
+
+    #[tokio::test]
+    async fn log_meta_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut stores = open(dir.path()).unwrap();
+            stores.log.save_vote(&Vote::new(3, 2)).await.unwrap();
+            stores.log.save_committed(Some(log_id(2, 7))).await.unwrap();
+            stores.log.purge(log_id(2, 7)).await.unwrap();
+            stores.db.flush().unwrap();
+        }
+        let mut stores = open(dir.path()).unwrap();
+        assert_eq!(stores.log.read_vote().await.unwrap(), Some(Vote::new(3, 2)));
+        assert_eq!(
+            stores.log.read_committed().await.unwrap(),
+            Some(log_id(2, 7))
+        );
+        let state = stores.log.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id, Some(log_id(2, 7)));
+        assert_eq!(state.last_log_id, Some(log_id(2, 7)));
+    }
+
+    #[test]
+    fn log_entries_round_trip_through_bincode() {
+        let entry = normal(
+            4,
+            Command::Register {
+                service: "api".into(),
+                member: "m".into(),
+                spec: MemberSpec {
+                    address: "h.example".into(),
+                    port: None,
+                    weight: Some(3),
+                    ttl_s: None,
+                },
+                create: Some(api_def()),
+                at_ms: 1,
+            },
+        );
+        let back: Entry<TypeConfig> = unbin(&bin(&entry).unwrap()).unwrap();
+        assert_eq!(back.log_id, entry.log_id);
+        match (back.payload, entry.payload) {
+            (EntryPayload::Normal(a), EntryPayload::Normal(b)) => assert_eq!(a, b),
+            _ => panic!("payload changed"),
+        }
+    }
+
+    #[test]
+    fn identity_meta_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let stores = open(dir.path()).unwrap();
+        assert_eq!(get_meta(&stores.db, "node_id").unwrap(), None);
+        set_meta(&stores.db, "node_id", "7").unwrap();
+        assert_eq!(
+            get_meta(&stores.db, "node_id").unwrap().as_deref(),
+            Some("7")
+        );
+    }
+}

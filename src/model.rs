@@ -1,0 +1,733 @@
+//! The replicated registry: services, their members, the commands that change
+//! them, and the validation every value passes before it may reach a command.
+//!
+//! Pure: no Raft, no HTTP, no files. `Registry::apply` is the only way state
+//! changes, and it is deterministic so every node computes the same registry.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+/// Largest accepted name: one leading character plus 62 more.
+pub const MAX_NAME_LEN: usize = 63;
+/// haproxy's own weight range.
+pub const MAX_WEIGHT: u16 = 256;
+/// Weight a member gets when the request does not name one.
+pub const DEFAULT_WEIGHT: u16 = 100;
+
+/// A value that failed validation, with the field it came from.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {field}: {reason}")]
+pub struct InvalidField {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+impl InvalidField {
+    fn new(field: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            field,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Service and member names: `[A-Za-z0-9][A-Za-z0-9._-]{0,62}`.
+///
+/// They appear in haproxy.cfg as proxy and server names and in URL paths, so
+/// nothing outside this set may pass (no space, newline, `#`, quote or `/`).
+pub fn validate_name(field: &'static str, name: &str) -> Result<(), InvalidField> {
+    let bytes = name.as_bytes();
+    if bytes.is_empty() {
+        return Err(InvalidField::new(field, "must not be empty"));
+    }
+    if bytes.len() > MAX_NAME_LEN {
+        return Err(InvalidField::new(
+            field,
+            format!("longer than {MAX_NAME_LEN} characters"),
+        ));
+    }
+    if !bytes[0].is_ascii_alphanumeric() {
+        return Err(InvalidField::new(
+            field,
+            "must start with a letter or digit",
+        ));
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(InvalidField::new(
+            field,
+            format!("character {bad:?} not allowed; use A-Z a-z 0-9 . _ -"),
+        ));
+    }
+    Ok(())
+}
+
+/// An IP literal or a DNS hostname (RFC 1123 labels, at most 253 characters).
+pub fn validate_address(address: &str) -> Result<(), InvalidField> {
+    if address.parse::<IpAddr>().is_ok() {
+        return Ok(());
+    }
+    let field = "address";
+    if address.is_empty() || address.len() > 253 {
+        return Err(InvalidField::new(
+            field,
+            "must be an IP address or a hostname of 1 to 253 characters",
+        ));
+    }
+    let host = address.strip_suffix('.').unwrap_or(address);
+    for label in host.split('.') {
+        let ok = !label.is_empty()
+            && label.len() <= 63
+            && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !label.starts_with('-')
+            && !label.ends_with('-');
+        if !ok {
+            return Err(InvalidField::new(
+                field,
+                format!("{address:?} is neither an IP address nor a valid hostname"),
+            ));
+        }
+    }
+    // An all-numeric dotted name would be read as a (bad) IPv4 address by haproxy.
+    if host.split('.').all(|l| l.bytes().all(|b| b.is_ascii_digit())) {
+        return Err(InvalidField::new(
+            field,
+            format!("{address:?} is not a valid IP address"),
+        ));
+    }
+    Ok(())
+}
+
+pub fn validate_port(field: &'static str, port: u32) -> Result<u16, InvalidField> {
+    match u16::try_from(port) {
+        Ok(p) if p >= 1 => Ok(p),
+        _ => Err(InvalidField::new(field, "must be 1 to 65535")),
+    }
+}
+
+pub fn validate_weight(weight: u32) -> Result<u16, InvalidField> {
+    match u16::try_from(weight) {
+        Ok(w) if w <= MAX_WEIGHT => Ok(w),
+        _ => Err(InvalidField::new(
+            "weight",
+            format!("must be 0 to {MAX_WEIGHT}"),
+        )),
+    }
+}
+
+/// What haproxy does with a member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum MemberState {
+    /// Receives traffic.
+    #[default]
+    Active,
+    /// Keeps existing sessions, gets no new ones (haproxy `drain`).
+    Drain,
+    /// Out of rotation (haproxy `maint` / `disabled`).
+    Maint,
+}
+
+impl fmt::Display for MemberState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            MemberState::Active => "active",
+            MemberState::Drain => "drain",
+            MemberState::Maint => "maint",
+        })
+    }
+}
+
+impl std::str::FromStr for MemberState {
+    type Err = InvalidField;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "active" | "ready" => Ok(MemberState::Active),
+            "drain" => Ok(MemberState::Drain),
+            "maint" => Ok(MemberState::Maint),
+            _ => Err(InvalidField::new(
+                "state",
+                "must be active, drain or maint",
+            )),
+        }
+    }
+}
+
+/// One backend server of a service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub address: String,
+    pub port: u16,
+    pub weight: u16,
+    pub state: MemberState,
+    /// Milliseconds since the Unix epoch, stamped by the node that took the request.
+    pub registered_at_ms: u64,
+    /// Renewal deadline; `None` means the member stays until unregistered.
+    pub ttl_s: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Http,
+    Tcp,
+}
+
+/// Balance algorithms; all of them are dynamic in haproxy 2.6, so members can
+/// be added through the runtime API without a reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Balance {
+    #[default]
+    Roundrobin,
+    Leastconn,
+    First,
+    Random,
+}
+
+/// How haproxy checks a member. Externally tagged (`"tcp"`,
+/// `{"http": {"path": "/health"}}`) because the peer transport's bincode
+/// cannot decode internally tagged enums.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Check {
+    None,
+    #[default]
+    Tcp,
+    Http {
+        path: String,
+    },
+}
+
+/// A service's replicated definition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceDef {
+    /// Port the balancer's frontend listens on.
+    pub port: u16,
+    /// Port a member gets when it registers without one (the 2010 form).
+    pub member_port: u16,
+    #[serde(default)]
+    pub mode: Mode,
+    #[serde(default)]
+    pub balance: Balance,
+    #[serde(default)]
+    pub check: Check,
+}
+
+impl ServiceDef {
+    /// A definition for `name` when it is a well-known service, so the 2010
+    /// flow `clb_register PASS node http` works with no set-up.
+    pub fn well_known(name: &str) -> Option<Self> {
+        let (port, mode) = match name {
+            "http" | "www" | "web" => (80, Mode::Http),
+            "https" => (443, Mode::Tcp),
+            "smtp" => (25, Mode::Tcp),
+            "imap" => (143, Mode::Tcp),
+            "mysql" => (3306, Mode::Tcp),
+            "postgres" | "postgresql" => (5432, Mode::Tcp),
+            "redis" => (6379, Mode::Tcp),
+            _ => return None,
+        };
+        Some(ServiceDef {
+            port,
+            member_port: port,
+            mode,
+            balance: Balance::Roundrobin,
+            check: Check::Tcp,
+        })
+    }
+
+    pub fn validate(&self) -> Result<(), InvalidField> {
+        validate_port("port", self.port.into())?;
+        validate_port("member_port", self.member_port.into())?;
+        if let Check::Http { path } = &self.check {
+            validate_check_path(path)?;
+        }
+        if self.mode == Mode::Tcp && matches!(self.check, Check::Http { .. }) {
+            return Err(InvalidField::new(
+                "check",
+                "an http check needs mode http",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// An HTTP check path goes into haproxy.cfg verbatim, so only URL path
+/// characters are allowed.
+fn validate_check_path(path: &str) -> Result<(), InvalidField> {
+    let ok = path.starts_with('/')
+        && path.len() <= 256
+        && path
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-~%?=&".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(InvalidField::new(
+            "check.path",
+            "must start with / and use only A-Z a-z 0-9 / . _ - ~ % ? = &, at most 256 characters",
+        ))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Service {
+    pub def: ServiceDef,
+    pub members: BTreeMap<String, Member>,
+}
+
+/// What a member asks for when it registers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberSpec {
+    pub address: String,
+    /// `None`: the service's `member_port`.
+    pub port: Option<u16>,
+    pub weight: Option<u16>,
+    pub ttl_s: Option<u32>,
+}
+
+impl MemberSpec {
+    pub fn validate(&self) -> Result<(), InvalidField> {
+        validate_address(&self.address)?;
+        if let Some(p) = self.port {
+            validate_port("port", p.into())?;
+        }
+        if let Some(w) = self.weight {
+            validate_weight(w.into())?;
+        }
+        if self.ttl_s == Some(0) {
+            return Err(InvalidField::new("ttl_s", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+/// A change to the registry. Everything in it was validated and stamped by the
+/// node that took the request, so applying it needs no clock and no config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Idempotent upsert. `create` defines the service if it does not exist.
+    Register {
+        service: String,
+        member: String,
+        spec: MemberSpec,
+        create: Option<ServiceDef>,
+        at_ms: u64,
+    },
+    Unregister {
+        service: String,
+        member: String,
+    },
+    SetMemberState {
+        service: String,
+        member: String,
+        state: MemberState,
+    },
+    DefineService {
+        service: String,
+        def: ServiceDef,
+    },
+}
+
+impl Command {
+    /// Validates every value the command carries.
+    pub fn validate(&self) -> Result<(), InvalidField> {
+        match self {
+            Command::Register {
+                service,
+                member,
+                spec,
+                create,
+                ..
+            } => {
+                validate_name("service", service)?;
+                validate_name("member", member)?;
+                spec.validate()?;
+                if let Some(def) = create {
+                    def.validate()?;
+                }
+            }
+            Command::Unregister { service, member }
+            | Command::SetMemberState {
+                service, member, ..
+            } => {
+                validate_name("service", service)?;
+                validate_name("member", member)?;
+            }
+            Command::DefineService { service, def } => {
+                validate_name("service", service)?;
+                def.validate()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The outcome of applying one log entry; replicated answers must be data, not
+/// `Err`, because every node applies the same entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    Done,
+    NotFound { what: String },
+    Rejected { reason: String },
+}
+
+/// The whole replicated registry. Services sit behind `Arc` so publishing a
+/// new version clones only the service that changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registry {
+    pub services: BTreeMap<String, Arc<Service>>,
+}
+
+impl Registry {
+    pub fn member(&self, service: &str, member: &str) -> Option<&Member> {
+        self.services.get(service)?.members.get(member)
+    }
+
+    pub fn member_count(&self) -> usize {
+        self.services.values().map(|s| s.members.len()).sum()
+    }
+
+    /// Why `cmd` would change nothing, if it would: the same answer `apply`
+    /// gives, without applying. The leader asks this before proposing, so a
+    /// refused request writes nothing to the log.
+    pub fn refusal(&self, cmd: &Command) -> Option<Response> {
+        match cmd {
+            Command::Register {
+                service, create, ..
+            } => (create.is_none() && !self.services.contains_key(service)).then(|| {
+                Response::NotFound {
+                    what: format!("service {service}"),
+                }
+            }),
+            Command::Unregister { service, member }
+            | Command::SetMemberState {
+                service, member, ..
+            } => self
+                .member(service, member)
+                .is_none()
+                .then(|| not_found_member(service, member)),
+            Command::DefineService { service, def } => self
+                .services
+                .iter()
+                // Two frontends on one port would make haproxy refuse the whole config.
+                .find(|(name, s)| *name != service && s.def.port == def.port)
+                .map(|(other, _)| Response::Rejected {
+                    reason: format!("port {} is already used by service {other}", def.port),
+                }),
+        }
+    }
+
+    /// Applies one command. A refused command changes nothing and says why.
+    pub fn apply(&mut self, cmd: &Command) -> Response {
+        if let Some(refused) = self.refusal(cmd) {
+            return refused;
+        }
+        match cmd {
+            Command::Register {
+                service,
+                member,
+                spec,
+                create,
+                at_ms,
+            } => {
+                if let (false, Some(def)) = (self.services.contains_key(service), create) {
+                    self.services.insert(
+                        service.clone(),
+                        Arc::new(Service {
+                            def: def.clone(),
+                            members: BTreeMap::new(),
+                        }),
+                    );
+                }
+                // refusal() made sure the service exists by now.
+                let Some(svc) = self.services.get_mut(service) else {
+                    return Response::NotFound {
+                        what: format!("service {service}"),
+                    };
+                };
+                let svc = Arc::make_mut(svc);
+                let port = spec.port.unwrap_or(svc.def.member_port);
+                let weight = spec.weight.unwrap_or(DEFAULT_WEIGHT);
+                match svc.members.get_mut(member) {
+                    // Re-registration keeps the operator's state and the first registration time.
+                    Some(m) => {
+                        m.address.clone_from(&spec.address);
+                        m.port = port;
+                        m.weight = weight;
+                        m.ttl_s = spec.ttl_s;
+                    }
+                    None => {
+                        svc.members.insert(
+                            member.clone(),
+                            Member {
+                                address: spec.address.clone(),
+                                port,
+                                weight,
+                                state: MemberState::Active,
+                                registered_at_ms: *at_ms,
+                                ttl_s: spec.ttl_s,
+                            },
+                        );
+                    }
+                }
+            }
+            Command::Unregister { service, member } => {
+                if let Some(svc) = self.services.get_mut(service) {
+                    Arc::make_mut(svc).members.remove(member);
+                }
+            }
+            Command::SetMemberState {
+                service,
+                member,
+                state,
+            } => {
+                if let Some(svc) = self.services.get_mut(service) {
+                    if let Some(m) = Arc::make_mut(svc).members.get_mut(member) {
+                        m.state = *state;
+                    }
+                }
+            }
+            Command::DefineService { service, def } => match self.services.get_mut(service) {
+                Some(s) => Arc::make_mut(s).def = def.clone(),
+                None => {
+                    self.services.insert(
+                        service.clone(),
+                        Arc::new(Service {
+                            def: def.clone(),
+                            members: BTreeMap::new(),
+                        }),
+                    );
+                }
+            },
+        }
+        Response::Done
+    }
+}
+
+fn not_found_member(service: &str, member: &str) -> Response {
+    Response::NotFound {
+        what: format!("member {member} of service {service}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reg(service: &str, member: &str, address: &str) -> Command {
+        Command::Register {
+            service: service.into(),
+            member: member.into(),
+            spec: MemberSpec {
+                address: address.into(),
+                port: Some(8080),
+                weight: None,
+                ttl_s: None,
+            },
+            create: ServiceDef::well_known("http"),
+            at_ms: 7,
+        }
+    }
+
+    #[test]
+    fn names_accept_the_documented_set_only() {
+        for ok in ["a", "web-1", "A.b_c-9", &"x".repeat(63)] {
+            assert!(validate_name("member", ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "-a",
+            ".a",
+            "a b",
+            "a\nb",
+            "a#b",
+            "a\"b",
+            "a'b",
+            "a/b",
+            "../x",
+            "a\0b",
+            "wеb", // Cyrillic е
+            &"x".repeat(64),
+        ] {
+            let err = validate_name("member", bad).unwrap_err();
+            assert_eq!(err.field, "member", "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn addresses_are_ip_literals_or_hostnames() {
+        for ok in ["10.0.0.1", "::1", "fe80::1", "web-1.example.com", "localhost", "a.b."] {
+            assert!(validate_address(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "10.0.0.256",
+            "1.2.3",
+            "a b",
+            "a\nserver x 1.2.3.4:80",
+            "a#b",
+            "-a.com",
+            "a-.com",
+            "a..b",
+            "[::1]",
+            "10.0.0.1:80",
+            &"a".repeat(254),
+        ] {
+            assert!(validate_address(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn ports_and_weights_have_ranges() {
+        assert!(validate_port("port", 0).is_err());
+        assert_eq!(validate_port("port", 1), Ok(1));
+        assert_eq!(validate_port("port", 65535), Ok(65535));
+        assert!(validate_port("port", 65536).is_err());
+        assert_eq!(validate_weight(0), Ok(0));
+        assert_eq!(validate_weight(256), Ok(256));
+        assert_eq!(validate_weight(257).unwrap_err().field, "weight");
+    }
+
+    #[test]
+    fn check_paths_cannot_inject() {
+        for bad in ["x", "/a b", "/a\nb", "/a#b", "/\"", &format!("/{}", "a".repeat(300))] {
+            let def = ServiceDef {
+                check: Check::Http { path: bad.into() },
+                ..ServiceDef::well_known("http").unwrap()
+            };
+            assert_eq!(def.validate().unwrap_err().field, "check.path", "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn register_creates_the_service_and_is_an_idempotent_upsert() {
+        let mut r = Registry::default();
+        assert_eq!(r.apply(&reg("http", "a", "10.0.0.1")), Response::Done);
+        let first = r.clone();
+        assert_eq!(r.apply(&reg("http", "a", "10.0.0.1")), Response::Done);
+        assert_eq!(r, first);
+        let m = r.member("http", "a").unwrap();
+        assert_eq!((m.port, m.weight, m.state), (8080, DEFAULT_WEIGHT, MemberState::Active));
+        assert_eq!(r.services["http"].def.port, 80);
+    }
+
+    #[test]
+    fn register_without_port_takes_the_service_member_port() {
+        let mut r = Registry::default();
+        let mut cmd = reg("http", "a", "10.0.0.1");
+        if let Command::Register { spec, .. } = &mut cmd {
+            spec.port = None;
+        }
+        r.apply(&cmd);
+        assert_eq!(r.member("http", "a").unwrap().port, 80);
+    }
+
+    #[test]
+    fn register_for_unknown_service_without_create_is_not_found() {
+        let mut r = Registry::default();
+        let mut cmd = reg("custom", "a", "10.0.0.1");
+        if let Command::Register { create, .. } = &mut cmd {
+            *create = None;
+        }
+        assert!(matches!(r.apply(&cmd), Response::NotFound { .. }));
+        assert_eq!(r, Registry::default());
+    }
+
+    #[test]
+    fn reregistration_keeps_state_and_first_time() {
+        let mut r = Registry::default();
+        r.apply(&reg("http", "a", "10.0.0.1"));
+        r.apply(&Command::SetMemberState {
+            service: "http".into(),
+            member: "a".into(),
+            state: MemberState::Drain,
+        });
+        let mut again = reg("http", "a", "10.0.0.2");
+        if let Command::Register { at_ms, .. } = &mut again {
+            *at_ms = 99;
+        }
+        r.apply(&again);
+        let m = r.member("http", "a").unwrap();
+        assert_eq!(m.address, "10.0.0.2");
+        assert_eq!(m.state, MemberState::Drain);
+        assert_eq!(m.registered_at_ms, 7);
+    }
+
+    #[test]
+    fn unregister_and_state_change_of_absent_member_change_nothing() {
+        let mut r = Registry::default();
+        r.apply(&reg("http", "a", "10.0.0.1"));
+        let before = r.clone();
+        let un = Command::Unregister {
+            service: "http".into(),
+            member: "b".into(),
+        };
+        assert!(matches!(r.apply(&un), Response::NotFound { .. }));
+        let st = Command::SetMemberState {
+            service: "nope".into(),
+            member: "a".into(),
+            state: MemberState::Maint,
+        };
+        assert!(matches!(r.apply(&st), Response::NotFound { .. }));
+        assert_eq!(r, before);
+    }
+
+    #[test]
+    fn unregister_removes_only_that_member() {
+        let mut r = Registry::default();
+        r.apply(&reg("http", "a", "10.0.0.1"));
+        r.apply(&reg("http", "b", "10.0.0.2"));
+        let un = Command::Unregister {
+            service: "http".into(),
+            member: "a".into(),
+        };
+        assert_eq!(r.apply(&un), Response::Done);
+        assert!(r.member("http", "a").is_none());
+        assert!(r.member("http", "b").is_some());
+    }
+
+    #[test]
+    fn define_service_refuses_a_port_already_taken() {
+        let mut r = Registry::default();
+        let def = ServiceDef::well_known("http").unwrap();
+        let a = Command::DefineService {
+            service: "a".into(),
+            def: def.clone(),
+        };
+        assert_eq!(r.apply(&a), Response::Done);
+        // Redefining the same service on its own port is fine.
+        assert_eq!(r.apply(&a), Response::Done);
+        let before = r.clone();
+        let b = Command::DefineService {
+            service: "b".into(),
+            def,
+        };
+        assert!(matches!(r.apply(&b), Response::Rejected { .. }));
+        assert_eq!(r, before);
+    }
+
+    #[test]
+    fn command_validation_names_the_field() {
+        let mut cmd = reg("http", "a", "10.0.0.1 #");
+        assert_eq!(cmd.validate().unwrap_err().field, "address");
+        if let Command::Register { spec, .. } = &mut cmd {
+            spec.address = "10.0.0.1".into();
+            spec.weight = Some(300);
+        }
+        assert_eq!(cmd.validate().unwrap_err().field, "weight");
+        let bad_svc = Command::Unregister {
+            service: "a\nb".into(),
+            member: "x".into(),
+        };
+        assert_eq!(bad_svc.validate().unwrap_err().field, "service");
+    }
+}

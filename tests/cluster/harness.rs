@@ -1,0 +1,276 @@
+//! Real `clbd` processes on loopback: start, wait, kill by pid, restart.
+//! Children are killed in `Drop`; on a failing test their logs are printed.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clb::client::Client;
+use serde_json::Value;
+
+pub const TOKEN: &str = "test-admin-token";
+
+/// Fast timers so failover tests finish quickly; still far above loopback RTT.
+pub const FAST_TIMERS: [&str; 6] = [
+    "--heartbeat-ms",
+    "50",
+    "--election-timeout-min-ms",
+    "300",
+    "--election-timeout-max-ms",
+    "600",
+];
+
+/// A port that was free a moment ago (bind port 0, read it, release it).
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+    l.local_addr().expect("local addr").port()
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` at the deadline.
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {within:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub struct Node {
+    pub id: u64,
+    pub addr: String,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    pub args: Vec<String>,
+    pub child: Option<Child>,
+}
+
+impl Node {
+    pub fn pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|c| c.id() as i32)
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(&self.addr, Some(TOKEN.into())).expect("client")
+    }
+
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "node {} already running", self.id);
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_clbd"))
+            .args(&self.args)
+            .env("RUST_LOG", "info,openraft=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn clbd");
+        self.child = Some(child);
+    }
+
+    /// Sends `sig` to our own child by pid.
+    pub fn signal(&self, sig: i32) {
+        if let Some(pid) = self.pid() {
+            // SAFETY: plain kill(2) on a pid we spawned and have not reaped.
+            unsafe { libc::kill(pid, sig) };
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SIGCONT first: a stopped process cannot die until it runs.
+            let _ = unsafe { libc::kill(c.id() as i32, libc::SIGCONT) };
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        c.wait().expect("wait")
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub async fn healthy(&self) -> bool {
+        let url = format!("http://{}/healthz", self.addr);
+        matches!(reqwest::get(url).await, Ok(r) if r.status().is_success())
+    }
+
+    pub async fn view(&self) -> Option<Value> {
+        self.client().cluster().await.ok()
+    }
+
+    /// Local (not linearizable) registry of this node.
+    pub async fn services(&self) -> Option<Value> {
+        self.client().services(None, false).await.ok()
+    }
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub nodes: BTreeMap<u64, Node>,
+    pub token_file: PathBuf,
+}
+
+impl Cluster {
+    /// `n` nodes from `--peers`, started and healthy.
+    pub async fn start(n: u64) -> Cluster {
+        Self::start_with(n, &[]).await
+    }
+
+    pub async fn start_with(n: u64, extra: &[&str]) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let token_file = dir.path().join("tokens");
+        std::fs::write(&token_file, format!("{TOKEN}\n")).expect("token file");
+        let addrs: BTreeMap<u64, String> = (1..=n)
+            .map(|id| (id, format!("127.0.0.1:{}", free_port())))
+            .collect();
+        let peers = addrs
+            .iter()
+            .map(|(id, a)| format!("{id}={a}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = Cluster {
+            dir,
+            nodes: BTreeMap::new(),
+            token_file,
+        };
+        for (id, addr) in addrs {
+            let mut args = vec!["--peers".to_string(), peers.clone()];
+            args.extend(extra.iter().map(|s| s.to_string()));
+            cluster.add_node(id, addr, args);
+        }
+        for node in cluster.nodes.values() {
+            let _ = eventually(Duration::from_secs(20), "node healthy", || async {
+                node.healthy().await.then_some(())
+            })
+            .await;
+        }
+        cluster
+    }
+
+    /// Defines and spawns a node; `args` come after the common ones.
+    pub fn add_node(&mut self, id: u64, addr: String, args: Vec<String>) -> &mut Node {
+        let data_dir = self.dir.path().join(format!("node{id}"));
+        let log = self.dir.path().join(format!("node{id}.log"));
+        let mut all = vec![
+            "--node-id".to_string(),
+            id.to_string(),
+            "--listen".into(),
+            addr.clone(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--token-file".into(),
+            self.token_file.display().to_string(),
+            "-o".into(),
+            self.dir.path().join(format!("haproxy{id}.cfg")).display().to_string(),
+        ];
+        all.extend(FAST_TIMERS.iter().map(|s| s.to_string()));
+        all.extend(args);
+        let mut node = Node {
+            id,
+            addr,
+            data_dir,
+            log,
+            args: all,
+            child: None,
+        };
+        node.spawn();
+        self.nodes.insert(id, node);
+        self.nodes.get_mut(&id).expect("just inserted")
+    }
+
+    pub fn node(&self, id: u64) -> &Node {
+        &self.nodes[&id]
+    }
+
+    pub fn node_mut(&mut self, id: u64) -> &mut Node {
+        self.nodes.get_mut(&id).expect("node")
+    }
+
+    /// Every node's client, in id order (for "try in turn").
+    pub fn any_client(&self) -> Client {
+        let servers: Vec<&str> = self.nodes.values().map(|n| n.addr.as_str()).collect();
+        Client::new(&servers.join(","), Some(TOKEN.into())).expect("client")
+    }
+
+    /// The leader all running nodes agree on.
+    pub async fn leader(&self, within: Duration) -> u64 {
+        eventually(within, "a leader all running nodes agree on", || async {
+            let mut seen = None;
+            for n in self.nodes.values().filter(|n| n.child.is_some()) {
+                let v = n.view().await?;
+                let l = v["leader"].as_u64()?;
+                if seen.is_some_and(|s| s != l) {
+                    return None;
+                }
+                seen = Some(l);
+            }
+            seen.filter(|l| self.nodes.get(l).is_some_and(|n| n.child.is_some()))
+        })
+        .await
+    }
+
+    pub fn followers(&self, leader: u64) -> Vec<u64> {
+        self.nodes
+            .keys()
+            .copied()
+            .filter(|&id| id != leader && self.nodes[&id].child.is_some())
+            .collect()
+    }
+
+    /// Waits until every running node has applied at least `index`.
+    pub async fn converged(&self, index: u64, within: Duration) {
+        for n in self.nodes.values().filter(|n| n.child.is_some()) {
+            eventually(within, &format!("node {} to apply {index}", n.id), || async {
+                let v = n.view().await?;
+                (v["applied_index"].as_u64()? >= index).then_some(())
+            })
+            .await;
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for n in self.nodes.values() {
+                let text = n.log_text();
+                let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                eprintln!("---- node {} log (last 40 lines) ----", n.id);
+                for l in tail.iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
+        for n in self.nodes.values_mut() {
+            n.kill();
+        }
+    }
+}
+
+pub fn path_str(p: &Path) -> String {
+    p.display().to_string()
+}
