@@ -25,14 +25,46 @@ pub mod daemon;
 /// Registry, commands and validation; pure.
 pub mod model;
 
-/// Logs to stderr; `RUST_LOG` filters (default `info`).
-pub fn init_tracing() {
+/// Logs to stderr, every line prefixed with `node=N` (openraft's and axum's
+/// tasks do not inherit our spans); `RUST_LOG` filters (default `info`).
+pub fn init_tracing(node_id: Option<u64>) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+    let format = NodeFormat {
+        node_id,
+        inner: tracing_subscriber::fmt::format(),
+    };
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
+        .event_format(format)
         .try_init();
+}
+
+struct NodeFormat<F> {
+    node_id: Option<u64>,
+    inner: F,
+}
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for NodeFormat<F>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        if let Some(id) = self.node_id {
+            write!(writer, "node={id} ")?;
+        }
+        self.inner.format_event(ctx, writer, event)
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -28,9 +28,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         None => Settings::default(),
     };
     let config = Config::from_settings(cli.settings.or(file))?;
-    clb::init_tracing();
-    let span = tracing::info_span!("clbd", node = config.node_id);
-    let _guard = span.enter();
+    clb::init_tracing(Some(config.node_id));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("bind {}: {e}", config.listen))?;

@@ -1,1 +1,5 @@
-fn main(){}
+//! Multi-process tests: real `clbd` binaries on loopback.
+
+mod harness;
+mod test_formation;
+mod test_membership;
