@@ -23,7 +23,12 @@ pub mod exit {
 #[command(name = "clb", version, about = "Talk to a clb cluster")]
 pub struct Cli {
     /// Servers to try in turn, comma-separated HOST:PORT or URLs
-    #[arg(long, env = "CLB_SERVER", default_value = "127.0.0.1:8090", global = true)]
+    #[arg(
+        long,
+        env = "CLB_SERVER",
+        default_value = "127.0.0.1:8090",
+        global = true
+    )]
     pub server: String,
     /// API token
     #[arg(long, env = "CLB_TOKEN", global = true, hide_env_values = true)]
@@ -204,9 +209,15 @@ pub async fn run(cli: Cli) -> Result<String, Failure> {
             let i = client.unregister(&service, &member).await?;
             Ok(done(i, format!("unregistered {member} from {service}")))
         }
-        Command::Drain { service, member } => set_state(&client, &service, &member, "drain", done).await,
-        Command::Maint { service, member } => set_state(&client, &service, &member, "maint", done).await,
-        Command::Ready { service, member } => set_state(&client, &service, &member, "active", done).await,
+        Command::Drain { service, member } => {
+            set_state(&client, &service, &member, "drain", done).await
+        }
+        Command::Maint { service, member } => {
+            set_state(&client, &service, &member, "maint", done).await
+        }
+        Command::Ready { service, member } => {
+            set_state(&client, &service, &member, "active", done).await
+        }
         Command::Members {
             service,
             consistent,
@@ -397,7 +408,9 @@ pub async fn legacy(register: bool, args: &[String]) -> Result<String, Failure> 
     let server = std::env::var("CLB_SERVER").unwrap_or_else(|_| "localhost:8090".into());
     let client = Client::new(&server, Some(password.clone()))?;
     if register {
-        let i = client.register(service, node, node, None, None, None).await?;
+        let i = client
+            .register(service, node, node, None, None, None)
+            .await?;
         Ok(format!("registered {node} in {service} (index {i})"))
     } else {
         let i = client.unregister(service, node).await?;
@@ -413,7 +426,10 @@ mod tests {
     fn tables_align_columns() {
         let t = table(
             &["A", "BB"],
-            &[vec!["xyz".into(), "1".into()], vec!["q".into(), "22".into()]],
+            &[
+                vec!["xyz".into(), "1".into()],
+                vec!["q".into(), "22".into()],
+            ],
         );
         assert_eq!(t, "A    BB\nxyz  1\nq    22");
     }

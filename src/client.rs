@@ -111,7 +111,9 @@ impl Client {
                 reason: format!("{e}: {}", text.chars().take(200).collect::<String>()),
             })?;
             // A node with no leader answers 503; another node may do better.
-            if status == StatusCode::SERVICE_UNAVAILABLE && server != self.servers.last().unwrap_or(server) {
+            if status == StatusCode::SERVICE_UNAVAILABLE
+                && server != self.servers.last().unwrap_or(server)
+            {
                 failures.push(format!("{server}: {}", value["error"]));
                 continue;
             }

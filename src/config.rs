@@ -327,7 +327,16 @@ mod tests {
         let p = parse_peers("1=127.0.0.1:1, 2=node-b:2,3=[::1]:3").unwrap();
         assert_eq!(p.len(), 3);
         assert_eq!(p[&3], "[::1]:3");
-        for bad in ["", "1", "x=a:1", "0=a:1", "1=a", "1=a:0", "1=a:1,1=b:2", "1=a b:1"] {
+        for bad in [
+            "",
+            "1",
+            "x=a:1",
+            "0=a:1",
+            "1=a",
+            "1=a:0",
+            "1=a:1,1=b:2",
+            "1=a b:1",
+        ] {
             assert!(parse_peers(bad).is_err(), "{bad:?}");
         }
     }

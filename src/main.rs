@@ -4,7 +4,11 @@ use clap::Parser;
 use clb::config::{Config, Settings};
 
 #[derive(Parser)]
-#[command(name = "clbd", version, about = "clb daemon: replicated registry, haproxy renderer, VIP holder")]
+#[command(
+    name = "clbd",
+    version,
+    about = "clb daemon: replicated registry, haproxy renderer, VIP holder"
+)]
 struct Cli {
     /// TOML file with the same settings (flags and env win)
     #[arg(long, env = "CLB_CONFIG")]

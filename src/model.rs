@@ -84,7 +84,9 @@ pub fn validate_address(address: &str) -> Result<(), InvalidField> {
     for label in host.split('.') {
         let ok = !label.is_empty()
             && label.len() <= 63
-            && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
             && !label.starts_with('-')
             && !label.ends_with('-');
         if !ok {
@@ -95,7 +97,10 @@ pub fn validate_address(address: &str) -> Result<(), InvalidField> {
         }
     }
     // An all-numeric dotted name would be read as a (bad) IPv4 address by haproxy.
-    if host.split('.').all(|l| l.bytes().all(|b| b.is_ascii_digit())) {
+    if host
+        .split('.')
+        .all(|l| l.bytes().all(|b| b.is_ascii_digit()))
+    {
         return Err(InvalidField::new(
             field,
             format!("{address:?} is not a valid IP address"),
@@ -151,10 +156,7 @@ impl std::str::FromStr for MemberState {
             "active" | "ready" => Ok(MemberState::Active),
             "drain" => Ok(MemberState::Drain),
             "maint" => Ok(MemberState::Maint),
-            _ => Err(InvalidField::new(
-                "state",
-                "must be active, drain or maint",
-            )),
+            _ => Err(InvalidField::new("state", "must be active, drain or maint")),
         }
     }
 }
@@ -251,10 +253,7 @@ impl ServiceDef {
             validate_check_path(path)?;
         }
         if self.mode == Mode::Tcp && matches!(self.check, Check::Http { .. }) {
-            return Err(InvalidField::new(
-                "check",
-                "an http check needs mode http",
-            ));
+            return Err(InvalidField::new("check", "an http check needs mode http"));
         }
         Ok(())
     }
@@ -565,7 +564,14 @@ mod tests {
 
     #[test]
     fn addresses_are_ip_literals_or_hostnames() {
-        for ok in ["10.0.0.1", "::1", "fe80::1", "web-1.example.com", "localhost", "a.b."] {
+        for ok in [
+            "10.0.0.1",
+            "::1",
+            "fe80::1",
+            "web-1.example.com",
+            "localhost",
+            "a.b.",
+        ] {
             assert!(validate_address(ok).is_ok(), "{ok}");
         }
         for bad in [
@@ -599,7 +605,14 @@ mod tests {
 
     #[test]
     fn check_paths_cannot_inject() {
-        for bad in ["x", "/a b", "/a\nb", "/a#b", "/\"", &format!("/{}", "a".repeat(300))] {
+        for bad in [
+            "x",
+            "/a b",
+            "/a\nb",
+            "/a#b",
+            "/\"",
+            &format!("/{}", "a".repeat(300)),
+        ] {
             let def = ServiceDef {
                 check: Check::Http { path: bad.into() },
                 ..ServiceDef::well_known("http").unwrap()
@@ -616,7 +629,10 @@ mod tests {
         assert_eq!(r.apply(&reg("http", "a", "10.0.0.1")), Response::Done);
         assert_eq!(r, first);
         let m = r.member("http", "a").unwrap();
-        assert_eq!((m.port, m.weight, m.state), (8080, DEFAULT_WEIGHT, MemberState::Active));
+        assert_eq!(
+            (m.port, m.weight, m.state),
+            (8080, DEFAULT_WEIGHT, MemberState::Active)
+        );
         assert_eq!(r.services["http"].def.port, 80);
     }
 

@@ -82,7 +82,10 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/services", get(list_services))
-        .route("/v1/services/{service}", get(get_service).put(define_service))
+        .route(
+            "/v1/services/{service}",
+            get(get_service).put(define_service),
+        )
         .route(
             "/v1/services/{service}/members/{member}",
             put(register).delete(unregister),
@@ -312,7 +315,9 @@ async fn get_service(
         .services
         .get(&service)
         .ok_or_else(|| ApiError::NotFound(format!("service {service}")))?;
-    Ok(Json(json!({"index": index, "service": service, "definition": service_json(svc)})))
+    Ok(Json(
+        json!({"index": index, "service": service, "definition": service_json(svc)}),
+    ))
 }
 
 /// This node's view of the cluster.
@@ -419,7 +424,11 @@ async fn metrics(State(state): State<AppState>) -> Response {
             "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"
         ));
     };
-    gauge("clb_raft_term", "Current Raft term.", m.current_term.to_string());
+    gauge(
+        "clb_raft_term",
+        "Current Raft term.",
+        m.current_term.to_string(),
+    );
     gauge(
         "clb_raft_leader",
         "Node id of the known leader, 0 when none.",
@@ -440,7 +449,9 @@ async fn metrics(State(state): State<AppState>) -> Response {
         "Last applied log index on this node.",
         applied.index.to_string(),
     );
-    out.push_str("# HELP clb_members Registered members per service and state.\n# TYPE clb_members gauge\n");
+    out.push_str(
+        "# HELP clb_members Registered members per service and state.\n# TYPE clb_members gauge\n",
+    );
     for (name, svc) in &applied.registry.services {
         for st in [MemberState::Active, MemberState::Drain, MemberState::Maint] {
             let n = svc.members.values().filter(|m| m.state == st).count();
@@ -449,9 +460,5 @@ async fn metrics(State(state): State<AppState>) -> Response {
             ));
         }
     }
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        out,
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }

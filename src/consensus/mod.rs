@@ -425,7 +425,9 @@ impl Consensus {
             Err(e) => match req {
                 // Reads and membership reads are safe to repeat.
                 LeaderRequest::ReadIndex => Err(LeaderError::NoQuorum(e.to_string())),
-                _ => Err(LeaderError::Failed(format!("forwarding to node {leader}: {e}"))),
+                _ => Err(LeaderError::Failed(format!(
+                    "forwarding to node {leader}: {e}"
+                ))),
             },
         }
     }

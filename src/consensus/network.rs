@@ -86,7 +86,10 @@ impl PeerClient {
     }
 
     pub fn cluster_id(&self) -> String {
-        self.cluster_id.read().map(|s| s.clone()).unwrap_or_default()
+        self.cluster_id
+            .read()
+            .map(|s| s.clone())
+            .unwrap_or_default()
     }
 
     /// Sets the cluster id once; false if one was already set.

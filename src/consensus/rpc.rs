@@ -27,7 +27,11 @@ pub fn routes(consensus: Consensus) -> Router {
 
 /// Decodes a peer request after checking it comes from our cluster.
 #[allow(clippy::result_large_err)]
-fn admit<T: DeserializeOwned>(c: &Consensus, headers: &HeaderMap, body: &[u8]) -> Result<T, Response> {
+fn admit<T: DeserializeOwned>(
+    c: &Consensus,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<T, Response> {
     let claimed = headers
         .get(CLUSTER_HEADER)
         .and_then(|v| v.to_str().ok())

@@ -767,7 +767,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
         let blob: SnapshotState = serde_json::from_slice(&data).map_err(|e| {
-            openraft::StorageError::from(StorageIOError::read_snapshot(Some(meta.signature()), &e))
+            StorageError::from(StorageIOError::read_snapshot(Some(meta.signature()), &e))
         })?;
         // The meta is authoritative for what the snapshot covers.
         let new_state = SmState {

@@ -185,7 +185,11 @@ impl Cluster {
             "--token-file".into(),
             self.token_file.display().to_string(),
             "-o".into(),
-            self.dir.path().join(format!("haproxy{id}.cfg")).display().to_string(),
+            self.dir
+                .path()
+                .join(format!("haproxy{id}.cfg"))
+                .display()
+                .to_string(),
         ];
         all.extend(FAST_TIMERS.iter().map(|s| s.to_string()));
         all.extend(args);
@@ -244,10 +248,14 @@ impl Cluster {
     /// Waits until every running node has applied at least `index`.
     pub async fn converged(&self, index: u64, within: Duration) {
         for n in self.nodes.values().filter(|n| n.child.is_some()) {
-            eventually(within, &format!("node {} to apply {index}", n.id), || async {
-                let v = n.view().await?;
-                (v["applied_index"].as_u64()? >= index).then_some(())
-            })
+            eventually(
+                within,
+                &format!("node {} to apply {index}", n.id),
+                || async {
+                    let v = n.view().await?;
+                    (v["applied_index"].as_u64()? >= index).then_some(())
+                },
+            )
             .await;
         }
     }

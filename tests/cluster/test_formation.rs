@@ -67,12 +67,16 @@ async fn killing_the_leader_elects_a_new_one_and_the_old_one_catches_up() {
     for id in c.followers(leader) {
         let client = c.node(id).client();
         let name = format!("after-via-{id}");
-        eventually(Duration::from_secs(2), "a write through a survivor", || async {
-            client
-                .register("http", &name, "10.0.0.2", None, None, None)
-                .await
-                .ok()
-        })
+        eventually(
+            Duration::from_secs(2),
+            "a write through a survivor",
+            || async {
+                client
+                    .register("http", &name, "10.0.0.2", None, None, None)
+                    .await
+                    .ok()
+            },
+        )
         .await;
         assert!(
             killed_at.elapsed() < Duration::from_secs(2),
@@ -91,14 +95,22 @@ async fn killing_the_leader_elects_a_new_one_and_the_old_one_catches_up() {
         .filter(|s| s != &format!("after-via-{leader}"))
         .collect();
     let restarted = c.node(leader);
-    eventually(Duration::from_secs(10), "restarted node catches up", || async {
-        let s = restarted.services().await?;
-        (member_names(&s, "http") == want).then_some(())
-    })
+    eventually(
+        Duration::from_secs(10),
+        "restarted node catches up",
+        || async {
+            let s = restarted.services().await?;
+            (member_names(&s, "http") == want).then_some(())
+        },
+    )
     .await;
     assert!(
         !restarted.log_text().contains("initialized a new cluster")
-            || restarted.log_text().matches("initialized a new cluster").count() <= 1,
+            || restarted
+                .log_text()
+                .matches("initialized a new cluster")
+                .count()
+                <= 1,
         "a restart must not initialize again"
     );
 }
@@ -138,9 +150,11 @@ async fn a_thousand_acknowledged_registrations_survive_a_kill_and_restart() {
         }));
     }
     // Kill the leader while the writers run, then restart it.
-    eventually(Duration::from_secs(30), "some writes acknowledged", || async {
-        (acked.lock().unwrap().len() >= 200).then_some(())
-    })
+    eventually(
+        Duration::from_secs(30),
+        "some writes acknowledged",
+        || async { (acked.lock().unwrap().len() >= 200).then_some(()) },
+    )
     .await;
     let leader = c.leader(Duration::from_secs(5)).await;
     c.node_mut(leader).kill();
@@ -153,7 +167,11 @@ async fn a_thousand_acknowledged_registrations_survive_a_kill_and_restart() {
         w.await.expect("writer");
     }
     let acked = acked.lock().unwrap().clone();
-    assert_eq!(acked.len(), 1000, "every registration was eventually acknowledged");
+    assert_eq!(
+        acked.len(),
+        1000,
+        "every registration was eventually acknowledged"
+    );
 
     for n in c.nodes.values() {
         eventually(

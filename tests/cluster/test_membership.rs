@@ -33,18 +33,30 @@ async fn cluster_add_grows_to_four_and_remove_shrinks_back() {
 
     let server = c.node(1).addr.clone();
     let out = clb(&["cluster", "add", "4", &addr], &server);
-    assert!(out.status.success(), "clb cluster add: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "clb cluster add: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let view = c.node(1).view().await.expect("view");
     assert_eq!(view["voters"], serde_json::json!([1, 2, 3, 4]));
     // The new node caught up with the registry.
-    eventually(Duration::from_secs(10), "node 4 has the registry", || async {
-        let s = n4.services().await?;
-        (!s["services"]["http"]["members"]["web1"].is_null()).then_some(())
-    })
+    eventually(
+        Duration::from_secs(10),
+        "node 4 has the registry",
+        || async {
+            let s = n4.services().await?;
+            (!s["services"]["http"]["members"]["web1"].is_null()).then_some(())
+        },
+    )
     .await;
 
     let out = clb(&["cluster", "remove", "4"], &server);
-    assert!(out.status.success(), "clb cluster remove: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "clb cluster remove: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     eventually(Duration::from_secs(5), "3 voters again", || async {
         let v = c.node(2).view().await?;
         (v["voters"] == serde_json::json!([1, 2, 3]) && v["nodes"].get("4").is_none()).then_some(())
@@ -58,7 +70,12 @@ async fn cluster_add_grows_to_four_and_remove_shrinks_back() {
 
     // Removing an unknown node is refused with a clear answer.
     let out = clb(&["cluster", "remove", "9"], &server);
-    assert_eq!(out.status.code(), Some(6), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(6),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -105,8 +122,16 @@ async fn a_data_dir_of_another_node_or_cluster_is_refused() {
     let tokens = c.token_file.display().to_string();
     let base = |node: &str, peers: &str| -> Vec<String> {
         [
-            "--node-id", node, "--listen", &format!("127.0.0.1:{}", free_port()),
-            "--data-dir", &dir, "--token-file", &tokens, "--peers", peers,
+            "--node-id",
+            node,
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--data-dir",
+            &dir,
+            "--token-file",
+            &tokens,
+            "--peers",
+            peers,
         ]
         .iter()
         .map(|s| s.to_string())
@@ -141,7 +166,10 @@ fn bad_flags_exit_non_zero_with_one_line() {
         (vec!["--role", "boss"], "--role"),
         (vec!["--peers", "1=a"], "--peers"),
         (vec!["--listen", "nowhere"], "--listen"),
-        (vec!["--node-id", "2", "--peers", "1=127.0.0.1:1"], "does not name this node"),
+        (
+            vec!["--node-id", "2", "--peers", "1=127.0.0.1:1"],
+            "does not name this node",
+        ),
     ] {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         let msg = refused(&args);
