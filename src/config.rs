@@ -92,6 +92,18 @@ pub struct Settings {
     /// How long a write waits for a leader before answering 503 [default: 5000]
     #[arg(long, env = "CLB_FORWARD_TIMEOUT_MS")]
     pub forward_timeout_ms: Option<u64>,
+    /// Command that checks a rendered file; `{}` is its path [default: haproxy -c -q -f {}]
+    #[arg(long, env = "CLB_VALIDATE_CMD")]
+    pub validate_cmd: Option<String>,
+    /// haproxy master CLI socket, used to reload when no --reload-cmd is given
+    #[arg(long, env = "CLB_HAPROXY_MASTER_SOCKET")]
+    pub haproxy_master_socket: Option<PathBuf>,
+    /// Minimum time between two haproxy reloads [default: 1000]
+    #[arg(long, env = "CLB_RELOAD_MIN_INTERVAL_MS")]
+    pub reload_min_interval_ms: Option<u64>,
+    /// How long the renderer waits for a burst of changes to end [default: 5]
+    #[arg(long, env = "CLB_RENDER_COALESCE_MS")]
+    pub render_coalesce_ms: Option<u64>,
     /// Auto-create well-known services (http, https, ...) on first registration [default: true]
     #[arg(long, env = "CLB_AUTO_CREATE_SERVICES", num_args = 0..=1, default_missing_value = "true")]
     pub auto_create_services: Option<bool>,
@@ -127,6 +139,10 @@ impl Settings {
             election_timeout_min_ms,
             election_timeout_max_ms,
             forward_timeout_ms,
+            validate_cmd,
+            haproxy_master_socket,
+            reload_min_interval_ms,
+            render_coalesce_ms,
             auto_create_services,
         )
     }
@@ -171,6 +187,10 @@ pub struct Config {
     pub vip_hook: Option<String>,
     pub raft: RaftSettings,
     pub auto_create_services: bool,
+    pub validate_cmd: String,
+    pub haproxy_master_socket: Option<PathBuf>,
+    pub reload_min_interval: Duration,
+    pub render_coalesce: Duration,
 }
 
 impl Config {
@@ -249,6 +269,12 @@ impl Config {
                 forward_timeout: Duration::from_millis(s.forward_timeout_ms.unwrap_or(5_000)),
             },
             auto_create_services: s.auto_create_services.unwrap_or(true),
+            validate_cmd: s
+                .validate_cmd
+                .unwrap_or_else(|| "haproxy -c -q -f {}".into()),
+            haproxy_master_socket: s.haproxy_master_socket,
+            reload_min_interval: Duration::from_millis(s.reload_min_interval_ms.unwrap_or(1_000)),
+            render_coalesce: Duration::from_millis(s.render_coalesce_ms.unwrap_or(5)),
         })
     }
 
