@@ -80,9 +80,13 @@ pub enum Command {
     Service(ServiceCmd),
     /// Show this cluster's nodes, leader and indexes
     Status,
+    /// Print the haproxy config the server would render now (dry run)
+    Render,
     /// Change cluster membership
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// Ask the leader to step down: it releases the VIP and a healthy voter takes over
+    Failover,
 }
 
 #[derive(Subcommand, Debug)]
@@ -267,10 +271,20 @@ pub async fn run(cli: Cli) -> Result<String, Failure> {
             }
             Ok(status_table(&v))
         }
+        Command::Render => Ok(client.render().await?.trim_end().to_string()),
         Command::Cluster(ClusterCmd::Add { id, addr, learner }) => {
             let i = client.add_node(id, &addr, learner).await?;
             let role = if learner { "learner" } else { "voter" };
             Ok(done(i, format!("node {id} added as {role}")))
+        }
+        Command::Failover => {
+            let v = client
+                .request(reqwest::Method::POST, "/v1/cluster/failover", None)
+                .await?;
+            if json_out {
+                return Ok(v.to_string());
+            }
+            Ok(failover_text(&v))
         }
         Command::Cluster(ClusterCmd::Remove { id }) => {
             let i = client.remove_node(id).await?;
@@ -386,6 +400,25 @@ fn status_table(v: &Value) -> String {
         v["members"],
         table(&["ID", "ADDRESS", "RAFT"], &rows)
     )
+}
+
+fn failover_text(v: &Value) -> String {
+    let mut out = format!(
+        "leadership moved from node {} (term {}) to node {} (term {}) in {} ms",
+        v["from"], v["term"], v["new_leader"], v["new_term"], v["leader_took_ms"]
+    );
+    match (v["vip_configured"].as_bool(), v["vip_holder"].as_u64()) {
+        (Some(false), _) => out.push_str("\nno VIP configured"),
+        (_, Some(holder)) => out.push_str(&format!(
+            "\nVIP now held by node {holder}, {} ms after the request",
+            v["vip_took_ms"]
+        )),
+        _ => out.push_str("\nthe new leader has not reported holding the VIP yet (see clb status)"),
+    }
+    if let Some(e) = v["release"]["error"].as_str() {
+        out.push_str(&format!("\nwarning: the old leader's release hook failed: {e}"));
+    }
+    out
 }
 
 /// The 2010 calling form: `clb_register PASSWORD NODE SERVICE`. NODE is both

@@ -196,6 +196,36 @@ impl Client {
         self.request(Method::GET, &path, None).await
     }
 
+    /// The config the node would render now (a dry run), as text.
+    pub async fn render(&self) -> Result<String, ClientError> {
+        let mut failures = Vec::new();
+        for server in &self.servers {
+            let mut req = self.http.get(format!("{server}/v1/render"));
+            if let Some(t) = &self.token {
+                req = req.bearer_auth(t);
+            }
+            match req.send().await {
+                Ok(r) if r.status().is_success() => {
+                    return r.text().await.map_err(|e| ClientError::Decode {
+                        server: server.clone(),
+                        reason: e.to_string(),
+                    })
+                }
+                Ok(r) => {
+                    let status = r.status().as_u16();
+                    let v: Value = r.json().await.unwrap_or(Value::Null);
+                    return Err(ClientError::Api {
+                        status,
+                        message: v["error"].as_str().unwrap_or("").to_string(),
+                        detail: v["detail"].clone(),
+                    });
+                }
+                Err(e) => failures.push(format!("{server}: {e}")),
+            }
+        }
+        Err(ClientError::Unreachable(failures.join("; ")))
+    }
+
     pub async fn cluster(&self) -> Result<Value, ClientError> {
         self.request(Method::GET, "/v1/cluster", None).await
     }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::consensus::{Bootstrap, NodeId, RaftSettings};
+use crate::failover::{FailoverConfig, HealthCheck, Hook};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -98,6 +99,9 @@ pub struct Settings {
     /// haproxy master CLI socket, used to reload when no --reload-cmd is given
     #[arg(long, env = "CLB_HAPROXY_MASTER_SOCKET")]
     pub haproxy_master_socket: Option<PathBuf>,
+    /// Port of haproxy's stats page on 127.0.0.1; 0 turns it off [default: 8404]
+    #[arg(long, env = "CLB_STATS_PORT")]
+    pub stats_port: Option<u16>,
     /// Minimum time between two haproxy reloads [default: 1000]
     #[arg(long, env = "CLB_RELOAD_MIN_INTERVAL_MS")]
     pub reload_min_interval_ms: Option<u64>,
@@ -107,6 +111,27 @@ pub struct Settings {
     /// Auto-create well-known services (http, https, ...) on first registration [default: true]
     #[arg(long, env = "CLB_AUTO_CREATE_SERVICES", num_args = 0..=1, default_missing_value = "true")]
     pub auto_create_services: Option<bool>,
+    /// Timer preset: default, fast or extreme (explicit timer flags still win) [default: default]
+    #[arg(long, env = "CLB_TIMERS")]
+    pub timers: Option<String>,
+    /// How long a quorum ack lets the leader hold the VIP; below --election-timeout-min-ms [default: 2/3 of it]
+    #[arg(long, env = "CLB_LEASE_MS")]
+    pub lease_ms: Option<u64>,
+    /// Interface passed to the VIP hook as CLB_INTERFACE [default: the linux-vip one]
+    #[arg(long, env = "CLB_VIP_INTERFACE")]
+    pub vip_interface: Option<String>,
+    /// A VIP hook run taking longer is killed and retried [default: 5000]
+    #[arg(long, env = "CLB_VIP_HOOK_TIMEOUT_MS")]
+    pub vip_hook_timeout_ms: Option<u64>,
+    /// Command that must succeed for this balancer to lead (run through sh -c)
+    #[arg(long, env = "CLB_HEALTH_CMD")]
+    pub health_cmd: Option<String>,
+    /// How often --health-cmd runs [default: 1000]
+    #[arg(long, env = "CLB_HEALTH_INTERVAL_MS")]
+    pub health_interval_ms: Option<u64>,
+    /// Consecutive --health-cmd failures that make this node unhealthy [default: 3]
+    #[arg(long, env = "CLB_HEALTH_FAILURES")]
+    pub health_failures: Option<u32>,
 }
 
 macro_rules! merge {
@@ -141,9 +166,17 @@ impl Settings {
             forward_timeout_ms,
             validate_cmd,
             haproxy_master_socket,
+            stats_port,
             reload_min_interval_ms,
             render_coalesce_ms,
             auto_create_services,
+            timers,
+            lease_ms,
+            vip_interface,
+            vip_hook_timeout_ms,
+            health_cmd,
+            health_interval_ms,
+            health_failures,
         )
     }
 
@@ -187,14 +220,19 @@ pub struct Config {
     pub vip_hook: Option<String>,
     pub raft: RaftSettings,
     pub auto_create_services: bool,
+    /// VIP, hooks, lease and health gate (validated).
+    pub failover: FailoverConfig,
     pub validate_cmd: String,
     pub haproxy_master_socket: Option<PathBuf>,
+    /// `None`: no stats page.
+    pub stats_port: Option<u16>,
     pub reload_min_interval: Duration,
     pub render_coalesce: Duration,
 }
 
 impl Config {
     pub fn from_settings(s: Settings) -> Result<Config, ConfigError> {
+        let failover_settings = s.clone();
         let node_id = s.node_id.unwrap_or(1);
         if node_id == 0 {
             return Err(invalid("node-id", "must be at least 1"));
@@ -226,9 +264,10 @@ impl Config {
                 ))
             }
         };
-        let heartbeat_ms = s.heartbeat_ms.unwrap_or(50);
-        let min = s.election_timeout_min_ms.unwrap_or(300);
-        let max = s.election_timeout_max_ms.unwrap_or(600);
+        let preset = Timers::parse(s.timers.as_deref().unwrap_or("default"))?;
+        let heartbeat_ms = s.heartbeat_ms.unwrap_or(preset.heartbeat_ms);
+        let min = s.election_timeout_min_ms.unwrap_or(preset.election_timeout_min_ms);
+        let max = s.election_timeout_max_ms.unwrap_or(preset.election_timeout_max_ms);
         if heartbeat_ms == 0 || heartbeat_ms >= min {
             return Err(invalid(
                 "heartbeat-ms",
@@ -244,6 +283,7 @@ impl Config {
         if let Some(adv) = &s.advertise {
             check_host_port("advertise", adv)?;
         }
+        let failover = failover_config(&failover_settings, role, heartbeat_ms, min, max)?;
         Ok(Config {
             node_id,
             listen,
@@ -269,10 +309,12 @@ impl Config {
                 forward_timeout: Duration::from_millis(s.forward_timeout_ms.unwrap_or(5_000)),
             },
             auto_create_services: s.auto_create_services.unwrap_or(true),
+            failover,
             validate_cmd: s
                 .validate_cmd
                 .unwrap_or_else(|| "haproxy -c -q -f {}".into()),
             haproxy_master_socket: s.haproxy_master_socket,
+            stats_port: Some(s.stats_port.unwrap_or(8404)).filter(|&p| p != 0),
             reload_min_interval: Duration::from_millis(s.reload_min_interval_ms.unwrap_or(1_000)),
             render_coalesce: Duration::from_millis(s.render_coalesce_ms.unwrap_or(5)),
         })
@@ -304,6 +346,114 @@ impl Config {
         };
         SocketAddr::new(ip, bound.port()).to_string()
     }
+}
+
+/// Named timer presets; see docs/failover.md.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timers {
+    pub heartbeat_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+}
+
+impl Timers {
+    pub fn parse(name: &str) -> Result<Timers, ConfigError> {
+        let (heartbeat_ms, election_timeout_min_ms, election_timeout_max_ms) = match name {
+            "default" => (50, 300, 600),
+            "fast" => (20, 100, 200),
+            "extreme" => (5, 25, 40),
+            other => {
+                return Err(invalid(
+                    "timers",
+                    format!("{other:?} is not default, fast or extreme"),
+                ))
+            }
+        };
+        Ok(Timers {
+            heartbeat_ms,
+            election_timeout_min_ms,
+            election_timeout_max_ms,
+        })
+    }
+}
+
+/// The VIP, hook, lease and health settings; refuses bad input with a
+/// one-line reason naming the flag.
+fn failover_config(
+    s: &Settings,
+    role: Role,
+    heartbeat_ms: u64,
+    election_min_ms: u64,
+    election_max_ms: u64,
+) -> Result<FailoverConfig, ConfigError> {
+    let vip = s
+        .vip
+        .as_deref()
+        .map(|v| {
+            v.trim()
+                .parse::<std::net::IpAddr>()
+                .map_err(|_| invalid("vip", format!("{v:?} is not an IPv4 or IPv6 address")))
+        })
+        .transpose()?;
+    let hook = s
+        .vip_hook
+        .as_deref()
+        .map(|h| Hook::parse(h).map_err(|reason| invalid("vip-hook", reason)))
+        .transpose()?;
+    if vip.is_some() && hook.is_none() && role == Role::Balancer {
+        return Err(invalid("vip", "needs --vip-hook to say how to claim it"));
+    }
+    if hook.is_some() && vip.is_none() {
+        return Err(invalid("vip-hook", "needs --vip"));
+    }
+    // 2/3 leaves a third of the election timeout as margin for clock-rate
+    // drift and for the release hook to finish (docs/failover.md).
+    let lease_ms = s.lease_ms.unwrap_or(election_min_ms * 2 / 3);
+    if lease_ms >= election_min_ms {
+        return Err(invalid(
+            "lease-ms",
+            format!("{lease_ms} must be below --election-timeout-min-ms {election_min_ms}"),
+        ));
+    }
+    if lease_ms < 2 * heartbeat_ms {
+        return Err(invalid(
+            "lease-ms",
+            format!("{lease_ms} must be at least twice --heartbeat-ms {heartbeat_ms}, or the VIP flaps"),
+        ));
+    }
+    let hook_timeout_ms = s.vip_hook_timeout_ms.unwrap_or(5_000);
+    if hook_timeout_ms == 0 {
+        return Err(invalid("vip-hook-timeout-ms", "must be above 0"));
+    }
+    let health = match &s.health_cmd {
+        None => None,
+        Some(cmd) if cmd.trim().is_empty() => return Err(invalid("health-cmd", "is empty")),
+        Some(cmd) => {
+            let failures = s.health_failures.unwrap_or(3);
+            if failures == 0 {
+                return Err(invalid("health-failures", "must be at least 1"));
+            }
+            let interval_ms = s.health_interval_ms.unwrap_or(1_000);
+            if interval_ms == 0 {
+                return Err(invalid("health-interval-ms", "must be above 0"));
+            }
+            Some(HealthCheck {
+                cmd: cmd.clone(),
+                interval: Duration::from_millis(interval_ms),
+                failures,
+            })
+        }
+    };
+    Ok(FailoverConfig {
+        vip,
+        hook,
+        interface: s.vip_interface.clone(),
+        lease: Duration::from_millis(lease_ms),
+        hook_timeout: Duration::from_millis(hook_timeout_ms),
+        health,
+        witness: role == Role::Witness,
+        handover_wait: Duration::from_millis((election_max_ms * 4).max(1_000)),
+    })
 }
 
 /// `1=HOST:PORT,2=HOST:PORT`.
@@ -377,6 +527,53 @@ mod tests {
         let merged = flags.or(file);
         assert_eq!(merged.node_id, Some(2));
         assert_eq!(merged.listen.as_deref(), Some("127.0.0.1:9"));
+    }
+
+    #[test]
+    fn failover_flags_are_validated() {
+        let bad = |s: Settings| Config::from_settings(s).unwrap_err().to_string();
+        let vip = |v: &str, h: &str| Settings {
+            vip: Some(v.into()),
+            vip_hook: Some(h.into()),
+            ..Default::default()
+        };
+        assert!(bad(vip("10.0.0.300", "true")).starts_with("--vip:"));
+        assert!(bad(vip("10.0.0.3", "linux-vip:nosuchif0")).contains("no network interface"));
+        assert!(bad(Settings {
+            vip: Some("10.0.0.3".into()),
+            ..Default::default()
+        })
+        .starts_with("--vip:"));
+        assert!(bad(Settings {
+            lease_ms: Some(300),
+            ..Default::default()
+        })
+        .starts_with("--lease-ms"));
+        assert!(bad(Settings {
+            timers: Some("ludicrous".into()),
+            ..Default::default()
+        })
+        .starts_with("--timers"));
+        let c = Config::from_settings(vip("fd00::5", "linux-vip:lo")).unwrap();
+        assert_eq!(c.failover.lease, Duration::from_millis(200));
+        assert_eq!(c.failover.hook.as_ref().and_then(|h| h.interface()), Some("lo"));
+        // A preset sets the timers; an explicit flag still wins.
+        let c = Config::from_settings(Settings {
+            timers: Some("fast".into()),
+            heartbeat_ms: Some(10),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.raft.heartbeat_ms, 10);
+        assert_eq!(c.raft.election_timeout_min_ms, 100);
+        assert_eq!(c.failover.lease, Duration::from_millis(66));
+        for preset in ["default", "fast", "extreme"] {
+            Config::from_settings(Settings {
+                timers: Some(preset.into()),
+                ..Default::default()
+            })
+            .unwrap_or_else(|e| panic!("{preset}: {e}"));
+        }
     }
 
     #[test]

@@ -10,8 +10,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::api::{self, AppState, Tokens};
-use crate::config::Config;
+use crate::config::{Config, Role};
+use crate::render::{self, NodeContext, Peer, RenderInput, RenderSettings, Template, TemplateError};
 use crate::consensus::{rpc, Consensus, StartError};
+use crate::failover::{self, Failover};
 
 /// How long in-flight requests get after SIGTERM before the server stops anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -33,6 +35,78 @@ pub enum DaemonError {
     Start(#[from] StartError),
     #[error("serve: {0}")]
     Serve(std::io::Error),
+    #[error("{0}")]
+    Template(#[from] TemplateError),
+}
+
+/// Node-local template values from the config.
+pub fn node_context(config: &Config) -> NodeContext {
+    NodeContext {
+        node_id: config.node_id,
+        role: match config.role {
+            Role::Balancer => "balancer".into(),
+            Role::Witness => "witness".into(),
+        },
+        vip: config.vip.clone(),
+        haproxy_socket: config
+            .haproxy_socket
+            .as_ref()
+            .map(|p| p.display().to_string()),
+        bind_address: "*".into(),
+        stats_bind: "127.0.0.1".into(),
+        stats_port: config.stats_port,
+        ..Default::default()
+    }
+}
+
+/// The renderer's input: applied registry plus leader and peers, updated
+/// only when one of them changes.
+pub fn render_input(consensus: &Consensus) -> watch::Receiver<RenderInput> {
+    let (tx, rx) = watch::channel(input_now(consensus));
+    let mut applied = consensus.subscribe();
+    let mut metrics = consensus.raft.metrics();
+    let consensus = consensus.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                r = applied.changed() => if r.is_err() { return },
+                r = metrics.changed() => if r.is_err() { return },
+            }
+            let next = input_now(&consensus);
+            tx.send_if_modified(|cur| {
+                let same = cur.index == next.index
+                    && cur.leader == next.leader
+                    && cur.peers == next.peers;
+                if !same {
+                    *cur = next;
+                }
+                !same
+            });
+            if tx.is_closed() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+fn input_now(consensus: &Consensus) -> RenderInput {
+    let applied = consensus.applied();
+    let m = consensus.raft.metrics().borrow().clone();
+    RenderInput {
+        index: applied.index,
+        registry: applied.registry.clone(),
+        leader: m.current_leader,
+        peers: m
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, n)| Peer {
+                id: *id,
+                addr: n.addr.clone(),
+            })
+            .collect(),
+    }
 }
 
 /// Runs a node until `shutdown` resolves. The listener is already bound, so
@@ -49,6 +123,16 @@ pub async fn run(
     })?;
     let tokens = load_tokens(&config)?;
     let advertise = config.advertise_addr(bound);
+    // A broken template stops start-up, before anything else happens.
+    let template = match config.role {
+        Role::Balancer => Some(Arc::new(Template::load(config.template_dir.as_deref())?)),
+        Role::Witness => None,
+    };
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
     let consensus = Consensus::start(
         config.node_id,
         &config.data_dir,
@@ -58,20 +142,49 @@ pub async fn run(
     .await?;
     tracing::info!(listen = %bound, %advertise, role = ?config.role, "clbd ready");
 
+    // The renderer will feed this (haproxy down, config failed to apply);
+    // healthy until then. The sender lives as long as the daemon.
+    let (_health_tx, health_rx) = failover::health_input();
+    let failover = Failover::start(
+        &consensus,
+        config.failover.clone(),
+        health_rx,
+        stop_rx.clone(),
+    );
+
+    let input = render_input(&consensus);
+    // A witness renders nothing.
+    let render_status = template.clone().map(|template| {
+        let settings = RenderSettings {
+            output: config.output.clone(),
+            template,
+            validate_cmd: config.validate_cmd.clone(),
+            haproxy_socket: config.haproxy_socket.clone(),
+            master_socket: config.haproxy_master_socket.clone(),
+            reload_cmd: config.reload_cmd.clone(),
+            reload_min_interval: config.reload_min_interval,
+            coalesce: config.render_coalesce,
+            node: node_context(&config),
+        };
+        render::spawn(settings, input.clone(), stop_rx.clone())
+    });
+
     let state = AppState {
         consensus: consensus.clone(),
         tokens: Arc::new(tokens),
         role: config.role,
         advertise,
         auto_create_services: config.auto_create_services,
+        render: render_status,
+        template,
+        render_node: node_context(&config),
+        render_input: input,
+        failover: failover.clone(),
     };
-    let app = api::router(state).merge(rpc::routes(consensus.clone()));
+    let app = api::router(state)
+        .merge(rpc::routes(consensus.clone()))
+        .merge(rpc::campaign_route(consensus.clone(), failover.may_campaign()));
 
-    let (stop_tx, mut stop_rx) = watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-    });
     let mut graceful_rx = stop_rx.clone();
     let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
         let _ = graceful_rx.wait_for(|s| *s).await;
@@ -87,6 +200,8 @@ pub async fn run(
             Ok(())
         }
     };
+    // The VIP is released before Raft stops, so a peer can take it over.
+    failover.stopped().await;
     tracing::info!("shutting down raft");
     consensus.shutdown().await;
     result

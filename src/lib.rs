@@ -7,6 +7,7 @@
 //! - [`model`]: registry, commands, validation; pure and deterministic.
 //! - [`consensus`]: Raft types, sled storage, peer transport, write forwarding.
 //! - [`api`]: HTTP API v1 and its JSON errors.
+//! - [`failover`]: the leader holds the VIP (lease, hooks, health-gated leadership).
 //! - [`daemon`]: wiring, start-up and shutdown order.
 //! - [`client`], [`cli`]: the typed HTTP client and the `clb` command line.
 
@@ -22,8 +23,12 @@ pub mod config;
 pub mod consensus;
 /// Wiring and lifecycle of `clbd`.
 pub mod daemon;
+/// The leader holds the VIP: quorum lease, claim/release hooks, health gate.
+pub mod failover;
 /// Registry, commands and validation; pure.
 pub mod model;
+/// haproxy.cfg rendering, validation and apply.
+pub mod render;
 
 /// Logs to stderr, every line prefixed with `node=N` (openraft's and axum's
 /// tasks do not inherit our spans); `RUST_LOG` filters (default `info`).

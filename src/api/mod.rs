@@ -20,6 +20,9 @@ use serde_json::{json, Value};
 pub use error::ApiError;
 
 use crate::config::Role;
+use crate::failover::Failover;
+use crate::render::{self, NodeContext, RenderInput, RenderStatus, Template};
+use tokio::sync::watch;
 use crate::consensus::{Consensus, NodeId, Written};
 use crate::model::{
     self, Balance, Check, Command, MemberSpec, MemberState, Mode, Registry, Response as Outcome,
@@ -77,6 +80,14 @@ pub struct AppState {
     pub role: Role,
     pub advertise: String,
     pub auto_create_services: bool,
+    /// `None` on a witness, which renders nothing.
+    pub render: Option<watch::Receiver<RenderStatus>>,
+    pub template: Option<Arc<Template>>,
+    pub render_node: NodeContext,
+    /// What the renderer renders from; the dry run uses the same input.
+    pub render_input: watch::Receiver<RenderInput>,
+    /// VIP status and graceful step-down.
+    pub failover: Failover,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -95,7 +106,10 @@ pub fn router(state: AppState) -> Router {
             put(set_member_state),
         )
         .route("/v1/cluster", get(cluster))
+        .route("/v1/node", get(node_status))
+        .route("/v1/render", get(dry_run))
         .route("/v1/cluster/nodes", post(add_node))
+        .route("/v1/cluster/failover", post(failover))
         .route("/v1/cluster/nodes/{id}", delete(remove_node))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
@@ -346,12 +360,94 @@ pub fn cluster_view(state: &AppState) -> Value {
         "last_log_index": m.last_log_index,
         "millis_since_quorum_ack": m.millis_since_quorum_ack,
         "members": applied.registry.member_count(),
-        "vip_holder": Value::Null,
+        "vip_holder": state.failover.holder(state.consensus.id, m.current_leader),
+        "vip": state.failover.status(),
     })
 }
 
-async fn cluster(State(state): State<AppState>, _: Authorized) -> Json<Value> {
-    Json(cluster_view(&state))
+/// This node's own state: what `/v1/cluster` collects from every node.
+pub fn node_view(state: &AppState) -> Value {
+    let m = state.consensus.raft.metrics().borrow().clone();
+    let render = state
+        .render
+        .as_ref()
+        .map(|r| serde_json::to_value(&*r.borrow()).unwrap_or(Value::Null));
+    json!({
+        "node_id": state.consensus.id,
+        "role": state.role,
+        "advertise": state.advertise,
+        "state": format!("{:?}", m.state).to_lowercase(),
+        "term": m.current_term,
+        "leader": m.current_leader,
+        "applied_index": state.consensus.applied().index,
+        "render": render,
+    })
+}
+
+async fn node_status(State(state): State<AppState>, _: Authorized) -> Json<Value> {
+    Json(node_view(&state))
+}
+
+/// The cluster as this node sees it, plus every node's own status fetched
+/// with the caller's token (unreachable nodes say so).
+async fn cluster(
+    State(state): State<AppState>,
+    _: Authorized,
+    headers: axum::http::HeaderMap,
+) -> Json<Value> {
+    let mut view = cluster_view(&state);
+    let auth = headers.get(header::AUTHORIZATION).cloned();
+    let nodes: Vec<(String, String)> = view["nodes"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(id, a)| (id.clone(), a.as_str().unwrap_or("").to_string()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let http = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_millis(500))
+        .build()
+        .unwrap_or_default();
+    let me = state.consensus.id.to_string();
+    let fetches = nodes.into_iter().map(|(id, addr)| {
+        let http = http.clone();
+        let auth = auth.clone();
+        let local = (id == me).then(|| node_view(&state));
+        async move {
+            if let Some(v) = local {
+                return (id, v);
+            }
+            let mut req = http.get(format!("http://{addr}/v1/node"));
+            if let Some(a) = auth {
+                req = req.header(header::AUTHORIZATION, a);
+            }
+            let v = match req.send().await {
+                Ok(r) if r.status().is_success() => r
+                    .json::<Value>()
+                    .await
+                    .unwrap_or_else(|e| json!({"error": e.to_string()})),
+                Ok(r) => json!({"error": format!("HTTP {}", r.status())}),
+                Err(e) => json!({"error": format!("unreachable: {e}")}),
+            };
+            (id, v)
+        }
+    });
+    let statuses: serde_json::Map<String, Value> =
+        futures::future::join_all(fetches).await.into_iter().collect();
+    view["node_status"] = Value::Object(statuses);
+    Json(view)
+}
+
+/// The config this node would render from its current registry: a dry run.
+async fn dry_run(State(state): State<AppState>, _: Authorized) -> Result<Response, ApiError> {
+    let Some(template) = &state.template else {
+        return Err(ApiError::Conflict("a witness renders nothing".into()));
+    };
+    let input = state.render_input.borrow().clone();
+    let text = render::render_text(template, &state.render_node, &input)
+        .map_err(|e| ApiError::Conflict(e.to_string()))?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
 }
 
 #[derive(Debug, Deserialize)]
@@ -410,9 +506,38 @@ async fn healthz(State(state): State<AppState>) -> Response {
     };
     (
         status,
-        Json(json!({"ok": ok, "node_id": state.consensus.id, "leader": m.current_leader})),
+        Json(json!({
+            "ok": ok,
+            "node_id": state.consensus.id,
+            "leader": m.current_leader,
+            "vip_held": state.failover.status().held,
+        })),
     )
         .into_response()
+}
+
+fn render_metrics(out: &mut String, r: &RenderStatus) {
+    let counters = [
+        ("clb_render_renders_total", "Configs rendered, validated and installed.", r.renders),
+        ("clb_render_validate_failures_total", "Rendered configs haproxy rejected.", r.validate_failures),
+        ("clb_render_runtime_applies_total", "Changes applied through the runtime API.", r.runtime_applies),
+        ("clb_render_reloads_total", "haproxy reloads.", r.reloads),
+        ("clb_render_apply_failures_total", "Failed applies (runtime API or reload).", r.apply_failures),
+    ];
+    for (name, help, v) in counters {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"));
+    }
+    let gauges = [
+        ("clb_render_rendered_index", "Registry index of the config on disk.", r.rendered_index as f64),
+        ("clb_render_applied_index", "Registry index haproxy runs.", r.applied_index as f64),
+        ("clb_render_ok", "1 when the last render and apply succeeded.", f64::from(u8::from(r.last_error.is_none()))),
+        ("clb_render_last_render_seconds", "Duration of the last render.", r.last_render_ms / 1e3),
+        ("clb_render_last_validate_seconds", "Duration of the last write and validation.", r.last_validate_ms / 1e3),
+        ("clb_render_last_apply_seconds", "Duration of the last apply.", r.last_apply_ms / 1e3),
+    ];
+    for (name, help, v) in gauges {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n"));
+    }
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
@@ -460,5 +585,83 @@ async fn metrics(State(state): State<AppState>) -> Response {
             ));
         }
     }
+    if let Some(r) = &state.render {
+        render_metrics(&mut out, &r.borrow());
+    }
+    out.push_str(&state.failover.status().prometheus());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// `POST /v1/cluster/failover`: the leader steps down gracefully and reports
+/// where leadership and the VIP went; a follower forwards to the leader with
+/// the caller's token.
+async fn failover(
+    State(state): State<AppState>,
+    _: Authorized,
+    headers: axum::http::HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    use crate::failover::FailoverError;
+    let unavailable = |why: String| ApiError::Consensus(crate::consensus::ConsensusError::Unavailable(why));
+    let started = std::time::Instant::now();
+    let m = state.consensus.raft.metrics().borrow().clone();
+    let addr_of = |id: NodeId| {
+        m.membership_config
+            .membership()
+            .get_node(&id)
+            .map(|n| n.addr.clone())
+    };
+    let http = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+        .map_err(|e| unavailable(e.to_string()))?;
+    match m.current_leader {
+        Some(l) if l == state.consensus.id => {}
+        Some(l) => {
+            let addr = addr_of(l).ok_or_else(|| unavailable(format!("no address for leader {l}")))?;
+            let mut req = http.post(format!("http://{addr}/v1/cluster/failover"));
+            if let Some(auth) = headers.get(header::AUTHORIZATION) {
+                req = req.header(header::AUTHORIZATION, auth.clone());
+            }
+            let resp = req.send().await.map_err(|e| unavailable(format!("forward to leader {l}: {e}")))?;
+            let status = resp.status();
+            let body: Value = resp.json().await.map_err(|e| unavailable(format!("leader {l}: {e}")))?;
+            if !status.is_success() {
+                return Err(unavailable(format!("leader {l}: {}", body["error"])));
+            }
+            return Ok(Json(body));
+        }
+        None => return Err(unavailable("no leader elected".into())),
+    }
+    let done = state.failover.step_down().await.map_err(|e| match e {
+        FailoverError::Busy => ApiError::Conflict(e.to_string()),
+        e => unavailable(e.to_string()),
+    })?;
+    // Follow the VIP to the new leader (bounded: the answer is still useful without it).
+    let vip_configured = state.failover.status().vip.is_some();
+    let mut vip_holder = None;
+    if let (true, Some(addr)) = (vip_configured, addr_of(done.new_leader)) {
+        let deadline = started + std::time::Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            let held = match http.get(format!("http://{addr}/healthz")).send().await {
+                Ok(r) => r.json::<Value>().await.ok().and_then(|v| v["vip_held"].as_bool()),
+                Err(_) => None,
+            };
+            if held == Some(true) {
+                vip_holder = Some(done.new_leader);
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+    Ok(Json(json!({
+        "from": done.from,
+        "term": done.term,
+        "new_leader": done.new_leader,
+        "new_term": done.new_term,
+        "leader_took_ms": done.took_ms,
+        "vip_configured": vip_configured,
+        "vip_holder": vip_holder,
+        "vip_took_ms": vip_holder.map(|_| started.elapsed().as_millis() as u64),
+        "release": done.release,
+    })))
 }

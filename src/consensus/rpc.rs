@@ -7,10 +7,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
 use super::network::CLUSTER_HEADER;
-use super::{Consensus, LeaderRequest};
+use super::{Consensus, LeaderRequest, NodeId};
 
 /// Snapshot chunks and append batches are far larger than client requests.
 const PEER_BODY_LIMIT: usize = 64 << 20;
@@ -81,4 +82,39 @@ async fn leader(State(c): State<Consensus>, headers: HeaderMap, body: Bytes) -> 
         Ok(req) => encode(&c.on_leader(req).await),
         Err(r) => r,
     }
+}
+
+/// A leader handing over asks a peer to start an election now.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CampaignRequest {
+    pub from: NodeId,
+    pub term: u64,
+}
+
+/// `/raft/campaign`: answers `Result<(), String>`. `may_campaign` is false
+/// on a node that must not lead (a witness, an unhealthy balancer), which
+/// refuses so the old leader tries another voter.
+pub fn campaign_route(consensus: Consensus, may_campaign: watch::Receiver<bool>) -> Router {
+    Router::new()
+        .route("/raft/campaign", post(campaign))
+        .with_state((consensus, may_campaign))
+}
+
+async fn campaign(
+    State((c, may_campaign)): State<(Consensus, watch::Receiver<bool>)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let req = match admit::<CampaignRequest>(&c, &headers, &body) {
+        Ok(req) => req,
+        Err(r) => return r,
+    };
+    let answer: Result<(), String> = if *may_campaign.borrow() {
+        tracing::info!(from = req.from, term = req.term, "asked to campaign: starting an election");
+        c.raft.trigger().elect().await.map_err(|e| e.to_string())
+    } else {
+        tracing::info!(from = req.from, term = req.term, "asked to campaign, but this node may not lead");
+        Err("this node may not lead (witness or unhealthy)".into())
+    };
+    encode(&answer)
 }

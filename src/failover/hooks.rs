@@ -1,0 +1,328 @@
+//! VIP hooks: an external command, or the built-in `linux-vip:IFACE`.
+//!
+//! Every run is bounded by a timeout; on timeout the hook's whole process
+//! group is killed, so a hung `aws` or `curl` cannot outlive its turn.
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::consensus::NodeId;
+
+/// How the VIP is claimed and released.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Hook {
+    /// Run through `sh -c` as `CMD claim|release VIP NODE_ID TERM`.
+    Exec(String),
+    /// Add/remove VIP/32 (or /128) on the interface, then announce it.
+    LinuxVip { interface: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Claim,
+    Release,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Claim => "claim",
+            Action::Release => "release",
+        }
+    }
+}
+
+/// One hook invocation; `term` is the fencing token.
+#[derive(Debug, Clone)]
+pub struct HookCall {
+    pub action: Action,
+    pub vip: IpAddr,
+    pub node: NodeId,
+    pub term: u64,
+    /// Passed as `CLB_INTERFACE`; empty when none is known.
+    pub interface: String,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum HookError {
+    #[error("start {program}: {reason}")]
+    Spawn { program: String, reason: String },
+    #[error("{program} did not finish within {timeout:?}; killed")]
+    Timeout { program: String, timeout: Duration },
+    #[error("{program} failed ({status}): {stderr}")]
+    Failed {
+        program: String,
+        status: String,
+        stderr: String,
+    },
+}
+
+impl Hook {
+    /// Parses `--vip-hook`. `linux-vip:IFACE` needs the interface to exist now.
+    pub fn parse(text: &str) -> Result<Hook, String> {
+        let text = text.trim();
+        if text.is_empty() {
+            return Err("is empty".into());
+        }
+        if let Some(iface) = text.strip_prefix("linux-vip:") {
+            let valid = !iface.is_empty()
+                && iface.len() <= 15
+                && iface
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.@".contains(&b));
+            if !valid {
+                return Err(format!("{iface:?} is not an interface name"));
+            }
+            if !Path::new("/sys/class/net").join(iface).exists() {
+                return Err(format!("no network interface {iface:?} on this host"));
+            }
+            return Ok(Hook::LinuxVip {
+                interface: iface.to_string(),
+            });
+        }
+        let program = text.split_whitespace().next().unwrap_or(text);
+        if program.contains('/') && !Path::new(program).is_file() {
+            return Err(format!("{program} does not exist"));
+        }
+        Ok(Hook::Exec(text.to_string()))
+    }
+
+    /// The interface to report as `CLB_INTERFACE`, if the hook names one.
+    pub fn interface(&self) -> Option<&str> {
+        match self {
+            Hook::LinuxVip { interface } => Some(interface),
+            Hook::Exec(_) => None,
+        }
+    }
+
+    /// Runs the hook once. `Ok(Some(note))` is success with a warning worth
+    /// showing (for example: the address moved but no announcement was sent).
+    pub async fn run(&self, call: &HookCall, timeout: Duration) -> Result<Option<String>, HookError> {
+        match self {
+            Hook::Exec(cmd) => {
+                let script = format!("{cmd} \"$@\"");
+                let term = call.term.to_string();
+                let node = call.node.to_string();
+                let vip = call.vip.to_string();
+                let args = [
+                    "-c",
+                    &script,
+                    "clb-vip-hook",
+                    call.action.as_str(),
+                    &vip,
+                    &node,
+                    &term,
+                ];
+                let env = [
+                    ("CLB_VIP", vip.as_str()),
+                    ("CLB_NODE_ID", node.as_str()),
+                    ("CLB_TERM", term.as_str()),
+                    ("CLB_INTERFACE", call.interface.as_str()),
+                    ("CLB_ACTION", call.action.as_str()),
+                ];
+                run_command("sh", &args, &env, timeout).await.map(|_| None)
+            }
+            Hook::LinuxVip { interface } => linux_vip(call, interface, timeout).await,
+        }
+    }
+}
+
+/// `ip addr add|del`, idempotent, then a gratuitous ARP (IPv4, iputils
+/// `arping -U`) or an unsolicited neighbour advertisement (IPv6, ndisc6's
+/// `ndsend`) so switches and neighbours learn the new owner at once.
+async fn linux_vip(
+    call: &HookCall,
+    iface: &str,
+    timeout: Duration,
+) -> Result<Option<String>, HookError> {
+    let (family, prefix) = match call.vip {
+        IpAddr::V4(_) => ("-4", 32),
+        IpAddr::V6(_) => ("-6", 128),
+    };
+    let cidr = format!("{}/{prefix}", call.vip);
+    match call.action {
+        Action::Claim => {
+            let mut args = vec![family, "addr", "add", &cidr, "dev", iface];
+            if call.vip.is_ipv6() {
+                // Duplicate address detection would hold the address back for a second.
+                args.push("nodad");
+            }
+            match run_command("ip", &args, &[], timeout).await {
+                Ok(_) => {}
+                Err(HookError::Failed { stderr, .. }) if stderr.contains("File exists") => {}
+                Err(e) => return Err(e),
+            }
+            let vip = call.vip.to_string();
+            let announce = match call.vip {
+                IpAddr::V4(_) => {
+                    run_command("arping", &["-U", "-c", "1", "-I", iface, &vip], &[], timeout)
+                        .await
+                }
+                IpAddr::V6(_) => run_command("ndsend", &[&vip, iface], &[], timeout).await,
+            };
+            // The address is ours either way; a missed announcement only
+            // delays neighbours until their cache entry expires.
+            Ok(announce
+                .err()
+                .map(|e| format!("address added; announcement failed: {e}")))
+        }
+        Action::Release => {
+            match run_command("ip", &[family, "addr", "del", &cidr, "dev", iface], &[], timeout)
+                .await
+            {
+                Ok(_) => Ok(None),
+                // Not there: already released (or never claimed after a restart).
+                Err(HookError::Failed { stderr, .. })
+                    if stderr.contains("Cannot assign requested address") =>
+                {
+                    Ok(None)
+                }
+                Err(e) => Err(e),
+            }
+        }
+    }
+}
+
+/// Runs `program args` in its own process group with `env` added; kills the
+/// group at `timeout`. Returns stdout.
+pub async fn run_command(
+    program: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+    timeout: Duration,
+) -> Result<String, HookError> {
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let child = cmd.spawn().map_err(|e| HookError::Spawn {
+        program: program.to_string(),
+        reason: e.to_string(),
+    })?;
+    let pid = child.id();
+    match tokio::time::timeout(timeout, child.wait_with_output()).await {
+        Ok(Ok(out)) if out.status.success() => Ok(String::from_utf8_lossy(&out.stdout).into()),
+        Ok(Ok(out)) => Err(HookError::Failed {
+            program: program.to_string(),
+            status: out.status.to_string(),
+            stderr: tail(&String::from_utf8_lossy(&out.stderr)),
+        }),
+        Ok(Err(e)) => Err(HookError::Spawn {
+            program: program.to_string(),
+            reason: e.to_string(),
+        }),
+        Err(_) => {
+            if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
+                // SAFETY: kill(2) on the process group we created for this child;
+                // dropping the future already killed the child itself.
+                unsafe { libc::kill(-pid, libc::SIGKILL) };
+            }
+            Err(HookError::Timeout {
+                program: program.to_string(),
+                timeout,
+            })
+        }
+    }
+}
+
+/// The last few hundred bytes of a hook's stderr, on one line.
+fn tail(text: &str) -> String {
+    let text = text.trim();
+    let start = text
+        .char_indices()
+        .rev()
+        .nth(300)
+        .map(|(i, _)| i)
+        .unwrap_or(0);
+    text[start..].replace('\n', " | ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(action: Action) -> HookCall {
+        HookCall {
+            action,
+            vip: "192.0.2.10".parse().unwrap(),
+            node: 2,
+            term: 7,
+            interface: "eth9".into(),
+        }
+    }
+
+    #[test]
+    fn parse_refuses_missing_interfaces_and_programs() {
+        assert_eq!(
+            Hook::parse("linux-vip:lo").unwrap(),
+            Hook::LinuxVip {
+                interface: "lo".into()
+            }
+        );
+        assert!(Hook::parse("linux-vip:nosuchif0").unwrap_err().contains("no network interface"));
+        assert!(Hook::parse("linux-vip:a b").is_err());
+        assert!(Hook::parse("linux-vip:").is_err());
+        assert!(Hook::parse("/nonexistent/hook --x").unwrap_err().contains("does not exist"));
+        assert_eq!(Hook::parse("my-hook --x").unwrap(), Hook::Exec("my-hook --x".into()));
+        assert!(Hook::parse("  ").is_err());
+    }
+
+    #[tokio::test]
+    async fn exec_hook_gets_arguments_and_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let hook = Hook::Exec(format!(
+            "echo \"$CLB_VIP $CLB_NODE_ID $CLB_TERM $CLB_INTERFACE\" >> {} && echo",
+            out.display()
+        ));
+        hook.run(&call(Action::Claim), Duration::from_secs(5)).await.unwrap();
+        let text = std::fs::read_to_string(&out).unwrap();
+        assert_eq!(text, "192.0.2.10 2 7 eth9\n");
+
+        let args = dir.path().join("args");
+        let hook = Hook::Exec(format!("printf '%s,' >> {}", args.display()));
+        hook.run(&call(Action::Release), Duration::from_secs(5)).await.unwrap();
+        let text = std::fs::read_to_string(&args).unwrap();
+        assert_eq!(text, "release,192.0.2.10,2,7,");
+    }
+
+    #[tokio::test]
+    async fn failing_and_hanging_hooks_are_reported_and_killed() {
+        let hook = Hook::Exec("echo nope >&2; exit 3; :".into());
+        let e = hook.run(&call(Action::Claim), Duration::from_secs(5)).await.unwrap_err();
+        assert!(matches!(&e, HookError::Failed { stderr, .. } if stderr == "nope"), "{e}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pid");
+        // The grandchild (sleep) must die with the group, not only `sh`.
+        let hook = Hook::Exec(format!("sleep 30 & echo $! > {}; wait; :", pidfile.display()));
+        let started = std::time::Instant::now();
+        let e = hook.run(&call(Action::Claim), Duration::from_millis(300)).await.unwrap_err();
+        assert!(matches!(e, HookError::Timeout { .. }), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+        let mut gone = false;
+        for _ in 0..100 {
+            // SAFETY: signal 0 only probes whether the pid exists.
+            let alive = unsafe { libc::kill(pid, 0) } == 0;
+            let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| s.contains(") Z"))
+                .unwrap_or(true);
+            if !alive || zombie {
+                gone = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(gone, "the hook's child process outlived the timeout");
+    }
+}

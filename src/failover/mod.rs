@@ -1,0 +1,748 @@
+//! The Raft leader holds the VIP (invariant 2 of DESIGN.md).
+//!
+//! A watcher reads `raft.metrics()` and its own monotonic tick, and decides
+//! what this node *wants*: hold the VIP for term T, or not hold it. One hook
+//! runner task turns that wish into `claim`/`release` runs, one at a time, so
+//! a claim for a stale term can never run after a newer release (the wish is
+//! a `watch`: queued stale claims are simply overwritten). Health gates
+//! leadership: an unhealthy leader releases and hands leadership to a healthy
+//! voter through `/raft/campaign`. docs/failover.md has the timing argument.
+
+mod health;
+mod hooks;
+mod lease;
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use openraft::ServerState;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+pub use health::{health_input, Health, HealthCheck, HealthSender};
+pub use hooks::{Action, Hook, HookCall, HookError};
+pub use lease::{LeaseClock, Observation};
+
+use crate::consensus::network::PeerClient;
+use crate::consensus::rpc::CampaignRequest;
+use crate::consensus::{Consensus, NodeId, Raft};
+
+/// First and largest pause between retries of a failed hook.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, thiserror::Error, Serialize)]
+pub enum FailoverError {
+    #[error("this node is not the leader (leader: {0:?})")]
+    NotLeader(Option<NodeId>),
+    #[error("a failover is already in progress")]
+    Busy,
+    #[error("no voter took over leadership: {0}")]
+    NoSuccessor(String),
+    #[error("the failover task has stopped")]
+    Stopped,
+}
+
+/// Validated failover settings (see `config.rs` for the flags).
+#[derive(Debug, Clone)]
+pub struct FailoverConfig {
+    pub vip: Option<IpAddr>,
+    pub hook: Option<Hook>,
+    /// `CLB_INTERFACE` for the hook; defaults to the linux-vip interface.
+    pub interface: Option<String>,
+    /// How long a quorum ack entitles the leader to hold the VIP; below
+    /// `election_timeout_min`.
+    pub lease: Duration,
+    pub hook_timeout: Duration,
+    pub health: Option<HealthCheck>,
+    /// A witness votes but never leads and never holds the VIP.
+    pub witness: bool,
+    /// How long a hand-over waits for a peer's campaign to win.
+    pub handover_wait: Duration,
+}
+
+/// The outcome of one hook run.
+#[derive(Debug, Clone, Serialize)]
+pub struct HookOutcome {
+    pub action: Action,
+    pub term: u64,
+    pub ok: bool,
+    pub error: Option<String>,
+    /// Success with a caveat (e.g. the announcement failed).
+    pub note: Option<String>,
+    /// Unix time of the end of the run, in milliseconds.
+    pub at_ms: u64,
+    pub took_ms: u64,
+}
+
+/// This node's VIP state, for `GET /v1/cluster` and `/metrics`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct VipStatus {
+    pub vip: Option<String>,
+    /// The last hook run that succeeded was a claim, and it is still wanted.
+    pub held: bool,
+    pub held_term: Option<u64>,
+    /// The watcher wants the VIP here now (leader, healthy, lease valid).
+    pub wanted: bool,
+    pub lease_ms: u64,
+    pub healthy: bool,
+    pub health_reason: String,
+    /// False on a witness and while unhealthy: this node does not campaign.
+    pub may_campaign: bool,
+    pub last_hook: Option<HookOutcome>,
+    /// The most recent failed hook run, kept after later successes.
+    pub last_error: Option<HookOutcome>,
+    pub claims_ok: u64,
+    pub claims_failed: u64,
+    pub releases_ok: u64,
+    pub releases_failed: u64,
+    /// Times a leader let the VIP go because its quorum lease ran out.
+    pub lease_expiries: u64,
+    /// Leadership hand-overs this node started (unhealthy or `clb failover`).
+    pub handovers: u64,
+}
+
+/// The answer to `clb failover`, from the old leader.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepDown {
+    pub from: NodeId,
+    pub term: u64,
+    pub new_leader: NodeId,
+    pub new_term: u64,
+    /// From the request until another node leads.
+    pub took_ms: u64,
+    pub release: Option<HookOutcome>,
+}
+
+enum Cmd {
+    StepDown(oneshot::Sender<Result<StepDown, FailoverError>>),
+}
+
+/// Handle to the running failover tasks.
+#[derive(Clone)]
+pub struct Failover {
+    status: watch::Receiver<VipStatus>,
+    may_campaign: watch::Receiver<bool>,
+    commands: mpsc::Sender<Cmd>,
+    hooks_done: watch::Receiver<bool>,
+    hook_timeout: Duration,
+}
+
+/// What the watcher asks of the hook runner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wish {
+    Hold(u64),
+    Release(u64),
+}
+
+impl Failover {
+    /// Starts the watcher (and the hook runner when a VIP is configured).
+    /// `external` is the daemon's health input; `stop` flips to true on
+    /// shutdown, after which a held VIP is released.
+    pub fn start(
+        consensus: &Consensus,
+        cfg: FailoverConfig,
+        external: watch::Receiver<Health>,
+        stop: watch::Receiver<bool>,
+    ) -> Failover {
+        let initial = VipStatus {
+            vip: cfg.vip.map(|v| v.to_string()),
+            lease_ms: cfg.lease.as_millis() as u64,
+            healthy: true,
+            may_campaign: !cfg.witness,
+            ..Default::default()
+        };
+        let (status_tx, status) = watch::channel(initial);
+        let (campaign_tx, may_campaign) = watch::channel(!cfg.witness);
+        let term = consensus.raft.metrics().borrow().current_term;
+        let (wish_tx, wish_rx) = watch::channel(Wish::Release(term));
+        let (done_tx, hooks_done) = watch::channel(false);
+        let (cmd_tx, cmd_rx) = mpsc::channel(4);
+
+        match (cfg.vip, cfg.hook.clone(), cfg.witness) {
+            (Some(vip), Some(hook), false) => {
+                let runner = HookRunner {
+                    interface: cfg
+                        .interface
+                        .clone()
+                        .or_else(|| hook.interface().map(str::to_string))
+                        .unwrap_or_default(),
+                    hook,
+                    vip,
+                    node: consensus.id,
+                    timeout: cfg.hook_timeout,
+                    status: status_tx.clone(),
+                };
+                tokio::spawn(runner.run(wish_rx, stop.clone(), done_tx));
+            }
+            _ => {
+                let _ = done_tx.send(true);
+            }
+        }
+        let health_cmd = cfg
+            .health
+            .clone()
+            .map(|check| health::spawn_check(check, stop.clone()));
+        let watcher = Watcher {
+            raft: consensus.raft.clone(),
+            id: consensus.id,
+            consensus: consensus.clone(),
+            lease: LeaseClock::new(cfg.lease),
+            tick: (cfg.lease / 4).max(Duration::from_millis(1)),
+            cfg: cfg.clone(),
+            wish: wish_tx,
+            status: status_tx,
+            may_campaign: campaign_tx,
+            elect_enabled: None,
+            external,
+            health_cmd,
+            handover: None,
+            reply: None,
+            next_handover: Instant::now(),
+        };
+        tokio::spawn(watcher.run(cmd_rx, stop));
+        Failover {
+            status,
+            may_campaign,
+            commands: cmd_tx,
+            hooks_done,
+            hook_timeout: cfg.hook_timeout,
+        }
+    }
+
+    pub fn status(&self) -> VipStatus {
+        self.status.borrow().clone()
+    }
+
+    /// Who holds the VIP as far as this node knows: itself when its claim
+    /// succeeded, else the leader it follows (whose own status is the
+    /// authority). `None` without a VIP or while nobody is known to hold it.
+    pub fn holder(&self, me: NodeId, leader: Option<NodeId>) -> Option<NodeId> {
+        let s = self.status.borrow();
+        if s.vip.is_none() {
+            return None;
+        }
+        if s.held {
+            return Some(me);
+        }
+        leader.filter(|&l| l != me)
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<VipStatus> {
+        self.status.clone()
+    }
+
+    /// True while this node may campaign (for the `/raft/campaign` route).
+    pub fn may_campaign(&self) -> watch::Receiver<bool> {
+        self.may_campaign.clone()
+    }
+
+    /// Graceful step-down on the leader: release the VIP, make a healthy
+    /// voter campaign, and return once another node leads.
+    pub async fn step_down(&self) -> Result<StepDown, FailoverError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Cmd::StepDown(tx))
+            .await
+            .map_err(|_| FailoverError::Stopped)?;
+        rx.await.map_err(|_| FailoverError::Stopped)?
+    }
+
+    /// Waits (bounded) until the hook runner has released the VIP after stop.
+    pub async fn stopped(&self) {
+        let mut done = self.hooks_done.clone();
+        let bound = self.hook_timeout * 2 + Duration::from_secs(1);
+        if tokio::time::timeout(bound, done.wait_for(|d| *d))
+            .await
+            .is_err()
+        {
+            tracing::warn!(?bound, "VIP release did not finish before shutdown");
+        }
+    }
+}
+
+impl VipStatus {
+    /// Prometheus text lines for `/metrics`.
+    pub fn prometheus(&self) -> String {
+        let mut out = String::new();
+        let metric = |out: &mut String, name: &str, kind: &str, help: &str, value: u64| {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+            ));
+        };
+        metric(&mut out, "clb_vip_configured", "gauge", "1 when this node has a VIP and hook.", u64::from(self.vip.is_some()));
+        metric(&mut out, "clb_vip_held", "gauge", "1 while this node holds the VIP.", u64::from(self.held));
+        metric(&mut out, "clb_vip_wanted", "gauge", "1 while this node is leader with a valid quorum lease.", u64::from(self.wanted));
+        metric(&mut out, "clb_vip_held_term", "gauge", "Raft term of the held claim, 0 when not held.", self.held_term.unwrap_or(0));
+        metric(&mut out, "clb_node_healthy", "gauge", "1 when this node is fit to lead.", u64::from(self.healthy));
+        metric(&mut out, "clb_vip_lease_expiries_total", "counter", "Releases because the quorum lease ran out.", self.lease_expiries);
+        metric(&mut out, "clb_leader_handovers_total", "counter", "Leadership hand-overs started by this node.", self.handovers);
+        out.push_str("# HELP clb_vip_hook_runs_total VIP hook runs by action and result.\n# TYPE clb_vip_hook_runs_total counter\n");
+        for (action, result, n) in [
+            ("claim", "ok", self.claims_ok),
+            ("claim", "error", self.claims_failed),
+            ("release", "ok", self.releases_ok),
+            ("release", "error", self.releases_failed),
+        ] {
+            out.push_str(&format!(
+                "clb_vip_hook_runs_total{{action=\"{action}\",result=\"{result}\"}} {n}\n"
+            ));
+        }
+        let last_ok = self.last_hook.as_ref().map(|h| u64::from(h.ok)).unwrap_or(1);
+        metric(&mut out, "clb_vip_hook_last_ok", "gauge", "0 when the last VIP hook run failed.", last_ok);
+        out
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Resolves when `stop` is true or its sender is gone.
+async fn stopping(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+struct HookRunner {
+    hook: Hook,
+    vip: IpAddr,
+    node: NodeId,
+    interface: String,
+    timeout: Duration,
+    status: watch::Sender<VipStatus>,
+}
+
+impl HookRunner {
+    /// Runs hooks one at a time until stopped, then releases.
+    #[tracing::instrument(name = "vip_hooks", skip_all, fields(vip = %self.vip))]
+    async fn run(
+        self,
+        mut wish: watch::Receiver<Wish>,
+        mut stop: watch::Receiver<bool>,
+        done: watch::Sender<bool>,
+    ) {
+        // Unknown at start: a crash may have left the address configured
+        // here, so the first wish (release) really runs.
+        let mut done_last: Option<Wish> = None;
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let stop_now = *stop.borrow() || stop.has_changed().is_err();
+            let want = *wish.borrow_and_update();
+            let want = match (stop_now, want) {
+                (true, Wish::Hold(t)) => Wish::Release(t),
+                (_, w) => w,
+            };
+            let needed = match (want, done_last) {
+                (Wish::Hold(t), Some(Wish::Hold(h))) if t == h => None,
+                (Wish::Release(_), Some(Wish::Release(_))) => None,
+                (w, _) => Some(w),
+            };
+            let Some(w) = needed else {
+                if stop_now {
+                    break;
+                }
+                tokio::select! {
+                    r = wish.changed() => if r.is_err() { break },
+                    _ = stopping(&mut stop) => {}
+                }
+                continue;
+            };
+            let (action, term) = match w {
+                Wish::Hold(t) => (Action::Claim, t),
+                Wish::Release(t) => (Action::Release, t),
+            };
+            let ok = self.run_once(action, term).await;
+            if ok {
+                done_last = Some(w);
+                backoff = BACKOFF_MIN;
+                continue;
+            }
+            // A failed run may have half-applied: assume nothing.
+            done_last = None;
+            if stop_now {
+                break;
+            }
+            // Retry while still wanted; a new wish cuts the pause short.
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                r = wish.changed() => if r.is_err() { break },
+                _ = stopping(&mut stop) => {}
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+        let _ = done.send(true);
+    }
+
+    async fn run_once(&self, action: Action, term: u64) -> bool {
+        let call = HookCall {
+            action,
+            vip: self.vip,
+            node: self.node,
+            term,
+            interface: self.interface.clone(),
+        };
+        let started = Instant::now();
+        let result = self.hook.run(&call, self.timeout).await;
+        let took_ms = started.elapsed().as_millis() as u64;
+        let outcome = HookOutcome {
+            action,
+            term,
+            ok: result.is_ok(),
+            error: result.as_ref().err().map(|e| e.to_string()),
+            note: result.as_ref().ok().cloned().flatten(),
+            at_ms: unix_ms(),
+            took_ms,
+        };
+        match &result {
+            Ok(note) => tracing::info!(action = action.as_str(), term, took_ms, note = note.as_deref(), "VIP hook done"),
+            Err(e) => tracing::warn!(action = action.as_str(), term, took_ms, cause = %e, "VIP hook failed"),
+        }
+        self.status.send_modify(|s| {
+            match (action, outcome.ok) {
+                (Action::Claim, true) => {
+                    s.claims_ok += 1;
+                    s.held = true;
+                    s.held_term = Some(term);
+                }
+                (Action::Claim, false) => s.claims_failed += 1,
+                (Action::Release, true) => {
+                    s.releases_ok += 1;
+                    s.held = false;
+                    s.held_term = None;
+                }
+                (Action::Release, false) => s.releases_failed += 1,
+            }
+            if !outcome.ok {
+                s.last_error = Some(outcome.clone());
+            }
+            s.last_hook = Some(outcome);
+        });
+        result.is_ok()
+    }
+}
+
+enum Event {
+    Wake,
+    Quit,
+    StepDown(oneshot::Sender<Result<StepDown, FailoverError>>),
+    HandoverDone(Result<Result<StepDown, FailoverError>, tokio::task::JoinError>),
+}
+
+struct Watcher {
+    raft: Raft,
+    id: NodeId,
+    consensus: Consensus,
+    cfg: FailoverConfig,
+    lease: LeaseClock,
+    /// How often the watcher looks at the clock and the metrics.
+    tick: Duration,
+    wish: watch::Sender<Wish>,
+    status: watch::Sender<VipStatus>,
+    may_campaign: watch::Sender<bool>,
+    /// What we last told openraft (`None`: nothing yet).
+    elect_enabled: Option<bool>,
+    external: watch::Receiver<Health>,
+    health_cmd: Option<watch::Receiver<Health>>,
+    handover: Option<JoinHandle<Result<StepDown, FailoverError>>>,
+    reply: Option<oneshot::Sender<Result<StepDown, FailoverError>>>,
+    next_handover: Instant,
+}
+
+impl Watcher {
+    #[tracing::instrument(name = "failover", skip_all, fields(node = self.id))]
+    async fn run(mut self, mut commands: mpsc::Receiver<Cmd>, mut stop: watch::Receiver<bool>) {
+        let mut metrics = self.raft.metrics();
+        let mut inputs_open = (true, true);
+        loop {
+            // The clock first: after a stop (SIGSTOP, starvation) the lease
+            // is judged on time that really passed, never on stale metrics.
+            let now = Instant::now();
+            let changed = match metrics.has_changed() {
+                Ok(c) => c,
+                Err(_) => break,
+            };
+            let m = metrics.borrow_and_update().clone();
+            let leading = (m.state == ServerState::Leader && m.current_leader == Some(self.id))
+                .then_some(m.current_term);
+            self.lease.look(
+                now,
+                changed.then_some(Observation {
+                    leading,
+                    millis_since_quorum_ack: m.millis_since_quorum_ack,
+                }),
+            );
+            if leading.is_none() {
+                self.lease.reset();
+            }
+            self.decide(now, leading, m.current_term);
+
+            let wake = match self.lease.valid_until() {
+                Some((_, until)) if until > now => until.min(now + self.tick),
+                _ => now + self.tick,
+            };
+            let event = {
+                let external = &mut self.external;
+                let health_cmd = &mut self.health_cmd;
+                let handover = &mut self.handover;
+                tokio::select! {
+                    r = metrics.changed() => if r.is_err() { Event::Quit } else { Event::Wake },
+                    _ = tokio::time::sleep_until(wake.into()) => Event::Wake,
+                    r = external.changed(), if inputs_open.0 => {
+                        // A dropped input keeps its last value.
+                        inputs_open.0 = r.is_ok();
+                        Event::Wake
+                    }
+                    r = async {
+                        match health_cmd.as_mut() {
+                            Some(h) => h.changed().await.is_ok(),
+                            None => std::future::pending().await,
+                        }
+                    }, if inputs_open.1 => {
+                        inputs_open.1 = r;
+                        Event::Wake
+                    }
+                    cmd = commands.recv() => match cmd {
+                        Some(Cmd::StepDown(reply)) => Event::StepDown(reply),
+                        None => Event::Quit,
+                    },
+                    r = async {
+                        match handover.as_mut() {
+                            Some(h) => h.await,
+                            None => std::future::pending().await,
+                        }
+                    } => Event::HandoverDone(r),
+                    _ = stopping(&mut stop) => Event::Quit,
+                }
+            };
+            match event {
+                Event::Wake => {}
+                Event::Quit => break,
+                Event::StepDown(reply) => self.start_step_down(reply, leading, m.current_leader),
+                Event::HandoverDone(r) => self.handover_done(r),
+            }
+        }
+        // Leaving: no more claims. The hook runner releases on stop.
+        let _ = self.wish.send(Wish::Release(self.raft.metrics().borrow().current_term));
+    }
+
+    fn health(&self) -> Health {
+        let mut h = self.external.borrow().clone();
+        if let Some(cmd) = &self.health_cmd {
+            h = cmd.borrow().and(&h);
+        }
+        h
+    }
+
+    /// Sets the wish, the campaign gate and hand-overs from the current view.
+    fn decide(&mut self, now: Instant, leading: Option<u64>, term: u64) {
+        let health = self.health();
+        let stepping_down = self.handover.is_some();
+        let may_lead = !self.cfg.witness && health.ok;
+        let may_campaign = may_lead && !stepping_down;
+        if self.elect_enabled != Some(may_campaign) {
+            self.raft.runtime_config().elect(may_campaign);
+            self.elect_enabled = Some(may_campaign);
+            if !may_campaign && !self.cfg.witness {
+                tracing::warn!(reason = %health.reason, stepping_down, "not campaigning");
+            }
+        }
+        self.may_campaign.send_if_modified(|c| {
+            let changed = *c != may_campaign;
+            *c = may_campaign;
+            changed
+        });
+
+        let lease_term = self.lease.valid_at(now);
+        let wants = self.cfg.vip.is_some()
+            && may_lead
+            && !stepping_down
+            && leading.is_some()
+            && lease_term == leading;
+        let wish = match (wants, leading) {
+            (true, Some(t)) => Wish::Hold(t),
+            _ => Wish::Release(term),
+        };
+        let before = *self.wish.borrow();
+        let expired = matches!(before, Wish::Hold(_))
+            && matches!(wish, Wish::Release(_))
+            && leading.is_some()
+            && lease_term.is_none();
+        if before != wish {
+            match wish {
+                Wish::Hold(t) => tracing::info!(term = t, "leader with a quorum lease: claiming the VIP"),
+                Wish::Release(_) if expired => tracing::warn!(term, "quorum lease expired: releasing the VIP"),
+                Wish::Release(_) if matches!(before, Wish::Hold(_)) => {
+                    tracing::info!(term, leading = leading.is_some(), healthy = health.ok, "releasing the VIP")
+                }
+                Wish::Release(_) => {}
+            }
+            let _ = self.wish.send(wish);
+        }
+        self.status.send_if_modified(|s| {
+            let new_wanted = matches!(wish, Wish::Hold(_));
+            let changed = s.wanted != new_wanted
+                || s.healthy != health.ok
+                || s.health_reason != health.reason
+                || s.may_campaign != may_campaign
+                || expired;
+            s.wanted = new_wanted;
+            s.healthy = health.ok;
+            s.health_reason = health.reason.clone();
+            s.may_campaign = may_campaign;
+            if expired {
+                s.lease_expiries += 1;
+            }
+            changed
+        });
+
+        // An unfit leader hands over, retrying at most once per hand-over wait.
+        if leading.is_some() && !may_lead && self.handover.is_none() && now >= self.next_handover {
+            tracing::warn!(reason = %health.reason, witness = self.cfg.witness, "unfit to lead: handing leadership over");
+            self.next_handover = now + self.cfg.handover_wait;
+            self.spawn_handover();
+        }
+    }
+
+    fn start_step_down(
+        &mut self,
+        reply: oneshot::Sender<Result<StepDown, FailoverError>>,
+        leading: Option<u64>,
+        leader: Option<NodeId>,
+    ) {
+        if leading.is_none() {
+            let _ = reply.send(Err(FailoverError::NotLeader(leader)));
+            return;
+        }
+        if self.handover.is_some() {
+            let _ = reply.send(Err(FailoverError::Busy));
+            return;
+        }
+        tracing::info!("step-down requested: releasing the VIP and handing leadership over");
+        self.reply = Some(reply);
+        self.spawn_handover();
+        // Release at once, without waiting for the next tick.
+        let term = self.raft.metrics().borrow().current_term;
+        self.decide(Instant::now(), leading, term);
+    }
+
+    fn spawn_handover(&mut self) {
+        self.status.send_modify(|s| s.handovers += 1);
+        let ctx = Handover {
+            raft: self.raft.clone(),
+            id: self.id,
+            cluster_id: self.consensus.cluster_id(),
+            status: self.status.subscribe(),
+            wait_release: self.cfg.hook_timeout + Duration::from_secs(1),
+            wait_leader: self.cfg.handover_wait,
+        };
+        self.handover = Some(tokio::spawn(ctx.run()));
+    }
+
+    fn handover_done(&mut self, r: Result<Result<StepDown, FailoverError>, tokio::task::JoinError>) {
+        self.handover = None;
+        let r = r.unwrap_or_else(|e| Err(FailoverError::NoSuccessor(format!("hand-over task: {e}"))));
+        match &r {
+            Ok(s) => tracing::info!(new_leader = s.new_leader, took_ms = s.took_ms, "leadership handed over"),
+            Err(e) => tracing::warn!(cause = %e, "hand-over failed"),
+        }
+        if let Some(reply) = self.reply.take() {
+            let _ = reply.send(r);
+        }
+    }
+}
+
+/// One attempt to move leadership off this node.
+struct Handover {
+    raft: Raft,
+    id: NodeId,
+    cluster_id: String,
+    status: watch::Receiver<VipStatus>,
+    wait_release: Duration,
+    wait_leader: Duration,
+}
+
+impl Handover {
+    #[tracing::instrument(name = "handover", skip_all, fields(node = self.id))]
+    async fn run(mut self) -> Result<StepDown, FailoverError> {
+        let started = Instant::now();
+        let m = self.raft.metrics().borrow().clone();
+        if m.current_leader != Some(self.id) {
+            return Err(FailoverError::NotLeader(m.current_leader));
+        }
+        let term = m.current_term;
+        // The VIP leaves this node before anyone else may claim it.
+        let _ = tokio::time::timeout(self.wait_release, self.status.wait_for(|s| !s.held)).await;
+        let release = self
+            .status
+            .borrow()
+            .last_hook
+            .clone()
+            .filter(|h| h.action == Action::Release);
+
+        // Most up-to-date voters first: the old leader only votes for a
+        // candidate whose log is at least as long as its own.
+        let membership = m.membership_config.membership().clone();
+        let mut candidates: Vec<(Option<u64>, NodeId, String)> = membership
+            .voter_ids()
+            .filter(|&v| v != self.id)
+            .filter_map(|v| {
+                let addr = membership.get_node(&v)?.addr.clone();
+                let matched = m
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(&v).cloned().flatten())
+                    .map(|l| l.index);
+                Some((matched, v, addr))
+            })
+            .collect();
+        candidates.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+
+        let peers = PeerClient::new(self.cluster_id.clone());
+        let request = CampaignRequest {
+            from: self.id,
+            term,
+        };
+        let mut why = Vec::new();
+        for (_, candidate, addr) in candidates {
+            let answer: Result<Result<(), String>, _> = peers
+                .call(&addr, "/raft/campaign", &request, self.wait_leader)
+                .await;
+            match answer {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    why.push(format!("node {candidate}: {e}"));
+                    continue;
+                }
+                Err(e) => {
+                    why.push(format!("node {candidate}: {e}"));
+                    continue;
+                }
+            }
+            let mut metrics = self.raft.metrics();
+            let won = tokio::time::timeout(
+                self.wait_leader,
+                metrics.wait_for(|x| x.current_leader.is_some_and(|l| l != self.id)),
+            )
+            .await;
+            if let Ok(Ok(x)) = won {
+                return Ok(StepDown {
+                    from: self.id,
+                    term,
+                    new_leader: x.current_leader.unwrap_or(candidate),
+                    new_term: x.current_term,
+                    took_ms: started.elapsed().as_millis() as u64,
+                    release,
+                });
+            }
+            why.push(format!("node {candidate} campaigned but did not win"));
+        }
+        if why.is_empty() {
+            why.push("no other voter".into());
+        }
+        Err(FailoverError::NoSuccessor(why.join("; ")))
+    }
+}

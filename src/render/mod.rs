@@ -1,0 +1,352 @@
+//! Every balancer renders its own haproxy.cfg: watch the applied registry →
+//! coalesce → render → skip if identical → write a temp file → validate →
+//! atomic rename (previous kept as `.last-good`) → apply through the runtime
+//! API, or reload. A config that fails validation never goes live.
+
+pub mod haproxy;
+pub mod template;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::model::Registry;
+use haproxy::Plan;
+pub use template::{NodeContext, Peer, Template, TemplateError};
+
+/// What the renderer renders: the registry plus cluster facts the template may use.
+#[derive(Debug, Clone, Default)]
+pub struct RenderInput {
+    pub index: u64,
+    pub registry: Arc<Registry>,
+    pub leader: Option<u64>,
+    pub peers: Vec<Peer>,
+}
+
+pub struct RenderSettings {
+    pub output: PathBuf,
+    pub template: Arc<Template>,
+    /// `{}` is replaced by the file to check.
+    pub validate_cmd: String,
+    pub haproxy_socket: Option<PathBuf>,
+    pub master_socket: Option<PathBuf>,
+    pub reload_cmd: Option<String>,
+    pub reload_min_interval: Duration,
+    pub coalesce: Duration,
+    pub node: NodeContext,
+}
+
+/// This node's render and apply state, for `/v1/cluster` and `/metrics`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RenderStatus {
+    /// Registry index of the config on disk.
+    pub rendered_index: u64,
+    /// Registry index haproxy is known to run.
+    pub applied_index: u64,
+    /// The last render, validation or apply error; `None` once one succeeds.
+    pub last_error: Option<String>,
+    pub last_apply_at_ms: Option<u64>,
+    /// `runtime`, `reload`, `written` (no haproxy control configured) or `failed`.
+    pub last_apply: Option<String>,
+    pub renders: u64,
+    pub validate_failures: u64,
+    pub runtime_applies: u64,
+    pub reloads: u64,
+    pub apply_failures: u64,
+    pub last_render_ms: f64,
+    pub last_validate_ms: f64,
+    pub last_apply_ms: f64,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    #[error("{0}")]
+    Template(#[from] TemplateError),
+    #[error("write {path}: {source}")]
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("haproxy rejected the rendered config: {0}")]
+    Invalid(String),
+    #[error("run validate command: {0}")]
+    ValidateCmd(std::io::Error),
+}
+
+/// Renders `input` with `template` for the node described by `node`.
+pub fn render_text(
+    template: &Template,
+    node: &NodeContext,
+    input: &RenderInput,
+) -> Result<String, TemplateError> {
+    let mut node = node.clone();
+    node.leader = input.leader;
+    node.peers = input.peers.clone();
+    template.render(&input.registry, &node)
+}
+
+/// Runs the pipeline until `shutdown` turns true. Returns the status channel.
+pub fn spawn(
+    settings: RenderSettings,
+    input: watch::Receiver<RenderInput>,
+    shutdown: watch::Receiver<bool>,
+) -> watch::Receiver<RenderStatus> {
+    let (tx, rx) = watch::channel(RenderStatus::default());
+    tokio::spawn(run(settings, input, shutdown, tx));
+    rx
+}
+
+#[tracing::instrument(skip_all, name = "render")]
+async fn run(
+    settings: RenderSettings,
+    mut input: watch::Receiver<RenderInput>,
+    mut shutdown: watch::Receiver<bool>,
+    status: watch::Sender<RenderStatus>,
+) {
+    let mut written: Option<String> = None;
+    // The registry haproxy runs; `None` until our first reload, since we do
+    // not know what a running haproxy loaded before we started.
+    let mut live: Option<Arc<Registry>> = None;
+    let mut last_reload: Option<Instant> = None;
+    let mut retry = Duration::from_millis(250);
+    let mut failing = false;
+    input.mark_changed();
+    loop {
+        let wake = async {
+            if failing {
+                tokio::time::sleep(retry).await;
+            } else {
+                let _ = input.changed().await;
+            }
+        };
+        tokio::select! {
+            _ = wake => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+        // Let a burst of writes land, then render only the latest.
+        if !settings.coalesce.is_zero() {
+            tokio::time::sleep(settings.coalesce).await;
+        }
+        let current = input.borrow_and_update().clone();
+        let t0 = Instant::now();
+        let text = match render_text(&settings.template, &settings.node, &current) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(cause = %e, "render failed; the last good config keeps serving");
+                status.send_modify(|s| s.last_error = Some(e.to_string()));
+                failing = false;
+                continue;
+            }
+        };
+        let render_ms = ms(t0.elapsed());
+        let unchanged = written.as_deref() == Some(text.as_str());
+        if unchanged && !failing {
+            let live_now = live.as_ref().is_some_and(|l| **l == *current.registry);
+            status.send_modify(|s| {
+                s.rendered_index = current.index;
+                if live_now {
+                    s.applied_index = current.index;
+                }
+            });
+            if let Some(l) = &mut live {
+                // Same text, so haproxy already runs this; keep the newest registry for diffs.
+                if **l == *current.registry {
+                    *l = current.registry.clone();
+                }
+            }
+            continue;
+        }
+        if !unchanged {
+            let t1 = Instant::now();
+            if let Err(e) = install(&settings, &text).await {
+                tracing::error!(cause = %e, "config not installed; the last good config keeps serving");
+                status.send_modify(|s| {
+                    s.last_error = Some(e.to_string());
+                    if matches!(e, RenderError::Invalid(_)) {
+                        s.validate_failures += 1;
+                    }
+                });
+                failing = false;
+                continue;
+            }
+            written = Some(text);
+            let validate_ms = ms(t1.elapsed());
+            status.send_modify(|s| {
+                s.rendered_index = current.index;
+                s.renders += 1;
+                s.last_render_ms = render_ms;
+                s.last_validate_ms = validate_ms;
+            });
+        }
+
+        // Apply: runtime API when only members changed, else a reload.
+        let plan = match (&live, &settings.haproxy_socket) {
+            (Some(l), Some(_)) => haproxy::plan(l, &current.registry),
+            _ => Plan::Reload,
+        };
+        let can_reload = settings.reload_cmd.is_some() || settings.master_socket.is_some();
+        let t2 = Instant::now();
+        let outcome = match plan {
+            Plan::Nothing => Ok("runtime"),
+            Plan::Runtime(ops) => {
+                let socket = settings.haproxy_socket.as_deref().unwrap_or(Path::new(""));
+                match haproxy::run_ops(socket, &ops).await {
+                    Ok(()) => Ok("runtime"),
+                    Err(e) if can_reload => {
+                        tracing::warn!(cause = %e, "runtime API change failed; reloading instead");
+                        reload(&settings, &mut last_reload, &mut shutdown).await.map(|_| "reload")
+                    }
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+            Plan::Reload if can_reload => {
+                reload(&settings, &mut last_reload, &mut shutdown).await.map(|_| "reload")
+            }
+            Plan::Reload => Ok("written"),
+        };
+        let apply_ms = ms(t2.elapsed());
+        match outcome {
+            Ok(how) => {
+                if failing {
+                    tracing::info!("haproxy caught up");
+                }
+                failing = false;
+                retry = Duration::from_millis(250);
+                live = (how != "written").then(|| current.registry.clone());
+                status.send_modify(|s| {
+                    s.applied_index = current.index;
+                    s.last_error = None;
+                    s.last_apply = Some(how.into());
+                    s.last_apply_at_ms = Some(now_ms());
+                    s.last_apply_ms = apply_ms;
+                    match how {
+                        "reload" => s.reloads += 1,
+                        "runtime" => s.runtime_applies += 1,
+                        _ => {}
+                    }
+                });
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::error!(cause = %e, "apply failed; the file is written and will be applied when haproxy answers");
+                }
+                failing = true;
+                retry = (retry * 2).min(Duration::from_secs(5));
+                // Unknown state: the next success must be a full reload.
+                live = None;
+                status.send_modify(|s| {
+                    s.last_error = Some(format!("apply: {e}"));
+                    s.last_apply = Some("failed".into());
+                    s.last_apply_at_ms = Some(now_ms());
+                    s.apply_failures += 1;
+                });
+            }
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1_000.0
+}
+
+/// At most one reload at a time (this task is the only caller) and at most one
+/// per `reload_min_interval`.
+async fn reload(
+    settings: &RenderSettings,
+    last: &mut Option<Instant>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), String> {
+    if let Some(prev) = *last {
+        let wait = settings.reload_min_interval.saturating_sub(prev.elapsed());
+        if !wait.is_zero() {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.wait_for(|s| *s) => return Err("shutting down".into()),
+            }
+        }
+    }
+    *last = Some(Instant::now());
+    haproxy::reload(settings.reload_cmd.as_deref(), settings.master_socket.as_deref())
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Writes `text` beside the output, validates it, keeps the previous file as
+/// `.last-good`, and renames the new one into place.
+pub async fn install(settings: &RenderSettings, text: &str) -> Result<(), RenderError> {
+    let out = &settings.output;
+    let tmp = sibling(out, ".tmp");
+    let write_err = |source| RenderError::Write {
+        path: tmp.display().to_string(),
+        source,
+    };
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut f = tokio::fs::File::create(&tmp).await.map_err(write_err)?;
+        f.write_all(text.as_bytes()).await.map_err(write_err)?;
+        f.sync_all().await.map_err(write_err)?;
+    }
+    if let Err(e) = validate(&settings.validate_cmd, &tmp).await {
+        let _ = tokio::fs::remove_file(&tmp).await;
+        return Err(e);
+    }
+    let rename_err = |source| RenderError::Write {
+        path: out.display().to_string(),
+        source,
+    };
+    if tokio::fs::metadata(out).await.is_ok() {
+        // hard link + rename: `.last-good` is replaced atomically too.
+        let lg_tmp = sibling(out, ".last-good.tmp");
+        let _ = tokio::fs::remove_file(&lg_tmp).await;
+        tokio::fs::hard_link(out, &lg_tmp).await.map_err(rename_err)?;
+        tokio::fs::rename(&lg_tmp, sibling(out, ".last-good"))
+            .await
+            .map_err(rename_err)?;
+    }
+    tokio::fs::rename(&tmp, out).await.map_err(rename_err)?;
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Ok(d) = tokio::fs::File::open(dir).await {
+            let _ = d.sync_all().await;
+        }
+    }
+    Ok(())
+}
+
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+async fn validate(cmd: &str, file: &Path) -> Result<(), RenderError> {
+    let line = cmd.replace("{}", &file.display().to_string());
+    let out = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(&line)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(RenderError::ValidateCmd)?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let mut msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    if msg.is_empty() {
+        msg = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    }
+    let msg: String = msg.lines().take(6).collect::<Vec<_>>().join(" | ");
+    Err(RenderError::Invalid(format!("{}: {msg}", out.status)))
+}

@@ -1,0 +1,370 @@
+//! Rendering against a real haproxy (Debian package, master-worker mode) with
+//! real backend HTTP servers on loopback.
+
+#[path = "cluster/harness.rs"]
+mod harness;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clb::client::Client;
+use harness::{eventually, free_port, Cluster, Node};
+use serde_json::{json, Value};
+
+/// A backend HTTP server answering its own name, counting requests.
+struct Backend {
+    name: String,
+    port: u16,
+    hits: Arc<AtomicU64>,
+}
+
+async fn backend(name: &str) -> Backend {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let hits = Arc::new(AtomicU64::new(0));
+    let (h, n) = (hits.clone(), name.to_string());
+    let app = axum::Router::new().fallback(move || {
+        let (h, n) = (h.clone(), n.clone());
+        async move {
+            h.fetch_add(1, Ordering::SeqCst);
+            n
+        }
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Backend {
+        name: name.into(),
+        port,
+        hits,
+    }
+}
+
+/// haproxy in master-worker mode on a config clbd rendered; killed on drop.
+struct Haproxy {
+    child: Child,
+}
+
+impl Haproxy {
+    fn start(cfg: &Path, master: &Path) -> Haproxy {
+        let child = Command::new("haproxy")
+            .args(["-W", "-db", "-S"])
+            .arg(master)
+            .arg("-f")
+            .arg(cfg)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("haproxy is installed (scripts/test.sh installs it)");
+        Haproxy { child }
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        // The master stops its workers on SIGTERM.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+/// A one-node clb with haproxy control, plus the paths a test needs.
+struct Balancer {
+    cluster: Cluster,
+    cfg: PathBuf,
+    master: PathBuf,
+}
+
+impl Balancer {
+    async fn start(extra: &[&str]) -> Balancer {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let master = dir.join("master.sock");
+        let admin = dir.join("admin.sock");
+        let mut args = vec![
+            "--haproxy-socket".to_string(),
+            admin.display().to_string(),
+            "--haproxy-master-socket".into(),
+            master.display().to_string(),
+            "--stats-port".into(),
+            "0".into(),
+            "--reload-min-interval-ms".into(),
+            "200".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let cluster = Cluster::start_with(1, &refs).await;
+        let cfg = cluster.dir.path().join("haproxy1.cfg");
+        Balancer {
+            cluster,
+            cfg,
+            master,
+        }
+    }
+
+    fn node(&self) -> &Node {
+        self.cluster.node(1)
+    }
+
+    fn client(&self) -> Client {
+        self.node().client()
+    }
+
+    async fn render_status(&self) -> Value {
+        let v = self.client().cluster().await.unwrap();
+        v["node_status"]["1"]["render"].clone()
+    }
+
+    /// Waits until haproxy runs the registry's latest index.
+    async fn applied(&self) -> Value {
+        eventually(Duration::from_secs(15), "haproxy runs the latest config", || async {
+            let v = self.client().cluster().await.ok()?;
+            let r = v["node_status"]["1"]["render"].clone();
+            let want = v["applied_index"].as_u64()?;
+            (r["applied_index"].as_u64()? >= want && r["last_error"].is_null()).then_some(r)
+        })
+        .await
+    }
+
+    async fn start_haproxy(&self) -> Haproxy {
+        let cfg = self.cfg.clone();
+        eventually(Duration::from_secs(10), "first rendered config", || async {
+            cfg.exists().then_some(())
+        })
+        .await;
+        Haproxy::start(&self.cfg, &self.master)
+    }
+}
+
+/// `n` requests on fresh connections; counts answers per backend name and failures.
+async fn traffic(port: u16, n: usize) -> (BTreeMap<String, usize>, usize) {
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let mut seen = BTreeMap::new();
+    let mut failed = 0;
+    for _ in 0..n {
+        match http.get(format!("http://127.0.0.1:{port}/")).send().await {
+            Ok(r) if r.status().is_success() => {
+                *seen.entry(r.text().await.unwrap_or_default()).or_insert(0) += 1
+            }
+            _ => failed += 1,
+        }
+    }
+    (seen, failed)
+}
+
+async fn define_web(client: &Client, port: u16) {
+    client
+        .define_service("web", json!({"port": port, "mode": "http", "check": "none"}))
+        .await
+        .expect("define service");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_reach_haproxy_through_the_runtime_api() {
+    let b = Balancer::start(&[]).await;
+    let port = free_port();
+    define_web(&b.client(), port).await;
+    let _haproxy = b.start_haproxy().await;
+    b.applied().await;
+    let (a, c) = (backend("a").await, backend("c").await);
+    for be in [&a, &c] {
+        b.client()
+            .register("web", &be.name, "127.0.0.1", Some(be.port), None, None)
+            .await
+            .unwrap();
+    }
+    let status = b.applied().await;
+    assert_eq!(status["last_apply"], "runtime", "member adds need no reload: {status}");
+    let reloads = status["reloads"].as_u64().unwrap();
+    let (seen, failed) = traffic(port, 40).await;
+    assert_eq!(failed, 0);
+    assert!(seen.get("a").copied().unwrap_or(0) > 0 && seen.get("c").copied().unwrap_or(0) > 0, "{seen:?}");
+    // The file on disk says the same as the runtime change.
+    let text = std::fs::read_to_string(&b.cfg).unwrap();
+    assert!(text.contains(&format!("server a 127.0.0.1:{} weight 100", a.port)), "{text}");
+
+    // Unregister: no new requests reach it.
+    b.client().unregister("web", "a").await.unwrap();
+    b.applied().await;
+    let before = a.hits.load(Ordering::SeqCst);
+    let (seen, failed) = traffic(port, 30).await;
+    assert_eq!((failed, seen.get("a")), (0, None), "{seen:?}");
+    assert_eq!(a.hits.load(Ordering::SeqCst), before);
+
+    // Drain: no new sessions to it either; ready brings it back.
+    b.client()
+        .register("web", "a", "127.0.0.1", Some(a.port), None, None)
+        .await
+        .unwrap();
+    b.client().set_state("web", "a", "drain").await.unwrap();
+    b.applied().await;
+    let (seen, failed) = traffic(port, 30).await;
+    assert_eq!((failed, seen.get("a")), (0, None), "drained member got sessions: {seen:?}");
+    assert!(std::fs::read_to_string(&b.cfg).unwrap().contains(&format!("server a 127.0.0.1:{} weight 0", a.port)));
+    b.client().set_state("web", "a", "active").await.unwrap();
+    let status = b.applied().await;
+    let (seen, _) = traffic(port, 40).await;
+    assert!(seen.get("a").copied().unwrap_or(0) > 0, "{seen:?}");
+    assert_eq!(status["reloads"].as_u64().unwrap(), reloads, "member changes never reloaded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_structural_change_reloads_without_failing_a_request() {
+    let b = Balancer::start(&[]).await;
+    let port = free_port();
+    define_web(&b.client(), port).await;
+    let _haproxy = b.start_haproxy().await;
+    let be = backend("a").await;
+    b.client()
+        .register("web", "a", "127.0.0.1", Some(be.port), None, None)
+        .await
+        .unwrap();
+    let reloads = b.applied().await["reloads"].as_u64().unwrap();
+
+    // A client loop runs while three new services (structural) force reloads.
+    let load = tokio::spawn(traffic(port, 400));
+    for i in 0..3 {
+        eventually(Duration::from_secs(5), "some traffic first", || async {
+            (be.hits.load(Ordering::SeqCst) > 30 * (i + 1)).then_some(())
+        })
+        .await;
+        define_svc(&b.client(), &format!("extra{i}")).await;
+        eventually(Duration::from_secs(10), "reload done", || async {
+            let r = b.render_status().await;
+            (r["reloads"].as_u64()? >= reloads + i + 1).then_some(())
+        })
+        .await;
+    }
+    let (seen, failed) = load.await.unwrap();
+    assert_eq!(failed, 0, "requests failed across reloads: {seen:?}");
+    assert_eq!(seen.get("a"), Some(&400));
+}
+
+async fn define_svc(client: &Client, name: &str) {
+    client
+        .define_service(name, json!({"port": free_port(), "check": "tcp"}))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_haproxy_rejects_never_goes_live() {
+    // A custom template that emits an invalid directive for one service name.
+    let tdir = tempfile::tempdir().unwrap();
+    let builtin = clb::render::template::BUILTIN;
+    let poisoned = builtin.replace(
+        "    default_backend be_{{ svc.name }}",
+        "    default_backend be_{{ svc.name }}\n{%- if svc.name == \"poison\" %}\n    no-such-directive here\n{%- endif %}",
+    );
+    std::fs::write(tdir.path().join("haproxy.cfg.j2"), poisoned).unwrap();
+    let b = Balancer::start(&["--template-dir", tdir.path().to_str().unwrap()]).await;
+    let port = free_port();
+    define_web(&b.client(), port).await;
+    let _haproxy = b.start_haproxy().await;
+    let be = backend("a").await;
+    b.client()
+        .register("web", "a", "127.0.0.1", Some(be.port), None, None)
+        .await
+        .unwrap();
+    b.applied().await;
+    let good = std::fs::read_to_string(&b.cfg).unwrap();
+
+    define_svc(&b.client(), "poison").await;
+    let status = eventually(Duration::from_secs(10), "the validation error is reported", || async {
+        let r = b.render_status().await;
+        r["last_error"].as_str().is_some_and(|e| e.contains("rejected")).then_some(r)
+    })
+    .await;
+    assert!(status["validate_failures"].as_u64().unwrap() >= 1);
+    assert_eq!(std::fs::read_to_string(&b.cfg).unwrap(), good, "the rejected config went live");
+    assert!(!b.cfg.with_extension("cfg.tmp").exists(), "a half-written file was left");
+    let (seen, failed) = traffic(port, 20).await;
+    assert_eq!((failed, seen.get("a")), (0, Some(&20)), "traffic keeps flowing");
+    let m = reqwest::get(format!("http://{}/metrics", b.node().addr)).await.unwrap().text().await.unwrap();
+    assert!(m.contains("clb_render_validate_failures_total 1"), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_haproxy_the_file_is_still_written_and_applied_later() {
+    let b = Balancer::start(&[]).await;
+    let port = free_port();
+    define_web(&b.client(), port).await;
+    b.client()
+        .register("web", "late", "127.0.0.1", Some(free_port()), None, None)
+        .await
+        .unwrap();
+    let cfg = b.cfg.clone();
+    eventually(Duration::from_secs(10), "member in the file", || async {
+        std::fs::read_to_string(&cfg).ok()?.contains("server late ").then_some(())
+    })
+    .await;
+    let status = eventually(Duration::from_secs(10), "apply error reported", || async {
+        let r = b.render_status().await;
+        r["last_error"].as_str().is_some_and(|e| e.starts_with("apply")).then_some(r)
+    })
+    .await;
+    assert_eq!(status["last_apply"], "failed");
+    let _haproxy = Haproxy::start(&b.cfg, &b.master);
+    let status = b.applied().await;
+    assert_eq!(status["last_apply"], "reload", "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_syntax_error_stops_start_up_naming_file_and_line() {
+    let tdir = tempfile::tempdir().unwrap();
+    std::fs::write(tdir.path().join("haproxy.cfg.j2"), "global\n{% for x in %}\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_clbd"))
+        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--data-dir", tdir.path().join("d").to_str().unwrap()])
+        .args(["--template-dir", tdir.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.lines().last().unwrap_or("");
+    assert!(last.contains("haproxy.cfg.j2 line 2"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_render_byte_identical_configs() {
+    let c = Cluster::start(3).await;
+    c.leader(Duration::from_secs(10)).await;
+    let client = c.any_client();
+    client
+        .define_service("web", json!({"port": free_port(), "check": {"http": {"path": "/health"}}}))
+        .await
+        .unwrap();
+    for i in 0..20 {
+        client
+            .register("web", &format!("m{i:02}"), &format!("10.0.{}.{}", i / 10, i % 250 + 1), Some(8080), Some(i as u16), None)
+            .await
+            .unwrap();
+    }
+    client.set_state("web", "m03", "drain").await.unwrap();
+    let index = client.set_state("web", "m04", "maint").await.unwrap();
+    c.converged(index, Duration::from_secs(10)).await;
+    let files: Vec<String> = eventually(Duration::from_secs(10), "every node rendered the last index", || async {
+        let mut out = Vec::new();
+        for n in c.nodes.values() {
+            let v = n.client().cluster().await.ok()?;
+            let r = &v["node_status"][n.id.to_string()]["render"];
+            if r["rendered_index"].as_u64()? < index {
+                return None;
+            }
+            out.push(std::fs::read_to_string(c.dir.path().join(format!("haproxy{}.cfg", n.id))).ok()?);
+        }
+        Some(out)
+    })
+    .await;
+    assert!(files[0].contains("server m04 10.0.0.5:8080 weight 4 check inter 2s fall 3 rise 2 disabled"), "{}", files[0]);
+    assert_eq!(files[0], files[1]);
+    assert_eq!(files[1], files[2]);
+    // The dry run prints the same text.
+    assert_eq!(c.node(2).client().render().await.unwrap(), files[0]);
+}
