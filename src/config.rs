@@ -94,6 +94,7 @@ pub struct Settings {
     #[arg(long, env = "CLB_FORWARD_TIMEOUT_MS")]
     pub forward_timeout_ms: Option<u64>,
     /// Command that checks a rendered file; `{}` is its path [default: haproxy -c -q -f {}]
+    /// (without haproxy installed, files are written unvalidated and never applied)
     #[arg(long, env = "CLB_VALIDATE_CMD")]
     pub validate_cmd: Option<String>,
     /// haproxy master CLI socket, used to reload when no --reload-cmd is given
@@ -222,7 +223,8 @@ pub struct Config {
     pub auto_create_services: bool,
     /// VIP, hooks, lease and health gate (validated).
     pub failover: FailoverConfig,
-    pub validate_cmd: String,
+    /// `None`: the default (`haproxy -c`), used when haproxy is installed.
+    pub validate_cmd: Option<String>,
     pub haproxy_master_socket: Option<PathBuf>,
     /// `None`: no stats page.
     pub stats_port: Option<u16>,
@@ -310,9 +312,7 @@ impl Config {
             },
             auto_create_services: s.auto_create_services.unwrap_or(true),
             failover,
-            validate_cmd: s
-                .validate_cmd
-                .unwrap_or_else(|| "haproxy -c -q -f {}".into()),
+            validate_cmd: s.validate_cmd,
             haproxy_master_socket: s.haproxy_master_socket,
             stats_port: Some(s.stats_port.unwrap_or(8404)).filter(|&p| p != 0),
             reload_min_interval: Duration::from_millis(s.reload_min_interval_ms.unwrap_or(1_000)),

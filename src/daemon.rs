@@ -39,6 +39,24 @@ pub enum DaemonError {
     Template(#[from] TemplateError),
 }
 
+/// The command that validates rendered configs. Without haproxy installed
+/// (a first try on a laptop) the default cannot run: files are then written
+/// unvalidated, and there is no haproxy they could go live in.
+fn validate_cmd(config: &Config) -> Option<String> {
+    if let Some(cmd) = &config.validate_cmd {
+        return Some(cmd.clone());
+    }
+    let found = std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| dir.join("haproxy").is_file())
+    });
+    if found {
+        Some("haproxy -c -q -f {}".into())
+    } else {
+        tracing::warn!("haproxy is not installed: rendered configs are written unvalidated");
+        None
+    }
+}
+
 /// Node-local template values from the config.
 pub fn node_context(config: &Config) -> NodeContext {
     NodeContext {
@@ -158,7 +176,7 @@ pub async fn run(
         let settings = RenderSettings {
             output: config.output.clone(),
             template,
-            validate_cmd: config.validate_cmd.clone(),
+            validate_cmd: validate_cmd(&config),
             haproxy_socket: config.haproxy_socket.clone(),
             master_socket: config.haproxy_master_socket.clone(),
             reload_cmd: config.reload_cmd.clone(),

@@ -29,8 +29,8 @@ pub struct RenderInput {
 pub struct RenderSettings {
     pub output: PathBuf,
     pub template: Arc<Template>,
-    /// `{}` is replaced by the file to check.
-    pub validate_cmd: String,
+    /// `{}` is replaced by the file to check; `None` writes unvalidated.
+    pub validate_cmd: Option<String>,
     pub haproxy_socket: Option<PathBuf>,
     pub master_socket: Option<PathBuf>,
     pub reload_cmd: Option<String>,
@@ -59,6 +59,8 @@ pub struct RenderStatus {
     pub last_render_ms: f64,
     pub last_validate_ms: f64,
     pub last_apply_ms: f64,
+    /// False when rendered files are written without validation (no haproxy).
+    pub validating: bool,
 }
 
 fn now_ms() -> u64 {
@@ -101,7 +103,10 @@ pub fn spawn(
     input: watch::Receiver<RenderInput>,
     shutdown: watch::Receiver<bool>,
 ) -> watch::Receiver<RenderStatus> {
-    let (tx, rx) = watch::channel(RenderStatus::default());
+    let (tx, rx) = watch::channel(RenderStatus {
+        validating: settings.validate_cmd.is_some(),
+        ..Default::default()
+    });
     tokio::spawn(run(settings, input, shutdown, tx));
     rx
 }
@@ -299,9 +304,11 @@ pub async fn install(settings: &RenderSettings, text: &str) -> Result<(), Render
         f.write_all(text.as_bytes()).await.map_err(write_err)?;
         f.sync_all().await.map_err(write_err)?;
     }
-    if let Err(e) = validate(&settings.validate_cmd, &tmp).await {
-        let _ = tokio::fs::remove_file(&tmp).await;
-        return Err(e);
+    if let Some(cmd) = &settings.validate_cmd {
+        if let Err(e) = validate(cmd, &tmp).await {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(e);
+        }
     }
     let rename_err = |source| RenderError::Write {
         path: out.display().to_string(),
