@@ -384,10 +384,31 @@ fn status_table(v: &Value) -> String {
             } else {
                 "learner"
             };
+            let st = &v["node_status"][id.as_str()];
+            let render = &st["render"];
+            let (applied, haproxy, error) = if st.get("error").is_some() {
+                ("-".to_string(), "-".to_string(), st["error"].as_str().unwrap_or("").to_string())
+            } else if render.is_null() {
+                (st["applied_index"].to_string(), "none (witness)".into(), String::new())
+            } else {
+                (
+                    st["applied_index"].to_string(),
+                    format!(
+                        "{} @{}",
+                        render["last_apply"].as_str().unwrap_or("pending"),
+                        render["applied_index"]
+                    ),
+                    render["last_error"].as_str().unwrap_or("").to_string(),
+                )
+            };
             rows.push(vec![
                 id.clone(),
                 addr.as_str().unwrap_or("").to_string(),
                 role.to_string(),
+                st["role"].as_str().unwrap_or("?").to_string(),
+                applied,
+                haproxy,
+                error,
             ]);
         }
     }
@@ -398,7 +419,10 @@ fn status_table(v: &Value) -> String {
         v["term"],
         v["applied_index"],
         v["members"],
-        table(&["ID", "ADDRESS", "RAFT"], &rows)
+        table(
+            &["ID", "ADDRESS", "RAFT", "ROLE", "APPLIED", "HAPROXY", "ERROR"],
+            &rows
+        )
     )
 }
 

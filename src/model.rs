@@ -208,6 +208,51 @@ pub enum Check {
     },
 }
 
+/// The allow-listed haproxy server options a service may set for its
+/// members. Typed, so nothing but numbers and fixed keywords reaches haproxy.cfg.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ServerOptions {
+    /// Per-server connection limit (`maxconn`), 1 to 1,000,000.
+    #[serde(default)]
+    pub maxconn: Option<u32>,
+    /// Ramp-up after a server comes back (`slowstart`), 1 to 3,600 s.
+    #[serde(default)]
+    pub slowstart_s: Option<u32>,
+    /// Health check interval (`inter`), 100 ms to 1 h [default: 2,000].
+    #[serde(default)]
+    pub check_inter_ms: Option<u32>,
+    /// Failed checks before down (`fall`), 1 to 100 [default: 3].
+    #[serde(default)]
+    pub fall: Option<u32>,
+    /// Passed checks before up (`rise`), 1 to 100 [default: 2].
+    #[serde(default)]
+    pub rise: Option<u32>,
+    /// Send the PROXY protocol v2 header (`send-proxy-v2`).
+    #[serde(default)]
+    pub send_proxy: bool,
+}
+
+impl ServerOptions {
+    fn validate(&self) -> Result<(), InvalidField> {
+        let ranges = [
+            ("server.maxconn", self.maxconn, 1, 1_000_000),
+            ("server.slowstart_s", self.slowstart_s, 1, 3_600),
+            ("server.check_inter_ms", self.check_inter_ms, 100, 3_600_000),
+            ("server.fall", self.fall, 1, 100),
+            ("server.rise", self.rise, 1, 100),
+        ];
+        for (field, value, min, max) in ranges {
+            if let Some(v) = value {
+                if !(min..=max).contains(&v) {
+                    return Err(InvalidField::new(field, format!("must be {min} to {max}")));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A service's replicated definition.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceDef {
@@ -221,6 +266,8 @@ pub struct ServiceDef {
     pub balance: Balance,
     #[serde(default)]
     pub check: Check,
+    #[serde(default)]
+    pub server: ServerOptions,
 }
 
 impl ServiceDef {
@@ -243,12 +290,14 @@ impl ServiceDef {
             mode,
             balance: Balance::Roundrobin,
             check: Check::Tcp,
+            server: ServerOptions::default(),
         })
     }
 
     pub fn validate(&self) -> Result<(), InvalidField> {
         validate_port("port", self.port.into())?;
         validate_port("member_port", self.member_port.into())?;
+        self.server.validate()?;
         if let Check::Http { path } = &self.check {
             validate_check_path(path)?;
         }
@@ -619,6 +668,18 @@ mod tests {
             };
             assert_eq!(def.validate().unwrap_err().field, "check.path", "{bad:?}");
         }
+    }
+
+    #[test]
+    fn server_options_have_ranges() {
+        let mut def = ServiceDef::well_known("http").unwrap();
+        def.server.maxconn = Some(0);
+        assert_eq!(def.validate().unwrap_err().field, "server.maxconn");
+        def.server.maxconn = Some(100);
+        def.server.fall = Some(101);
+        assert_eq!(def.validate().unwrap_err().field, "server.fall");
+        def.server.fall = Some(5);
+        assert!(def.validate().is_ok());
     }
 
     #[test]

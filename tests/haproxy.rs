@@ -362,9 +362,23 @@ async fn three_nodes_render_byte_identical_configs() {
         Some(out)
     })
     .await;
-    assert!(files[0].contains("server m04 10.0.0.5:8080 weight 4 check inter 2s fall 3 rise 2 disabled"), "{}", files[0]);
+    assert!(files[0].contains("server m04 10.0.0.5:8080 weight 4 check inter 2000ms fall 3 rise 2 disabled"), "{}", files[0]);
     assert_eq!(files[0], files[1]);
     assert_eq!(files[1], files[2]);
+    // One node's /v1/cluster shows every node's render state; so does `clb status`.
+    let v = c.node(1).client().cluster().await.unwrap();
+    for id in ["1", "2", "3"] {
+        let r = &v["node_status"][id]["render"];
+        assert!(r["rendered_index"].as_u64().unwrap() >= index, "node {id}: {r}");
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_clb"))
+        .args(["--server", &c.node(3).addr, "--token", harness::TOKEN, "status"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("HAPROXY"), "{text}");
+    assert_eq!(text.lines().filter(|l| l.contains(" balancer ")).count(), 3, "{text}");
     // The dry run prints the same text.
     assert_eq!(c.node(2).client().render().await.unwrap(), files[0]);
 }

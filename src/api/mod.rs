@@ -253,6 +253,7 @@ struct ServiceBody {
     mode: Option<Mode>,
     balance: Option<Balance>,
     check: Option<Check>,
+    server: Option<model::ServerOptions>,
 }
 
 async fn define_service(
@@ -274,6 +275,7 @@ async fn define_service(
         mode: body.mode.unwrap_or_default(),
         balance: body.balance.unwrap_or_default(),
         check: body.check.unwrap_or_default(),
+        server: body.server.unwrap_or_default(),
     };
     write(&state, Command::DefineService { service, def }).await
 }

@@ -879,6 +879,7 @@ mod tests {
             check: Check::Http {
                 path: "/health".into(),
             },
+            server: Default::default(),
         }
     }
 

@@ -113,9 +113,24 @@ pub fn server_options(svc: &Service, m: &Member) -> String {
     } else {
         m.weight
     };
+    let o = &svc.def.server;
     let mut opts = format!("weight {weight}");
+    if let Some(n) = o.maxconn {
+        opts.push_str(&format!(" maxconn {n}"));
+    }
+    if let Some(s) = o.slowstart_s {
+        opts.push_str(&format!(" slowstart {s}s"));
+    }
+    if o.send_proxy {
+        opts.push_str(" send-proxy-v2");
+    }
     if svc.def.check != Check::None {
-        opts.push_str(" check inter 2s fall 3 rise 2");
+        opts.push_str(&format!(
+            " check inter {}ms fall {} rise {}",
+            o.check_inter_ms.unwrap_or(2_000),
+            o.fall.unwrap_or(3),
+            o.rise.unwrap_or(2)
+        ));
     }
     if m.state == MemberState::Maint {
         opts.push_str(" disabled");
@@ -281,8 +296,8 @@ mod tests {
     fn builtin_renders_services_and_members_in_order() {
         let t = Template::load(None).unwrap();
         let out = t.render(&registry(), &node()).unwrap();
-        let web1 = out.find("server web1 10.0.0.1:8080 weight 100 check").unwrap();
-        let web2 = out.find("server web2 10.0.0.2:8080 weight 100 check inter 2s fall 3 rise 2 disabled").unwrap();
+        let web1 = out.find("server web1 10.0.0.1:8080 weight 100 check inter 2000ms").unwrap();
+        let web2 = out.find("server web2 10.0.0.2:8080 weight 100 check inter 2000ms fall 3 rise 2 disabled").unwrap();
         assert!(web1 < web2, "members sorted by name");
         assert!(out.contains("server db1 [fd00::1]:3306"));
         assert!(out.contains("frontend fe_http\n    bind *:80\n    mode http"));
