@@ -109,7 +109,10 @@ pub struct Settings {
     /// How long the renderer waits for a burst of changes to end [default: 5]
     #[arg(long, env = "CLB_RENDER_COALESCE_MS")]
     pub render_coalesce_ms: Option<u64>,
-    /// Auto-create well-known services (http, https, ...) on first registration [default: true]
+    /// `[service_defaults]` (file only): how services are created on first registration
+    #[arg(skip)]
+    pub service_defaults: Option<crate::model::ServiceDefaults>,
+    /// Auto-create services on first registration (well-known names and [service_defaults] ports) [default: true]
     #[arg(long, env = "CLB_AUTO_CREATE_SERVICES", num_args = 0..=1, default_missing_value = "true")]
     pub auto_create_services: Option<bool>,
     /// Timer preset: default, fast or extreme (explicit timer flags still win) [default: default]
@@ -170,6 +173,7 @@ impl Settings {
             stats_port,
             reload_min_interval_ms,
             render_coalesce_ms,
+            service_defaults,
             auto_create_services,
             timers,
             lease_ms,
@@ -220,7 +224,8 @@ pub struct Config {
     pub vip: Option<String>,
     pub vip_hook: Option<String>,
     pub raft: RaftSettings,
-    pub auto_create_services: bool,
+    /// `None` when auto-creation is off.
+    pub service_defaults: Option<crate::model::ServiceDefaults>,
     /// VIP, hooks, lease and health gate (validated).
     pub failover: FailoverConfig,
     /// `None`: the default (`haproxy -c`), used when haproxy is installed.
@@ -310,7 +315,10 @@ impl Config {
                 elect: role == Role::Balancer,
                 forward_timeout: Duration::from_millis(s.forward_timeout_ms.unwrap_or(5_000)),
             },
-            auto_create_services: s.auto_create_services.unwrap_or(true),
+            service_defaults: s
+                .auto_create_services
+                .unwrap_or(true)
+                .then(|| s.service_defaults.clone().unwrap_or_default()),
             failover,
             validate_cmd: s.validate_cmd,
             haproxy_master_socket: s.haproxy_master_socket,

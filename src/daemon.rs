@@ -192,7 +192,7 @@ pub async fn run(
         tokens: Arc::new(tokens),
         role: config.role,
         advertise,
-        auto_create_services: config.auto_create_services,
+        service_defaults: config.service_defaults.clone(),
         render: render_status,
         template,
         render_node: node_context(&config),

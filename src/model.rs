@@ -326,6 +326,55 @@ fn validate_check_path(path: &str) -> Result<(), InvalidField> {
     }
 }
 
+/// `[service_defaults]` of clbd.toml: how a service is created when a member
+/// registers for one that does not exist yet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceDefaults {
+    /// Overrides the well-known mode (http for `http`, tcp for the others).
+    pub mode: Option<Mode>,
+    pub balance: Option<Balance>,
+    pub check: Option<Check>,
+    #[serde(default)]
+    pub server: ServerOptions,
+    /// Frontend (and member) ports for names that are not well known.
+    #[serde(default)]
+    pub ports: BTreeMap<String, u16>,
+}
+
+impl ServiceDefaults {
+    /// The definition `name` gets on first registration, if it can get one.
+    pub fn definition(&self, name: &str) -> Option<ServiceDef> {
+        let mut def = match (self.ports.get(name), ServiceDef::well_known(name)) {
+            (Some(&port), known) => ServiceDef {
+                port,
+                member_port: port,
+                ..known.unwrap_or(ServiceDef {
+                    port,
+                    member_port: port,
+                    mode: Mode::Http,
+                    balance: Balance::Roundrobin,
+                    check: Check::Tcp,
+                    server: ServerOptions::default(),
+                })
+            },
+            (None, Some(known)) => known,
+            (None, None) => return None,
+        };
+        if let Some(m) = self.mode {
+            def.mode = m;
+        }
+        if let Some(b) = self.balance {
+            def.balance = b;
+        }
+        if let Some(c) = &self.check {
+            def.check = c.clone();
+        }
+        def.server = self.server.clone();
+        def.validate().ok().map(|()| def)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Service {
     pub def: ServiceDef,
@@ -680,6 +729,21 @@ mod tests {
         assert_eq!(def.validate().unwrap_err().field, "server.fall");
         def.server.fall = Some(5);
         assert!(def.validate().is_ok());
+    }
+
+    #[test]
+    fn service_defaults_cover_well_known_and_configured_names() {
+        let mut d = ServiceDefaults::default();
+        assert_eq!(d.definition("http").unwrap().port, 80);
+        assert!(d.definition("myapp").is_none());
+        d.ports.insert("myapp".into(), 8080);
+        d.balance = Some(Balance::Leastconn);
+        let def = d.definition("myapp").unwrap();
+        assert_eq!((def.port, def.member_port, def.balance), (8080, 8080, Balance::Leastconn));
+        // An invalid combination creates nothing rather than a broken service.
+        d.mode = Some(Mode::Tcp);
+        d.check = Some(Check::Http { path: "/h".into() });
+        assert!(d.definition("myapp").is_none());
     }
 
     #[test]

@@ -561,3 +561,35 @@ async fn the_embedded_default_runs_with_no_config_and_a_generated_token() {
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_defaults_from_the_config_file_and_turning_auto_create_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = dir.path().join("clbd.toml");
+    std::fs::write(
+        &toml,
+        "[service_defaults]\nbalance = \"leastconn\"\n[service_defaults.ports]\nmyapp = 8081\n",
+    )
+    .unwrap();
+    let c = Cluster::start_with(1, &["--config", toml.to_str().unwrap()]).await;
+    c.leader(Duration::from_secs(10)).await;
+    let client = c.node(1).client();
+    client
+        .register("myapp", "a", "10.0.0.1", None, None, None)
+        .await
+        .expect("myapp is created from [service_defaults]");
+    let v = client.services(Some("myapp"), false).await.unwrap();
+    assert_eq!(v["definition"]["port"], 8081);
+    assert_eq!(v["definition"]["balance"], "leastconn");
+    assert_eq!(v["definition"]["members"]["a"]["port"], 8081);
+
+    let off = Cluster::start_with(1, &["--auto-create-services", "false"]).await;
+    off.leader(Duration::from_secs(10)).await;
+    let err = off
+        .node(1)
+        .client()
+        .register("http", "a", "10.0.0.1", None, None, None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(404), "{err}");
+}

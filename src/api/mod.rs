@@ -79,7 +79,8 @@ pub struct AppState {
     pub tokens: Arc<Tokens>,
     pub role: Role,
     pub advertise: String,
-    pub auto_create_services: bool,
+    /// How unknown services are created on first registration; `None`: never.
+    pub service_defaults: Option<model::ServiceDefaults>,
     /// `None` on a witness, which renders nothing.
     pub render: Option<watch::Receiver<RenderStatus>>,
     pub template: Option<Arc<Template>>,
@@ -193,11 +194,10 @@ async fn register(
         weight: body.weight.map(model::validate_weight).transpose()?,
         ttl_s: body.ttl_s,
     };
-    let create = if state.auto_create_services {
-        ServiceDef::well_known(&service)
-    } else {
-        None
-    };
+    let create = state
+        .service_defaults
+        .as_ref()
+        .and_then(|d| d.definition(&service));
     let cmd = Command::Register {
         service: service.clone(),
         member,
