@@ -186,3 +186,33 @@ async fn a_thousand_acknowledged_registrations_survive_a_kill_and_restart() {
         .await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_quorum_a_write_answers_503_naming_the_situation() {
+    let mut c = Cluster::start_with(3, &["--forward-timeout-ms", "1000"]).await;
+    let leader = c.leader(Duration::from_secs(10)).await;
+    let followers = c.followers(leader);
+    // Leave one follower alone: no leader can be elected.
+    c.node_mut(leader).kill();
+    c.node_mut(followers[1]).kill();
+    let lonely = c.node(followers[0]);
+    let started = Instant::now();
+    let err = lonely
+        .client()
+        .register("http", "x", "10.0.0.1", None, None, None)
+        .await
+        .unwrap_err();
+    let waited = started.elapsed();
+    match &err {
+        clb::client::ClientError::Api { status, message, detail } => {
+            assert_eq!(*status, 503, "{err}");
+            assert!(message.contains("gave up after"), "{message}");
+            assert_eq!(detail["retryable"], true);
+        }
+        other => panic!("expected a 503, got {other}"),
+    }
+    assert!(waited >= Duration::from_millis(900), "retried for the forward timeout, not {waited:?}");
+    // Local reads still answer, with the node's applied index.
+    let s = lonely.services().await.expect("local read");
+    assert!(s["index"].as_u64().is_some());
+}
