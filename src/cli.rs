@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
 
-use crate::client::{Client, ClientError};
+use crate::client::{Client, ClientError, ClientOptions};
 use crate::model;
 
 /// Exit codes: 0 success; these otherwise (2 is clap's usage error).
@@ -39,6 +39,12 @@ pub struct Cli {
     /// Print JSON instead of tables
     #[arg(long, global = true)]
     pub json: bool,
+    /// PEM CA certificate(s) to trust for https:// servers [default: the bundled web roots]
+    #[arg(long, env = "CLB_CA", global = true)]
+    pub ca: Option<PathBuf>,
+    /// Send the token over plain http:// to a non-loopback server anyway
+    #[arg(long, env = "CLB_INSECURE", global = true)]
+    pub insecure: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -85,6 +91,19 @@ pub enum Command {
     /// Change cluster membership
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// Create, list and revoke API tokens
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Show the replicated history of accepted writes, newest first
+    Audit {
+        #[arg(long)]
+        service: Option<String>,
+        /// Only entries newer than this: a duration ago (90d, 12h, 30m) or Unix milliseconds
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
     /// Ask the leader to step down: it releases the VIP and a healthy voter takes over
     Failover,
 }
@@ -110,6 +129,25 @@ pub enum ServiceCmd {
         #[arg(long)]
         check: Option<String>,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCmd {
+    /// Create a token; its secret is printed once
+    Create {
+        /// admin, read, register:SERVICE or register:SERVICE:MEMBER-GLOB
+        #[arg(long)]
+        scope: String,
+        /// Lifetime such as 90d, 12h, 30m [default: no expiry]
+        #[arg(long)]
+        ttl: Option<String>,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List tokens (never their secrets)
+    List,
+    /// Revoke a token on every node
+    Revoke { id: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -182,7 +220,11 @@ pub fn token(cli_token: Option<String>, file: Option<&PathBuf>) -> Result<Option
 /// Runs one command and returns what to print.
 pub async fn run(cli: Cli) -> Result<String, Failure> {
     let token = token(cli.token.clone(), cli.token_file.as_ref())?;
-    let client = Client::new(&cli.server, token)?;
+    let options = ClientOptions {
+        ca: cli.ca.clone(),
+        insecure: cli.insecure,
+    };
+    let client = Client::with_options(&cli.server, token, options)?;
     let json_out = cli.json;
     let done = |index: u64, what: String| {
         if json_out {
@@ -272,6 +314,54 @@ pub async fn run(cli: Cli) -> Result<String, Failure> {
             Ok(status_table(&v))
         }
         Command::Render => Ok(client.render().await?.trim_end().to_string()),
+        Command::Token(cmd) => token_cmd(&client, cmd, json_out).await,
+        Command::Audit {
+            service,
+            since,
+            limit,
+        } => {
+            let mut path = format!("/v1/audit?limit={limit}");
+            if let Some(s) = &service {
+                model::validate_name("service", s)?;
+                path.push_str(&format!("&service={s}"));
+            }
+            if let Some(since) = since {
+                let ms = match since.parse::<u64>() {
+                    Ok(ms) => ms,
+                    Err(_) => {
+                        let ago = crate::auth::parse_ttl(&since)?;
+                        crate::api::now_ms().saturating_sub(ago * 1_000)
+                    }
+                };
+                path.push_str(&format!("&since={ms}"));
+            }
+            let v = client.request(reqwest::Method::GET, &path, None).await?;
+            if json_out {
+                return Ok(v.to_string());
+            }
+            let rows: Vec<Vec<String>> = v["entries"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|e| {
+                            vec![
+                                e["index"].to_string(),
+                                e["at_ms"].to_string(),
+                                e["by"].as_str().unwrap_or("").to_string(),
+                                e["action"].as_str().unwrap_or("").to_string(),
+                                e["service"].as_str().unwrap_or("-").to_string(),
+                                e["member"].as_str().unwrap_or("-").to_string(),
+                                e["detail"].as_str().unwrap_or("").to_string(),
+                            ]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            Ok(table(
+                &["INDEX", "AT_MS", "BY", "ACTION", "SERVICE", "MEMBER", "DETAIL"],
+                &rows,
+            ))
+        }
         Command::Cluster(ClusterCmd::Add { id, addr, learner }) => {
             let i = client.add_node(id, &addr, learner).await?;
             let role = if learner { "learner" } else { "voter" };
@@ -289,6 +379,63 @@ pub async fn run(cli: Cli) -> Result<String, Failure> {
         Command::Cluster(ClusterCmd::Remove { id }) => {
             let i = client.remove_node(id).await?;
             Ok(done(i, format!("node {id} removed")))
+        }
+    }
+}
+
+async fn token_cmd(client: &Client, cmd: TokenCmd, json_out: bool) -> Result<String, Failure> {
+    use reqwest::Method;
+    match cmd {
+        TokenCmd::Create { scope, ttl, name } => {
+            let mut body = json!({"scope": scope});
+            if let Some(t) = ttl {
+                body["ttl"] = json!(t);
+            }
+            if let Some(n) = name {
+                body["name"] = json!(n);
+            }
+            let v = client.request(Method::POST, "/v1/tokens", Some(body)).await?;
+            if json_out {
+                return Ok(v.to_string());
+            }
+            Ok(format!(
+                "token {} ({}) created; its secret, shown only now:\n{}",
+                v["id"].as_str().unwrap_or(""),
+                v["scope"].as_str().unwrap_or(""),
+                v["secret"].as_str().unwrap_or("")
+            ))
+        }
+        TokenCmd::List => {
+            let v = client.request(Method::GET, "/v1/tokens", None).await?;
+            if json_out {
+                return Ok(v.to_string());
+            }
+            let rows: Vec<Vec<String>> = v["tokens"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|t| {
+                            vec![
+                                t["id"].as_str().unwrap_or("").to_string(),
+                                t["name"].as_str().unwrap_or("").to_string(),
+                                t["scope"].as_str().unwrap_or("").to_string(),
+                                t["expires_at_ms"].to_string(),
+                            ]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            Ok(table(&["ID", "NAME", "SCOPE", "EXPIRES_AT_MS"], &rows))
+        }
+        TokenCmd::Revoke { id } => {
+            model::validate_name("id", &id)?;
+            let v = client
+                .request(Method::DELETE, &format!("/v1/tokens/{id}"), None)
+                .await?;
+            if json_out {
+                return Ok(v.to_string());
+            }
+            Ok(format!("token {id} revoked (index {})", v["index"]))
         }
     }
 }
@@ -387,9 +534,17 @@ fn status_table(v: &Value) -> String {
             let st = &v["node_status"][id.as_str()];
             let render = &st["render"];
             let (applied, haproxy, error) = if st.get("error").is_some() {
-                ("-".to_string(), "-".to_string(), st["error"].as_str().unwrap_or("").to_string())
+                (
+                    "-".to_string(),
+                    "-".to_string(),
+                    st["error"].as_str().unwrap_or("").to_string(),
+                )
             } else if render.is_null() {
-                (st["applied_index"].to_string(), "none (witness)".into(), String::new())
+                (
+                    st["applied_index"].to_string(),
+                    "none (witness)".into(),
+                    String::new(),
+                )
             } else {
                 (
                     st["applied_index"].to_string(),
@@ -440,7 +595,9 @@ fn failover_text(v: &Value) -> String {
         _ => out.push_str("\nthe new leader has not reported holding the VIP yet (see clb status)"),
     }
     if let Some(e) = v["release"]["error"].as_str() {
-        out.push_str(&format!("\nwarning: the old leader's release hook failed: {e}"));
+        out.push_str(&format!(
+            "\nwarning: the old leader's release hook failed: {e}"
+        ));
     }
     out
 }
@@ -463,7 +620,7 @@ pub async fn legacy(register: bool, args: &[String]) -> Result<String, Failure> 
     model::validate_name("member", node)?;
     model::validate_address(node)?;
     let server = std::env::var("CLB_SERVER").unwrap_or_else(|_| "localhost:8090".into());
-    let client = Client::new(&server, Some(password.clone()))?;
+    let client = Client::with_options(&server, Some(password.clone()), ClientOptions::from_env())?;
     if register {
         let i = client
             .register(service, node, node, None, None, None)

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::api::serve::{Limits, TlsSettings};
+use crate::consensus::network::PeerTls;
 use crate::consensus::{Bootstrap, NodeId, RaftSettings};
 use crate::failover::{FailoverConfig, HealthCheck, Hook};
 
@@ -63,6 +65,12 @@ pub struct Settings {
     /// File with accepted API tokens, one per line [default: DATA_DIR/token, created]
     #[arg(long, env = "CLB_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+    /// File with the 2010 shared password(s): accepted with scope register:* only
+    #[arg(long, env = "CLB_LEGACY_PASSWORD_FILE")]
+    pub legacy_password_file: Option<PathBuf>,
+    /// Failed authentications one source address may make per minute before 429 [default: 20]
+    #[arg(long, env = "CLB_AUTH_FAILURES_PER_MINUTE")]
+    pub auth_failures_per_minute: Option<u32>,
     /// Directory with haproxy.cfg.j2 overriding the built-in template
     #[arg(long, env = "CLB_TEMPLATE_DIR")]
     pub template_dir: Option<PathBuf>,
@@ -136,6 +144,27 @@ pub struct Settings {
     /// Consecutive --health-cmd failures that make this node unhealthy [default: 3]
     #[arg(long, env = "CLB_HEALTH_FAILURES")]
     pub health_failures: Option<u32>,
+    /// PEM certificate chain: serve the API and peer RPCs over HTTPS (with --tls-key)
+    #[arg(long, env = "CLB_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, RSA or EC) of --tls-cert
+    #[arg(long, env = "CLB_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s) peers' certificates are checked against [default: the bundled web roots]
+    #[arg(long, env = "CLB_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Connections served at once; more wait in the kernel's backlog [default: 1024]
+    #[arg(long, env = "CLB_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// How long a client may take to send request headers [default: 10000]
+    #[arg(long, env = "CLB_HEADER_READ_TIMEOUT_MS")]
+    pub header_read_timeout_ms: Option<u64>,
+    /// A request running longer is answered 408 [default: 30000]
+    #[arg(long, env = "CLB_REQUEST_TIMEOUT_MS")]
+    pub request_timeout_ms: Option<u64>,
+    /// A connection with no traffic either way for this long is closed [default: 60000]
+    #[arg(long, env = "CLB_IDLE_TIMEOUT_MS")]
+    pub idle_timeout_ms: Option<u64>,
 }
 
 macro_rules! merge {
@@ -158,6 +187,8 @@ impl Settings {
             join,
             role,
             token_file,
+            legacy_password_file,
+            auth_failures_per_minute,
             template_dir,
             output,
             reload_cmd,
@@ -182,6 +213,13 @@ impl Settings {
             health_cmd,
             health_interval_ms,
             health_failures,
+            tls_cert,
+            tls_key,
+            tls_ca,
+            max_connections,
+            header_read_timeout_ms,
+            request_timeout_ms,
+            idle_timeout_ms,
         )
     }
 
@@ -217,6 +255,8 @@ pub struct Config {
     pub join: bool,
     pub role: Role,
     pub token_file: Option<PathBuf>,
+    pub legacy_password_file: Option<PathBuf>,
+    pub auth_failures_per_minute: u32,
     pub template_dir: Option<PathBuf>,
     pub output: PathBuf,
     pub reload_cmd: Option<String>,
@@ -235,11 +275,17 @@ pub struct Config {
     pub stats_port: Option<u16>,
     pub reload_min_interval: Duration,
     pub render_coalesce: Duration,
+    /// `Some`: the API and peer RPCs are served over HTTPS.
+    pub tls: Option<TlsSettings>,
+    /// Connection cap and slow-client timeouts of the listener.
+    pub limits: Limits,
 }
 
 impl Config {
     pub fn from_settings(s: Settings) -> Result<Config, ConfigError> {
         let failover_settings = s.clone();
+        let tls = tls_settings(&s)?;
+        let limits = limits(&s)?;
         let node_id = s.node_id.unwrap_or(1);
         if node_id == 0 {
             return Err(invalid("node-id", "must be at least 1"));
@@ -273,8 +319,12 @@ impl Config {
         };
         let preset = Timers::parse(s.timers.as_deref().unwrap_or("default"))?;
         let heartbeat_ms = s.heartbeat_ms.unwrap_or(preset.heartbeat_ms);
-        let min = s.election_timeout_min_ms.unwrap_or(preset.election_timeout_min_ms);
-        let max = s.election_timeout_max_ms.unwrap_or(preset.election_timeout_max_ms);
+        let min = s
+            .election_timeout_min_ms
+            .unwrap_or(preset.election_timeout_min_ms);
+        let max = s
+            .election_timeout_max_ms
+            .unwrap_or(preset.election_timeout_max_ms);
         if heartbeat_ms == 0 || heartbeat_ms >= min {
             return Err(invalid(
                 "heartbeat-ms",
@@ -300,6 +350,8 @@ impl Config {
             join,
             role,
             token_file: s.token_file,
+            legacy_password_file: s.legacy_password_file,
+            auth_failures_per_minute: s.auth_failures_per_minute.unwrap_or(20).max(1),
             template_dir: s.template_dir,
             output: s
                 .output
@@ -314,6 +366,9 @@ impl Config {
                 election_timeout_max_ms: max,
                 elect: role == Role::Balancer,
                 forward_timeout: Duration::from_millis(s.forward_timeout_ms.unwrap_or(5_000)),
+                peer_tls: tls.as_ref().map(|_| PeerTls {
+                    ca: s.tls_ca.clone(),
+                }),
             },
             service_defaults: s
                 .auto_create_services
@@ -325,6 +380,8 @@ impl Config {
             stats_port: Some(s.stats_port.unwrap_or(8404)).filter(|&p| p != 0),
             reload_min_interval: Duration::from_millis(s.reload_min_interval_ms.unwrap_or(1_000)),
             render_coalesce: Duration::from_millis(s.render_coalesce_ms.unwrap_or(5)),
+            tls,
+            limits,
         })
     }
 
@@ -354,6 +411,69 @@ impl Config {
         };
         SocketAddr::new(ip, bound.port()).to_string()
     }
+}
+
+/// `--tls-cert` and `--tls-key` (both or neither), loaded once so a bad file
+/// stops start-up; `--tls-ca` only with them.
+fn tls_settings(s: &Settings) -> Result<Option<TlsSettings>, ConfigError> {
+    let tls = match (&s.tls_cert, &s.tls_key) {
+        (Some(cert), Some(key)) => TlsSettings {
+            cert: cert.clone(),
+            key: key.clone(),
+        },
+        (None, None) => {
+            if s.tls_ca.is_some() {
+                return Err(invalid("tls-ca", "needs --tls-cert and --tls-key"));
+            }
+            return Ok(None);
+        }
+        (Some(_), None) => return Err(invalid("tls-cert", "needs --tls-key")),
+        (None, Some(_)) => return Err(invalid("tls-key", "needs --tls-cert")),
+    };
+    if let Err(e) = crate::api::serve::check_tls(&tls) {
+        use crate::api::serve::ServeError;
+        let key = tls.key.display().to_string();
+        let flag = match &e {
+            ServeError::NoKey { .. } => "tls-key",
+            ServeError::ReadFile { path, .. } | ServeError::Pem { path, .. } if *path == key => {
+                "tls-key"
+            }
+            _ => "tls-cert",
+        };
+        return Err(invalid(flag, e.to_string()));
+    }
+    if let Some(ca) = &s.tls_ca {
+        crate::consensus::network::load_ca(ca).map_err(|e| invalid("tls-ca", e.to_string()))?;
+    }
+    Ok(Some(tls))
+}
+
+fn limits(s: &Settings) -> Result<Limits, ConfigError> {
+    let d = Limits::default();
+    let ms = |flag: &'static str, v: Option<u64>, default: Duration| match v {
+        None => Ok(default),
+        Some(0) => Err(invalid(flag, "must be above 0")),
+        Some(v) => Ok(Duration::from_millis(v)),
+    };
+    let max_connections = s.max_connections.unwrap_or(d.max_connections);
+    if max_connections == 0 {
+        return Err(invalid("max-connections", "must be at least 1"));
+    }
+    Ok(Limits {
+        max_connections,
+        header_read_timeout: ms(
+            "header-read-timeout-ms",
+            s.header_read_timeout_ms,
+            d.header_read_timeout,
+        )?,
+        request_timeout: ms(
+            "request-timeout-ms",
+            s.request_timeout_ms,
+            d.request_timeout,
+        )?,
+        idle_timeout: ms("idle-timeout-ms", s.idle_timeout_ms, d.idle_timeout)?,
+        tls_handshake_timeout: d.tls_handshake_timeout,
+    })
 }
 
 /// Named timer presets; see docs/failover.md.
@@ -426,7 +546,9 @@ fn failover_config(
     if lease_ms < 2 * heartbeat_ms {
         return Err(invalid(
             "lease-ms",
-            format!("{lease_ms} must be at least twice --heartbeat-ms {heartbeat_ms}, or the VIP flaps"),
+            format!(
+                "{lease_ms} must be at least twice --heartbeat-ms {heartbeat_ms}, or the VIP flaps"
+            ),
         ));
     }
     let hook_timeout_ms = s.vip_hook_timeout_ms.unwrap_or(5_000);
@@ -564,7 +686,10 @@ mod tests {
         .starts_with("--timers"));
         let c = Config::from_settings(vip("fd00::5", "linux-vip:lo")).unwrap();
         assert_eq!(c.failover.lease, Duration::from_millis(200));
-        assert_eq!(c.failover.hook.as_ref().and_then(|h| h.interface()), Some("lo"));
+        assert_eq!(
+            c.failover.hook.as_ref().and_then(|h| h.interface()),
+            Some("lo")
+        );
         // A preset sets the timers; an explicit flag still wins.
         let c = Config::from_settings(Settings {
             timers: Some("fast".into()),

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::api::{self, AppState, Tokens};
+use crate::api::{self, AppState, FailureLimit, Tokens};
 use crate::config::{Config, Role};
 use crate::render::{self, NodeContext, Peer, RenderInput, RenderSettings, Template, TemplateError};
 use crate::consensus::{rpc, Consensus, StartError};
@@ -34,7 +34,7 @@ pub enum DaemonError {
     #[error("{0}")]
     Start(#[from] StartError),
     #[error("serve: {0}")]
-    Serve(std::io::Error),
+    Serve(api::serve::ServeError),
     #[error("{0}")]
     Template(#[from] TemplateError),
 }
@@ -190,6 +190,10 @@ pub async fn run(
     let state = AppState {
         consensus: consensus.clone(),
         tokens: Arc::new(tokens),
+        auth_failures: Arc::new(FailureLimit::new(
+            config.auth_failures_per_minute,
+            Duration::from_secs(60),
+        )),
         role: config.role,
         advertise,
         service_defaults: config.service_defaults.clone(),
@@ -203,10 +207,13 @@ pub async fn run(
         .merge(rpc::routes(consensus.clone()))
         .merge(rpc::campaign_route(consensus.clone(), failover.may_campaign()));
 
-    let mut graceful_rx = stop_rx.clone();
-    let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
-        let _ = graceful_rx.wait_for(|s| *s).await;
-    });
+    let serve = api::serve::serve(
+        listener,
+        app,
+        config.tls.clone(),
+        config.limits.clone(),
+        stop_rx.clone(),
+    );
     let grace = async move {
         let _ = stop_rx.wait_for(|s| *s).await;
         tokio::time::sleep(SHUTDOWN_GRACE).await;
@@ -243,7 +250,14 @@ fn load_tokens(config: &Config) -> Result<Tokens, DaemonError> {
         path: path.display().to_string(),
         source,
     })?;
-    let tokens = Tokens::parse(&text);
+    let legacy = match &config.legacy_password_file {
+        Some(p) => Some(std::fs::read_to_string(p).map_err(|source| DaemonError::TokenFile {
+            path: p.display().to_string(),
+            source,
+        })?),
+        None => None,
+    };
+    let tokens = Tokens::new(&text, legacy.as_deref());
     if tokens.is_empty() {
         return Err(DaemonError::NoTokens(path.display().to_string()));
     }

@@ -13,6 +13,8 @@
 
 /// HTTP API v1 routes and errors.
 pub mod api;
+/// Token scopes and permissions; pure.
+pub mod auth;
 /// The `clb` command line: parsing and output.
 pub mod cli;
 /// Typed HTTP client for the API.

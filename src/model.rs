@@ -312,6 +312,7 @@ impl ServiceDef {
 /// characters are allowed.
 fn validate_check_path(path: &str) -> Result<(), InvalidField> {
     let ok = path.starts_with('/')
+        && !path.split(['/', '?']).any(|seg| seg == "..")
         && path.len() <= 256
         && path
             .bytes()
@@ -321,7 +322,7 @@ fn validate_check_path(path: &str) -> Result<(), InvalidField> {
     } else {
         Err(InvalidField::new(
             "check.path",
-            "must start with / and use only A-Z a-z 0-9 / . _ - ~ % ? = &, at most 256 characters",
+            "must start with /, have no .. segment, and use only A-Z a-z 0-9 / . _ - ~ % ? = &, at most 256 characters",
         ))
     }
 }
@@ -432,6 +433,84 @@ pub enum Command {
         service: String,
         def: ServiceDef,
     },
+    CreateToken {
+        id: String,
+        token: crate::auth::Token,
+    },
+    RevokeToken {
+        id: String,
+    },
+}
+
+/// A command as the Raft log carries it: who asked, and when (stamped by the
+/// node that took the request), for the audit history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proposal {
+    pub cmd: Command,
+    /// Token id, `bootstrap` (token file) or `legacy` (2010 password).
+    pub by: String,
+    pub at_ms: u64,
+}
+
+/// One accepted write in the replicated history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub index: u64,
+    pub at_ms: u64,
+    pub by: String,
+    pub action: String,
+    pub service: Option<String>,
+    pub member: Option<String>,
+    /// A short description of what changed.
+    pub detail: String,
+}
+
+impl Proposal {
+    pub fn audit(&self, index: u64) -> AuditEntry {
+        let (action, service, member, detail) = match &self.cmd {
+            Command::Register {
+                service,
+                member,
+                spec,
+                ..
+            } => (
+                "register",
+                Some(service),
+                Some(member),
+                format!("{}:{}", spec.address, spec.port.map_or("-".into(), |p| p.to_string())),
+            ),
+            Command::Unregister { service, member } => {
+                ("unregister", Some(service), Some(member), String::new())
+            }
+            Command::SetMemberState {
+                service,
+                member,
+                state,
+            } => ("set-state", Some(service), Some(member), state.to_string()),
+            Command::DefineService { service, def } => (
+                "define-service",
+                Some(service),
+                None,
+                format!("port {}", def.port),
+            ),
+            Command::CreateToken { id, token } => (
+                "create-token",
+                None,
+                None,
+                format!("{id} {} {}", token.name, token.scope),
+            ),
+            Command::RevokeToken { id } => ("revoke-token", None, None, id.clone()),
+        };
+        AuditEntry {
+            index,
+            at_ms: self.at_ms,
+            by: self.by.clone(),
+            action: action.into(),
+            service: service.cloned(),
+            member: member.cloned(),
+            detail,
+        }
+    }
 }
 
 impl Command {
@@ -463,6 +542,16 @@ impl Command {
                 validate_name("service", service)?;
                 def.validate()?;
             }
+            Command::CreateToken { id, token } => {
+                validate_name("id", id)?;
+                if token.name.len() > 63 || token.name.chars().any(char::is_control) {
+                    return Err(InvalidField::new(
+                        "name",
+                        "at most 63 characters, no control characters",
+                    ));
+                }
+            }
+            Command::RevokeToken { id } => validate_name("id", id)?,
         }
         Ok(())
     }
@@ -482,6 +571,9 @@ pub enum Response {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Registry {
     pub services: BTreeMap<String, Arc<Service>>,
+    /// API tokens by id; replicated so a create or revoke holds on every node.
+    #[serde(default)]
+    pub tokens: BTreeMap<String, crate::auth::Token>,
 }
 
 impl Registry {
@@ -520,6 +612,18 @@ impl Registry {
                 .map(|(other, _)| Response::Rejected {
                     reason: format!("port {} is already used by service {other}", def.port),
                 }),
+            Command::CreateToken { id, .. } => {
+                self.tokens
+                    .contains_key(id)
+                    .then(|| Response::Rejected {
+                        reason: format!("token id {id} exists"),
+                    })
+            }
+            Command::RevokeToken { id } => (!self.tokens.contains_key(id)).then(|| {
+                Response::NotFound {
+                    what: format!("token {id}"),
+                }
+            }),
         }
     }
 
@@ -592,6 +696,12 @@ impl Registry {
                         m.state = *state;
                     }
                 }
+            }
+            Command::CreateToken { id, token } => {
+                self.tokens.insert(id.clone(), token.clone());
+            }
+            Command::RevokeToken { id } => {
+                self.tokens.remove(id);
             }
             Command::DefineService { service, def } => match self.services.get_mut(service) {
                 Some(s) => Arc::make_mut(s).def = def.clone(),
@@ -705,6 +815,8 @@ mod tests {
     fn check_paths_cannot_inject() {
         for bad in [
             "x",
+            "/../etc",
+            "/a/..?x",
             "/a b",
             "/a\nb",
             "/a#b",

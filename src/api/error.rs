@@ -15,8 +15,12 @@ pub enum ApiError {
     Invalid(#[from] InvalidField),
     #[error("{message}")]
     BadRequest { message: String, status: StatusCode },
-    #[error("missing or wrong token")]
-    Unauthorized,
+    #[error("missing or wrong token: {0}")]
+    Unauthorized(&'static str),
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    #[error("too many failed authentications from this address; retry in {retry_after_s} s")]
+    TooManyRequests { retry_after_s: u64 },
     #[error("{0} not found")]
     NotFound(String),
     #[error("{0}")]
@@ -30,7 +34,9 @@ impl ApiError {
         match self {
             ApiError::Invalid(_) => StatusCode::BAD_REQUEST,
             ApiError::BadRequest { status, .. } => *status,
-            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Consensus(ConsensusError::Rejected(_)) => StatusCode::CONFLICT,
@@ -57,7 +63,10 @@ impl IntoResponse for ApiError {
         let status = self.status();
         let body = Json(json!({"error": self.to_string(), "detail": self.detail()}));
         if status == StatusCode::UNAUTHORIZED {
-            return (status, [(header::WWW_AUTHENTICATE, "Bearer")], body).into_response();
+            return (status, [(header::WWW_AUTHENTICATE, "Bearer".to_string())], body).into_response();
+        }
+        if let ApiError::TooManyRequests { retry_after_s } = &self {
+            return (status, [(header::RETRY_AFTER, retry_after_s.to_string())], body).into_response();
         }
         (status, body).into_response()
     }

@@ -2,14 +2,16 @@
 //! the peer RPCs. Handlers validate, build a [`Command`], and hand it to
 //! [`Consensus`], which replicates it through the leader from any node.
 
+mod authn;
 mod error;
+/// The listener: accept loop, TLS with certificate reload, connection limits.
+pub mod serve;
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
-use axum::http::request::Parts;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
@@ -17,6 +19,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+pub use authn::{FailureLimit, Principal, Tokens};
 pub use error::ApiError;
 
 use crate::config::Role;
@@ -24,59 +27,21 @@ use crate::failover::Failover;
 use crate::render::{self, NodeContext, RenderInput, RenderStatus, Template};
 use tokio::sync::watch;
 use crate::consensus::{Consensus, NodeId, Written};
+use crate::auth::{self, Need, Scope, Token};
 use crate::model::{
-    self, Balance, Check, Command, MemberSpec, MemberState, Mode, Registry, Response as Outcome,
+    self, Proposal, Balance, Check, Command, MemberSpec, MemberState, Mode, Registry, Response as Outcome,
     ServiceDef,
 };
 
 /// Client request bodies are small; anything larger is a mistake or an attack.
 pub const BODY_LIMIT: usize = 64 * 1024;
 
-/// Accepted bearer tokens.
-#[derive(Debug, Default)]
-pub struct Tokens {
-    tokens: Vec<Vec<u8>>,
-}
-
-impl Tokens {
-    /// One token per line; blank lines and `#` comments are skipped.
-    pub fn parse(text: &str) -> Tokens {
-        let tokens = text
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-            .map(|l| l.as_bytes().to_vec())
-            .collect();
-        Tokens { tokens }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.tokens.is_empty()
-    }
-
-    /// Compares against every token without stopping early, so timing does
-    /// not tell which prefix was right.
-    pub fn accepts(&self, presented: &[u8]) -> bool {
-        let mut ok = false;
-        for t in &self.tokens {
-            ok |= constant_time_eq(t, presented);
-        }
-        ok
-    }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// Everything a handler needs.
 #[derive(Clone)]
 pub struct AppState {
     pub consensus: Consensus,
     pub tokens: Arc<Tokens>,
+    pub auth_failures: Arc<FailureLimit>,
     pub role: Role,
     pub advertise: String,
     /// How unknown services are created on first registration; `None`: never.
@@ -112,6 +77,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/cluster/nodes", post(add_node))
         .route("/v1/cluster/failover", post(failover))
         .route("/v1/cluster/nodes/{id}", delete(remove_node))
+        .route("/v1/tokens", get(list_tokens).post(create_token))
+        .route("/v1/tokens/{id}", delete(revoke_token))
+        .route("/v1/audit", get(audit))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
@@ -123,29 +91,8 @@ async fn not_found() -> ApiError {
     ApiError::NotFound("route".into())
 }
 
-/// Proof that the request carried an accepted bearer token.
-pub struct Authorized;
-
-impl FromRequestParts<AppState> for Authorized {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let presented = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
-            .ok_or(ApiError::Unauthorized)?;
-        if state.tokens.accepts(presented.as_bytes()) {
-            Ok(Authorized)
-        } else {
-            Err(ApiError::Unauthorized)
-        }
-    }
-}
-
-fn now_ms() -> u64 {
+/// Wall-clock milliseconds, as stamped into proposals.
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -161,9 +108,14 @@ fn answer(w: Written) -> Result<Json<Value>, ApiError> {
     }
 }
 
-async fn write(state: &AppState, cmd: Command) -> Result<Json<Value>, ApiError> {
+async fn write(state: &AppState, by: &Principal, cmd: Command) -> Result<Json<Value>, ApiError> {
     cmd.validate()?;
-    answer(state.consensus.write(cmd).await?)
+    let proposal = Proposal {
+        cmd,
+        by: by.id.clone(),
+        at_ms: now_ms(),
+    };
+    answer(state.consensus.write(proposal).await?)
 }
 
 #[derive(Debug, Deserialize)]
@@ -177,11 +129,15 @@ struct RegisterBody {
 
 async fn register(
     State(state): State<AppState>,
-    _: Authorized,
+    p: Principal,
     path: Result<Path<(String, String)>, PathRejection>,
     body: Result<Json<RegisterBody>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Path((service, member)) = path?;
+    p.require(Need::Member {
+        service: &service,
+        member: &member,
+    })?;
     let Json(body) = body?;
     model::validate_name("service", &service)?;
     model::validate_name("member", &member)?;
@@ -205,7 +161,7 @@ async fn register(
         create,
         at_ms: now_ms(),
     };
-    write(&state, cmd).await.map_err(|e| match e {
+    write(&state, &p, cmd).await.map_err(|e| match e {
         ApiError::NotFound(what) if what.starts_with("service") => ApiError::NotFound(format!(
             "{what} (define it first: PUT /v1/services/{service} with its port)"
         )),
@@ -215,11 +171,15 @@ async fn register(
 
 async fn unregister(
     State(state): State<AppState>,
-    _: Authorized,
+    p: Principal,
     path: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Path((service, member)) = path?;
-    write(&state, Command::Unregister { service, member }).await
+    p.require(Need::Member {
+        service: &service,
+        member: &member,
+    })?;
+    write(&state, &p, Command::Unregister { service, member }).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -230,11 +190,15 @@ struct StateBody {
 
 async fn set_member_state(
     State(state): State<AppState>,
-    _: Authorized,
+    p: Principal,
     path: Result<Path<(String, String)>, PathRejection>,
     body: Result<Json<StateBody>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Path((service, member)) = path?;
+    p.require(Need::Member {
+        service: &service,
+        member: &member,
+    })?;
     let Json(body) = body?;
     let new_state: MemberState = body.state.parse()?;
     let cmd = Command::SetMemberState {
@@ -242,7 +206,7 @@ async fn set_member_state(
         member,
         state: new_state,
     };
-    write(&state, cmd).await
+    write(&state, &p, cmd).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -258,11 +222,12 @@ struct ServiceBody {
 
 async fn define_service(
     State(state): State<AppState>,
-    _: Authorized,
+    p: Principal,
     path: Result<Path<String>, PathRejection>,
     body: Result<Json<ServiceBody>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Path(service) = path?;
+    p.require(Need::Admin)?;
     let Json(body) = body?;
     let port = model::validate_port("port", body.port)?;
     let def = ServiceDef {
@@ -277,7 +242,7 @@ async fn define_service(
         check: body.check.unwrap_or_default(),
         server: body.server.unwrap_or_default(),
     };
-    write(&state, Command::DefineService { service, def }).await
+    write(&state, &p, Command::DefineService { service, def }).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -306,9 +271,10 @@ fn service_json(svc: &model::Service) -> Value {
 
 async fn list_services(
     State(state): State<AppState>,
-    _: Authorized,
+    p: Principal,
     params: Result<Query<ReadParams>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    p.require(Need::Read)?;
     let (index, reg) = read_registry(&state, params).await?;
     let services: serde_json::Map<String, Value> = reg
         .services
@@ -320,11 +286,12 @@ async fn list_services(
 
 async fn get_service(
     State(state): State<AppState>,
-    _: Authorized,
+    p: Principal,
     path: Result<Path<String>, PathRejection>,
     params: Result<Query<ReadParams>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Path(service) = path?;
+    p.require(Need::Read)?;
     model::validate_name("service", &service)?;
     let (index, reg) = read_registry(&state, params).await?;
     let svc = reg
@@ -386,17 +353,19 @@ pub fn node_view(state: &AppState) -> Value {
     })
 }
 
-async fn node_status(State(state): State<AppState>, _: Authorized) -> Json<Value> {
-    Json(node_view(&state))
+async fn node_status(State(state): State<AppState>, p: Principal) -> Result<Json<Value>, ApiError> {
+    p.require(Need::Read)?;
+    Ok(Json(node_view(&state)))
 }
 
 /// The cluster as this node sees it, plus every node's own status fetched
 /// with the caller's token (unreachable nodes say so).
 async fn cluster(
     State(state): State<AppState>,
-    _: Authorized,
+    p: Principal,
     headers: axum::http::HeaderMap,
-) -> Json<Value> {
+) -> Result<Json<Value>, ApiError> {
+    p.require(Need::Read)?;
     let mut view = cluster_view(&state);
     let auth = headers.get(header::AUTHORIZATION).cloned();
     let nodes: Vec<(String, String)> = view["nodes"]
@@ -438,11 +407,12 @@ async fn cluster(
     let statuses: serde_json::Map<String, Value> =
         futures::future::join_all(fetches).await.into_iter().collect();
     view["node_status"] = Value::Object(statuses);
-    Json(view)
+    Ok(Json(view))
 }
 
 /// The config this node would render from its current registry: a dry run.
-async fn dry_run(State(state): State<AppState>, _: Authorized) -> Result<Response, ApiError> {
+async fn dry_run(State(state): State<AppState>, p: Principal) -> Result<Response, ApiError> {
+    p.require(Need::Read)?;
     let Some(template) = &state.template else {
         return Err(ApiError::Conflict("a witness renders nothing".into()));
     };
@@ -463,9 +433,10 @@ struct AddNodeBody {
 
 async fn add_node(
     State(state): State<AppState>,
-    _: Authorized,
+    p: Principal,
     body: Result<Json<AddNodeBody>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    p.require(Need::Admin)?;
     let Json(body) = body?;
     if body.id == 0 {
         return Err(model::InvalidField {
@@ -490,12 +461,121 @@ async fn add_node(
 
 async fn remove_node(
     State(state): State<AppState>,
-    _: Authorized,
+    p: Principal,
     path: Result<Path<NodeId>, PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Path(id) = path?;
+    p.require(Need::Admin)?;
     let index = state.consensus.remove_node(id).await?;
     Ok(Json(json!({"index": index})))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenBody {
+    scope: String,
+    /// `90d`, `12h`, `30m`, `45s`; none: no expiry.
+    ttl: Option<String>,
+    name: Option<String>,
+}
+
+async fn create_token(
+    State(state): State<AppState>,
+    p: Principal,
+    body: Result<Json<TokenBody>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    p.require(Need::Admin)?;
+    let Json(body) = body?;
+    let scope: Scope = body.scope.parse()?;
+    let now = now_ms();
+    let expires_at_ms = body
+        .ttl
+        .as_deref()
+        .map(auth::parse_ttl)
+        .transpose()?
+        .map(|s| now + s * 1_000);
+    let (id, secret) = auth::new_secret();
+    let name = body.name.unwrap_or_default();
+    let token = Token {
+        name: name.clone(),
+        scope: scope.clone(),
+        hash: auth::sha256_hex(secret.as_bytes()),
+        created_at_ms: now,
+        expires_at_ms,
+        created_by: p.id.clone(),
+    };
+    let Json(written) = write(&state, &p, Command::CreateToken { id: id.clone(), token }).await?;
+    // The secret is shown once; only its hash is stored.
+    Ok(Json(json!({
+        "index": written["index"],
+        "id": id,
+        "secret": secret,
+        "name": name,
+        "scope": scope.to_string(),
+        "expires_at_ms": expires_at_ms,
+    })))
+}
+
+async fn list_tokens(State(state): State<AppState>, p: Principal) -> Result<Json<Value>, ApiError> {
+    p.require(Need::Admin)?;
+    let applied = state.consensus.applied();
+    let tokens: Vec<Value> = applied
+        .registry
+        .tokens
+        .iter()
+        .map(|(id, t)| {
+            json!({
+                "id": id,
+                "name": t.name,
+                "scope": t.scope.to_string(),
+                "created_at_ms": t.created_at_ms,
+                "created_by": t.created_by,
+                "expires_at_ms": t.expires_at_ms,
+            })
+        })
+        .collect();
+    Ok(Json(json!({"index": applied.index, "tokens": tokens})))
+}
+
+async fn revoke_token(
+    State(state): State<AppState>,
+    p: Principal,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    p.require(Need::Admin)?;
+    let Path(id) = path?;
+    write(&state, &p, Command::RevokeToken { id }).await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditParams {
+    service: Option<String>,
+    /// Milliseconds since the Unix epoch.
+    since: Option<u64>,
+    limit: Option<usize>,
+}
+
+async fn audit(
+    State(state): State<AppState>,
+    p: Principal,
+    params: Result<Query<AuditParams>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    p.require(Need::Read)?;
+    let Query(q) = params?;
+    if let Some(s) = &q.service {
+        model::validate_name("service", s)?;
+    }
+    let since = q.since.unwrap_or(0);
+    let limit = q.limit.unwrap_or(1_000).min(10_000);
+    let entries = state
+        .consensus
+        .audit(
+            |e| e.at_ms >= since && q.service.as_ref().is_none_or(|s| e.service.as_ref() == Some(s)),
+            limit,
+        )
+        .map_err(|e| ApiError::Consensus(crate::consensus::ConsensusError::Unknown(e.to_string())))?;
+    Ok(Json(json!({"entries": entries})))
 }
 
 async fn healthz(State(state): State<AppState>) -> Response {
@@ -599,9 +679,10 @@ async fn metrics(State(state): State<AppState>) -> Response {
 /// the caller's token.
 async fn failover(
     State(state): State<AppState>,
-    _: Authorized,
+    p: Principal,
     headers: axum::http::HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
+    p.require(Need::Admin)?;
     use crate::failover::FailoverError;
     let unavailable = |why: String| ApiError::Consensus(crate::consensus::ConsensusError::Unavailable(why));
     let started = std::time::Instant::now();

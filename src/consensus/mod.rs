@@ -17,14 +17,14 @@ use openraft::{BasicNode, ChangeMembers, ServerState};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::model::{Command, Response};
+use crate::model::{Proposal, Response};
 use network::{CallError, Network, PeerClient};
 pub use store::Applied;
 
 openraft::declare_raft_types!(
     /// clb's Raft types: registry commands in, apply outcomes out.
     pub TypeConfig:
-        D = Command,
+        D = Proposal,
         R = Response,
         NodeId = NodeId,
         Node = openraft::BasicNode,
@@ -59,6 +59,8 @@ pub struct RaftSettings {
     pub elect: bool,
     /// How long a write waits for a leader before answering 503.
     pub forward_timeout: Duration,
+    /// `Some`: peers serve HTTPS and are called over it.
+    pub peer_tls: Option<network::PeerTls>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,7 +107,7 @@ pub enum ConsensusError {
 /// What only the leader can do; followers forward these over `/raft/leader`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum LeaderRequest {
-    Write(Command),
+    Write(Proposal),
     ReadIndex,
     AddNode {
         id: NodeId,
@@ -226,7 +228,8 @@ impl Consensus {
         .validate()
         .map_err(|e| StartError::Config(e.to_string()))?;
 
-        let peers = PeerClient::new(cluster_id);
+        let peers = PeerClient::with_tls(cluster_id, settings.peer_tls.as_ref())
+            .map_err(|e| StartError::Config(e.to_string()))?;
         let applied = stores.sm.subscribe();
         let raft = Raft::new(
             id,
@@ -284,6 +287,11 @@ impl Consensus {
         self.peers.cluster_id()
     }
 
+    /// The client for calls to other nodes: the cluster's scheme and trust.
+    pub fn peer_client(&self) -> &PeerClient {
+        &self.peers
+    }
+
     /// Accepts a peer's cluster id: equal, or adopted when this node joined
     /// with none. Returns false for a stranger.
     pub fn accept_cluster(&self, claimed: &str) -> bool {
@@ -306,8 +314,8 @@ impl Consensus {
     }
 
     /// Replicates `cmd` through the leader, from any node.
-    pub async fn write(&self, cmd: Command) -> Result<Written, ConsensusError> {
-        match self.to_leader(LeaderRequest::Write(cmd)).await? {
+    pub async fn write(&self, proposal: Proposal) -> Result<Written, ConsensusError> {
+        match self.to_leader(LeaderRequest::Write(proposal)).await? {
             LeaderReply::Written { index, response } => Ok(Written { index, response }),
             other => Err(unexpected(other)),
         }
@@ -435,18 +443,18 @@ impl Consensus {
     /// Executes a leader request on this node, which believes it leads.
     pub async fn on_leader(&self, req: LeaderRequest) -> Result<LeaderReply, LeaderError> {
         match req {
-            LeaderRequest::Write(cmd) => {
+            LeaderRequest::Write(proposal) => {
                 // A refused command (unknown member, port taken) must write nothing.
                 // Our applied state may lag; the barrier makes it include every
                 // acknowledged write before we answer a refusal from it. (A
                 // refusal it misses is caught by apply, which changes nothing.)
-                if self.applied().registry.refusal(&cmd).is_some() {
+                if self.applied().registry.refusal(&proposal.cmd).is_some() {
                     let index = self.leader_barrier().await?;
-                    if let Some(response) = self.applied().registry.refusal(&cmd) {
+                    if let Some(response) = self.applied().registry.refusal(&proposal.cmd) {
                         return Ok(LeaderReply::Written { index, response });
                     }
                 }
-                match self.raft.client_write(cmd).await {
+                match self.raft.client_write(proposal).await {
                     Ok(resp) => Ok(LeaderReply::Written {
                         index: resp.log_id.index,
                         response: resp.data,
@@ -511,6 +519,15 @@ impl Consensus {
             }
             Err(e) => Err(LeaderError::Failed(e.to_string())),
         }
+    }
+
+    /// This node's copy of the replicated audit history, newest first.
+    pub fn audit(
+        &self,
+        keep: impl Fn(&crate::model::AuditEntry) -> bool,
+        limit: usize,
+    ) -> Result<Vec<crate::model::AuditEntry>, store::StoreError> {
+        store::read_audit(&self.db, keep, limit)
     }
 
     /// True when this node is the leader.

@@ -4,6 +4,7 @@
 //! Every request carries the cluster id in `x-clb-cluster`, so a node of
 //! another cluster (or a stray data dir) is refused instead of corrupting us.
 
+use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -65,24 +66,113 @@ impl CallError {
     }
 }
 
+/// How peers are called when the cluster serves HTTPS.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerTls {
+    /// PEM CA certificate(s) peers' certificates are checked against;
+    /// `None`: the bundled web roots.
+    pub ca: Option<PathBuf>,
+}
+
+/// Why the HTTPS peer client could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerTlsError {
+    #[error("read CA file {path}: {source}")]
+    ReadCa {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("CA file {path}: {source}")]
+    ParseCa {
+        path: String,
+        source: reqwest::Error,
+    },
+    #[error("CA file {path}: no PEM certificate found")]
+    NoCa { path: String },
+    #[error("build the HTTPS client: {0}")]
+    Build(reqwest::Error),
+}
+
 /// A small HTTP client for peer calls, shared by Raft RPCs and write forwarding.
 #[derive(Clone)]
 pub struct PeerClient {
     http: reqwest::Client,
+    /// `http` or `https`, as the cluster serves.
+    scheme: &'static str,
     /// Empty until a joining node adopts the id of the cluster that added it.
     cluster_id: Arc<RwLock<String>>,
 }
 
+fn builder() -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_millis(500))
+        .pool_idle_timeout(Duration::from_secs(30))
+        .tcp_nodelay(true)
+}
+
+/// CA certificates from a PEM file, refusing a file with none.
+pub fn load_ca(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, PeerTlsError> {
+    let shown = || path.display().to_string();
+    let pem = std::fs::read(path).map_err(|source| PeerTlsError::ReadCa {
+        path: shown(),
+        source,
+    })?;
+    let certs =
+        reqwest::Certificate::from_pem_bundle(&pem).map_err(|source| PeerTlsError::ParseCa {
+            path: shown(),
+            source,
+        })?;
+    if certs.is_empty() {
+        return Err(PeerTlsError::NoCa { path: shown() });
+    }
+    Ok(certs)
+}
+
 impl PeerClient {
+    /// Calls peers over plain HTTP.
     pub fn new(cluster_id: String) -> Self {
-        let cluster_id = Arc::new(RwLock::new(cluster_id));
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_millis(500))
-            .pool_idle_timeout(Duration::from_secs(30))
-            .tcp_nodelay(true)
-            .build()
-            .unwrap_or_default();
-        Self { http, cluster_id }
+        let http = builder().build().unwrap_or_default();
+        Self {
+            http,
+            scheme: "http",
+            cluster_id: Arc::new(RwLock::new(cluster_id)),
+        }
+    }
+
+    /// Calls peers over HTTPS when `tls` is given (trusting only its CA if
+    /// it names one), else like [`PeerClient::new`].
+    pub fn with_tls(cluster_id: String, tls: Option<&PeerTls>) -> Result<Self, PeerTlsError> {
+        let Some(tls) = tls else {
+            return Ok(Self::new(cluster_id));
+        };
+        let mut b = builder().https_only(true);
+        if let Some(ca) = &tls.ca {
+            b = b.tls_built_in_root_certs(false);
+            for cert in load_ca(ca)? {
+                b = b.add_root_certificate(cert);
+            }
+        }
+        Ok(Self {
+            http: b.build().map_err(PeerTlsError::Build)?,
+            scheme: "https",
+            cluster_id: Arc::new(RwLock::new(cluster_id)),
+        })
+    }
+
+    /// `{scheme}://{addr}{path}` for a peer's advertised address.
+    pub fn url(&self, addr: &str, path: &str) -> String {
+        format!("{}://{addr}{path}", self.scheme)
+    }
+
+    /// A GET to a peer, with this client's scheme and trust (for API calls
+    /// between nodes, such as `/v1/node`).
+    pub fn get(&self, addr: &str, path: &str) -> reqwest::RequestBuilder {
+        self.http.get(self.url(addr, path))
+    }
+
+    /// A POST to a peer, like [`PeerClient::get`].
+    pub fn post(&self, addr: &str, path: &str) -> reqwest::RequestBuilder {
+        self.http.post(self.url(addr, path))
     }
 
     pub fn cluster_id(&self) -> String {
@@ -103,7 +193,7 @@ impl PeerClient {
         }
     }
 
-    /// POSTs `req` as bincode to `http://{addr}{path}` and decodes the answer.
+    /// POSTs `req` as bincode to `{scheme}://{addr}{path}` and decodes the answer.
     pub async fn call<Req, Resp>(
         &self,
         addr: &str,
@@ -116,7 +206,7 @@ impl PeerClient {
         Resp: DeserializeOwned,
     {
         let body = bincode::serialize(req).map_err(CallError::Encode)?;
-        let url = format!("http://{addr}{path}");
+        let url = self.url(addr, path);
         let send = self
             .http
             .post(url)

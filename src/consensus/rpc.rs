@@ -110,10 +110,18 @@ async fn campaign(
         Err(r) => return r,
     };
     let answer: Result<(), String> = if *may_campaign.borrow() {
-        tracing::info!(from = req.from, term = req.term, "asked to campaign: starting an election");
+        tracing::info!(
+            from = req.from,
+            term = req.term,
+            "asked to campaign: starting an election"
+        );
         c.raft.trigger().elect().await.map_err(|e| e.to_string())
     } else {
-        tracing::info!(from = req.from, term = req.term, "asked to campaign, but this node may not lead");
+        tracing::info!(
+            from = req.from,
+            term = req.term,
+            "asked to campaign, but this node may not lead"
+        );
         Err("this node may not lead (witness or unhealthy)".into())
     };
     encode(&answer)

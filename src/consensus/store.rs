@@ -28,7 +28,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::{LogId, NodeId, StorageError, TypeConfig};
-use crate::model::{Command, Member, Registry, Response, Service, ServiceDef};
+use crate::auth::Token;
+use crate::model::{AuditEntry, Command, Member, Registry, Response, Service, ServiceDef};
+
+/// How many audit entries the replicated history keeps.
+pub const AUDIT_KEEP: u64 = 50_000;
 
 const VOTE_KEY: &[u8] = b"vote";
 const COMMITTED_KEY: &[u8] = b"committed";
@@ -184,6 +188,40 @@ fn member_key(service: &str, member: &str) -> String {
 
 fn member_prefix(service: &str) -> String {
     format!("m/{service}/")
+}
+
+fn token_key(id: &str) -> String {
+    format!("t/{id}")
+}
+
+/// Zero-padded so keys sort by index.
+fn audit_key(index: u64) -> String {
+    format!("a/{index:020}")
+}
+
+/// Audit entries of the `sm` tree in `db`, newest first, that pass `keep`,
+/// at most `limit`.
+pub fn read_audit(
+    db: &sled::Db,
+    keep: impl Fn(&AuditEntry) -> bool,
+    limit: usize,
+) -> Result<Vec<AuditEntry>, StoreError> {
+    let tree = db.open_tree("sm").map_err(|source| StoreError::OpenTree { tree: "sm", source })?;
+    let mut out = Vec::new();
+    for item in tree.scan_prefix("a/").rev() {
+        let (key, value) = item.map_err(|source| StoreError::Read {
+            what: "audit".into(),
+            source,
+        })?;
+        let entry: AuditEntry = serde_json::from_slice(&value).map_err(|e| decode_err(&key, e))?;
+        if keep(&entry) {
+            out.push(entry);
+            if out.len() >= limit {
+                break;
+            }
+        }
+    }
+    Ok(out)
 }
 
 // ---- log store ------------------------------------------------------------
@@ -392,6 +430,9 @@ struct SnapshotState {
     last_applied: Option<LogId>,
     last_membership: Membership,
     registry: Registry,
+    /// The audit history up to `last_applied`, oldest first.
+    #[serde(default)]
+    audit: Vec<AuditEntry>,
 }
 
 /// The registry state machine. Clones share state, so a clone serves as the
@@ -425,6 +466,7 @@ fn load_state(tree: &sled::Tree) -> Result<SmState, StoreError> {
     let mut members: Vec<(String, String, Member)> = Vec::new();
     let mut last_applied = None;
     let mut last_membership = Membership::default();
+    let mut tokens: BTreeMap<String, Token> = BTreeMap::new();
     for item in tree.iter() {
         let (key, value) = item.map_err(|source| StoreError::Read {
             what: "state machine".into(),
@@ -440,6 +482,11 @@ fn load_state(tree: &sled::Tree) -> Result<SmState, StoreError> {
                 .ok_or_else(|| decode_err(&key, "member key without service"))?;
             let m = serde_json::from_slice(&value).map_err(|e| decode_err(&key, e))?;
             members.push((service.to_owned(), member.to_owned(), m));
+        } else if let Some(id) = text.strip_prefix("t/") {
+            let t = serde_json::from_slice(&value).map_err(|e| decode_err(&key, e))?;
+            tokens.insert(id.to_owned(), t);
+        } else if text.starts_with("a/") {
+            // Audit history: read on demand by read_audit.
         } else if *key == *APPLIED_KEY {
             last_applied = unbin(&value).map_err(|e| decode_err(&key, e))?;
         } else if *key == *MEMBERSHIP_KEY {
@@ -472,6 +519,7 @@ fn load_state(tree: &sled::Tree) -> Result<SmState, StoreError> {
             .into_iter()
             .map(|(name, svc)| (name, Arc::new(svc)))
             .collect(),
+        tokens,
     };
     Ok(SmState {
         registry,
@@ -489,7 +537,17 @@ fn diff_into_batch(
     new: &Registry,
     services: &BTreeSet<String>,
     members: &BTreeSet<(String, String)>,
+    tokens: &BTreeSet<String>,
 ) -> Result<(), StorageError> {
+    for id in tokens {
+        match new.tokens.get(id) {
+            Some(t) if old.tokens.get(id) != Some(t) => {
+                batch.insert(token_key(id).as_bytes(), json(t).map_err(write_sm_err)?)
+            }
+            Some(_) => {}
+            None => batch.remove(token_key(id).as_bytes()),
+        }
+    }
     for service in services {
         let before = old.services.get(service).map(|s| &s.def);
         let after = new.services.get(service).map(|s| &s.def);
@@ -528,6 +586,9 @@ fn diff_into_batch(
 
 /// Adds the full registry to `batch`.
 fn registry_into_batch(batch: &mut sled::Batch, registry: &Registry) -> Result<(), StorageError> {
+    for (id, t) in &registry.tokens {
+        batch.insert(token_key(id).as_bytes(), json(t).map_err(write_sm_err)?);
+    }
     for (name, svc) in &registry.services {
         batch.insert(
             service_key(name).as_bytes(),
@@ -642,14 +703,25 @@ impl StateMachine {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let blob = {
+        let mut blob = {
             let st = self.lock();
             SnapshotState {
                 last_applied: st.last_applied,
                 last_membership: st.last_membership.clone(),
                 registry: st.registry.clone(),
+                audit: Vec::new(),
             }
         };
+        // Entries applied after the state was taken are left for the next snapshot.
+        let upto = blob.last_applied.map(|l| l.index).unwrap_or(0);
+        for item in self.sm.scan_prefix("a/") {
+            let (key, value) = item.map_err(read_sm_err)?;
+            let entry: AuditEntry = serde_json::from_slice(&value)
+                .map_err(|e| read_sm_err(decode_err(&key, e)))?;
+            if entry.index <= upto {
+                blob.audit.push(entry);
+            }
+        }
         let data = serde_json::to_vec(&blob).map_err(read_sm_err)?;
         let counter = self.next_snapshot_counter()?;
         let snapshot_id = match blob.last_applied {
@@ -692,13 +764,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut last_membership = st.last_membership.clone();
         let mut services = BTreeSet::new();
         let mut members = BTreeSet::new();
+        let mut tokens = BTreeSet::new();
+        let mut audit = Vec::new();
         let mut responses = Vec::new();
         for entry in entries {
             last_applied = Some(entry.log_id);
             let response = match entry.payload {
                 EntryPayload::Blank => Response::Done,
-                EntryPayload::Normal(cmd) => {
-                    match &cmd {
+                EntryPayload::Normal(proposal) => {
+                    let cmd = &proposal.cmd;
+                    match cmd {
                         Command::Register {
                             service, member, ..
                         } => {
@@ -715,8 +790,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         Command::DefineService { service, .. } => {
                             services.insert(service.clone());
                         }
+                        Command::CreateToken { id, .. } | Command::RevokeToken { id } => {
+                            tokens.insert(id.clone());
+                        }
                     }
-                    registry.apply(&cmd)
+                    let response = registry.apply(cmd);
+                    if response == Response::Done {
+                        audit.push(proposal.audit(entry.log_id.index));
+                    }
+                    response
                 }
                 EntryPayload::Membership(m) => {
                     last_membership = StoredMembership::new(Some(entry.log_id), m);
@@ -738,7 +820,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             &registry,
             &services,
             &members,
+            &tokens,
         )?;
+        for entry in &audit {
+            batch.insert(audit_key(entry.index).as_bytes(), json(entry).map_err(write_sm_err)?);
+            // Deterministic retention: every node drops the same old entries.
+            if let Some(old) = entry.index.checked_sub(AUDIT_KEEP) {
+                batch.remove(audit_key(old).as_bytes());
+            }
+        }
         batch.insert(APPLIED_KEY, bin(&last_applied).map_err(write_sm_err)?);
         if last_membership != st.last_membership {
             batch.insert(MEMBERSHIP_KEY, bin(&last_membership).map_err(write_sm_err)?);
@@ -784,6 +874,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 batch.remove(key);
             }
             registry_into_batch(&mut batch, &new_state.registry)?;
+            for entry in &blob.audit {
+                batch.insert(audit_key(entry.index).as_bytes(), json(entry).map_err(write_sm_err)?);
+            }
             batch.insert(
                 APPLIED_KEY,
                 bin(&new_state.last_applied).map_err(write_sm_err)?,
@@ -835,7 +928,11 @@ mod tests {
     fn normal(index: u64, cmd: Command) -> Entry<TypeConfig> {
         Entry {
             log_id: log_id(1, index),
-            payload: EntryPayload::Normal(cmd),
+            payload: EntryPayload::Normal(crate::model::Proposal {
+                cmd,
+                by: "test".into(),
+                at_ms: index,
+            }),
         }
     }
 

@@ -1,0 +1,721 @@
+//! The API listener: our own accept loop over hyper, so that TLS, the
+//! connection cap and the slow-client timeouts are ours to set. Certificates
+//! reload from disk (SIGHUP, or a changed file) without a restart.
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::extract::ConnectInfo;
+use axum::http::{Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Json, Router};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::ServerConfig;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use serde_json::json;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+use tower::ServiceExt;
+
+/// How long in-flight requests get to finish once shutdown begins.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How often the certificate files are checked for changes.
+const CERT_POLL: Duration = Duration::from_secs(1);
+
+/// Connection limits: slow or idle clients cannot hold connections forever.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Connections served at once; more wait in the kernel's accept backlog.
+    pub max_connections: usize,
+    /// How long a client may take to send a request's headers (HTTP/1).
+    pub header_read_timeout: Duration,
+    /// A request running longer is answered 408.
+    pub request_timeout: Duration,
+    /// A connection with no bytes either way for this long is closed.
+    pub idle_timeout: Duration,
+    /// How long a client may take to complete the TLS handshake.
+    pub tls_handshake_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 1024,
+            header_read_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+            tls_handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// PEM files for HTTPS: a certificate chain (leaf first) and its private key
+/// (PKCS#8, RSA or EC).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("read {path}: {source}")]
+    ReadFile { path: String, source: io::Error },
+    #[error("{path}: no PEM certificate found")]
+    NoCertificate { path: String },
+    #[error("{path}: no PEM private key (PKCS#8, RSA or EC) found")]
+    NoKey { path: String },
+    #[error("{path}: bad PEM: {reason}")]
+    Pem { path: String, reason: String },
+    #[error("certificate {cert} with key {key}: {source}")]
+    CertifiedKey {
+        cert: String,
+        key: String,
+        source: rustls::Error,
+    },
+    #[error("TLS settings: {0}")]
+    TlsConfig(rustls::Error),
+    #[error("listen for SIGHUP: {0}")]
+    Signal(io::Error),
+}
+
+/// Serves `app` on `listener` until `shutdown` turns true, then lets
+/// in-flight requests finish for up to 5 s. Every request carries the
+/// peer's address as [`ConnectInfo<SocketAddr>`].
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    tls: Option<TlsSettings>,
+    limits: Limits,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), ServeError> {
+    let acceptor = match &tls {
+        Some(tls) => Some(tls_acceptor(tls, shutdown.clone())?),
+        None => None,
+    };
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    builder.http2().timer(TokioTimer::new());
+    let shared = Arc::new(Shared {
+        builder,
+        app,
+        acceptor,
+        limits: limits.clone(),
+    });
+    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let graceful = GracefulShutdown::new();
+    let mut connections = JoinSet::new();
+    loop {
+        while connections.try_join_next().is_some() {}
+        // Without a free slot we stop accepting: further clients wait in the
+        // kernel's backlog instead of being accepted and dropped.
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = shutdown.wait_for(|s| *s) => break,
+        };
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = shutdown.wait_for(|s| *s) => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors, or a connection reset before we
+                // got to it: back off a little instead of spinning.
+                tracing::warn!(cause = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let conn = Connection {
+            shared: shared.clone(),
+            peer,
+            watcher: graceful.watcher(),
+            shutdown: shutdown.clone(),
+            _permit: permit,
+        };
+        connections.spawn(conn.run(stream));
+    }
+    drop(listener);
+    tracing::debug!(open = graceful.count(), "stopped accepting");
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(grace = ?SHUTDOWN_GRACE, "connections still open after the grace period; closing them");
+    }
+    connections.abort_all();
+    Ok(())
+}
+
+/// What every connection task needs.
+struct Shared {
+    builder: auto::Builder<TokioExecutor>,
+    app: Router,
+    acceptor: Option<TlsAcceptor>,
+    limits: Limits,
+}
+
+struct Connection {
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    watcher: Watcher,
+    shutdown: watch::Receiver<bool>,
+    /// Frees a connection slot when the task ends.
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Connection {
+    /// Runs on its own task, so a slow TLS handshake never holds up accepting.
+    async fn run(mut self, stream: TcpStream) {
+        let activity = Arc::new(Activity::new());
+        let stream = Tracked {
+            inner: stream,
+            activity: activity.clone(),
+        };
+        let Some(acceptor) = self.shared.acceptor.clone() else {
+            return self.http(stream, activity).await;
+        };
+        let limit = self.shared.limits.tls_handshake_timeout;
+        let handshake = tokio::time::timeout(limit, acceptor.accept(stream));
+        let tls = tokio::select! {
+            r = handshake => match r {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::debug!(peer = %self.peer, cause = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(peer = %self.peer, ?limit, "TLS handshake timed out");
+                    return;
+                }
+            },
+            _ = self.shutdown.wait_for(|s| *s) => return,
+        };
+        self.http(tls, activity).await
+    }
+
+    async fn http<I>(self, io: I, activity: Arc<Activity>)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Connection {
+            shared,
+            peer,
+            watcher,
+            ..
+        } = self;
+        let limits = &shared.limits;
+        let request_timeout = limits.request_timeout;
+        let app = shared.app.clone();
+        let busy = activity.clone();
+        let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+            req.extensions_mut().insert(ConnectInfo(peer));
+            let app = app.clone();
+            let guard = busy.begin();
+            async move {
+                let resp = match tokio::time::timeout(request_timeout, app.oneshot(req)).await {
+                    Ok(Ok(resp)) => resp,
+                    Ok(Err(never)) => match never {},
+                    Err(_) => timed_out(request_timeout),
+                };
+                drop(guard);
+                Ok::<_, Infallible>(resp)
+            }
+        });
+        let conn = watcher.watch(shared.builder.serve_connection(TokioIo::new(io), service));
+        tokio::select! {
+            r = conn => {
+                if let Err(e) = r {
+                    tracing::debug!(%peer, cause = %e, "connection ended with an error");
+                }
+            }
+            _ = activity.idle(limits.idle_timeout) => {
+                tracing::debug!(%peer, timeout = ?limits.idle_timeout, "closed an idle connection");
+            }
+        }
+    }
+}
+
+/// 408 in the API's error shape.
+fn timed_out(limit: Duration) -> Response {
+    let body = json!({
+        "error": format!("request took longer than {} ms", limit.as_millis()),
+        "detail": null,
+    });
+    (StatusCode::REQUEST_TIMEOUT, Json(body)).into_response()
+}
+
+/// When a connection last moved a byte, and how many of its requests are
+/// being handled (a slow handler is bounded by the request timeout, not the
+/// idle one).
+struct Activity {
+    start: Instant,
+    last_ms: AtomicU64,
+    busy: AtomicUsize,
+}
+
+struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch();
+    }
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            busy: AtomicUsize::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    fn begin(self: &Arc<Self>) -> Busy {
+        self.busy.fetch_add(1, Ordering::Relaxed);
+        Busy(self.clone())
+    }
+
+    /// Resolves once nothing moved for `limit` while no request was running.
+    async fn idle(&self, limit: Duration) {
+        loop {
+            let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let deadline = self.start + last + limit;
+            if Instant::now() < deadline {
+                tokio::time::sleep_until(deadline.into()).await;
+            } else if self.busy.load(Ordering::Relaxed) == 0 {
+                return;
+            } else {
+                tokio::time::sleep(limit).await;
+            }
+        }
+    }
+}
+
+/// A socket that records in [`Activity`] every time bytes move.
+struct Tracked<T> {
+    inner: T,
+    activity: Arc<Activity>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.touch();
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The crypto provider reqwest's rustls already uses.
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Loads and checks the certificate and key as serving would; for start-up
+/// validation, so a bad file is a one-line error before anything starts.
+pub fn check_tls(tls: &TlsSettings) -> Result<(), ServeError> {
+    load_certified_key(tls, &provider()).map(|_| ())
+}
+
+fn load_certified_key(
+    tls: &TlsSettings,
+    provider: &CryptoProvider,
+) -> Result<CertifiedKey, ServeError> {
+    let cert_pem = read(&tls.cert)?;
+    let key_pem = read(&tls.key)?;
+    let pem_err = |path: &Path, e: rustls_pki_types::pem::Error| ServeError::Pem {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    };
+    let chain = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_err(&tls.cert, e))?;
+    if chain.is_empty() {
+        return Err(ServeError::NoCertificate {
+            path: tls.cert.display().to_string(),
+        });
+    }
+    let key = match PrivateKeyDer::from_pem_slice(&key_pem) {
+        Ok(key) => key,
+        Err(rustls_pki_types::pem::Error::NoItemsFound) => {
+            return Err(ServeError::NoKey {
+                path: tls.key.display().to_string(),
+            })
+        }
+        Err(e) => return Err(pem_err(&tls.key, e)),
+    };
+    CertifiedKey::from_der(chain, key, provider).map_err(|source| ServeError::CertifiedKey {
+        cert: tls.cert.display().to_string(),
+        key: tls.key.display().to_string(),
+        source,
+    })
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, ServeError> {
+    std::fs::read(path).map_err(|source| ServeError::ReadFile {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Hands every handshake the certificate loaded last.
+#[derive(Debug)]
+struct Reloading {
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl Reloading {
+    fn set(&self, key: CertifiedKey) {
+        let mut cur = self.current.write().unwrap_or_else(|e| e.into_inner());
+        *cur = Arc::new(key);
+    }
+}
+
+impl ResolvesServerCert for Reloading {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let cur = self.current.read().unwrap_or_else(|e| e.into_inner());
+        Some(cur.clone())
+    }
+}
+
+/// Loads the certificate (failing start-up if it is bad) and starts the
+/// task that reloads it.
+fn tls_acceptor(
+    tls: &TlsSettings,
+    shutdown: watch::Receiver<bool>,
+) -> Result<TlsAcceptor, ServeError> {
+    let provider = provider();
+    let key = load_certified_key(tls, &provider)?;
+    let resolver = Arc::new(Reloading {
+        current: RwLock::new(Arc::new(key)),
+    });
+    let mut config = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(ServeError::TlsConfig)?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver.clone());
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(ServeError::Signal)?;
+    tokio::spawn(reload_certs(
+        tls.clone(),
+        resolver,
+        provider,
+        hangup,
+        shutdown,
+    ));
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Identifies a file version: its mtime and inode (a replaced file has a
+/// new inode even if the mtime was kept).
+fn fingerprint(tls: &TlsSettings) -> [Option<(SystemTime, u64)>; 2] {
+    use std::os::unix::fs::MetadataExt;
+    let one = |p: &Path| {
+        let m = std::fs::metadata(p).ok()?;
+        Some((m.modified().ok()?, m.ino()))
+    };
+    [one(&tls.cert), one(&tls.key)]
+}
+
+/// Reloads on SIGHUP and when either file changes. A reload that fails
+/// keeps the certificate being served; the next change tries again.
+#[tracing::instrument(skip_all, fields(cert = %tls.cert.display()))]
+async fn reload_certs(
+    tls: TlsSettings,
+    resolver: Arc<Reloading>,
+    provider: Arc<CryptoProvider>,
+    mut hangup: tokio::signal::unix::Signal,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut seen = fingerprint(&tls);
+    let mut tick = tokio::time::interval(CERT_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let trigger = tokio::select! {
+            _ = hangup.recv() => "SIGHUP",
+            _ = tick.tick() => "file change",
+            _ = shutdown.wait_for(|s| *s) => return,
+        };
+        let now = fingerprint(&tls);
+        if trigger == "file change" && now == seen {
+            continue;
+        }
+        seen = now;
+        match load_certified_key(&tls, &provider) {
+            Ok(key) => {
+                resolver.set(key);
+                tracing::info!(trigger, "reloaded the TLS certificate");
+            }
+            Err(e) => {
+                tracing::error!(trigger, cause = %e, "TLS certificate reload failed; still serving the previous certificate");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::get;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    struct Server {
+        addr: SocketAddr,
+        stop: watch::Sender<bool>,
+        done: tokio::task::JoinHandle<Result<(), ServeError>>,
+    }
+
+    async fn start(app: Router, limits: Limits) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, rx) = watch::channel(false);
+        let done = tokio::spawn(serve(listener, app, None, limits, rx));
+        Server { addr, stop, done }
+    }
+
+    fn app() -> Router {
+        Router::new()
+            .route(
+                "/peer",
+                get(|ConnectInfo(peer): ConnectInfo<SocketAddr>| async move { peer.to_string() }),
+            )
+            .route(
+                "/slow",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_millis(400)).await;
+                    "done"
+                }),
+            )
+    }
+
+    /// Reads until EOF or error; true if the server closed within `within`.
+    async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
+        let mut buf = [0u8; 1024];
+        let read_all = async {
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        };
+        tokio::time::timeout(within, read_all).await.is_ok()
+    }
+
+    #[tokio::test]
+    async fn requests_carry_the_peer_address_and_time_out_as_json() {
+        let limits = Limits {
+            request_timeout: Duration::from_millis(100),
+            ..Limits::default()
+        };
+        let s = start(app(), limits).await;
+        let http = reqwest::Client::new();
+        let peer = http
+            .get(format!("http://{}/peer", s.addr))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(peer.starts_with("127.0.0.1:"), "{peer}");
+        let r = http
+            .get(format!("http://{}/slow", s.addr))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 408);
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert!(v["error"].as_str().unwrap().contains("100 ms"), "{v}");
+        assert!(v["detail"].is_null());
+    }
+
+    #[tokio::test]
+    async fn slow_headers_and_idle_connections_are_closed() {
+        let headers = start(
+            app(),
+            Limits {
+                header_read_timeout: Duration::from_millis(200),
+                ..Limits::default()
+            },
+        )
+        .await;
+        let mut half = TcpStream::connect(headers.addr).await.unwrap();
+        half.write_all(b"GET /peer HT").await.unwrap();
+        assert!(closed_within(&mut half, Duration::from_secs(5)).await);
+
+        let idle = start(
+            app(),
+            Limits {
+                idle_timeout: Duration::from_millis(200),
+                ..Limits::default()
+            },
+        )
+        .await;
+        let mut silent = TcpStream::connect(idle.addr).await.unwrap();
+        assert!(closed_within(&mut silent, Duration::from_secs(5)).await);
+        // A kept-alive connection that went quiet after a request, too.
+        let mut quiet = TcpStream::connect(idle.addr).await.unwrap();
+        quiet
+            .write_all(b"GET /peer HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(closed_within(&mut quiet, Duration::from_secs(5)).await);
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_cap_wait_for_a_slot() {
+        let limits = Limits {
+            max_connections: 1,
+            ..Limits::default()
+        };
+        let s = start(app(), limits).await;
+        let mut holder = TcpStream::connect(s.addr).await.unwrap();
+        holder
+            .write_all(b"GET /peer HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 256];
+        assert!(holder.read(&mut buf).await.unwrap() > 0);
+        let url = format!("http://{}/peer", s.addr);
+        let mut waiting = tokio::spawn(async move { reqwest::get(url).await.map(|r| r.status()) });
+        // While the only slot is taken, the second client gets no answer.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), &mut waiting)
+                .await
+                .is_err(),
+            "served over the cap"
+        );
+        drop(holder);
+        let status = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("served once a slot is free")
+            .unwrap()
+            .unwrap();
+        assert_eq!(status, 200);
+    }
+
+    #[tokio::test]
+    async fn shutdown_lets_in_flight_requests_finish() {
+        let entered = Arc::new(tokio::sync::Notify::new());
+        let signal = entered.clone();
+        let app = Router::new().route(
+            "/slow",
+            get(move || async move {
+                signal.notify_one();
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                "done"
+            }),
+        );
+        let s = start(app, Limits::default()).await;
+        let url = format!("http://{}/slow", s.addr);
+        let in_flight = tokio::spawn(async move { reqwest::get(url).await.map(|r| r.status()) });
+        entered.notified().await;
+        let _ = s.stop.send(true);
+        let served = tokio::time::timeout(Duration::from_secs(5), in_flight)
+            .await
+            .expect("in-flight request finished")
+            .unwrap();
+        assert_eq!(served.unwrap(), 200);
+        tokio::time::timeout(Duration::from_secs(6), s.done)
+            .await
+            .expect("serve returned")
+            .unwrap()
+            .unwrap();
+        assert!(TcpStream::connect(s.addr).await.is_err(), "still accepting");
+    }
+
+    #[test]
+    fn bad_tls_files_are_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("cert.pem");
+        let key = dir.path().join("key.pem");
+        let tls = TlsSettings {
+            cert: cert.clone(),
+            key: key.clone(),
+        };
+        let e = check_tls(&tls).unwrap_err().to_string();
+        assert!(e.starts_with("read ") && e.contains("cert.pem"), "{e}");
+        std::fs::write(&cert, "not a certificate\n").unwrap();
+        std::fs::write(&key, "not a key\n").unwrap();
+        let e = check_tls(&tls).unwrap_err().to_string();
+        assert!(e.contains("no PEM certificate"), "{e}");
+    }
+}
