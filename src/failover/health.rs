@@ -60,10 +60,7 @@ pub struct HealthCheck {
 }
 
 /// Runs the check until `stop` flips; publishes on the returned channel.
-pub fn spawn_check(
-    check: HealthCheck,
-    mut stop: watch::Receiver<bool>,
-) -> watch::Receiver<Health> {
+pub fn spawn_check(check: HealthCheck, mut stop: watch::Receiver<bool>) -> watch::Receiver<Health> {
     let (tx, rx) = watch::channel(Health::healthy());
     tokio::spawn(async move {
         let mut failed: u32 = 0;
@@ -75,8 +72,13 @@ pub fn spawn_check(
                 _ = stop.wait_for(|s| *s) => return,
             }
             // A check may take up to one interval; a slower one counts as failed.
-            let result =
-                run_command("sh", &["-c", &check.cmd], &[], check.interval.max(Duration::from_millis(100))).await;
+            let result = run_command(
+                "sh",
+                &["-c", &check.cmd],
+                &[],
+                check.interval.max(Duration::from_millis(100)),
+            )
+            .await;
             let verdict = match result {
                 Ok(_) => {
                     failed = 0;

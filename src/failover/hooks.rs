@@ -102,7 +102,11 @@ impl Hook {
 
     /// Runs the hook once. `Ok(Some(note))` is success with a warning worth
     /// showing (for example: the address moved but no announcement was sent).
-    pub async fn run(&self, call: &HookCall, timeout: Duration) -> Result<Option<String>, HookError> {
+    pub async fn run(
+        &self,
+        call: &HookCall,
+        timeout: Duration,
+    ) -> Result<Option<String>, HookError> {
         match self {
             Hook::Exec(cmd) => {
                 let script = format!("{cmd} \"$@\"");
@@ -160,8 +164,13 @@ async fn linux_vip(
             let vip = call.vip.to_string();
             let announce = match call.vip {
                 IpAddr::V4(_) => {
-                    run_command("arping", &["-U", "-c", "1", "-I", iface, &vip], &[], timeout)
-                        .await
+                    run_command(
+                        "arping",
+                        &["-U", "-c", "1", "-I", iface, &vip],
+                        &[],
+                        timeout,
+                    )
+                    .await
                 }
                 IpAddr::V6(_) => run_command("ndsend", &[&vip, iface], &[], timeout).await,
             };
@@ -172,8 +181,13 @@ async fn linux_vip(
                 .map(|e| format!("address added; announcement failed: {e}")))
         }
         Action::Release => {
-            match run_command("ip", &[family, "addr", "del", &cidr, "dev", iface], &[], timeout)
-                .await
+            match run_command(
+                "ip",
+                &[family, "addr", "del", &cidr, "dev", iface],
+                &[],
+                timeout,
+            )
+            .await
             {
                 Ok(_) => Ok(None),
                 // Not there: already released (or never claimed after a restart).
@@ -268,11 +282,18 @@ mod tests {
                 interface: "lo".into()
             }
         );
-        assert!(Hook::parse("linux-vip:nosuchif0").unwrap_err().contains("no network interface"));
+        assert!(Hook::parse("linux-vip:nosuchif0")
+            .unwrap_err()
+            .contains("no network interface"));
         assert!(Hook::parse("linux-vip:a b").is_err());
         assert!(Hook::parse("linux-vip:").is_err());
-        assert!(Hook::parse("/nonexistent/hook --x").unwrap_err().contains("does not exist"));
-        assert_eq!(Hook::parse("my-hook --x").unwrap(), Hook::Exec("my-hook --x".into()));
+        assert!(Hook::parse("/nonexistent/hook --x")
+            .unwrap_err()
+            .contains("does not exist"));
+        assert_eq!(
+            Hook::parse("my-hook --x").unwrap(),
+            Hook::Exec("my-hook --x".into())
+        );
         assert!(Hook::parse("  ").is_err());
     }
 
@@ -284,13 +305,17 @@ mod tests {
             "echo \"$CLB_VIP $CLB_NODE_ID $CLB_TERM $CLB_INTERFACE\" >> {} && echo",
             out.display()
         ));
-        hook.run(&call(Action::Claim), Duration::from_secs(5)).await.unwrap();
+        hook.run(&call(Action::Claim), Duration::from_secs(5))
+            .await
+            .unwrap();
         let text = std::fs::read_to_string(&out).unwrap();
         assert_eq!(text, "192.0.2.10 2 7 eth9\n");
 
         let args = dir.path().join("args");
         let hook = Hook::Exec(format!("printf '%s,' >> {}", args.display()));
-        hook.run(&call(Action::Release), Duration::from_secs(5)).await.unwrap();
+        hook.run(&call(Action::Release), Duration::from_secs(5))
+            .await
+            .unwrap();
         let text = std::fs::read_to_string(&args).unwrap();
         assert_eq!(text, "release,192.0.2.10,2,7,");
     }
@@ -298,18 +323,34 @@ mod tests {
     #[tokio::test]
     async fn failing_and_hanging_hooks_are_reported_and_killed() {
         let hook = Hook::Exec("echo nope >&2; exit 3; :".into());
-        let e = hook.run(&call(Action::Claim), Duration::from_secs(5)).await.unwrap_err();
-        assert!(matches!(&e, HookError::Failed { stderr, .. } if stderr == "nope"), "{e}");
+        let e = hook
+            .run(&call(Action::Claim), Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, HookError::Failed { stderr, .. } if stderr == "nope"),
+            "{e}"
+        );
 
         let dir = tempfile::tempdir().unwrap();
         let pidfile = dir.path().join("pid");
         // The grandchild (sleep) must die with the group, not only `sh`.
-        let hook = Hook::Exec(format!("sleep 30 & echo $! > {}; wait; :", pidfile.display()));
+        let hook = Hook::Exec(format!(
+            "sleep 30 & echo $! > {}; wait; :",
+            pidfile.display()
+        ));
         let started = std::time::Instant::now();
-        let e = hook.run(&call(Action::Claim), Duration::from_millis(300)).await.unwrap_err();
+        let e = hook
+            .run(&call(Action::Claim), Duration::from_millis(300))
+            .await
+            .unwrap_err();
         assert!(matches!(e, HookError::Timeout { .. }), "{e}");
         assert!(started.elapsed() < Duration::from_secs(5));
-        let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
         let mut gone = false;
         for _ in 0..100 {
             // SAFETY: signal 0 only probes whether the pid exists.

@@ -112,7 +112,11 @@ mod tests {
         // Stopped for 5 s; the value read on waking was reported before the stop.
         let wake = t0 + Duration::from_secs(5);
         l.look(wake, leading(3, 10));
-        assert_eq!(l.valid_at(wake), None, "a stale value must not renew the lease");
+        assert_eq!(
+            l.valid_at(wake),
+            None,
+            "a stale value must not renew the lease"
+        );
         let (_, until) = l.valid_until().unwrap();
         assert_eq!(until, t0 - ms(10) + ms(100));
     }

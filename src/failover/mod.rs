@@ -220,9 +220,7 @@ impl Failover {
     /// authority). `None` without a VIP or while nobody is known to hold it.
     pub fn holder(&self, me: NodeId, leader: Option<NodeId>) -> Option<NodeId> {
         let s = self.status.borrow();
-        if s.vip.is_none() {
-            return None;
-        }
+        s.vip.as_ref()?;
         if s.held {
             return Some(me);
         }
@@ -271,13 +269,55 @@ impl VipStatus {
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
             ));
         };
-        metric(&mut out, "clb_vip_configured", "gauge", "1 when this node has a VIP and hook.", u64::from(self.vip.is_some()));
-        metric(&mut out, "clb_vip_held", "gauge", "1 while this node holds the VIP.", u64::from(self.held));
-        metric(&mut out, "clb_vip_wanted", "gauge", "1 while this node is leader with a valid quorum lease.", u64::from(self.wanted));
-        metric(&mut out, "clb_vip_held_term", "gauge", "Raft term of the held claim, 0 when not held.", self.held_term.unwrap_or(0));
-        metric(&mut out, "clb_node_healthy", "gauge", "1 when this node is fit to lead.", u64::from(self.healthy));
-        metric(&mut out, "clb_vip_lease_expiries_total", "counter", "Releases because the quorum lease ran out.", self.lease_expiries);
-        metric(&mut out, "clb_leader_handovers_total", "counter", "Leadership hand-overs started by this node.", self.handovers);
+        metric(
+            &mut out,
+            "clb_vip_configured",
+            "gauge",
+            "1 when this node has a VIP and hook.",
+            u64::from(self.vip.is_some()),
+        );
+        metric(
+            &mut out,
+            "clb_vip_held",
+            "gauge",
+            "1 while this node holds the VIP.",
+            u64::from(self.held),
+        );
+        metric(
+            &mut out,
+            "clb_vip_wanted",
+            "gauge",
+            "1 while this node is leader with a valid quorum lease.",
+            u64::from(self.wanted),
+        );
+        metric(
+            &mut out,
+            "clb_vip_held_term",
+            "gauge",
+            "Raft term of the held claim, 0 when not held.",
+            self.held_term.unwrap_or(0),
+        );
+        metric(
+            &mut out,
+            "clb_node_healthy",
+            "gauge",
+            "1 when this node is fit to lead.",
+            u64::from(self.healthy),
+        );
+        metric(
+            &mut out,
+            "clb_vip_lease_expiries_total",
+            "counter",
+            "Releases because the quorum lease ran out.",
+            self.lease_expiries,
+        );
+        metric(
+            &mut out,
+            "clb_leader_handovers_total",
+            "counter",
+            "Leadership hand-overs started by this node.",
+            self.handovers,
+        );
         out.push_str("# HELP clb_vip_hook_runs_total VIP hook runs by action and result.\n# TYPE clb_vip_hook_runs_total counter\n");
         for (action, result, n) in [
             ("claim", "ok", self.claims_ok),
@@ -289,8 +329,18 @@ impl VipStatus {
                 "clb_vip_hook_runs_total{{action=\"{action}\",result=\"{result}\"}} {n}\n"
             ));
         }
-        let last_ok = self.last_hook.as_ref().map(|h| u64::from(h.ok)).unwrap_or(1);
-        metric(&mut out, "clb_vip_hook_last_ok", "gauge", "0 when the last VIP hook run failed.", last_ok);
+        let last_ok = self
+            .last_hook
+            .as_ref()
+            .map(|h| u64::from(h.ok))
+            .unwrap_or(1);
+        metric(
+            &mut out,
+            "clb_vip_hook_last_ok",
+            "gauge",
+            "0 when the last VIP hook run failed.",
+            last_ok,
+        );
         out
     }
 }
@@ -398,8 +448,16 @@ impl HookRunner {
             took_ms,
         };
         match &result {
-            Ok(note) => tracing::info!(action = action.as_str(), term, took_ms, note = note.as_deref(), "VIP hook done"),
-            Err(e) => tracing::warn!(action = action.as_str(), term, took_ms, cause = %e, "VIP hook failed"),
+            Ok(note) => tracing::info!(
+                action = action.as_str(),
+                term,
+                took_ms,
+                note = note.as_deref(),
+                "VIP hook done"
+            ),
+            Err(e) => {
+                tracing::warn!(action = action.as_str(), term, took_ms, cause = %e, "VIP hook failed")
+            }
         }
         self.status.send_modify(|s| {
             match (action, outcome.ok) {
@@ -457,12 +515,14 @@ impl Watcher {
     async fn run(mut self, mut commands: mpsc::Receiver<Cmd>, mut stop: watch::Receiver<bool>) {
         let mut metrics = self.raft.metrics();
         let mut inputs_open = (true, true);
+        // `changed()` below marks a value seen, so remember that it fired.
+        let mut fresh = false;
         loop {
             // The clock first: after a stop (SIGSTOP, starvation) the lease
             // is judged on time that really passed, never on stale metrics.
             let now = Instant::now();
             let changed = match metrics.has_changed() {
-                Ok(c) => c,
+                Ok(c) => c || std::mem::take(&mut fresh),
                 Err(_) => break,
             };
             let m = metrics.borrow_and_update().clone();
@@ -489,7 +549,12 @@ impl Watcher {
                 let health_cmd = &mut self.health_cmd;
                 let handover = &mut self.handover;
                 tokio::select! {
-                    r = metrics.changed() => if r.is_err() { Event::Quit } else { Event::Wake },
+                    r = metrics.changed() => if r.is_err() {
+                        Event::Quit
+                    } else {
+                        fresh = true;
+                        Event::Wake
+                    },
                     _ = tokio::time::sleep_until(wake.into()) => Event::Wake,
                     r = external.changed(), if inputs_open.0 => {
                         // A dropped input keeps its last value.
@@ -526,7 +591,9 @@ impl Watcher {
             }
         }
         // Leaving: no more claims. The hook runner releases on stop.
-        let _ = self.wish.send(Wish::Release(self.raft.metrics().borrow().current_term));
+        let _ = self
+            .wish
+            .send(Wish::Release(self.raft.metrics().borrow().current_term));
     }
 
     fn health(&self) -> Health {
@@ -573,10 +640,19 @@ impl Watcher {
             && lease_term.is_none();
         if before != wish {
             match wish {
-                Wish::Hold(t) => tracing::info!(term = t, "leader with a quorum lease: claiming the VIP"),
-                Wish::Release(_) if expired => tracing::warn!(term, "quorum lease expired: releasing the VIP"),
+                Wish::Hold(t) => {
+                    tracing::info!(term = t, "leader with a quorum lease: claiming the VIP")
+                }
+                Wish::Release(_) if expired => {
+                    tracing::warn!(term, "quorum lease expired: releasing the VIP")
+                }
                 Wish::Release(_) if matches!(before, Wish::Hold(_)) => {
-                    tracing::info!(term, leading = leading.is_some(), healthy = health.ok, "releasing the VIP")
+                    tracing::info!(
+                        term,
+                        leading = leading.is_some(),
+                        healthy = health.ok,
+                        "releasing the VIP"
+                    )
                 }
                 Wish::Release(_) => {}
             }
@@ -642,11 +718,19 @@ impl Watcher {
         self.handover = Some(tokio::spawn(ctx.run()));
     }
 
-    fn handover_done(&mut self, r: Result<Result<StepDown, FailoverError>, tokio::task::JoinError>) {
+    fn handover_done(
+        &mut self,
+        r: Result<Result<StepDown, FailoverError>, tokio::task::JoinError>,
+    ) {
         self.handover = None;
-        let r = r.unwrap_or_else(|e| Err(FailoverError::NoSuccessor(format!("hand-over task: {e}"))));
+        let r =
+            r.unwrap_or_else(|e| Err(FailoverError::NoSuccessor(format!("hand-over task: {e}"))));
         match &r {
-            Ok(s) => tracing::info!(new_leader = s.new_leader, took_ms = s.took_ms, "leadership handed over"),
+            Ok(s) => tracing::info!(
+                new_leader = s.new_leader,
+                took_ms = s.took_ms,
+                "leadership handed over"
+            ),
             Err(e) => tracing::warn!(cause = %e, "hand-over failed"),
         }
         if let Some(reply) = self.reply.take() {

@@ -173,6 +173,54 @@ impl Cluster {
 
     /// Defines and spawns a node; `args` come after the common ones.
     pub fn add_node(&mut self, id: u64, addr: String, args: Vec<String>) -> &mut Node {
+        self.add_node_with_timers(id, addr, &FAST_TIMERS, args)
+    }
+
+    /// `n` nodes from `--peers` with `timers` instead of [`FAST_TIMERS`] and
+    /// per-node extra arguments; started and healthy.
+    pub async fn start_custom(
+        n: u64,
+        timers: &[&str],
+        args: impl Fn(u64) -> Vec<String>,
+    ) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let token_file = dir.path().join("tokens");
+        std::fs::write(&token_file, format!("{TOKEN}\n")).expect("token file");
+        let addrs: BTreeMap<u64, String> = (1..=n)
+            .map(|id| (id, format!("127.0.0.1:{}", free_port())))
+            .collect();
+        let peers = addrs
+            .iter()
+            .map(|(id, a)| format!("{id}={a}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = Cluster {
+            dir,
+            nodes: BTreeMap::new(),
+            token_file,
+        };
+        for (id, addr) in addrs {
+            let mut all = vec!["--peers".to_string(), peers.clone()];
+            all.extend(args(id));
+            cluster.add_node_with_timers(id, addr, timers, all);
+        }
+        for node in cluster.nodes.values() {
+            let _ = eventually(Duration::from_secs(20), "node healthy", || async {
+                node.healthy().await.then_some(())
+            })
+            .await;
+        }
+        cluster
+    }
+
+    /// Like [`Cluster::add_node`], with `timers` instead of [`FAST_TIMERS`].
+    pub fn add_node_with_timers(
+        &mut self,
+        id: u64,
+        addr: String,
+        timers: &[&str],
+        args: Vec<String>,
+    ) -> &mut Node {
         let data_dir = self.dir.path().join(format!("node{id}"));
         let log = self.dir.path().join(format!("node{id}.log"));
         let mut all = vec![
@@ -191,7 +239,7 @@ impl Cluster {
                 .display()
                 .to_string(),
         ];
-        all.extend(FAST_TIMERS.iter().map(|s| s.to_string()));
+        all.extend(timers.iter().map(|s| s.to_string()));
         all.extend(args);
         let mut node = Node {
             id,
@@ -204,6 +252,19 @@ impl Cluster {
         node.spawn();
         self.nodes.insert(id, node);
         self.nodes.get_mut(&id).expect("just inserted")
+    }
+
+    /// A temp dir and token file, no nodes yet: for tests that add nodes
+    /// with their own arguments and readiness check (e.g. over HTTPS).
+    pub fn empty() -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let token_file = dir.path().join("tokens");
+        std::fs::write(&token_file, format!("{TOKEN}\n")).expect("token file");
+        Cluster {
+            dir,
+            nodes: BTreeMap::new(),
+            token_file,
+        }
     }
 
     pub fn node(&self, id: u64) -> &Node {

@@ -3,3 +3,4 @@
 mod harness;
 mod test_formation;
 mod test_membership;
+mod test_failover;

@@ -1,0 +1,453 @@
+//! The leader holds the VIP: real `clbd` processes with an exec hook that
+//! appends `time_ns node action term` lines to a shared log.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::harness::{eventually, Cluster};
+
+/// Quick but not twitchy on a loaded 2-core CI machine. openraft 0.9 waits
+/// `max + rand(min, max)` after the last heartbeat (300–360 ms), plus `2 *
+/// max` more on a node that saw a longer log in an earlier election (as
+/// after formation): at worst ~720 ms. The lease defaults to 80 ms.
+const TIMERS: [&str; 6] = [
+    "--heartbeat-ms",
+    "20",
+    "--election-timeout-min-ms",
+    "120",
+    "--election-timeout-max-ms",
+    "180",
+];
+const VIP: &str = "192.0.2.77";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Event {
+    at_ns: u128,
+    node: u64,
+    action: String,
+    term: u64,
+}
+
+fn now_ns() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_nanos()
+}
+
+/// Writes the hook script; returns (script, event log).
+fn hook(dir: &Path) -> (PathBuf, PathBuf) {
+    let log = dir.join("vip-events.log");
+    let script = dir.join("vip-hook.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n# claim|release VIP NODE TERM\necho \"$(date +%s%N) $3 $1 $4\" >> {}\n",
+            log.display()
+        ),
+    )
+    .expect("write hook");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod hook");
+    (script, log)
+}
+
+fn events(log: &Path) -> Vec<Event> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            Some(Event {
+                at_ns: f.next()?.parse().ok()?,
+                node: f.next()?.parse().ok()?,
+                action: f.next()?.to_string(),
+                term: f.next()?.parse().ok()?,
+            })
+        })
+        .collect()
+}
+
+/// Every node gets the VIP and hook; `witness` (if any) gets `--role witness`.
+fn args(script: &Path, witness: Option<u64>, extra: Vec<String>) -> impl Fn(u64) -> Vec<String> {
+    let script = script.display().to_string();
+    move |id| {
+        let mut a: Vec<String> = [
+            "--vip",
+            VIP,
+            "--vip-hook",
+            &script,
+            // Rendering is not under test; never let a missing haproxy matter.
+            "--validate-cmd",
+            "true",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if witness == Some(id) {
+            a.extend(["--role".to_string(), "witness".to_string()]);
+        }
+        a.extend(extra.iter().cloned());
+        a
+    }
+}
+
+/// Waits until `node`'s own status says it holds the VIP; returns the term.
+async fn holds(c: &Cluster, node: u64, within: Duration) -> u64 {
+    eventually(within, &format!("node {node} to hold the VIP"), || async {
+        let v = c.node(node).view().await?;
+        (v["vip"]["held"] == true)
+            .then(|| v["vip"]["held_term"].as_u64())
+            .flatten()
+    })
+    .await
+}
+
+/// The leader all nodes agree on, once it holds the VIP.
+async fn holder(c: &Cluster) -> u64 {
+    let leader = c.leader(Duration::from_secs(10)).await;
+    holds(c, leader, Duration::from_secs(5)).await;
+    leader
+}
+
+fn last_claim_index(ev: &[Event], node: u64) -> Option<usize> {
+    ev.iter()
+        .rposition(|e| e.node == node && e.action == "claim")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_leader_new_claim_within_a_second_and_witness_never_holds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (script, log) = hook(dir.path());
+    let mut c = Cluster::start_custom(3, &TIMERS, args(&script, Some(3), vec![])).await;
+    let old = holder(&c).await;
+    assert_ne!(old, 3, "the witness must never lead for long");
+
+    let killed_at = now_ns();
+    c.node_mut(old).kill();
+    let new = if old == 1 { 2 } else { 1 };
+    let claim = eventually(
+        Duration::from_secs(5),
+        "a claim by the survivor",
+        || async {
+            events(&log)
+                .into_iter()
+                .find(|e| e.node == new && e.action == "claim" && e.at_ns > killed_at)
+        },
+    )
+    .await;
+    let latency_ms = (claim.at_ns - killed_at) / 1_000_000;
+    eprintln!("claim by node {new} ran {latency_ms} ms after SIGKILL of node {old}");
+    assert!(latency_ms < 1_000, "claim took {latency_ms} ms");
+
+    let ev = events(&log);
+    let new_claim = ev.iter().position(|e| *e == claim).expect("claim in log");
+    let old_claim = last_claim_index(&ev, old).expect("the old leader had claimed");
+    assert!(old_claim < new_claim, "{ev:?}");
+    assert!(ev[old_claim].at_ns < claim.at_ns, "{ev:?}");
+    assert!(
+        ev[old_claim].term < claim.term,
+        "fencing terms must grow: {ev:?}"
+    );
+    holds(&c, new, Duration::from_secs(2)).await;
+
+    // The witness never ran a hook and says it never campaigns.
+    assert!(
+        ev.iter().all(|e| e.node != 3),
+        "witness ran a VIP hook: {ev:?}"
+    );
+    let w = c.node(3).view().await.expect("witness view");
+    assert_eq!(w["vip"]["held"], false);
+    assert_eq!(w["vip"]["claims_ok"], 0);
+    assert_eq!(w["vip"]["may_campaign"], false);
+    assert_eq!(w["vip_holder"], new);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigstop_leader_others_claim_and_it_releases_first_on_sigcont() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (script, log) = hook(dir.path());
+    let c = Cluster::start_custom(3, &TIMERS, args(&script, Some(3), vec![])).await;
+    let old = holder(&c).await;
+    let other = if old == 1 { 2 } else { 1 };
+
+    let stopped_at = now_ns();
+    c.node(old).signal(libc::SIGSTOP);
+    let claim = eventually(
+        Duration::from_secs(5),
+        "a claim while the leader is stopped",
+        || async {
+            events(&log)
+                .into_iter()
+                .find(|e| e.node == other && e.action == "claim" && e.at_ns > stopped_at)
+        },
+    )
+    .await;
+    eprintln!(
+        "node {other} claimed {} ms after SIGSTOP of node {old}",
+        (claim.at_ns - stopped_at) / 1_000_000
+    );
+
+    let resumed_at = now_ns();
+    c.node(old).signal(libc::SIGCONT);
+    let first = eventually(
+        Duration::from_secs(5),
+        "the old leader's first hook after SIGCONT",
+        || async {
+            events(&log)
+                .into_iter()
+                .find(|e| e.node == old && e.at_ns > resumed_at)
+        },
+    )
+    .await;
+    assert_eq!(
+        first.action, "release",
+        "first hook after SIGCONT: {first:?}"
+    );
+    eprintln!(
+        "node {old} released {} ms after SIGCONT",
+        (first.at_ns - resumed_at) / 1_000_000
+    );
+    let v = c.node(old).view().await.expect("old leader view");
+    assert_eq!(v["vip"]["held"], false);
+    assert!(
+        v["vip"]["lease_expiries"].as_u64().unwrap_or(0) >= 1,
+        "{}",
+        v["vip"]
+    );
+    // The cluster settles on the other balancer, which still holds the VIP.
+    assert_eq!(c.leader(Duration::from_secs(5)).await, other);
+    holds(&c, other, Duration::from_secs(2)).await;
+    let ev = events(&log);
+    assert!(
+        ev.iter().all(|e| e.node != 3),
+        "witness ran a VIP hook: {ev:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unhealthy_leader_hands_over_and_clb_failover_moves_the_vip() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (script, log) = hook(dir.path());
+    let sick = |id: u64| dir.path().join(format!("sick{id}"));
+    let health = format!("test ! -e {}/sick$CLB_NODE", dir.path().display());
+    let make_args = {
+        let base = args(
+            &script,
+            None,
+            vec![
+                "--health-interval-ms".into(),
+                "100".into(),
+                "--health-failures".into(),
+                "2".into(),
+            ],
+        );
+        let health = health.clone();
+        move |id: u64| {
+            let mut a = base(id);
+            a.extend([
+                "--health-cmd".to_string(),
+                health.replace("$CLB_NODE", &id.to_string()),
+            ]);
+            a
+        }
+    };
+    let c = Cluster::start_custom(3, &TIMERS, make_args).await;
+    let old = holder(&c).await;
+
+    std::fs::write(sick(old), "").expect("make the leader sick");
+    let sick_at = now_ns();
+    let new = eventually(
+        Duration::from_secs(10),
+        "a healthy leader holding the VIP",
+        || async {
+            let l = c.node(1).view().await?["leader"].as_u64()?;
+            if l == old {
+                return None;
+            }
+            let v = c.node(l).view().await?;
+            (v["vip"]["held"] == true).then_some(l)
+        },
+    )
+    .await;
+    eprintln!(
+        "unhealthy node {old} handed over to node {new} within {} ms of the health failure",
+        (now_ns() - sick_at) / 1_000_000
+    );
+    let v = c.node(old).view().await.expect("old leader view");
+    assert_eq!(v["vip"]["healthy"], false);
+    assert_eq!(v["vip"]["held"], false);
+    assert!(v["vip"]["health_reason"]
+        .as_str()
+        .unwrap_or("")
+        .contains("--health-cmd"));
+    let ev = events(&log);
+    let release = ev
+        .iter()
+        .rposition(|e| e.node == old && e.action == "release")
+        .expect("old leader released");
+    let claim = last_claim_index(&ev, new).expect("new leader claimed");
+    assert!(
+        release < claim,
+        "release must precede the new claim: {ev:?}"
+    );
+
+    // No preemption: the recovered node stays a follower.
+    std::fs::remove_file(sick(old)).expect("heal");
+    eventually(
+        Duration::from_secs(5),
+        "the old leader healthy again",
+        || async {
+            let v = c.node(old).view().await?;
+            (v["vip"]["healthy"] == true).then_some(())
+        },
+    )
+    .await;
+    for _ in 0..10 {
+        assert_eq!(c.node(old).view().await.expect("view")["leader"], new);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // `clb failover` through a follower: the leader steps down gracefully.
+    let follower = c.followers(new)[0];
+    let answer = c
+        .node(follower)
+        .client()
+        .request(reqwest::Method::POST, "/v1/cluster/failover", None)
+        .await
+        .expect("failover");
+    eprintln!("clb failover: {answer}");
+    assert_eq!(answer["from"], new);
+    let moved_to = answer["new_leader"].as_u64().expect("new leader");
+    assert_ne!(moved_to, new);
+    assert_eq!(answer["vip_holder"], moved_to);
+    assert!(answer["vip_took_ms"].as_u64().expect("vip took") < 5_000);
+    let ev = events(&log);
+    let release = ev
+        .iter()
+        .rposition(|e| e.node == new && e.action == "release")
+        .expect("stepped-down leader released");
+    let claim = last_claim_index(&ev, moved_to).expect("successor claimed");
+    assert!(release < claim, "{ev:?}");
+}
+
+/// A network namespace this test created; deleted (with its interfaces) on drop.
+struct Netns(String);
+
+impl Netns {
+    fn create() -> Result<Netns, String> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("not root".into());
+        }
+        let name = format!("clbt-{}-{}", std::process::id(), now_ns() % 1_000_000);
+        let ns = Netns(name);
+        ns.ip(&["netns", "add", &ns.0], false)?;
+        ns.ip(&["link", "set", "lo", "up"], true)?;
+        // veth, not dummy: container kernels often lack the dummy module.
+        ns.ip(
+            &[
+                "link", "add", "vip0", "type", "veth", "peer", "name", "vip1",
+            ],
+            true,
+        )?;
+        ns.ip(&["link", "set", "vip1", "up"], true)?;
+        ns.ip(&["link", "set", "vip0", "up"], true)?;
+        Ok(ns)
+    }
+
+    /// Runs `ip ARGS`, inside the namespace when `inside`.
+    fn ip(&self, args: &[&str], inside: bool) -> Result<String, String> {
+        let mut cmd = std::process::Command::new("ip");
+        if inside {
+            cmd.args(["netns", "exec", &self.0, "ip"]);
+        }
+        let out = cmd.args(args).output().map_err(|e| format!("ip: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = self.ip(&["netns", "del", &self.0], false);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linux_vip_hook_moves_a_real_address_in_a_network_namespace() {
+    let ns = match Netns::create() {
+        Ok(ns) => ns,
+        Err(why) => {
+            eprintln!("SKIPPED linux_vip_hook_moves_a_real_address: cannot create a network namespace ({why}); run as root");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("tokens"), "t\n").expect("tokens");
+    let vip = "198.51.100.7";
+    let has_vip = || {
+        ns.ip(&["-4", "addr", "show", "dev", "vip0"], true)
+            .map(|out| out.contains(&format!("inet {vip}/32")))
+            .unwrap_or(false)
+    };
+    // A crashed holder's leftover address is removed at start-up.
+    ns.ip(&["addr", "add", &format!("{vip}/32"), "dev", "vip0"], true)
+        .expect("leftover address");
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns.0, env!("CARGO_BIN_EXE_clbd")])
+        .args([
+            "--node-id",
+            "1",
+            "--listen",
+            "127.0.0.1:8090",
+            "--validate-cmd",
+            "true",
+        ])
+        .args(["--vip", vip, "--vip-hook", "linux-vip:vip0"])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--token-file")
+        .arg(dir.path().join("tokens"))
+        .arg("-o")
+        .arg(dir.path().join("haproxy.cfg"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("log")).expect("log"))
+        .spawn()
+        .expect("spawn clbd in the namespace");
+    struct Reap<'a>(&'a mut std::process::Child);
+    impl Drop for Reap<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let pid = child.id() as i32;
+    let guard = Reap(&mut child);
+    // The single node leads, so it claims: the address is (again) on vip0.
+    let log = || std::fs::read_to_string(dir.path().join("log")).unwrap_or_default();
+    eventually(
+        Duration::from_secs(10),
+        "a claim, and the VIP on vip0",
+        || async { (log().contains("action=\"claim\"") && has_vip()).then_some(()) },
+    )
+    .await;
+    let text = log();
+    let release = text.find("action=\"release\"").expect("start-up release");
+    assert!(
+        release < text.find("action=\"claim\"").expect("claim"),
+        "{text}"
+    );
+    // SAFETY: SIGTERM to our own child (`ip netns exec` execs clbd in place).
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let status = guard.0.wait().expect("wait clbd");
+    assert!(status.success(), "clbd exit: {status}");
+    assert!(!has_vip(), "the VIP must be released on shutdown");
+    let text = log();
+    assert!(text.matches("action=\"release\"").count() >= 2, "{text}");
+}
