@@ -11,7 +11,9 @@ use tokio::sync::watch;
 
 use crate::api::{self, AppState, FailureLimit, Tokens};
 use crate::config::{Config, Role};
-use crate::render::{self, NodeContext, Peer, RenderInput, RenderSettings, Template, TemplateError};
+use crate::render::{
+    self, NodeContext, Peer, RenderInput, RenderSettings, RenderStatus, Template, TemplateError,
+};
 use crate::consensus::{rpc, Consensus, StartError};
 use crate::failover::{self, Failover};
 
@@ -55,6 +57,34 @@ fn validate_cmd(config: &Config) -> Option<String> {
         tracing::warn!("haproxy is not installed: rendered configs are written unvalidated");
         None
     }
+}
+
+/// Turns render status into failover health: an apply failure (haproxy down,
+/// its socket missing, a reload that failed) makes the node unhealthy; a
+/// config haproxy rejected does not, since the last good one keeps serving.
+fn feed_health(mut status: watch::Receiver<RenderStatus>, tx: failover::HealthSender) {
+    tokio::spawn(async move {
+        loop {
+            let health = {
+                let s = status.borrow_and_update();
+                if s.last_apply.as_deref() == Some("failed") {
+                    failover::Health::unhealthy(
+                        s.last_error.clone().unwrap_or_else(|| "haproxy apply failed".into()),
+                    )
+                } else {
+                    failover::Health::healthy()
+                }
+            };
+            tx.send_if_modified(|cur| {
+                let changed = *cur != health;
+                *cur = health;
+                changed
+            });
+            if status.changed().await.is_err() {
+                return;
+            }
+        }
+    });
 }
 
 /// Node-local template values from the config.
@@ -160,9 +190,7 @@ pub async fn run(
     .await?;
     tracing::info!(listen = %bound, %advertise, role = ?config.role, "clbd ready");
 
-    // The renderer will feed this (haproxy down, config failed to apply);
-    // healthy until then. The sender lives as long as the daemon.
-    let (_health_tx, health_rx) = failover::health_input();
+    let (health_tx, health_rx) = failover::health_input();
     let failover = Failover::start(
         &consensus,
         config.failover.clone(),
@@ -186,6 +214,14 @@ pub async fn run(
         };
         render::spawn(settings, input.clone(), stop_rx.clone())
     });
+    // A balancer whose haproxy cannot take its config does not lead.
+    match &render_status {
+        Some(status) => feed_health(status.clone(), health_tx),
+        // A witness never campaigns anyway; keep the sender alive.
+        None => drop(tokio::spawn(async move {
+            health_tx.closed().await;
+        })),
+    }
 
     let state = AppState {
         consensus: consensus.clone(),

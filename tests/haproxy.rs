@@ -382,3 +382,42 @@ async fn three_nodes_render_byte_identical_configs() {
     // The dry run prints the same text.
     assert_eq!(c.node(2).client().render().await.unwrap(), files[0]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_balancer_whose_haproxy_is_down_does_not_lead() {
+    // Node 1's haproxy sockets lead nowhere: every apply fails.
+    let dead = tempfile::tempdir().unwrap();
+    let master = dead.path().join("master.sock").display().to_string();
+    let admin = dead.path().join("admin.sock").display().to_string();
+    let timers = harness::FAST_TIMERS;
+    let c = Cluster::start_custom(3, &timers, |id| {
+        let mut args = vec!["--stats-port".to_string(), "0".into()];
+        if id == 1 {
+            args.extend(["--haproxy-master-socket".into(), master.clone(), "--haproxy-socket".into(), admin.clone()]);
+        }
+        args
+    })
+    .await;
+    let n1 = c.node(1);
+    let v = eventually(Duration::from_secs(10), "node 1 reports itself unhealthy", || async {
+        let v = n1.client().cluster().await.ok()?;
+        (v["vip"]["healthy"] == false).then_some(v)
+    })
+    .await;
+    assert!(v["vip"]["health_reason"].as_str().unwrap().contains("apply"), "{v}");
+    // Whoever led at formation, a healthy balancer leads now.
+    let leader = eventually(Duration::from_secs(10), "a healthy leader", || async {
+        let l = c.leader(Duration::from_secs(5)).await;
+        (l != 1).then_some(l)
+    })
+    .await;
+    assert_ne!(leader, 1);
+    // Writes work, and node 1 still renders its file.
+    let index = c.any_client().register("http", "w", "10.0.0.1", None, None, None).await.unwrap();
+    let cfg = c.dir.path().join("haproxy1.cfg");
+    eventually(Duration::from_secs(10), "node 1 renders", || async {
+        std::fs::read_to_string(&cfg).ok()?.contains("server w ").then_some(())
+    })
+    .await;
+    assert!(index > 0);
+}

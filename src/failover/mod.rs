@@ -200,6 +200,11 @@ impl Failover {
             handover: None,
             reply: None,
             next_handover: Instant::now(),
+            last_leader_seen: Instant::now(),
+            liveness_after: Duration::from_millis(
+                3 * consensus.raft.config().election_timeout_max,
+            ),
+            fallback: false,
         };
         tokio::spawn(watcher.run(cmd_rx, stop));
         Failover {
@@ -508,6 +513,12 @@ struct Watcher {
     handover: Option<JoinHandle<Result<StepDown, FailoverError>>>,
     reply: Option<oneshot::Sender<Result<StepDown, FailoverError>>>,
     next_handover: Instant,
+    /// When a leader was last known; an unhealthy node campaigns again after
+    /// `liveness_after` without one, so the registry never loses its leader
+    /// because every balancer's haproxy is down (it still never claims the VIP).
+    last_leader_seen: Instant,
+    liveness_after: Duration,
+    fallback: bool,
 }
 
 impl Watcher {
@@ -538,6 +549,13 @@ impl Watcher {
             if leading.is_none() {
                 self.lease.reset();
             }
+            if m.current_leader.is_some() {
+                self.last_leader_seen = now;
+            }
+            let voters = m.membership_config.membership().voter_ids().count();
+            // Alone, or leaderless for long: lead anyway, without the VIP.
+            self.fallback = !self.cfg.witness
+                && (voters <= 1 || now.duration_since(self.last_leader_seen) >= self.liveness_after);
             self.decide(now, leading, m.current_term);
 
             let wake = match self.lease.valid_until() {
@@ -609,7 +627,7 @@ impl Watcher {
         let health = self.health();
         let stepping_down = self.handover.is_some();
         let may_lead = !self.cfg.witness && health.ok;
-        let may_campaign = may_lead && !stepping_down;
+        let may_campaign = (may_lead || self.fallback) && !stepping_down;
         if self.elect_enabled != Some(may_campaign) {
             self.raft.runtime_config().elect(may_campaign);
             self.elect_enabled = Some(may_campaign);
@@ -676,7 +694,8 @@ impl Watcher {
         });
 
         // An unfit leader hands over, retrying at most once per hand-over wait.
-        if leading.is_some() && !may_lead && self.handover.is_none() && now >= self.next_handover {
+        let alone = self.fallback && !health.ok;
+        if leading.is_some() && !may_lead && !alone && self.handover.is_none() && now >= self.next_handover {
             tracing::warn!(reason = %health.reason, witness = self.cfg.witness, "unfit to lead: handing leadership over");
             self.next_handover = now + self.cfg.handover_wait;
             self.spawn_handover();
