@@ -65,6 +65,9 @@ pub struct Settings {
     /// File with accepted API tokens, one per line [default: DATA_DIR/token, created]
     #[arg(long, env = "CLB_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+    /// File whose first line is the cluster secret every peer RPC must carry
+    #[arg(long, env = "CLB_CLUSTER_SECRET_FILE")]
+    pub cluster_secret_file: Option<PathBuf>,
     /// File with the 2010 shared password(s): accepted with scope register:* only
     #[arg(long, env = "CLB_LEGACY_PASSWORD_FILE")]
     pub legacy_password_file: Option<PathBuf>,
@@ -187,6 +190,7 @@ impl Settings {
             join,
             role,
             token_file,
+            cluster_secret_file,
             legacy_password_file,
             auth_failures_per_minute,
             template_dir,
@@ -285,6 +289,11 @@ impl Config {
     pub fn from_settings(s: Settings) -> Result<Config, ConfigError> {
         let failover_settings = s.clone();
         let tls = tls_settings(&s)?;
+        let cluster_secret = s
+            .cluster_secret_file
+            .as_deref()
+            .map(read_secret)
+            .transpose()?;
         let limits = limits(&s)?;
         let node_id = s.node_id.unwrap_or(1);
         if node_id == 0 {
@@ -369,6 +378,7 @@ impl Config {
                 peer_tls: tls.as_ref().map(|_| PeerTls {
                     ca: s.tls_ca.clone(),
                 }),
+                cluster_secret,
             },
             service_defaults: s
                 .auto_create_services
@@ -584,6 +594,21 @@ fn failover_config(
         witness: role == Role::Witness,
         handover_wait: Duration::from_millis((election_max_ms * 4).max(1_000)),
     })
+}
+
+/// The first non-empty line of a secret file; at least 16 characters.
+fn read_secret(path: &Path) -> Result<String, ConfigError> {
+    let flag = "cluster-secret-file";
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| invalid(flag, format!("{}: {e}", path.display())))?;
+    let secret = text.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("");
+    if secret.len() < 16 {
+        return Err(invalid(
+            flag,
+            format!("{}: the secret must be at least 16 characters", path.display()),
+        ));
+    }
+    Ok(secret.to_string())
 }
 
 /// `1=HOST:PORT,2=HOST:PORT`.

@@ -61,6 +61,8 @@ pub struct RaftSettings {
     pub forward_timeout: Duration,
     /// `Some`: peers serve HTTPS and are called over it.
     pub peer_tls: Option<network::PeerTls>,
+    /// `Some`: every peer RPC must carry it, and ours do.
+    pub cluster_secret: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -229,7 +231,8 @@ impl Consensus {
         .map_err(|e| StartError::Config(e.to_string()))?;
 
         let peers = PeerClient::with_tls(cluster_id, settings.peer_tls.as_ref())
-            .map_err(|e| StartError::Config(e.to_string()))?;
+            .map_err(|e| StartError::Config(e.to_string()))?
+            .with_secret(settings.cluster_secret.clone());
         let applied = stores.sm.subscribe();
         let raft = Raft::new(
             id,
@@ -290,6 +293,11 @@ impl Consensus {
     /// The client for calls to other nodes: the cluster's scheme and trust.
     pub fn peer_client(&self) -> &PeerClient {
         &self.peers
+    }
+
+    /// True when the peer credential is right, or none is configured.
+    pub fn accept_secret(&self, presented: Option<&str>) -> bool {
+        self.peers.secret_matches(presented)
     }
 
     /// Accepts a peer's cluster id: equal, or adopted when this node joined

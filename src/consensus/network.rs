@@ -101,7 +101,12 @@ pub struct PeerClient {
     scheme: &'static str,
     /// Empty until a joining node adopts the id of the cluster that added it.
     cluster_id: Arc<RwLock<String>>,
+    /// The cluster secret sent with, and required of, every peer RPC.
+    secret: Option<Arc<str>>,
 }
+
+/// Header carrying the cluster secret.
+pub const SECRET_HEADER: &str = "x-clb-secret";
 
 fn builder() -> reqwest::ClientBuilder {
     reqwest::Client::builder()
@@ -136,6 +141,7 @@ impl PeerClient {
             http,
             scheme: "http",
             cluster_id: Arc::new(RwLock::new(cluster_id)),
+            secret: None,
         }
     }
 
@@ -156,7 +162,23 @@ impl PeerClient {
             http: b.build().map_err(PeerTlsError::Build)?,
             scheme: "https",
             cluster_id: Arc::new(RwLock::new(cluster_id)),
+            secret: None,
         })
+    }
+
+    /// Sends, and requires, `secret` on peer RPCs.
+    pub fn with_secret(mut self, secret: Option<String>) -> Self {
+        self.secret = secret.map(Arc::from);
+        self
+    }
+
+    /// Constant-time check of a presented secret; true when none is configured.
+    pub fn secret_matches(&self, presented: Option<&str>) -> bool {
+        match (&self.secret, presented) {
+            (None, _) => true,
+            (Some(ours), Some(p)) => crate::auth::constant_time_eq(ours.as_bytes(), p.as_bytes()),
+            (Some(_), None) => false,
+        }
     }
 
     /// `{scheme}://{addr}{path}` for a peer's advertised address.
@@ -207,13 +229,15 @@ impl PeerClient {
     {
         let body = bincode::serialize(req).map_err(CallError::Encode)?;
         let url = self.url(addr, path);
-        let send = self
+        let mut req = self
             .http
             .post(url)
             .header(CLUSTER_HEADER, self.cluster_id())
-            .header("content-type", "application/octet-stream")
-            .body(body)
-            .send();
+            .header("content-type", "application/octet-stream");
+        if let Some(secret) = &self.secret {
+            req = req.header(SECRET_HEADER, secret.as_ref());
+        }
+        let send = req.body(body).send();
         let fut = async {
             let resp = send.await.map_err(|source| {
                 if source.is_connect() {

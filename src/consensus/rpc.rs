@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::network::CLUSTER_HEADER;
+use super::network::{CLUSTER_HEADER, SECRET_HEADER};
 use super::{Consensus, LeaderRequest, NodeId};
 
 /// Snapshot chunks and append batches are far larger than client requests.
@@ -33,6 +33,18 @@ fn admit<T: DeserializeOwned>(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<T, Response> {
+    let secret = headers.get(SECRET_HEADER).and_then(|v| v.to_str().ok());
+    if !c.accept_secret(secret) {
+        tracing::warn!(
+            presented = secret.is_some(),
+            "refused a peer request without the cluster credential"
+        );
+        return Err((
+            StatusCode::UNAUTHORIZED,
+            "peer requests need the cluster credential".to_string(),
+        )
+            .into_response());
+    }
     let claimed = headers
         .get(CLUSTER_HEADER)
         .and_then(|v| v.to_str().ok())
