@@ -67,11 +67,51 @@ pub enum Command {
         ttl: Option<u32>,
     },
     /// Remove a member from a service
-    Unregister { service: String, member: String },
+    Unregister {
+        service: String,
+        member: String,
+        /// Override the removal guardrail
+        #[arg(long)]
+        force: bool,
+    },
     /// Stop new sessions to a member, keep existing ones
-    Drain { service: String, member: String },
+    Drain {
+        service: String,
+        member: String,
+        /// Override the removal guardrail
+        #[arg(long)]
+        force: bool,
+    },
     /// Take a member out of rotation
-    Maint { service: String, member: String },
+    Maint {
+        service: String,
+        member: String,
+        /// Override the removal guardrail
+        #[arg(long)]
+        force: bool,
+    },
+    /// Keep a member registered while this process runs (for systemd):
+    /// renew every TTL/3; on SIGTERM drain, wait for its connections, unregister
+    Agent {
+        service: String,
+        member: String,
+        #[arg(long)]
+        address: String,
+        /// The member's port (also where the agent counts open connections)
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        weight: Option<u16>,
+        /// Seconds without renewal after which the leader removes the member
+        #[arg(long, default_value_t = 30)]
+        ttl: u32,
+        /// Longest wait for the member's connections to end after draining
+        #[arg(long, default_value_t = 30)]
+        drain_timeout: u64,
+    },
+    /// Backups of the registry and tokens
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
     /// Put a member back into rotation
     Ready { service: String, member: String },
     /// List members of one service or all
@@ -129,6 +169,12 @@ pub enum ServiceCmd {
         #[arg(long)]
         check: Option<String>,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SnapshotCmd {
+    /// Write the leader's registry and tokens to FILE (restore with clbd --restore FILE)
+    Save { file: PathBuf },
 }
 
 #[derive(Subcommand, Debug)]
@@ -249,20 +295,79 @@ pub async fn run(cli: Cli) -> Result<String, Failure> {
                 .await?;
             Ok(done(i, format!("registered {member} in {service}")))
         }
-        Command::Unregister { service, member } => {
+        Command::Unregister {
+            service,
+            member,
+            force,
+        } => {
             model::validate_name("service", &service)?;
             model::validate_name("member", &member)?;
-            let i = client.unregister(&service, &member).await?;
+            let i = client.unregister_forced(&service, &member, force).await?;
             Ok(done(i, format!("unregistered {member} from {service}")))
         }
-        Command::Drain { service, member } => {
-            set_state(&client, &service, &member, "drain", done).await
-        }
-        Command::Maint { service, member } => {
-            set_state(&client, &service, &member, "maint", done).await
-        }
+        Command::Drain {
+            service,
+            member,
+            force,
+        } => set_state(&client, &service, &member, "drain", force, done).await,
+        Command::Maint {
+            service,
+            member,
+            force,
+        } => set_state(&client, &service, &member, "maint", force, done).await,
         Command::Ready { service, member } => {
-            set_state(&client, &service, &member, "active", done).await
+            set_state(&client, &service, &member, "active", false, done).await
+        }
+        Command::Agent {
+            service,
+            member,
+            address,
+            port,
+            weight,
+            ttl,
+            drain_timeout,
+        } => {
+            model::validate_name("service", &service)?;
+            model::validate_name("member", &member)?;
+            model::validate_address(&address)?;
+            if ttl == 0 {
+                return Err(Failure {
+                    code: exit::USAGE,
+                    message: "--ttl must be at least 1".into(),
+                });
+            }
+            let cfg = crate::agent::AgentConfig {
+                service,
+                member,
+                address,
+                port,
+                weight,
+                ttl_s: ttl,
+                drain_timeout: std::time::Duration::from_secs(drain_timeout),
+            };
+            match crate::agent::run(&client, &cfg, crate::shutdown_signal()).await {
+                crate::agent::AgentExit::Unregistered => Ok("agent stopped: drained and unregistered".into()),
+                crate::agent::AgentExit::LeftToTtl(why) => Err(Failure {
+                    code: exit::FAILED,
+                    message: format!("agent stopped without unregistering ({why}); the TTL removes the member"),
+                }),
+            }
+        }
+        Command::Snapshot(SnapshotCmd::Save { file }) => {
+            let v = client.request(reqwest::Method::GET, "/v1/snapshot", None).await?;
+            let text = serde_json::to_string_pretty(&v).map_err(|e| Failure {
+                code: exit::FAILED,
+                message: e.to_string(),
+            })?;
+            std::fs::write(&file, text).map_err(|e| Failure {
+                code: exit::FAILED,
+                message: format!("write {}: {e}", file.display()),
+            })?;
+            Ok(format!(
+                "saved the registry at index {} to {}",
+                v["index"],
+                file.display()
+            ))
         }
         Command::Members {
             service,
@@ -445,11 +550,12 @@ async fn set_state(
     service: &str,
     member: &str,
     state: &str,
+    force: bool,
     done: impl Fn(u64, String) -> String,
 ) -> Result<String, Failure> {
     model::validate_name("service", service)?;
     model::validate_name("member", member)?;
-    let i = client.set_state(service, member, state).await?;
+    let i = client.set_state_forced(service, member, state, force).await?;
     Ok(done(i, format!("{member} of {service} is now {state}")))
 }
 

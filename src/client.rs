@@ -1,6 +1,8 @@
 //! Typed HTTP client for the API, used by the CLI and the tests. Tries each
 //! server in turn until one answers.
 
+use std::net::IpAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
@@ -40,6 +42,62 @@ pub struct Client {
     http: reqwest::Client,
 }
 
+/// How the client reaches servers beyond plain HTTP on loopback.
+#[derive(Debug, Clone, Default)]
+pub struct ClientOptions {
+    /// PEM CA certificate(s) trusted for `https://` servers instead of the
+    /// bundled web roots.
+    pub ca: Option<PathBuf>,
+    /// Allow sending a token over plain HTTP to a non-loopback server.
+    pub insecure: bool,
+}
+
+impl ClientOptions {
+    /// `CLB_CA` and `CLB_INSECURE` (for the 2010 commands, which take no flags).
+    pub fn from_env() -> ClientOptions {
+        let insecure = std::env::var("CLB_INSECURE")
+            .map(|v| !matches!(v.trim(), "" | "0" | "false" | "no" | "off"))
+            .unwrap_or(false);
+        ClientOptions {
+            ca: std::env::var_os("CLB_CA").map(PathBuf::from),
+            insecure,
+        }
+    }
+}
+
+/// True for a plain `http://` URL whose host is not loopback: a token sent
+/// there crosses the network readable by anyone on the path.
+fn plain_remote(base: &str) -> bool {
+    let Ok(url) = reqwest::Url::parse(base) else {
+        return true;
+    };
+    if url.scheme() != "http" {
+        return false;
+    }
+    let host = url.host_str().unwrap_or("");
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    match host.parse::<IpAddr>() {
+        Ok(ip) => !ip.is_loopback(),
+        Err(_) => !host.eq_ignore_ascii_case("localhost"),
+    }
+}
+
+/// An error with its causes: reqwest's own text hides why a TLS handshake
+/// failed ("invalid peer certificate: UnknownIssuer").
+fn describe(e: &reqwest::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
+}
+
 /// `host:port` or a URL → base URL without a trailing slash.
 fn base_url(server: &str) -> String {
     let s = server.trim().trim_end_matches('/');
@@ -51,8 +109,19 @@ fn base_url(server: &str) -> String {
 }
 
 impl Client {
-    /// `servers` is a comma-separated list, tried in turn.
+    /// `servers` is a comma-separated list, tried in turn; plain HTTP with a
+    /// token only to loopback, HTTPS against the bundled web roots.
     pub fn new(servers: &str, token: Option<String>) -> Result<Client, ClientError> {
+        Self::with_options(servers, token, ClientOptions::default())
+    }
+
+    /// Like [`Client::new`], trusting `options.ca` for HTTPS and, with
+    /// `options.insecure`, sending the token over plain HTTP anywhere.
+    pub fn with_options(
+        servers: &str,
+        token: Option<String>,
+        options: ClientOptions,
+    ) -> Result<Client, ClientError> {
         let servers: Vec<String> = servers
             .split(',')
             .map(str::trim)
@@ -62,9 +131,25 @@ impl Client {
         if servers.is_empty() {
             return Err(ClientError::Usage("no server given".into()));
         }
-        let http = reqwest::Client::builder()
+        if token.is_some() && !options.insecure {
+            if let Some(s) = servers.iter().find(|s| plain_remote(s)) {
+                return Err(ClientError::Usage(format!(
+                    "refusing to send the token over plain HTTP to {s}: use https:// or --insecure"
+                )));
+            }
+        }
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(30))
+            .timeout(Duration::from_secs(30));
+        if let Some(ca) = &options.ca {
+            let certs = crate::consensus::network::load_ca(ca)
+                .map_err(|e| ClientError::Usage(format!("--ca: {e}")))?;
+            builder = builder.tls_built_in_root_certs(false);
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder
             .build()
             .map_err(|e| ClientError::Usage(e.to_string()))?;
         Ok(Client {
@@ -92,12 +177,8 @@ impl Client {
             }
             let resp = match req.send().await {
                 Ok(r) => r,
-                Err(e) if e.is_connect() || e.is_timeout() => {
-                    failures.push(format!("{server}: {e}"));
-                    continue;
-                }
                 Err(e) => {
-                    failures.push(format!("{server}: {e}"));
+                    failures.push(format!("{server}: {}", describe(&e)));
                     continue;
                 }
             };
@@ -155,9 +236,21 @@ impl Client {
     }
 
     pub async fn unregister(&self, service: &str, member: &str) -> Result<u64, ClientError> {
-        let v = self
-            .request(Method::DELETE, &member_path(service, member), None)
-            .await?;
+        self.unregister_forced(service, member, false).await
+    }
+
+    /// `force` overrides the removal guardrail.
+    pub async fn unregister_forced(
+        &self,
+        service: &str,
+        member: &str,
+        force: bool,
+    ) -> Result<u64, ClientError> {
+        let mut path = member_path(service, member);
+        if force {
+            path.push_str("?force=true");
+        }
+        let v = self.request(Method::DELETE, &path, None).await?;
         Ok(index_of(&v))
     }
 
@@ -167,11 +260,34 @@ impl Client {
         member: &str,
         state: &str,
     ) -> Result<u64, ClientError> {
-        let path = format!("{}/state", member_path(service, member));
+        self.set_state_forced(service, member, state, false).await
+    }
+
+    pub async fn set_state_forced(
+        &self,
+        service: &str,
+        member: &str,
+        state: &str,
+        force: bool,
+    ) -> Result<u64, ClientError> {
+        let mut path = format!("{}/state", member_path(service, member));
+        if force {
+            path.push_str("?force=true");
+        }
         let v = self
             .request(Method::PUT, &path, Some(json!({"state": state})))
             .await?;
         Ok(index_of(&v))
+    }
+
+    /// Renews a TTL member on the leader; `Ok(false)` when it is gone.
+    pub async fn renew(&self, service: &str, member: &str) -> Result<bool, ClientError> {
+        let path = format!("{}/renew", member_path(service, member));
+        match self.request(Method::PUT, &path, None).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.status() == Some(404) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     pub async fn define_service(&self, service: &str, def: Value) -> Result<u64, ClientError> {
@@ -220,7 +336,7 @@ impl Client {
                         detail: v["detail"].clone(),
                     });
                 }
-                Err(e) => failures.push(format!("{server}: {e}")),
+                Err(e) => failures.push(format!("{server}: {}", describe(&e))),
             }
         }
         Err(ClientError::Unreachable(failures.join("; ")))
@@ -266,4 +382,49 @@ fn enc(segment: &str) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_go_over_plain_http_only_to_loopback() {
+        let token = || Some("t".to_string());
+        for ok in [
+            "127.0.0.1:8090",
+            "http://localhost:1",
+            "[::1]:8090",
+            "https://10.0.0.1",
+        ] {
+            assert!(Client::new(ok, token()).is_ok(), "{ok}");
+        }
+        for bad in [
+            "10.0.0.1:8090",
+            "http://node-b:8090",
+            "127.0.0.1:1,192.0.2.7:1",
+        ] {
+            let e = Client::new(bad, token()).unwrap_err();
+            assert!(matches!(e, ClientError::Usage(_)), "{bad}");
+            assert!(e.to_string().contains("--insecure"), "{e}");
+        }
+        // Without a token there is nothing to leak; with --insecure it is the user's call.
+        assert!(Client::new("10.0.0.1:8090", None).is_ok());
+        let insecure = ClientOptions {
+            insecure: true,
+            ..Default::default()
+        };
+        assert!(Client::with_options("10.0.0.1:8090", token(), insecure).is_ok());
+    }
+
+    #[test]
+    fn a_missing_ca_file_is_a_usage_error() {
+        let options = ClientOptions {
+            ca: Some("/nonexistent/ca.pem".into()),
+            insecure: false,
+        };
+        let e = Client::with_options("https://127.0.0.1:1", None, options).unwrap_err();
+        assert!(matches!(e, ClientError::Usage(_)), "{e}");
+        assert!(e.to_string().contains("/nonexistent/ca.pem"), "{e}");
+    }
 }

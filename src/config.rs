@@ -65,6 +65,15 @@ pub struct Settings {
     /// File with accepted API tokens, one per line [default: DATA_DIR/token, created]
     #[arg(long, env = "CLB_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+    /// Largest share of a service's members that may leave rotation per window, 0 to 1 [default: 0.5]
+    #[arg(long, env = "CLB_GUARDRAIL_SHARE")]
+    pub guardrail_share: Option<f64>,
+    /// The guardrail's window [default: 60]
+    #[arg(long, env = "CLB_GUARDRAIL_WINDOW_S")]
+    pub guardrail_window_s: Option<u64>,
+    /// Rebuild the registry and tokens from a `clb snapshot save` file when the cluster is empty
+    #[arg(long, env = "CLB_RESTORE")]
+    pub restore: Option<PathBuf>,
     /// File whose first line is the cluster secret every peer RPC must carry
     #[arg(long, env = "CLB_CLUSTER_SECRET_FILE")]
     pub cluster_secret_file: Option<PathBuf>,
@@ -190,6 +199,9 @@ impl Settings {
             join,
             role,
             token_file,
+            restore,
+            guardrail_share,
+            guardrail_window_s,
             cluster_secret_file,
             legacy_password_file,
             auth_failures_per_minute,
@@ -259,6 +271,7 @@ pub struct Config {
     pub join: bool,
     pub role: Role,
     pub token_file: Option<PathBuf>,
+    pub restore: Option<PathBuf>,
     pub legacy_password_file: Option<PathBuf>,
     pub auth_failures_per_minute: u32,
     pub template_dir: Option<PathBuf>,
@@ -289,6 +302,13 @@ impl Config {
     pub fn from_settings(s: Settings) -> Result<Config, ConfigError> {
         let failover_settings = s.clone();
         let tls = tls_settings(&s)?;
+        let guardrail = crate::consensus::leader::Guardrail {
+            share: match s.guardrail_share.unwrap_or(0.5) {
+                x if (0.0..=1.0).contains(&x) => x,
+                x => return Err(invalid("guardrail-share", format!("{x} is not between 0 and 1"))),
+            },
+            window: Duration::from_secs(s.guardrail_window_s.unwrap_or(60).max(1)),
+        };
         let cluster_secret = s
             .cluster_secret_file
             .as_deref()
@@ -359,6 +379,7 @@ impl Config {
             join,
             role,
             token_file: s.token_file,
+            restore: s.restore.clone(),
             legacy_password_file: s.legacy_password_file,
             auth_failures_per_minute: s.auth_failures_per_minute.unwrap_or(20).max(1),
             template_dir: s.template_dir,
@@ -379,6 +400,7 @@ impl Config {
                     ca: s.tls_ca.clone(),
                 }),
                 cluster_secret,
+                guardrail,
             },
             service_defaults: s
                 .auto_create_services

@@ -11,6 +11,7 @@ use tokio::sync::watch;
 
 use crate::api::{self, AppState, FailureLimit, Tokens};
 use crate::config::{Config, Role};
+use crate::model::{Command, MemberSpec, MemberState, Proposal, Registry};
 use crate::render::{
     self, NodeContext, Peer, RenderInput, RenderSettings, RenderStatus, Template, TemplateError,
 };
@@ -39,6 +40,101 @@ pub enum DaemonError {
     Serve(api::serve::ServeError),
     #[error("{0}")]
     Template(#[from] TemplateError),
+    #[error("--restore {path}: {reason}")]
+    Restore { path: String, reason: String },
+}
+
+/// Reads a `clb snapshot save` file.
+fn read_restore(path: &Path) -> Result<Registry, DaemonError> {
+    let err = |reason: String| DaemonError::Restore {
+        path: path.display().to_string(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+    if v["format"] != api::SNAPSHOT_FORMAT {
+        return Err(err(format!("not a {} file", api::SNAPSHOT_FORMAT)));
+    }
+    let registry: Registry =
+        serde_json::from_value(v["registry"].clone()).map_err(|e| err(e.to_string()))?;
+    // Everything must pass today's validation before anything is written.
+    for cmd in restore_commands(&registry) {
+        cmd.validate().map_err(|e| err(e.to_string()))?;
+    }
+    Ok(registry)
+}
+
+/// The commands that rebuild `registry` in an empty cluster.
+fn restore_commands(registry: &Registry) -> Vec<Command> {
+    let mut cmds = Vec::new();
+    for (name, svc) in &registry.services {
+        cmds.push(Command::DefineService {
+            service: name.clone(),
+            def: svc.def.clone(),
+        });
+        for (member, m) in &svc.members {
+            cmds.push(Command::Register {
+                service: name.clone(),
+                member: member.clone(),
+                spec: MemberSpec {
+                    address: m.address.clone(),
+                    port: Some(m.port),
+                    weight: Some(m.weight),
+                    ttl_s: m.ttl_s,
+                },
+                create: None,
+                at_ms: m.registered_at_ms,
+            });
+            if m.state != MemberState::Active {
+                cmds.push(Command::SetMemberState {
+                    service: name.clone(),
+                    member: member.clone(),
+                    state: m.state,
+                });
+            }
+        }
+    }
+    for (id, token) in &registry.tokens {
+        cmds.push(Command::CreateToken {
+            id: id.clone(),
+            token: token.clone(),
+        });
+    }
+    cmds
+}
+
+/// Replays a backup once the cluster has a leader, if its registry is empty.
+fn spawn_restore(consensus: Consensus, registry: Registry, path: String) {
+    tokio::spawn(async move {
+        let index = match consensus.read_barrier().await {
+            Ok(i) => i,
+            Err(e) => {
+                // read_barrier already waited for a leader for the forward timeout.
+                tracing::error!(cause = %e, "--restore: no leader; nothing restored");
+                return;
+            }
+        };
+        let current = consensus.applied().registry.clone();
+        if !current.services.is_empty() || !current.tokens.is_empty() {
+            tracing::warn!(index, %path, "--restore ignored: the registry is not empty");
+            return;
+        }
+        let cmds = restore_commands(&registry);
+        let total = cmds.len();
+        for cmd in cmds {
+            let proposal = Proposal {
+                cmd,
+                by: "restore".into(),
+                at_ms: api::now_ms(),
+                force: true,
+            };
+            if let Err(e) = consensus.write(proposal).await {
+                tracing::error!(cause = %e, "--restore stopped part way; run it again on an empty cluster");
+                return;
+            }
+        }
+        tracing::info!(%path, commands = total, members = registry.member_count(), "restored the registry");
+    });
 }
 
 /// The command that validates rendered configs. Without haproxy installed
@@ -170,6 +266,8 @@ pub async fn run(
         source,
     })?;
     let tokens = load_tokens(&config)?;
+    // A bad backup stops start-up before anything runs.
+    let restore = config.restore.as_deref().map(read_restore).transpose()?;
     let advertise = config.advertise_addr(bound);
     // A broken template stops start-up, before anything else happens.
     let template = match config.role {
@@ -189,6 +287,10 @@ pub async fn run(
     )
     .await?;
     tracing::info!(listen = %bound, %advertise, role = ?config.role, "clbd ready");
+    consensus.spawn_ttl_reaper();
+    if let (Some(path), Some(registry)) = (&config.restore, restore) {
+        spawn_restore(consensus.clone(), registry, path.display().to_string());
+    }
 
     let (health_tx, health_rx) = failover::health_input();
     let failover = Failover::start(

@@ -11,6 +11,8 @@
 //! - [`daemon`]: wiring, start-up and shutdown order.
 //! - [`client`], [`cli`]: the typed HTTP client and the `clb` command line.
 
+/// `clb agent`: keeps a member registered, drains it on shutdown.
+pub mod agent;
 /// HTTP API v1 routes and errors.
 pub mod api;
 /// Token scopes and permissions; pure.

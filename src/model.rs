@@ -447,9 +447,11 @@ pub enum Command {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Proposal {
     pub cmd: Command,
-    /// Token id, `bootstrap` (token file) or `legacy` (2010 password).
+    /// Token id, `bootstrap` (token file), `legacy` (2010 password) or `ttl`.
     pub by: String,
     pub at_ms: u64,
+    /// The caller overrode the removal guardrail.
+    pub force: bool,
 }
 
 /// One accepted write in the replicated history.

@@ -4,6 +4,8 @@
 
 mod authn;
 mod error;
+/// `GET /ui`: the server-rendered status page.
+mod ui;
 /// The listener: accept loop, TLS with certificate reload, connection limits.
 pub mod serve;
 
@@ -71,7 +73,12 @@ pub fn router(state: AppState) -> Router {
             "/v1/services/{service}/members/{member}/state",
             put(set_member_state),
         )
+        .route(
+            "/v1/services/{service}/members/{member}/renew",
+            put(renew),
+        )
         .route("/v1/cluster", get(cluster))
+        .route("/ui", get(ui::page).post(ui::sign_in_post))
         .route("/v1/node", get(node_status))
         .route("/v1/render", get(dry_run))
         .route("/v1/cluster/nodes", post(add_node))
@@ -80,6 +87,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/tokens", get(list_tokens).post(create_token))
         .route("/v1/tokens/{id}", delete(revoke_token))
         .route("/v1/audit", get(audit))
+        .route("/v1/snapshot", get(snapshot))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
@@ -109,11 +117,22 @@ fn answer(w: Written) -> Result<Json<Value>, ApiError> {
 }
 
 async fn write(state: &AppState, by: &Principal, cmd: Command) -> Result<Json<Value>, ApiError> {
+    write_forced(state, by, cmd, false).await
+}
+
+/// `force` overrides the removal guardrail.
+async fn write_forced(
+    state: &AppState,
+    by: &Principal,
+    cmd: Command,
+    force: bool,
+) -> Result<Json<Value>, ApiError> {
     cmd.validate()?;
     let proposal = Proposal {
         cmd,
         by: by.id.clone(),
         at_ms: now_ms(),
+        force,
     };
     answer(state.consensus.write(proposal).await?)
 }
@@ -173,13 +192,41 @@ async fn unregister(
     State(state): State<AppState>,
     p: Principal,
     path: Result<Path<(String, String)>, PathRejection>,
+    force: Result<Query<ForceParams>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let Query(force) = force?;
     let Path((service, member)) = path?;
     p.require(Need::Member {
         service: &service,
         member: &member,
     })?;
-    write(&state, &p, Command::Unregister { service, member }).await
+    let cmd = Command::Unregister { service, member };
+    write_forced(&state, &p, cmd, force.force.unwrap_or(false)).await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ForceParams {
+    force: Option<bool>,
+}
+
+async fn renew(
+    State(state): State<AppState>,
+    p: Principal,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Path((service, member)) = path?;
+    model::validate_name("service", &service)?;
+    model::validate_name("member", &member)?;
+    p.require(Need::Member {
+        service: &service,
+        member: &member,
+    })?;
+    if state.consensus.renew(&service, &member).await? {
+        Ok(Json(json!({"renewed": true})))
+    } else {
+        Err(ApiError::NotFound(format!("member {member} of service {service}")))
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -192,8 +239,10 @@ async fn set_member_state(
     State(state): State<AppState>,
     p: Principal,
     path: Result<Path<(String, String)>, PathRejection>,
+    force: Result<Query<ForceParams>, QueryRejection>,
     body: Result<Json<StateBody>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let Query(force) = force?;
     let Path((service, member)) = path?;
     p.require(Need::Member {
         service: &service,
@@ -206,7 +255,7 @@ async fn set_member_state(
         member,
         state: new_state,
     };
-    write(&state, &p, cmd).await
+    write_forced(&state, &p, cmd, force.force.unwrap_or(false)).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -366,8 +415,14 @@ async fn cluster(
     headers: axum::http::HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     p.require(Need::Read)?;
-    let mut view = cluster_view(&state);
     let auth = headers.get(header::AUTHORIZATION).cloned();
+    Ok(Json(collect_cluster(&state, auth).await))
+}
+
+/// [`cluster_view`] plus `node_status`: every node's [`node_view`], fetched
+/// with `auth` (the caller's `Authorization`); what `/v1/cluster` and `/ui` show.
+async fn collect_cluster(state: &AppState, auth: Option<axum::http::HeaderValue>) -> Value {
+    let mut view = cluster_view(state);
     let nodes: Vec<(String, String)> = view["nodes"]
         .as_object()
         .map(|m| {
@@ -376,20 +431,19 @@ async fn cluster(
                 .collect()
         })
         .unwrap_or_default();
-    let http = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_millis(500))
-        .build()
-        .unwrap_or_default();
+    let peers = state.consensus.peer_client();
     let me = state.consensus.id.to_string();
     let fetches = nodes.into_iter().map(|(id, addr)| {
-        let http = http.clone();
         let auth = auth.clone();
-        let local = (id == me).then(|| node_view(&state));
+        let local = (id == me).then(|| node_view(state));
         async move {
             if let Some(v) = local {
                 return (id, v);
             }
-            let mut req = http.get(format!("http://{addr}/v1/node"));
+            // The peer client speaks the cluster's scheme and trusts its CA.
+            let mut req = peers
+                .get(&addr, "/v1/node")
+                .timeout(std::time::Duration::from_millis(500));
             if let Some(a) = auth {
                 req = req.header(header::AUTHORIZATION, a);
             }
@@ -407,7 +461,7 @@ async fn cluster(
     let statuses: serde_json::Map<String, Value> =
         futures::future::join_all(fetches).await.into_iter().collect();
     view["node_status"] = Value::Object(statuses);
-    Ok(Json(view))
+    view
 }
 
 /// The config this node would render from its current registry: a dry run.
@@ -578,6 +632,21 @@ async fn audit(
     Ok(Json(json!({"entries": entries})))
 }
 
+/// The format `clb snapshot save` writes and `clbd --restore` reads.
+pub const SNAPSHOT_FORMAT: &str = "clb-snapshot-1";
+
+/// A linearizable copy of the registry and tokens (hashes only), for backups.
+async fn snapshot(State(state): State<AppState>, p: Principal) -> Result<Json<Value>, ApiError> {
+    p.require(Need::Admin)?;
+    let index = state.consensus.read_barrier().await?;
+    let applied = state.consensus.applied();
+    Ok(Json(json!({
+        "format": SNAPSHOT_FORMAT,
+        "index": index.max(applied.index),
+        "registry": &*applied.registry,
+    })))
+}
+
 async fn healthz(State(state): State<AppState>) -> Response {
     let m = state.consensus.raft.metrics().borrow().clone();
     let ok = m.running_state.is_ok();
@@ -693,15 +762,14 @@ async fn failover(
             .get_node(&id)
             .map(|n| n.addr.clone())
     };
-    let http = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(30))
-        .build()
-        .map_err(|e| unavailable(e.to_string()))?;
+    let peers = state.consensus.peer_client();
     match m.current_leader {
         Some(l) if l == state.consensus.id => {}
         Some(l) => {
             let addr = addr_of(l).ok_or_else(|| unavailable(format!("no address for leader {l}")))?;
-            let mut req = http.post(format!("http://{addr}/v1/cluster/failover"));
+            let mut req = peers
+                .post(&addr, "/v1/cluster/failover")
+                .timeout(std::time::Duration::from_secs(30));
             if let Some(auth) = headers.get(header::AUTHORIZATION) {
                 req = req.header(header::AUTHORIZATION, auth.clone());
             }
@@ -725,7 +793,12 @@ async fn failover(
     if let (true, Some(addr)) = (vip_configured, addr_of(done.new_leader)) {
         let deadline = started + std::time::Duration::from_secs(10);
         while std::time::Instant::now() < deadline {
-            let held = match http.get(format!("http://{addr}/healthz")).send().await {
+            let held = match peers
+                .get(&addr, "/healthz")
+                .timeout(std::time::Duration::from_secs(2))
+                .send()
+                .await
+            {
                 Ok(r) => r.json::<Value>().await.ok().and_then(|v| v["vip_held"].as_bool()),
                 Err(_) => None,
             };

@@ -2,6 +2,7 @@
 //! the HTTP peer transport, and [`Consensus`], the handle the rest of clb
 //! uses to write (from any node) and to read linearizably.
 
+pub mod leader;
 pub mod network;
 pub mod rpc;
 pub mod store;
@@ -63,6 +64,7 @@ pub struct RaftSettings {
     pub peer_tls: Option<network::PeerTls>,
     /// `Some`: every peer RPC must carry it, and ours do.
     pub cluster_secret: Option<String>,
+    pub guardrail: leader::Guardrail,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +121,10 @@ pub enum LeaderRequest {
     RemoveNode {
         id: NodeId,
     },
+    Renew {
+        service: String,
+        member: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -126,6 +132,7 @@ pub enum LeaderReply {
     Written { index: u64, response: Response },
     ReadIndex(u64),
     Membership { index: u64 },
+    Renewed(bool),
 }
 
 /// A leader's refusal; `NotLeader` and `NoQuorum` are worth retrying.
@@ -153,6 +160,7 @@ pub struct Consensus {
     peers: PeerClient,
     forward_timeout: Duration,
     db: sled::Db,
+    leader_state: Arc<leader::LeaderState>,
 }
 
 impl Consensus {
@@ -274,7 +282,57 @@ impl Consensus {
             peers,
             forward_timeout: settings.forward_timeout,
             db: stores.db,
+            leader_state: Arc::new(leader::LeaderState::new(settings.guardrail)),
         })
+    }
+
+    /// Expires members whose TTL ran out, while this node leads. Runs until
+    /// Raft shuts down.
+    pub fn spawn_ttl_reaper(&self) {
+        let c = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let m = c.raft.metrics().borrow().clone();
+                if m.running_state.is_err() {
+                    return;
+                }
+                if m.state != ServerState::Leader {
+                    continue;
+                }
+                let registry = c.applied().registry.clone();
+                for (service, member) in c.leader_state.expired(m.current_term, &registry, Instant::now()) {
+                    let proposal = Proposal {
+                        cmd: crate::model::Command::Unregister {
+                            service: service.clone(),
+                            member: member.clone(),
+                        },
+                        by: "ttl".into(),
+                        at_ms: crate::api::now_ms(),
+                        force: false,
+                    };
+                    match c.on_leader(LeaderRequest::Write(proposal)).await {
+                        Ok(_) => tracing::info!(%service, %member, "TTL expired: member removed"),
+                        Err(e) => tracing::warn!(%service, %member, cause = ?e, "TTL expired but the member was not removed"),
+                    }
+                }
+            }
+        });
+    }
+
+    /// Renews a TTL member's lease on the leader (no Raft write). False when
+    /// the member does not exist.
+    pub async fn renew(&self, service: &str, member: &str) -> Result<bool, ConsensusError> {
+        let req = LeaderRequest::Renew {
+            service: service.into(),
+            member: member.into(),
+        };
+        match self.to_leader(req).await? {
+            LeaderReply::Renewed(found) => Ok(found),
+            other => Err(unexpected(other)),
+        }
     }
 
     /// The latest applied registry on this node.
@@ -462,13 +520,44 @@ impl Consensus {
                         return Ok(LeaderReply::Written { index, response });
                     }
                 }
+                let term = self.raft.metrics().borrow().current_term;
+                if !proposal.force {
+                    self.leader_state
+                        .admit(term, &self.applied().registry, &proposal.cmd, Instant::now())
+                        .map_err(LeaderError::Rejected)?;
+                }
+                let renews = match &proposal.cmd {
+                    crate::model::Command::Register {
+                        service,
+                        member,
+                        spec,
+                        ..
+                    } if spec.ttl_s.is_some() => Some((service.clone(), member.clone())),
+                    _ => None,
+                };
                 match self.raft.client_write(proposal).await {
-                    Ok(resp) => Ok(LeaderReply::Written {
-                        index: resp.log_id.index,
-                        response: resp.data,
-                    }),
+                    Ok(resp) => {
+                        // A registration is the first renewal.
+                        if let Some((service, member)) = renews {
+                            self.leader_state.renewed(term, &service, &member, Instant::now());
+                        }
+                        Ok(LeaderReply::Written {
+                            index: resp.log_id.index,
+                            response: resp.data,
+                        })
+                    }
                     Err(e) => Err(write_error(e)),
                 }
+            }
+            LeaderRequest::Renew { service, member } => {
+                // No read barrier: renewals are frequent, and a member a new
+                // leader has not applied yet just re-registers.
+                let found = self.applied().registry.member(&service, &member).is_some();
+                if found {
+                    let term = self.raft.metrics().borrow().current_term;
+                    self.leader_state.renewed(term, &service, &member, Instant::now());
+                }
+                Ok(LeaderReply::Renewed(found))
             }
             LeaderRequest::ReadIndex => Ok(LeaderReply::ReadIndex(self.leader_barrier().await?)),
             LeaderRequest::AddNode { id, addr, learner } => {

@@ -932,6 +932,7 @@ mod tests {
                 cmd,
                 by: "test".into(),
                 at_ms: index,
+                force: false,
             }),
         }
     }

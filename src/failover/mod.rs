@@ -729,7 +729,7 @@ impl Watcher {
         let ctx = Handover {
             raft: self.raft.clone(),
             id: self.id,
-            cluster_id: self.consensus.cluster_id(),
+            peers: self.consensus.peer_client().clone(),
             status: self.status.subscribe(),
             wait_release: self.cfg.hook_timeout + Duration::from_secs(1),
             wait_leader: self.cfg.handover_wait,
@@ -762,7 +762,8 @@ impl Watcher {
 struct Handover {
     raft: Raft,
     id: NodeId,
-    cluster_id: String,
+    /// The node's own peer client: the cluster's scheme, CA and secret.
+    peers: PeerClient,
     status: watch::Receiver<VipStatus>,
     wait_release: Duration,
     wait_leader: Duration,
@@ -804,7 +805,7 @@ impl Handover {
             .collect();
         candidates.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
 
-        let peers = PeerClient::new(self.cluster_id.clone());
+        let peers = &self.peers;
         let request = CampaignRequest {
             from: self.id,
             term,

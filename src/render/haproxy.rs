@@ -67,7 +67,7 @@ pub async fn exchange(socket: &Path, command: &str) -> Result<String, HaproxyErr
 async fn expect(socket: &Path, command: &str, ok: &[&str]) -> Result<(), HaproxyError> {
     let answer = exchange(socket, command).await?;
     let trimmed = answer.trim();
-    if ok.iter().any(|o| trimmed == *o) {
+    if ok.contains(&trimmed) {
         Ok(())
     } else {
         Err(HaproxyError::Refused {

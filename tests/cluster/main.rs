@@ -2,5 +2,6 @@
 
 mod harness;
 mod test_formation;
+mod test_lifecycle;
 mod test_membership;
 mod test_failover;

@@ -1,0 +1,1554 @@
+//! Benchmarks against real processes on loopback:
+//!
+//! - `writes`: registrations/s and ack latency on a 3-node clb cluster beside
+//!   a 3-node etcd 3.4 cluster, same load generator, same counts;
+//! - `propagation`: registration acknowledged → live in haproxy on every node,
+//!   runtime-API path and reload path;
+//! - `render`: render and `haproxy -c` time, `clbd` RSS and new-node catch-up
+//!   at 1k, 10k and 100k members.
+//!
+//! ```text
+//! cargo bench --bench clb -- [writes|propagation|render|all] [--json FILE] [--quick]
+//! ```
+//!
+//! Needs `haproxy` and, for the etcd rows, `etcd` (`apt-get install -y haproxy
+//! etcd-server`); it installs nothing itself. Every child is killed by pid on
+//! exit (also on Ctrl-C), every load loop is bounded in count and time, and all
+//! traffic goes to 127.0.0.1.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::future::Future;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use clb::model::{self, MemberSpec, Registry, ServiceDef};
+use clb::render::template::{NodeContext, Template, BUILTIN};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const TOKEN: &str = "bench-token";
+const USAGE: &str =
+    "usage: cargo bench --bench clb -- [writes|propagation|render|all] [--json FILE] [--quick]";
+
+// ---------------------------------------------------------------- arguments
+
+struct Opts {
+    writes: bool,
+    propagation: bool,
+    render: bool,
+    json: Option<PathBuf>,
+    quick: bool,
+}
+
+fn parse_args() -> Result<Opts> {
+    let mut which = BTreeSet::new();
+    let mut json = None;
+    let mut quick = false;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            // cargo bench passes --bench to harness = false targets.
+            "--bench" => {}
+            "--quick" => quick = true,
+            "--json" => json = Some(PathBuf::from(args.next().context(USAGE)?)),
+            "writes" | "propagation" | "render" | "all" => {
+                which.insert(a);
+            }
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?}\n{USAGE}"),
+        }
+    }
+    let all = which.is_empty() || which.contains("all");
+    Ok(Opts {
+        writes: all || which.contains("writes"),
+        propagation: all || which.contains("propagation"),
+        render: all || which.contains("render"),
+        json,
+        quick,
+    })
+}
+
+fn main() -> Result<()> {
+    let opts = parse_args()?;
+    // Two workers: the load generator should not take more than the
+    // machine's share the servers need (the reference machine has 2 cores).
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let out = rt.block_on(async {
+        tokio::spawn(async {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("interrupted: killing child processes");
+                kill_all_children();
+                std::process::exit(130);
+            }
+        });
+        run(&opts).await
+    });
+    kill_all_children();
+    out
+}
+
+async fn run(opts: &Opts) -> Result<()> {
+    let mut report = serde_json::Map::new();
+    let machine = machine();
+    println!("# clb benchmarks\n");
+    println!(
+        "machine: {} CPUs, {} GiB RAM, kernel {}, clb {}{}\n",
+        machine["cpus"],
+        machine["mem_gib"],
+        machine["kernel"].as_str().unwrap_or("?"),
+        machine["commit"].as_str().unwrap_or("?"),
+        if opts.quick { " (--quick)" } else { "" }
+    );
+    report.insert("machine".into(), machine);
+    report.insert("quick".into(), json!(opts.quick));
+    if opts.writes {
+        report.insert("writes".into(), bench_writes(opts.quick).await?);
+    }
+    if opts.propagation {
+        report.insert("propagation".into(), bench_propagation(opts.quick).await?);
+    }
+    if opts.render {
+        report.insert("render".into(), bench_render(opts.quick).await?);
+    }
+    if let Some(path) = &opts.json {
+        std::fs::write(path, serde_json::to_string_pretty(&Value::Object(report))?)
+            .with_context(|| format!("write {}", path.display()))?;
+        println!("JSON written to {}", path.display());
+    }
+    Ok(())
+}
+
+fn machine() -> Value {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let mem_kib: u64 = read("/proc/meminfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0);
+    let commit = Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    json!({
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "mem_gib": mem_kib / (1024 * 1024),
+        "kernel": read("/proc/sys/kernel/osrelease").trim(),
+        "commit": commit,
+        "haproxy": tool_version("haproxy", &["-v"]),
+        "etcd": tool_version("etcd", &["--version"]),
+    })
+}
+
+fn tool_version(bin: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(bin).args(args).output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines().next().map(|l| l.trim().to_string())
+}
+
+fn have(bin: &str) -> bool {
+    Command::new(bin)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
+}
+
+// ---------------------------------------------------------------- processes
+
+/// Every child we started, by pid, so Ctrl-C can kill them too.
+/// `true` marks haproxy masters, which get SIGTERM so they stop their workers.
+static CHILDREN: Mutex<Vec<(i32, bool)>> = Mutex::new(Vec::new());
+
+fn kill_all_children() {
+    let pids: Vec<(i32, bool)> = CHILDREN.lock().map(|c| c.clone()).unwrap_or_default();
+    for &(pid, graceful) in &pids {
+        let sig = if graceful {
+            libc::SIGTERM
+        } else {
+            libc::SIGKILL
+        };
+        // SAFETY: kill(2) on pids we spawned and have not reaped yet.
+        unsafe { libc::kill(pid, sig) };
+    }
+    if pids.iter().any(|p| p.1) {
+        std::thread::sleep(Duration::from_millis(300));
+        for &(pid, _) in &pids {
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+/// A child process killed by pid on drop.
+struct Proc {
+    child: Child,
+    graceful: bool,
+}
+
+impl Proc {
+    fn spawn(cmd: &mut Command, log: &Path, graceful: bool) -> Result<Proc> {
+        let log_file = File::options()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("open {}", log.display()))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .spawn()
+            .with_context(|| format!("spawn {:?}", cmd.get_program()))?;
+        if let Ok(mut c) = CHILDREN.lock() {
+            c.push((child.id() as i32, graceful));
+        }
+        Ok(Proc { child, graceful })
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let pid = self.pid();
+        if self.graceful {
+            // SAFETY: kill(2) on our own, not yet reaped child.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Ok(mut c) = CHILDREN.lock() {
+            c.retain(|p| p.0 != pid);
+        }
+    }
+}
+
+/// Ports handed out in this run, so two probes never return the same one.
+static PORTS: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+
+fn bindable(port: u16) -> bool {
+    TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
+/// `n` consecutive ports that were free a moment ago; returns the first.
+fn free_ports(n: u16) -> Result<u16> {
+    let mut given = PORTS.lock().map_err(|_| anyhow!("port lock"))?;
+    for _ in 0..200 {
+        let first = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        if u32::from(first) + u32::from(n) > 65_535 {
+            continue;
+        }
+        let run = first..first + n;
+        if run.clone().all(|p| !given.contains(&p) && bindable(p)) {
+            given.extend(run);
+            return Ok(first);
+        }
+    }
+    bail!("no run of {n} free ports found")
+}
+
+fn free_port() -> Result<u16> {
+    free_ports(1)
+}
+
+/// Polls `f` until it returns `Some`, or fails naming `what` at the deadline.
+async fn until<T, F, Fut>(within: Duration, what: &str, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {within:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn rss_kib(pid: i32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| {
+        l.strip_prefix(field)?
+            .strip_prefix(':')?
+            .trim()
+            .strip_suffix("kB")?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+fn mib(kib: Option<u64>) -> Value {
+    kib.map_or(Value::Null, |k| json!(round1(k as f64 / 1024.0)))
+}
+
+// ---------------------------------------------------------------- clb cluster
+
+struct ClbNode {
+    addr: String,
+    proc: Option<Proc>,
+    log: PathBuf,
+}
+
+/// Real `clbd` processes on probed loopback ports with temp data dirs.
+struct ClbCluster {
+    dir: tempfile::TempDir,
+    token_file: PathBuf,
+    nodes: BTreeMap<u64, ClbNode>,
+    http: reqwest::Client,
+}
+
+impl ClbCluster {
+    /// `n` nodes from `--peers`; `extra(id, dir)` adds per-node flags.
+    async fn start(n: u64, extra: &dyn Fn(u64, &Path) -> Vec<String>) -> Result<ClbCluster> {
+        let dir = tempfile::Builder::new().prefix("clb-bench").tempdir()?;
+        let token_file = dir.path().join("tokens");
+        std::fs::write(&token_file, format!("{TOKEN}\n"))?;
+        let mut addrs = BTreeMap::new();
+        for id in 1..=n {
+            addrs.insert(id, format!("127.0.0.1:{}", free_port()?));
+        }
+        let peers = addrs
+            .iter()
+            .map(|(id, a)| format!("{id}={a}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()?;
+        let mut cluster = ClbCluster {
+            dir,
+            token_file,
+            nodes: BTreeMap::new(),
+            http,
+        };
+        for (id, addr) in addrs {
+            let mut args = vec!["--peers".to_string(), peers.clone()];
+            args.extend(extra(id, cluster.dir.path()));
+            cluster.spawn_node(id, addr, args)?;
+        }
+        for id in 1..=n {
+            cluster.wait_healthy(id).await?;
+        }
+        cluster.leader(Duration::from_secs(20)).await?;
+        Ok(cluster)
+    }
+
+    fn spawn_node(&mut self, id: u64, addr: String, extra: Vec<String>) -> Result<()> {
+        let dir = self.dir.path();
+        let log = dir.join(format!("node{id}.log"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_clbd"));
+        cmd.args(["--node-id", &id.to_string(), "--listen", &addr])
+            .arg("--data-dir")
+            .arg(dir.join(format!("node{id}")))
+            .arg("--token-file")
+            .arg(&self.token_file)
+            .arg("-o")
+            .arg(dir.join(format!("haproxy{id}.cfg")))
+            .args(&extra)
+            // The production default filter, spelled out so the caller's env cannot change it.
+            .env("RUST_LOG", "info,openraft=warn");
+        let proc = Proc::spawn(&mut cmd, &log, false)?;
+        self.nodes.insert(
+            id,
+            ClbNode {
+                addr,
+                proc: Some(proc),
+                log,
+            },
+        );
+        Ok(())
+    }
+
+    async fn wait_healthy(&self, id: u64) -> Result<()> {
+        let url = self.url(id, "/healthz");
+        let log = self.nodes[&id].log.clone();
+        until(Duration::from_secs(30), "clbd healthy", || async {
+            let ok = matches!(self.http.get(&url).send().await, Ok(r) if r.status().is_success());
+            ok.then_some(())
+        })
+        .await
+        .with_context(|| {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(10).collect();
+            format!("node {id} log tail: {tail:?}")
+        })
+    }
+
+    fn url(&self, id: u64, path: &str) -> String {
+        format!("http://{}{path}", self.nodes[&id].addr)
+    }
+
+    fn pid(&self, id: u64) -> Option<i32> {
+        self.nodes[&id].proc.as_ref().map(Proc::pid)
+    }
+
+    async fn request(
+        &self,
+        id: u64,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+        timeout: Duration,
+    ) -> Result<Value> {
+        let mut req = self
+            .http
+            .request(method, self.url(id, path))
+            .bearer_auth(TOKEN)
+            .timeout(timeout);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await?;
+        let status = resp.status();
+        let v: Value = resp.json().await?;
+        ensure!(status.is_success(), "{path} on node {id}: {status} {v}");
+        Ok(v)
+    }
+
+    /// `GET /v1/node`: this node's own state (no fan-out).
+    async fn node_view(&self, id: u64) -> Option<Value> {
+        let get = reqwest::Method::GET;
+        self.request(id, get, "/v1/node", None, Duration::from_secs(5))
+            .await
+            .ok()
+    }
+
+    async fn leader(&self, within: Duration) -> Result<u64> {
+        until(within, "a leader every node agrees on", || async {
+            let mut seen = None;
+            for id in self.nodes.keys() {
+                let l = self.node_view(*id).await?["leader"].as_u64()?;
+                if seen.is_some_and(|s| s != l) {
+                    return None;
+                }
+                seen = Some(l);
+            }
+            seen
+        })
+        .await
+    }
+
+    async fn put(&self, id: u64, path: &str, body: Value) -> Result<Value> {
+        let put = reqwest::Method::PUT;
+        self.request(id, put, path, Some(body), Duration::from_secs(30))
+            .await
+    }
+
+    /// Waits until every node applied `index` and rendered it.
+    async fn settled(&self, index: u64, within: Duration) -> Result<()> {
+        until(within, "every node applied and rendered", || async {
+            for id in self.nodes.keys() {
+                let v = self.node_view(*id).await?;
+                let rendered = v["render"]["rendered_index"].as_u64().unwrap_or(index);
+                if v["applied_index"].as_u64()? < index || rendered < index {
+                    return None;
+                }
+            }
+            Some(())
+        })
+        .await
+    }
+}
+
+// ---------------------------------------------------------------- etcd cluster
+
+struct EtcdCluster {
+    _dir: tempfile::TempDir,
+    _procs: Vec<Proc>,
+    clients: Vec<String>,
+    http: reqwest::Client,
+}
+
+impl EtcdCluster {
+    /// `n` etcd members on loopback, fsync on (etcd's default).
+    async fn start(n: usize) -> Result<EtcdCluster> {
+        let dir = tempfile::Builder::new().prefix("etcd-bench").tempdir()?;
+        let mut ports = Vec::new();
+        for _ in 0..n {
+            ports.push((free_port()?, free_port()?));
+        }
+        let initial = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("e{i}=http://127.0.0.1:{peer}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut procs = Vec::new();
+        let mut clients = Vec::new();
+        for (i, (client, peer)) in ports.iter().enumerate() {
+            let client_url = format!("http://127.0.0.1:{client}");
+            let peer_url = format!("http://127.0.0.1:{peer}");
+            let mut cmd = Command::new("etcd");
+            cmd.args(["--name", &format!("e{i}")])
+                .arg("--data-dir")
+                .arg(dir.path().join(format!("e{i}")))
+                .args(["--listen-client-urls", &client_url])
+                .args(["--advertise-client-urls", &client_url])
+                .args(["--listen-peer-urls", &peer_url])
+                .args(["--initial-advertise-peer-urls", &peer_url])
+                .args(["--initial-cluster", &initial])
+                .args(["--initial-cluster-state", "new"])
+                .args(["--initial-cluster-token", "clb-bench"])
+                .args(["--logger", "zap", "--log-level", "warn"]);
+            let log = dir.path().join(format!("e{i}.log"));
+            procs.push(Proc::spawn(&mut cmd, &log, false)?);
+            clients.push(client_url);
+        }
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()?;
+        let cluster = EtcdCluster {
+            _dir: dir,
+            _procs: procs,
+            clients,
+            http,
+        };
+        for c in &cluster.clients {
+            let url = format!("{c}/health");
+            until(Duration::from_secs(30), "etcd healthy", || async {
+                let v: Value = cluster
+                    .http
+                    .get(&url)
+                    .send()
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()?;
+                (v["health"] == "true").then_some(())
+            })
+            .await?;
+        }
+        Ok(cluster)
+    }
+
+    /// The client URL of the current leader.
+    async fn leader(&self) -> Result<String> {
+        until(Duration::from_secs(20), "an etcd leader", || async {
+            for c in &self.clients {
+                let resp = self
+                    .http
+                    .post(format!("{c}/v3/maintenance/status"))
+                    .json(&json!({}))
+                    .send()
+                    .await
+                    .ok()?;
+                let v: Value = resp.json().await.ok()?;
+                if v["leader"].is_string() && v["leader"] == v["header"]["member_id"] {
+                    return Some(c.clone());
+                }
+            }
+            None
+        })
+        .await
+    }
+}
+
+/// Standard base64 with padding (the etcd gateway's JSON wants it).
+fn b64(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b1 = chunk.get(1).copied().unwrap_or(0);
+        let b2 = chunk.get(2).copied().unwrap_or(0);
+        let n = (u32::from(chunk[0]) << 16) | (u32::from(b1) << 8) | u32::from(b2);
+        for k in 0..4 {
+            if k <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * k)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------- load generator
+
+/// Where registrations go. Both sides get the same member name and the same
+/// JSON body, so request sizes match.
+#[derive(Clone)]
+enum Target {
+    /// `PUT /v1/services/{svc}/members/{name}`; `services == 0` means `web`,
+    /// else member `i` goes to `svc{i % services}`.
+    Clb { base: String, services: usize },
+    /// `POST /v3/kv/put` with base64 key and value.
+    Etcd { base: String },
+}
+
+fn ip_of(i: usize) -> String {
+    let n = i + 1;
+    format!("10.{}.{}.{}", (n >> 16) & 255, (n >> 8) & 255, n & 255)
+}
+
+impl Target {
+    async fn register(&self, http: &reqwest::Client, name: &str, i: usize) -> Result<(), String> {
+        let body = json!({"address": ip_of(i), "port": 8080});
+        let sent = match self {
+            Target::Clb { base, services } => {
+                let svc = match services {
+                    0 => "web".to_string(),
+                    n => format!("svc{}", i % n),
+                };
+                http.put(format!("{base}/v1/services/{svc}/members/{name}"))
+                    .bearer_auth(TOKEN)
+                    .json(&body)
+                    .send()
+                    .await
+            }
+            Target::Etcd { base } => {
+                let key = format!("/clb/services/web/members/{name}");
+                let kv =
+                    json!({"key": b64(key.as_bytes()), "value": b64(body.to_string().as_bytes())});
+                http.post(format!("{base}/v3/kv/put"))
+                    .json(&kv)
+                    .send()
+                    .await
+            }
+        };
+        let resp = sent.map_err(|e| e.to_string())?;
+        let status = resp.status();
+        let answer = resp.bytes().await.map_err(|e| e.to_string())?;
+        if !status.is_success() {
+            let text = String::from_utf8_lossy(&answer);
+            return Err(format!(
+                "{status}: {}",
+                text.chars().take(200).collect::<String>()
+            ));
+        }
+        Ok(())
+    }
+}
+
+struct LoadOut {
+    ok: usize,
+    errors: usize,
+    first_error: Option<String>,
+    secs: f64,
+    /// Ack latencies in ms, sorted.
+    lat_ms: Vec<f64>,
+    capped: bool,
+}
+
+impl LoadOut {
+    fn rate(&self) -> f64 {
+        if self.secs > 0.0 {
+            self.ok as f64 / self.secs
+        } else {
+            0.0
+        }
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "ok": self.ok,
+            "errors": self.errors,
+            "first_error": self.first_error,
+            "secs": round3(self.secs),
+            "writes_per_s": round1(self.rate()),
+            "p50_ms": round3(pct(&self.lat_ms, 0.50)),
+            "p99_ms": round3(pct(&self.lat_ms, 0.99)),
+            "max_ms": round3(self.lat_ms.last().copied().unwrap_or(0.0)),
+            "capped_by_time": self.capped,
+        })
+    }
+}
+
+/// `clients` workers, each with its own keep-alive connection, register
+/// members `range` (named `{prefix}{i}`) until done or `cap` has passed.
+async fn load(
+    target: &Target,
+    clients: usize,
+    range: std::ops::Range<usize>,
+    prefix: &str,
+    cap: Duration,
+) -> Result<LoadOut> {
+    let next = Arc::new(AtomicUsize::new(range.start));
+    let barrier = Arc::new(tokio::sync::Barrier::new(clients + 1));
+    let deadline = Instant::now() + cap;
+    let mut tasks = Vec::new();
+    for w in 0..clients {
+        let (target, next, barrier) = (target.clone(), next.clone(), barrier.clone());
+        let (prefix, end) = (prefix.to_string(), range.end);
+        tasks.push(tokio::spawn(async move {
+            let http = reqwest::Client::builder()
+                .pool_max_idle_per_host(1)
+                .timeout(Duration::from_secs(10))
+                .build();
+            // Warm-up outside the timing: opens this worker's connection.
+            if let Ok(h) = &http {
+                let _ = target.register(h, &format!("{prefix}w{w}"), w).await;
+            }
+            barrier.wait().await;
+            let http = http.map_err(|e| e.to_string())?;
+            let mut lat = Vec::new();
+            let (mut errors, mut first_error) = (0usize, None);
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= end || Instant::now() >= deadline {
+                    break;
+                }
+                let t = Instant::now();
+                match target.register(&http, &format!("{prefix}{i}"), i).await {
+                    Ok(()) => lat.push(t.elapsed().as_secs_f64() * 1e3),
+                    Err(e) => {
+                        errors += 1;
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+            Ok::<_, String>((lat, errors, first_error))
+        }));
+    }
+    barrier.wait().await;
+    let t0 = Instant::now();
+    let mut out = LoadOut {
+        ok: 0,
+        errors: 0,
+        first_error: None,
+        secs: 0.0,
+        lat_ms: Vec::new(),
+        capped: false,
+    };
+    for t in tasks {
+        let (lat, errors, first) = t.await?.map_err(|e| anyhow!(e))?;
+        out.lat_ms.extend(lat);
+        out.errors += errors;
+        if out.first_error.is_none() {
+            out.first_error = first;
+        }
+    }
+    out.secs = t0.elapsed().as_secs_f64();
+    out.ok = out.lat_ms.len();
+    out.capped = next.load(Ordering::Relaxed) < range.end;
+    out.lat_ms.sort_by(f64::total_cmp);
+    Ok(out)
+}
+
+/// Nearest-rank percentile of sorted `v`.
+fn pct(v: &[f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let rank = (q * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    pct(&s, 0.5)
+}
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+fn summary(v: &[f64]) -> Value {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    json!({
+        "n": s.len(),
+        "p50_ms": round3(pct(&s, 0.5)),
+        "p99_ms": round3(pct(&s, 0.99)),
+        "max_ms": round3(s.last().copied().unwrap_or(0.0)),
+    })
+}
+
+/// The run with the median throughput.
+fn median_run(runs: &[LoadOut]) -> Option<&LoadOut> {
+    let mut sorted: Vec<&LoadOut> = runs.iter().collect();
+    sorted.sort_by(|a, b| a.rate().total_cmp(&b.rate()));
+    sorted.get(sorted.len() / 2).copied()
+}
+
+// ---------------------------------------------------------------- writes
+
+/// `CLB_BENCH_CLBD_ARGS` (split on spaces) is appended to every clbd of the
+/// writes benchmark: a hook for attributing costs, e.g. `--validate-cmd true`.
+fn extra_clbd_args() -> Vec<String> {
+    std::env::var("CLB_BENCH_CLBD_ARGS")
+        .map(|v| v.split_whitespace().map(String::from).collect())
+        .unwrap_or_default()
+}
+
+async fn bench_writes(quick: bool) -> Result<Value> {
+    let count = if quick { 1_000 } else { 5_000 };
+    let reps = if quick { 1 } else { 3 };
+    let cap = Duration::from_secs(if quick { 30 } else { 120 });
+    let rows = [1usize, 16, 64];
+    let etcd = have("etcd") && std::env::var_os("CLB_BENCH_NO_ETCD").is_none();
+    println!("## writes\n");
+    println!(
+        "{count} registrations per row, 3 nodes each, sent to the leader over keep-alive \
+         connections (one HTTP client per worker); median of {reps} run(s) by throughput, \
+         a fresh cluster per run."
+    );
+    if !etcd {
+        println!(
+            "\n`etcd` not found: skipping the etcd rows (install with `apt-get install -y etcd-server`)."
+        );
+    }
+    let mut clb_runs: BTreeMap<usize, Vec<LoadOut>> = BTreeMap::new();
+    let mut etcd_runs: BTreeMap<usize, Vec<LoadOut>> = BTreeMap::new();
+    for rep in 0..reps {
+        for &clients in &rows {
+            let prefix = format!("r{rep}c{clients}-");
+            let cluster = ClbCluster::start(3, &|_, _| extra_clbd_args()).await?;
+            let leader = cluster.leader(Duration::from_secs(20)).await?;
+            let target = Target::Clb {
+                base: format!("http://{}", cluster.nodes[&leader].addr),
+                services: 0,
+            };
+            let out = load(&target, clients, 0..count, &prefix, cap).await?;
+            eprintln!(
+                "writes rep {rep} clients {clients}: clb {:.0}/s p99 {:.2} ms errors {}",
+                out.rate(),
+                pct(&out.lat_ms, 0.99),
+                out.errors
+            );
+            clb_runs.entry(clients).or_default().push(out);
+            drop(cluster);
+            if etcd {
+                let cluster = EtcdCluster::start(3).await?;
+                let target = Target::Etcd {
+                    base: cluster.leader().await?,
+                };
+                let out = load(&target, clients, 0..count, &prefix, cap).await?;
+                eprintln!(
+                    "writes rep {rep} clients {clients}: etcd {:.0}/s p99 {:.2} ms errors {}",
+                    out.rate(),
+                    pct(&out.lat_ms, 0.99),
+                    out.errors
+                );
+                etcd_runs.entry(clients).or_default().push(out);
+            }
+        }
+    }
+    println!(
+        "\n| clients | clb writes/s | clb p50 ms | clb p99 ms | clb max ms | etcd writes/s | etcd p50 ms | etcd p99 ms | etcd max ms | ratio clb/etcd writes/s | errors clb/etcd |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let mut json_rows = Vec::new();
+    for &clients in &rows {
+        let c = median_run(&clb_runs[&clients]).context("no clb run")?;
+        let e = etcd_runs.get(&clients).and_then(|r| median_run(r));
+        let cell = |f: &dyn Fn(&LoadOut) -> String| e.map(f).unwrap_or_else(|| "–".into());
+        let ratio = e.map(|e| c.rate() / e.rate());
+        println!(
+            "| {clients} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {}/{} |",
+            c.rate(),
+            pct(&c.lat_ms, 0.5),
+            pct(&c.lat_ms, 0.99),
+            c.lat_ms.last().copied().unwrap_or(0.0),
+            cell(&|e| format!("{:.0}", e.rate())),
+            cell(&|e| format!("{:.2}", pct(&e.lat_ms, 0.5))),
+            cell(&|e| format!("{:.2}", pct(&e.lat_ms, 0.99))),
+            cell(&|e| format!("{:.2}", e.lat_ms.last().copied().unwrap_or(0.0))),
+            ratio.map_or("–".into(), |r| format!("{r:.2}")),
+            c.errors,
+            cell(&|e| e.errors.to_string()),
+        );
+        for (name, runs) in [
+            ("clb", clb_runs.get(&clients)),
+            ("etcd", etcd_runs.get(&clients)),
+        ] {
+            for r in runs.into_iter().flatten() {
+                if let Some(err) = &r.first_error {
+                    println!("\n{name} at {clients} clients, first error: {err}");
+                }
+                if r.capped {
+                    println!("\n{name} at {clients} clients hit the {cap:?} time cap");
+                }
+            }
+        }
+        json_rows.push(json!({
+            "clients": clients,
+            "clb": c.json(),
+            "etcd": e.map(LoadOut::json),
+            "ratio_writes_per_s": ratio.map(round3),
+            "clb_runs_writes_per_s": clb_runs[&clients].iter().map(|r| round1(r.rate())).collect::<Vec<_>>(),
+            "etcd_runs_writes_per_s": etcd_runs.get(&clients).map(|r| r.iter().map(|r| round1(r.rate())).collect::<Vec<_>>()),
+        }));
+    }
+    println!();
+    Ok(json!({"count": count, "repetitions": reps, "etcd": etcd, "rows": json_rows}))
+}
+
+// ---------------------------------------------------------------- propagation
+
+/// One exchange on a haproxy CLI socket (write half closed, read to EOF).
+async fn haproxy_cmd(socket: &Path, command: &str) -> Option<String> {
+    let work = async {
+        let mut s = tokio::net::UnixStream::connect(socket).await.ok()?;
+        s.write_all(format!("{command}\n").as_bytes()).await.ok()?;
+        s.shutdown().await.ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.ok()?;
+        Some(out)
+    };
+    tokio::time::timeout(Duration::from_secs(2), work)
+        .await
+        .ok()?
+}
+
+/// True when `show servers state` lists `server` running (op state 2) and
+/// not in maintenance (admin state 0).
+fn server_ready(state: &str, server: &str) -> bool {
+    let mut cols: Vec<&str> = Vec::new();
+    for line in state.lines() {
+        if let Some(header) = line.strip_prefix("# ") {
+            cols = header.split_whitespace().collect();
+            continue;
+        }
+        let col = |name: &str| cols.iter().position(|c| *c == name);
+        let (Some(n), Some(op), Some(admin)) =
+            (col("srv_name"), col("srv_op_state"), col("srv_admin_state"))
+        else {
+            continue;
+        };
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.get(n) == Some(&server) {
+            return f.get(op) == Some(&"2") && f.get(admin) == Some(&"0");
+        }
+    }
+    false
+}
+
+/// How a change is seen as live on one node's admin socket.
+#[derive(Clone, Copy)]
+enum Live<'a> {
+    Server(&'a str),
+    Backend(&'a str),
+}
+
+async fn is_live(socket: &Path, what: Live<'_>) -> bool {
+    match what {
+        Live::Server(name) => haproxy_cmd(socket, "show servers state be_web")
+            .await
+            .is_some_and(|s| server_ready(&s, name)),
+        Live::Backend(be) => haproxy_cmd(socket, "show backend")
+            .await
+            .is_some_and(|s| s.lines().any(|l| l.trim() == be)),
+    }
+}
+
+struct Sample {
+    ack_ms: f64,
+    /// Ack → live, per node.
+    live_ms: Vec<f64>,
+    timed_out: bool,
+}
+
+/// Polls every node's admin socket (1 ms apart) until `what` is live on all,
+/// returning ack → live per node.
+async fn wait_live(sockets: &[PathBuf], what: Live<'_>, acked: Instant) -> (Vec<f64>, bool) {
+    let mut live: Vec<Option<f64>> = vec![None; sockets.len()];
+    let deadline = acked + Duration::from_secs(10);
+    loop {
+        for (i, s) in sockets.iter().enumerate() {
+            if live[i].is_none() && is_live(s, what).await {
+                live[i] = Some(acked.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        if live.iter().all(Option::is_some) {
+            return (live.into_iter().flatten().collect(), false);
+        }
+        if Instant::now() > deadline {
+            let ms = live.into_iter().map(|l| l.unwrap_or(10_000.0)).collect();
+            return (ms, true);
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+async fn bench_propagation(quick: bool) -> Result<Value> {
+    let n = if quick { 50 } else { 200 };
+    println!("## propagation\n");
+    if !have("haproxy") {
+        println!("`haproxy` not found: skipped (install with `apt-get install -y haproxy`).\n");
+        return Ok(json!({"skipped": "haproxy not found"}));
+    }
+    // Three haproxies on one machine would all bind `*:PORT` for a service
+    // and collide. Rather than network namespaces (root only, and the
+    // daemons would then need veth plumbing to reach each other), each node
+    // renders the built-in template with one change: frontends bind
+    // 127.0.0.1:(port + node_id - 1), and every service gets three free
+    // consecutive ports. Everything else, including the runtime-API and
+    // reload paths under test, is the production template.
+    let tdir = tempfile::Builder::new().prefix("clb-bench-tpl").tempdir()?;
+    let needle = "bind {{ bind_address }}:{{ svc.port }}";
+    ensure!(
+        BUILTIN.contains(needle),
+        "the built-in template no longer contains `{needle}`; update the bench"
+    );
+    let template = BUILTIN.replace(needle, "bind 127.0.0.1:{{ svc.port + node_id - 1 }}");
+    std::fs::write(tdir.path().join("haproxy.cfg.j2"), template)?;
+    let tpl = tdir.path().to_path_buf();
+    let args = move |id: u64, dir: &Path| -> Vec<String> {
+        let h = dir.join(format!("hap{id}"));
+        let _ = std::fs::create_dir_all(&h);
+        vec![
+            "--haproxy-socket".into(),
+            h.join("admin.sock").display().to_string(),
+            "--haproxy-master-socket".into(),
+            h.join("master.sock").display().to_string(),
+            "--stats-port".into(),
+            "0".into(),
+            "--reload-min-interval-ms".into(),
+            "100".into(),
+            "--template-dir".into(),
+            tpl.display().to_string(),
+        ]
+    };
+    let cluster = ClbCluster::start(3, &args).await?;
+    let leader = cluster.leader(Duration::from_secs(20)).await?;
+    let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
+    let dir = cluster.dir.path().to_path_buf();
+    let sockets: Vec<PathBuf> = ids
+        .iter()
+        .map(|id| dir.join(format!("hap{id}/admin.sock")))
+        .collect();
+
+    let web_port = free_ports(3)?;
+    let v = cluster
+        .put(
+            leader,
+            "/v1/services/web",
+            json!({"port": web_port, "mode": "http", "check": "none"}),
+        )
+        .await?;
+    let index = v["index"].as_u64().unwrap_or(0);
+    cluster.settled(index, Duration::from_secs(30)).await?;
+    let mut haproxies = Vec::new();
+    for id in &ids {
+        let mut cmd = Command::new("haproxy");
+        cmd.args(["-W", "-db", "-S"])
+            .arg(dir.join(format!("hap{id}/master.sock")))
+            .arg("-f")
+            .arg(dir.join(format!("haproxy{id}.cfg")));
+        haproxies.push(Proc::spawn(
+            &mut cmd,
+            &dir.join(format!("hap{id}.log")),
+            true,
+        )?);
+    }
+    // clbd retries a failed apply with backoff (≤ 5 s) and reloads once haproxy answers.
+    until(
+        Duration::from_secs(30),
+        "every haproxy runs the rendered config",
+        || async {
+            for id in &ids {
+                let v = cluster.node_view(*id).await?;
+                let r = &v["render"];
+                let ok = r["applied_index"].as_u64()? >= v["applied_index"].as_u64()?
+                    && r["last_error"].is_null();
+                if !ok {
+                    return None;
+                }
+            }
+            for s in &sockets {
+                if !is_live(s, Live::Backend("be_web")).await {
+                    return None;
+                }
+            }
+            Some(())
+        },
+    )
+    .await?;
+
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let leader_url = cluster.url(leader, "");
+    let started = Instant::now();
+    let budget = Duration::from_secs(if quick { 120 } else { 600 });
+
+    let mut runtime = Vec::new();
+    let mut breakdown: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    for i in 0..n {
+        if started.elapsed() > budget {
+            break;
+        }
+        let name = format!("m{i}");
+        let t = Instant::now();
+        let resp = http
+            .put(format!("{leader_url}/v1/services/web/members/{name}"))
+            .bearer_auth(TOKEN)
+            .json(&json!({"address": "127.0.0.1", "port": 9 + i}))
+            .send()
+            .await?;
+        ensure!(
+            resp.status().is_success(),
+            "register {name}: {}",
+            resp.status()
+        );
+        let acked = Instant::now();
+        let ack_ms = (acked - t).as_secs_f64() * 1e3;
+        let (live_ms, timed_out) = wait_live(&sockets, Live::Server(&name), acked).await;
+        runtime.push(Sample {
+            ack_ms,
+            live_ms,
+            timed_out,
+        });
+        // What the render pipeline spent on this change, per node.
+        for id in &ids {
+            if let Some(v) = cluster.node_view(*id).await {
+                let r = &v["render"];
+                for key in ["last_render_ms", "last_validate_ms", "last_apply_ms"] {
+                    if let Some(x) = r[key].as_f64() {
+                        breakdown.entry(key).or_default().push(x);
+                    }
+                }
+            }
+        }
+    }
+    let mut reload = Vec::new();
+    for i in 0..n {
+        if started.elapsed() > budget * 2 {
+            break;
+        }
+        let svc = format!("bsvc{i}");
+        let port = free_ports(3)?;
+        let t = Instant::now();
+        let resp = http
+            .put(format!("{leader_url}/v1/services/{svc}"))
+            .bearer_auth(TOKEN)
+            .json(&json!({"port": port, "mode": "http", "check": "none"}))
+            .send()
+            .await?;
+        ensure!(
+            resp.status().is_success(),
+            "define {svc}: {}",
+            resp.status()
+        );
+        let acked = Instant::now();
+        let ack_ms = (acked - t).as_secs_f64() * 1e3;
+        let be = format!("be_{svc}");
+        let (live_ms, timed_out) = wait_live(&sockets, Live::Backend(&be), acked).await;
+        reload.push(Sample {
+            ack_ms,
+            live_ms,
+            timed_out,
+        });
+    }
+    let mut stats = Vec::new();
+    for id in &ids {
+        if let Some(v) = cluster.node_view(*id).await {
+            stats.push(json!({"node": id, "render": v["render"]}));
+        }
+    }
+    drop(haproxies);
+
+    let row = |name: &str, goal: &str, s: &[Sample]| -> Value {
+        let ack: Vec<f64> = s.iter().map(|x| x.ack_ms).collect();
+        let all: Vec<f64> = s
+            .iter()
+            .map(|x| x.live_ms.iter().copied().fold(0.0, f64::max))
+            .collect();
+        let total: Vec<f64> = s.iter().zip(&all).map(|(x, a)| x.ack_ms + a).collect();
+        let per_node: Vec<f64> = s.iter().flat_map(|x| x.live_ms.iter().copied()).collect();
+        let timeouts = s.iter().filter(|x| x.timed_out).count();
+        let (a, l, t) = (summary(&ack), summary(&all), summary(&total));
+        println!(
+            "| {name} | {} | {} | {} | {} | {} | {} | {} | {} | {goal} | {timeouts} |",
+            s.len(),
+            a["p50_ms"],
+            a["p99_ms"],
+            l["p50_ms"],
+            l["p99_ms"],
+            l["max_ms"],
+            t["p50_ms"],
+            t["p99_ms"],
+        );
+        json!({
+            "path": name,
+            "ack": a,
+            "ack_to_live_on_all_nodes": l,
+            "ack_to_live_per_node": summary(&per_node),
+            "request_to_live_on_all_nodes": t,
+            "timeouts": timeouts,
+            "goal": goal,
+        })
+    };
+    println!(
+        "{n} changes per path, one at a time, 3 clbd nodes each with its own haproxy \
+         (master-worker); live = every node's admin socket shows it (`show servers state be_web`: \
+         op state 2, admin state 0; `show backend` for new services), polled every 1 ms. \
+         `--reload-min-interval-ms 100`, render coalescing at its default (5 ms).\n"
+    );
+    println!(
+        "| path | n | ack p50 ms | ack p99 ms | ack→live on all p50 ms | ack→live on all p99 ms | max ms | request→live p50 ms | request→live p99 ms | goal (p99) | timeouts |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|");
+    let rt = row("runtime API (member add)", "≤ 50 ms", &runtime);
+    let rl = row("reload (new service)", "≤ 1 s", &reload);
+    let med = |k: &str| breakdown.get(k).map(|v| round3(median(v)));
+    println!(
+        "\nRuntime path, median per node per change (clbd's own timings): render {} ms, \
+         write + fsync + `haproxy -c` {} ms, runtime API apply {} ms.\n",
+        json!(med("last_render_ms")),
+        json!(med("last_validate_ms")),
+        json!(med("last_apply_ms")),
+    );
+    Ok(json!({
+        "changes_per_path": n,
+        "reload_min_interval_ms": 100,
+        "runtime": rt,
+        "reload": rl,
+        "runtime_breakdown_median_ms": {
+            "render": med("last_render_ms"),
+            "write_validate": med("last_validate_ms"),
+            "apply": med("last_apply_ms"),
+        },
+        "final_render_status": stats,
+    }))
+}
+
+// ---------------------------------------------------------------- render and scale
+
+const SERVICES: usize = 10;
+
+/// `members` members spread over 10 services with tcp checks, built the way
+/// every node builds it: through `Registry::apply`.
+fn registry(members: usize) -> Registry {
+    let mut r = Registry::default();
+    for s in 0..SERVICES {
+        r.apply(&model::Command::DefineService {
+            service: format!("svc{s}"),
+            // Through serde, so fields added later with defaults need no change here.
+            def: serde_json::from_value::<ServiceDef>(json!({
+                "port": 10_000 + s,
+                "member_port": 8080,
+                "mode": "http",
+                "balance": "roundrobin",
+                "check": "tcp",
+            }))
+            .expect("a valid service definition"),
+        });
+    }
+    for i in 0..members {
+        r.apply(&model::Command::Register {
+            service: format!("svc{}", i % SERVICES),
+            member: format!("m{i}"),
+            spec: MemberSpec {
+                address: ip_of(i),
+                port: Some(8080),
+                weight: None,
+                ttl_s: None,
+            },
+            create: None,
+            at_ms: 0,
+        });
+    }
+    r
+}
+
+fn time_ms<T>(f: impl FnOnce() -> T) -> (f64, T) {
+    let t = Instant::now();
+    let v = f();
+    (t.elapsed().as_secs_f64() * 1e3, v)
+}
+
+async fn bench_render(quick: bool) -> Result<Value> {
+    println!("## render and scale\n");
+    let haproxy = have("haproxy");
+    let sizes = [1_000usize, 10_000, 100_000];
+    let template = Template::load(None)?;
+    let node = NodeContext {
+        node_id: 1,
+        role: "balancer".into(),
+        haproxy_socket: Some("/run/haproxy/admin.sock".into()),
+        bind_address: "*".into(),
+        stats_bind: "127.0.0.1".into(),
+        stats_port: Some(8404),
+        ..Default::default()
+    };
+    let tmp = tempfile::Builder::new()
+        .prefix("clb-bench-render")
+        .tempdir()?;
+    println!(
+        "In-process: `Template::load(None)` (built-in) and `render()` over a `Registry` of \
+         {SERVICES} services (tcp checks) built with `Registry::apply`; median of 5 renders \
+         (3 at 100k) after one warm-up. `haproxy -c -q -f` on the written file, median of 3.\n"
+    );
+    println!(
+        "| members | render median ms | render min ms | config KiB | write + fsync ms | haproxy -c ms | goal (render) |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---|");
+    let mut rows = Vec::new();
+    for &n in &sizes {
+        let reg = registry(n);
+        let _ = template.render(&reg, &node)?;
+        let reps = if n >= 100_000 { 3 } else { 5 };
+        let mut times = Vec::new();
+        let mut text = String::new();
+        for _ in 0..reps {
+            let (ms, t) = time_ms(|| template.render(&reg, &node));
+            times.push(ms);
+            text = t?;
+        }
+        let path = tmp.path().join(format!("haproxy-{n}.cfg"));
+        let (write_ms, written) = time_ms(|| -> std::io::Result<()> {
+            use std::io::Write;
+            let mut f = File::create(&path)?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()
+        });
+        written?;
+        let mut check_ms = Vec::new();
+        let mut check_error = None;
+        if haproxy {
+            for _ in 0..3 {
+                let (ms, out) = time_ms(|| {
+                    Command::new("haproxy")
+                        .args(["-c", "-q", "-f"])
+                        .arg(&path)
+                        .output()
+                });
+                let out = out?;
+                if !out.status.success() {
+                    check_error = Some(String::from_utf8_lossy(&out.stderr).into_owned());
+                }
+                check_ms.push(ms);
+            }
+        }
+        let goal = match n {
+            10_000 => "≤ 5 ms",
+            100_000 => "≤ 50 ms",
+            _ => "",
+        };
+        let check = (!check_ms.is_empty()).then(|| median(&check_ms));
+        println!(
+            "| {n} | {:.2} | {:.2} | {} | {:.2} | {} | {goal} |",
+            median(&times),
+            times.iter().copied().fold(f64::INFINITY, f64::min),
+            text.len() / 1024,
+            write_ms,
+            check.map_or("–".into(), |c| format!("{c:.1}")),
+        );
+        if let Some(e) = &check_error {
+            println!("\nhaproxy -c rejected the {n}-member config: {e}\n");
+        }
+        rows.push(json!({
+            "members": n,
+            "render_ms": times.iter().map(|t| round3(*t)).collect::<Vec<_>>(),
+            "render_median_ms": round3(median(&times)),
+            "config_bytes": text.len(),
+            "write_fsync_ms": round3(write_ms),
+            "haproxy_check_ms": check_ms.iter().map(|t| round1(*t)).collect::<Vec<_>>(),
+            "haproxy_check_error": check_error,
+        }));
+    }
+    println!();
+    let scale = bench_scale(quick).await?;
+    Ok(json!({"in_process": rows, "cluster": scale}))
+}
+
+/// RSS at growing member counts on a 3-node cluster, then a 4th node's catch-up.
+async fn bench_scale(quick: bool) -> Result<Value> {
+    let sizes: &[usize] = if quick {
+        &[1_000, 10_000]
+    } else {
+        &[1_000, 10_000, 100_000]
+    };
+    let budget = Duration::from_secs(if quick { 120 } else { 600 });
+    let workers = 64;
+    // Validation is measured above; here `--validate-cmd true` keeps three
+    // `haproxy -c` runs of a 100k-server file from eating the 2 cores while
+    // we load. clbd still renders and writes every config.
+    let args = |_: u64, _: &Path| -> Vec<String> {
+        ["--validate-cmd", "true", "--stats-port", "0"]
+            .map(String::from)
+            .to_vec()
+    };
+    let mut cluster = ClbCluster::start(3, &args).await?;
+    let leader = cluster.leader(Duration::from_secs(20)).await?;
+    for s in 0..SERVICES {
+        let port = 10_000 + s;
+        cluster
+            .put(
+                leader,
+                &format!("/v1/services/svc{s}"),
+                json!({"port": port, "mode": "http", "check": "tcp"}),
+            )
+            .await?;
+    }
+    let target = Target::Clb {
+        base: cluster.url(leader, ""),
+        services: SERVICES,
+    };
+    println!(
+        "3-node cluster (`--validate-cmd true`: validation is timed above; clbd still renders \
+         and writes every config), members registered through the API by {workers} concurrent \
+         keep-alive clients into {SERVICES} services; RSS read from /proc/PID/status once every \
+         node applied and rendered the last write. Total loading time capped at {budget:?}.\n"
+    );
+    println!(
+        "| members | registered in s | registrations/s | settle s | RSS node 1 MiB | RSS node 2 MiB | RSS node 3 MiB | peak RSS max MiB | goal |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    let started = Instant::now();
+    let mut done = 0usize;
+    let mut rows = Vec::new();
+    for &size in sizes {
+        let left = budget.saturating_sub(started.elapsed());
+        if left.is_zero() {
+            println!("\nloading budget {budget:?} spent before {size} members");
+            break;
+        }
+        let out = load(&target, workers, done..size, "m", left).await?;
+        done += out.ok + out.errors;
+        let t = Instant::now();
+        let index = cluster.node_view(leader).await.context("leader view")?["applied_index"]
+            .as_u64()
+            .unwrap_or(0);
+        cluster.settled(index, Duration::from_secs(180)).await?;
+        let settle = t.elapsed().as_secs_f64();
+        let members = cluster.node_view(leader).await.map(|v| v["render"].clone());
+        let rss: Vec<Option<u64>> = cluster
+            .nodes
+            .keys()
+            .map(|id| cluster.pid(*id).and_then(|p| rss_kib(p, "VmRSS")))
+            .collect();
+        let hwm = cluster
+            .nodes
+            .keys()
+            .filter_map(|id| cluster.pid(*id).and_then(|p| rss_kib(p, "VmHWM")))
+            .max();
+        let goal = if size == 10_000 { "RSS ≤ 64 MiB" } else { "" };
+        println!(
+            "| {size} | {:.1} | {:.0} | {settle:.1} | {} | {} | {} | {} | {goal} |",
+            out.secs,
+            out.rate(),
+            mib(rss[0]),
+            mib(rss[1]),
+            mib(rss[2]),
+            mib(hwm),
+        );
+        if out.errors > 0 || out.capped {
+            println!(
+                "\n{} errors (first: {:?}), capped by time: {}\n",
+                out.errors, out.first_error, out.capped
+            );
+        }
+        rows.push(json!({
+            "members_target": size,
+            "load": out.json(),
+            "settle_s": round3(settle),
+            "rss_mib": rss.iter().map(|r| mib(*r)).collect::<Vec<_>>(),
+            "peak_rss_mib": mib(hwm),
+            "leader_render_status": members,
+        }));
+        if out.capped {
+            break;
+        }
+    }
+
+    // A 4th node joins at the largest size: `clb cluster add` is
+    // POST /v1/cluster/nodes, which returns once the learner caught up
+    // (snapshot install: the log was compacted every 5,000 entries).
+    let members = done;
+    let addr = format!("127.0.0.1:{}", free_port()?);
+    cluster.spawn_node(
+        4,
+        addr.clone(),
+        [args(4, Path::new("")), vec!["--join".into()]].concat(),
+    )?;
+    cluster.wait_healthy(4).await?;
+    let target_index = cluster.node_view(leader).await.context("leader view")?["applied_index"]
+        .as_u64()
+        .unwrap_or(0);
+    let t = Instant::now();
+    let post = reqwest::Method::POST;
+    let body = json!({"id": 4, "addr": addr, "learner": false});
+    let added = cluster
+        .request(
+            leader,
+            post,
+            "/v1/cluster/nodes",
+            Some(body),
+            Duration::from_secs(300),
+        )
+        .await;
+    let add_s = t.elapsed().as_secs_f64();
+    let caught_up = until(Duration::from_secs(300), "node 4 caught up", || async {
+        let v = cluster.node_view(4).await?;
+        (v["applied_index"].as_u64()? >= target_index).then_some(())
+    })
+    .await;
+    let catch_s = t.elapsed().as_secs_f64();
+    let rendered = until(Duration::from_secs(120), "node 4 rendered", || async {
+        let v = cluster.node_view(4).await?;
+        (v["render"]["rendered_index"].as_u64()? >= target_index).then_some(())
+    })
+    .await;
+    let render_s = t.elapsed().as_secs_f64();
+    let rss4 = cluster.pid(4).and_then(|p| rss_kib(p, "VmRSS"));
+    let log4 = std::fs::read_to_string(&cluster.nodes[&4].log).unwrap_or_default();
+    let snapshot_seen = log4.to_lowercase().contains("snapshot");
+    println!(
+        "\nNew node catch-up at {members} members: `POST /v1/cluster/nodes` (clb cluster add) \
+         answered in {add_s:.2} s{}; node 4 applied index {target_index} after {catch_s:.2} s{}, \
+         rendered it after {render_s:.2} s{}; node 4 RSS {} MiB.\n",
+        added
+            .as_ref()
+            .err()
+            .map_or(String::new(), |e| format!(" with an error: {e}")),
+        caught_up
+            .as_ref()
+            .err()
+            .map_or(String::new(), |e| format!(" ({e})")),
+        rendered
+            .as_ref()
+            .err()
+            .map_or(String::new(), |e| format!(" ({e})")),
+        mib(rss4),
+    );
+    Ok(json!({
+        "sizes": rows,
+        "catch_up": {
+            "members": members,
+            "target_index": target_index,
+            "add_call_s": round3(add_s),
+            "add_error": added.err().map(|e| e.to_string()),
+            "applied_s": caught_up.is_ok().then_some(round3(catch_s)),
+            "rendered_s": rendered.is_ok().then_some(round3(render_s)),
+            "rss_mib": mib(rss4),
+            "log_mentions_snapshot": snapshot_seen,
+        },
+    }))
+}
