@@ -421,3 +421,45 @@ async fn a_balancer_whose_haproxy_is_down_does_not_lead() {
     .await;
     assert!(index > 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_stopped_with_sigterm_drains_before_unregistering() {
+    let b = Balancer::start(&[]).await;
+    let port = free_port();
+    define_web(&b.client(), port).await;
+    let _haproxy = b.start_haproxy().await;
+    let (stay, leaving) = (backend("stay").await, backend("leaving").await);
+    b.client()
+        .register("web", "stay", "127.0.0.1", Some(stay.port), None, None)
+        .await
+        .unwrap();
+    let mut agent = Command::new(env!("CARGO_BIN_EXE_clb"))
+        .args(["agent", "web", "leaving", "--address", "127.0.0.1"])
+        .args(["--port", &leaving.port.to_string(), "--ttl", "30", "--drain-timeout", "2"])
+        .env("CLB_SERVER", &b.node().addr)
+        .env("CLB_TOKEN", harness::TOKEN)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    eventually(Duration::from_secs(10), "the agent's member takes traffic", || async {
+        b.applied().await;
+        (leaving.hits.load(Ordering::SeqCst) > 0 || traffic(port, 10).await.0.contains_key("leaving")).then_some(())
+    })
+    .await;
+    let load = tokio::spawn(traffic(port, 300));
+    eventually(Duration::from_secs(10), "traffic under way", || async {
+        (stay.hits.load(Ordering::SeqCst) > 40).then_some(())
+    })
+    .await;
+    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    let status = agent.wait().unwrap();
+    assert!(status.success(), "the agent drained and unregistered: {status:?}");
+    let (seen, failed) = load.await.unwrap();
+    assert_eq!(failed, 0, "requests failed while the member left: {seen:?}");
+    let v = b.client().services(Some("web"), false).await.unwrap();
+    assert!(v["definition"]["members"]["leaving"].is_null());
+    let (_, audit) = ((), b.client().request(reqwest::Method::GET, "/v1/audit?service=web", None).await.unwrap());
+    let actions: Vec<&str> = audit["entries"].as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();
+    assert_eq!(&actions[..2], ["unregister", "set-state"], "drain came before unregister: {actions:?}");
+}

@@ -94,9 +94,11 @@ impl LeaderState {
     /// `Err(reason)` when `cmd` would take one more member of its service out
     /// of rotation than the guardrail allows; records it otherwise.
     pub fn admit(&self, term: u64, registry: &Registry, cmd: &Command, now: Instant) -> Result<(), String> {
+        // Only a member still in rotation counts: unregistering a drained
+        // member takes nothing more out.
         let service = match cmd {
-            Command::Unregister { service, member } => registry.member(service, member).map(|_| service),
-            Command::SetMemberState {
+            Command::Unregister { service, member }
+            | Command::SetMemberState {
                 service,
                 member,
                 state: MemberState::Drain | MemberState::Maint,
@@ -178,6 +180,18 @@ mod tests {
         assert!(err.contains("6 of 10") && err.contains("--force"), "{err}");
         // After the window it is allowed again.
         assert!(g.admit(1, &r, &unreg(5), now + Duration::from_secs(61)).is_ok());
+        // Unregistering a member already drained takes nothing more out.
+        let mut drained = registry(2);
+        let g2 = LeaderState::new(Guardrail::default());
+        let drain = Command::SetMemberState {
+            service: "http".into(),
+            member: "m0".into(),
+            state: MemberState::Drain,
+        };
+        g2.admit(1, &drained, &drain, now).unwrap();
+        drained.apply(&drain);
+        assert!(g2.admit(1, &drained, &unreg(0), now).is_ok());
+        assert!(g2.admit(1, &drained, &unreg(1), now).is_err());
         // A one-member service may lose its member.
         let one = registry(1);
         assert!(LeaderState::new(Guardrail::default()).admit(1, &one, &unreg(0), now).is_ok());
