@@ -339,6 +339,7 @@ pub async fn run(
         template,
         render_node: node_context(&config),
         render_input: input,
+        write_latency: Arc::default(),
         failover: failover.clone(),
     };
     let app = api::router(state)

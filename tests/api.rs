@@ -397,7 +397,14 @@ async fn the_api_does_what_the_table_says() {
         "clb_raft_term",
         "clb_raft_leader",
         "clb_raft_applied_index",
-        "clb_members{service=\"api\"",
+        "clb_raft_commit_index",
+        "clb_members{service=\"api\",state=\"drain\"} 0",
+        "clb_write_duration_seconds_bucket{le=\"+Inf\"} 5",
+        "clb_write_duration_seconds_count 5",
+        "clb_forwarded_requests_total 0",
+        "clb_render_renders_total",
+        "clb_render_apply_failures_total",
+        "clb_vip_held",
     ] {
         assert!(metrics.contains(series), "metrics lack {series}");
     }

@@ -52,6 +52,8 @@ pub struct AppState {
     pub render: Option<watch::Receiver<RenderStatus>>,
     pub template: Option<Arc<Template>>,
     pub render_node: NodeContext,
+    /// Write latencies as this node's clients see them.
+    pub write_latency: Arc<Histogram>,
     /// What the renderer renders from; the dry run uses the same input.
     pub render_input: watch::Receiver<RenderInput>,
     /// VIP status and graceful step-down.
@@ -134,7 +136,10 @@ async fn write_forced(
         at_ms: now_ms(),
         force,
     };
-    answer(state.consensus.write(proposal).await?)
+    let started = std::time::Instant::now();
+    let written = state.consensus.write(proposal).await;
+    state.write_latency.observe(started.elapsed());
+    answer(written?)
 }
 
 #[derive(Debug, Deserialize)]
@@ -632,6 +637,54 @@ async fn audit(
     Ok(Json(json!({"entries": entries})))
 }
 
+/// A Prometheus histogram with fixed buckets, lock-free.
+#[derive(Debug)]
+pub struct Histogram {
+    /// Upper bounds in seconds.
+    bounds: &'static [f64],
+    counts: Vec<std::sync::atomic::AtomicU64>,
+    sum_us: std::sync::atomic::AtomicU64,
+    total: std::sync::atomic::AtomicU64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        const BOUNDS: &[f64] = &[0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+        Histogram {
+            bounds: BOUNDS,
+            counts: BOUNDS.iter().map(|_| Default::default()).collect(),
+            sum_us: Default::default(),
+            total: Default::default(),
+        }
+    }
+}
+
+impl Histogram {
+    pub fn observe(&self, d: std::time::Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let secs = d.as_secs_f64();
+        for (bound, count) in self.bounds.iter().zip(&self.counts) {
+            if secs <= *bound {
+                count.fetch_add(1, Relaxed);
+            }
+        }
+        self.sum_us.fetch_add(d.as_micros() as u64, Relaxed);
+        self.total.fetch_add(1, Relaxed);
+    }
+
+    fn prometheus(&self, name: &str, help: &str, out: &mut String) {
+        use std::sync::atomic::Ordering::Relaxed;
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} histogram\n"));
+        for (bound, count) in self.bounds.iter().zip(&self.counts) {
+            out.push_str(&format!("{name}_bucket{{le=\"{bound}\"}} {}\n", count.load(Relaxed)));
+        }
+        let total = self.total.load(Relaxed);
+        out.push_str(&format!("{name}_bucket{{le=\"+Inf\"}} {total}\n"));
+        out.push_str(&format!("{name}_sum {}\n", self.sum_us.load(Relaxed) as f64 / 1e6));
+        out.push_str(&format!("{name}_count {total}\n"));
+    }
+}
+
 /// The format `clb snapshot save` writes and `clbd --restore` reads.
 pub const SNAPSHOT_FORMAT: &str = "clb-snapshot-1";
 
@@ -739,6 +792,19 @@ async fn metrics(State(state): State<AppState>) -> Response {
     if let Some(r) = &state.render {
         render_metrics(&mut out, &r.borrow());
     }
+    out.push_str(&format!(
+        "# HELP clb_raft_commit_index Highest index a quorum has (the leader's view; applied index elsewhere).\n# TYPE clb_raft_commit_index gauge\nclb_raft_commit_index {}\n",
+        state.consensus.commit_index()
+    ));
+    out.push_str(&format!(
+        "# HELP clb_forwarded_requests_total Requests this node forwarded to the leader.\n# TYPE clb_forwarded_requests_total counter\nclb_forwarded_requests_total {}\n",
+        state.consensus.forwarded()
+    ));
+    state.write_latency.prometheus(
+        "clb_write_duration_seconds",
+        "Time from a write request to its acknowledgement, as seen by this node.",
+        &mut out,
+    );
     out.push_str(&state.failover.status().prometheus());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }

@@ -161,6 +161,8 @@ pub struct Consensus {
     forward_timeout: Duration,
     db: sled::Db,
     leader_state: Arc<leader::LeaderState>,
+    /// Requests this node sent on to the leader.
+    forwarded: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Consensus {
@@ -283,6 +285,7 @@ impl Consensus {
             forward_timeout: settings.forward_timeout,
             db: stores.db,
             leader_state: Arc::new(leader::LeaderState::new(settings.guardrail)),
+            forwarded: Arc::default(),
         })
     }
 
@@ -441,7 +444,11 @@ impl Consensus {
                         .get_node(&leader)
                         .map(|n| n.addr.clone());
                     match addr {
-                        Some(addr) => self.forward(leader, &addr, &req).await,
+                        Some(addr) => {
+                            self.forwarded
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            self.forward(leader, &addr, &req).await
+                        }
                         None => Err(LeaderError::NotLeader),
                     }
                 }
@@ -625,6 +632,34 @@ impl Consensus {
         limit: usize,
     ) -> Result<Vec<crate::model::AuditEntry>, store::StoreError> {
         store::read_audit(&self.db, keep, limit)
+    }
+
+    /// How many requests this node forwarded to a leader.
+    pub fn forwarded(&self) -> u64 {
+        self.forwarded.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The commit index as far as this node knows: on the leader the highest
+    /// index a quorum of voters has; elsewhere the applied index.
+    pub fn commit_index(&self) -> u64 {
+        let m = self.raft.metrics().borrow().clone();
+        let applied = self.applied().index;
+        let Some(repl) = &m.replication else {
+            return applied;
+        };
+        let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
+        let mut matched: Vec<u64> = voters
+            .iter()
+            .map(|v| {
+                if *v == self.id {
+                    m.last_log_index.unwrap_or(0)
+                } else {
+                    repl.get(v).cloned().flatten().map(|l| l.index).unwrap_or(0)
+                }
+            })
+            .collect();
+        matched.sort_unstable_by(|a, b| b.cmp(a));
+        matched.get(voters.len() / 2).copied().unwrap_or(applied)
     }
 
     /// True when this node is the leader.

@@ -41,6 +41,14 @@ async fn three_nodes_form_and_a_write_to_a_follower_reaches_all() {
         assert_eq!(m["port"], 8080);
         assert_eq!(m["weight"], 10);
     }
+    // The follower counted the write it forwarded.
+    let m = reqwest::get(format!("http://{}/metrics", c.node(follower).addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(m.contains("clb_forwarded_requests_total 1"), "{m}");
     // A consistent read through a follower sees the write too.
     let s = c
         .node(follower)
