@@ -32,9 +32,14 @@ pub enum AgentExit {
 
 /// Runs until `shutdown` resolves, then drains and unregisters.
 #[tracing::instrument(skip_all, fields(service = %cfg.service, member = %cfg.member))]
-pub async fn run(client: &Client, cfg: &AgentConfig, shutdown: impl Future<Output = ()>) -> AgentExit {
+pub async fn run(
+    client: &Client,
+    cfg: &AgentConfig,
+    shutdown: impl Future<Output = ()>,
+) -> AgentExit {
     tokio::pin!(shutdown);
-    let renew_every = Duration::from_millis(u64::from(cfg.ttl_s) * 1_000 / 3).max(Duration::from_millis(100));
+    let renew_every =
+        Duration::from_millis(u64::from(cfg.ttl_s) * 1_000 / 3).max(Duration::from_millis(100));
     let mut registered = false;
     let mut failing_since: Option<Instant> = None;
     let mut backoff = Duration::from_millis(200);

@@ -103,7 +103,10 @@ pub enum Need<'a> {
     Read,
     Admin,
     /// A write to one member of one service.
-    Member { service: &'a str, member: &'a str },
+    Member {
+        service: &'a str,
+        member: &'a str,
+    },
 }
 
 impl Scope {
@@ -211,11 +214,24 @@ mod tests {
 
     #[test]
     fn scopes_parse_and_print() {
-        for s in ["admin", "read", "register:web", "register:*", "register:web:web-*"] {
+        for s in [
+            "admin",
+            "read",
+            "register:web",
+            "register:*",
+            "register:web:web-*",
+        ] {
             let scope: Scope = s.parse().unwrap();
             assert_eq!(scope.to_string(), s);
         }
-        for bad in ["", "root", "register:", "register:a b", "register:web:a/b", "register:../x"] {
+        for bad in [
+            "",
+            "root",
+            "register:",
+            "register:a b",
+            "register:web:a/b",
+            "register:../x",
+        ] {
             assert!(bad.parse::<Scope>().is_err(), "{bad:?}");
         }
     }
@@ -237,7 +253,12 @@ mod tests {
         let glob: Scope = "register:web:api-*".parse().unwrap();
         assert!(admin.allows(Need::Admin) && admin.allows(Need::Read) && admin.allows(m));
         assert!(read.allows(Need::Read) && !read.allows(m) && !read.allows(Need::Admin));
-        assert!(web.allows(m) && !web.allows(other) && !web.allows(Need::Read) && !web.allows(Need::Admin));
+        assert!(
+            web.allows(m)
+                && !web.allows(other)
+                && !web.allows(Need::Read)
+                && !web.allows(Need::Admin)
+        );
         assert!(any.allows(m) && any.allows(other) && !any.allows(Need::Read));
         assert!(!glob.allows(m));
         assert!(glob.allows(Need::Member {

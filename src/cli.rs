@@ -346,15 +346,21 @@ pub async fn run(cli: Cli) -> Result<String, Failure> {
                 drain_timeout: std::time::Duration::from_secs(drain_timeout),
             };
             match crate::agent::run(&client, &cfg, crate::shutdown_signal()).await {
-                crate::agent::AgentExit::Unregistered => Ok("agent stopped: drained and unregistered".into()),
+                crate::agent::AgentExit::Unregistered => {
+                    Ok("agent stopped: drained and unregistered".into())
+                }
                 crate::agent::AgentExit::LeftToTtl(why) => Err(Failure {
                     code: exit::FAILED,
-                    message: format!("agent stopped without unregistering ({why}); the TTL removes the member"),
+                    message: format!(
+                        "agent stopped without unregistering ({why}); the TTL removes the member"
+                    ),
                 }),
             }
         }
         Command::Snapshot(SnapshotCmd::Save { file }) => {
-            let v = client.request(reqwest::Method::GET, "/v1/snapshot", None).await?;
+            let v = client
+                .request(reqwest::Method::GET, "/v1/snapshot", None)
+                .await?;
             let text = serde_json::to_string_pretty(&v).map_err(|e| Failure {
                 code: exit::FAILED,
                 message: e.to_string(),
@@ -463,7 +469,9 @@ pub async fn run(cli: Cli) -> Result<String, Failure> {
                 })
                 .unwrap_or_default();
             Ok(table(
-                &["INDEX", "AT_MS", "BY", "ACTION", "SERVICE", "MEMBER", "DETAIL"],
+                &[
+                    "INDEX", "AT_MS", "BY", "ACTION", "SERVICE", "MEMBER", "DETAIL",
+                ],
                 &rows,
             ))
         }
@@ -499,7 +507,9 @@ async fn token_cmd(client: &Client, cmd: TokenCmd, json_out: bool) -> Result<Str
             if let Some(n) = name {
                 body["name"] = json!(n);
             }
-            let v = client.request(Method::POST, "/v1/tokens", Some(body)).await?;
+            let v = client
+                .request(Method::POST, "/v1/tokens", Some(body))
+                .await?;
             if json_out {
                 return Ok(v.to_string());
             }
@@ -555,7 +565,9 @@ async fn set_state(
 ) -> Result<String, Failure> {
     model::validate_name("service", service)?;
     model::validate_name("member", member)?;
-    let i = client.set_state_forced(service, member, state, force).await?;
+    let i = client
+        .set_state_forced(service, member, state, force)
+        .await?;
     Ok(done(i, format!("{member} of {service} is now {state}")))
 }
 

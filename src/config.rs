@@ -305,7 +305,12 @@ impl Config {
         let guardrail = crate::consensus::leader::Guardrail {
             share: match s.guardrail_share.unwrap_or(0.5) {
                 x if (0.0..=1.0).contains(&x) => x,
-                x => return Err(invalid("guardrail-share", format!("{x} is not between 0 and 1"))),
+                x => {
+                    return Err(invalid(
+                        "guardrail-share",
+                        format!("{x} is not between 0 and 1"),
+                    ))
+                }
             },
             window: Duration::from_secs(s.guardrail_window_s.unwrap_or(60).max(1)),
         };
@@ -623,11 +628,18 @@ fn read_secret(path: &Path) -> Result<String, ConfigError> {
     let flag = "cluster-secret-file";
     let text = std::fs::read_to_string(path)
         .map_err(|e| invalid(flag, format!("{}: {e}", path.display())))?;
-    let secret = text.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("");
+    let secret = text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("");
     if secret.len() < 16 {
         return Err(invalid(
             flag,
-            format!("{}: the secret must be at least 16 characters", path.display()),
+            format!(
+                "{}: the secret must be at least 16 characters",
+                path.display()
+            ),
         ));
     }
     Ok(secret.to_string())

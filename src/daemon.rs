@@ -11,12 +11,12 @@ use tokio::sync::watch;
 
 use crate::api::{self, AppState, FailureLimit, Tokens};
 use crate::config::{Config, Role};
+use crate::consensus::{rpc, Consensus, StartError};
+use crate::failover::{self, Failover};
 use crate::model::{Command, MemberSpec, MemberState, Proposal, Registry};
 use crate::render::{
     self, NodeContext, Peer, RenderInput, RenderSettings, RenderStatus, Template, TemplateError,
 };
-use crate::consensus::{rpc, Consensus, StartError};
-use crate::failover::{self, Failover};
 
 /// How long in-flight requests get after SIGTERM before the server stops anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -144,9 +144,8 @@ fn validate_cmd(config: &Config) -> Option<String> {
     if let Some(cmd) = &config.validate_cmd {
         return Some(cmd.clone());
     }
-    let found = std::env::var_os("PATH").is_some_and(|path| {
-        std::env::split_paths(&path).any(|dir| dir.join("haproxy").is_file())
-    });
+    let found = std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join("haproxy").is_file()));
     if found {
         Some("haproxy -c -q -f {}".into())
     } else {
@@ -165,7 +164,9 @@ fn feed_health(mut status: watch::Receiver<RenderStatus>, tx: failover::HealthSe
                 let s = status.borrow_and_update();
                 if s.last_apply.as_deref() == Some("failed") {
                     failover::Health::unhealthy(
-                        s.last_error.clone().unwrap_or_else(|| "haproxy apply failed".into()),
+                        s.last_error
+                            .clone()
+                            .unwrap_or_else(|| "haproxy apply failed".into()),
                     )
                 } else {
                     failover::Health::healthy()
@@ -218,9 +219,8 @@ pub fn render_input(consensus: &Consensus) -> watch::Receiver<RenderInput> {
             }
             let next = input_now(&consensus);
             tx.send_if_modified(|cur| {
-                let same = cur.index == next.index
-                    && cur.leader == next.leader
-                    && cur.peers == next.peers;
+                let same =
+                    cur.index == next.index && cur.leader == next.leader && cur.peers == next.peers;
                 if !same {
                     *cur = next;
                 }
@@ -344,7 +344,10 @@ pub async fn run(
     };
     let app = api::router(state)
         .merge(rpc::routes(consensus.clone()))
-        .merge(rpc::campaign_route(consensus.clone(), failover.may_campaign()));
+        .merge(rpc::campaign_route(
+            consensus.clone(),
+            failover.may_campaign(),
+        ));
 
     let serve = api::serve::serve(
         listener,
@@ -390,10 +393,12 @@ fn load_tokens(config: &Config) -> Result<Tokens, DaemonError> {
         source,
     })?;
     let legacy = match &config.legacy_password_file {
-        Some(p) => Some(std::fs::read_to_string(p).map_err(|source| DaemonError::TokenFile {
-            path: p.display().to_string(),
-            source,
-        })?),
+        Some(p) => Some(
+            std::fs::read_to_string(p).map_err(|source| DaemonError::TokenFile {
+                path: p.display().to_string(),
+                source,
+            })?,
+        ),
         None => None,
     };
     let tokens = Tokens::new(&text, legacy.as_deref());

@@ -479,7 +479,11 @@ impl Proposal {
                 "register",
                 Some(service),
                 Some(member),
-                format!("{}:{}", spec.address, spec.port.map_or("-".into(), |p| p.to_string())),
+                format!(
+                    "{}:{}",
+                    spec.address,
+                    spec.port.map_or("-".into(), |p| p.to_string())
+                ),
             ),
             Command::Unregister { service, member } => {
                 ("unregister", Some(service), Some(member), String::new())
@@ -615,17 +619,15 @@ impl Registry {
                     reason: format!("port {} is already used by service {other}", def.port),
                 }),
             Command::CreateToken { id, .. } => {
-                self.tokens
-                    .contains_key(id)
-                    .then(|| Response::Rejected {
-                        reason: format!("token id {id} exists"),
-                    })
+                self.tokens.contains_key(id).then(|| Response::Rejected {
+                    reason: format!("token id {id} exists"),
+                })
             }
-            Command::RevokeToken { id } => (!self.tokens.contains_key(id)).then(|| {
-                Response::NotFound {
+            Command::RevokeToken { id } => {
+                (!self.tokens.contains_key(id)).then(|| Response::NotFound {
                     what: format!("token {id}"),
-                }
-            }),
+                })
+            }
         }
     }
 
@@ -853,7 +855,10 @@ mod tests {
         d.ports.insert("myapp".into(), 8080);
         d.balance = Some(Balance::Leastconn);
         let def = d.definition("myapp").unwrap();
-        assert_eq!((def.port, def.member_port, def.balance), (8080, 8080, Balance::Leastconn));
+        assert_eq!(
+            (def.port, def.member_port, def.balance),
+            (8080, 8080, Balance::Leastconn)
+        );
         // An invalid combination creates nothing rather than a broken service.
         d.mode = Some(Mode::Tcp);
         d.check = Some(Check::Http { path: "/h".into() });

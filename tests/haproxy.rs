@@ -119,12 +119,16 @@ impl Balancer {
 
     /// Waits until haproxy runs the registry's latest index.
     async fn applied(&self) -> Value {
-        eventually(Duration::from_secs(15), "haproxy runs the latest config", || async {
-            let v = self.client().cluster().await.ok()?;
-            let r = v["node_status"]["1"]["render"].clone();
-            let want = v["applied_index"].as_u64()?;
-            (r["applied_index"].as_u64()? >= want && r["last_error"].is_null()).then_some(r)
-        })
+        eventually(
+            Duration::from_secs(15),
+            "haproxy runs the latest config",
+            || async {
+                let v = self.client().cluster().await.ok()?;
+                let r = v["node_status"]["1"]["render"].clone();
+                let want = v["applied_index"].as_u64()?;
+                (r["applied_index"].as_u64()? >= want && r["last_error"].is_null()).then_some(r)
+            },
+        )
         .await
     }
 
@@ -160,7 +164,10 @@ async fn traffic(port: u16, n: usize) -> (BTreeMap<String, usize>, usize) {
 
 async fn define_web(client: &Client, port: u16) {
     client
-        .define_service("web", json!({"port": port, "mode": "http", "check": "none"}))
+        .define_service(
+            "web",
+            json!({"port": port, "mode": "http", "check": "none"}),
+        )
         .await
         .expect("define service");
 }
@@ -180,14 +187,23 @@ async fn members_reach_haproxy_through_the_runtime_api() {
             .unwrap();
     }
     let status = b.applied().await;
-    assert_eq!(status["last_apply"], "runtime", "member adds need no reload: {status}");
+    assert_eq!(
+        status["last_apply"], "runtime",
+        "member adds need no reload: {status}"
+    );
     let reloads = status["reloads"].as_u64().unwrap();
     let (seen, failed) = traffic(port, 40).await;
     assert_eq!(failed, 0);
-    assert!(seen.get("a").copied().unwrap_or(0) > 0 && seen.get("c").copied().unwrap_or(0) > 0, "{seen:?}");
+    assert!(
+        seen.get("a").copied().unwrap_or(0) > 0 && seen.get("c").copied().unwrap_or(0) > 0,
+        "{seen:?}"
+    );
     // The file on disk says the same as the runtime change.
     let text = std::fs::read_to_string(&b.cfg).unwrap();
-    assert!(text.contains(&format!("server a 127.0.0.1:{} weight 100", a.port)), "{text}");
+    assert!(
+        text.contains(&format!("server a 127.0.0.1:{} weight 100", a.port)),
+        "{text}"
+    );
 
     // Unregister: no new requests reach it.
     b.client().unregister("web", "a").await.unwrap();
@@ -205,13 +221,23 @@ async fn members_reach_haproxy_through_the_runtime_api() {
     b.client().set_state("web", "a", "drain").await.unwrap();
     b.applied().await;
     let (seen, failed) = traffic(port, 30).await;
-    assert_eq!((failed, seen.get("a")), (0, None), "drained member got sessions: {seen:?}");
-    assert!(std::fs::read_to_string(&b.cfg).unwrap().contains(&format!("server a 127.0.0.1:{} weight 0", a.port)));
+    assert_eq!(
+        (failed, seen.get("a")),
+        (0, None),
+        "drained member got sessions: {seen:?}"
+    );
+    assert!(std::fs::read_to_string(&b.cfg)
+        .unwrap()
+        .contains(&format!("server a 127.0.0.1:{} weight 0", a.port)));
     b.client().set_state("web", "a", "active").await.unwrap();
     let status = b.applied().await;
     let (seen, _) = traffic(port, 40).await;
     assert!(seen.get("a").copied().unwrap_or(0) > 0, "{seen:?}");
-    assert_eq!(status["reloads"].as_u64().unwrap(), reloads, "member changes never reloaded");
+    assert_eq!(
+        status["reloads"].as_u64().unwrap(),
+        reloads,
+        "member changes never reloaded"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -276,17 +302,40 @@ async fn a_config_haproxy_rejects_never_goes_live() {
     let good = std::fs::read_to_string(&b.cfg).unwrap();
 
     define_svc(&b.client(), "poison").await;
-    let status = eventually(Duration::from_secs(10), "the validation error is reported", || async {
-        let r = b.render_status().await;
-        r["last_error"].as_str().is_some_and(|e| e.contains("rejected")).then_some(r)
-    })
+    let status = eventually(
+        Duration::from_secs(10),
+        "the validation error is reported",
+        || async {
+            let r = b.render_status().await;
+            r["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("rejected"))
+                .then_some(r)
+        },
+    )
     .await;
     assert!(status["validate_failures"].as_u64().unwrap() >= 1);
-    assert_eq!(std::fs::read_to_string(&b.cfg).unwrap(), good, "the rejected config went live");
-    assert!(!b.cfg.with_extension("cfg.tmp").exists(), "a half-written file was left");
+    assert_eq!(
+        std::fs::read_to_string(&b.cfg).unwrap(),
+        good,
+        "the rejected config went live"
+    );
+    assert!(
+        !b.cfg.with_extension("cfg.tmp").exists(),
+        "a half-written file was left"
+    );
     let (seen, failed) = traffic(port, 20).await;
-    assert_eq!((failed, seen.get("a")), (0, Some(&20)), "traffic keeps flowing");
-    let m = reqwest::get(format!("http://{}/metrics", b.node().addr)).await.unwrap().text().await.unwrap();
+    assert_eq!(
+        (failed, seen.get("a")),
+        (0, Some(&20)),
+        "traffic keeps flowing"
+    );
+    let m = reqwest::get(format!("http://{}/metrics", b.node().addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(m.contains("clb_render_validate_failures_total 1"), "{m}");
 }
 
@@ -301,12 +350,18 @@ async fn without_haproxy_the_file_is_still_written_and_applied_later() {
         .unwrap();
     let cfg = b.cfg.clone();
     eventually(Duration::from_secs(10), "member in the file", || async {
-        std::fs::read_to_string(&cfg).ok()?.contains("server late ").then_some(())
+        std::fs::read_to_string(&cfg)
+            .ok()?
+            .contains("server late ")
+            .then_some(())
     })
     .await;
     let status = eventually(Duration::from_secs(10), "apply error reported", || async {
         let r = b.render_status().await;
-        r["last_error"].as_str().is_some_and(|e| e.starts_with("apply")).then_some(r)
+        r["last_error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("apply"))
+            .then_some(r)
     })
     .await;
     assert_eq!(status["last_apply"], "failed");
@@ -318,7 +373,11 @@ async fn without_haproxy_the_file_is_still_written_and_applied_later() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_template_syntax_error_stops_start_up_naming_file_and_line() {
     let tdir = tempfile::tempdir().unwrap();
-    std::fs::write(tdir.path().join("haproxy.cfg.j2"), "global\n{% for x in %}\n").unwrap();
+    std::fs::write(
+        tdir.path().join("haproxy.cfg.j2"),
+        "global\n{% for x in %}\n",
+    )
+    .unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_clbd"))
         .args(["--listen", &format!("127.0.0.1:{}", free_port())])
         .args(["--data-dir", tdir.path().join("d").to_str().unwrap()])
@@ -337,48 +396,84 @@ async fn three_nodes_render_byte_identical_configs() {
     c.leader(Duration::from_secs(10)).await;
     let client = c.any_client();
     client
-        .define_service("web", json!({"port": free_port(), "check": {"http": {"path": "/health"}}}))
+        .define_service(
+            "web",
+            json!({"port": free_port(), "check": {"http": {"path": "/health"}}}),
+        )
         .await
         .unwrap();
     for i in 0..20 {
         client
-            .register("web", &format!("m{i:02}"), &format!("10.0.{}.{}", i / 10, i % 250 + 1), Some(8080), Some(i as u16), None)
+            .register(
+                "web",
+                &format!("m{i:02}"),
+                &format!("10.0.{}.{}", i / 10, i % 250 + 1),
+                Some(8080),
+                Some(i as u16),
+                None,
+            )
             .await
             .unwrap();
     }
     client.set_state("web", "m03", "drain").await.unwrap();
     let index = client.set_state("web", "m04", "maint").await.unwrap();
     c.converged(index, Duration::from_secs(10)).await;
-    let files: Vec<String> = eventually(Duration::from_secs(10), "every node rendered the last index", || async {
-        let mut out = Vec::new();
-        for n in c.nodes.values() {
-            let v = n.client().cluster().await.ok()?;
-            let r = &v["node_status"][n.id.to_string()]["render"];
-            if r["rendered_index"].as_u64()? < index {
-                return None;
+    let files: Vec<String> = eventually(
+        Duration::from_secs(10),
+        "every node rendered the last index",
+        || async {
+            let mut out = Vec::new();
+            for n in c.nodes.values() {
+                let v = n.client().cluster().await.ok()?;
+                let r = &v["node_status"][n.id.to_string()]["render"];
+                if r["rendered_index"].as_u64()? < index {
+                    return None;
+                }
+                out.push(
+                    std::fs::read_to_string(c.dir.path().join(format!("haproxy{}.cfg", n.id)))
+                        .ok()?,
+                );
             }
-            out.push(std::fs::read_to_string(c.dir.path().join(format!("haproxy{}.cfg", n.id))).ok()?);
-        }
-        Some(out)
-    })
+            Some(out)
+        },
+    )
     .await;
-    assert!(files[0].contains("server m04 10.0.0.5:8080 weight 4 check inter 2000ms fall 3 rise 2 disabled"), "{}", files[0]);
+    assert!(
+        files[0].contains(
+            "server m04 10.0.0.5:8080 weight 4 check inter 2000ms fall 3 rise 2 disabled"
+        ),
+        "{}",
+        files[0]
+    );
     assert_eq!(files[0], files[1]);
     assert_eq!(files[1], files[2]);
     // One node's /v1/cluster shows every node's render state; so does `clb status`.
     let v = c.node(1).client().cluster().await.unwrap();
     for id in ["1", "2", "3"] {
         let r = &v["node_status"][id]["render"];
-        assert!(r["rendered_index"].as_u64().unwrap() >= index, "node {id}: {r}");
+        assert!(
+            r["rendered_index"].as_u64().unwrap() >= index,
+            "node {id}: {r}"
+        );
     }
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_clb"))
-        .args(["--server", &c.node(3).addr, "--token", harness::TOKEN, "status"])
+        .args([
+            "--server",
+            &c.node(3).addr,
+            "--token",
+            harness::TOKEN,
+            "status",
+        ])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("HAPROXY"), "{text}");
-    assert_eq!(text.lines().filter(|l| l.contains(" balancer ")).count(), 3, "{text}");
+    assert_eq!(
+        text.lines().filter(|l| l.contains(" balancer ")).count(),
+        3,
+        "{text}"
+    );
     // The dry run prints the same text.
     assert_eq!(c.node(2).client().render().await.unwrap(), files[0]);
 }
@@ -393,18 +488,33 @@ async fn a_balancer_whose_haproxy_is_down_does_not_lead() {
     let c = Cluster::start_custom(3, &timers, |id| {
         let mut args = vec!["--stats-port".to_string(), "0".into()];
         if id == 1 {
-            args.extend(["--haproxy-master-socket".into(), master.clone(), "--haproxy-socket".into(), admin.clone()]);
+            args.extend([
+                "--haproxy-master-socket".into(),
+                master.clone(),
+                "--haproxy-socket".into(),
+                admin.clone(),
+            ]);
         }
         args
     })
     .await;
     let n1 = c.node(1);
-    let v = eventually(Duration::from_secs(10), "node 1 reports itself unhealthy", || async {
-        let v = n1.client().cluster().await.ok()?;
-        (v["vip"]["healthy"] == false).then_some(v)
-    })
+    let v = eventually(
+        Duration::from_secs(10),
+        "node 1 reports itself unhealthy",
+        || async {
+            let v = n1.client().cluster().await.ok()?;
+            (v["vip"]["healthy"] == false).then_some(v)
+        },
+    )
     .await;
-    assert!(v["vip"]["health_reason"].as_str().unwrap().contains("apply"), "{v}");
+    assert!(
+        v["vip"]["health_reason"]
+            .as_str()
+            .unwrap()
+            .contains("apply"),
+        "{v}"
+    );
     // Whoever led at formation, a healthy balancer leads now.
     let leader = eventually(Duration::from_secs(10), "a healthy leader", || async {
         let l = c.leader(Duration::from_secs(5)).await;
@@ -413,10 +523,17 @@ async fn a_balancer_whose_haproxy_is_down_does_not_lead() {
     .await;
     assert_ne!(leader, 1);
     // Writes work, and node 1 still renders its file.
-    let index = c.any_client().register("http", "w", "10.0.0.1", None, None, None).await.unwrap();
+    let index = c
+        .any_client()
+        .register("http", "w", "10.0.0.1", None, None, None)
+        .await
+        .unwrap();
     let cfg = c.dir.path().join("haproxy1.cfg");
     eventually(Duration::from_secs(10), "node 1 renders", || async {
-        std::fs::read_to_string(&cfg).ok()?.contains("server w ").then_some(())
+        std::fs::read_to_string(&cfg)
+            .ok()?
+            .contains("server w ")
+            .then_some(())
     })
     .await;
     assert!(index > 0);
@@ -435,17 +552,30 @@ async fn an_agent_stopped_with_sigterm_drains_before_unregistering() {
         .unwrap();
     let mut agent = Command::new(env!("CARGO_BIN_EXE_clb"))
         .args(["agent", "web", "leaving", "--address", "127.0.0.1"])
-        .args(["--port", &leaving.port.to_string(), "--ttl", "30", "--drain-timeout", "2"])
+        .args([
+            "--port",
+            &leaving.port.to_string(),
+            "--ttl",
+            "30",
+            "--drain-timeout",
+            "2",
+        ])
         .env("CLB_SERVER", &b.node().addr)
         .env("CLB_TOKEN", harness::TOKEN)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    eventually(Duration::from_secs(10), "the agent's member takes traffic", || async {
-        b.applied().await;
-        (leaving.hits.load(Ordering::SeqCst) > 0 || traffic(port, 10).await.0.contains_key("leaving")).then_some(())
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the agent's member takes traffic",
+        || async {
+            b.applied().await;
+            (leaving.hits.load(Ordering::SeqCst) > 0
+                || traffic(port, 10).await.0.contains_key("leaving"))
+            .then_some(())
+        },
+    )
     .await;
     let load = tokio::spawn(traffic(port, 300));
     eventually(Duration::from_secs(10), "traffic under way", || async {
@@ -454,12 +584,30 @@ async fn an_agent_stopped_with_sigterm_drains_before_unregistering() {
     .await;
     unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
     let status = agent.wait().unwrap();
-    assert!(status.success(), "the agent drained and unregistered: {status:?}");
+    assert!(
+        status.success(),
+        "the agent drained and unregistered: {status:?}"
+    );
     let (seen, failed) = load.await.unwrap();
     assert_eq!(failed, 0, "requests failed while the member left: {seen:?}");
     let v = b.client().services(Some("web"), false).await.unwrap();
     assert!(v["definition"]["members"]["leaving"].is_null());
-    let (_, audit) = ((), b.client().request(reqwest::Method::GET, "/v1/audit?service=web", None).await.unwrap());
-    let actions: Vec<&str> = audit["entries"].as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();
-    assert_eq!(&actions[..2], ["unregister", "set-state"], "drain came before unregister: {actions:?}");
+    let (_, audit) = (
+        (),
+        b.client()
+            .request(reqwest::Method::GET, "/v1/audit?service=web", None)
+            .await
+            .unwrap(),
+    );
+    let actions: Vec<&str> = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        &actions[..2],
+        ["unregister", "set-state"],
+        "drain came before unregister: {actions:?}"
+    );
 }

@@ -11,7 +11,13 @@ use harness::{eventually, Cluster, TOKEN};
 use reqwest::Method;
 use serde_json::{json, Value};
 
-async fn call(addr: &str, token: &str, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
+async fn call(
+    addr: &str,
+    token: &str,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
     let mut req = reqwest::Client::new()
         .request(method, format!("http://{addr}{path}"))
         .bearer_auth(token);
@@ -31,7 +37,10 @@ async fn create_token(addr: &str, scope: &str, ttl: Option<&str>) -> (String, St
     }
     let (s, v) = call(addr, TOKEN, Method::POST, "/v1/tokens", Some(body)).await;
     assert_eq!(s, 200, "{v}");
-    (v["id"].as_str().unwrap().into(), v["secret"].as_str().unwrap().into())
+    (
+        v["id"].as_str().unwrap().into(),
+        v["secret"].as_str().unwrap().into(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -46,32 +55,124 @@ async fn each_scope_allows_exactly_what_it_should() {
     let (_, any) = create_token(&addr, "register:*", None).await;
     let member = |svc: &str, m: &str| format!("/v1/services/{svc}/members/{m}");
     let reg = json!({"address": "10.0.0.1", "port": 80});
-    call(&addr, TOKEN, Method::PUT, "/v1/services/web", Some(json!({"port": 8080}))).await;
-    call(&addr, TOKEN, Method::PUT, "/v1/services/db", Some(json!({"port": 5432}))).await;
+    call(
+        &addr,
+        TOKEN,
+        Method::PUT,
+        "/v1/services/web",
+        Some(json!({"port": 8080})),
+    )
+    .await;
+    call(
+        &addr,
+        TOKEN,
+        Method::PUT,
+        "/v1/services/db",
+        Some(json!({"port": 5432})),
+    )
+    .await;
 
     // (token, method, path, body, expected status)
     let cases: Vec<(&str, Method, String, Option<Value>, u16)> = vec![
-        (&admin, Method::PUT, member("web", "a1"), Some(reg.clone()), 200),
+        (
+            &admin,
+            Method::PUT,
+            member("web", "a1"),
+            Some(reg.clone()),
+            200,
+        ),
         (&admin, Method::GET, "/v1/services".into(), None, 200),
         (&admin, Method::GET, "/v1/tokens".into(), None, 200),
         (&read, Method::GET, "/v1/services".into(), None, 200),
         (&read, Method::GET, "/v1/cluster".into(), None, 200),
         (&read, Method::GET, "/v1/audit".into(), None, 200),
-        (&read, Method::PUT, member("web", "r1"), Some(reg.clone()), 403),
-        (&read, Method::PUT, "/v1/services/x".into(), Some(json!({"port": 9})), 403),
+        (
+            &read,
+            Method::PUT,
+            member("web", "r1"),
+            Some(reg.clone()),
+            403,
+        ),
+        (
+            &read,
+            Method::PUT,
+            "/v1/services/x".into(),
+            Some(json!({"port": 9})),
+            403,
+        ),
         (&read, Method::GET, "/v1/tokens".into(), None, 403),
-        (&web, Method::PUT, member("web", "w1"), Some(reg.clone()), 200),
-        (&web, Method::PUT, format!("{}/state", member("web", "w1")), Some(json!({"state": "drain"})), 200),
+        (
+            &web,
+            Method::PUT,
+            member("web", "w1"),
+            Some(reg.clone()),
+            200,
+        ),
+        (
+            &web,
+            Method::PUT,
+            format!("{}/state", member("web", "w1")),
+            Some(json!({"state": "drain"})),
+            200,
+        ),
         (&web, Method::DELETE, member("web", "w1"), None, 200),
-        (&web, Method::PUT, member("db", "w1"), Some(reg.clone()), 403),
+        (
+            &web,
+            Method::PUT,
+            member("db", "w1"),
+            Some(reg.clone()),
+            403,
+        ),
         (&web, Method::GET, "/v1/services".into(), None, 403),
-        (&web, Method::PUT, "/v1/services/web".into(), Some(json!({"port": 8080})), 403),
-        (&web, Method::POST, "/v1/tokens".into(), Some(json!({"scope": "admin"})), 403),
-        (&web, Method::DELETE, "/v1/cluster/nodes/2".into(), None, 403),
-        (&api, Method::PUT, member("web", "api-1"), Some(reg.clone()), 200),
-        (&api, Method::PUT, member("web", "web-1"), Some(reg.clone()), 403),
-        (&api, Method::PUT, member("db", "api-1"), Some(reg.clone()), 403),
-        (&any, Method::PUT, member("db", "x1"), Some(reg.clone()), 200),
+        (
+            &web,
+            Method::PUT,
+            "/v1/services/web".into(),
+            Some(json!({"port": 8080})),
+            403,
+        ),
+        (
+            &web,
+            Method::POST,
+            "/v1/tokens".into(),
+            Some(json!({"scope": "admin"})),
+            403,
+        ),
+        (
+            &web,
+            Method::DELETE,
+            "/v1/cluster/nodes/2".into(),
+            None,
+            403,
+        ),
+        (
+            &api,
+            Method::PUT,
+            member("web", "api-1"),
+            Some(reg.clone()),
+            200,
+        ),
+        (
+            &api,
+            Method::PUT,
+            member("web", "web-1"),
+            Some(reg.clone()),
+            403,
+        ),
+        (
+            &api,
+            Method::PUT,
+            member("db", "api-1"),
+            Some(reg.clone()),
+            403,
+        ),
+        (
+            &any,
+            Method::PUT,
+            member("db", "x1"),
+            Some(reg.clone()),
+            200,
+        ),
         (&any, Method::GET, "/v1/services".into(), None, 403),
     ];
     for (token, method, path, body, want) in cases {
@@ -94,28 +195,60 @@ async fn a_revoked_token_is_refused_on_every_node_within_a_second() {
     let (id, secret) = create_token(&leader_addr, "register:web", None).await;
     let body = json!({"address": "10.0.0.1", "port": 80});
     for n in c.nodes.values() {
-        let s = eventually(Duration::from_secs(5), "token known on every node", || async {
-            let (s, _) = call(&n.addr, &secret, Method::PUT, "/v1/services/web/members/m1", Some(body.clone())).await;
-            (s == 200).then_some(s)
-        })
+        let s = eventually(
+            Duration::from_secs(5),
+            "token known on every node",
+            || async {
+                let (s, _) = call(
+                    &n.addr,
+                    &secret,
+                    Method::PUT,
+                    "/v1/services/web/members/m1",
+                    Some(body.clone()),
+                )
+                .await;
+                (s == 200).then_some(s)
+            },
+        )
         .await;
         assert_eq!(s, 200);
     }
-    let (s, v) = call(&c.node(2).addr, TOKEN, Method::DELETE, &format!("/v1/tokens/{id}"), None).await;
+    let (s, v) = call(
+        &c.node(2).addr,
+        TOKEN,
+        Method::DELETE,
+        &format!("/v1/tokens/{id}"),
+        None,
+    )
+    .await;
     assert_eq!(s, 200, "{v}");
     let revoked_at = Instant::now();
     for n in c.nodes.values() {
-        eventually(Duration::from_secs(1), "revocation on every node", || async {
-            let (s, _) = call(&n.addr, &secret, Method::PUT, "/v1/services/web/members/m1", Some(body.clone())).await;
-            (s == 401).then_some(())
-        })
+        eventually(
+            Duration::from_secs(1),
+            "revocation on every node",
+            || async {
+                let (s, _) = call(
+                    &n.addr,
+                    &secret,
+                    Method::PUT,
+                    "/v1/services/web/members/m1",
+                    Some(body.clone()),
+                )
+                .await;
+                (s == 401).then_some(())
+            },
+        )
         .await;
     }
     assert!(revoked_at.elapsed() < Duration::from_secs(1));
     // Listing never shows secrets or hashes.
     let (_, v) = call(&leader_addr, TOKEN, Method::GET, "/v1/tokens", None).await;
     let text = v.to_string();
-    assert!(!text.contains(&secret[20..]) && !text.contains("hash"), "{text}");
+    assert!(
+        !text.contains(&secret[20..]) && !text.contains("hash"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,14 +275,28 @@ async fn expired_tokens_and_the_legacy_password() {
         .env("CLB_SERVER", &addr)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let (s, _) = call(&addr, "my-clb-password", Method::GET, "/v1/services", None).await;
     assert_eq!(s, 403);
-    let (s, _) = call(&addr, "my-clb-password", Method::POST, "/v1/tokens", Some(json!({"scope": "admin"}))).await;
+    let (s, _) = call(
+        &addr,
+        "my-clb-password",
+        Method::POST,
+        "/v1/tokens",
+        Some(json!({"scope": "admin"})),
+    )
+    .await;
     assert_eq!(s, 403);
     let (_, v) = call(&addr, TOKEN, Method::GET, "/v1/audit?service=http", None).await;
     let e = &v["entries"][0];
-    assert_eq!((e["by"].as_str(), e["action"].as_str(), e["member"].as_str()), (Some("legacy"), Some("register"), Some("10.0.0.7")));
+    assert_eq!(
+        (e["by"].as_str(), e["action"].as_str(), e["member"].as_str()),
+        (Some("legacy"), Some("register"), Some("10.0.0.7"))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -159,12 +306,21 @@ async fn failed_authentication_is_rate_limited_with_retry_after() {
     let url = format!("http://{}/v1/services", c.node(1).addr);
     let http = reqwest::Client::new();
     for i in 0..5 {
-        let r = http.get(&url).bearer_auth(format!("guess-{i}")).send().await.unwrap();
+        let r = http
+            .get(&url)
+            .bearer_auth(format!("guess-{i}"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 401);
     }
     let r = http.get(&url).bearer_auth("guess-6").send().await.unwrap();
     assert_eq!(r.status(), 429);
-    let retry: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!((1..=60).contains(&retry), "{retry}");
     let v: Value = r.json().await.unwrap();
     assert!(v["error"].as_str().unwrap().contains("retry in"), "{v}");
@@ -179,13 +335,41 @@ async fn the_audit_history_names_who_did_what_on_every_node() {
     c.leader(Duration::from_secs(10)).await;
     let addr = c.node(1).addr.clone();
     let (web_id, web) = create_token(&addr, "register:web", None).await;
-    call(&addr, TOKEN, Method::PUT, "/v1/services/web", Some(json!({"port": 8080}))).await;
-    let (s, v) = call(&addr, &web, Method::PUT, "/v1/services/web/members/w1", Some(json!({"address": "10.0.0.1"}))).await;
+    call(
+        &addr,
+        TOKEN,
+        Method::PUT,
+        "/v1/services/web",
+        Some(json!({"port": 8080})),
+    )
+    .await;
+    let (s, v) = call(
+        &addr,
+        &web,
+        Method::PUT,
+        "/v1/services/web/members/w1",
+        Some(json!({"address": "10.0.0.1"})),
+    )
+    .await;
     assert_eq!(s, 200, "{v}");
     let index = v["index"].as_u64().unwrap();
-    call(&addr, &web, Method::DELETE, "/v1/services/web/members/w1", None).await;
+    call(
+        &addr,
+        &web,
+        Method::DELETE,
+        "/v1/services/web/members/w1",
+        None,
+    )
+    .await;
     // A refused request is not in the history.
-    call(&addr, &web, Method::DELETE, "/v1/services/web/members/nobody", None).await;
+    call(
+        &addr,
+        &web,
+        Method::DELETE,
+        "/v1/services/web/members/nobody",
+        None,
+    )
+    .await;
     c.converged(index + 1, Duration::from_secs(5)).await;
     for n in c.nodes.values() {
         let (_, v) = call(&n.addr, TOKEN, Method::GET, "/v1/audit?service=web", None).await;
@@ -196,17 +380,34 @@ async fn the_audit_history_names_who_did_what_on_every_node() {
             .collect();
         assert_eq!(
             actions,
-            vec![("unregister", web_id.as_str()), ("register", web_id.as_str()), ("define-service", "bootstrap")],
+            vec![
+                ("unregister", web_id.as_str()),
+                ("register", web_id.as_str()),
+                ("define-service", "bootstrap")
+            ],
             "node {}",
             n.id
         );
     }
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_clb"))
-        .args(["--server", &addr, "--token", TOKEN, "audit", "--service", "web", "--since", "1h"])
+        .args([
+            "--server",
+            &addr,
+            "--token",
+            TOKEN,
+            "audit",
+            "--service",
+            "web",
+            "--since",
+            "1h",
+        ])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && text.contains("unregister") && text.contains(&web_id), "{text}");
+    assert!(
+        out.status.success() && text.contains("unregister") && text.contains(&web_id),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -214,7 +415,8 @@ async fn attack_strings_are_refused_in_every_field_that_reaches_haproxy() {
     let c = Cluster::start(1).await;
     c.leader(Duration::from_secs(10)).await;
     let addr = c.node(1).addr.clone();
-    let before = call(&addr, TOKEN, Method::GET, "/v1/cluster", None).await.1["last_log_index"].clone();
+    let before =
+        call(&addr, TOKEN, Method::GET, "/v1/cluster", None).await.1["last_log_index"].clone();
     let long = "a".repeat(10_000);
     let attacks = [
         "a\nserver evil 6.6.6.6:80",
@@ -224,7 +426,7 @@ async fn attack_strings_are_refused_in_every_field_that_reaches_haproxy() {
         "a'b",
         "a\0b",
         long.as_str(),
-        "wеb",  // Cyrillic е
+        "wеb",    // Cyrillic е
         "ｗｅｂ", // fullwidth
         "../../etc/passwd",
         "..",
@@ -234,31 +436,58 @@ async fn attack_strings_are_refused_in_every_field_that_reaches_haproxy() {
         "${x}",
         "{{ x }}",
     ];
-    let enc = |s: &str| -> String {
-        s.bytes().map(|b| format!("%{b:02X}")).collect()
-    };
+    let enc = |s: &str| -> String { s.bytes().map(|b| format!("%{b:02X}")).collect() };
     for attack in attacks {
         // service name and member name in the path
         for path in [
             format!("/v1/services/{}/members/m", enc(attack)),
             format!("/v1/services/web/members/{}", enc(attack)),
         ] {
-            let (s, v) = call(&addr, TOKEN, Method::PUT, &path, Some(json!({"address": "10.0.0.1"}))).await;
+            let (s, v) = call(
+                &addr,
+                TOKEN,
+                Method::PUT,
+                &path,
+                Some(json!({"address": "10.0.0.1"})),
+            )
+            .await;
             assert!(s == 400 || s == 404, "{attack:?} in {path}: {s} {v}");
             assert!(v["error"].is_string(), "{v}");
         }
         // address, check path, service definition name
-        let (s, v) = call(&addr, TOKEN, Method::PUT, "/v1/services/http/members/m", Some(json!({"address": attack}))).await;
+        let (s, v) = call(
+            &addr,
+            TOKEN,
+            Method::PUT,
+            "/v1/services/http/members/m",
+            Some(json!({"address": attack})),
+        )
+        .await;
         assert_eq!(s, 400, "address {attack:?}: {v}");
         // "/a/b" is a fine URL path; everything else must be refused.
         if attack != "a/b" {
-            let (s, v) = call(&addr, TOKEN, Method::PUT, "/v1/services/web", Some(json!({"port": 81, "check": {"http": {"path": format!("/{attack}")}}}))).await;
+            let (s, v) = call(
+                &addr,
+                TOKEN,
+                Method::PUT,
+                "/v1/services/web",
+                Some(json!({"port": 81, "check": {"http": {"path": format!("/{attack}")}}})),
+            )
+            .await;
             assert_eq!(s, 400, "check path {attack:?}: {v}");
         }
-        let (s, v) = call(&addr, TOKEN, Method::POST, "/v1/tokens", Some(json!({"scope": format!("register:{attack}")}))).await;
+        let (s, v) = call(
+            &addr,
+            TOKEN,
+            Method::POST,
+            "/v1/tokens",
+            Some(json!({"scope": format!("register:{attack}")})),
+        )
+        .await;
         assert_eq!(s, 400, "scope {attack:?}: {v}");
     }
-    let after = call(&addr, TOKEN, Method::GET, "/v1/cluster", None).await.1["last_log_index"].clone();
+    let after =
+        call(&addr, TOKEN, Method::GET, "/v1/cluster", None).await.1["last_log_index"].clone();
     assert_eq!(before, after, "a refused request wrote to the log");
 }
 
@@ -270,10 +499,17 @@ async fn a_peer_without_the_cluster_credential_is_refused_on_every_rpc() {
     let c = Cluster::start_with(3, &["--cluster-secret-file", secret.to_str().unwrap()]).await;
     c.leader(Duration::from_secs(10)).await;
     // The cluster itself works with the credential.
-    let index = c.any_client().register("http", "m", "10.0.0.1", None, None, None).await.unwrap();
+    let index = c
+        .any_client()
+        .register("http", "m", "10.0.0.1", None, None, None)
+        .await
+        .unwrap();
     c.converged(index, Duration::from_secs(5)).await;
 
-    let cluster_id = c.node(1).view().await.unwrap()["cluster_id"].as_str().unwrap().to_string();
+    let cluster_id = c.node(1).view().await.unwrap()["cluster_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let http = reqwest::Client::new();
     for rpc in ["append", "vote", "snapshot", "leader", "campaign"] {
         for (presented, want) in [(None, 401), (Some("wrong-secret-but-long-enough"), 401)] {
@@ -288,11 +524,19 @@ async fn a_peer_without_the_cluster_credential_is_refused_on_every_rpc() {
             assert_eq!(r.status().as_u16(), want, "/raft/{rpc} with {presented:?}");
         }
     }
-    assert!(c.node(2).log_text().contains("refused a peer request without the cluster credential"));
+    assert!(c
+        .node(2)
+        .log_text()
+        .contains("refused a peer request without the cluster credential"));
     // A too-short secret is refused at start-up with a one-line reason.
     std::fs::write(&secret, "short\n").unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_clbd"))
-        .args(["--cluster-secret-file", secret.to_str().unwrap(), "--data-dir", dir.path().join("x").to_str().unwrap()])
+        .args([
+            "--cluster-secret-file",
+            secret.to_str().unwrap(),
+            "--data-dir",
+            dir.path().join("x").to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());

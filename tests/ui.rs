@@ -92,7 +92,10 @@ async fn ui_needs_a_read_token_by_header_or_sign_in_cookie() {
     let r = http.get(&url).send().await.unwrap();
     assert_eq!(r.status(), 401);
     let body = r.text().await.unwrap();
-    assert!(body.contains("<form method=\"post\" action=\"/ui\""), "{body}");
+    assert!(
+        body.contains("<form method=\"post\" action=\"/ui\""),
+        "{body}"
+    );
     assert!(!body.contains("id=\"nodes\""));
 
     // Bearer header: the page, without the token in it.
@@ -148,12 +151,7 @@ async fn ui_needs_a_read_token_by_header_or_sign_in_cookie() {
     let cookie = r.headers()["set-cookie"].to_str().unwrap().to_string();
     assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"));
     let pair = cookie.split(';').next().unwrap().to_string();
-    let r = http
-        .get(&url)
-        .header("cookie", &pair)
-        .send()
-        .await
-        .unwrap();
+    let r = http.get(&url).header("cookie", &pair).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert!(!r.text().await.unwrap().contains(TOKEN));
 
@@ -269,7 +267,11 @@ async fn status_page_shows_the_live_cluster_in_headless_chromium() {
     assert!(dom.contains("id=\"nodes\""), "not the status page:\n{dom}");
     assert!(!dom.contains(TOKEN), "the token leaked into the page");
     for n in c.nodes.values() {
-        assert!(dom.contains(&format!("id=\"node-{}\"", n.id)), "node {}", n.id);
+        assert!(
+            dom.contains(&format!("id=\"node-{}\"", n.id)),
+            "node {}",
+            n.id
+        );
         assert!(dom.contains(&n.addr), "address of node {}", n.id);
     }
     assert!(dom.contains("witness"), "node 3's role");

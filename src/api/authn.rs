@@ -50,7 +50,12 @@ impl Tokens {
 
     /// The scope and id of `presented`, checking every file secret without
     /// stopping early, then the replicated tokens.
-    fn resolve(&self, presented: &str, registry: &Registry, now_ms: u64) -> Result<(String, Scope), &'static str> {
+    fn resolve(
+        &self,
+        presented: &str,
+        registry: &Registry,
+        now_ms: u64,
+    ) -> Result<(String, Scope), &'static str> {
         let mut found = None;
         for (secret, scope, id) in &self.secrets {
             if constant_time_eq(secret, presented.as_bytes()) {
@@ -62,7 +67,10 @@ impl Tokens {
         }
         let id = token_id(presented).ok_or("unknown token")?;
         let token = registry.tokens.get(id).ok_or("unknown or revoked token")?;
-        if !constant_time_eq(token.hash.as_bytes(), sha256_hex(presented.as_bytes()).as_bytes()) {
+        if !constant_time_eq(
+            token.hash.as_bytes(),
+            sha256_hex(presented.as_bytes()).as_bytes(),
+        ) {
             return Err("unknown token");
         }
         if token.expires_at_ms.is_some_and(|exp| now_ms >= exp) {
@@ -144,7 +152,9 @@ impl FromRequestParts<AppState> for Principal {
             .map(|c| c.0.ip())
             .unwrap_or(IpAddr::from([0, 0, 0, 0]));
         if let Some(wait) = state.auth_failures.blocked(ip) {
-            return Err(ApiError::TooManyRequests { retry_after_s: wait });
+            return Err(ApiError::TooManyRequests {
+                retry_after_s: wait,
+            });
         }
         let presented = parts
             .headers

@@ -63,10 +63,20 @@ impl IntoResponse for ApiError {
         let status = self.status();
         let body = Json(json!({"error": self.to_string(), "detail": self.detail()}));
         if status == StatusCode::UNAUTHORIZED {
-            return (status, [(header::WWW_AUTHENTICATE, "Bearer".to_string())], body).into_response();
+            return (
+                status,
+                [(header::WWW_AUTHENTICATE, "Bearer".to_string())],
+                body,
+            )
+                .into_response();
         }
         if let ApiError::TooManyRequests { retry_after_s } = &self {
-            return (status, [(header::RETRY_AFTER, retry_after_s.to_string())], body).into_response();
+            return (
+                status,
+                [(header::RETRY_AFTER, retry_after_s.to_string())],
+                body,
+            )
+                .into_response();
         }
         (status, body).into_response()
     }

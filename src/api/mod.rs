@@ -4,10 +4,10 @@
 
 mod authn;
 mod error;
-/// `GET /ui`: the server-rendered status page.
-mod ui;
 /// The listener: accept loop, TLS with certificate reload, connection limits.
 pub mod serve;
+/// `GET /ui`: the server-rendered status page.
+mod ui;
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -24,16 +24,16 @@ use serde_json::{json, Value};
 pub use authn::{FailureLimit, Principal, Tokens};
 pub use error::ApiError;
 
+use crate::auth::{self, Need, Scope, Token};
 use crate::config::Role;
+use crate::consensus::{Consensus, NodeId, Written};
 use crate::failover::Failover;
+use crate::model::{
+    self, Balance, Check, Command, MemberSpec, MemberState, Mode, Proposal, Registry,
+    Response as Outcome, ServiceDef,
+};
 use crate::render::{self, NodeContext, RenderInput, RenderStatus, Template};
 use tokio::sync::watch;
-use crate::consensus::{Consensus, NodeId, Written};
-use crate::auth::{self, Need, Scope, Token};
-use crate::model::{
-    self, Proposal, Balance, Check, Command, MemberSpec, MemberState, Mode, Registry, Response as Outcome,
-    ServiceDef,
-};
 
 /// Client request bodies are small; anything larger is a mistake or an attack.
 pub const BODY_LIMIT: usize = 64 * 1024;
@@ -75,10 +75,7 @@ pub fn router(state: AppState) -> Router {
             "/v1/services/{service}/members/{member}/state",
             put(set_member_state),
         )
-        .route(
-            "/v1/services/{service}/members/{member}/renew",
-            put(renew),
-        )
+        .route("/v1/services/{service}/members/{member}/renew", put(renew))
         .route("/v1/cluster", get(cluster))
         .route("/ui", get(ui::page).post(ui::sign_in_post))
         .route("/v1/node", get(node_status))
@@ -230,7 +227,9 @@ async fn renew(
     if state.consensus.renew(&service, &member).await? {
         Ok(Json(json!({"renewed": true})))
     } else {
-        Err(ApiError::NotFound(format!("member {member} of service {service}")))
+        Err(ApiError::NotFound(format!(
+            "member {member} of service {service}"
+        )))
     }
 }
 
@@ -463,8 +462,10 @@ async fn collect_cluster(state: &AppState, auth: Option<axum::http::HeaderValue>
             (id, v)
         }
     });
-    let statuses: serde_json::Map<String, Value> =
-        futures::future::join_all(fetches).await.into_iter().collect();
+    let statuses: serde_json::Map<String, Value> = futures::future::join_all(fetches)
+        .await
+        .into_iter()
+        .collect();
     view["node_status"] = Value::Object(statuses);
     view
 }
@@ -563,7 +564,15 @@ async fn create_token(
         expires_at_ms,
         created_by: p.id.clone(),
     };
-    let Json(written) = write(&state, &p, Command::CreateToken { id: id.clone(), token }).await?;
+    let Json(written) = write(
+        &state,
+        &p,
+        Command::CreateToken {
+            id: id.clone(),
+            token,
+        },
+    )
+    .await?;
     // The secret is shown once; only its hash is stored.
     Ok(Json(json!({
         "index": written["index"],
@@ -630,10 +639,17 @@ async fn audit(
     let entries = state
         .consensus
         .audit(
-            |e| e.at_ms >= since && q.service.as_ref().is_none_or(|s| e.service.as_ref() == Some(s)),
+            |e| {
+                e.at_ms >= since
+                    && q.service
+                        .as_ref()
+                        .is_none_or(|s| e.service.as_ref() == Some(s))
+            },
             limit,
         )
-        .map_err(|e| ApiError::Consensus(crate::consensus::ConsensusError::Unknown(e.to_string())))?;
+        .map_err(|e| {
+            ApiError::Consensus(crate::consensus::ConsensusError::Unknown(e.to_string()))
+        })?;
     Ok(Json(json!({"entries": entries})))
 }
 
@@ -649,7 +665,9 @@ pub struct Histogram {
 
 impl Default for Histogram {
     fn default() -> Self {
-        const BOUNDS: &[f64] = &[0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+        const BOUNDS: &[f64] = &[
+            0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+        ];
         Histogram {
             bounds: BOUNDS,
             counts: BOUNDS.iter().map(|_| Default::default()).collect(),
@@ -676,11 +694,17 @@ impl Histogram {
         use std::sync::atomic::Ordering::Relaxed;
         out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} histogram\n"));
         for (bound, count) in self.bounds.iter().zip(&self.counts) {
-            out.push_str(&format!("{name}_bucket{{le=\"{bound}\"}} {}\n", count.load(Relaxed)));
+            out.push_str(&format!(
+                "{name}_bucket{{le=\"{bound}\"}} {}\n",
+                count.load(Relaxed)
+            ));
         }
         let total = self.total.load(Relaxed);
         out.push_str(&format!("{name}_bucket{{le=\"+Inf\"}} {total}\n"));
-        out.push_str(&format!("{name}_sum {}\n", self.sum_us.load(Relaxed) as f64 / 1e6));
+        out.push_str(&format!(
+            "{name}_sum {}\n",
+            self.sum_us.load(Relaxed) as f64 / 1e6
+        ));
         out.push_str(&format!("{name}_count {total}\n"));
     }
 }
@@ -722,25 +746,69 @@ async fn healthz(State(state): State<AppState>) -> Response {
 
 fn render_metrics(out: &mut String, r: &RenderStatus) {
     let counters = [
-        ("clb_render_renders_total", "Configs rendered, validated and installed.", r.renders),
-        ("clb_render_validate_failures_total", "Rendered configs haproxy rejected.", r.validate_failures),
-        ("clb_render_runtime_applies_total", "Changes applied through the runtime API.", r.runtime_applies),
+        (
+            "clb_render_renders_total",
+            "Configs rendered, validated and installed.",
+            r.renders,
+        ),
+        (
+            "clb_render_validate_failures_total",
+            "Rendered configs haproxy rejected.",
+            r.validate_failures,
+        ),
+        (
+            "clb_render_runtime_applies_total",
+            "Changes applied through the runtime API.",
+            r.runtime_applies,
+        ),
         ("clb_render_reloads_total", "haproxy reloads.", r.reloads),
-        ("clb_render_apply_failures_total", "Failed applies (runtime API or reload).", r.apply_failures),
+        (
+            "clb_render_apply_failures_total",
+            "Failed applies (runtime API or reload).",
+            r.apply_failures,
+        ),
     ];
     for (name, help, v) in counters {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"));
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
+        ));
     }
     let gauges = [
-        ("clb_render_rendered_index", "Registry index of the config on disk.", r.rendered_index as f64),
-        ("clb_render_applied_index", "Registry index haproxy runs.", r.applied_index as f64),
-        ("clb_render_ok", "1 when the last render and apply succeeded.", f64::from(u8::from(r.last_error.is_none()))),
-        ("clb_render_last_render_seconds", "Duration of the last render.", r.last_render_ms / 1e3),
-        ("clb_render_last_validate_seconds", "Duration of the last write and validation.", r.last_validate_ms / 1e3),
-        ("clb_render_last_apply_seconds", "Duration of the last apply.", r.last_apply_ms / 1e3),
+        (
+            "clb_render_rendered_index",
+            "Registry index of the config on disk.",
+            r.rendered_index as f64,
+        ),
+        (
+            "clb_render_applied_index",
+            "Registry index haproxy runs.",
+            r.applied_index as f64,
+        ),
+        (
+            "clb_render_ok",
+            "1 when the last render and apply succeeded.",
+            f64::from(u8::from(r.last_error.is_none())),
+        ),
+        (
+            "clb_render_last_render_seconds",
+            "Duration of the last render.",
+            r.last_render_ms / 1e3,
+        ),
+        (
+            "clb_render_last_validate_seconds",
+            "Duration of the last write and validation.",
+            r.last_validate_ms / 1e3,
+        ),
+        (
+            "clb_render_last_apply_seconds",
+            "Duration of the last apply.",
+            r.last_apply_ms / 1e3,
+        ),
     ];
     for (name, help, v) in gauges {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n"));
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n"
+        ));
     }
 }
 
@@ -819,7 +887,8 @@ async fn failover(
 ) -> Result<Json<Value>, ApiError> {
     p.require(Need::Admin)?;
     use crate::failover::FailoverError;
-    let unavailable = |why: String| ApiError::Consensus(crate::consensus::ConsensusError::Unavailable(why));
+    let unavailable =
+        |why: String| ApiError::Consensus(crate::consensus::ConsensusError::Unavailable(why));
     let started = std::time::Instant::now();
     let m = state.consensus.raft.metrics().borrow().clone();
     let addr_of = |id: NodeId| {
@@ -832,16 +901,23 @@ async fn failover(
     match m.current_leader {
         Some(l) if l == state.consensus.id => {}
         Some(l) => {
-            let addr = addr_of(l).ok_or_else(|| unavailable(format!("no address for leader {l}")))?;
+            let addr =
+                addr_of(l).ok_or_else(|| unavailable(format!("no address for leader {l}")))?;
             let mut req = peers
                 .post(&addr, "/v1/cluster/failover")
                 .timeout(std::time::Duration::from_secs(30));
             if let Some(auth) = headers.get(header::AUTHORIZATION) {
                 req = req.header(header::AUTHORIZATION, auth.clone());
             }
-            let resp = req.send().await.map_err(|e| unavailable(format!("forward to leader {l}: {e}")))?;
+            let resp = req
+                .send()
+                .await
+                .map_err(|e| unavailable(format!("forward to leader {l}: {e}")))?;
             let status = resp.status();
-            let body: Value = resp.json().await.map_err(|e| unavailable(format!("leader {l}: {e}")))?;
+            let body: Value = resp
+                .json()
+                .await
+                .map_err(|e| unavailable(format!("leader {l}: {e}")))?;
             if !status.is_success() {
                 return Err(unavailable(format!("leader {l}: {}", body["error"])));
             }
@@ -865,7 +941,11 @@ async fn failover(
                 .send()
                 .await
             {
-                Ok(r) => r.json::<Value>().await.ok().and_then(|v| v["vip_held"].as_bool()),
+                Ok(r) => r
+                    .json::<Value>()
+                    .await
+                    .ok()
+                    .and_then(|v| v["vip_held"].as_bool()),
                 Err(_) => None,
             };
             if held == Some(true) {

@@ -47,7 +47,11 @@ pub async fn page(State(state): State<AppState>, mut parts: Parts) -> Response {
     let auth = parts.headers.get(header::AUTHORIZATION).cloned();
     let view = super::collect_cluster(&state, auth).await;
     let registry = state.consensus.applied().registry.clone();
-    html(StatusCode::OK, &status_page(&view, &registry, super::now_ms()), None)
+    html(
+        StatusCode::OK,
+        &status_page(&view, &registry, super::now_ms()),
+        None,
+    )
 }
 
 #[derive(Debug, Deserialize)]
@@ -64,10 +68,16 @@ pub async fn sign_in_post(
     form: Result<Form<SignInForm>, FormRejection>,
 ) -> Response {
     let Ok(Form(form)) = form else {
-        return sign_in(StatusCode::BAD_REQUEST, Some("expected a form with a token"), false);
+        return sign_in(
+            StatusCode::BAD_REQUEST,
+            Some("expected a form with a token"),
+            false,
+        );
     };
     if form.sign_out.is_some() {
-        return see_ui(format!("{COOKIE}=; Path=/ui; HttpOnly; SameSite=Strict; Max-Age=0"));
+        return see_ui(format!(
+            "{COOKIE}=; Path=/ui; HttpOnly; SameSite=Strict; Max-Age=0"
+        ));
     }
     let token = form.token.unwrap_or_default();
     let token = token.trim();
@@ -131,7 +141,8 @@ fn sign_in(status: StatusCode, message: Option<&str>, clear_cookie: bool) -> Res
          <p class=\"muted\">The token is kept in an HttpOnly cookie for this browser session. \
          Scripts can send <code>Authorization: Bearer TOKEN</code> instead.</p></main></body></html>\n",
     );
-    let clear = clear_cookie.then(|| format!("{COOKIE}=; Path=/ui; HttpOnly; SameSite=Strict; Max-Age=0"));
+    let clear =
+        clear_cookie.then(|| format!("{COOKIE}=; Path=/ui; HttpOnly; SameSite=Strict; Max-Age=0"));
     html(status, &body, clear)
 }
 
@@ -149,7 +160,10 @@ fn html(status: StatusCode, body: &str, set_cookie: Option<String>) -> Response 
             "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'",
         ),
     );
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     if let Some(v) = set_cookie.and_then(|c| HeaderValue::from_str(&c).ok()) {
         h.insert(header::SET_COOKIE, v);
@@ -270,11 +284,7 @@ footer{padding:0 24px 16px;color:#656d76;display:flex;gap:16px;align-items:cente
 footer button{font-size:12px}";
 
 fn badge(class: &str, label: &str) -> String {
-    format!(
-        "<span class=\"badge {}\">{}</span>",
-        esc(class),
-        esc(label)
-    )
+    format!("<span class=\"badge {}\">{}</span>", esc(class), esc(label))
 }
 
 /// A node's health as (label, css class, detail) from its own status.
@@ -379,7 +389,11 @@ fn status_page(view: &Value, registry: &Registry, now_ms: u64) -> String {
     for (id, key) in ids {
         let st = statuses.get(key).unwrap_or(&Value::Null);
         let raft = st["state"].as_str().unwrap_or("unknown");
-        let membership = if voters.contains(&id) { "voter" } else { "learner" };
+        let membership = if voters.contains(&id) {
+            "voter"
+        } else {
+            "learner"
+        };
         let (h_label, h_class, h_detail) = health(st);
         let role = st["role"].as_str().unwrap_or("—");
         let vip_mark = if holder == Some(id) {
@@ -387,7 +401,11 @@ fn status_page(view: &Value, registry: &Registry, now_ms: u64) -> String {
         } else {
             String::new()
         };
-        let here = if id == me { " <span class=\"muted\">(this node)</span>" } else { "" };
+        let here = if id == me {
+            " <span class=\"muted\">(this node)</span>"
+        } else {
+            ""
+        };
         let _ = write!(
             out,
             "<tr id=\"node-{id}\"><td><b>node {id}</b>{vip_mark}{here}</td><td><code>{}</code></td>\
@@ -425,9 +443,9 @@ fn status_page(view: &Value, registry: &Registry, now_ms: u64) -> String {
     out.push_str("</tbody></table></section>\n");
 
     // Services and members.
-    let _ = write!(
+    let _ = writeln!(
         out,
-        "<section id=\"services\"><h2>Services <span class=\"muted\">({} members)</span></h2>\n",
+        "<section id=\"services\"><h2>Services <span class=\"muted\">({} members)</span></h2>",
         registry.member_count()
     );
     if registry.services.is_empty() {
@@ -472,11 +490,10 @@ fn status_page(view: &Value, registry: &Registry, now_ms: u64) -> String {
         out.push_str("</tbody></table>\n");
     }
     out.push_str("</section>\n</main>\n");
-    let _ = write!(
-        out,
+    out.push_str(
         "<footer><span>refreshes every 5 s · JSON: <code>GET /v1/cluster</code>, <code>GET /v1/services</code></span>\
          <form method=\"post\" action=\"/ui\"><button name=\"sign_out\" value=\"1\">sign out</button></form></footer>\
-         </body></html>\n"
+         </body></html>\n",
     );
     out
 }
@@ -499,7 +516,9 @@ mod tests {
     fn cookie_values_round_trip() {
         for t in ["plain-token_1.2~", "with space;and,comma\"q\"", "ünï"] {
             let enc = pct_encode(t);
-            assert!(enc.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~%".contains(&b)));
+            assert!(enc
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._~%".contains(&b)));
             assert_eq!(pct_decode(&enc).as_deref(), Some(t));
         }
         assert_eq!(pct_decode("%4"), None);

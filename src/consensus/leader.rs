@@ -93,7 +93,13 @@ impl LeaderState {
 
     /// `Err(reason)` when `cmd` would take one more member of its service out
     /// of rotation than the guardrail allows; records it otherwise.
-    pub fn admit(&self, term: u64, registry: &Registry, cmd: &Command, now: Instant) -> Result<(), String> {
+    pub fn admit(
+        &self,
+        term: u64,
+        registry: &Registry,
+        cmd: &Command,
+        now: Instant,
+    ) -> Result<(), String> {
         // Only a member still in rotation counts: unregistering a drained
         // member takes nothing more out.
         let service = match cmd {
@@ -108,7 +114,9 @@ impl LeaderState {
                 .map(|_| service),
             _ => None,
         };
-        let Some(service) = service else { return Ok(()) };
+        let Some(service) = service else {
+            return Ok(());
+        };
         let in_rotation = registry.services[service]
             .members
             .values()
@@ -117,7 +125,10 @@ impl LeaderState {
         let mut g = self.lock(term, now);
         let window = self.guardrail.window;
         let recent = g.removals.entry(service.clone()).or_default();
-        while recent.front().is_some_and(|t| now.duration_since(*t) >= window) {
+        while recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= window)
+        {
             recent.pop_front();
         }
         // Relative to what was in rotation when the window began.
@@ -179,7 +190,9 @@ mod tests {
         let err = g.admit(1, &r, &unreg(5), now).unwrap_err();
         assert!(err.contains("6 of 10") && err.contains("--force"), "{err}");
         // After the window it is allowed again.
-        assert!(g.admit(1, &r, &unreg(5), now + Duration::from_secs(61)).is_ok());
+        assert!(g
+            .admit(1, &r, &unreg(5), now + Duration::from_secs(61))
+            .is_ok());
         // Unregistering a member already drained takes nothing more out.
         let mut drained = registry(2);
         let g2 = LeaderState::new(Guardrail::default());
@@ -194,7 +207,9 @@ mod tests {
         assert!(g2.admit(1, &drained, &unreg(1), now).is_err());
         // A one-member service may lose its member.
         let one = registry(1);
-        assert!(LeaderState::new(Guardrail::default()).admit(1, &one, &unreg(0), now).is_ok());
+        assert!(LeaderState::new(Guardrail::default())
+            .admit(1, &one, &unreg(0), now)
+            .is_ok());
     }
 
     #[test]
@@ -205,7 +220,10 @@ mod tests {
         assert!(s.expired(1, &r, t0).is_empty());
         s.renewed(1, "http", "m0", t0 + Duration::from_secs(8));
         let late = t0 + Duration::from_secs(11);
-        assert_eq!(s.expired(1, &r, late), vec![("http".to_string(), "m1".to_string())]);
+        assert_eq!(
+            s.expired(1, &r, late),
+            vec![("http".to_string(), "m1".to_string())]
+        );
         // A new leader term starts the clock again for everyone.
         assert!(s.expired(2, &r, late).is_empty());
         assert_eq!(s.expired(2, &r, late + Duration::from_secs(11)).len(), 2);

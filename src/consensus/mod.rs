@@ -306,7 +306,10 @@ impl Consensus {
                     continue;
                 }
                 let registry = c.applied().registry.clone();
-                for (service, member) in c.leader_state.expired(m.current_term, &registry, Instant::now()) {
+                for (service, member) in
+                    c.leader_state
+                        .expired(m.current_term, &registry, Instant::now())
+                {
                     let proposal = Proposal {
                         cmd: crate::model::Command::Unregister {
                             service: service.clone(),
@@ -318,7 +321,9 @@ impl Consensus {
                     };
                     match c.on_leader(LeaderRequest::Write(proposal)).await {
                         Ok(_) => tracing::info!(%service, %member, "TTL expired: member removed"),
-                        Err(e) => tracing::warn!(%service, %member, cause = ?e, "TTL expired but the member was not removed"),
+                        Err(e) => {
+                            tracing::warn!(%service, %member, cause = ?e, "TTL expired but the member was not removed")
+                        }
                     }
                 }
             }
@@ -530,7 +535,12 @@ impl Consensus {
                 let term = self.raft.metrics().borrow().current_term;
                 if !proposal.force {
                     self.leader_state
-                        .admit(term, &self.applied().registry, &proposal.cmd, Instant::now())
+                        .admit(
+                            term,
+                            &self.applied().registry,
+                            &proposal.cmd,
+                            Instant::now(),
+                        )
                         .map_err(LeaderError::Rejected)?;
                 }
                 let renews = match &proposal.cmd {
@@ -546,7 +556,8 @@ impl Consensus {
                     Ok(resp) => {
                         // A registration is the first renewal.
                         if let Some((service, member)) = renews {
-                            self.leader_state.renewed(term, &service, &member, Instant::now());
+                            self.leader_state
+                                .renewed(term, &service, &member, Instant::now());
                         }
                         Ok(LeaderReply::Written {
                             index: resp.log_id.index,
@@ -562,7 +573,8 @@ impl Consensus {
                 let found = self.applied().registry.member(&service, &member).is_some();
                 if found {
                     let term = self.raft.metrics().borrow().current_term;
-                    self.leader_state.renewed(term, &service, &member, Instant::now());
+                    self.leader_state
+                        .renewed(term, &service, &member, Instant::now());
                 }
                 Ok(LeaderReply::Renewed(found))
             }

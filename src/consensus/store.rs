@@ -206,7 +206,9 @@ pub fn read_audit(
     keep: impl Fn(&AuditEntry) -> bool,
     limit: usize,
 ) -> Result<Vec<AuditEntry>, StoreError> {
-    let tree = db.open_tree("sm").map_err(|source| StoreError::OpenTree { tree: "sm", source })?;
+    let tree = db
+        .open_tree("sm")
+        .map_err(|source| StoreError::OpenTree { tree: "sm", source })?;
     let mut out = Vec::new();
     for item in tree.scan_prefix("a/").rev() {
         let (key, value) = item.map_err(|source| StoreError::Read {
@@ -716,8 +718,8 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         let upto = blob.last_applied.map(|l| l.index).unwrap_or(0);
         for item in self.sm.scan_prefix("a/") {
             let (key, value) = item.map_err(read_sm_err)?;
-            let entry: AuditEntry = serde_json::from_slice(&value)
-                .map_err(|e| read_sm_err(decode_err(&key, e)))?;
+            let entry: AuditEntry =
+                serde_json::from_slice(&value).map_err(|e| read_sm_err(decode_err(&key, e)))?;
             if entry.index <= upto {
                 blob.audit.push(entry);
             }
@@ -823,7 +825,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             &tokens,
         )?;
         for entry in &audit {
-            batch.insert(audit_key(entry.index).as_bytes(), json(entry).map_err(write_sm_err)?);
+            batch.insert(
+                audit_key(entry.index).as_bytes(),
+                json(entry).map_err(write_sm_err)?,
+            );
             // Deterministic retention: every node drops the same old entries.
             if let Some(old) = entry.index.checked_sub(AUDIT_KEEP) {
                 batch.remove(audit_key(old).as_bytes());
@@ -875,7 +880,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
             registry_into_batch(&mut batch, &new_state.registry)?;
             for entry in &blob.audit {
-                batch.insert(audit_key(entry.index).as_bytes(), json(entry).map_err(write_sm_err)?);
+                batch.insert(
+                    audit_key(entry.index).as_bytes(),
+                    json(entry).map_err(write_sm_err)?,
+                );
             }
             batch.insert(
                 APPLIED_KEY,

@@ -201,9 +201,7 @@ impl Failover {
             reply: None,
             next_handover: Instant::now(),
             last_leader_seen: Instant::now(),
-            liveness_after: Duration::from_millis(
-                3 * consensus.raft.config().election_timeout_max,
-            ),
+            liveness_after: Duration::from_millis(3 * consensus.raft.config().election_timeout_max),
             fallback: false,
         };
         tokio::spawn(watcher.run(cmd_rx, stop));
@@ -555,7 +553,8 @@ impl Watcher {
             let voters = m.membership_config.membership().voter_ids().count();
             // Alone, or leaderless for long: lead anyway, without the VIP.
             self.fallback = !self.cfg.witness
-                && (voters <= 1 || now.duration_since(self.last_leader_seen) >= self.liveness_after);
+                && (voters <= 1
+                    || now.duration_since(self.last_leader_seen) >= self.liveness_after);
             self.decide(now, leading, m.current_term);
 
             let wake = match self.lease.valid_until() {
@@ -695,7 +694,12 @@ impl Watcher {
 
         // An unfit leader hands over, retrying at most once per hand-over wait.
         let alone = self.fallback && !health.ok;
-        if leading.is_some() && !may_lead && !alone && self.handover.is_none() && now >= self.next_handover {
+        if leading.is_some()
+            && !may_lead
+            && !alone
+            && self.handover.is_none()
+            && now >= self.next_handover
+        {
             tracing::warn!(reason = %health.reason, witness = self.cfg.witness, "unfit to lead: handing leadership over");
             self.next_handover = now + self.cfg.handover_wait;
             self.spawn_handover();

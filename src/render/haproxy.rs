@@ -244,7 +244,13 @@ pub async fn run_ops(socket: &Path, ops: &[Op]) -> Result<(), HaproxyError> {
             Op::Delete { backend, server } => {
                 let target = format!("{backend}/{server}");
                 expect(socket, &format!("set server {target} state maint"), &[""]).await?;
-                if let Err(e) = expect(socket, &format!("del server {target}"), &["Server deleted."]).await {
+                if let Err(e) = expect(
+                    socket,
+                    &format!("del server {target}"),
+                    &["Server deleted."],
+                )
+                .await
+                {
                     tracing::info!(server = %target, cause = %e, "server busy; deleting once its connections end");
                     tokio::spawn(delete_later(socket.to_path_buf(), target));
                 }
@@ -291,9 +297,13 @@ pub async fn run_ops(socket: &Path, ops: &[Op]) -> Result<(), HaproxyError> {
 async fn delete_later(socket: PathBuf, target: String) {
     for _ in 0..120 {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        if expect(&socket, &format!("del server {target}"), &["Server deleted."])
-            .await
-            .is_ok()
+        if expect(
+            &socket,
+            &format!("del server {target}"),
+            &["Server deleted."],
+        )
+        .await
+        .is_ok()
         {
             return;
         }
@@ -428,9 +438,19 @@ mod tests {
             backend: "be_http".into(),
             server: "b".into()
         }));
-        assert!(ops.iter().any(|o| matches!(o, Op::Add { server, .. } if server == "c")));
-        assert!(ops.iter().any(|o| matches!(o, Op::SetAddr { addr, .. } if addr == "10.0.0.9")));
-        assert!(ops.iter().any(|o| matches!(o, Op::SetState { state: MemberState::Drain, .. })));
+        assert!(ops
+            .iter()
+            .any(|o| matches!(o, Op::Add { server, .. } if server == "c")));
+        assert!(ops
+            .iter()
+            .any(|o| matches!(o, Op::SetAddr { addr, .. } if addr == "10.0.0.9")));
+        assert!(ops.iter().any(|o| matches!(
+            o,
+            Op::SetState {
+                state: MemberState::Drain,
+                ..
+            }
+        )));
     }
 
     #[test]
@@ -438,7 +458,10 @@ mod tests {
         let live = reg(&[("a", "10.0.0.1")]);
         assert_eq!(plan(&live, &live.clone()), Plan::Nothing);
         assert_eq!(plan(&Registry::default(), &live), Plan::Reload);
-        assert_eq!(plan(&live, &reg(&[("a", "10.0.0.1"), ("h", "web.internal")])), Plan::Reload);
+        assert_eq!(
+            plan(&live, &reg(&[("a", "10.0.0.1"), ("h", "web.internal")])),
+            Plan::Reload
+        );
         let mut redefined = live.clone();
         redefined.apply(&Command::DefineService {
             service: "http".into(),

@@ -119,6 +119,13 @@ async fn run(
     status: watch::Sender<RenderStatus>,
 ) {
     let mut written: Option<String> = None;
+    // Services are never deleted, so a registry with fewer services than the
+    // last installed config is transient (a node catching up after a restart
+    // or a fresh data dir): it must not empty a serving balancer.
+    let services_file = sibling(&settings.output, ".services");
+    let mut installed_services: Vec<String> = std::fs::read_to_string(&services_file)
+        .map(|t| t.lines().map(str::to_string).collect())
+        .unwrap_or_default();
     // The registry haproxy runs; `None` until our first reload, since we do
     // not know what a running haproxy loaded before we started.
     let mut live: Option<Arc<Registry>> = None;
@@ -146,6 +153,21 @@ async fn run(
             tokio::time::sleep(settings.coalesce).await;
         }
         let current = input.borrow_and_update().clone();
+        let missing: Vec<&String> = installed_services
+            .iter()
+            .filter(|s| !current.registry.services.contains_key(*s))
+            .collect();
+        if !missing.is_empty() {
+            let msg = format!(
+                "registry at index {} lacks services the installed config serves ({}); waiting to catch up before rendering",
+                current.index,
+                missing.iter().take(5).map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+            );
+            tracing::warn!("{msg}");
+            status.send_modify(|s| s.last_error = Some(msg));
+            failing = false;
+            continue;
+        }
         let t0 = Instant::now();
         let text = match render_text(&settings.template, &settings.node, &current) {
             Ok(t) => t,
@@ -188,6 +210,14 @@ async fn run(
                 continue;
             }
             written = Some(text);
+            let names: Vec<String> = current.registry.services.keys().cloned().collect();
+            if names != installed_services {
+                // Best effort: without it the guard only covers this process's lifetime.
+                if let Err(e) = std::fs::write(&services_file, names.join("\n")) {
+                    tracing::warn!(cause = %e, file = %services_file.display(), "could not record installed services");
+                }
+                installed_services = names;
+            }
             let validate_ms = ms(t1.elapsed());
             status.send_modify(|s| {
                 s.rendered_index = current.index;
@@ -212,14 +242,16 @@ async fn run(
                     Ok(()) => Ok("runtime"),
                     Err(e) if can_reload => {
                         tracing::warn!(cause = %e, "runtime API change failed; reloading instead");
-                        reload(&settings, &mut last_reload, &mut shutdown).await.map(|_| "reload")
+                        reload(&settings, &mut last_reload, &mut shutdown)
+                            .await
+                            .map(|_| "reload")
                     }
                     Err(e) => Err(e.to_string()),
                 }
             }
-            Plan::Reload if can_reload => {
-                reload(&settings, &mut last_reload, &mut shutdown).await.map(|_| "reload")
-            }
+            Plan::Reload if can_reload => reload(&settings, &mut last_reload, &mut shutdown)
+                .await
+                .map(|_| "reload"),
             Plan::Reload => Ok("written"),
         };
         let apply_ms = ms(t2.elapsed());
@@ -284,9 +316,12 @@ async fn reload(
         }
     }
     *last = Some(Instant::now());
-    haproxy::reload(settings.reload_cmd.as_deref(), settings.master_socket.as_deref())
-        .await
-        .map_err(|e| e.to_string())
+    haproxy::reload(
+        settings.reload_cmd.as_deref(),
+        settings.master_socket.as_deref(),
+    )
+    .await
+    .map_err(|e| e.to_string())
 }
 
 /// Writes `text` beside the output, validates it, keeps the previous file as
@@ -318,7 +353,9 @@ pub async fn install(settings: &RenderSettings, text: &str) -> Result<(), Render
         // hard link + rename: `.last-good` is replaced atomically too.
         let lg_tmp = sibling(out, ".last-good.tmp");
         let _ = tokio::fs::remove_file(&lg_tmp).await;
-        tokio::fs::hard_link(out, &lg_tmp).await.map_err(rename_err)?;
+        tokio::fs::hard_link(out, &lg_tmp)
+            .await
+            .map_err(rename_err)?;
         tokio::fs::rename(&lg_tmp, sibling(out, ".last-good"))
             .await
             .map_err(rename_err)?;

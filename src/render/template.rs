@@ -296,8 +296,12 @@ mod tests {
     fn builtin_renders_services_and_members_in_order() {
         let t = Template::load(None).unwrap();
         let out = t.render(&registry(), &node()).unwrap();
-        let web1 = out.find("server web1 10.0.0.1:8080 weight 100 check inter 2000ms").unwrap();
-        let web2 = out.find("server web2 10.0.0.2:8080 weight 100 check inter 2000ms fall 3 rise 2 disabled").unwrap();
+        let web1 = out
+            .find("server web1 10.0.0.1:8080 weight 100 check inter 2000ms")
+            .unwrap();
+        let web2 = out
+            .find("server web2 10.0.0.2:8080 weight 100 check inter 2000ms fall 3 rise 2 disabled")
+            .unwrap();
         assert!(web1 < web2, "members sorted by name");
         assert!(out.contains("server db1 [fd00::1]:3306"));
         assert!(out.contains("frontend fe_http\n    bind *:80\n    mode http"));
@@ -319,13 +323,19 @@ mod tests {
         let err = Template::compile("t.j2".into(), "ok\n{% for x in %}\n".into())
             .err()
             .unwrap();
-        assert!(matches!(err, TemplateError::Syntax { line: 2, .. }), "{err}");
+        assert!(
+            matches!(err, TemplateError::Syntax { line: 2, .. }),
+            "{err}"
+        );
     }
 
     #[test]
     fn undefined_variables_are_errors() {
         let t = Template::compile("t.j2".into(), "a\n{{ nope }}\n".into()).unwrap();
         let err = t.render(&registry(), &node()).unwrap_err();
-        assert!(matches!(err, TemplateError::Render { line: 2, .. }), "{err}");
+        assert!(
+            matches!(err, TemplateError::Render { line: 2, .. }),
+            "{err}"
+        );
     }
 }

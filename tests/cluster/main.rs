@@ -1,7 +1,7 @@
 //! Multi-process tests: real `clbd` binaries on loopback.
 
 mod harness;
+mod test_failover;
 mod test_formation;
 mod test_lifecycle;
 mod test_membership;
-mod test_failover;

@@ -212,14 +212,21 @@ async fn without_a_quorum_a_write_answers_503_naming_the_situation() {
         .unwrap_err();
     let waited = started.elapsed();
     match &err {
-        clb::client::ClientError::Api { status, message, detail } => {
+        clb::client::ClientError::Api {
+            status,
+            message,
+            detail,
+        } => {
             assert_eq!(*status, 503, "{err}");
             assert!(message.contains("gave up after"), "{message}");
             assert_eq!(detail["retryable"], true);
         }
         other => panic!("expected a 503, got {other}"),
     }
-    assert!(waited >= Duration::from_millis(900), "retried for the forward timeout, not {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(900),
+        "retried for the forward timeout, not {waited:?}"
+    );
     // Local reads still answer, with the node's applied index.
     let s = lonely.services().await.expect("local read");
     assert!(s["index"].as_u64().is_some());

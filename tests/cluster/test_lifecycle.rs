@@ -17,7 +17,14 @@ impl Agent {
         let f = std::fs::File::create(&log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_clb"))
             .args(["agent", "http", member, "--address", "127.0.0.1"])
-            .args(["--port", &port.to_string(), "--ttl", &ttl.to_string(), "--drain-timeout", "1"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--ttl",
+                &ttl.to_string(),
+                "--drain-timeout",
+                "1",
+            ])
             .env("CLB_SERVER", servers)
             .env("CLB_TOKEN", TOKEN)
             .stdin(Stdio::null())
@@ -41,7 +48,11 @@ impl Drop for Agent {
 }
 
 fn servers(c: &Cluster) -> String {
-    c.nodes.values().map(|n| n.addr.clone()).collect::<Vec<_>>().join(",")
+    c.nodes
+        .values()
+        .map(|n| n.addr.clone())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn in_config(c: &Cluster, id: u64, member: &str) -> bool {
@@ -56,23 +67,34 @@ async fn a_killed_agents_member_leaves_every_config_after_its_ttl() {
     c.leader(Duration::from_secs(10)).await;
     let mut agent = Agent::start(&servers(&c), c.dir.path(), "a1", free_port(), 2);
     for id in 1..=3 {
-        eventually(Duration::from_secs(10), "member in every config", || async {
-            in_config(&c, id, "a1").then_some(())
-        })
+        eventually(
+            Duration::from_secs(10),
+            "member in every config",
+            || async { in_config(&c, id, "a1").then_some(()) },
+        )
         .await;
     }
     agent.child.kill().unwrap();
     agent.child.wait().unwrap();
     let killed = Instant::now();
     for id in 1..=3 {
-        eventually(Duration::from_secs(10), "member gone after its TTL", || async {
-            (!in_config(&c, id, "a1")).then_some(())
-        })
+        eventually(
+            Duration::from_secs(10),
+            "member gone after its TTL",
+            || async { (!in_config(&c, id, "a1")).then_some(()) },
+        )
         .await;
     }
-    assert!(killed.elapsed() >= Duration::from_secs(1), "removed before its TTL could run out");
+    assert!(
+        killed.elapsed() >= Duration::from_secs(1),
+        "removed before its TTL could run out"
+    );
     let (_, audit) = {
-        let v = c.any_client().request(reqwest::Method::GET, "/v1/audit?service=http", None).await.unwrap();
+        let v = c
+            .any_client()
+            .request(reqwest::Method::GET, "/v1/audit?service=http", None)
+            .await
+            .unwrap();
         ((), v)
     };
     assert_eq!(audit["entries"][0]["by"], "ttl", "{audit}");
@@ -95,7 +117,10 @@ async fn a_leader_change_does_not_expire_members_that_keep_renewing() {
     let until = Instant::now() + Duration::from_secs(6);
     while Instant::now() < until {
         let s = c.node(follower).services().await.expect("read");
-        assert!(!s["services"]["http"]["members"]["r1"].is_null(), "a renewing member expired after the leader change");
+        assert!(
+            !s["services"]["http"]["members"]["r1"].is_null(),
+            "a renewing member expired after the leader change"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -106,7 +131,10 @@ async fn the_guardrail_refuses_a_mass_removal_unless_forced() {
     c.leader(Duration::from_secs(10)).await;
     let client = c.any_client();
     for i in 0..10 {
-        client.register("http", &format!("m{i}"), "10.0.0.1", None, None, None).await.unwrap();
+        client
+            .register("http", &format!("m{i}"), "10.0.0.1", None, None, None)
+            .await
+            .unwrap();
     }
     for i in 0..5 {
         client.unregister("http", &format!("m{i}")).await.unwrap();
@@ -114,11 +142,24 @@ async fn the_guardrail_refuses_a_mass_removal_unless_forced() {
     let before = client.services(Some("http"), true).await.unwrap();
     let err = client.unregister("http", "m5").await.unwrap_err();
     assert_eq!(err.status(), Some(409), "{err}");
-    assert!(err.to_string().contains("guardrail") && err.to_string().contains("--force"), "{err}");
+    assert!(
+        err.to_string().contains("guardrail") && err.to_string().contains("--force"),
+        "{err}"
+    );
     // Draining counts as leaving rotation too.
-    assert_eq!(client.set_state("http", "m6", "drain").await.unwrap_err().status(), Some(409));
+    assert_eq!(
+        client
+            .set_state("http", "m6", "drain")
+            .await
+            .unwrap_err()
+            .status(),
+        Some(409)
+    );
     let after = client.services(Some("http"), true).await.unwrap();
-    assert_eq!(before["definition"], after["definition"], "a refused removal changed the registry");
+    assert_eq!(
+        before["definition"], after["definition"],
+        "a refused removal changed the registry"
+    );
     // The CLI says so with exit code 6, and --force overrides.
     let out = Command::new(env!("CARGO_BIN_EXE_clb"))
         .args(["unregister", "http", "m5"])
@@ -134,7 +175,11 @@ async fn the_guardrail_refuses_a_mass_removal_unless_forced() {
         .env("CLB_TOKEN", TOKEN)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,15 +187,32 @@ async fn an_agent_that_reaches_no_node_keeps_retrying_and_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let dead = format!("127.0.0.1:{}", free_port());
     let mut agent = Agent::start(&dead, dir.path(), "lost", free_port(), 5);
-    eventually(Duration::from_secs(10), "the agent logs that it cannot reach the cluster", || async {
-        agent.log().contains("cannot reach the cluster").then_some(())
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the agent logs that it cannot reach the cluster",
+        || async {
+            agent
+                .log()
+                .contains("cannot reach the cluster")
+                .then_some(())
+        },
+    )
     .await;
-    assert!(agent.child.try_wait().unwrap().is_none(), "the agent gave up");
+    assert!(
+        agent.child.try_wait().unwrap().is_none(),
+        "the agent gave up"
+    );
     unsafe { libc::kill(agent.child.id() as i32, libc::SIGTERM) };
     let status = agent.child.wait().unwrap();
-    assert_eq!(status.code(), Some(1), "it could not unregister, and says so");
-    assert!(agent.log().contains("the TTL will remove the member") || agent.log().contains("TTL removes"));
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "it could not unregister, and says so"
+    );
+    assert!(
+        agent.log().contains("the TTL will remove the member")
+            || agent.log().contains("TTL removes")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -158,13 +220,30 @@ async fn a_snapshot_restores_into_a_fresh_cluster() {
     let c = Cluster::start(3).await;
     c.leader(Duration::from_secs(10)).await;
     let client = c.any_client();
-    client.define_service("api", serde_json::json!({"port": 8443, "mode": "tcp"})).await.unwrap();
+    client
+        .define_service("api", serde_json::json!({"port": 8443, "mode": "tcp"}))
+        .await
+        .unwrap();
     for i in 0..20 {
-        client.register("api", &format!("m{i}"), &format!("10.0.1.{}", i + 1), Some(9000), Some(i as u16), None).await.unwrap();
+        client
+            .register(
+                "api",
+                &format!("m{i}"),
+                &format!("10.0.1.{}", i + 1),
+                Some(9000),
+                Some(i as u16),
+                None,
+            )
+            .await
+            .unwrap();
     }
     client.set_state("api", "m3", "maint").await.unwrap();
     let token = client
-        .request(reqwest::Method::POST, "/v1/tokens", Some(serde_json::json!({"scope": "read"})))
+        .request(
+            reqwest::Method::POST,
+            "/v1/tokens",
+            Some(serde_json::json!({"scope": "read"})),
+        )
         .await
         .unwrap();
     let file = c.dir.path().join("backup.json");
@@ -174,7 +253,11 @@ async fn a_snapshot_restores_into_a_fresh_cluster() {
         .env("CLB_TOKEN", TOKEN)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let original = client.services(None, true).await.unwrap();
 
     // A fresh 3-node cluster, every node given the backup; it is applied once.
@@ -193,10 +276,68 @@ async fn a_snapshot_restores_into_a_fresh_cluster() {
     // A broken backup stops start-up with a one-line reason.
     std::fs::write(&file, "{\"format\": \"something-else\"}").unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_clbd"))
-        .args(["--restore", file.to_str().unwrap(), "--data-dir", c.dir.path().join("x").to_str().unwrap()])
+        .args([
+            "--restore",
+            file.to_str().unwrap(),
+            "--data-dir",
+            c.dir.path().join("x").to_str().unwrap(),
+        ])
         .args(["--listen", &format!("127.0.0.1:{}", free_port())])
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).lines().last().unwrap().contains("--restore"));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .last()
+        .unwrap()
+        .contains("--restore"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transient_empty_registry_never_empties_a_serving_config() {
+    let mut c = Cluster::start_with(1, &["--stats-port", "0"]).await;
+    c.leader(Duration::from_secs(10)).await;
+    let client = c.any_client();
+    client
+        .register("http", "w1", "10.0.0.1", None, None, None)
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "member rendered", || async {
+        in_config(&c, 1, "w1").then_some(())
+    })
+    .await;
+    let cfg = c.dir.path().join("haproxy1.cfg");
+    let serving = std::fs::read_to_string(&cfg).unwrap();
+    // The node comes back with an empty data dir: its registry is empty.
+    c.node_mut(1).terminate();
+    std::fs::remove_dir_all(&c.node(1).data_dir).unwrap();
+    c.node_mut(1).spawn();
+    let n = c.node(1);
+    let v = eventually(
+        Duration::from_secs(10),
+        "the guard reports why it waits",
+        || async {
+            let v = n.client().cluster().await.ok()?;
+            let err = v["node_status"]["1"]["render"]["last_error"]
+                .as_str()?
+                .to_string();
+            err.contains("lacks services").then_some(err)
+        },
+    )
+    .await;
+    assert!(v.contains("http"), "{v}");
+    assert_eq!(
+        std::fs::read_to_string(&cfg).unwrap(),
+        serving,
+        "the empty registry was rendered"
+    );
+    // Once the registry has its services again, rendering resumes.
+    n.client()
+        .register("http", "w2", "10.0.0.2", None, None, None)
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "rendering resumes", || async {
+        in_config(&c, 1, "w2").then_some(())
+    })
+    .await;
 }

@@ -1,0 +1,163 @@
+//! deploy/: the example clbd.toml parses and names every setting, the
+//! configs the cloud-init files write parse, and the systemd units call
+//! flags that exist.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::Command;
+
+use clap::Args;
+use clb::config::{Config, Settings};
+
+fn read(rel: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(rel);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// `#key = value` and `#[table]` lines uncommented; prose (`# ...`) stays.
+fn uncomment_all(text: &str) -> String {
+    text.lines()
+        .map(|l| match l.strip_prefix('#') {
+            Some(rest) if rest.starts_with(|c: char| c.is_ascii_lowercase() || c == '[') => rest,
+            _ => l,
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Every key of `Settings`, from its flags (snake_case) plus the file-only ones.
+fn settings_keys() -> BTreeSet<String> {
+    let cmd = Settings::augment_args(clap::Command::new("clbd"));
+    let mut keys: BTreeSet<String> = cmd
+        .get_arguments()
+        .filter_map(|a| a.get_long())
+        .map(|l| l.replace('-', "_"))
+        .collect();
+    keys.insert("service_defaults".into());
+    keys
+}
+
+#[test]
+fn example_config_parses_and_names_every_setting() {
+    let text = read("deploy/clbd.toml.example");
+    toml::from_str::<Settings>(&text).expect("the example as shipped");
+
+    let all = uncomment_all(&text);
+    let settings: Settings =
+        toml::from_str(&all).unwrap_or_else(|e| panic!("with every key uncommented: {e}\n{all}"));
+    let table: toml::Table = toml::from_str(&all).unwrap();
+    let present: BTreeSet<String> = table.keys().cloned().collect();
+    let missing: Vec<_> = settings_keys().difference(&present).cloned().collect();
+    assert!(
+        missing.is_empty(),
+        "keys missing from deploy/clbd.toml.example: {missing:?}"
+    );
+
+    // The listed values validate, apart from what depends on files of the
+    // target host (secrets, certificates, hook scripts, backups).
+    let local = Settings {
+        cluster_secret_file: None,
+        tls_cert: None,
+        tls_key: None,
+        tls_ca: None,
+        vip_hook: Some("true".into()),
+        restore: None,
+        join: None,
+        ..settings
+    };
+    let config = Config::from_settings(local).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.node_id, 1);
+    assert_eq!(config.listen.to_string(), "0.0.0.0:8090");
+}
+
+/// The `content: |` block written to `path` by a cloud-init file.
+fn written_file(cloud_init: &str, path: &str) -> String {
+    let mut lines = cloud_init
+        .lines()
+        .skip_while(|l| !l.contains(&format!("path: {path}")));
+    lines
+        .next()
+        .unwrap_or_else(|| panic!("no write_files entry for {path}"));
+    let mut lines = lines.skip_while(|l| !l.trim_start().starts_with("content: |"));
+    lines.next().expect("content block");
+    let mut out = Vec::new();
+    let mut indent = None;
+    for l in lines {
+        if l.trim().is_empty() {
+            out.push(String::new());
+            continue;
+        }
+        let n = l.len() - l.trim_start().len();
+        let want = *indent.get_or_insert(n);
+        if n < want {
+            break;
+        }
+        out.push(l[want..].to_string());
+    }
+    out.join("\n")
+}
+
+#[test]
+fn cloud_init_configs_parse_and_hold_no_secrets() {
+    for (file, role) in [("balancer.yaml", "balancer"), ("witness.yaml", "witness")] {
+        let text = read(&format!("deploy/cloud-init/{file}"));
+        assert!(text.starts_with("#cloud-config\n"), "{file}");
+        let toml_text = written_file(&text, "/etc/clb/clbd.toml");
+        let s: Settings = toml::from_str(&toml_text).unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert_eq!(s.role.as_deref(), Some(role), "{file}");
+        assert!(s.peers.is_some(), "{file}");
+        // Secrets arrive at boot, never in user-data.
+        assert!(
+            text.contains("aws ssm get-parameter --with-decryption"),
+            "{file}"
+        );
+    }
+    let member = read("deploy/cloud-init/member.yaml");
+    assert!(member.starts_with("#cloud-config\n"));
+    assert!(written_file(&member, "/etc/clb/agent.env").contains("CLB_SERVER="));
+    assert!(member.contains("clb-agent@http"));
+}
+
+#[test]
+fn units_are_hardened_and_call_existing_flags() {
+    let clbd = read("deploy/systemd/clbd.service");
+    for line in [
+        "User=clb",
+        "ProtectSystem=strict",
+        "ReadWritePaths=/var/lib/clb /etc/haproxy",
+        "NoNewPrivileges=yes",
+        "CapabilityBoundingSet=\n",
+        "ExecStart=/usr/local/bin/clbd --config /etc/clb/clbd.toml",
+    ] {
+        assert!(clbd.contains(line), "clbd.service lacks {line:?}");
+    }
+    let vip = read("deploy/systemd/clbd.service.d/linux-vip.conf");
+    assert!(vip.contains("AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW"));
+
+    let agent = read("deploy/systemd/clb-agent@.service");
+    let help = Command::new(env!("CARGO_BIN_EXE_clb"))
+        .args(["agent", "--help"])
+        .output()
+        .expect("run clb agent --help");
+    let help = String::from_utf8_lossy(&help.stdout);
+    let exec = agent
+        .lines()
+        .find(|l| l.starts_with("ExecStart="))
+        .expect("ExecStart");
+    for flag in exec.split_whitespace().filter(|w| w.starts_with("--")) {
+        assert!(help.contains(flag), "clb agent has no {flag}:\n{help}");
+    }
+    for flag in ["--ttl", "--drain-timeout"] {
+        assert!(help.contains(flag), "clb agent has no {flag}");
+        assert!(read("deploy/cloud-init/member.yaml").contains(flag));
+    }
+    let sudoers = read("deploy/sudoers.d/clb");
+    let rules: Vec<&str> = sudoers
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .collect();
+    assert_eq!(rules.len(), 2, "one alias, one rule: {rules:?}");
+    assert!(rules
+        .iter()
+        .all(|r| !r.contains("ALL) ALL") && !r.contains("NOPASSWD: ALL")));
+}
