@@ -325,9 +325,11 @@ pub async fn run(
         })),
     }
 
+    let tokens = Arc::new(tokens);
+    spawn_token_reload(config.clone(), tokens.clone());
     let state = AppState {
         consensus: consensus.clone(),
-        tokens: Arc::new(tokens),
+        tokens,
         auth_failures: Arc::new(FailureLimit::new(
             config.auth_failures_per_minute,
             Duration::from_secs(60),
@@ -372,6 +374,32 @@ pub async fn run(
     tracing::info!("shutting down raft");
     consensus.shutdown().await;
     result
+}
+
+/// Re-reads the token files on SIGHUP, so bootstrap tokens rotate without a
+/// restart. A file that fails to read keeps the old tokens.
+fn spawn_token_reload(config: Config, tokens: Arc<Tokens>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(cause = %e, "cannot listen for SIGHUP; token files reload only on restart");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match load_tokens(&config) {
+                Ok(new) => {
+                    tokens.replace(new);
+                    tracing::info!("SIGHUP: token files re-read");
+                }
+                Err(e) => {
+                    tracing::error!(cause = %e, "SIGHUP: token files not re-read; the old tokens stay")
+                }
+            }
+        }
+    });
 }
 
 /// Tokens from `--token-file`; without one, a generated token in

@@ -542,3 +542,33 @@ async fn a_peer_without_the_cluster_credential_is_refused_on_every_rpc() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--cluster-secret-file"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_tokens_rotate_on_sighup_without_a_restart() {
+    let c = Cluster::start(1).await;
+    c.leader(Duration::from_secs(10)).await;
+    let addr = c.node(1).addr.clone();
+    std::fs::write(&c.token_file, "rotated-admin-token\n").unwrap();
+    let pid = c.node(1).pid().unwrap();
+    c.node(1).signal(libc::SIGHUP);
+    eventually(
+        Duration::from_secs(5),
+        "the new token is accepted",
+        || async {
+            let (s, _) = call(
+                &addr,
+                "rotated-admin-token",
+                Method::GET,
+                "/v1/services",
+                None,
+            )
+            .await;
+            (s == 200).then_some(())
+        },
+    )
+    .await;
+    let (s, _) = call(&addr, TOKEN, Method::GET, "/v1/services", None).await;
+    assert_eq!(s, 401, "the old token still works");
+    assert_eq!(c.node(1).pid(), Some(pid));
+    assert!(c.node(1).healthy().await, "SIGHUP must not stop clbd");
+}

@@ -16,9 +16,10 @@ use crate::auth::{constant_time_eq, sha256_hex, token_id, Need, Scope};
 use crate::model::Registry;
 
 /// Secrets from files, each with the scope it grants.
+/// Secrets from files, each with the scope it grants; replaced whole on SIGHUP.
 #[derive(Debug, Default)]
 pub struct Tokens {
-    secrets: Vec<(Vec<u8>, Scope, &'static str)>,
+    secrets: std::sync::RwLock<Vec<(Vec<u8>, Scope, &'static str)>>,
 }
 
 /// Lines of a token file: blank lines and `#` comments skipped.
@@ -41,11 +42,22 @@ impl Tokens {
         for l in legacy.into_iter().flat_map(token_lines) {
             secrets.push((l.as_bytes().to_vec(), any.clone(), "legacy"));
         }
-        Tokens { secrets }
+        Tokens {
+            secrets: std::sync::RwLock::new(secrets),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.secrets.is_empty()
+        self.secrets.read().map(|s| s.is_empty()).unwrap_or(true)
+    }
+
+    /// Takes the secrets of `other` (a re-read of the files).
+    pub fn replace(&self, other: Tokens) {
+        let new = other
+            .secrets
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner());
+        *self.secrets.write().unwrap_or_else(|p| p.into_inner()) = new;
     }
 
     /// The scope and id of `presented`, checking every file secret without
@@ -57,11 +69,13 @@ impl Tokens {
         now_ms: u64,
     ) -> Result<(String, Scope), &'static str> {
         let mut found = None;
-        for (secret, scope, id) in &self.secrets {
+        let secrets = self.secrets.read().unwrap_or_else(|p| p.into_inner());
+        for (secret, scope, id) in secrets.iter() {
             if constant_time_eq(secret, presented.as_bytes()) {
                 found = Some((id.to_string(), scope.clone()));
             }
         }
+        drop(secrets);
         if let Some(f) = found {
             return Ok(f);
         }
