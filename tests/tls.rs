@@ -459,4 +459,14 @@ async fn a_three_node_cluster_forms_and_replicates_over_https() {
         leaders[0].is_some() && leaders.iter().all(|l| *l == leaders[0]),
         "{leaders:?}"
     );
+    // The cluster view collects every node's status over HTTPS too.
+    let view = pki
+        .client(&format!("https://{}", addrs[0]))
+        .cluster()
+        .await
+        .unwrap();
+    for id in ["1", "2", "3"] {
+        let st = &view["node_status"][id];
+        assert!(st.get("error").is_none() && st["node_id"].is_u64(), "node {id}: {st}");
+    }
 }
