@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 need=()
 command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v arping >/dev/null 2>&1 || need+=(iputils-arping)
+command -v ndsend >/dev/null 2>&1 || need+=(ndisc6)
 [ -x /usr/bin/chromium ] || need+=(chromium)
 if ((${#need[@]})); then
   sudo=""
@@ -18,4 +20,4 @@ fi
 
 cargo fmt --check
 cargo clippy --all-targets --quiet -- -D warnings
-cargo test --all-targets
+cargo test --all-targets --no-fail-fast

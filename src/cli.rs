@@ -146,6 +146,15 @@ pub enum Command {
     },
     /// Ask the leader to step down: it releases the VIP and a healthy voter takes over
     Failover,
+    /// Start a throw-away local cluster (2 balancers + witness), kill its leader, print the timeline
+    Demo {
+        /// Do not run haproxy even when it is installed
+        #[arg(long)]
+        no_haproxy: bool,
+        /// Keep the temp dir with logs, data and rendered configs
+        #[arg(long)]
+        keep: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -488,6 +497,13 @@ pub async fn run(cli: Cli) -> Result<String, Failure> {
                 return Ok(v.to_string());
             }
             Ok(failover_text(&v))
+        }
+        Command::Demo { no_haproxy, keep } => {
+            let opts = crate::demo::DemoOptions { no_haproxy, keep };
+            crate::demo::run(opts).await.map_err(|e| Failure {
+                code: exit::FAILED,
+                message: format!("demo: {e}"),
+            })
         }
         Command::Cluster(ClusterCmd::Remove { id }) => {
             let i = client.remove_node(id).await?;

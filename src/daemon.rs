@@ -13,7 +13,7 @@ use crate::api::{self, AppState, FailureLimit, Tokens};
 use crate::config::{Config, Role};
 use crate::consensus::{rpc, Consensus, StartError};
 use crate::failover::{self, Failover};
-use crate::model::{Command, MemberSpec, MemberState, Proposal, Registry};
+use crate::model::{Command, Proposal, Registry, Response};
 use crate::render::{
     self, NodeContext, Peer, RenderInput, RenderSettings, RenderStatus, Template, TemplateError,
 };
@@ -58,82 +58,44 @@ fn read_restore(path: &Path) -> Result<Registry, DaemonError> {
     let registry: Registry =
         serde_json::from_value(v["registry"].clone()).map_err(|e| err(e.to_string()))?;
     // Everything must pass today's validation before anything is written.
-    for cmd in restore_commands(&registry) {
-        cmd.validate().map_err(|e| err(e.to_string()))?;
+    Command::Restore {
+        registry: Box::new(registry.clone()),
     }
+    .validate()
+    .map_err(|e| err(e.to_string()))?;
     Ok(registry)
 }
 
-/// The commands that rebuild `registry` in an empty cluster.
-fn restore_commands(registry: &Registry) -> Vec<Command> {
-    let mut cmds = Vec::new();
-    for (name, svc) in &registry.services {
-        cmds.push(Command::DefineService {
-            service: name.clone(),
-            def: svc.def.clone(),
-        });
-        for (member, m) in &svc.members {
-            cmds.push(Command::Register {
-                service: name.clone(),
-                member: member.clone(),
-                spec: MemberSpec {
-                    address: m.address.clone(),
-                    port: Some(m.port),
-                    weight: Some(m.weight),
-                    ttl_s: m.ttl_s,
-                },
-                create: None,
-                at_ms: m.registered_at_ms,
-            });
-            if m.state != MemberState::Active {
-                cmds.push(Command::SetMemberState {
-                    service: name.clone(),
-                    member: member.clone(),
-                    state: m.state,
-                });
-            }
-        }
-    }
-    for (id, token) in &registry.tokens {
-        cmds.push(Command::CreateToken {
-            id: id.clone(),
-            token: token.clone(),
-        });
-    }
-    cmds
-}
-
-/// Replays a backup once the cluster has a leader, if its registry is empty.
+/// Proposes the backup once the cluster has a leader. It is one command that
+/// applies only to an empty registry, so every node may be given `--restore`
+/// and it still happens exactly once.
 fn spawn_restore(consensus: Consensus, registry: Registry, path: String) {
     tokio::spawn(async move {
-        let index = match consensus.read_barrier().await {
-            Ok(i) => i,
-            Err(e) => {
-                // read_barrier already waited for a leader for the forward timeout.
-                tracing::error!(cause = %e, "--restore: no leader; nothing restored");
-                return;
-            }
+        let members = registry.member_count();
+        let proposal = Proposal {
+            cmd: Command::Restore {
+                registry: Box::new(registry),
+            },
+            by: "restore".into(),
+            at_ms: api::now_ms(),
+            force: true,
         };
-        let current = consensus.applied().registry.clone();
-        if !current.services.is_empty() || !current.tokens.is_empty() {
-            tracing::warn!(index, %path, "--restore ignored: the registry is not empty");
-            return;
-        }
-        let cmds = restore_commands(&registry);
-        let total = cmds.len();
-        for cmd in cmds {
-            let proposal = Proposal {
-                cmd,
-                by: "restore".into(),
-                at_ms: api::now_ms(),
-                force: true,
-            };
-            if let Err(e) = consensus.write(proposal).await {
-                tracing::error!(cause = %e, "--restore stopped part way; run it again on an empty cluster");
-                return;
+        // The write waits for a leader for the forward timeout; retry a few times.
+        for _ in 0..12 {
+            match consensus.write(proposal.clone()).await {
+                Ok(w) => {
+                    match w.response {
+                        Response::Done => {
+                            tracing::info!(%path, index = w.index, members, "restored the registry")
+                        }
+                        other => tracing::warn!(%path, outcome = ?other, "--restore not applied"),
+                    }
+                    return;
+                }
+                Err(e) => tracing::warn!(cause = %e, "--restore: waiting for a leader"),
             }
         }
-        tracing::info!(%path, commands = total, members = registry.member_count(), "restored the registry");
+        tracing::error!(%path, "--restore gave up: no leader");
     });
 }
 

@@ -27,6 +27,8 @@ pub mod config;
 pub mod consensus;
 /// Wiring and lifecycle of `clbd`.
 pub mod daemon;
+/// `clb demo`: a throw-away local cluster that shows a failover.
+pub mod demo;
 /// The leader holds the VIP: quorum lease, claim/release hooks, health gate.
 pub mod failover;
 /// Registry, commands and validation; pure.

@@ -440,6 +440,11 @@ pub enum Command {
     RevokeToken {
         id: String,
     },
+    /// Replaces an empty registry (services and tokens) with a backup, as one
+    /// entry: a second restore, or one into a non-empty cluster, is refused.
+    Restore {
+        registry: Box<Registry>,
+    },
 }
 
 /// A command as the Raft log carries it: who asked, and when (stamped by the
@@ -506,6 +511,17 @@ impl Proposal {
                 format!("{id} {} {}", token.name, token.scope),
             ),
             Command::RevokeToken { id } => ("revoke-token", None, None, id.clone()),
+            Command::Restore { registry } => (
+                "restore",
+                None,
+                None,
+                format!(
+                    "{} services, {} members, {} tokens",
+                    registry.services.len(),
+                    registry.member_count(),
+                    registry.tokens.len()
+                ),
+            ),
         };
         AuditEntry {
             index,
@@ -558,6 +574,25 @@ impl Command {
                 }
             }
             Command::RevokeToken { id } => validate_name("id", id)?,
+            Command::Restore { registry } => {
+                for (name, svc) in &registry.services {
+                    validate_name("service", name)?;
+                    svc.def.validate()?;
+                    for (member, m) in &svc.members {
+                        validate_name("member", member)?;
+                        MemberSpec {
+                            address: m.address.clone(),
+                            port: Some(m.port),
+                            weight: Some(m.weight),
+                            ttl_s: m.ttl_s,
+                        }
+                        .validate()?;
+                    }
+                }
+                for id in registry.tokens.keys() {
+                    validate_name("id", id)?;
+                }
+            }
         }
         Ok(())
     }
@@ -626,6 +661,13 @@ impl Registry {
             Command::RevokeToken { id } => {
                 (!self.tokens.contains_key(id)).then(|| Response::NotFound {
                     what: format!("token {id}"),
+                })
+            }
+            Command::Restore { .. } => {
+                (!self.services.is_empty() || !self.tokens.is_empty()).then(|| Response::Rejected {
+                    reason:
+                        "the registry is not empty; a backup restores only into an empty cluster"
+                            .into(),
                 })
             }
         }
@@ -706,6 +748,9 @@ impl Registry {
             }
             Command::RevokeToken { id } => {
                 self.tokens.remove(id);
+            }
+            Command::Restore { registry } => {
+                *self = (**registry).clone();
             }
             Command::DefineService { service, def } => match self.services.get_mut(service) {
                 Some(s) => Arc::make_mut(s).def = def.clone(),
@@ -953,6 +998,22 @@ mod tests {
         assert_eq!(r.apply(&un), Response::Done);
         assert!(r.member("http", "a").is_none());
         assert!(r.member("http", "b").is_some());
+    }
+
+    #[test]
+    fn restore_replaces_an_empty_registry_once() {
+        let mut backup = Registry::default();
+        backup.apply(&reg("http", "a", "10.0.0.1"));
+        let restore = Command::Restore {
+            registry: Box::new(backup.clone()),
+        };
+        assert!(restore.validate().is_ok());
+        let mut r = Registry::default();
+        assert_eq!(r.apply(&restore), Response::Done);
+        assert_eq!(r, backup);
+        // A second restore (another node given the same file) is refused.
+        assert!(matches!(r.apply(&restore), Response::Rejected { .. }));
+        assert_eq!(r, backup);
     }
 
     #[test]

@@ -92,6 +92,9 @@ impl Balancer {
             "0".into(),
             "--reload-min-interval-ms".into(),
             "200".into(),
+            // These tests move members in and out on purpose; the guardrail has its own test.
+            "--guardrail-share".into(),
+            "1".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();

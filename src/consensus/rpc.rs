@@ -23,7 +23,8 @@ pub fn routes(consensus: Consensus) -> Router {
         .route("/raft/snapshot", post(snapshot))
         .route("/raft/leader", post(leader))
         .layer(DefaultBodyLimit::max(PEER_BODY_LIMIT))
-        .with_state(consensus)
+        .with_state(consensus.clone())
+        .merge(identity_route(consensus))
 }
 
 /// Decodes a peer request after checking it comes from our cluster.
@@ -137,4 +138,113 @@ async fn campaign(
         Err("this node may not lead (witness or unhealthy)".into())
     };
     encode(&answer)
+}
+
+/// How often a node checks that it alone answers at its own address.
+const IDENTITY_PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// "Who answers at the address the membership gives to node `id`?", sent
+/// by node `id` itself; `instance` is random per process.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IdentityProbe {
+    pub id: NodeId,
+    pub instance: u64,
+}
+
+/// The answer: the node id and process instance that serve this address.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IdentityReply {
+    pub id: NodeId,
+    pub instance: u64,
+}
+
+/// `/raft/identity`, and the task that probes this node's own address.
+///
+/// Two processes started with the same `--node-id` would both vote and
+/// campaign as one Raft node, which breaks Raft's safety silently. Each
+/// process therefore asks, at start and every [`IDENTITY_PROBE_INTERVAL`],
+/// who answers at the address the membership gives to its id. Its own
+/// instance: fine. Another instance of the same id: this process is the
+/// impostor (the address belongs to the other one), so it logs an error and
+/// shuts its Raft down, which also releases the VIP; the process that was
+/// probed logs an error too. Whichever starts first, the duplicate stops
+/// within one interval of both running.
+fn identity_route(consensus: Consensus) -> Router {
+    let instance: u64 = rand::random();
+    tokio::spawn(probe_own_address(consensus.clone(), instance));
+    Router::new()
+        .route("/raft/identity", post(identity))
+        .with_state((consensus, instance))
+}
+
+async fn identity(
+    State((c, instance)): State<(Consensus, u64)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let probe = match admit::<IdentityProbe>(&c, &headers, &body) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    if probe.id == c.id && probe.instance != instance {
+        tracing::error!(
+            node = c.id,
+            "another process started with --node-id {} probed this node's address; \
+             it stops taking part in Raft. Give every node its own id",
+            c.id
+        );
+    }
+    encode(&IdentityReply { id: c.id, instance })
+}
+
+#[tracing::instrument(name = "identity", skip_all, fields(node = c.id))]
+async fn probe_own_address(c: Consensus, instance: u64) {
+    let mut metrics = c.raft.metrics();
+    let mut warned_other = false;
+    loop {
+        let m = metrics.borrow_and_update().clone();
+        if m.running_state.is_err() {
+            return;
+        }
+        let addr = m
+            .membership_config
+            .membership()
+            .get_node(&c.id)
+            .map(|n| n.addr.clone());
+        if let Some(addr) = addr {
+            let probe = IdentityProbe { id: c.id, instance };
+            let answer: Result<IdentityReply, _> = c
+                .peer_client()
+                .call(&addr, "/raft/identity", &probe, IDENTITY_PROBE_INTERVAL)
+                .await;
+            match answer {
+                Ok(r) if r.instance == instance => {}
+                Ok(r) if r.id == c.id => {
+                    tracing::error!(
+                        %addr,
+                        "another process answers at {addr} as node {}: two processes run with \
+                         --node-id {}; this one stops taking part in Raft",
+                        c.id,
+                        c.id
+                    );
+                    if let Err(e) = c.raft.shutdown().await {
+                        tracing::warn!(cause = %e, "raft shutdown");
+                    }
+                    return;
+                }
+                Ok(r) if !warned_other => {
+                    warned_other = true;
+                    tracing::warn!(%addr, other = r.id, "this node's address in the membership is served by another node");
+                }
+                Ok(_) => {}
+                // Not up yet, or not reachable from here: try again later.
+                Err(e) => tracing::debug!(%addr, cause = %e, "identity probe"),
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(IDENTITY_PROBE_INTERVAL) => {}
+            // Only to notice a shutdown: metrics change on every heartbeat.
+            _ = metrics.wait_for(|m| m.running_state.is_err()) => return,
+        }
+    }
 }

@@ -795,6 +795,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         Command::CreateToken { id, .. } | Command::RevokeToken { id } => {
                             tokens.insert(id.clone());
                         }
+                        Command::Restore { registry: backup } => {
+                            // Everything it names is written (refused when not empty).
+                            for (name, svc) in &backup.services {
+                                services.insert(name.clone());
+                                for member in svc.members.keys() {
+                                    members.insert((name.clone(), member.clone()));
+                                }
+                            }
+                            tokens.extend(backup.tokens.keys().cloned());
+                        }
                     }
                     let response = registry.apply(cmd);
                     if response == Response::Done {

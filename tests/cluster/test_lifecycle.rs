@@ -272,7 +272,25 @@ async fn a_snapshot_restores_into_a_fresh_cluster() {
     // The token made before the backup works on the new cluster.
     let secret = token["secret"].as_str().unwrap();
     let reader = clb::client::Client::new(&fresh.node(2).addr, Some(secret.into())).unwrap();
-    reader.services(None, false).await.expect("restored token");
+    eventually(
+        Duration::from_secs(5),
+        "the restored token works",
+        || async { reader.services(None, false).await.ok() },
+    )
+    .await;
+    // Every node was given the file, and the restore happened exactly once.
+    let audit = fresh
+        .any_client()
+        .request(reqwest::Method::GET, "/v1/audit", None)
+        .await
+        .unwrap();
+    let restores = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "restore")
+        .count();
+    assert_eq!(restores, 1, "{audit}");
     // A broken backup stops start-up with a one-line reason.
     std::fs::write(&file, "{\"format\": \"something-else\"}").unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_clbd"))
