@@ -467,6 +467,9 @@ async fn a_three_node_cluster_forms_and_replicates_over_https() {
         .unwrap();
     for id in ["1", "2", "3"] {
         let st = &view["node_status"][id];
-        assert!(st.get("error").is_none() && st["node_id"].is_u64(), "node {id}: {st}");
+        assert!(
+            st.get("error").is_none() && st["node_id"].is_u64(),
+            "node {id}: {st}"
+        );
     }
 }

@@ -161,24 +161,30 @@ async fn linux_vip(
                 Err(HookError::Failed { stderr, .. }) if stderr.contains("File exists") => {}
                 Err(e) => return Err(e),
             }
-            let vip = call.vip.to_string();
-            let announce = match call.vip {
-                IpAddr::V4(_) => {
-                    run_command(
-                        "arping",
-                        &["-U", "-c", "1", "-I", iface, &vip],
-                        &[],
-                        timeout,
-                    )
-                    .await
+            // Announce in the background: arping waits a second after its
+            // packet, and a release must never queue behind that. The address
+            // is ours either way; a missed announcement only delays neighbours
+            // until their cache entry expires.
+            let (vip, iface) = (call.vip, iface.to_string());
+            tokio::spawn(async move {
+                let addr = vip.to_string();
+                let announce = match vip {
+                    IpAddr::V4(_) => {
+                        run_command(
+                            "arping",
+                            &["-U", "-c", "1", "-I", &iface, &addr],
+                            &[],
+                            timeout,
+                        )
+                        .await
+                    }
+                    IpAddr::V6(_) => run_command("ndsend", &[&addr, &iface], &[], timeout).await,
+                };
+                if let Err(e) = announce {
+                    tracing::warn!(cause = %e, vip = %addr, "address added; announcement failed");
                 }
-                IpAddr::V6(_) => run_command("ndsend", &[&vip, iface], &[], timeout).await,
-            };
-            // The address is ours either way; a missed announcement only
-            // delays neighbours until their cache entry expires.
-            Ok(announce
-                .err()
-                .map(|e| format!("address added; announcement failed: {e}")))
+            });
+            Ok(None)
         }
         Action::Release => {
             match run_command(
@@ -191,8 +197,10 @@ async fn linux_vip(
             {
                 Ok(_) => Ok(None),
                 // Not there: already released (or never claimed after a restart).
+                // Older iproute2 says the first, 6.x the second.
                 Err(HookError::Failed { stderr, .. })
-                    if stderr.contains("Cannot assign requested address") =>
+                    if stderr.contains("Cannot assign requested address")
+                        || stderr.contains("Address not found") =>
                 {
                     Ok(None)
                 }

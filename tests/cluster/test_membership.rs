@@ -176,3 +176,96 @@ fn bad_flags_exit_non_zero_with_one_line() {
         assert!(msg.contains(needle), "{args:?}: {msg}");
     }
 }
+
+/// A second process started with an id already in use stops taking part in
+/// Raft (and says why), whether it starts while the real node runs or the
+/// real node comes back while it runs; the cluster keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_with_the_same_node_id_halts_with_an_error() {
+    let mut c = Cluster::start(3).await;
+    c.leader(Duration::from_secs(10)).await;
+    let peers = c.node(1).args[c
+        .node(1)
+        .args
+        .iter()
+        .position(|a| a == "--peers")
+        .expect("--peers")
+        + 1]
+    .clone();
+    let halted = "two processes run with --node-id 2; this one stops taking part in Raft";
+    let probed = "another process started with --node-id 2 probed this node's address";
+    let impostor = |c: &Cluster, name: &str| {
+        let dir = c.dir.path().join(name);
+        crate::harness::Node {
+            id: 2,
+            addr: format!("127.0.0.1:{}", free_port()),
+            log: c.dir.path().join(format!("{name}.log")),
+            args: Vec::new(),
+            child: None,
+            data_dir: dir,
+        }
+    };
+    let spawn = |n: &mut crate::harness::Node, token_file: &std::path::Path| {
+        n.args = vec![
+            "--node-id".into(),
+            "2".into(),
+            "--listen".into(),
+            n.addr.clone(),
+            "--peers".into(),
+            peers.clone(),
+            "--data-dir".into(),
+            n.data_dir.display().to_string(),
+            "--token-file".into(),
+            token_file.display().to_string(),
+            "--validate-cmd".into(),
+            "true".into(),
+            "-o".into(),
+            n.data_dir.with_extension("cfg").display().to_string(),
+        ];
+        n.spawn();
+    };
+    struct Reap(crate::harness::Node);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            self.0.kill();
+        }
+    }
+
+    // 1. Started while node 2 runs: halts at once.
+    let mut first = Reap(impostor(&c, "dup1"));
+    spawn(&mut first.0, &c.token_file);
+    eventually(Duration::from_secs(10), "the duplicate to halt", || async {
+        first.0.log_text().contains(halted).then_some(())
+    })
+    .await;
+    eventually(Duration::from_secs(5), "node 2 to report it", || async {
+        c.node(2).log_text().contains(probed).then_some(())
+    })
+    .await;
+    first.0.kill();
+
+    // 2. Started while node 2 is down: halts once node 2 is back.
+    c.node_mut(2).kill();
+    let mut second = Reap(impostor(&c, "dup2"));
+    spawn(&mut second.0, &c.token_file);
+    let n = &second.0;
+    eventually(Duration::from_secs(10), "the duplicate serving", || async {
+        n.healthy().await.then_some(())
+    })
+    .await;
+    assert!(!n.log_text().contains(halted), "{}", n.log_text());
+    c.node_mut(2).spawn();
+    eventually(
+        Duration::from_secs(10),
+        "the duplicate to halt after node 2 returned",
+        || async { n.log_text().contains(halted).then_some(()) },
+    )
+    .await;
+    // The real cluster is unharmed: node 2 follows a leader and writes work.
+    c.any_client()
+        .register("http", "after-dup", "10.0.0.9", None, None, None)
+        .await
+        .expect("write after the duplicate halted");
+    let leader = c.leader(Duration::from_secs(10)).await;
+    eprintln!("duplicate node id detected both ways; leader {leader}");
+}
