@@ -5,3 +5,4 @@ mod test_failover;
 mod test_formation;
 mod test_lifecycle;
 mod test_membership;
+mod test_partition;
