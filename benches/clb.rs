@@ -50,14 +50,17 @@ fn parse_args() -> Result<Opts> {
     let mut which = BTreeSet::new();
     let mut json = None;
     let mut quick = false;
+    let mut bench = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
-            // cargo bench passes --bench to harness = false targets.
-            "--bench" => {}
+            // cargo bench passes --bench to harness = false targets;
+            // cargo test (e.g. --all-targets) passes nothing.
+            "--bench" => bench = true,
             "--quick" => quick = true,
             "--json" => json = Some(PathBuf::from(args.next().context(USAGE)?)),
             "writes" | "propagation" | "render" | "all" => {
+                bench = true;
                 which.insert(a);
             }
             "-h" | "--help" => {
@@ -66,6 +69,11 @@ fn parse_args() -> Result<Opts> {
             }
             other => bail!("unknown argument {other:?}\n{USAGE}"),
         }
+    }
+    if !bench {
+        // Under `cargo test --all-targets`: minutes of load are not a test.
+        println!("clb benchmarks: nothing to do without `cargo bench`\n{USAGE}");
+        std::process::exit(0);
     }
     let all = which.is_empty() || which.contains("all");
     Ok(Opts {
@@ -1183,16 +1191,17 @@ async fn bench_propagation(quick: bool) -> Result<Value> {
         let per_node: Vec<f64> = s.iter().flat_map(|x| x.live_ms.iter().copied()).collect();
         let timeouts = s.iter().filter(|x| x.timed_out).count();
         let (a, l, t) = (summary(&ack), summary(&all), summary(&total));
+        let f = |v: &Value| format!("{:.1}", v.as_f64().unwrap_or(0.0));
         println!(
             "| {name} | {} | {} | {} | {} | {} | {} | {} | {} | {goal} | {timeouts} |",
             s.len(),
-            a["p50_ms"],
-            a["p99_ms"],
-            l["p50_ms"],
-            l["p99_ms"],
-            l["max_ms"],
-            t["p50_ms"],
-            t["p99_ms"],
+            f(&a["p50_ms"]),
+            f(&a["p99_ms"]),
+            f(&l["p50_ms"]),
+            f(&l["p99_ms"]),
+            f(&l["max_ms"]),
+            f(&t["p50_ms"]),
+            f(&t["p99_ms"]),
         );
         json!({
             "path": name,
