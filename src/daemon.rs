@@ -275,6 +275,7 @@ pub async fn run(
             reload_min_interval: config.reload_min_interval,
             coalesce: config.render_coalesce,
             node: node_context(&config),
+            builtin_template: config.template_dir.is_none(),
         };
         render::spawn(settings, input.clone(), stop_rx.clone())
     });

@@ -37,6 +37,8 @@ pub struct RenderSettings {
     pub reload_min_interval: Duration,
     pub coalesce: Duration,
     pub node: NodeContext,
+    /// The built-in template: member-only changes need no `haproxy -c`.
+    pub builtin_template: bool,
 }
 
 /// This node's render and apply state, for `/v1/cluster` and `/metrics`.
@@ -196,9 +198,21 @@ async fn run(
             }
             continue;
         }
+        // Apply: runtime API when only members changed, else a reload.
+        let plan = match (&live, &settings.haproxy_socket) {
+            (Some(l), Some(_)) => haproxy::plan(l, &current.registry),
+            _ => Plan::Reload,
+        };
+        // A member-only change with the built-in template differs from the
+        // last validated file only in server lines built from validated
+        // values; haproxy's runtime API checks each one as it applies it, and
+        // the file is validated again before any reload reads it. Skipping
+        // `haproxy -c` here keeps a member change cheap at any registry size.
+        let runtime_only = matches!(plan, Plan::Runtime(_) | Plan::Nothing);
+        let validate = !(runtime_only && settings.builtin_template);
         if !unchanged {
             let t1 = Instant::now();
-            if let Err(e) = install(&settings, &text).await {
+            if let Err(e) = install(&settings, &text, validate).await {
                 tracing::error!(cause = %e, "config not installed; the last good config keeps serving");
                 status.send_modify(|s| {
                     s.last_error = Some(e.to_string());
@@ -227,11 +241,6 @@ async fn run(
             });
         }
 
-        // Apply: runtime API when only members changed, else a reload.
-        let plan = match (&live, &settings.haproxy_socket) {
-            (Some(l), Some(_)) => haproxy::plan(l, &current.registry),
-            _ => Plan::Reload,
-        };
         let can_reload = settings.reload_cmd.is_some() || settings.master_socket.is_some();
         let t2 = Instant::now();
         let outcome = match plan {
@@ -242,9 +251,13 @@ async fn run(
                     Ok(()) => Ok("runtime"),
                     Err(e) if can_reload => {
                         tracing::warn!(cause = %e, "runtime API change failed; reloading instead");
-                        reload(&settings, &mut last_reload, &mut shutdown)
-                            .await
-                            .map(|_| "reload")
+                        // The file may have skipped validation (above): check it first.
+                        match validate_installed(&settings, validate).await {
+                            Ok(()) => reload(&settings, &mut last_reload, &mut shutdown)
+                                .await
+                                .map(|_| "reload"),
+                            Err(e) => Err(e.to_string()),
+                        }
                     }
                     Err(e) => Err(e.to_string()),
                 }
@@ -324,9 +337,22 @@ async fn reload(
     .map_err(|e| e.to_string())
 }
 
-/// Writes `text` beside the output, validates it, keeps the previous file as
-/// `.last-good`, and renames the new one into place.
-pub async fn install(settings: &RenderSettings, text: &str) -> Result<(), RenderError> {
+/// Validates the installed file before a reload, unless `install` already did.
+async fn validate_installed(settings: &RenderSettings, validated: bool) -> Result<(), RenderError> {
+    match (&settings.validate_cmd, validated) {
+        (Some(cmd), false) => validate(cmd, &settings.output).await,
+        _ => Ok(()),
+    }
+}
+
+/// Writes `text` beside the output, validates it (when `validate_it` and a
+/// validate command is set), keeps the previous file as `.last-good`, and
+/// renames the new one into place.
+pub async fn install(
+    settings: &RenderSettings,
+    text: &str,
+    validate_it: bool,
+) -> Result<(), RenderError> {
     let out = &settings.output;
     let tmp = sibling(out, ".tmp");
     let write_err = |source| RenderError::Write {
@@ -339,7 +365,7 @@ pub async fn install(settings: &RenderSettings, text: &str) -> Result<(), Render
         f.write_all(text.as_bytes()).await.map_err(write_err)?;
         f.sync_all().await.map_err(write_err)?;
     }
-    if let Some(cmd) = &settings.validate_cmd {
+    if let (Some(cmd), true) = (&settings.validate_cmd, validate_it) {
         if let Err(e) = validate(cmd, &tmp).await {
             let _ = tokio::fs::remove_file(&tmp).await;
             return Err(e);
