@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The whole test suite: installs what the tests need (haproxy, iproute2) when
-# missing, then checks formatting, lints and runs every test.
+# The whole test suite: installs what the tests need (haproxy, iproute2,
+# arping, ndisc6, chromium) when missing, then checks formatting, lints and
+# runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
