@@ -123,6 +123,9 @@ pub struct Settings {
     /// Port of haproxy's stats page on 127.0.0.1; 0 turns it off [default: 8404]
     #[arg(long, env = "CLB_STATS_PORT")]
     pub stats_port: Option<u16>,
+    /// Address haproxy frontends bind to; `*` so the VIP works wherever it lands [default: *]
+    #[arg(long, env = "CLB_BIND_ADDRESS")]
+    pub bind_address: Option<String>,
     /// Minimum time between two haproxy reloads [default: 1000]
     #[arg(long, env = "CLB_RELOAD_MIN_INTERVAL_MS")]
     pub reload_min_interval_ms: Option<u64>,
@@ -218,6 +221,7 @@ impl Settings {
             validate_cmd,
             haproxy_master_socket,
             stats_port,
+            bind_address,
             reload_min_interval_ms,
             render_coalesce_ms,
             service_defaults,
@@ -290,6 +294,8 @@ pub struct Config {
     pub haproxy_master_socket: Option<PathBuf>,
     /// `None`: no stats page.
     pub stats_port: Option<u16>,
+    /// `*` or an IP literal (IPv6 bracketed in the config).
+    pub bind_address: String,
     pub reload_min_interval: Duration,
     pub render_coalesce: Duration,
     /// `Some`: the API and peer RPCs are served over HTTPS.
@@ -415,6 +421,19 @@ impl Config {
             validate_cmd: s.validate_cmd,
             haproxy_master_socket: s.haproxy_master_socket,
             stats_port: Some(s.stats_port.unwrap_or(8404)).filter(|&p| p != 0),
+            bind_address: match s.bind_address.as_deref() {
+                None | Some("*") => "*".into(),
+                Some(a) => match a.parse::<std::net::IpAddr>() {
+                    Ok(ip) if ip.is_ipv6() => format!("[{ip}]"),
+                    Ok(ip) => ip.to_string(),
+                    Err(_) => {
+                        return Err(invalid(
+                            "bind-address",
+                            format!("{a:?} is not * or an IP address"),
+                        ))
+                    }
+                },
+            },
             reload_min_interval: Duration::from_millis(s.reload_min_interval_ms.unwrap_or(1_000)),
             render_coalesce: Duration::from_millis(s.render_coalesce_ms.unwrap_or(5)),
             tls,

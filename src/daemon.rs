@@ -159,7 +159,7 @@ pub fn node_context(config: &Config) -> NodeContext {
             .haproxy_socket
             .as_ref()
             .map(|p| p.display().to_string()),
-        bind_address: "*".into(),
+        bind_address: config.bind_address.clone(),
         stats_bind: "127.0.0.1".into(),
         stats_port: config.stats_port,
         ..Default::default()

@@ -3,6 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
+use minijinja::value::{Enumerator, Object, ObjectExt, ObjectRepr, Value};
 use minijinja::{Environment, UndefinedBehavior};
 use serde::Serialize;
 
@@ -72,7 +75,10 @@ struct ServiceCtx<'a> {
     mode: &'static str,
     balance: &'static str,
     check: CheckCtx<'a>,
-    members: Vec<MemberCtx<'a>>,
+    /// Iterable of members (name, address, addr, port, weight, state, options).
+    members: Value,
+    /// The backend's `server` lines, preformatted (one `\n    server ...` each).
+    server_lines: String,
 }
 
 #[derive(Serialize)]
@@ -107,6 +113,15 @@ pub fn server_addr(address: &str) -> String {
 
 /// The server keywords for a member of `svc`.
 pub fn server_options(svc: &Service, m: &Member) -> String {
+    let mut out = String::with_capacity(64);
+    write_server_options(&mut out, svc, m);
+    out
+}
+
+/// Appends the server keywords for a member of `svc` to `out` (no allocation
+/// per member: rendering 100k members is dominated by this).
+fn write_server_options(out: &mut String, svc: &Service, m: &Member) {
+    use std::fmt::Write;
     // Drain is weight 0 in a file: no new sessions, existing ones continue.
     let weight = if m.state == MemberState::Drain {
         0
@@ -114,28 +129,79 @@ pub fn server_options(svc: &Service, m: &Member) -> String {
         m.weight
     };
     let o = &svc.def.server;
-    let mut opts = format!("weight {weight}");
+    let _ = write!(out, "weight {weight}");
     if let Some(n) = o.maxconn {
-        opts.push_str(&format!(" maxconn {n}"));
+        let _ = write!(out, " maxconn {n}");
     }
     if let Some(s) = o.slowstart_s {
-        opts.push_str(&format!(" slowstart {s}s"));
+        let _ = write!(out, " slowstart {s}s");
     }
     if o.send_proxy {
-        opts.push_str(" send-proxy-v2");
+        out.push_str(" send-proxy-v2");
     }
     if svc.def.check != Check::None {
-        opts.push_str(&format!(
+        let _ = write!(
+            out,
             " check inter {}ms fall {} rise {}",
             o.check_inter_ms.unwrap_or(2_000),
             o.fall.unwrap_or(3),
             o.rise.unwrap_or(2)
-        ));
+        );
     }
     if m.state == MemberState::Maint {
-        opts.push_str(" disabled");
+        out.push_str(" disabled");
     }
-    opts
+}
+
+/// Every member's `server` line, each preceded by a newline and indented:
+/// what the built-in template emits per backend.
+fn server_lines(svc: &Service) -> String {
+    let mut out = String::with_capacity(svc.members.len() * 96);
+    for (name, m) in &svc.members {
+        out.push_str("\n    server ");
+        out.push_str(name);
+        out.push(' ');
+        if m.address.contains(':') {
+            out.push('[');
+            out.push_str(&m.address);
+            out.push(']');
+        } else {
+            out.push_str(&m.address);
+        }
+        out.push(':');
+        out.push_str(&m.port.to_string());
+        out.push(' ');
+        write_server_options(&mut out, svc, m);
+    }
+    out
+}
+
+/// `svc.members` in the template: built only when a template iterates it,
+/// so the built-in template (which uses `server_lines`) does not pay for it.
+#[derive(Debug)]
+struct Members(Arc<Service>);
+
+impl Object for Members {
+    fn repr(self: &Arc<Self>) -> ObjectRepr {
+        ObjectRepr::Iterable
+    }
+
+    fn enumerate(self: &Arc<Self>) -> Enumerator {
+        self.mapped_enumerator(|this| {
+            let svc = &this.0;
+            Box::new(svc.members.iter().map(move |(name, m)| {
+                Value::from_serialize(MemberCtx {
+                    name,
+                    address: &m.address,
+                    addr: server_addr(&m.address),
+                    port: m.port,
+                    weight: m.weight,
+                    state: m.state.to_string(),
+                    options: server_options(svc, m),
+                })
+            }))
+        })
+    }
 }
 
 pub fn mode_str(mode: Mode) -> &'static str {
@@ -217,19 +283,8 @@ impl Template {
                         path: Some(path),
                     },
                 },
-                members: svc
-                    .members
-                    .iter()
-                    .map(|(mname, m)| MemberCtx {
-                        name: mname,
-                        address: &m.address,
-                        addr: server_addr(&m.address),
-                        port: m.port,
-                        weight: m.weight,
-                        state: m.state.to_string(),
-                        options: server_options(svc, m),
-                    })
-                    .collect(),
+                members: Value::from_object(Members(svc.clone())),
+                server_lines: server_lines(svc),
             })
             .collect();
         let ctx = Context { node, services };
@@ -316,6 +371,26 @@ mod tests {
         // Same registry built in another order.
         let b = t.render(&registry().clone(), &node()).unwrap();
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn members_iterate_lazily_to_the_same_lines_as_server_lines() {
+        let t = Template::compile(
+            "t.j2".into(),
+            "{% for svc in services %}{{ svc.members|length }}:{% for m in svc.members %}\n    server {{ m.name }} {{ m.addr }}:{{ m.port }} {{ m.options }}{% endfor %}|{{ svc.server_lines }}|{% endfor %}".into(),
+        )
+        .unwrap();
+        let out = t.render(&registry(), &node()).unwrap();
+        for part in out.split_terminator('|').collect::<Vec<_>>().chunks(2) {
+            let (count_and_loop, lines) = (part[0], part[1]);
+            let (count, looped) = count_and_loop.split_once(':').unwrap();
+            assert_eq!(looped, lines);
+            assert_eq!(
+                count.parse::<usize>().unwrap(),
+                lines.matches("server ").count()
+            );
+        }
+        assert!(out.contains("server db1 [fd00::1]:3306"));
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Multi-process tests: real `clbd` binaries on loopback.
 
 mod harness;
+mod linearizability;
+mod test_chaos;
 mod test_failover;
 mod test_formation;
 mod test_lifecycle;
