@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use clb::model::{self, MemberSpec, Registry, ServiceDef};
-use clb::render::template::{NodeContext, Template, BUILTIN};
+use clb::render::template::{NodeContext, Template};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -1011,21 +1011,9 @@ async fn bench_propagation(quick: bool) -> Result<Value> {
         return Ok(json!({"skipped": "haproxy not found"}));
     }
     // Three haproxies on one machine would all bind `*:PORT` for a service
-    // and collide. Rather than network namespaces (root only, and the
-    // daemons would then need veth plumbing to reach each other), each node
-    // renders the built-in template with one change: frontends bind
-    // 127.0.0.1:(port + node_id - 1), and every service gets three free
-    // consecutive ports. Everything else, including the runtime-API and
-    // reload paths under test, is the production template.
-    let tdir = tempfile::Builder::new().prefix("clb-bench-tpl").tempdir()?;
-    let needle = "bind {{ bind_address }}:{{ svc.port }}";
-    ensure!(
-        BUILTIN.contains(needle),
-        "the built-in template no longer contains `{needle}`; update the bench"
-    );
-    let template = BUILTIN.replace(needle, "bind 127.0.0.1:{{ svc.port + node_id - 1 }}");
-    std::fs::write(tdir.path().join("haproxy.cfg.j2"), template)?;
-    let tpl = tdir.path().to_path_buf();
+    // and collide; each node binds its frontends to its own loopback address
+    // (127.0.0.N, `--bind-address`) with the built-in template, the one whose
+    // member-only changes skip `haproxy -c`.
     let args = move |id: u64, dir: &Path| -> Vec<String> {
         let h = dir.join(format!("hap{id}"));
         let _ = std::fs::create_dir_all(&h);
@@ -1038,8 +1026,8 @@ async fn bench_propagation(quick: bool) -> Result<Value> {
             "0".into(),
             "--reload-min-interval-ms".into(),
             "100".into(),
-            "--template-dir".into(),
-            tpl.display().to_string(),
+            "--bind-address".into(),
+            format!("127.0.0.{id}"),
         ]
     };
     let cluster = ClbCluster::start(3, &args).await?;
