@@ -163,8 +163,13 @@ async fn sigkill_leader_new_claim_within_a_second_and_witness_never_holds() {
     assert_eq!(w["vip_holder"], new);
     // ... and renders nothing: no config file, no render status, while the
     // balancers rendered theirs.
-    assert!(c.dir.path().join("haproxy1.cfg").exists() || c.dir.path().join("haproxy2.cfg").exists());
-    assert!(!c.dir.path().join("haproxy3.cfg").exists(), "the witness rendered a config");
+    assert!(
+        c.dir.path().join("haproxy1.cfg").exists() || c.dir.path().join("haproxy2.cfg").exists()
+    );
+    assert!(
+        !c.dir.path().join("haproxy3.cfg").exists(),
+        "the witness rendered a config"
+    );
     let status = c.node(3).client().cluster().await.expect("cluster view");
     assert!(status["node_status"]["3"]["render"].is_null(), "{status}");
 }
