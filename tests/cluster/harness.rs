@@ -141,34 +141,8 @@ impl Cluster {
     }
 
     pub async fn start_with(n: u64, extra: &[&str]) -> Cluster {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let token_file = dir.path().join("tokens");
-        std::fs::write(&token_file, format!("{TOKEN}\n")).expect("token file");
-        let addrs: BTreeMap<u64, String> = (1..=n)
-            .map(|id| (id, format!("127.0.0.1:{}", free_port())))
-            .collect();
-        let peers = addrs
-            .iter()
-            .map(|(id, a)| format!("{id}={a}"))
-            .collect::<Vec<_>>()
-            .join(",");
-        let mut cluster = Cluster {
-            dir,
-            nodes: BTreeMap::new(),
-            token_file,
-        };
-        for (id, addr) in addrs {
-            let mut args = vec!["--peers".to_string(), peers.clone()];
-            args.extend(extra.iter().map(|s| s.to_string()));
-            cluster.add_node(id, addr, args);
-        }
-        for node in cluster.nodes.values() {
-            let _ = eventually(Duration::from_secs(20), "node healthy", || async {
-                node.healthy().await.then_some(())
-            })
-            .await;
-        }
-        cluster
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        Self::start_custom(n, &FAST_TIMERS, |_| extra.clone()).await
     }
 
     /// Defines and spawns a node; `args` come after the common ones.
@@ -342,4 +316,48 @@ impl Drop for Cluster {
 
 pub fn path_str(p: &Path) -> String {
     p.display().to_string()
+}
+
+/// One line of the test VIP hook's log: `time_ns node action term`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HookEvent {
+    pub at_ns: u128,
+    pub node: u64,
+    pub action: String,
+    pub term: u64,
+}
+
+/// Writes an exec VIP hook that only appends `time_ns node action term` to a
+/// log (it touches no interface); returns (script, log).
+pub fn vip_hook(dir: &Path) -> (PathBuf, PathBuf) {
+    let log = dir.join("vip-events.log");
+    let script = dir.join("vip-hook.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n# claim|release VIP NODE TERM\necho \"$(date +%s%N) $3 $1 $4\" >> {}\n",
+            log.display()
+        ),
+    )
+    .expect("write hook");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod hook");
+    (script, log)
+}
+
+/// The events in a [`vip_hook`] log, in the order written.
+pub fn hook_events(log: &Path) -> Vec<HookEvent> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            Some(HookEvent {
+                at_ns: f.next()?.parse().ok()?,
+                node: f.next()?.parse().ok()?,
+                action: f.next()?.to_string(),
+                term: f.next()?.parse().ok()?,
+            })
+        })
+        .collect()
 }

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -18,7 +18,9 @@ use rand::{Rng, SeedableRng};
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::harness::{eventually, free_port, Cluster, FAST_TIMERS, TOKEN};
+use crate::harness::{
+    eventually, free_port, hook_events, vip_hook, Cluster, HookEvent, FAST_TIMERS, TOKEN,
+};
 use crate::linearizability::{self as lin, Entry, Op, Outcome};
 
 const SERVICE: &str = "http";
@@ -127,47 +129,6 @@ struct Fault {
     wall: u128,
     node: u64,
     what: &'static str,
-}
-
-#[derive(Debug, Clone)]
-struct HookEvent {
-    wall: u128,
-    node: u64,
-    action: String,
-    term: u64,
-}
-
-/// Writes the VIP hook; returns (script, event log).
-fn hook(dir: &Path) -> (PathBuf, PathBuf) {
-    let log = dir.join("vip-events.log");
-    let script = dir.join("vip-hook.sh");
-    std::fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\n# claim|release VIP NODE TERM\necho \"$(date +%s%N) $3 $1 $4\" >> {}\n",
-            log.display()
-        ),
-    )
-    .expect("write hook");
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod hook");
-    (script, log)
-}
-
-fn hook_events(log: &Path) -> Vec<HookEvent> {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            Some(HookEvent {
-                wall: f.next()?.parse().ok()?,
-                node: f.next()?.parse().ok()?,
-                action: f.next()?.to_string(),
-                term: f.next()?.parse().ok()?,
-            })
-        })
-        .collect()
 }
 
 /// Budget of operations left, shared by the clients.
@@ -567,7 +528,7 @@ fn vip_violations(hooks: &[HookEvent], faults: &[Fault], end: u128) -> (Vec<Stri
                 hooks
                     .iter()
                     .filter(|h| h.node == node)
-                    .map(|h| (h.wall, 1, h.action.as_str(), h.term)),
+                    .map(|h| (h.at_ns, 1, h.action.as_str(), h.term)),
             )
             .collect();
         events.sort_by_key(|e| (e.0, e.1));
@@ -644,14 +605,14 @@ fn vip_violations(hooks: &[HookEvent], faults: &[Fault], end: u128) -> (Vec<Stri
     let live = |h: &HookEvent| {
         let last = faults
             .iter()
-            .rfind(|f| f.node == h.node && f.wall <= h.wall && matches!(f.what, "kill" | "spawn"));
+            .rfind(|f| f.node == h.node && f.wall <= h.at_ns && matches!(f.what, "kill" | "spawn"));
         last.is_none_or(|f| f.what == "spawn")
     };
     let mut claims: Vec<&HookEvent> = hooks
         .iter()
         .filter(|h| h.action == "claim" && live(h))
         .collect();
-    claims.sort_by_key(|h| h.wall);
+    claims.sort_by_key(|h| h.at_ns);
     for h in claims {
         if let Some(n) = newest {
             if n.node != h.node && h.term <= n.term {
@@ -680,7 +641,7 @@ async fn chaos_kill_and_stop_under_load_loses_nothing_and_stays_linearizable() {
     let mut rng = StdRng::seed_from_u64(seed);
 
     let dir = tempfile::tempdir().expect("tempdir");
-    let (script, hook_log) = hook(dir.path());
+    let (script, hook_log) = vip_hook(dir.path());
     let script = script.display().to_string();
     let mut c = Cluster::start_custom(3, &FAST_TIMERS, |_| {
         [
@@ -937,7 +898,7 @@ async fn chaos_kill_and_stop_under_load_loses_nothing_and_stays_linearizable() {
     }
     let _ = writeln!(report, "VIP hook log (wall ns, node, action, term):");
     for h in &hooks {
-        let _ = writeln!(report, "  {} {} {} {}", h.wall, h.node, h.action, h.term);
+        let _ = writeln!(report, "  {} {} {} {}", h.at_ns, h.node, h.action, h.term);
     }
     let full: String = history.iter().map(|r| r.line() + "\n").collect();
     let file = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("chaos-history-{seed}.txt"));

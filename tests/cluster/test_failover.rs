@@ -1,10 +1,10 @@
 //! The leader holds the VIP: real `clbd` processes with an exec hook that
 //! appends `time_ns node action term` lines to a shared log.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::harness::{eventually, Cluster};
+use crate::harness::{eventually, hook_events, vip_hook, Cluster, HookEvent as Event};
 
 /// Quick but not twitchy on a loaded 2-core CI machine. openraft 0.9 waits
 /// `max + rand(min, max)` after the last heartbeat (300–360 ms), plus `2 *
@@ -20,52 +20,11 @@ const TIMERS: [&str; 6] = [
 ];
 const VIP: &str = "192.0.2.77";
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Event {
-    at_ns: u128,
-    node: u64,
-    action: String,
-    term: u64,
-}
-
 fn now_ns() -> u128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .expect("clock after 1970")
         .as_nanos()
-}
-
-/// Writes the hook script; returns (script, event log).
-fn hook(dir: &Path) -> (PathBuf, PathBuf) {
-    let log = dir.join("vip-events.log");
-    let script = dir.join("vip-hook.sh");
-    std::fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\n# claim|release VIP NODE TERM\necho \"$(date +%s%N) $3 $1 $4\" >> {}\n",
-            log.display()
-        ),
-    )
-    .expect("write hook");
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod hook");
-    (script, log)
-}
-
-fn events(log: &Path) -> Vec<Event> {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            Some(Event {
-                at_ns: f.next()?.parse().ok()?,
-                node: f.next()?.parse().ok()?,
-                action: f.next()?.to_string(),
-                term: f.next()?.parse().ok()?,
-            })
-        })
-        .collect()
 }
 
 /// Every node gets the VIP and hook; `witness` (if any) gets `--role witness`.
@@ -118,7 +77,7 @@ fn last_claim_index(ev: &[Event], node: u64) -> Option<usize> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_leader_new_claim_within_a_second_and_witness_never_holds() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (script, log) = hook(dir.path());
+    let (script, log) = vip_hook(dir.path());
     let mut c = Cluster::start_custom(3, &TIMERS, args(&script, Some(3), vec![])).await;
     let old = holder(&c).await;
     assert_ne!(old, 3, "the witness must never lead for long");
@@ -130,7 +89,7 @@ async fn sigkill_leader_new_claim_within_a_second_and_witness_never_holds() {
         Duration::from_secs(5),
         "a claim by the survivor",
         || async {
-            events(&log)
+            hook_events(&log)
                 .into_iter()
                 .find(|e| e.node == new && e.action == "claim" && e.at_ns > killed_at)
         },
@@ -140,7 +99,7 @@ async fn sigkill_leader_new_claim_within_a_second_and_witness_never_holds() {
     eprintln!("claim by node {new} ran {latency_ms} ms after SIGKILL of node {old}");
     assert!(latency_ms < 1_000, "claim took {latency_ms} ms");
 
-    let ev = events(&log);
+    let ev = hook_events(&log);
     let new_claim = ev.iter().position(|e| *e == claim).expect("claim in log");
     let old_claim = last_claim_index(&ev, old).expect("the old leader had claimed");
     assert!(old_claim < new_claim, "{ev:?}");
@@ -177,7 +136,7 @@ async fn sigkill_leader_new_claim_within_a_second_and_witness_never_holds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigstop_leader_others_claim_and_it_releases_first_on_sigcont() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (script, log) = hook(dir.path());
+    let (script, log) = vip_hook(dir.path());
     let c = Cluster::start_custom(3, &TIMERS, args(&script, Some(3), vec![])).await;
     let old = holder(&c).await;
     let other = if old == 1 { 2 } else { 1 };
@@ -188,7 +147,7 @@ async fn sigstop_leader_others_claim_and_it_releases_first_on_sigcont() {
         Duration::from_secs(5),
         "a claim while the leader is stopped",
         || async {
-            events(&log)
+            hook_events(&log)
                 .into_iter()
                 .find(|e| e.node == other && e.action == "claim" && e.at_ns > stopped_at)
         },
@@ -205,7 +164,7 @@ async fn sigstop_leader_others_claim_and_it_releases_first_on_sigcont() {
         Duration::from_secs(5),
         "the old leader's first hook after SIGCONT",
         || async {
-            events(&log)
+            hook_events(&log)
                 .into_iter()
                 .find(|e| e.node == old && e.at_ns > resumed_at)
         },
@@ -229,7 +188,7 @@ async fn sigstop_leader_others_claim_and_it_releases_first_on_sigcont() {
     // The cluster settles on the other balancer, which still holds the VIP.
     assert_eq!(c.leader(Duration::from_secs(5)).await, other);
     holds(&c, other, Duration::from_secs(2)).await;
-    let ev = events(&log);
+    let ev = hook_events(&log);
     assert!(
         ev.iter().all(|e| e.node != 3),
         "witness ran a VIP hook: {ev:?}"
@@ -239,7 +198,7 @@ async fn sigstop_leader_others_claim_and_it_releases_first_on_sigcont() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unhealthy_leader_hands_over_and_clb_failover_moves_the_vip() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (script, log) = hook(dir.path());
+    let (script, log) = vip_hook(dir.path());
     let sick = |id: u64| dir.path().join(format!("sick{id}"));
     let health = format!("test ! -e {}/sick$CLB_NODE", dir.path().display());
     let make_args = {
@@ -292,7 +251,7 @@ async fn unhealthy_leader_hands_over_and_clb_failover_moves_the_vip() {
         .as_str()
         .unwrap_or("")
         .contains("--health-cmd"));
-    let ev = events(&log);
+    let ev = hook_events(&log);
     let release = ev
         .iter()
         .rposition(|e| e.node == old && e.action == "release")
@@ -333,7 +292,7 @@ async fn unhealthy_leader_hands_over_and_clb_failover_moves_the_vip() {
     assert_ne!(moved_to, new);
     assert_eq!(answer["vip_holder"], moved_to);
     assert!(answer["vip_took_ms"].as_u64().expect("vip took") < 5_000);
-    let ev = events(&log);
+    let ev = hook_events(&log);
     let release = ev
         .iter()
         .rposition(|e| e.node == new && e.action == "release")
