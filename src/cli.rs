@@ -297,8 +297,7 @@ pub async fn run(cli: Cli) -> Result<String, Failure> {
             weight,
             ttl,
         } => {
-            model::validate_name("service", &service)?;
-            model::validate_name("member", &member)?;
+            validate_member(&service, &member)?;
             let i = client
                 .register(&service, &member, &address, port, weight, ttl)
                 .await?;
@@ -309,8 +308,7 @@ pub async fn run(cli: Cli) -> Result<String, Failure> {
             member,
             force,
         } => {
-            model::validate_name("service", &service)?;
-            model::validate_name("member", &member)?;
+            validate_member(&service, &member)?;
             let i = client.unregister_forced(&service, &member, force).await?;
             Ok(done(i, format!("unregistered {member} from {service}")))
         }
@@ -336,8 +334,7 @@ pub async fn run(cli: Cli) -> Result<String, Failure> {
             ttl,
             drain_timeout,
         } => {
-            model::validate_name("service", &service)?;
-            model::validate_name("member", &member)?;
+            validate_member(&service, &member)?;
             model::validate_address(&address)?;
             if ttl == 0 {
                 return Err(Failure {
@@ -579,12 +576,18 @@ async fn set_state(
     force: bool,
     done: impl Fn(u64, String) -> String,
 ) -> Result<String, Failure> {
-    model::validate_name("service", service)?;
-    model::validate_name("member", member)?;
+    validate_member(service, member)?;
     let i = client
         .set_state_forced(service, member, state, force)
         .await?;
     Ok(done(i, format!("{member} of {service} is now {state}")))
+}
+
+/// Checks names locally, so a bad one fails with exit code 6 before any request.
+fn validate_member(service: &str, member: &str) -> Result<(), Failure> {
+    model::validate_name("service", service)?;
+    model::validate_name("member", member)?;
+    Ok(())
 }
 
 fn parse_check(text: &str) -> Result<Value, Failure> {
@@ -750,8 +753,7 @@ pub async fn legacy(register: bool, args: &[String]) -> Result<String, Failure> 
             message: format!("usage: {prog} PASSWORD NODE SERVICE"),
         });
     };
-    model::validate_name("service", service)?;
-    model::validate_name("member", node)?;
+    validate_member(service, node)?;
     model::validate_address(node)?;
     let server = std::env::var("CLB_SERVER").unwrap_or_else(|_| "localhost:8090".into());
     let client = Client::with_options(&server, Some(password.clone()), ClientOptions::from_env())?;

@@ -159,20 +159,22 @@ impl Client {
         })
     }
 
-    /// Sends one request to the first server that answers.
-    pub async fn request(
+    /// Sends one request to the first server that answers and returns the
+    /// body of its success. A node without a leader (503) passes the request
+    /// on to the next server; other errors become [`ClientError::Api`].
+    async fn send(
         &self,
         method: Method,
         path: &str,
-        body: Option<Value>,
-    ) -> Result<Value, ClientError> {
+        body: Option<&Value>,
+    ) -> Result<(&str, String), ClientError> {
         let mut failures = Vec::new();
         for server in &self.servers {
             let mut req = self.http.request(method.clone(), format!("{server}{path}"));
             if let Some(t) = &self.token {
                 req = req.bearer_auth(t);
             }
-            if let Some(b) = &body {
+            if let Some(b) = body {
                 req = req.json(b);
             }
             let resp = match req.send().await {
@@ -187,6 +189,9 @@ impl Client {
                 server: server.clone(),
                 reason: e.to_string(),
             })?;
+            if status.is_success() {
+                return Ok((server, text));
+            }
             let value: Value = serde_json::from_str(&text).map_err(|e| ClientError::Decode {
                 server: server.clone(),
                 reason: format!("{e}: {}", text.chars().take(200).collect::<String>()),
@@ -198,16 +203,27 @@ impl Client {
                 failures.push(format!("{server}: {}", value["error"]));
                 continue;
             }
-            if !status.is_success() {
-                return Err(ClientError::Api {
-                    status: status.as_u16(),
-                    message: value["error"].as_str().unwrap_or("").to_string(),
-                    detail: value["detail"].clone(),
-                });
-            }
-            return Ok(value);
+            return Err(ClientError::Api {
+                status: status.as_u16(),
+                message: value["error"].as_str().unwrap_or("").to_string(),
+                detail: value["detail"].clone(),
+            });
         }
         Err(ClientError::Unreachable(failures.join("; ")))
+    }
+
+    /// Sends one JSON request to the first server that answers.
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, ClientError> {
+        let (server, text) = self.send(method, path, body.as_ref()).await?;
+        serde_json::from_str(&text).map_err(|e| ClientError::Decode {
+            server: server.to_string(),
+            reason: format!("{e}: {}", text.chars().take(200).collect::<String>()),
+        })
     }
 
     pub async fn register(
@@ -314,32 +330,7 @@ impl Client {
 
     /// The config the node would render now (a dry run), as text.
     pub async fn render(&self) -> Result<String, ClientError> {
-        let mut failures = Vec::new();
-        for server in &self.servers {
-            let mut req = self.http.get(format!("{server}/v1/render"));
-            if let Some(t) = &self.token {
-                req = req.bearer_auth(t);
-            }
-            match req.send().await {
-                Ok(r) if r.status().is_success() => {
-                    return r.text().await.map_err(|e| ClientError::Decode {
-                        server: server.clone(),
-                        reason: e.to_string(),
-                    })
-                }
-                Ok(r) => {
-                    let status = r.status().as_u16();
-                    let v: Value = r.json().await.unwrap_or(Value::Null);
-                    return Err(ClientError::Api {
-                        status,
-                        message: v["error"].as_str().unwrap_or("").to_string(),
-                        detail: v["detail"].clone(),
-                    });
-                }
-                Err(e) => failures.push(format!("{server}: {}", describe(&e))),
-            }
-        }
-        Err(ClientError::Unreachable(failures.join("; ")))
+        Ok(self.send(Method::GET, "/v1/render", None).await?.1)
     }
 
     pub async fn cluster(&self) -> Result<Value, ClientError> {
