@@ -689,17 +689,8 @@ pub fn parse_peers(text: &str) -> Result<BTreeMap<NodeId, String>, ConfigError> 
 }
 
 fn check_host_port(flag: &'static str, addr: &str) -> Result<(), ConfigError> {
-    let addr = addr.trim();
-    let (host, port) = addr
-        .rsplit_once(':')
-        .ok_or_else(|| invalid(flag, format!("{addr:?} is not HOST:PORT")))?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    crate::model::validate_address(host)
-        .map_err(|_| invalid(flag, format!("{addr:?}: bad host")))?;
-    match port.parse::<u16>() {
-        Ok(p) if p > 0 => Ok(()),
-        _ => Err(invalid(flag, format!("{addr:?}: bad port"))),
-    }
+    crate::model::validate_host_port("addr", addr.trim())
+        .map_err(|e| invalid(flag, format!("{addr:?}: {}", e.reason)))
 }
 
 #[cfg(test)]

@@ -109,6 +109,17 @@ pub fn validate_address(address: &str) -> Result<(), InvalidField> {
     Ok(())
 }
 
+/// `HOST:PORT` of a node (`[v6]:PORT` for IPv6), as `--peers` and
+/// `clb cluster add` take it.
+pub fn validate_host_port(field: &'static str, addr: &str) -> Result<(), InvalidField> {
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| InvalidField::new(field, format!("{addr:?} is not HOST:PORT")))?;
+    validate_address(host.trim_start_matches('[').trim_end_matches(']'))
+        .map_err(|f| InvalidField { field, ..f })?;
+    validate_port(field, port.parse().unwrap_or(0)).map(|_| ())
+}
+
 pub fn validate_port(field: &'static str, port: u32) -> Result<u16, InvalidField> {
     match u16::try_from(port) {
         Ok(p) if p >= 1 => Ok(p),

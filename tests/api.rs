@@ -238,6 +238,23 @@ async fn bad_input_is_refused_with_json_naming_the_field_and_changes_nothing() {
             404,
             "define it first",
         ),
+        // node addresses
+        (
+            Method::POST,
+            "/v1/cluster/nodes".into(),
+            Some(TOKEN),
+            Some(br#"{"id":5,"addr":"a b:80"}"#.to_vec()),
+            400,
+            "addr",
+        ),
+        (
+            Method::POST,
+            "/v1/cluster/nodes".into(),
+            Some(TOKEN),
+            Some(br#"{"id":5,"addr":"127.0.0.1"}"#.to_vec()),
+            400,
+            "addr",
+        ),
         // auth
         (
             put.clone(),

@@ -505,13 +505,7 @@ async fn add_node(
         }
         .into());
     }
-    let (host, port) = body.addr.rsplit_once(':').ok_or(model::InvalidField {
-        field: "addr",
-        reason: "must be HOST:PORT".into(),
-    })?;
-    model::validate_address(host.trim_start_matches('[').trim_end_matches(']'))
-        .map_err(|f| model::InvalidField { field: "addr", ..f })?;
-    model::validate_port("addr", port.parse().unwrap_or(0))?;
+    model::validate_host_port("addr", &body.addr)?;
     let index = state
         .consensus
         .add_node(body.id, body.addr, body.learner)
