@@ -2,6 +2,7 @@
 
 mod harness;
 mod linearizability;
+mod netns;
 mod test_chaos;
 mod test_failover;
 mod test_formation;

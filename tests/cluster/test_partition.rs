@@ -12,21 +12,16 @@
 //! the balancer that served the request. That keeps backend traffic off the
 //! bridge, so only the VIP path is under test.
 //!
-//! Sockets are opened inside a namespace by a short-lived thread that
-//! `setns(2)`-es into it; a socket stays in the namespace it was created in.
+//! The namespaces, processes and traffic helpers are in `netns.rs`.
 
-use std::fs::File;
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::harness::TOKEN;
+use crate::netns::{self, longest_gap, served_since, Host, Lab, Sample};
 
 /// A little slower than the `default` preset (300-600 ms, lease 200 ms): the
 /// margin between an isolated leader's lease end and the earliest election is
@@ -47,65 +42,14 @@ const TIMERS: [&str; 8] = [
 const GAP_BOUND: Duration = Duration::from_secs(8);
 /// Hard stop for the background client and sampler threads.
 const DRILL_MAX: Duration = Duration::from_secs(90);
+const RUST_LOG: &[(&str, &str)] = &[("RUST_LOG", "info,openraft=warn")];
 
-/// Runs `f` on a fresh thread inside network namespace `ns`.
-fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            enter_ns(ns);
-            f()
-        })
-        .join()
-        .expect("namespace thread")
-    })
+/// Polls `f` every 20 ms until it returns `Some`; panics at the deadline.
+fn wait_for<T>(within: Duration, what: &str, f: impl FnMut() -> Option<T>) -> T {
+    netns::poll(within, Duration::from_millis(20), what, f).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// Moves the calling thread into namespace `ns`.
-fn enter_ns(ns: &str) {
-    let file = File::open(format!("/var/run/netns/{ns}")).expect("open netns");
-    // SAFETY: setns(2) on a namespace fd we own; affects this thread only.
-    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert_eq!(rc, 0, "setns {ns}: {}", std::io::Error::last_os_error());
-}
-
-/// A free TCP port inside `ns` (bind port 0 there, read it, release it).
-fn free_port_in(ns: &str, ip: Ipv4Addr) -> u16 {
-    in_ns(ns, || {
-        let l = TcpListener::bind((ip, 0)).expect("bind port 0 in namespace");
-        l.local_addr().expect("local addr").port()
-    })
-}
-
-/// True when the calling thread's namespace has `vip` on any interface.
-fn has_addr(vip: Ipv4Addr) -> bool {
-    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills a list we free below; we only read it.
-    if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
-        return false;
-    }
-    let mut found = false;
-    let mut cur = ifap;
-    while !cur.is_null() {
-        // SAFETY: a node of the list getifaddrs returned, not yet freed.
-        let ifa = unsafe { &*cur };
-        if !ifa.ifa_addr.is_null() {
-            // SAFETY: ifa_addr points to a sockaddr of the family it names.
-            let family = i32::from(unsafe { (*ifa.ifa_addr).sa_family });
-            if family == libc::AF_INET {
-                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-                if Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)) == vip {
-                    found = true;
-                }
-            }
-        }
-        cur = ifa.ifa_next;
-    }
-    // SAFETY: the list from getifaddrs above, freed once.
-    unsafe { libc::freeifaddrs(ifap) };
-    found
-}
-
-/// A blocking HTTP/1.1 request from inside `ns`; `(status, body)`.
+/// A request to the clb API from inside `ns`.
 fn http(
     ns: &str,
     addr: SocketAddr,
@@ -113,291 +57,40 @@ fn http(
     path: &str,
     body: Option<&str>,
 ) -> Option<(u16, String)> {
-    let timeout = Duration::from_secs(2);
-    let mut s = in_ns(ns, || TcpStream::connect_timeout(&addr, timeout)).ok()?;
-    s.set_read_timeout(Some(timeout)).ok()?;
-    s.set_write_timeout(Some(timeout)).ok()?;
-    let body = body.unwrap_or("");
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {TOKEN}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
+    netns::http(
+        ns,
+        addr,
+        method,
+        path,
+        Some(TOKEN),
+        body,
+        Duration::from_secs(2),
     )
-    .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let (_, body) = text.split_once("\r\n\r\n")?;
-    Some((status, body.to_string()))
 }
 
-/// Polls `f` every 20 ms until it returns `Some`; panics at the deadline.
-fn wait_for<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {within:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+/// Prints the tail of each process log when the test fails (declared after
+/// the lab, so it runs before the lab's drop removes the files).
+struct LogsOnPanic(Vec<PathBuf>);
 
-/// One host of the drill: its namespace, address and switch port.
-#[derive(Clone)]
-struct Host {
-    name: &'static str,
-    ns: String,
-    ip: Ipv4Addr,
-    /// The host's veth end in the switch namespace (`ip link set down` there
-    /// unplugs the host).
-    port: String,
-}
-
-/// Namespaces, processes and temp files of one drill; torn down in `Drop`.
-struct Lab {
-    switch: String,
-    namespaces: Vec<String>,
-    /// Process-group leaders we spawned: (label, child).
-    procs: Vec<(String, Child)>,
-    dir: tempfile::TempDir,
-    stop: Arc<AtomicBool>,
-}
-
-impl Lab {
-    fn ip(&self, args: &[&str]) {
-        let out = Command::new("ip").args(args).output().expect("run ip");
-        assert!(
-            out.status.success(),
-            "ip {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-
-    fn add_ns(&mut self, name: &str) {
-        self.ip(&["netns", "add", name]);
-        self.namespaces.push(name.to_string());
-        self.ip(&["-n", name, "link", "set", "lo", "up"]);
-    }
-
-    /// Plugs `host` into the bridge with a veth pair: `eth0` inside its
-    /// namespace, `host.port` on the switch.
-    fn plug(&self, host: &Host) {
-        let sw = self.switch.as_str();
-        self.ip(&[
-            "-n", sw, "link", "add", &host.port, "type", "veth", "peer", "name", "eth0", "netns",
-            &host.ns,
-        ]);
-        self.ip(&["-n", sw, "link", "set", &host.port, "master", "br0"]);
-        self.ip(&["-n", sw, "link", "set", &host.port, "up"]);
-        let cidr = format!("{}/24", host.ip);
-        self.ip(&["-n", &host.ns, "addr", "add", &cidr, "dev", "eth0"]);
-        self.ip(&["-n", &host.ns, "link", "set", "eth0", "up"]);
-    }
-
-    fn link(&self, host: &Host, up: bool) {
-        let state = if up { "up" } else { "down" };
-        self.ip(&["-n", &self.switch, "link", "set", &host.port, state]);
-    }
-
-    /// Spawns `program args` inside `ns`, in its own process group, logging to `log`.
-    fn spawn(&mut self, label: &str, ns: &str, program: &str, args: &[String], log: &Path) {
-        let out = File::create(log).expect("log file");
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns, program])
-            .args(args)
-            .env("RUST_LOG", "info,openraft=warn")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("log"))
-            .stderr(out)
-            .process_group(0)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {program} in {ns}: {e}"));
-        self.procs.push((label.to_string(), child));
-    }
-
-    /// SIGKILLs the process group of `label` (clbd with its hooks, or
-    /// haproxy with its workers) and reaps it.
-    fn kill(&mut self, label: &str) {
-        if let Some(i) = self.procs.iter().position(|(l, _)| l == label) {
-            let (_, mut child) = self.procs.remove(i);
-            // SAFETY: kill(2) on the process group of a child we spawned with
-            // process_group(0) (`ip netns exec` execs in place).
-            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
-            let _ = child.wait();
-        }
-    }
-
-    fn log(&self, name: &str) -> PathBuf {
-        self.dir.path().join(format!("{name}.log"))
-    }
-}
-
-impl Drop for Lab {
+impl Drop for LogsOnPanic {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if std::thread::panicking() {
-            for (label, _) in &self.procs {
-                let text = std::fs::read_to_string(self.log(label)).unwrap_or_default();
-                let tail: Vec<&str> = text
-                    .lines()
-                    .filter(|l| !l.contains("identity probe"))
-                    .rev()
-                    .take(60)
-                    .collect();
-                eprintln!("---- {label} log (last 60 lines) ----");
-                for l in tail.iter().rev() {
-                    eprintln!("{l}");
-                }
+        if !std::thread::panicking() {
+            return;
+        }
+        for path in &self.0 {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            let tail: Vec<&str> = text
+                .lines()
+                .filter(|l| !l.contains("identity probe"))
+                .rev()
+                .take(60)
+                .collect();
+            eprintln!("---- {} (last 60 lines) ----", path.display());
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
             }
         }
-        let labels: Vec<String> = self.procs.iter().map(|(l, _)| l.clone()).collect();
-        for l in labels {
-            self.kill(&l);
-        }
-        for ns in self.namespaces.iter().rev() {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-        }
     }
-}
-
-/// A backend answering `name` on `port` at 127.0.0.1 inside `ns`, until `stop`.
-fn backend(ns: &str, port: u16, name: &'static str, stop: Arc<AtomicBool>) {
-    let listener = in_ns(ns, || {
-        TcpListener::bind(("127.0.0.1", port)).expect("bind backend")
-    });
-    listener.set_nonblocking(true).expect("nonblocking");
-    std::thread::spawn(move || {
-        let deadline = Instant::now() + DRILL_MAX;
-        while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
-            match listener.accept() {
-                Ok((mut s, _)) => {
-                    let _ = s.set_nonblocking(false);
-                    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-                    let mut buf = [0u8; 2048];
-                    let mut got = Vec::new();
-                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match s.read(&mut buf) {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => got.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    let _ = write!(
-                        s,
-                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{name}",
-                        name.len()
-                    );
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(5)),
-            }
-        }
-    });
-}
-
-/// One client request: when it ended, and the backend that answered (if any).
-#[derive(Clone, Debug)]
-struct Shot {
-    at: Instant,
-    served_by: Option<String>,
-}
-
-/// Sends `GET /` to `vip:port` from inside `ns` every 20 ms until `stop`.
-fn client(ns: String, vip: SocketAddr, stop: Arc<AtomicBool>) -> Arc<Mutex<Vec<Shot>>> {
-    let shots = Arc::new(Mutex::new(Vec::new()));
-    let out = shots.clone();
-    std::thread::spawn(move || {
-        enter_ns(&ns);
-        let deadline = Instant::now() + DRILL_MAX;
-        while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
-            let served_by = one_request(vip);
-            out.lock().expect("shots").push(Shot {
-                at: Instant::now(),
-                served_by,
-            });
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    });
-    shots
-}
-
-fn one_request(vip: SocketAddr) -> Option<String> {
-    let timeout = Duration::from_millis(300);
-    let mut s = TcpStream::connect_timeout(&vip, timeout).ok()?;
-    s.set_read_timeout(Some(timeout)).ok()?;
-    s.set_write_timeout(Some(timeout)).ok()?;
-    s.write_all(b"GET / HTTP/1.0\r\nHost: vip\r\n\r\n").ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    if !text.starts_with("HTTP/1.0 200") && !text.starts_with("HTTP/1.1 200") {
-        return None;
-    }
-    Some(text.split_once("\r\n\r\n")?.1.trim().to_string())
-}
-
-/// One sample of where the VIP is configured.
-#[derive(Clone, Copy, Debug)]
-struct Sample {
-    at: Instant,
-    a: bool,
-    b: bool,
-}
-
-/// Checks both balancers' namespaces for the VIP every ~20 ms until `stop`.
-fn sampler(a: String, b: String, vip: Ipv4Addr, stop: Arc<AtomicBool>) -> Arc<Mutex<Vec<Sample>>> {
-    let samples = Arc::new(Mutex::new(Vec::new()));
-    let out = samples.clone();
-    std::thread::spawn(move || {
-        let deadline = Instant::now() + DRILL_MAX;
-        while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
-            enter_ns(&a);
-            let on_a = has_addr(vip);
-            enter_ns(&b);
-            let on_b = has_addr(vip);
-            out.lock().expect("samples").push(Sample {
-                at: Instant::now(),
-                a: on_a,
-                b: on_b,
-            });
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    });
-    samples
-}
-
-/// Longest time without a successful request in `[from, to]`, and how
-/// many requests failed in it.
-fn longest_gap(shots: &[Shot], from: Instant, to: Instant) -> (Duration, usize) {
-    let mut last = from;
-    let mut gap = Duration::ZERO;
-    let mut failed = 0;
-    for s in shots.iter().filter(|s| s.at >= from && s.at <= to) {
-        if s.served_by.is_some() {
-            gap = gap.max(s.at - last);
-            last = s.at;
-        } else {
-            failed += 1;
-        }
-    }
-    (gap.max(to.saturating_duration_since(last)), failed)
-}
-
-/// Successful requests after `since`, served by `by` when given.
-fn served_since(shots: &Mutex<Vec<Shot>>, since: Instant, by: Option<&str>) -> usize {
-    shots
-        .lock()
-        .expect("shots")
-        .iter()
-        .filter(|s| s.at > since)
-        .filter(|s| match (&s.served_by, by) {
-            (Some(got), Some(want)) => got == want,
-            (Some(_), None) => true,
-            (None, _) => false,
-        })
-        .count()
 }
 
 #[test]
@@ -409,39 +102,21 @@ fn partition_drill_moves_the_vip_without_two_holders() {
     }
     let pid = std::process::id();
     let prefix = format!("clbp{pid}");
-    let subnet = format!("10.213.{}", pid % 200 + 20);
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut lab = Lab {
-        switch: format!("{prefix}-sw"),
-        namespaces: Vec::new(),
-        procs: Vec::new(),
-        dir: tempfile::tempdir().expect("tempdir"),
-        stop: stop.clone(),
-    };
-    let host = |name: &'static str, last: u8| Host {
-        name,
-        ns: format!("{prefix}-{name}"),
-        ip: format!("{subnet}.{last}").parse().expect("ip"),
-        port: format!("p{name}"),
-    };
+    let subnet = [10, 213, (pid % 200 + 20) as u8];
+    let mut lab = Lab::new(&prefix, subnet).expect("lab");
+    let stop = lab.stop.clone();
+    let labels = ["clbd-a", "clbd-b", "clbd-w", "haproxy-a", "haproxy-b"];
+    let _logs = LogsOnPanic(labels.iter().map(|l| lab.log(l)).collect());
+    let mut host = |name: &str, last: u8| lab.add_host(name, last).expect("add host");
     let (a, b, w, c) = (host("a", 1), host("b", 2), host("w", 3), host("c", 10));
-    let vip: Ipv4Addr = format!("{subnet}.100").parse().expect("vip");
-
-    let sw = lab.switch.clone();
-    lab.add_ns(&sw);
-    lab.ip(&["-n", &sw, "link", "add", "br0", "type", "bridge"]);
-    lab.ip(&["-n", &sw, "link", "set", "br0", "up"]);
-    for h in [&a, &b, &w, &c] {
-        lab.add_ns(&h.ns);
-        lab.plug(h);
-    }
+    let vip = lab.addr(100);
     let arping = Command::new("arping").arg("-V").output().is_ok();
     if !arping {
         eprintln!("NOTE: arping (iputils-arping) is missing: no gratuitous ARP; the test flushes the client's neighbour cache after each VIP move");
     }
 
     // clbd on every host; the balancers also run haproxy and a local backend.
-    let api_port = |h: &Host| free_port_in(&h.ns, h.ip);
+    let api_port = |h: &Host| netns::free_port_in(&h.ns, h.ip).expect("free port");
     let nodes = [(1u64, a.clone()), (2, b.clone()), (3, w.clone())];
     let addrs: Vec<(u64, SocketAddr)> = nodes
         .iter()
@@ -452,9 +127,9 @@ fn partition_drill_moves_the_vip_without_two_holders() {
         .map(|(id, a)| format!("{id}={a}"))
         .collect::<Vec<_>>()
         .join(",");
-    let tokens = lab.dir.path().join("tokens");
+    let tokens = lab.dir().join("tokens");
     std::fs::write(&tokens, format!("{TOKEN}\n")).expect("tokens");
-    let d = lab.dir.path().to_path_buf();
+    let d = lab.dir().to_path_buf();
     for ((id, h), (_, addr)) in nodes.iter().zip(&addrs) {
         let mut args: Vec<String> = vec![
             "--node-id".into(),
@@ -496,10 +171,10 @@ fn partition_drill_moves_the_vip_without_two_holders() {
             ]);
         }
         let label = format!("clbd-{}", h.name);
-        let log = lab.log(&label);
-        lab.spawn(&label, &h.ns, env!("CARGO_BIN_EXE_clbd"), &args, &log);
+        lab.spawn(&label, &h.ns, env!("CARGO_BIN_EXE_clbd"), &args, RUST_LOG)
+            .expect("spawn clbd");
     }
-    let backend_port = free_port_in(&a.ns, Ipv4Addr::LOCALHOST);
+    let backend_port = netns::free_port_in(&a.ns, Ipv4Addr::LOCALHOST).expect("free port");
     for h in [&a, &b] {
         let cfg = d.join(format!("haproxy-{}.cfg", h.name));
         wait_for(Duration::from_secs(20), "a rendered config", || {
@@ -516,13 +191,14 @@ fn partition_drill_moves_the_vip_without_two_holders() {
             cfg.display().to_string(),
         ];
         let label = format!("haproxy-{}", h.name);
-        let log = lab.log(&label);
-        lab.spawn(&label, &h.ns, "haproxy", &args, &log);
-        backend(&h.ns, backend_port, h.name, stop.clone());
+        lab.spawn(&label, &h.ns, "haproxy", &args, &[])
+            .expect("spawn haproxy");
+        let at = SocketAddr::from((Ipv4Addr::LOCALHOST, backend_port));
+        netns::backend(&h.ns, at, &h.name, stop.clone(), DRILL_MAX).expect("backend");
     }
 
     let api_a = addrs[0].1;
-    let svc_port = free_port_in(&a.ns, a.ip);
+    let svc_port = netns::free_port_in(&a.ns, a.ip).expect("free port");
     wait_for(Duration::from_secs(20), "the service defined", || {
         let body = format!(r#"{{"port": {svc_port}, "mode": "http", "check": "none"}}"#);
         let r = http(&a.ns, api_a, "PUT", "/v1/services/web", Some(&body))?;
@@ -540,9 +216,22 @@ fn partition_drill_moves_the_vip_without_two_holders() {
 
     let zero = Instant::now();
     let mut marks: Vec<(&str, Instant)> = Vec::new();
-    let samples = sampler(a.ns.clone(), b.ns.clone(), vip, stop.clone());
+    let every = Duration::from_millis(20);
+    let samples = netns::sampler(
+        vec![a.ns.clone(), b.ns.clone()],
+        vip,
+        every,
+        stop.clone(),
+        DRILL_MAX,
+    );
     let vip_addr = SocketAddr::from((vip, svc_port));
-    let shots = client(c.ns.clone(), vip_addr, stop.clone());
+    let opts = netns::ClientOpts {
+        workers: 1,
+        interval: every,
+        connect_timeout: Duration::from_millis(300),
+        read_timeout: Duration::from_millis(300),
+    };
+    let shots = netns::client(&c.ns, vip_addr, opts, stop.clone(), DRILL_MAX);
     let flush_client = || {
         if !arping {
             let _ = Command::new("ip")
@@ -551,8 +240,8 @@ fn partition_drill_moves_the_vip_without_two_holders() {
         }
     };
     let holder = || {
-        let s = *samples.lock().expect("samples").last()?;
-        match (s.a, s.b) {
+        let s = samples.lock().expect("samples").last()?.clone();
+        match (s.held[0], s.held[1]) {
             (true, false) => Some(a.clone()),
             (false, true) => Some(b.clone()),
             _ => None,
@@ -561,7 +250,7 @@ fn partition_drill_moves_the_vip_without_two_holders() {
     let first = wait_for(Duration::from_secs(30), "a VIP holder", holder);
     let started = Instant::now();
     wait_for(Duration::from_secs(20), "requests through the VIP", || {
-        (served_since(&shots, started, Some(first.name)) >= 10).then_some(())
+        (served_since(&shots, started, Some(&first.name)) >= 10).then_some(())
     });
     eprintln!(
         "VIP {vip} held by balancer {}; client traffic flows",
@@ -572,13 +261,13 @@ fn partition_drill_moves_the_vip_without_two_holders() {
     // (c) The witness is unplugged: nothing may move, nothing may fail.
     let t = Instant::now();
     marks.push(("witness isolated", t));
-    lab.link(&w, false);
+    lab.set_link(&w, false).expect("unplug");
     wait_for(
         Duration::from_secs(10),
         "1 s of traffic with the witness cut off",
-        || (served_since(&shots, t, Some(first.name)) >= 50).then_some(()),
+        || (served_since(&shots, t, Some(&first.name)) >= 50).then_some(()),
     );
-    lab.link(&w, true);
+    lab.set_link(&w, true).expect("plug");
     let end = Instant::now();
     let (gap, failed) = longest_gap(&shots.lock().expect("shots"), t, end);
     report.push(format!(
@@ -591,8 +280,8 @@ fn partition_drill_moves_the_vip_without_two_holders() {
             .iter()
             .filter(|s| s.at >= t && s.at <= end)
             .collect();
-        let other = |s: &&&Sample| if first.name == "a" { s.b } else { s.a };
-        let mine = |s: &&&Sample| if first.name == "a" { s.a } else { s.b };
+        let other = |s: &&&Sample| s.held[if first.name == "a" { 1 } else { 0 }];
+        let mine = |s: &&&Sample| s.held[if first.name == "a" { 0 } else { 1 }];
         (
             window.iter().filter(other).count(),
             window.iter().filter(|s| !mine(s)).count(),
@@ -624,7 +313,7 @@ fn partition_drill_moves_the_vip_without_two_holders() {
     };
     let t = Instant::now();
     marks.push(("leader isolated", t));
-    lab.link(&old, false);
+    lab.set_link(&old, false).expect("unplug");
     wait_for(
         Duration::from_secs(15),
         "the VIP on the other balancer",
@@ -634,7 +323,7 @@ fn partition_drill_moves_the_vip_without_two_holders() {
     wait_for(
         Duration::from_secs(15),
         "traffic through the new holder",
-        || (served_since(&shots, t, Some(other.name)) >= 25).then_some(()),
+        || (served_since(&shots, t, Some(&other.name)) >= 25).then_some(()),
     );
     let end = Instant::now();
     let (gap, failed) = longest_gap(&shots.lock().expect("shots"), t, end);
@@ -645,7 +334,7 @@ fn partition_drill_moves_the_vip_without_two_holders() {
     ));
     assert!(gap < GAP_BOUND, "leader isolated: gap {gap:?}");
     marks.push(("old leader reconnected", Instant::now()));
-    lab.link(&old, true);
+    lab.set_link(&old, true).expect("plug");
     let old_api = addrs[if old.name == "a" { 0 } else { 1 }].1;
     let other_id = if other.name == "a" { 1 } else { 2 };
     wait_for(
@@ -663,14 +352,14 @@ fn partition_drill_moves_the_vip_without_two_holders() {
     marks.push(("leader killed", t));
     lab.kill(&format!("clbd-{}", other.name));
     lab.kill(&format!("haproxy-{}", other.name));
-    lab.ip(&["-n", &other.ns, "link", "set", "eth0", "down"]);
-    let dead = (other.name, t);
+    netns::ip(&["-n", &other.ns, "link", "set", "eth0", "down"]).expect("link down");
+    let dead = (other.name.clone(), t);
     wait_for(
         Duration::from_secs(15),
         "the VIP back on the first balancer",
         || {
-            let s = *samples.lock().expect("samples").last()?;
-            let on_old = if old.name == "a" { s.a } else { s.b };
+            let s = samples.lock().expect("samples").last()?.clone();
+            let on_old = s.held[if old.name == "a" { 0 } else { 1 }];
             (s.at > t && on_old).then_some(())
         },
     );
@@ -678,7 +367,7 @@ fn partition_drill_moves_the_vip_without_two_holders() {
     wait_for(
         Duration::from_secs(15),
         "traffic through the survivor",
-        || (served_since(&shots, t, Some(old.name)) >= 25).then_some(()),
+        || (served_since(&shots, t, Some(&old.name)) >= 25).then_some(()),
     );
     let end = Instant::now();
     let (gap, failed) = longest_gap(&shots.lock().expect("shots"), t, end);
@@ -697,7 +386,7 @@ fn partition_drill_moves_the_vip_without_two_holders() {
         .iter()
         .filter(|s| {
             let alive = |name: &str| !(dead.0 == name && s.at >= dead.1);
-            s.a && alive("a") && s.b && alive("b")
+            s.held[0] && alive("a") && s.held[1] && alive("b")
         })
         .collect();
     report.push(format!(
