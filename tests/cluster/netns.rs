@@ -34,20 +34,24 @@ use anyhow::{anyhow, bail, Context, Result};
 static LIVE: Mutex<Live> = Mutex::new(Live {
     groups: Vec::new(),
     namespaces: Vec::new(),
+    dirs: Vec::new(),
 });
 
 struct Live {
     groups: Vec<i32>,
     namespaces: Vec<String>,
+    /// Lab temp dirs: an exit from a signal handler runs no `Drop`.
+    dirs: Vec<PathBuf>,
 }
 
 /// Kills every process group and deletes every namespace any lab of this
 /// process still has: for a Ctrl-C handler, which cannot reach the labs.
 pub fn cleanup_all() {
-    let (groups, namespaces) = match LIVE.lock() {
+    let (groups, namespaces, dirs) = match LIVE.lock() {
         Ok(mut l) => (
             std::mem::take(&mut l.groups),
             std::mem::take(&mut l.namespaces),
+            std::mem::take(&mut l.dirs),
         ),
         Err(_) => return,
     };
@@ -57,6 +61,9 @@ pub fn cleanup_all() {
     }
     for ns in namespaces.iter().rev() {
         let _ = Command::new("ip").args(["netns", "del", ns]).output();
+    }
+    for d in dirs {
+        let _ = std::fs::remove_dir_all(d);
     }
 }
 
@@ -193,9 +200,20 @@ pub fn http(
     body: Option<&str>,
     timeout: Duration,
 ) -> Option<(u16, String)> {
-    let mut s = in_ns(ns, || TcpStream::connect_timeout(&addr, timeout))
-        .ok()?
-        .ok()?;
+    in_ns(ns, || http_here(addr, method, path, token, body, timeout)).ok()?
+}
+
+/// [`http`] from the calling thread's namespace (for a thread that entered
+/// one with [`enter_ns`] and sends many requests).
+pub fn http_here(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+    timeout: Duration,
+) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, timeout).ok()?;
     s.set_read_timeout(Some(timeout)).ok()?;
     s.set_write_timeout(Some(timeout)).ok()?;
     let body = body.unwrap_or("");
@@ -280,6 +298,9 @@ impl Lab {
                 .context("tempdir")?,
             stop: Arc::new(AtomicBool::new(false)),
         };
+        if let Ok(mut l) = LIVE.lock() {
+            l.dirs.push(lab.dir.path().to_path_buf());
+        }
         let sw = lab.switch.clone();
         lab.add_ns(&sw)?;
         ip(&["-n", &sw, "link", "add", "br0", "type", "bridge"])?;
@@ -420,20 +441,47 @@ impl Lab {
     /// forked: clbd's hooks, haproxy's workers, keepalived's children) and
     /// reaps it. False if there was no such process.
     pub fn kill(&mut self, label: &str) -> bool {
-        let Some(i) = self.procs.iter().position(|p| p.label == label) else {
-            return false;
-        };
-        let mut p = self.procs.remove(i);
-        let pgid = p.child.id() as i32;
-        // SAFETY: kill(2) on the process group of a child we spawned with
-        // process_group(0); SIGCONT first, a stopped process cannot die.
-        unsafe {
-            libc::kill(-pgid, libc::SIGCONT);
-            libc::kill(-pgid, libc::SIGKILL);
+        self.kill_all_of(&[label]) == 1
+    }
+
+    /// Sends SIGKILL to the process groups of `labels` without reaping
+    /// them (they stay listed until [`Lab::kill_all_of`]).
+    pub fn sigkill_now(&self, labels: &[&str]) {
+        for p in self
+            .procs
+            .iter()
+            .filter(|p| labels.contains(&p.label.as_str()))
+        {
+            // SAFETY: kill(2) on a process group we spawned and have not
+            // reaped, so its id cannot have been reused.
+            unsafe { libc::kill(-(p.child.id() as i32), libc::SIGKILL) };
         }
-        let _ = p.child.wait();
-        forget_group(pgid);
-        true
+    }
+
+    /// SIGKILLs the process groups of all `labels` first and reaps them
+    /// after, so they die at (nearly) one instant. Returns how many it found.
+    pub fn kill_all_of(&mut self, labels: &[&str]) -> usize {
+        let mut dying = Vec::new();
+        for label in labels {
+            if let Some(i) = self.procs.iter().position(|p| p.label == *label) {
+                let p = self.procs.remove(i);
+                let pgid = p.child.id() as i32;
+                // SAFETY: kill(2) on the process group of a child we spawned
+                // with process_group(0); SIGCONT first, a stopped process
+                // cannot die.
+                unsafe {
+                    libc::kill(-pgid, libc::SIGCONT);
+                    libc::kill(-pgid, libc::SIGKILL);
+                }
+                dying.push(p);
+            }
+        }
+        let n = dying.len();
+        for mut p in dying {
+            let _ = p.child.wait();
+            forget_group(p.child.id() as i32);
+        }
+        n
     }
 
     /// The log file of `label`.
@@ -466,6 +514,9 @@ impl Drop for Lab {
             if let Err(e) = self.del_ns(ns) {
                 eprintln!("netns: {e}");
             }
+        }
+        if let Ok(mut l) = LIVE.lock() {
+            l.dirs.retain(|d| d != self.dir.path());
         }
     }
 }

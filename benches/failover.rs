@@ -1,0 +1,1114 @@
+//! Failover beside keepalived, in network namespaces on one machine.
+//!
+//! - `drills`: "the leader host dies" (its clbd or keepalived and its haproxy
+//!   SIGKILLed, its link cut, at one instant) → the first successful response
+//!   through the VIP seen by a client sending every ~1 ms; ≥ 20 drills per
+//!   timer profile per system, with a sampler checking the VIP is never on
+//!   both balancers.
+//! - `stability`: no fault, for `--duration` seconds: clb under write load and
+//!   a keepalived pair side by side; leader changes, VRRP MASTER transitions
+//!   and moments with two VIP holders.
+//!
+//! ```text
+//! cargo bench --bench failover -- drills [--drills N] [--profiles default,fast,extreme] [--json FILE]
+//! cargo bench --bench failover -- stability [--duration SECS] [--profiles ...] [--json FILE]
+//! ```
+//!
+//! Both systems get the same topology (see `lab`): balancers A and B, each
+//! with its own haproxy 2.6 in front of one backend K, a client C, and for
+//! clb a witness W; every host in its own namespace on a bridge (the helpers
+//! are `tests/cluster/netns.rs`). Needs root, `haproxy`, `keepalived` and
+//! `arping`; it installs nothing. Every process is killed by pid and every
+//! namespace removed at the end, on error and on Ctrl-C.
+
+#[path = "../tests/cluster/netns.rs"]
+mod netns;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use netns::{Host, Lab, Sample, Shot};
+use rand::Rng;
+use serde_json::{json, Value};
+
+const USAGE: &str = "usage: cargo bench --bench failover -- drills|stability \
+[--drills N] [--duration SECS] [--profiles default,fast,extreme] [--json FILE]";
+const TOKEN: &str = "bench-token";
+/// Fixed ports are fine here: every address belongs to our own namespaces.
+const API_PORT: u16 = 7000;
+const SVC_PORT: u16 = 80;
+const LOAD_PORT: u16 = 81;
+const BACKEND_PORT: u16 = 8080;
+const VIP_LAST: u8 = 100;
+const BACKEND_LAST: u8 = 20;
+const CLIENT_LAST: u8 = 10;
+const PROFILES: [&str; 3] = ["default", "fast", "extreme"];
+/// Sampler period: overlaps shorter than this can be missed.
+const SAMPLE_EVERY: Duration = Duration::from_millis(5);
+/// How long one drill may wait for anything (election, catch-up).
+const STEP_MAX: Duration = Duration::from_secs(60);
+/// Upper bound on any lab's lifetime (background threads stop after it).
+const LAB_MAX: Duration = Duration::from_secs(3 * 3600);
+
+// ---------------------------------------------------------------- arguments
+
+#[derive(PartialEq)]
+enum Mode {
+    Drills,
+    Stability,
+}
+
+struct Opts {
+    mode: Mode,
+    drills: usize,
+    duration: Duration,
+    profiles: Vec<String>,
+    json: Option<PathBuf>,
+}
+
+fn parse_args() -> Result<Opts> {
+    let mut mode = None;
+    let mut bench = false;
+    let mut drills = 20;
+    let mut duration = Duration::from_secs(600);
+    let mut profiles: Vec<String> = PROFILES.iter().map(|p| p.to_string()).collect();
+    let mut json = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut value = || args.next().context(USAGE);
+        match a.as_str() {
+            // cargo bench passes --bench to harness = false targets; cargo
+            // test (e.g. --all-targets) passes nothing: then we do nothing.
+            "--bench" => bench = true,
+            "drills" => mode = Some(Mode::Drills),
+            "stability" => mode = Some(Mode::Stability),
+            "--drills" => drills = value()?.parse().context("--drills N")?,
+            "--duration" => {
+                duration = Duration::from_secs(value()?.parse().context("--duration SECS")?)
+            }
+            "--profiles" => {
+                profiles = value()?.split(',').map(|p| p.trim().to_string()).collect();
+                if let Some(p) = profiles.iter().find(|p| !PROFILES.contains(&p.as_str())) {
+                    bail!("unknown profile {p:?}\n{USAGE}");
+                }
+            }
+            "--json" => json = Some(PathBuf::from(value()?)),
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?}\n{USAGE}"),
+        }
+    }
+    let Some(mode) = mode.filter(|_| bench) else {
+        // Under `cargo test --all-targets`, or `cargo bench` without a mode:
+        // minutes of namespaces and load are not a test.
+        println!("failover benchmark: nothing to do without `cargo bench --bench failover -- drills|stability`\n{USAGE}");
+        std::process::exit(0);
+    };
+    Ok(Opts {
+        mode,
+        drills: drills.max(1),
+        duration,
+        profiles,
+        json,
+    })
+}
+
+/// Blocks SIGINT and SIGTERM in every thread and handles them on one: kill
+/// what we started, remove the namespaces, exit.
+fn handle_signals() {
+    // SAFETY: sigset manipulation on a local set; pthread_sigmask before
+    // any other thread exists, so every later thread inherits the mask
+    // (std resets the mask in spawned children).
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    std::thread::spawn(move || {
+        let mut sig = 0;
+        // SAFETY: sigwait on the set blocked above.
+        unsafe { libc::sigwait(&set, &mut sig) };
+        eprintln!("signal {sig}: killing our processes, removing our namespaces");
+        netns::cleanup_all();
+        std::process::exit(130);
+    });
+}
+
+fn main() -> Result<()> {
+    let opts = parse_args()?;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("network namespaces need root");
+    }
+    for tool in ["haproxy", "keepalived", "arping", "ip"] {
+        if which(tool).is_none() {
+            bail!(
+                "{tool} not found (apt-get install -y haproxy keepalived iputils-arping iproute2)"
+            );
+        }
+    }
+    handle_signals();
+    let out = run(&opts);
+    netns::cleanup_all();
+    out
+}
+
+fn run(opts: &Opts) -> Result<()> {
+    let machine = machine();
+    println!("# failover: clb beside keepalived\n");
+    println!(
+        "machine: {} CPUs, kernel {}, {}, {}, clb {}\n",
+        machine["nproc"],
+        machine["kernel"].as_str().unwrap_or("?"),
+        machine["haproxy"].as_str().unwrap_or("?"),
+        machine["keepalived"].as_str().unwrap_or("?"),
+        machine["commit"].as_str().unwrap_or("?"),
+    );
+    let mut report = serde_json::Map::new();
+    report.insert("machine".into(), machine);
+    match opts.mode {
+        Mode::Drills => {
+            report.insert("drills".into(), drills(opts)?);
+        }
+        Mode::Stability => {
+            report.insert("stability".into(), stability(opts)?);
+        }
+    }
+    if let Some(path) = &opts.json {
+        std::fs::write(path, serde_json::to_string_pretty(&Value::Object(report))?)
+            .with_context(|| format!("write {}", path.display()))?;
+        println!("\nJSON written to {}", path.display());
+    }
+    Ok(())
+}
+
+fn which(bin: &str) -> Option<PathBuf> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    std::env::split_paths(&format!("{path}:/usr/sbin:/sbin"))
+        .map(|d| d.join(bin))
+        .find(|p| p.is_file())
+}
+
+fn first_line(bin: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(which(bin)?).args(args).output().ok()?;
+    // keepalived prints its version on stderr.
+    let text = [out.stdout, out.stderr].concat();
+    String::from_utf8_lossy(&text)
+        .lines()
+        .next()
+        .map(|l| l.trim().to_string())
+}
+
+fn machine() -> Value {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let commit = Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    json!({
+        "nproc": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "kernel": read("/proc/sys/kernel/osrelease").trim(),
+        "loadavg_at_start": read("/proc/loadavg").trim(),
+        "commit": commit,
+        "haproxy": first_line("haproxy", &["-v"]),
+        "keepalived": first_line("keepalived", &["--version"]),
+        "arping": first_line("arping", &["-V"]),
+    })
+}
+
+// ---------------------------------------------------------------- the lab
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum System {
+    Clb,
+    Keepalived,
+}
+
+impl System {
+    fn name(self) -> &'static str {
+        match self {
+            System::Clb => "clb",
+            System::Keepalived => "keepalived",
+        }
+    }
+}
+
+/// One system's namespaces and processes: balancers A and B (haproxy each),
+/// backend K, client C, and for clb witness W.
+struct Pair {
+    system: System,
+    profile: String,
+    lab: Lab,
+    bal: [Host; 2],
+    witness: Option<Host>,
+    client: Host,
+    vip: Ipv4Addr,
+    samples: Arc<Mutex<Vec<Sample>>>,
+}
+
+impl Pair {
+    fn new(system: System, profile: &str, third_octet: u8) -> Result<Pair> {
+        let prefix = format!("fo{}{}", std::process::id() % 100_000, &system.name()[..1]);
+        let mut lab = Lab::new(&prefix, [10, 77, third_octet])?;
+        let a = lab.add_host("a", 1)?;
+        let b = lab.add_host("b", 2)?;
+        let witness = match system {
+            System::Clb => Some(lab.add_host("w", 3)?),
+            System::Keepalived => None,
+        };
+        let k = lab.add_host("k", BACKEND_LAST)?;
+        let client = lab.add_host("c", CLIENT_LAST)?;
+        let backend = SocketAddr::from((k.ip, BACKEND_PORT));
+        netns::backend(&k.ns, backend, "k", lab.stop.clone(), LAB_MAX)?;
+        let vip = lab.addr(VIP_LAST);
+        let samples = netns::sampler(
+            vec![a.ns.clone(), b.ns.clone()],
+            vip,
+            SAMPLE_EVERY,
+            lab.stop.clone(),
+            LAB_MAX,
+        );
+        let mut pair = Pair {
+            system,
+            profile: profile.to_string(),
+            lab,
+            bal: [a, b],
+            witness,
+            client,
+            vip,
+            samples,
+        };
+        pair.start()
+            .with_context(|| format!("{} {profile}: start", system.name()))?;
+        Ok(pair)
+    }
+
+    fn start(&mut self) -> Result<()> {
+        match self.system {
+            System::Clb => {
+                self.spawn_clbd(2)?;
+                for i in 0..2 {
+                    self.spawn_clbd(i)?;
+                }
+                for i in 0..2 {
+                    let cfg = self.cfg(i);
+                    netns::poll(STEP_MAX, ms(20), "a rendered haproxy config", || {
+                        cfg.exists().then_some(())
+                    })?;
+                    self.spawn_haproxy(i)?;
+                }
+                let api = self.api(0);
+                let ns = self.bal[0].ns.clone();
+                let put = |path: &str, body: String| {
+                    netns::poll(STEP_MAX, ms(50), path, || {
+                        let r =
+                            netns::http(&ns, api, "PUT", path, Some(TOKEN), Some(&body), ms(3000))?;
+                        (r.0 == 200).then_some(())
+                    })
+                };
+                put(
+                    "/v1/services/web",
+                    format!(r#"{{"port": {SVC_PORT}, "mode": "http", "check": "none"}}"#),
+                )?;
+                put(
+                    "/v1/services/web/members/k",
+                    format!(
+                        r#"{{"address": "{}", "port": {BACKEND_PORT}}}"#,
+                        self.lab.addr(BACKEND_LAST)
+                    ),
+                )?;
+                // The write load's service: members on loopback ports nobody
+                // connects to, no health checks, so churn sends no traffic.
+                put(
+                    "/v1/services/load",
+                    format!(r#"{{"port": {LOAD_PORT}, "mode": "tcp", "check": "none"}}"#),
+                )?;
+            }
+            System::Keepalived => {
+                for i in 0..2 {
+                    self.write_keepalived_files(i)?;
+                    self.spawn_haproxy(i)?;
+                    self.spawn_keepalived(i)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn dir(&self) -> PathBuf {
+        self.lab.dir().to_path_buf()
+    }
+
+    fn cfg(&self, i: usize) -> PathBuf {
+        self.dir().join(format!("haproxy-{}.cfg", self.bal[i].name))
+    }
+
+    /// Node `i`'s API address (clb: 0 = A, 1 = B, 2 = W).
+    fn api(&self, i: usize) -> SocketAddr {
+        let ip = if i < 2 {
+            self.bal[i].ip
+        } else {
+            self.witness
+                .as_ref()
+                .map(|w| w.ip)
+                .unwrap_or(Ipv4Addr::LOCALHOST)
+        };
+        SocketAddr::from((ip, API_PORT))
+    }
+
+    fn host(&self, i: usize) -> &Host {
+        if i < 2 {
+            &self.bal[i]
+        } else {
+            self.witness.as_ref().unwrap_or(&self.bal[0])
+        }
+    }
+
+    fn spawn_clbd(&mut self, i: usize) -> Result<()> {
+        let peers = (0..3)
+            .map(|j| format!("{}={}", j + 1, self.api(j)))
+            .collect::<Vec<_>>()
+            .join(",");
+        let d = self.dir();
+        let h = self.host(i).clone();
+        let tokens = d.join("tokens");
+        // Written once: rewriting it races with a node reading it.
+        if !tokens.exists() {
+            std::fs::write(&tokens, format!("{TOKEN}\n"))?;
+        }
+        let mut args: Vec<String> = [
+            "--node-id",
+            &(i + 1).to_string(),
+            "--listen",
+            &self.api(i).to_string(),
+            "--peers",
+            &peers,
+            "--data-dir",
+            &d.join(format!("data-{}", h.name)).display().to_string(),
+            "--token-file",
+            &tokens.display().to_string(),
+            "-o",
+            &d.join(format!("haproxy-{}.cfg", h.name))
+                .display()
+                .to_string(),
+            "--stats-port",
+            "0",
+            "--timers",
+            &self.profile,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if i == 2 {
+            args.extend(["--role".into(), "witness".into()]);
+        } else {
+            args.extend([
+                "--vip".into(),
+                self.vip.to_string(),
+                "--vip-hook".into(),
+                "linux-vip:eth0".into(),
+                "--haproxy-socket".into(),
+                d.join(format!("admin-{}.sock", h.name))
+                    .display()
+                    .to_string(),
+                "--haproxy-master-socket".into(),
+                d.join(format!("master-{}.sock", h.name))
+                    .display()
+                    .to_string(),
+            ]);
+        }
+        let env = [("RUST_LOG", "info,openraft=warn")];
+        self.lab.spawn(
+            &format!("clbd-{}", h.name),
+            &h.ns,
+            env!("CARGO_BIN_EXE_clbd"),
+            &args,
+            &env,
+        )?;
+        Ok(())
+    }
+
+    fn spawn_haproxy(&mut self, i: usize) -> Result<()> {
+        let d = self.dir();
+        let h = self.bal[i].clone();
+        let mut args: Vec<String> = vec!["-W".into(), "-db".into()];
+        if self.system == System::Clb {
+            args.extend([
+                "-S".into(),
+                d.join(format!("master-{}.sock", h.name))
+                    .display()
+                    .to_string(),
+            ]);
+        }
+        args.extend(["-f".into(), self.cfg(i).display().to_string()]);
+        self.lab
+            .spawn(&format!("haproxy-{}", h.name), &h.ns, "haproxy", &args, &[])?;
+        Ok(())
+    }
+
+    /// keepalived's config (the profile's advert interval, both BACKUP with
+    /// nopreempt, as clb never preempts), its notify script, and a haproxy
+    /// config with the same defaults as clb's built-in template.
+    fn write_keepalived_files(&self, i: usize) -> Result<()> {
+        let d = self.dir();
+        let name = &self.bal[i].name;
+        let (version, advert) = match self.profile.as_str() {
+            "default" => (2, "1"),
+            "fast" => (3, "0.1"),
+            _ => (3, "0.01"),
+        };
+        let notify = d.join(format!("notify-{name}.sh"));
+        let notify_log = d.join(format!("notify-{name}.log"));
+        // $3 is the new state; the time lets transitions be placed in a run.
+        std::fs::write(
+            &notify,
+            format!(
+                "#!/bin/sh\necho \"$(date +%s.%N) $3\" >> {}\n",
+                notify_log.display()
+            ),
+        )?;
+        std::fs::set_permissions(&notify, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+        let conf = format!(
+            "global_defs {{\n    router_id ka_{name}\n    vrrp_version {version}\n    script_user root\n}}\n\
+             vrrp_instance vi {{\n    state BACKUP\n    nopreempt\n    interface eth0\n    \
+             virtual_router_id 51\n    priority 100\n    advert_int {advert}\n    \
+             virtual_ipaddress {{\n        {}/32 dev eth0\n    }}\n    notify {}\n}}\n",
+            self.vip,
+            notify.display()
+        );
+        std::fs::write(d.join(format!("keepalived-{name}.conf")), conf)?;
+        let haproxy = format!(
+            "global\n    master-worker\n    log stderr format short local0 notice\n\n\
+             defaults\n    log global\n    option dontlognull\n    option redispatch\n    retries 3\n    \
+             timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n    \
+             timeout http-request 10s\n\n\
+             frontend fe_web\n    bind *:{SVC_PORT}\n    mode http\n    option forwardfor\n    \
+             default_backend be_web\n\n\
+             backend be_web\n    mode http\n    balance roundrobin\n    server k {}:{BACKEND_PORT}\n",
+            self.lab.addr(BACKEND_LAST)
+        );
+        std::fs::write(self.cfg(i), haproxy)?;
+        Ok(())
+    }
+
+    fn spawn_keepalived(&mut self, i: usize) -> Result<()> {
+        let d = self.dir();
+        let h = self.bal[i].clone();
+        let p = |what: &str| {
+            d.join(format!("{what}-{}.pid", h.name))
+                .display()
+                .to_string()
+        };
+        let args: Vec<String> = vec![
+            "--dont-fork".into(),
+            "--log-console".into(),
+            "--log-detail".into(),
+            "--vrrp".into(),
+            "-f".into(),
+            d.join(format!("keepalived-{}.conf", h.name))
+                .display()
+                .to_string(),
+            // Own pid files: two instances on one machine must not collide.
+            "--pid".into(),
+            p("keepalived"),
+            "--vrrp_pid".into(),
+            p("vrrp"),
+            "--checkers_pid".into(),
+            p("checkers"),
+        ];
+        self.lab.spawn(
+            &format!("keepalived-{}", h.name),
+            &h.ns,
+            "/usr/sbin/keepalived",
+            &args,
+            &[],
+        )?;
+        Ok(())
+    }
+
+    fn daemon_label(&self, i: usize) -> String {
+        let d = match self.system {
+            System::Clb => "clbd",
+            System::Keepalived => "keepalived",
+        };
+        format!("{d}-{}", self.bal[i].name)
+    }
+
+    /// The balancer holding the VIP in the latest sample, if exactly one does.
+    fn holder(&self) -> Option<usize> {
+        let s = self.samples.lock().ok()?.last()?.clone();
+        match (s.held[0], s.held[1]) {
+            (true, false) => Some(0),
+            (false, true) => Some(1),
+            _ => None,
+        }
+    }
+
+    fn get(&self, i: usize, path: &str) -> Option<Value> {
+        let (code, body) = netns::http(
+            &self.host(i).ns,
+            self.api(i),
+            "GET",
+            path,
+            Some(TOKEN),
+            None,
+            ms(1000),
+        )?;
+        if code != 200 {
+            return None;
+        }
+        serde_json::from_str(&body).ok()
+    }
+
+    /// The latest state keepalived `i` reported to its notify script.
+    fn notify_states(&self, i: usize) -> Vec<(f64, String)> {
+        let path = self.dir().join(format!("notify-{}.log", self.bal[i].name));
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let (t, s) = l.split_once(' ')?;
+                Some((t.parse().ok()?, s.trim().to_string()))
+            })
+            .collect()
+    }
+
+    /// Balancer `i` is a healthy standby behind `holder`: clb caught up with
+    /// the leader, `/healthz` ok and not holding; keepalived in BACKUP.
+    fn standby_ready(&mut self, i: usize, holder: usize) -> bool {
+        let label = self.daemon_label(i);
+        if !self.lab.running(&label) || self.holder() != Some(holder) {
+            return false;
+        }
+        match self.system {
+            System::Clb => {
+                let Some(h) = self.get(i, "/healthz") else {
+                    return false;
+                };
+                let leader = self.get(holder, "/v1/node");
+                let mine = self.get(i, "/v1/node");
+                let (Some(leader), Some(mine)) = (leader, mine) else {
+                    return false;
+                };
+                h["ok"] == true
+                    && h["vip_held"] == false
+                    && h["leader"] == json!(holder + 1)
+                    && mine["applied_index"].as_u64() >= leader["applied_index"].as_u64()
+            }
+            System::Keepalived => self
+                .notify_states(i)
+                .last()
+                .is_some_and(|(_, s)| s == "BACKUP"),
+        }
+    }
+
+    /// Exactly one holder and the client getting 200s; returns the holder.
+    fn steady(&self, shots: &Mutex<Vec<Shot>>) -> Result<usize> {
+        let since = Instant::now();
+        netns::poll(
+            STEP_MAX,
+            ms(10),
+            "one VIP holder and 200s through it",
+            || {
+                let h = self.holder()?;
+                (netns::served_since(shots, since, None) >= 50).then_some(h)
+            },
+        )
+    }
+
+    /// Two holders in samples within `[from, to]`, ignoring a dead host's
+    /// leftover address while it is dead (`dead`: index and interval).
+    fn overlaps(
+        &self,
+        from: Instant,
+        to: Instant,
+        dead: Option<(usize, Instant, Instant)>,
+    ) -> usize {
+        let Ok(samples) = self.samples.lock() else {
+            return 0;
+        };
+        samples
+            .iter()
+            .filter(|s| s.at >= from && s.at <= to)
+            .filter(|s| {
+                let counts = |i: usize| match dead {
+                    Some((d, t0, t1)) if d == i => !(s.at >= t0 && s.at <= t1),
+                    _ => true,
+                };
+                s.held[0] && counts(0) && s.held[1] && counts(1)
+            })
+            .count()
+    }
+
+    fn tail_logs(&self) -> String {
+        self.lab
+            .labels()
+            .iter()
+            .map(|l| format!("---- {l} ----\n{}", self.lab.log_tail(l, 15)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+// ---------------------------------------------------------------- drills
+
+struct Drill {
+    victim: String,
+    /// Kill → first 200 through the VIP (a request started after the kill).
+    failover: Option<Duration>,
+    /// Kill → the VIP configured on the survivor (sampler).
+    vip_moved: Option<Duration>,
+    overlap_samples: usize,
+    restore: Duration,
+}
+
+fn drills(opts: &Opts) -> Result<Value> {
+    let mut rows = Vec::new();
+    for profile in &opts.profiles {
+        for (n, system) in [System::Clb, System::Keepalived].into_iter().enumerate() {
+            let started = Instant::now();
+            let result = run_drills(system, profile, opts.drills, 1 + n as u8);
+            let drills = match result {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("{} {profile}: {e:#}", system.name());
+                    rows.push(json!({"system": system.name(), "profile": profile, "error": format!("{e:#}")}));
+                    continue;
+                }
+            };
+            let row = drill_row(system, profile, &drills, started.elapsed());
+            eprintln!("{}", row_line(&row));
+            rows.push(row);
+        }
+    }
+    println!("\n## Drills: the leader host dies (kill → first 200 through the VIP)\n");
+    println!("| system | profile | n | failed | p50 ms | p90 ms | p99 ms | max ms | VIP moved p50 ms | overlap moments |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for r in &rows {
+        println!("{}", row_line(r));
+    }
+    println!(
+        "\n(percentiles are nearest-rank over the drills; \"overlap moments\" counts sampler readings \
+         every {} ms with the VIP on both live balancers)",
+        SAMPLE_EVERY.as_millis()
+    );
+    Ok(Value::Array(rows))
+}
+
+fn row_line(r: &Value) -> String {
+    if let Some(e) = r.get("error") {
+        return format!("| {} | {} | error: {} |", r["system"], r["profile"], e);
+    }
+    let f = |k: &str| match r[k].as_f64() {
+        Some(v) => format!("{v:.0}"),
+        None => "–".into(),
+    };
+    format!(
+        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+        r["system"].as_str().unwrap_or("?"),
+        r["profile"].as_str().unwrap_or("?"),
+        r["n"],
+        r["failed"],
+        f("p50_ms"),
+        f("p90_ms"),
+        f("p99_ms"),
+        f("max_ms"),
+        f("vip_moved_p50_ms"),
+        r["overlap_moments"],
+    )
+}
+
+/// Nearest-rank percentile of sorted values.
+fn pct(sorted: &[f64], p: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+fn drill_row(system: System, profile: &str, drills: &[Drill], took: Duration) -> Value {
+    let millis = |d: &Duration| d.as_secs_f64() * 1000.0;
+    let mut ok: Vec<f64> = drills
+        .iter()
+        .filter_map(|d| d.failover.as_ref().map(millis))
+        .collect();
+    ok.sort_by(f64::total_cmp);
+    let mut moved: Vec<f64> = drills
+        .iter()
+        .filter_map(|d| d.vip_moved.as_ref().map(millis))
+        .collect();
+    moved.sort_by(f64::total_cmp);
+    json!({
+        "system": system.name(),
+        "profile": profile,
+        "n": drills.len(),
+        "failed": drills.iter().filter(|d| d.failover.is_none()).count(),
+        "p50_ms": pct(&ok, 50.0),
+        "p90_ms": pct(&ok, 90.0),
+        "p99_ms": pct(&ok, 99.0),
+        "max_ms": ok.last(),
+        "vip_moved_p50_ms": pct(&moved, 50.0),
+        "overlap_moments": drills.iter().map(|d| d.overlap_samples).sum::<usize>(),
+        "seconds": took.as_secs(),
+        "drills": drills.iter().map(|d| json!({
+            "victim": d.victim,
+            "failover_ms": d.failover.as_ref().map(millis),
+            "vip_moved_ms": d.vip_moved.as_ref().map(millis),
+            "overlap_samples": d.overlap_samples,
+            "restore_ms": millis(&d.restore),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn run_drills(system: System, profile: &str, count: usize, octet: u8) -> Result<Vec<Drill>> {
+    let mut pair = Pair::new(system, profile, octet)?;
+    let out = drill_loop(&mut pair, count);
+    if out.is_err() {
+        eprintln!("{}", pair.tail_logs());
+    }
+    out
+}
+
+fn drill_loop(pair: &mut Pair, count: usize) -> Result<Vec<Drill>> {
+    let opts = netns::ClientOpts {
+        workers: 4,
+        interval: ms(1),
+        connect_timeout: ms(20),
+        read_timeout: ms(500),
+    };
+    let target = SocketAddr::from((pair.vip, SVC_PORT));
+    let shots = netns::client(
+        &pair.client.ns,
+        target,
+        opts,
+        pair.lab.stop.clone(),
+        LAB_MAX,
+    );
+    let mut out = Vec::new();
+    for n in 0..count {
+        let begin = Instant::now();
+        let victim = pair.steady(&shots)?;
+        let survivor = 1 - victim;
+        // Restored hosts must be healthy standbys before the next drill.
+        netns::poll(
+            STEP_MAX,
+            ms(20),
+            "the other balancer a healthy standby",
+            || pair.standby_ready(survivor, victim).then_some(()),
+        )?;
+        // Pruned between drills so a long run does not grow without bound.
+        if let Ok(mut s) = shots.lock() {
+            s.retain(|s| s.at >= begin);
+        }
+
+        // The leader host dies: SIGKILL to both process groups, then the
+        // link cut (one ioctl), within a fraction of a millisecond.
+        let daemon = pair.daemon_label(victim);
+        let haproxy = format!("haproxy-{}", pair.bal[victim].name);
+        let t0 = Instant::now();
+        pair.lab.sigkill_now(&[&daemon, &haproxy]);
+        pair.lab.set_link(&pair.bal[victim], false)?;
+        let cut = Instant::now();
+        pair.lab.kill_all_of(&[&daemon, &haproxy]);
+        // Measured from t0; only requests sent after the cut count, so no
+        // answer from the dying host's last moment is taken for a failover.
+        let failover = netns::poll(
+            STEP_MAX,
+            ms(1),
+            "a 200 through the VIP after the kill",
+            || netns::first_success_after(&shots, cut),
+        )
+        .map(|at| at - t0)
+        .map_err(|e| eprintln!("drill {n}: {e}"))
+        .ok();
+        let vip_moved = netns::poll(STEP_MAX, ms(5), "the VIP on the survivor", || {
+            let s = pair.samples.lock().ok()?;
+            s.iter()
+                .find(|s| s.at > t0 && s.held[survivor])
+                .map(|s| s.at - t0)
+        })
+        .ok();
+
+        // The host comes back as after a reboot: without the address it held.
+        let t1 = Instant::now();
+        let vip = format!("{}/32", pair.vip);
+        let _ = netns::ip(&[
+            "-n",
+            &pair.bal[victim].ns,
+            "addr",
+            "del",
+            &vip,
+            "dev",
+            "eth0",
+        ]);
+        let cleared = Instant::now();
+        pair.lab.set_link(&pair.bal[victim], true)?;
+        pair.spawn_haproxy(victim)?;
+        match pair.system {
+            System::Clb => pair.spawn_clbd(victim)?,
+            System::Keepalived => pair.spawn_keepalived(victim)?,
+        }
+        netns::poll(
+            STEP_MAX,
+            ms(20),
+            "the restored host a healthy standby",
+            || pair.standby_ready(victim, survivor).then_some(()),
+        )?;
+        let restore = t1.elapsed();
+        let overlap = pair.overlaps(begin, Instant::now(), Some((victim, t0, cleared)));
+        let d = Drill {
+            victim: pair.bal[victim].name.clone(),
+            failover,
+            vip_moved,
+            overlap_samples: overlap,
+            restore,
+        };
+        eprintln!(
+            "{} {} drill {}/{count}: {} died, first 200 after {:?}, VIP moved after {:?}, {} overlap samples, restored in {:?}",
+            pair.system.name(),
+            pair.profile,
+            n + 1,
+            d.victim,
+            d.failover,
+            d.vip_moved,
+            d.overlap_samples,
+            d.restore
+        );
+        out.push(d);
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------- stability
+
+fn stability(opts: &Opts) -> Result<Value> {
+    let mut rows = Vec::new();
+    for profile in &opts.profiles {
+        match stability_one(profile, opts.duration) {
+            Ok(mut r) => rows.append(&mut r),
+            Err(e) => {
+                eprintln!("stability {profile}: {e:#}");
+                rows.push(json!({"system": "both", "profile": profile, "error": format!("{e:#}")}));
+            }
+        }
+    }
+    println!(
+        "\n## Stability: {} s without faults, clb under write load beside keepalived\n",
+        opts.duration.as_secs()
+    );
+    println!("| system | profile | seconds | leader changes | VIP moves (sampler) | overlap moments | writes/s | write errors | members at end |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for r in &rows {
+        if let Some(e) = r.get("error") {
+            println!("| {} | {} | error: {e} |", r["system"], r["profile"]);
+            continue;
+        }
+        let dash = |v: &Value| {
+            if v.is_null() {
+                "–".to_string()
+            } else {
+                v.to_string()
+            }
+        };
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r["system"].as_str().unwrap_or("?"),
+            r["profile"].as_str().unwrap_or("?"),
+            r["seconds"],
+            r["leader_changes"],
+            r["vip_moves"],
+            r["overlap_moments"],
+            dash(&r["writes_per_s"]),
+            dash(&r["write_errors"]),
+            dash(&r["members_at_end"]),
+        );
+    }
+    println!("\n(clb leader changes: Raft term changes seen by the witness; keepalived: MASTER transitions after the first)");
+    Ok(Value::Array(rows))
+}
+
+/// Counters of the write load.
+#[derive(Default)]
+struct Load {
+    ok: AtomicU64,
+    absent: AtomicU64,
+    errors: AtomicU64,
+}
+
+fn stability_one(profile: &str, duration: Duration) -> Result<Vec<Value>> {
+    let clb = Pair::new(System::Clb, profile, 11)?;
+    let ka = Pair::new(System::Keepalived, profile, 12)?;
+    let out = stability_run(&clb, &ka, duration);
+    if out.is_err() {
+        eprintln!("{}\n{}", clb.tail_logs(), ka.tail_logs());
+    }
+    out
+}
+
+fn stability_run(clb: &Pair, ka: &Pair, duration: Duration) -> Result<Vec<Value>> {
+    // Steady state for both before the window opens.
+    let target = |p: &Pair| SocketAddr::from((p.vip, SVC_PORT));
+    let opts = netns::ClientOpts {
+        workers: 1,
+        interval: ms(10),
+        connect_timeout: ms(100),
+        read_timeout: ms(500),
+    };
+    for p in [clb, ka] {
+        let stop = Arc::new(AtomicBool::new(false));
+        let shots = netns::client(&p.client.ns, target(p), opts, stop.clone(), STEP_MAX);
+        let r = p.steady(&shots);
+        stop.store(true, Ordering::SeqCst);
+        r.with_context(|| format!("{} steady state", p.system.name()))?;
+    }
+    let term = |p: &Pair| p.get(2, "/v1/node").and_then(|v| v["term"].as_u64());
+    let claims = |p: &Pair| -> Option<u64> {
+        (0..2)
+            .map(|i| {
+                p.get(i, "/v1/cluster")
+                    .and_then(|v| v["vip"]["claims_ok"].as_u64())
+            })
+            .sum()
+    };
+    let term0 = term(clb).context("witness term")?;
+    let claims0 = claims(clb).context("VIP claims")?;
+    let masters = |p: &Pair| -> usize {
+        (0..2)
+            .map(|i| {
+                p.notify_states(i)
+                    .iter()
+                    .filter(|(_, s)| s == "MASTER")
+                    .count()
+            })
+            .sum()
+    };
+    let masters0 = masters(ka);
+
+    let start = Instant::now();
+    let deadline = start + duration;
+    let load = Arc::new(Load::default());
+    let mut workers = Vec::new();
+    // Two writers per clb node: writes to followers are forwarded.
+    for w in 0..6 {
+        let api = clb.api(w % 3);
+        let ns = clb.client.ns.clone();
+        let load = load.clone();
+        workers.push(std::thread::spawn(move || {
+            write_load(&ns, api, deadline, &load)
+        }));
+    }
+    for w in workers {
+        let _ = w.join();
+    }
+    let end = Instant::now();
+    let secs = (end - start).as_secs_f64();
+    let term1 = term(clb);
+    let claims1 = claims(clb);
+    let members = clb
+        .get(2, "/v1/cluster")
+        .and_then(|v| v["members"].as_u64());
+    let masters1 = masters(ka);
+
+    let moves = |p: &Pair| -> usize {
+        let Ok(s) = p.samples.lock() else { return 0 };
+        let mut last = None;
+        let mut n = 0;
+        for s in s.iter().filter(|s| s.at >= start && s.at <= end) {
+            let h = match (s.held[0], s.held[1]) {
+                (true, false) => Some(0),
+                (false, true) => Some(1),
+                _ => None,
+            };
+            if let (Some(h), Some(l)) = (h, last) {
+                if h != l {
+                    n += 1;
+                }
+            }
+            if h.is_some() {
+                last = h;
+            }
+        }
+        n
+    };
+    let ok = load.ok.load(Ordering::SeqCst);
+    let clb_row = json!({
+        "system": "clb",
+        "profile": clb.profile,
+        "seconds": secs.round(),
+        "leader_changes": term1.map(|t| t - term0),
+        "vip_claims_after_first": claims1.map(|c| c - claims0),
+        "vip_moves": moves(clb),
+        "overlap_moments": clb.overlaps(start, end, None),
+        "writes_per_s": (ok as f64 / secs).round(),
+        "writes_ok": ok,
+        "unregister_absent": load.absent.load(Ordering::SeqCst),
+        "write_errors": load.errors.load(Ordering::SeqCst),
+        "members_at_end": members,
+    });
+    let ka_row = json!({
+        "system": "keepalived",
+        "profile": ka.profile,
+        "seconds": secs.round(),
+        "leader_changes": masters1 - masters0,
+        "vip_moves": moves(ka),
+        "overlap_moments": ka.overlaps(start, end, None),
+        "writes_per_s": null,
+        "write_errors": null,
+        "members_at_end": null,
+    });
+    eprintln!(
+        "stability {}: clb {clb_row}\nkeepalived {ka_row}",
+        clb.profile
+    );
+    Ok(vec![clb_row, ka_row])
+}
+
+/// Registers and unregisters members of `load` from a bounded key set
+/// (3,000 names, 60 % registers: ~1,800 members) until `deadline`.
+fn write_load(ns: &str, api: SocketAddr, deadline: Instant, load: &Load) {
+    if let Err(e) = netns::enter_ns(ns) {
+        eprintln!("write load: {e}");
+        return;
+    }
+    let mut rng = rand::thread_rng();
+    while Instant::now() < deadline {
+        let key: u32 = rng.gen_range(0..3000);
+        let path = format!("/v1/services/load/members/m{key}");
+        let r = if rng.gen_bool(0.6) {
+            let body = format!(r#"{{"address": "127.0.0.1", "port": {}}}"#, 10_000 + key);
+            netns::http_here(api, "PUT", &path, Some(TOKEN), Some(&body), ms(3000))
+        } else {
+            // force: churn is the point here, the removal guardrail would refuse it.
+            let path = format!("{path}?force=true");
+            netns::http_here(api, "DELETE", &path, Some(TOKEN), None, ms(3000))
+        };
+        match r {
+            Some((200, _)) => load.ok.fetch_add(1, Ordering::Relaxed),
+            Some((404, _)) => load.absent.fetch_add(1, Ordering::Relaxed),
+            _ => {
+                load.errors.fetch_add(1, Ordering::Relaxed);
+                // A refused or timed-out request must not spin.
+                std::thread::sleep(ms(10));
+                0
+            }
+        };
+    }
+}
