@@ -512,6 +512,11 @@ impl Pair {
                 .display()
                 .to_string()
         };
+        // A killed instance leaves its pid files; keepalived refuses to start
+        // ("already running") when a pid in them was reused meanwhile.
+        for what in ["keepalived", "vrrp", "checkers"] {
+            let _ = std::fs::remove_file(p(what));
+        }
         let args: Vec<String> = vec![
             "--dont-fork".into(),
             "--log-console".into(),

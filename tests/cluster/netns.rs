@@ -559,28 +559,36 @@ pub fn backend(
     let name = name.to_string();
     bounded_loop(None, stop, max, move || {
         match listener.accept() {
-            Ok((mut s, _)) => {
-                let _ = s.set_nonblocking(false);
-                let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-                let mut buf = [0u8; 2048];
-                let mut got = Vec::new();
-                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => got.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = write!(
-                    s,
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{name}",
-                    name.len()
-                );
+            // A thread per connection: a half-open connection from a killed
+            // balancer (its link cut, no FIN ever comes) must not hold up
+            // the answers to the live one.
+            Ok((s, _)) => {
+                let name = name.clone();
+                std::thread::spawn(move || answer(s, &name));
             }
             Err(_) => std::thread::sleep(Duration::from_millis(1)),
         }
         true
     });
     Ok(())
+}
+
+fn answer(mut s: TcpStream, name: &str) {
+    let _ = s.set_nonblocking(false);
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut buf = [0u8; 2048];
+    let mut got = Vec::new();
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    let _ = write!(
+        s,
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{name}",
+        name.len()
+    );
 }
 
 /// One client request: when it started and ended, and the backend that
