@@ -141,7 +141,7 @@ pub struct Settings {
     /// Timer preset: default, fast or extreme (explicit timer flags still win) [default: default]
     #[arg(long, env = "CLB_TIMERS")]
     pub timers: Option<String>,
-    /// How long a quorum ack lets the leader hold the VIP; below --election-timeout-min-ms [default: 2/3 of it]
+    /// How long a quorum ack lets the leader hold the VIP; below --election-timeout-max-ms [default: 3/4 of it]
     #[arg(long, env = "CLB_LEASE_MS")]
     pub lease_ms: Option<u64>,
     /// Interface passed to the VIP hook as CLB_INTERFACE [default: the linux-vip one]
@@ -380,7 +380,7 @@ impl Config {
         if let Some(adv) = &s.advertise {
             check_host_port("advertise", adv)?;
         }
-        let failover = failover_config(&failover_settings, role, heartbeat_ms, min, max)?;
+        let failover = failover_config(&failover_settings, role, heartbeat_ms, max)?;
         Ok(Config {
             node_id,
             listen,
@@ -570,7 +570,6 @@ fn failover_config(
     s: &Settings,
     role: Role,
     heartbeat_ms: u64,
-    election_min_ms: u64,
     election_max_ms: u64,
 ) -> Result<FailoverConfig, ConfigError> {
     let vip = s
@@ -593,13 +592,15 @@ fn failover_config(
     if hook.is_some() && vip.is_none() {
         return Err(invalid("vip-hook", "needs --vip"));
     }
-    // 2/3 leaves a third of the election timeout as margin for clock-rate
-    // drift and for the release hook to finish (docs/failover.md).
-    let lease_ms = s.lease_ms.unwrap_or(election_min_ms * 2 / 3);
-    if lease_ms >= election_min_ms {
+    // Voters refuse votes for election-timeout-max after each heartbeat
+    // (openraft's own leader lease), so the VIP lease must end before that;
+    // 3/4 leaves a quarter as margin for clock-rate drift and for the release
+    // hook to finish (docs/failover.md).
+    let lease_ms = s.lease_ms.unwrap_or(election_max_ms * 3 / 4);
+    if lease_ms >= election_max_ms {
         return Err(invalid(
             "lease-ms",
-            format!("{lease_ms} must be below --election-timeout-min-ms {election_min_ms}"),
+            format!("{lease_ms} must be below --election-timeout-max-ms {election_max_ms}"),
         ));
     }
     if lease_ms < 2 * heartbeat_ms {
@@ -757,7 +758,7 @@ mod tests {
         })
         .starts_with("--timers"));
         let c = Config::from_settings(vip("fd00::5", "linux-vip:lo")).unwrap();
-        assert_eq!(c.failover.lease, Duration::from_millis(73));
+        assert_eq!(c.failover.lease, Duration::from_millis(112));
         assert_eq!(
             c.failover.hook.as_ref().and_then(|h| h.interface()),
             Some("lo")
@@ -771,7 +772,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.raft.heartbeat_ms, 10);
         assert_eq!(c.raft.election_timeout_min_ms, 40);
-        assert_eq!(c.failover.lease, Duration::from_millis(26));
+        assert_eq!(c.failover.lease, Duration::from_millis(37));
         for preset in ["default", "fast", "extreme"] {
             Config::from_settings(Settings {
                 timers: Some(preset.into()),

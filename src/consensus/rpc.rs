@@ -1,11 +1,15 @@
 //! Server side of the peer transport: `/raft/*` routes, bincode in and out.
 
+use std::time::{Duration, Instant};
+
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
+use openraft::error::RaftError;
+use openraft::raft::{VoteRequest, VoteResponse};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -17,9 +21,17 @@ use super::{Consensus, LeaderRequest, NodeId};
 const PEER_BODY_LIMIT: usize = 64 << 20;
 
 pub fn routes(consensus: Consensus) -> Router {
+    let started = Instant::now();
     Router::new()
         .route("/raft/append", post(append))
-        .route("/raft/vote", post(vote))
+        .route(
+            "/raft/vote",
+            post(
+                move |c: State<Consensus>, headers: HeaderMap, body: Bytes| {
+                    vote(c, headers, body, started)
+                },
+            ),
+        )
         .route("/raft/snapshot", post(snapshot))
         .route("/raft/leader", post(leader))
         .layer(DefaultBodyLimit::max(PEER_BODY_LIMIT))
@@ -76,11 +88,31 @@ async fn append(State(c): State<Consensus>, headers: HeaderMap, body: Bytes) -> 
     }
 }
 
-async fn vote(State(c): State<Consensus>, headers: HeaderMap, body: Bytes) -> Response {
-    match admit(&c, &headers, &body) {
-        Ok(req) => encode(&c.raft.vote(req).await),
-        Err(r) => r,
+/// A voter refuses every vote for `election_timeout_max` after it starts.
+/// openraft refuses votes for that long after each heartbeat (its leader
+/// lease), and the VIP lease of the old leader relies on that
+/// (docs/failover.md); a restarted process has forgotten when it last heard
+/// from the leader, so without this pause a quick restart could vote a new
+/// leader in while the old one still holds the VIP on the strength of an ack
+/// this very node gave before it crashed.
+async fn vote(
+    State(c): State<Consensus>,
+    headers: HeaderMap,
+    body: Bytes,
+    started: Instant,
+) -> Response {
+    let req: VoteRequest<u64> = match admit(&c, &headers, &body) {
+        Ok(req) => req,
+        Err(r) => return r,
+    };
+    let quiet = Duration::from_millis(c.raft.config().election_timeout_max);
+    if started.elapsed() < quiet {
+        let vote = c.raft.metrics().borrow().vote;
+        let refused: Result<VoteResponse<u64>, RaftError<u64>> =
+            Ok(VoteResponse::new(vote, None, false));
+        return encode(&refused);
     }
+    encode(&c.raft.vote(req).await)
 }
 
 async fn snapshot(State(c): State<Consensus>, headers: HeaderMap, body: Bytes) -> Response {
