@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use clb::client::Client;
+use clb::client::{Client, ClientOptions};
 use serde_json::Value;
 
 pub const TOKEN: &str = "test-admin-token";
@@ -49,6 +49,16 @@ where
     }
 }
 
+/// A client with the test token. Plain HTTP is allowed beyond loopback: a
+/// node outside loopback lives in a namespace the test made.
+fn test_client(servers: &str) -> Client {
+    let options = ClientOptions {
+        insecure: true,
+        ..Default::default()
+    };
+    Client::with_options(servers, Some(TOKEN.into()), options).expect("client")
+}
+
 pub struct Node {
     pub id: u64,
     pub addr: String,
@@ -64,7 +74,7 @@ impl Node {
     }
 
     pub fn client(&self) -> Client {
-        Client::new(&self.addr, Some(TOKEN.into())).expect("client")
+        test_client(&self.addr)
     }
 
     pub fn spawn(&mut self) {
@@ -252,7 +262,7 @@ impl Cluster {
     /// Every node's client, in id order (for "try in turn").
     pub fn any_client(&self) -> Client {
         let servers: Vec<&str> = self.nodes.values().map(|n| n.addr.as_str()).collect();
-        Client::new(&servers.join(","), Some(TOKEN.into())).expect("client")
+        test_client(&servers.join(","))
     }
 
     /// The leader all running nodes agree on.

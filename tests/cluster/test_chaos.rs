@@ -1,5 +1,8 @@
 //! Chaos: clients register, unregister and read through random nodes while
-//! nodes are SIGKILLed and restarted, SIGSTOPped and continued. Afterwards:
+//! nodes are SIGKILLed and restarted, SIGSTOPped and continued and, where
+//! network namespaces are available (root), cut off from all peers or from
+//! one peer (each node then runs in its own namespace on a bridge, the
+//! clients in another). Afterwards:
 //! acknowledged writes survived, the history is linearizable, the nodes
 //! converge and render identical configs, and the VIP never had two holders.
 //!
@@ -22,6 +25,7 @@ use crate::harness::{
     eventually, free_port, hook_events, vip_hook, Cluster, HookEvent, FAST_TIMERS, TOKEN,
 };
 use crate::linearizability::{self as lin, Entry, Op, Outcome};
+use crate::netns::{self, Host, Lab};
 
 const SERVICE: &str = "http";
 const KEYS: usize = 8;
@@ -325,7 +329,13 @@ async fn client_loop(shared: Arc<Shared>, client: usize, seed: u64) {
 
 /// The fault loop: one fault at a time, each undone before the next, until
 /// `until`; every node is running when it returns.
-async fn faults(c: &mut Cluster, rng: &mut StdRng, t0: Instant, until: Instant) -> Vec<Fault> {
+async fn faults(
+    c: &mut Cluster,
+    net: Option<&Net>,
+    rng: &mut StdRng,
+    t0: Instant,
+    until: Instant,
+) -> Vec<Fault> {
     let mut log = Vec::new();
     let record = |log: &mut Vec<Fault>, node: u64, what: &'static str| {
         log.push(Fault {
@@ -351,28 +361,123 @@ async fn faults(c: &mut Cluster, rng: &mut StdRng, t0: Instant, until: Instant) 
         };
         // Long enough, sometimes, for an election (timeout 300–600 ms).
         let down = Duration::from_millis(rng.gen_range(100..2_000));
-        if rng.gen_bool(0.5) {
-            record(&mut log, target, "kill");
-            c.node_mut(target).kill();
-            tokio::time::sleep(down).await;
-            record(&mut log, target, "spawn");
-            c.node_mut(target).spawn();
-            let node = c.node(target);
-            eventually(
-                Duration::from_secs(30),
-                "restarted node healthy",
-                || async { node.healthy().await.then_some(()) },
-            )
-            .await;
-        } else {
-            record(&mut log, target, "stop");
-            c.node(target).signal(libc::SIGSTOP);
-            tokio::time::sleep(down).await;
-            record(&mut log, target, "cont");
-            c.node(target).signal(libc::SIGCONT);
+        let kinds = if net.is_some() { 4 } else { 2 };
+        match rng.gen_range(0..kinds) {
+            0 => {
+                record(&mut log, target, "kill");
+                c.node_mut(target).kill();
+                tokio::time::sleep(down).await;
+                record(&mut log, target, "spawn");
+                match net {
+                    // A child starts in the spawning thread's namespace.
+                    Some(net) => netns::in_ns(&net.hosts[&target].ns, || {
+                        c.node_mut(target).spawn();
+                    })
+                    .expect("spawn in the node's namespace"),
+                    None => c.node_mut(target).spawn(),
+                }
+                let node = c.node(target);
+                eventually(
+                    Duration::from_secs(30),
+                    "restarted node healthy",
+                    || async { node.healthy().await.then_some(()) },
+                )
+                .await;
+            }
+            1 => {
+                record(&mut log, target, "stop");
+                c.node(target).signal(libc::SIGSTOP);
+                tokio::time::sleep(down).await;
+                record(&mut log, target, "cont");
+                c.node(target).signal(libc::SIGCONT);
+            }
+            2 => {
+                let net = net.expect("partitions need the namespace lab");
+                let host = &net.hosts[&target];
+                record(&mut log, target, "cut");
+                net.lab.set_link(host, false).expect("cut the link");
+                tokio::time::sleep(down).await;
+                record(&mut log, target, "heal");
+                net.lab.set_link(host, true).expect("restore the link");
+            }
+            _ => {
+                // Target and one other node lose each other; both still
+                // reach the third (the classic partial partition).
+                let net = net.expect("partitions need the namespace lab");
+                let other = *ids
+                    .iter()
+                    .filter(|&&id| id != target)
+                    .nth(rng.gen_range(0..ids.len() - 1))
+                    .expect("another node");
+                record(&mut log, target, "split");
+                net.split(target, other, true).expect("split two nodes");
+                tokio::time::sleep(down).await;
+                record(&mut log, target, "heal");
+                net.split(target, other, false).expect("rejoin two nodes");
+            }
         }
     }
     log
+}
+
+/// The namespace lab the nodes run in: one host per node, one for clients.
+struct Net {
+    lab: Lab,
+    hosts: BTreeMap<u64, Host>,
+    client: Host,
+}
+
+/// Clients of the namespaced cluster reach the nodes at this port.
+const NS_PORT: u16 = 7000;
+
+impl Net {
+    /// Three node hosts and a client host, or `None` (with the reason
+    /// printed) where namespaces cannot be made: not root, no `ip netns`.
+    fn create() -> Option<Net> {
+        // SAFETY: geteuid(2) has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("chaos: not root, running without partitions");
+            return None;
+        }
+        let made = (|| -> anyhow::Result<Net> {
+            let mut lab = Lab::new("cx", [10, 77, 9])?;
+            let mut hosts = BTreeMap::new();
+            for id in 1..=3u64 {
+                hosts.insert(id, lab.add_host(&format!("n{id}"), 10 + id as u8)?);
+            }
+            let client = lab.add_host("cl", 100)?;
+            Ok(Net { lab, hosts, client })
+        })();
+        match made {
+            Ok(net) => Some(net),
+            Err(e) => {
+                eprintln!("chaos: no network namespaces ({e:#}), running without partitions");
+                None
+            }
+        }
+    }
+
+    fn addr(&self, id: u64) -> String {
+        format!("{}:{NS_PORT}", self.hosts[&id].ip)
+    }
+
+    /// Blackhole routes both ways between nodes `a` and `b` (`on`), or
+    /// removes them.
+    fn split(&self, a: u64, b: u64, on: bool) -> anyhow::Result<()> {
+        let verb = if on { "add" } else { "del" };
+        for (from, to) in [(a, b), (b, a)] {
+            let dst = format!("{}/32", self.hosts[&to].ip);
+            netns::ip(&[
+                "-n",
+                &self.hosts[&from].ns,
+                "route",
+                verb,
+                "blackhole",
+                &dst,
+            ])?;
+        }
+        Ok(())
+    }
 }
 
 /// Per member: the projection of every operation onto it, for the checker.
@@ -556,6 +661,9 @@ fn vip_violations(hooks: &[HookEvent], faults: &[Fault], end: u128) -> (Vec<Stri
                     dead = true;
                 }
                 "spawn" => dead = false,
+                // A cut-off holder keeps running and releases by itself
+                // when its lease runs out: its hook log says when.
+                "cut" | "split" | "heal" => {}
                 "stop" => {
                     suspended = holding.map(|h| h.1);
                     close(&mut holding, at, "stop");
@@ -630,8 +738,56 @@ fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chaos_kill_and_stop_under_load_loses_nothing_and_stays_linearizable() {
+#[test]
+fn chaos_kill_stop_and_partition_under_load_loses_nothing_and_stays_linearizable() {
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("tokio runtime")
+    };
+    match Net::create() {
+        // The runtime's threads start in the namespace of the thread that
+        // builds it, so every request the test sends leaves from the
+        // client host.
+        Some(net) => {
+            let ns = net.client.ns.clone();
+            netns::in_ns(&ns, move || runtime().block_on(chaos(Some(net))))
+                .expect("the chaos run (its panic is printed above)")
+        }
+        None => runtime().block_on(chaos(None)),
+    }
+}
+
+/// Three nodes, one in each of `net`'s node hosts; started and healthy.
+async fn start_in(net: &Net, args: impl Fn(u64) -> Vec<String>) -> Cluster {
+    let mut c = Cluster::empty();
+    let peers = net
+        .hosts
+        .keys()
+        .map(|id| format!("{id}={}", net.addr(*id)))
+        .collect::<Vec<_>>()
+        .join(",");
+    for (id, host) in &net.hosts {
+        let mut all = vec!["--peers".to_string(), peers.clone()];
+        all.extend(args(*id));
+        let addr = net.addr(*id);
+        netns::in_ns(&host.ns, || {
+            c.add_node_with_timers(*id, addr, &FAST_TIMERS, all);
+        })
+        .expect("spawn in the node's namespace");
+    }
+    for node in c.nodes.values() {
+        eventually(Duration::from_secs(20), "node healthy", || async {
+            node.healthy().await.then_some(())
+        })
+        .await;
+    }
+    c
+}
+
+async fn chaos(net: Option<Net>) {
     let seed = env_u64("CLB_CHAOS_SEED").unwrap_or_else(|| wall_ns() as u64 % 1_000_000_007);
     let duration = Duration::from_secs(env_u64("CLB_CHAOS_DURATION_S").unwrap_or(60));
     eprintln!(
@@ -643,7 +799,7 @@ async fn chaos_kill_and_stop_under_load_loses_nothing_and_stays_linearizable() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (script, hook_log) = vip_hook(dir.path());
     let script = script.display().to_string();
-    let mut c = Cluster::start_custom(3, &FAST_TIMERS, |_| {
+    let args = |_| {
         [
             "--vip",
             VIP,
@@ -657,8 +813,11 @@ async fn chaos_kill_and_stop_under_load_loses_nothing_and_stays_linearizable() {
         .iter()
         .map(|s| s.to_string())
         .collect()
-    })
-    .await;
+    };
+    let mut c = match &net {
+        Some(net) => start_in(net, args).await,
+        None => Cluster::start_custom(3, &FAST_TIMERS, args).await,
+    };
     c.leader(Duration::from_secs(30)).await;
     c.any_client()
         .define_service(SERVICE, json!({"port": free_port()}))
@@ -695,7 +854,7 @@ async fn chaos_kill_and_stop_under_load_loses_nothing_and_stays_linearizable() {
     let clients: Vec<_> = (0..CLIENTS)
         .map(|i| tokio::spawn(client_loop(shared.clone(), i, seed)))
         .collect();
-    let fault_log = faults(&mut c, &mut rng, t0, t0 + duration).await;
+    let fault_log = faults(&mut c, net.as_ref(), &mut rng, t0, t0 + duration).await;
     shared.stop.store(true, Ordering::Relaxed);
     for client in clients {
         tokio::time::timeout(REQUEST_TIMEOUT * 3, client)
@@ -855,8 +1014,12 @@ async fn chaos_kill_and_stop_under_load_loses_nothing_and_stays_linearizable() {
     problems.extend(vip_problems);
 
     let count = |f: fn(&Answer) -> bool| history.iter().filter(|r| f(&r.result)).count();
+    let kinds: Vec<String> = ["kill", "stop", "cut", "split"]
+        .iter()
+        .map(|k| format!("{k} {}", fault_log.iter().filter(|f| f.what == *k).count()))
+        .collect();
     let summary = format!(
-        "seed {seed}: {} ops in {:.1} s ({} ok, {} 404, {} unknown, {} not applied, {} reads), {} faults, {} VIP hook runs ({held} holding intervals, {stale} stale overlaps after SIGCONT), checker {:?}",
+        "seed {seed}: {} ops in {:.1} s ({} ok, {} 404, {} unknown, {} not applied, {} reads), {} faults ({}), {} VIP hook runs ({held} holding intervals, {stale} stale overlaps after SIGCONT), checker {:?}",
         history.len(),
         ops_done.as_secs_f64(),
         count(|r| matches!(r, Answer::Ok { .. })),
@@ -865,6 +1028,7 @@ async fn chaos_kill_and_stop_under_load_loses_nothing_and_stays_linearizable() {
         count(|r| matches!(r, Answer::NotApplied(_))),
         count(|r| matches!(r, Answer::Read { .. })),
         fault_log.len(),
+        kinds.join(", "),
         hooks.len(),
         check_took,
     );
@@ -878,7 +1042,12 @@ async fn chaos_kill_and_stop_under_load_loses_nothing_and_stays_linearizable() {
     let mut report = String::new();
     let _ = writeln!(
         report,
-        "chaos FAILED; rerun with CLB_CHAOS_SEED={seed} CLB_CHAOS_DURATION_S={}",
+        "chaos FAILED ({}); rerun with CLB_CHAOS_SEED={seed} CLB_CHAOS_DURATION_S={}",
+        if net.is_some() {
+            "with partitions"
+        } else {
+            "loopback, no partitions"
+        },
         duration.as_secs()
     );
     let _ = writeln!(report, "{summary}");
