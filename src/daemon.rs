@@ -101,8 +101,9 @@ fn check_writable(dir: &Path) -> Result<(), DaemonError> {
     })
 }
 
-/// Resolves when Raft stops by itself (not by our shutdown), with why. A
-/// stopped Raft never restarts in-process, so the daemon must exit.
+/// Resolves when Raft fails: a storage error or a panic stopped it, and a
+/// stopped Raft never restarts in-process, so the daemon must exit. A
+/// normal stop (our shutdown, or a duplicate node id halting) never resolves.
 async fn raft_failed(consensus: Consensus, dir: PathBuf) -> DaemonError {
     let mut metrics = consensus.raft.metrics();
     loop {
@@ -113,19 +114,20 @@ async fn raft_failed(consensus: Consensus, dir: PathBuf) -> DaemonError {
             Err(Fatal::Panicked) => return DaemonError::RaftStopped("raft panicked".into()),
         }
         if metrics.changed().await.is_err() {
-            // The core is gone; its last report said why, or it stopped normally.
-            let state = metrics.borrow().running_state.clone();
-            return match state {
+            let last = metrics.borrow().running_state.clone();
+            return match last {
                 Err(Fatal::StorageError(e)) => storage_failed(&e.to_string(), &dir),
-                Err(Fatal::Panicked) => DaemonError::RaftStopped("raft panicked".into()),
-                Ok(()) | Err(Fatal::Stopped) => std::future::pending().await,
+                Err(Fatal::Stopped) => std::future::pending().await,
+                // A panicking core unwinds without a last report.
+                Ok(()) | Err(Fatal::Panicked) => DaemonError::RaftStopped("raft panicked".into()),
             };
         }
     }
 }
 
 /// A fatal storage error, with the OS error pulled out of sled's text
-/// (`IO error: Os { code: 28, .. }`) so the line reads like any other.
+/// (`IO error: Os { code: 28, .. }` or `(os error 5)`) so the line reads
+/// like any other.
 fn storage_failed(text: &str, dir: &Path) -> DaemonError {
     DaemonError::Storage {
         cause: os_error_in(text)
@@ -141,11 +143,12 @@ fn storage_failed(text: &str, dir: &Path) -> DaemonError {
 }
 
 fn os_error_in(text: &str) -> Option<std::io::Error> {
-    let rest = &text[text.find("code: ")? + "code: ".len()..];
-    let end = rest
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(rest.len());
-    Some(std::io::Error::from_raw_os_error(rest[..end].parse().ok()?))
+    let code = ["code: ", "(os error "].iter().find_map(|tag| {
+        let rest = &text[text.find(tag)? + tag.len()..];
+        let end = rest.find(|c: char| !c.is_ascii_digit())?;
+        rest[..end].parse().ok()
+    })?;
+    Some(std::io::Error::from_raw_os_error(code))
 }
 
 /// Reads a `clb snapshot save` file.
@@ -458,7 +461,11 @@ pub async fn run(
     // The VIP is released before Raft stops, so a peer can take it over.
     failover.stopped().await;
     if let Ok(e) = failed_rx.try_recv() {
-        // Raft is already down, and a final flush can only fail again.
+        // Raft is already down, and a final flush can only fail again; worse,
+        // sled's drop panics when its last sync fails. Keep the database
+        // open until the process exits: the next start recovers from what
+        // is on disk.
+        std::mem::forget(consensus);
         return Err(e);
     }
     tracing::info!("shutting down raft");
@@ -559,6 +566,15 @@ mod tests {
              exiting so the supervisor restarts clbd when the disk is writable"
         );
         assert_eq!(e.exit_code(), EXIT_RETRY);
+        let e = storage_failed(
+            "when Write Logs: sled::result::Error: IO error: Input/output error (os error 5)",
+            Path::new("/d"),
+        );
+        assert!(
+            e.to_string()
+                .starts_with("storage failed: Input/output error (os error 5) writing /d;"),
+            "{e}"
+        );
         // Without an OS error the text stays whole.
         let e = storage_failed("when Read Vote: decode failed", Path::new("/d"));
         assert!(e.to_string().contains("decode failed reading /d;"), "{e}");

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use openraft::storage::RaftLogStorage;
 use serde_json::Value;
 
 use crate::harness::{eventually, hook_events, vip_hook, Cluster, Node, TOKEN};
@@ -313,17 +314,23 @@ async fn applied(node: &Node) -> Option<u64> {
     node.view().await?["applied_index"].as_u64()
 }
 
-/// The one line that says why the node stopped.
-fn says_why(node: &Node, cause: &str) -> String {
+/// The one line that says why the node stopped, with one of `causes`.
+fn says_why(node: &Node, causes: &[&str]) -> String {
     let text = node.log_text();
-    let want = format!(
-        "storage failed: {cause} writing {}",
-        node.data_dir.display()
-    );
+    let dir = node.data_dir.display();
     let line = text
         .lines()
-        .find(|l| l.contains(&want))
-        .unwrap_or_else(|| panic!("no '{want}' in node {}'s log:\n{text}", node.id));
+        .find(|l| {
+            causes
+                .iter()
+                .any(|cause| l.contains(&format!("storage failed: {cause} writing {dir}; ")))
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "no 'storage failed: {causes:?} writing {dir}' in node {}'s log:\n{text}",
+                node.id
+            )
+        });
     assert!(
         !text.contains("panicked"),
         "node {} panicked:\n{text}",
@@ -382,7 +389,7 @@ async fn full_disk(c: &mut Cluster, victim: u64) {
     .await;
     let detect = filled.elapsed();
     assert_eq!(code, Some(EXIT_RETRY), "{}", c.node(victim).log_text());
-    let line = says_why(c.node(victim), "No space left on device (os error 28)");
+    let line = says_why(c.node(victim), &["No space left on device (os error 28)"]);
     assert!(
         line.contains("exiting so the supervisor restarts clbd"),
         "{line}"
@@ -508,6 +515,7 @@ async fn a_data_dir_that_turns_read_only_under_a_running_node_stops_it_until_it_
         "/sys/fs/ext4/{}/trigger_fs_error",
         dev.trim_start_matches("/dev/")
     );
+    let applied_before = applied(c.node(3)).await.expect("node 3's index");
     let failed_at = Instant::now();
     std::fs::write(&trigger, "clb test: read-only fault").expect("trigger an ext4 error");
     let code = exit_code(
@@ -518,7 +526,14 @@ async fn a_data_dir_that_turns_read_only_under_a_running_node_stops_it_until_it_
     .await;
     let detect = failed_at.elapsed();
     assert_eq!(code, Some(EXIT_RETRY), "{}", c.node(3).log_text());
-    says_why(c.node(3), "Read-only file system (os error 30)");
+    // Writes fail read-only; a sync after ext4 aborted its journal, EIO.
+    says_why(
+        c.node(3),
+        &[
+            "Read-only file system (os error 30)",
+            "Input/output error (os error 5)",
+        ],
+    );
     writes
         .progress(20, Duration::from_secs(10), "writes while the node is down")
         .await;
@@ -533,6 +548,24 @@ async fn a_data_dir_that_turns_read_only_under_a_running_node_stops_it_until_it_
     // 0: clean, 1: errors corrected.
     assert!(matches!(fsck.status.code(), Some(0 | 1)), "{fsck:?}");
     mounts.mount_ext4("ext4").expect("mount again");
+    // The error threw away what ext4 had not committed: the node must still
+    // have its vote and every entry it had applied, or it would rejoin with
+    // amnesia (a leader's Raft panics on a follower whose log went back).
+    {
+        let mut stores = clb::consensus::store::open(&data).expect("the data dir opens");
+        let vote = stores.log.read_vote().await.expect("read vote");
+        assert!(vote.is_some(), "node 3 forgot its vote");
+        let last = stores
+            .log
+            .get_log_state()
+            .await
+            .expect("log state")
+            .last_log_id;
+        assert!(
+            last.map(|l| l.index) >= Some(applied_before),
+            "node 3 lost log entries: it had applied {applied_before}, its log ends at {last:?}"
+        );
+    }
     let recover = restart_and_catch_up(&mut c, 3, Instant::now()).await;
     let acked = writes.finish().await;
     caught_up(&c, &acked).await;
