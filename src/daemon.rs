@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use openraft::error::Fatal;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -21,10 +22,29 @@ use crate::render::{
 /// How long in-flight requests get after SIGTERM before the server stops anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
+/// Exit status asking the supervisor to start clbd again later (EX_TEMPFAIL):
+/// the data dir could not be written, or Raft stopped on its own. Every
+/// other failure exits 1: a refusal that restarting cannot fix.
+pub const EXIT_RETRY: i32 = 75;
+
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    #[error("create data dir {dir}: {source}")]
-    DataDir { dir: String, source: std::io::Error },
+    /// The data dir cannot be written (full, read-only, failing), at start or
+    /// while running. sled cannot carry on after a failed write; a restart
+    /// reopens it and Raft catches up from the leader.
+    #[error("storage failed: {cause} {during} {dir}; exiting so the supervisor restarts clbd when the disk is writable")]
+    Storage {
+        cause: String,
+        during: &'static str,
+        dir: String,
+    },
+    #[error("raft stopped: {0}; exiting so the supervisor restarts clbd")]
+    RaftStopped(String),
+    #[error("bind {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error("token file {path}: {source}")]
     TokenFile {
         path: String,
@@ -42,6 +62,93 @@ pub enum DaemonError {
     Template(#[from] TemplateError),
     #[error("--restore {path}: {reason}")]
     Restore { path: String, reason: String },
+}
+
+impl DaemonError {
+    /// [`EXIT_RETRY`] for what may pass (disk full or read-only, address in
+    /// use), 1 for refusals a restart cannot fix (configuration, wrong data dir).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            DaemonError::Storage { .. }
+            | DaemonError::RaftStopped(_)
+            | DaemonError::Bind { .. } => EXIT_RETRY,
+            DaemonError::Start(StartError::OpenStore { .. } | StartError::Raft(_)) => EXIT_RETRY,
+            _ => 1,
+        }
+    }
+}
+
+/// Creates the data dir and writes, syncs and removes a probe file in it,
+/// so a full or read-only disk stops start-up with its own OS error.
+fn check_writable(dir: &Path) -> Result<(), DaemonError> {
+    use std::io::Write;
+    let probe = dir.join(".clbd-write-probe");
+    let attempt = || -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let mut f = std::fs::File::create(&probe)?;
+        f.write_all(b"clbd")?;
+        f.sync_all()?;
+        std::fs::remove_file(&probe)
+    };
+    attempt().map_err(|e| {
+        // A partly written probe must not take the last free bytes.
+        let _ = std::fs::remove_file(&probe);
+        DaemonError::Storage {
+            cause: e.to_string(),
+            during: "writing",
+            dir: dir.display().to_string(),
+        }
+    })
+}
+
+/// Resolves when Raft fails: a storage error or a panic stopped it, and a
+/// stopped Raft never restarts in-process, so the daemon must exit. A
+/// normal stop (our shutdown, or a duplicate node id halting) never resolves.
+async fn raft_failed(consensus: Consensus, dir: PathBuf) -> DaemonError {
+    let mut metrics = consensus.raft.metrics();
+    loop {
+        let state = metrics.borrow_and_update().running_state.clone();
+        match state {
+            Ok(()) | Err(Fatal::Stopped) => {}
+            Err(Fatal::StorageError(e)) => return storage_failed(&e.to_string(), &dir),
+            Err(Fatal::Panicked) => return DaemonError::RaftStopped("raft panicked".into()),
+        }
+        if metrics.changed().await.is_err() {
+            let last = metrics.borrow().running_state.clone();
+            return match last {
+                Err(Fatal::StorageError(e)) => storage_failed(&e.to_string(), &dir),
+                Err(Fatal::Stopped) => std::future::pending().await,
+                // A panicking core unwinds without a last report.
+                Ok(()) | Err(Fatal::Panicked) => DaemonError::RaftStopped("raft panicked".into()),
+            };
+        }
+    }
+}
+
+/// A fatal storage error, with the OS error pulled out of sled's text
+/// (`IO error: Os { code: 28, .. }` or `(os error 5)`) so the line reads
+/// like any other.
+fn storage_failed(text: &str, dir: &Path) -> DaemonError {
+    DaemonError::Storage {
+        cause: os_error_in(text)
+            .map(|e| e.to_string())
+            .unwrap_or_else(|| text.to_string()),
+        during: if text.starts_with("when Read") {
+            "reading"
+        } else {
+            "writing"
+        },
+        dir: dir.display().to_string(),
+    }
+}
+
+fn os_error_in(text: &str) -> Option<std::io::Error> {
+    let code = ["code: ", "(os error "].iter().find_map(|tag| {
+        let rest = &text[text.find(tag)? + tag.len()..];
+        let end = rest.find(|c: char| !c.is_ascii_digit())?;
+        rest[..end].parse().ok()
+    })?;
+    Some(std::io::Error::from_raw_os_error(code))
 }
 
 /// Reads a `clb snapshot save` file.
@@ -223,10 +330,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), DaemonError> {
     let bound = listener.local_addr().map_err(DaemonError::Listener)?;
-    std::fs::create_dir_all(&config.data_dir).map_err(|source| DaemonError::DataDir {
-        dir: config.data_dir.display().to_string(),
-        source,
-    })?;
+    check_writable(&config.data_dir)?;
     let tokens = load_tokens(&config)?;
     // A bad backup stops start-up before anything runs.
     let restore = config.restore.as_deref().map(read_restore).transpose()?;
@@ -237,9 +341,13 @@ pub async fn run(
         Role::Witness => None,
     };
     let (stop_tx, mut stop_rx) = watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
+    let stop_tx = Arc::new(stop_tx);
+    tokio::spawn({
+        let stop_tx = stop_tx.clone();
+        async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        }
     });
     let consensus = Consensus::start(
         config.node_id,
@@ -249,6 +357,24 @@ pub async fn run(
     )
     .await?;
     tracing::info!(listen = %bound, %advertise, role = ?config.role, "clbd ready");
+    // A failed disk stops Raft for good: shut down like on SIGTERM (the VIP
+    // is released first) and exit with the reason.
+    let (failed_tx, mut failed_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn({
+        let failed = raft_failed(consensus.clone(), config.data_dir.clone());
+        let mut stopping = stop_rx.clone();
+        async move {
+            tokio::select! {
+                biased;
+                _ = stopping.wait_for(|s| *s) => {}
+                e = failed => {
+                    tracing::error!("{e}");
+                    let _ = failed_tx.send(e);
+                    let _ = stop_tx.send(true);
+                }
+            }
+        }
+    });
     consensus.spawn_ttl_reaper();
     if let (Some(path), Some(registry)) = (&config.restore, restore) {
         spawn_restore(consensus.clone(), registry, path.display().to_string());
@@ -334,6 +460,14 @@ pub async fn run(
     };
     // The VIP is released before Raft stops, so a peer can take it over.
     failover.stopped().await;
+    if let Ok(e) = failed_rx.try_recv() {
+        // Raft is already down, and a final flush can only fail again; worse,
+        // sled's drop panics when its last sync fails. Keep the database
+        // open until the process exits: the next start recovers from what
+        // is on disk.
+        std::mem::forget(consensus);
+        return Err(e);
+    }
     tracing::info!("shutting down raft");
     consensus.shutdown().await;
     result
@@ -416,4 +550,47 @@ fn write_new_token(path: &Path) -> Result<(), DaemonError> {
         .map_err(err)?;
     f.write_all(format!("{hex}\n").as_bytes()).map_err(err)?;
     f.sync_all().map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sled_io_error_reads_as_the_os_error() {
+        let text = "when Write Logs: sled::result::Error: IO error: Os { code: 28, kind: StorageFull, message: \"No space left on device\" }";
+        let e = storage_failed(text, Path::new("/var/lib/clb"));
+        assert_eq!(
+            e.to_string(),
+            "storage failed: No space left on device (os error 28) writing /var/lib/clb; \
+             exiting so the supervisor restarts clbd when the disk is writable"
+        );
+        assert_eq!(e.exit_code(), EXIT_RETRY);
+        let e = storage_failed(
+            "when Write Logs: sled::result::Error: IO error: Input/output error (os error 5)",
+            Path::new("/d"),
+        );
+        assert!(
+            e.to_string()
+                .starts_with("storage failed: Input/output error (os error 5) writing /d;"),
+            "{e}"
+        );
+        // Without an OS error the text stays whole.
+        let e = storage_failed("when Read Vote: decode failed", Path::new("/d"));
+        assert!(e.to_string().contains("decode failed reading /d;"), "{e}");
+    }
+
+    #[test]
+    fn a_read_only_data_dir_is_refused_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        check_writable(&data).unwrap();
+        assert!(!data.join(".clbd-write-probe").exists());
+        // A file where the dir should be: create_dir_all fails like on a read-only disk.
+        let blocked = dir.path().join("file");
+        std::fs::write(&blocked, "x").unwrap();
+        let e = check_writable(&blocked.join("data")).unwrap_err();
+        assert!(e.to_string().starts_with("storage failed: "), "{e}");
+        assert_eq!(e.exit_code(), EXIT_RETRY);
+    }
 }

@@ -2,6 +2,7 @@
 
 use clap::Parser;
 use clb::config::{Config, Settings};
+use clb::daemon::DaemonError;
 
 #[derive(Parser)]
 #[command(
@@ -21,7 +22,12 @@ fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         eprintln!("clbd: {e:#}");
-        std::process::exit(1);
+        // The supervisor restarts clbd on EXIT_RETRY (disk full, read-only),
+        // not on 1 (a refusal restarting cannot fix).
+        let code = e
+            .downcast_ref::<DaemonError>()
+            .map_or(1, DaemonError::exit_code);
+        std::process::exit(code);
     }
 }
 
@@ -35,7 +41,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     clb::init_tracing(Some(config.node_id));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
-        .map_err(|e| anyhow::anyhow!("bind {}: {e}", config.listen))?;
+        .map_err(|source| DaemonError::Bind {
+            addr: config.listen,
+            source,
+        })?;
     clb::daemon::run(config, listener, clb::shutdown_signal()).await?;
     Ok(())
 }

@@ -82,9 +82,18 @@ pub fn open(dir: &Path) -> Result<Stores, StoreError> {
     let log = LogStore {
         log: tree("log")?,
         meta: tree("meta")?,
+        file: Arc::new(sync_created(dir).map_err(|e| StoreError::Open(e.into()))?),
     };
     let sm = StateMachine::load(tree("sm")?, tree("snapshot")?)?;
     Ok(Stores { log, sm, db })
+}
+
+/// Makes sled's files and their names durable (sled 0.34 never syncs its
+/// `conf`), and returns its data file for [`LogStore::sync`].
+fn sync_created(dir: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::File::open(dir.join("conf"))?.sync_all()?;
+    std::fs::File::open(dir)?.sync_all()?;
+    std::fs::File::open(dir.join("db"))
 }
 
 /// Reads a node identity value (node id, cluster id) from tree `ident`.
@@ -234,6 +243,8 @@ pub fn read_audit(
 pub struct LogStore {
     log: sled::Tree,
     meta: sled::Tree,
+    /// sled's data file, see [`LogStore::sync`].
+    file: Arc<std::fs::File>,
 }
 
 impl LogStore {
@@ -265,7 +276,17 @@ impl LogStore {
     }
 
     async fn flush(&self, err: fn(sled::Error) -> StorageError) -> Result<(), StorageError> {
-        self.log.flush_async().await.map(|_| ()).map_err(err)
+        self.log.flush_async().await.map_err(err)?;
+        self.sync().map_err(err)
+    }
+
+    /// sled 0.34 flushes with `sync_file_range`, which syncs neither the
+    /// file's size and extents nor the disk's cache: a kernel or file system
+    /// crash (power loss, ext4 turning read-only after an error) would lose
+    /// what it called flushed, and Raft must never forget a vote or an
+    /// entry it acknowledged. fdatasync closes that gap.
+    fn sync(&self) -> Result<(), sled::Error> {
+        self.file.sync_data().map_err(sled::Error::from)
     }
 }
 
@@ -371,8 +392,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         self.log.apply_batch(batch).map_err(write_logs_err)?;
         // Raft may only count these entries once they are on disk.
-        match self.log.flush_async().await {
-            Ok(_) => {
+        match self.log.flush_async().await.and_then(|_| self.sync()) {
+            Ok(()) => {
                 callback.log_io_completed(Ok(()));
                 Ok(())
             }

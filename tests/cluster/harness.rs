@@ -205,15 +205,26 @@ impl Cluster {
         timers: &[&str],
         args: Vec<String>,
     ) -> &mut Node {
-        let data_dir = self.dir.path().join(format!("node{id}"));
+        // A `--data-dir` in `args` (a mount the test made) replaces the default.
+        let given = args
+            .iter()
+            .position(|a| a == "--data-dir")
+            .and_then(|i| args.get(i + 1));
+        let data_dir = match given {
+            Some(d) => PathBuf::from(d),
+            None => self.dir.path().join(format!("node{id}")),
+        };
         let log = self.dir.path().join(format!("node{id}.log"));
         let mut all = vec![
             "--node-id".to_string(),
             id.to_string(),
             "--listen".into(),
             addr.clone(),
-            "--data-dir".into(),
-            data_dir.display().to_string(),
+        ];
+        if given.is_none() {
+            all.extend(["--data-dir".into(), data_dir.display().to_string()]);
+        }
+        all.extend([
             "--token-file".into(),
             self.token_file.display().to_string(),
             "-o".into(),
@@ -222,7 +233,7 @@ impl Cluster {
                 .join(format!("haproxy{id}.cfg"))
                 .display()
                 .to_string(),
-        ];
+        ]);
         all.extend(timers.iter().map(|s| s.to_string()));
         all.extend(args);
         let mut node = Node {

@@ -4,6 +4,7 @@ mod harness;
 mod linearizability;
 mod netns;
 mod test_chaos;
+mod test_disk;
 mod test_failover;
 mod test_formation;
 mod test_lifecycle;
