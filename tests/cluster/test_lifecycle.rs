@@ -314,13 +314,13 @@ async fn a_snapshot_restores_into_a_fresh_cluster() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transient_empty_registry_never_empties_a_serving_config() {
     let mut c = Cluster::start_with(1, &["--stats-port", "0"]).await;
-    c.leader(Duration::from_secs(10)).await;
+    c.leader(Duration::from_secs(30)).await;
     let client = c.any_client();
     client
         .register("http", "w1", "10.0.0.1", None, None, None)
         .await
         .unwrap();
-    eventually(Duration::from_secs(10), "member rendered", || async {
+    eventually(Duration::from_secs(30), "member rendered", || async {
         in_config(&c, 1, "w1").then_some(())
     })
     .await;
@@ -332,7 +332,7 @@ async fn a_transient_empty_registry_never_empties_a_serving_config() {
     c.node_mut(1).spawn();
     let n = c.node(1);
     let v = eventually(
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         "the guard reports why it waits",
         || async {
             let v = n.client().cluster().await.ok()?;
@@ -354,7 +354,7 @@ async fn a_transient_empty_registry_never_empties_a_serving_config() {
         .register("http", "w2", "10.0.0.2", None, None, None)
         .await
         .unwrap();
-    eventually(Duration::from_secs(10), "rendering resumes", || async {
+    eventually(Duration::from_secs(30), "rendering resumes", || async {
         in_config(&c, 1, "w2").then_some(())
     })
     .await;

@@ -94,9 +94,17 @@ async fn a_learner_stays_a_learner() {
         .add_node(4, &addr, true)
         .await
         .expect("add learner through a follower");
-    let v = c.node(1).view().await.expect("view");
+    // The add is committed; node 1 may apply it a moment later.
+    let v = eventually(
+        Duration::from_secs(10),
+        "node 1 sees the learner",
+        || async {
+            let v = c.node(1).view().await?;
+            (v["learners"] == serde_json::json!([4])).then_some(v)
+        },
+    )
+    .await;
     assert_eq!(v["voters"], serde_json::json!([1, 2, 3]));
-    assert_eq!(v["learners"], serde_json::json!([4]));
 }
 
 /// Starts clbd with `args` and expects it to exit non-zero with one line on stderr.
