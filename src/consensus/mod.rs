@@ -247,7 +247,12 @@ impl Consensus {
         let raft = Raft::new(
             id,
             Arc::new(config),
-            Network::new(peers.clone()),
+            // Half the shortest election timeout: a restarted peer hears
+            // from the leader before it would campaign.
+            Network::new(
+                peers.clone(),
+                Duration::from_millis((settings.election_timeout_min_ms / 2).max(1)),
+            ),
             stores.log,
             stores.sm,
         )

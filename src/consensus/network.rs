@@ -11,7 +11,7 @@ use std::time::Duration;
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable,
 };
-use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::network::{Backoff, RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
@@ -283,11 +283,13 @@ impl PeerClient {
 #[derive(Clone)]
 pub struct Network {
     client: PeerClient,
+    backoff: Duration,
 }
 
 impl Network {
-    pub fn new(client: PeerClient) -> Self {
-        Self { client }
+    /// `backoff`: the pause between attempts to reach an unreachable peer.
+    pub fn new(client: PeerClient, backoff: Duration) -> Self {
+        Self { client, backoff }
     }
 }
 
@@ -299,6 +301,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             client: self.client.clone(),
             target,
             addr: node.addr.clone(),
+            backoff: self.backoff,
         }
     }
 }
@@ -308,6 +311,7 @@ pub struct Peer {
     client: PeerClient,
     target: NodeId,
     addr: String,
+    backoff: Duration,
 }
 
 impl Peer {
@@ -365,5 +369,15 @@ impl RaftNetwork<TypeConfig> for Peer {
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RpcErr<openraft::error::Infallible>> {
         self.rpc("/raft/vote", &rpc, &option).await
+    }
+
+    /// openraft waits 500 ms by default before retrying a peer it could not
+    /// reach. A restarted follower then hears no heartbeat within its
+    /// election timeout, campaigns with a short log, is refused, and carries
+    /// openraft's "saw a longer log" penalty (2 × election-timeout-max) into
+    /// the next real failover; retrying well within the election timeout
+    /// avoids that (docs/failover.md, Measured).
+    fn backoff(&self) -> Backoff {
+        Backoff::new(std::iter::repeat(self.backoff))
     }
 }
