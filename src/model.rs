@@ -387,10 +387,16 @@ impl ServiceDefaults {
     }
 }
 
+/// A service's members by name. A persistent B-tree: a clone shares every
+/// node, so the applied registry that readers hold costs nothing to keep, and
+/// an update copies only the O(log n) nodes on its path instead of the whole
+/// service (which made every write O(members)).
+pub type Members = imbl::OrdMap<String, Member>;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Service {
     pub def: ServiceDef,
-    pub members: BTreeMap<String, Member>,
+    pub members: Members,
 }
 
 /// What a member asks for when it registers.
@@ -456,6 +462,9 @@ pub enum Command {
     Restore {
         registry: Box<Registry>,
     },
+    /// Proposals the leader batched into one log entry, applied in order,
+    /// each with its own response. Last, so older log entries still decode.
+    Batch(Vec<Proposal>),
 }
 
 /// A command as the Raft log carries it: who asked, and when (stamped by the
@@ -522,6 +531,12 @@ impl Proposal {
                 format!("{id} {} {}", token.name, token.scope),
             ),
             Command::RevokeToken { id } => ("revoke-token", None, None, id.clone()),
+            Command::Batch(proposals) => (
+                "batch",
+                None,
+                None,
+                format!("{} proposals", proposals.len()),
+            ),
             Command::Restore { registry } => (
                 "restore",
                 None,
@@ -604,6 +619,14 @@ impl Command {
                     validate_name("id", id)?;
                 }
             }
+            Command::Batch(proposals) => {
+                for p in proposals {
+                    if matches!(p.cmd, Command::Batch(_)) {
+                        return Err(InvalidField::new("batch", "batches do not nest"));
+                    }
+                    p.cmd.validate()?;
+                }
+            }
         }
         Ok(())
     }
@@ -614,8 +637,14 @@ impl Command {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Response {
     Done,
-    NotFound { what: String },
-    Rejected { reason: String },
+    NotFound {
+        what: String,
+    },
+    Rejected {
+        reason: String,
+    },
+    /// One response per proposal of a [`Command::Batch`], in order.
+    Batch(Vec<Response>),
 }
 
 /// The whole replicated registry. Services sit behind `Arc` so publishing a
@@ -674,6 +703,8 @@ impl Registry {
                     what: format!("token {id}"),
                 })
             }
+            // Each proposal is judged when it is applied.
+            Command::Batch(_) => None,
             Command::Restore { .. } => {
                 (!self.services.is_empty() || !self.tokens.is_empty()).then(|| Response::Rejected {
                     reason:
@@ -702,7 +733,7 @@ impl Registry {
                         service.clone(),
                         Arc::new(Service {
                             def: def.clone(),
-                            members: BTreeMap::new(),
+                            members: Members::new(),
                         }),
                     );
                 }
@@ -763,6 +794,9 @@ impl Registry {
             Command::Restore { registry } => {
                 *self = (**registry).clone();
             }
+            Command::Batch(proposals) => {
+                return Response::Batch(proposals.iter().map(|p| self.apply(&p.cmd)).collect());
+            }
             Command::DefineService { service, def } => match self.services.get_mut(service) {
                 Some(s) => Arc::make_mut(s).def = def.clone(),
                 None => {
@@ -770,7 +804,7 @@ impl Registry {
                         service.clone(),
                         Arc::new(Service {
                             def: def.clone(),
-                            members: BTreeMap::new(),
+                            members: Members::new(),
                         }),
                     );
                 }

@@ -29,9 +29,9 @@ use tokio::sync::watch;
 
 use super::{LogId, NodeId, StorageError, TypeConfig};
 use crate::auth::Token;
-use crate::model::{AuditEntry, Command, Member, Registry, Response, Service, ServiceDef};
+use crate::model::{AuditEntry, Command, Member, Members, Registry, Response, Service, ServiceDef};
 
-/// How many audit entries the replicated history keeps.
+/// How many audit records the replicated history keeps (the newest).
 pub const AUDIT_KEEP: u64 = 50_000;
 
 const VOTE_KEY: &[u8] = b"vote";
@@ -194,9 +194,11 @@ fn token_key(id: &str) -> String {
     format!("t/{id}")
 }
 
-/// Zero-padded so keys sort by index.
-fn audit_key(index: u64) -> String {
-    format!("a/{index:020}")
+/// The `n`th audit record of log entry `index` (a batch entry has several).
+/// Zero-padded so keys sort by index, then by position. Older data dirs also
+/// hold `a/{index:020}` keys, which sort the same way.
+fn audit_key(index: u64, n: usize) -> String {
+    format!("a/{index:020}/{n:05}")
 }
 
 /// Audit entries of the `sm` tree in `db`, newest first, that pass `keep`,
@@ -424,6 +426,8 @@ struct SmState {
     registry: Registry,
     last_applied: Option<LogId>,
     last_membership: Membership,
+    /// Audit records in the tree.
+    audit_len: usize,
 }
 
 /// The snapshot blob: the whole state machine.
@@ -469,6 +473,7 @@ fn load_state(tree: &sled::Tree) -> Result<SmState, StoreError> {
     let mut last_applied = None;
     let mut last_membership = Membership::default();
     let mut tokens: BTreeMap<String, Token> = BTreeMap::new();
+    let mut audit_len = 0;
     for item in tree.iter() {
         let (key, value) = item.map_err(|source| StoreError::Read {
             what: "state machine".into(),
@@ -489,6 +494,7 @@ fn load_state(tree: &sled::Tree) -> Result<SmState, StoreError> {
             tokens.insert(id.to_owned(), t);
         } else if text.starts_with("a/") {
             // Audit history: read on demand by read_audit.
+            audit_len += 1;
         } else if *key == *APPLIED_KEY {
             last_applied = unbin(&value).map_err(|e| decode_err(&key, e))?;
         } else if *key == *MEMBERSHIP_KEY {
@@ -502,7 +508,7 @@ fn load_state(tree: &sled::Tree) -> Result<SmState, StoreError> {
         .map(|(name, def)| {
             let svc = Service {
                 def,
-                members: BTreeMap::new(),
+                members: Members::new(),
             };
             (name, svc)
         })
@@ -527,20 +533,73 @@ fn load_state(tree: &sled::Tree) -> Result<SmState, StoreError> {
         registry,
         last_applied,
         last_membership,
+        audit_len,
     })
 }
 
+/// The registry keys an apply may have changed.
+#[derive(Default)]
+struct Touched {
+    services: BTreeSet<String>,
+    members: BTreeSet<(String, String)>,
+    tokens: BTreeSet<String>,
+}
+
+impl Touched {
+    fn add(&mut self, cmd: &Command) {
+        match cmd {
+            Command::Register {
+                service, member, ..
+            } => {
+                // May create the service.
+                self.services.insert(service.clone());
+                self.members.insert((service.clone(), member.clone()));
+            }
+            Command::Unregister { service, member }
+            | Command::SetMemberState {
+                service, member, ..
+            } => {
+                self.members.insert((service.clone(), member.clone()));
+            }
+            Command::DefineService { service, .. } => {
+                self.services.insert(service.clone());
+            }
+            Command::CreateToken { id, .. } | Command::RevokeToken { id } => {
+                self.tokens.insert(id.clone());
+            }
+            Command::Restore { registry } => {
+                // Everything it names is written (refused when not empty).
+                for (name, svc) in &registry.services {
+                    self.services.insert(name.clone());
+                    for member in svc.members.keys() {
+                        self.members.insert((name.clone(), member.clone()));
+                    }
+                }
+                self.tokens.extend(registry.tokens.keys().cloned());
+            }
+            Command::Batch(proposals) => {
+                for p in proposals {
+                    self.add(&p.cmd);
+                }
+            }
+        }
+    }
+}
+
 /// Adds to `batch` the writes that turn the stored `old` registry keys into
-/// `new` ones, for the services and members named.
+/// `new` ones, for the keys touched.
 fn diff_into_batch(
     batch: &mut sled::Batch,
     tree: &sled::Tree,
     old: &Registry,
     new: &Registry,
-    services: &BTreeSet<String>,
-    members: &BTreeSet<(String, String)>,
-    tokens: &BTreeSet<String>,
+    touched: &Touched,
 ) -> Result<(), StorageError> {
+    let Touched {
+        services,
+        members,
+        tokens,
+    } = touched;
     for id in tokens {
         match new.tokens.get(id) {
             Some(t) if old.tokens.get(id) != Some(t) => {
@@ -764,51 +823,32 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut registry = st.registry.clone();
         let mut last_applied = st.last_applied;
         let mut last_membership = st.last_membership.clone();
-        let mut services = BTreeSet::new();
-        let mut members = BTreeSet::new();
-        let mut tokens = BTreeSet::new();
+        let mut touched = Touched::default();
+        // (key, record) of every command that changed something.
         let mut audit = Vec::new();
         let mut responses = Vec::new();
         for entry in entries {
             last_applied = Some(entry.log_id);
+            let index = entry.log_id.index;
             let response = match entry.payload {
                 EntryPayload::Blank => Response::Done,
                 EntryPayload::Normal(proposal) => {
-                    let cmd = &proposal.cmd;
-                    match cmd {
-                        Command::Register {
-                            service, member, ..
-                        } => {
-                            // May create the service.
-                            services.insert(service.clone());
-                            members.insert((service.clone(), member.clone()));
-                        }
-                        Command::Unregister { service, member }
-                        | Command::SetMemberState {
-                            service, member, ..
-                        } => {
-                            members.insert((service.clone(), member.clone()));
-                        }
-                        Command::DefineService { service, .. } => {
-                            services.insert(service.clone());
-                        }
-                        Command::CreateToken { id, .. } | Command::RevokeToken { id } => {
-                            tokens.insert(id.clone());
-                        }
-                        Command::Restore { registry: backup } => {
-                            // Everything it names is written (refused when not empty).
-                            for (name, svc) in &backup.services {
-                                services.insert(name.clone());
-                                for member in svc.members.keys() {
-                                    members.insert((name.clone(), member.clone()));
-                                }
+                    touched.add(&proposal.cmd);
+                    let response = registry.apply(&proposal.cmd);
+                    match (&proposal.cmd, &response) {
+                        (Command::Batch(proposals), Response::Batch(each)) => {
+                            let done = proposals
+                                .iter()
+                                .zip(each)
+                                .filter(|(_, r)| **r == Response::Done);
+                            for (n, (p, _)) in done.enumerate() {
+                                audit.push((audit_key(index, n), p.audit(index)));
                             }
-                            tokens.extend(backup.tokens.keys().cloned());
                         }
-                    }
-                    let response = registry.apply(cmd);
-                    if response == Response::Done {
-                        audit.push(proposal.audit(entry.log_id.index));
+                        (_, Response::Done) => {
+                            audit.push((audit_key(index, 0), proposal.audit(index)))
+                        }
+                        _ => {}
                     }
                     response
                 }
@@ -823,26 +863,28 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             return Ok(responses);
         }
 
-        // No flush: the log is durable, and openraft re-applies what is lost.
+        // No flush here. Every entry applied was committed, so it is in the
+        // flushed log of a quorum including, for a leader, this node (a
+        // follower learns of a commit only for entries it has flushed too).
+        // After a crash, openraft starts from the `applied` id stored in this
+        // tree and re-applies the log after it; a lost unflushed apply is
+        // simply applied again (sled recovers a prefix of its writes, and
+        // this batch is atomic, so the tree is never half-applied). The log is
+        // purged only up to a snapshot, and a snapshot is flushed before
+        // openraft learns of it (build_snapshot, install_snapshot), so the
+        // entries a lost apply needs are still in the log.
         let mut batch = sled::Batch::default();
-        diff_into_batch(
-            &mut batch,
-            &self.sm,
-            &st.registry,
-            &registry,
-            &services,
-            &members,
-            &tokens,
-        )?;
-        for entry in &audit {
-            batch.insert(
-                audit_key(entry.index).as_bytes(),
-                json(entry).map_err(write_sm_err)?,
-            );
-            // Deterministic retention: every node drops the same old entries.
-            if let Some(old) = entry.index.checked_sub(AUDIT_KEEP) {
-                batch.remove(audit_key(old).as_bytes());
-            }
+        diff_into_batch(&mut batch, &self.sm, &st.registry, &registry, &touched)?;
+        // Retention keeps the newest AUDIT_KEEP records: every node applies the
+        // same records in the same order, so every node drops the same ones.
+        let keep = AUDIT_KEEP as usize;
+        let new = &audit[audit.len().saturating_sub(keep)..];
+        let excess = (st.audit_len + new.len()).saturating_sub(keep);
+        for key in self.sm.scan_prefix("a/").keys().take(excess) {
+            batch.remove(key.map_err(read_sm_err)?);
+        }
+        for (key, record) in new {
+            batch.insert(key.as_bytes(), json(record).map_err(write_sm_err)?);
         }
         batch.insert(APPLIED_KEY, bin(&last_applied).map_err(write_sm_err)?);
         if last_membership != st.last_membership {
@@ -853,6 +895,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         st.registry = registry;
         st.last_applied = last_applied;
         st.last_membership = last_membership;
+        st.audit_len = st.audit_len + new.len() - excess;
         self.publish(&st);
         Ok(responses)
     }
@@ -879,6 +922,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             registry: blob.registry,
             last_applied: meta.last_log_id,
             last_membership: meta.last_membership.clone(),
+            audit_len: blob.audit.len(),
         };
         {
             let mut st = self.lock();
@@ -889,9 +933,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 batch.remove(key);
             }
             registry_into_batch(&mut batch, &new_state.registry)?;
+            // Records of one batch entry share an index: number them in order.
+            let mut prev = None;
+            let mut n = 0;
             for entry in &blob.audit {
+                n = if prev == Some(entry.index) { n + 1 } else { 0 };
+                prev = Some(entry.index);
                 batch.insert(
-                    audit_key(entry.index).as_bytes(),
+                    audit_key(entry.index, n).as_bytes(),
                     json(entry).map_err(write_sm_err)?,
                 );
             }
