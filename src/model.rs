@@ -1061,6 +1061,61 @@ mod tests {
         assert_eq!(r, backup);
     }
 
+    fn proposal(cmd: Command) -> Proposal {
+        Proposal {
+            cmd,
+            by: "test".into(),
+            at_ms: 1,
+            force: false,
+        }
+    }
+
+    #[test]
+    fn a_batch_applies_in_order_with_a_response_each() {
+        let mut r = Registry::default();
+        let unregister = |member: &str| Command::Unregister {
+            service: "http".into(),
+            member: member.into(),
+        };
+        let batch = Command::Batch(vec![
+            proposal(reg("http", "a", "10.0.0.1")),
+            proposal(unregister("zz")),
+            proposal(unregister("a")),
+            proposal(reg("http", "b", "10.0.0.2")),
+        ]);
+        assert!(batch.validate().is_ok());
+        let Response::Batch(each) = r.apply(&batch) else {
+            panic!("a batch answers a batch");
+        };
+        assert_eq!(each.len(), 4);
+        assert_eq!(each[0], Response::Done);
+        assert!(matches!(each[1], Response::NotFound { .. }));
+        assert_eq!((&each[2], &each[3]), (&Response::Done, &Response::Done));
+        assert!(r.member("http", "a").is_none());
+        assert!(r.member("http", "b").is_some());
+        let nested = Command::Batch(vec![proposal(batch)]);
+        assert_eq!(nested.validate().unwrap_err().field, "batch");
+    }
+
+    #[test]
+    fn a_published_registry_does_not_see_later_applies() {
+        let mut r = Registry::default();
+        for i in 0..1_000 {
+            r.apply(&reg("http", &format!("m{i}"), "10.0.0.1"));
+        }
+        let published = r.clone();
+        r.apply(&reg("http", "new", "10.0.0.9"));
+        r.apply(&Command::Unregister {
+            service: "http".into(),
+            member: "m1".into(),
+        });
+        assert!(published.member("http", "new").is_none());
+        assert!(published.member("http", "m1").is_some());
+        assert_eq!(published.services["http"].members.len(), 1_000);
+        assert_eq!(r.services["http"].members.len(), 1_000);
+        assert!(r.member("http", "new").is_some());
+    }
+
     #[test]
     fn define_service_refuses_a_port_already_taken() {
         let mut r = Registry::default();

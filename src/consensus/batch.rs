@@ -124,3 +124,53 @@ fn write_error(e: ClientWriteError<super::NodeId, openraft::BasicNode>) -> Leade
         ClientWriteError::ChangeMembershipError(e) => LeaderError::Rejected(e.to_string()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn waiters(
+        n: usize,
+    ) -> (
+        Vec<oneshot::Sender<Outcome>>,
+        Vec<oneshot::Receiver<Outcome>>,
+    ) {
+        (0..n).map(|_| oneshot::channel()).unzip()
+    }
+
+    #[test]
+    fn each_waiter_gets_its_own_response() {
+        let (tx, rx) = waiters(2);
+        let each = vec![
+            Response::Done,
+            Response::NotFound {
+                what: "member x".into(),
+            },
+        ];
+        distribute(Ok((7, Response::Batch(each.clone()))), tx);
+        let got: Vec<Outcome> = rx.into_iter().map(|mut r| r.try_recv().unwrap()).collect();
+        assert!(matches!(&got[0], Ok((7, r)) if *r == each[0]));
+        assert!(matches!(&got[1], Ok((7, r)) if *r == each[1]));
+    }
+
+    #[test]
+    fn a_lone_proposal_gets_the_entry_response_and_errors_reach_everyone() {
+        let (tx, rx) = waiters(1);
+        distribute(Ok((3, Response::Done)), tx);
+        assert!(matches!(
+            rx.into_iter().next().unwrap().try_recv(),
+            Ok(Ok((3, Response::Done)))
+        ));
+        let (tx, rx) = waiters(3);
+        distribute(Err(LeaderError::NotLeader), tx);
+        for mut r in rx {
+            assert!(matches!(r.try_recv(), Ok(Err(LeaderError::NotLeader))));
+        }
+        // A batch answered with the wrong number of responses fails every caller.
+        let (tx, rx) = waiters(2);
+        distribute(Ok((4, Response::Batch(vec![Response::Done]))), tx);
+        for mut r in rx {
+            assert!(matches!(r.try_recv(), Ok(Err(LeaderError::Failed(_)))));
+        }
+    }
+}

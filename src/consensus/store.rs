@@ -1247,6 +1247,108 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn a_batch_entry_writes_an_audit_record_per_change() {
+        let p = |cmd| crate::model::Proposal {
+            cmd,
+            by: "test".into(),
+            at_ms: 2,
+            force: false,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let audit_of = |db: &sled::Db| -> Vec<(u64, Option<String>)> {
+            read_audit(db, |_| true, 10)
+                .unwrap()
+                .into_iter()
+                .map(|e| (e.index, e.member))
+                .collect()
+        };
+        let want = vec![
+            (2, Some("c".to_string())),
+            (2, Some("b".to_string())),
+            (1, Some("a".to_string())),
+        ];
+        let snap = {
+            let mut stores = open(dir.path()).unwrap();
+            let responses = stores
+                .sm
+                .apply(vec![
+                    normal(1, register("http", "a", "10.0.0.1")),
+                    normal(
+                        2,
+                        Command::Batch(vec![
+                            p(register("http", "b", "10.0.0.2")),
+                            p(Command::Unregister {
+                                service: "http".into(),
+                                member: "zz".into(),
+                            }),
+                            p(register("http", "c", "10.0.0.3")),
+                        ]),
+                    ),
+                ])
+                .await
+                .unwrap();
+            assert_eq!(responses[0], Response::Done);
+            assert!(matches!(&responses[1], Response::Batch(each) if each.len() == 3));
+            assert_eq!(audit_of(&stores.db), want);
+            stores
+                .sm
+                .get_snapshot_builder()
+                .await
+                .build_snapshot()
+                .await
+                .unwrap()
+        };
+        // A restart counts the records and finds every member.
+        let stores = open(dir.path()).unwrap();
+        assert_eq!(stores.sm.lock().audit_len, 3);
+        let registry = stores.sm.subscribe().borrow().registry.clone();
+        assert_eq!(registry.services["http"].members.len(), 3);
+
+        // A node that installs the snapshot gets the same history.
+        let other = tempfile::tempdir().unwrap();
+        let mut follower = open(other.path()).unwrap();
+        let mut incoming = follower.sm.begin_receiving_snapshot().await.unwrap();
+        *incoming = *snap.snapshot.clone();
+        follower
+            .sm
+            .install_snapshot(&snap.meta, incoming)
+            .await
+            .unwrap();
+        assert_eq!(audit_of(&follower.db), want);
+        assert_eq!(follower.sm.lock().audit_len, 3);
+    }
+
+    #[test]
+    fn services_stored_with_btreemap_members_still_decode() {
+        // The shape of `Service` before members became a persistent map, as
+        // older log entries (Restore) and snapshots hold it.
+        #[derive(Serialize)]
+        struct OldService {
+            def: ServiceDef,
+            members: BTreeMap<String, Member>,
+        }
+        let member = Member {
+            address: "10.0.0.1".into(),
+            port: 80,
+            weight: 1,
+            state: crate::model::MemberState::Drain,
+            registered_at_ms: 3,
+            ttl_s: None,
+        };
+        let old = OldService {
+            def: api_def(),
+            members: BTreeMap::from([("a".to_string(), member.clone())]),
+        };
+        let from_bincode: Service = unbin(&bin(&old).unwrap()).unwrap();
+        let from_json: Service = serde_json::from_slice(&json(&old).unwrap()).unwrap();
+        for svc in [from_bincode, from_json] {
+            assert_eq!(svc.def, api_def());
+            assert_eq!(svc.members.get("a"), Some(&member));
+            assert_eq!(svc.members.len(), 1);
+        }
+    }
+
     #[test]
     fn identity_meta_round_trips() {
         let dir = tempfile::tempdir().unwrap();
