@@ -372,8 +372,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             batch.insert(&index_key(entry.log_id.index)[..], value);
         }
         self.log.apply_batch(batch).map_err(write_logs_err)?;
-        // Raft may only count these entries once they are on disk.
-        match self.log.flush_async().await {
+        // Raft may only count these entries once they are on disk. A blocking
+        // flush (about 0.3 ms here) rather than `flush_async`: openraft 0.9's
+        // core waits for this callback before it does anything else, and the
+        // async form adds two thread hand-offs to every write's critical path.
+        match self.log.flush() {
             Ok(_) => {
                 callback.log_io_completed(Ok(()));
                 Ok(())
