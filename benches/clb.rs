@@ -4,12 +4,18 @@
 //!   a 3-node etcd 3.4 cluster, same load generator, same counts;
 //! - `propagation`: registration acknowledged → live in haproxy on every node,
 //!   runtime-API path and reload path;
-//! - `render`: render and `haproxy -c` time, `clbd` RSS and new-node catch-up
-//!   at 1k, 10k and 100k members.
+//! - `render`: in-process render and `haproxy -c` time at 1k, 10k and 100k
+//!   members;
+//! - `scale`: a 3-node cluster loaded to 1k, 10k and 100k members (load rate,
+//!   `clbd` RSS), then a 4th node's catch-up by snapshot install.
 //!
 //! ```text
-//! cargo bench --bench clb -- [writes|propagation|render|all] [--json FILE] [--quick]
+//! cargo bench --bench clb -- [writes|propagation|render|scale|all] [--json FILE] [--quick]
+//!     [--count N] [--clients 1,16,64]
 //! ```
+//!
+//! `--count` and `--clients` override the writes benchmark's registrations per
+//! row and its client counts (for profiling runs).
 //!
 //! Needs `haproxy` and, for the etcd rows, `etcd` (`apt-get install -y haproxy
 //! etcd-server`); it installs nothing itself. Every child is killed by pid on
@@ -33,8 +39,8 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const TOKEN: &str = "bench-token";
-const USAGE: &str =
-    "usage: cargo bench --bench clb -- [writes|propagation|render|all] [--json FILE] [--quick]";
+const USAGE: &str = "usage: cargo bench --bench clb -- [writes|propagation|render|scale|all] \
+     [--json FILE] [--quick] [--count N] [--clients 1,16,64]";
 
 // ---------------------------------------------------------------- arguments
 
@@ -42,14 +48,21 @@ struct Opts {
     writes: bool,
     propagation: bool,
     render: bool,
+    scale: bool,
     json: Option<PathBuf>,
     quick: bool,
+    /// Writes per row, instead of the default for `quick`.
+    count: Option<usize>,
+    /// Writes rows, instead of 1, 16 and 64 clients.
+    clients: Option<Vec<usize>>,
 }
 
 fn parse_args() -> Result<Opts> {
     let mut which = BTreeSet::new();
     let mut json = None;
     let mut quick = false;
+    let mut count = None;
+    let mut clients = None;
     let mut bench = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -59,7 +72,13 @@ fn parse_args() -> Result<Opts> {
             "--bench" => bench = true,
             "--quick" => quick = true,
             "--json" => json = Some(PathBuf::from(args.next().context(USAGE)?)),
-            "writes" | "propagation" | "render" | "all" => {
+            "--count" => count = Some(args.next().context(USAGE)?.parse()?),
+            "--clients" => {
+                let list = args.next().context(USAGE)?;
+                let parsed: Result<Vec<usize>, _> = list.split(',').map(str::parse).collect();
+                clients = Some(parsed.context(USAGE)?);
+            }
+            "writes" | "propagation" | "render" | "scale" | "all" => {
                 bench = true;
                 which.insert(a);
             }
@@ -80,8 +99,11 @@ fn parse_args() -> Result<Opts> {
         writes: all || which.contains("writes"),
         propagation: all || which.contains("propagation"),
         render: all || which.contains("render"),
+        scale: all || which.contains("scale"),
         json,
         quick,
+        count,
+        clients,
     })
 }
 
@@ -122,13 +144,16 @@ async fn run(opts: &Opts) -> Result<()> {
     report.insert("machine".into(), machine);
     report.insert("quick".into(), json!(opts.quick));
     if opts.writes {
-        report.insert("writes".into(), bench_writes(opts.quick).await?);
+        report.insert("writes".into(), bench_writes(opts).await?);
     }
     if opts.propagation {
         report.insert("propagation".into(), bench_propagation(opts.quick).await?);
     }
     if opts.render {
-        report.insert("render".into(), bench_render(opts.quick).await?);
+        report.insert("render".into(), bench_render().await?);
+    }
+    if opts.scale {
+        report.insert("scale".into(), bench_scale(opts.quick).await?);
     }
     if let Some(path) = &opts.json {
         std::fs::write(path, serde_json::to_string_pretty(&Value::Object(report))?)
@@ -813,11 +838,12 @@ fn extra_clbd_args() -> Vec<String> {
         .unwrap_or_default()
 }
 
-async fn bench_writes(quick: bool) -> Result<Value> {
-    let count = if quick { 1_000 } else { 5_000 };
+async fn bench_writes(opts: &Opts) -> Result<Value> {
+    let quick = opts.quick;
+    let count = opts.count.unwrap_or(if quick { 1_000 } else { 5_000 });
     let reps = if quick { 1 } else { 3 };
     let cap = Duration::from_secs(if quick { 30 } else { 120 });
-    let rows = [1usize, 16, 64];
+    let rows = opts.clients.clone().unwrap_or_else(|| vec![1, 16, 64]);
     let etcd = have("etcd") && std::env::var_os("CLB_BENCH_NO_ETCD").is_none();
     println!("## writes\n");
     println!(
@@ -1280,8 +1306,8 @@ fn time_ms<T>(f: impl FnOnce() -> T) -> (f64, T) {
     (t.elapsed().as_secs_f64() * 1e3, v)
 }
 
-async fn bench_render(quick: bool) -> Result<Value> {
-    println!("## render and scale\n");
+async fn bench_render() -> Result<Value> {
+    println!("## render\n");
     let haproxy = have("haproxy");
     let sizes = [1_000usize, 10_000, 100_000];
     let template = Template::load(None)?;
@@ -1371,12 +1397,12 @@ async fn bench_render(quick: bool) -> Result<Value> {
         }));
     }
     println!();
-    let scale = bench_scale(quick).await?;
-    Ok(json!({"in_process": rows, "cluster": scale}))
+    Ok(json!({"in_process": rows}))
 }
 
 /// RSS at growing member counts on a 3-node cluster, then a 4th node's catch-up.
 async fn bench_scale(quick: bool) -> Result<Value> {
+    println!("## scale\n");
     let sizes: &[usize] = if quick {
         &[1_000, 10_000]
     } else {

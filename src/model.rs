@@ -387,10 +387,16 @@ impl ServiceDefaults {
     }
 }
 
+/// A service's members by name. A persistent B-tree: a clone shares every
+/// node, so the applied registry that readers hold costs nothing to keep, and
+/// an update copies only the O(log n) nodes on its path instead of the whole
+/// service (which made every write O(members)).
+pub type Members = imbl::OrdMap<String, Member>;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Service {
     pub def: ServiceDef,
-    pub members: BTreeMap<String, Member>,
+    pub members: Members,
 }
 
 /// What a member asks for when it registers.
@@ -456,6 +462,9 @@ pub enum Command {
     Restore {
         registry: Box<Registry>,
     },
+    /// Proposals the leader batched into one log entry, applied in order,
+    /// each with its own response. Last, so older log entries still decode.
+    Batch(Vec<Proposal>),
 }
 
 /// A command as the Raft log carries it: who asked, and when (stamped by the
@@ -522,6 +531,12 @@ impl Proposal {
                 format!("{id} {} {}", token.name, token.scope),
             ),
             Command::RevokeToken { id } => ("revoke-token", None, None, id.clone()),
+            Command::Batch(proposals) => (
+                "batch",
+                None,
+                None,
+                format!("{} proposals", proposals.len()),
+            ),
             Command::Restore { registry } => (
                 "restore",
                 None,
@@ -604,6 +619,14 @@ impl Command {
                     validate_name("id", id)?;
                 }
             }
+            Command::Batch(proposals) => {
+                for p in proposals {
+                    if matches!(p.cmd, Command::Batch(_)) {
+                        return Err(InvalidField::new("batch", "batches do not nest"));
+                    }
+                    p.cmd.validate()?;
+                }
+            }
         }
         Ok(())
     }
@@ -614,8 +637,14 @@ impl Command {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Response {
     Done,
-    NotFound { what: String },
-    Rejected { reason: String },
+    NotFound {
+        what: String,
+    },
+    Rejected {
+        reason: String,
+    },
+    /// One response per proposal of a [`Command::Batch`], in order.
+    Batch(Vec<Response>),
 }
 
 /// The whole replicated registry. Services sit behind `Arc` so publishing a
@@ -674,6 +703,8 @@ impl Registry {
                     what: format!("token {id}"),
                 })
             }
+            // Each proposal is judged when it is applied.
+            Command::Batch(_) => None,
             Command::Restore { .. } => {
                 (!self.services.is_empty() || !self.tokens.is_empty()).then(|| Response::Rejected {
                     reason:
@@ -702,7 +733,7 @@ impl Registry {
                         service.clone(),
                         Arc::new(Service {
                             def: def.clone(),
-                            members: BTreeMap::new(),
+                            members: Members::new(),
                         }),
                     );
                 }
@@ -763,6 +794,9 @@ impl Registry {
             Command::Restore { registry } => {
                 *self = (**registry).clone();
             }
+            Command::Batch(proposals) => {
+                return Response::Batch(proposals.iter().map(|p| self.apply(&p.cmd)).collect());
+            }
             Command::DefineService { service, def } => match self.services.get_mut(service) {
                 Some(s) => Arc::make_mut(s).def = def.clone(),
                 None => {
@@ -770,7 +804,7 @@ impl Registry {
                         service.clone(),
                         Arc::new(Service {
                             def: def.clone(),
-                            members: BTreeMap::new(),
+                            members: Members::new(),
                         }),
                     );
                 }
@@ -1025,6 +1059,61 @@ mod tests {
         // A second restore (another node given the same file) is refused.
         assert!(matches!(r.apply(&restore), Response::Rejected { .. }));
         assert_eq!(r, backup);
+    }
+
+    fn proposal(cmd: Command) -> Proposal {
+        Proposal {
+            cmd,
+            by: "test".into(),
+            at_ms: 1,
+            force: false,
+        }
+    }
+
+    #[test]
+    fn a_batch_applies_in_order_with_a_response_each() {
+        let mut r = Registry::default();
+        let unregister = |member: &str| Command::Unregister {
+            service: "http".into(),
+            member: member.into(),
+        };
+        let batch = Command::Batch(vec![
+            proposal(reg("http", "a", "10.0.0.1")),
+            proposal(unregister("zz")),
+            proposal(unregister("a")),
+            proposal(reg("http", "b", "10.0.0.2")),
+        ]);
+        assert!(batch.validate().is_ok());
+        let Response::Batch(each) = r.apply(&batch) else {
+            panic!("a batch answers a batch");
+        };
+        assert_eq!(each.len(), 4);
+        assert_eq!(each[0], Response::Done);
+        assert!(matches!(each[1], Response::NotFound { .. }));
+        assert_eq!((&each[2], &each[3]), (&Response::Done, &Response::Done));
+        assert!(r.member("http", "a").is_none());
+        assert!(r.member("http", "b").is_some());
+        let nested = Command::Batch(vec![proposal(batch)]);
+        assert_eq!(nested.validate().unwrap_err().field, "batch");
+    }
+
+    #[test]
+    fn a_published_registry_does_not_see_later_applies() {
+        let mut r = Registry::default();
+        for i in 0..1_000 {
+            r.apply(&reg("http", &format!("m{i}"), "10.0.0.1"));
+        }
+        let published = r.clone();
+        r.apply(&reg("http", "new", "10.0.0.9"));
+        r.apply(&Command::Unregister {
+            service: "http".into(),
+            member: "m1".into(),
+        });
+        assert!(published.member("http", "new").is_none());
+        assert!(published.member("http", "m1").is_some());
+        assert_eq!(published.services["http"].members.len(), 1_000);
+        assert_eq!(r.services["http"].members.len(), 1_000);
+        assert!(r.member("http", "new").is_some());
     }
 
     #[test]

@@ -112,6 +112,10 @@ fn answer(w: Written) -> Result<Json<Value>, ApiError> {
         Outcome::Done => Ok(Json(json!({"index": w.index}))),
         Outcome::NotFound { what } => Err(ApiError::NotFound(what)),
         Outcome::Rejected { reason } => Err(ApiError::Conflict(reason)),
+        // Consensus answers each batched proposal with its own response.
+        Outcome::Batch(_) => Err(ApiError::Consensus(
+            crate::consensus::ConsensusError::Unknown("a batch response reached the API".into()),
+        )),
     }
 }
 

@@ -2,6 +2,7 @@
 //! the HTTP peer transport, and [`Consensus`], the handle the rest of clb
 //! uses to write (from any node) and to read linearizably.
 
+pub mod batch;
 pub mod leader;
 pub mod network;
 pub mod rpc;
@@ -163,6 +164,8 @@ pub struct Consensus {
     leader_state: Arc<leader::LeaderState>,
     /// Requests this node sent on to the leader.
     forwarded: Arc<std::sync::atomic::AtomicU64>,
+    /// Batches writes while this node leads.
+    proposer: batch::Proposer,
 }
 
 impl Consensus {
@@ -231,7 +234,10 @@ impl Consensus {
             election_timeout_min: settings.election_timeout_min_ms,
             election_timeout_max: settings.election_timeout_max_ms,
             enable_elect: settings.elect,
-            install_snapshot_timeout: 2_000,
+            // Per chunk, and the last chunk includes the install itself (decode
+            // and write the registry: seconds at 100k members on a busy node).
+            // A chunk that times out restarts the whole transfer.
+            install_snapshot_timeout: 30_000,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(5_000),
             max_in_snapshot_log_to_keep: 1_000,
             purge_batch_size: 256,
@@ -247,10 +253,13 @@ impl Consensus {
         let raft = Raft::new(
             id,
             Arc::new(config),
-            // Half the shortest election timeout: a restarted peer hears
+            // Appends stay on the wire up to an election timeout (see
+            // network::Peer::append); an unreachable peer is retried after
+            // half the shortest election timeout, so a restarted peer hears
             // from the leader before it would campaign.
             Network::new(
                 peers.clone(),
+                Duration::from_millis(settings.election_timeout_max_ms),
                 Duration::from_millis((settings.election_timeout_min_ms / 2).max(1)),
             ),
             stores.log,
@@ -283,6 +292,7 @@ impl Consensus {
             }
         }
         Ok(Self {
+            proposer: batch::Proposer::start(raft.clone()),
             raft,
             id,
             applied,
@@ -557,20 +567,13 @@ impl Consensus {
                     } if spec.ttl_s.is_some() => Some((service.clone(), member.clone())),
                     _ => None,
                 };
-                match self.raft.client_write(proposal).await {
-                    Ok(resp) => {
-                        // A registration is the first renewal.
-                        if let Some((service, member)) = renews {
-                            self.leader_state
-                                .renewed(term, &service, &member, Instant::now());
-                        }
-                        Ok(LeaderReply::Written {
-                            index: resp.log_id.index,
-                            response: resp.data,
-                        })
-                    }
-                    Err(e) => Err(write_error(e)),
+                let (index, response) = self.proposer.propose(proposal).await?;
+                // A registration is the first renewal.
+                if let Some((service, member)) = renews {
+                    self.leader_state
+                        .renewed(term, &service, &member, Instant::now());
                 }
+                Ok(LeaderReply::Written { index, response })
             }
             LeaderRequest::Renew { service, member } => {
                 // No read barrier: renewals are frequent, and a member a new

@@ -11,7 +11,7 @@ use std::time::Duration;
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable,
 };
-use openraft::network::{Backoff, RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::network::{Backoff, RPCOption, RPCTypes, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
@@ -283,13 +283,20 @@ impl PeerClient {
 #[derive(Clone)]
 pub struct Network {
     client: PeerClient,
+    append_timeout: Duration,
     backoff: Duration,
 }
 
 impl Network {
-    /// `backoff`: the pause between attempts to reach an unreachable peer.
-    pub fn new(client: PeerClient, backoff: Duration) -> Self {
-        Self { client, backoff }
+    /// `append_timeout` bounds how long an AppendEntries request may stay on
+    /// the wire (see [`Peer::append`]); `backoff` is the pause between
+    /// attempts to reach an unreachable peer.
+    pub fn new(client: PeerClient, append_timeout: Duration, backoff: Duration) -> Self {
+        Self {
+            client,
+            append_timeout,
+            backoff,
+        }
     }
 }
 
@@ -301,6 +308,8 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             client: self.client.clone(),
             target,
             addr: node.addr.clone(),
+            append_timeout: self.append_timeout,
+            on_wire: Arc::new(tokio::sync::Mutex::new(())),
             backoff: self.backoff,
         }
     }
@@ -311,13 +320,36 @@ pub struct Peer {
     client: PeerClient,
     target: NodeId,
     addr: String,
+    append_timeout: Duration,
+    /// Held while an AppendEntries request is on the wire to this peer.
+    on_wire: Arc<tokio::sync::Mutex<()>>,
     backoff: Duration,
+}
+
+fn rpc_error<E: std::error::Error>(
+    e: CallError,
+    action: RPCTypes,
+    target: NodeId,
+    timeout: Duration,
+) -> RpcErr<E> {
+    match e {
+        // Unreachable makes openraft back off instead of hammering a dead peer.
+        CallError::Connect { .. } => RPCError::Unreachable(Unreachable::new(&e)),
+        CallError::Timeout { .. } => RPCError::Timeout(Timeout {
+            action,
+            id: 0,
+            target,
+            timeout,
+        }),
+        _ => RPCError::Network(NetworkError::new(&e)),
+    }
 }
 
 impl Peer {
     async fn rpc<Req, Resp, E>(
         &self,
         path: &str,
+        action: RPCTypes,
         req: &Req,
         option: &RPCOption,
     ) -> Result<Resp, RpcErr<E>>
@@ -331,17 +363,44 @@ impl Peer {
             .client
             .call(&self.addr, path, req, ttl)
             .await
-            .map_err(|e| match e {
-                // Unreachable makes openraft back off instead of hammering a dead peer.
-                CallError::Connect { .. } => RPCError::Unreachable(Unreachable::new(&e)),
-                CallError::Timeout { .. } => RPCError::Timeout(Timeout {
-                    action: openraft::RPCTypes::AppendEntries,
-                    id: 0,
-                    target: self.target,
-                    timeout: ttl,
-                }),
-                _ => RPCError::Network(NetworkError::new(&e)),
-            })?;
+            .map_err(|e| rpc_error(e, action, self.target, ttl))?;
+        answer.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+
+    /// Sends an AppendEntries request, at most one at a time to this peer.
+    ///
+    /// openraft 0.9 gives every AppendEntries the heartbeat interval (50 ms
+    /// by default) as a hard timeout, drops the call when it expires and
+    /// sends the entries again on its next tick. A follower slowed by a busy
+    /// CPU then receives the same batch every tick, which slows it further.
+    /// So the request runs in its own task that outlives openraft's timeout,
+    /// bounded by `append_timeout` instead; a request openraft gave up on
+    /// while an earlier one was still on the wire is never sent (its entries
+    /// go with the next). The follower thus sees each request once, and the
+    /// leader's next request finds the earlier entries already there.
+    async fn append(
+        &self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+    ) -> Result<AppendEntriesResponse<NodeId>, RpcErr<openraft::error::Infallible>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (client, addr, on_wire) =
+            (self.client.clone(), self.addr.clone(), self.on_wire.clone());
+        let timeout = self.append_timeout;
+        tokio::spawn(async move {
+            let _on_wire = on_wire.lock_owned().await;
+            if tx.is_closed() {
+                return;
+            }
+            let answer = client.call(&addr, "/raft/append", &rpc, timeout).await;
+            let _ = tx.send(answer);
+        });
+        let answer: Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> = rx
+            .await
+            .map_err(|_| {
+                let e = std::io::Error::other("append task ended without an answer");
+                RPCError::Network(NetworkError::new(&e))
+            })?
+            .map_err(|e| rpc_error(e, RPCTypes::AppendEntries, self.target, timeout))?;
         answer.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }
@@ -352,7 +411,9 @@ impl RaftNetwork<TypeConfig> for Peer {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RpcErr<openraft::error::Infallible>> {
-        self.rpc("/raft/append", &rpc, &option).await
+        // openraft applies its own timeout around this call.
+        let _ = option;
+        self.append(rpc).await
     }
 
     async fn install_snapshot(
@@ -360,7 +421,8 @@ impl RaftNetwork<TypeConfig> for Peer {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<InstallSnapshotResponse<NodeId>, RpcErr<InstallSnapshotError>> {
-        self.rpc("/raft/snapshot", &rpc, &option).await
+        self.rpc("/raft/snapshot", RPCTypes::InstallSnapshot, &rpc, &option)
+            .await
     }
 
     async fn vote(
@@ -368,7 +430,7 @@ impl RaftNetwork<TypeConfig> for Peer {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RpcErr<openraft::error::Infallible>> {
-        self.rpc("/raft/vote", &rpc, &option).await
+        self.rpc("/raft/vote", RPCTypes::Vote, &rpc, &option).await
     }
 
     /// openraft waits 500 ms by default before retrying a peer it could not

@@ -15,6 +15,19 @@ use tokio::sync::watch;
 
 use crate::model::Registry;
 use haproxy::Plan;
+
+/// After a pass (render, write, validate) that took `t`, the next pass waits
+/// until `PACE × t` has passed. Under a stream of writes this bounds the
+/// share of time a node spends here to 1 / (1 + PACE), however large the
+/// config, and everything that changed meanwhile goes into one pass; a lone
+/// change after a quiet spell does not wait at all.
+const PACE: u32 = 3;
+/// The longest such wait, so that a slow `haproxy -c` (seconds at 100k
+/// members) does not hold the next change back for long.
+const MAX_PACE_WAIT: Duration = Duration::from_secs(1);
+/// Validation runs at this nice value: it is background work that should
+/// not take CPU from Raft on a busy node.
+const VALIDATE_NICE: i32 = 10;
 pub use template::{NodeContext, Peer, Template, TemplateError};
 
 /// What the renderer renders: the registry plus cluster facts the template may use.
@@ -134,6 +147,8 @@ async fn run(
     let mut last_reload: Option<Instant> = None;
     let mut retry = Duration::from_millis(250);
     let mut failing = false;
+    // When the next pass may start (see PACE).
+    let mut not_before: Option<Instant> = None;
     input.mark_changed();
     loop {
         let wake = async {
@@ -154,6 +169,12 @@ async fn run(
         if !settings.coalesce.is_zero() {
             tokio::time::sleep(settings.coalesce).await;
         }
+        if let Some(at) = not_before.take() {
+            tokio::select! {
+                _ = tokio::time::sleep_until(at.into()) => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+        }
         let current = input.borrow_and_update().clone();
         let missing: Vec<&String> = installed_services
             .iter()
@@ -171,7 +192,18 @@ async fn run(
             continue;
         }
         let t0 = Instant::now();
-        let text = match render_text(&settings.template, &settings.node, &current) {
+        let pace = |busy: Duration| Some(Instant::now() + (busy * PACE).min(MAX_PACE_WAIT));
+        // Off the async workers: at 100k members a render takes tens of ms,
+        // which would stall the Raft and API tasks sharing those threads.
+        let job = (
+            settings.template.clone(),
+            settings.node.clone(),
+            current.clone(),
+        );
+        let rendered = tokio::task::spawn_blocking(move || render_text(&job.0, &job.1, &job.2))
+            .await
+            .unwrap_or_else(|e| Err(TemplateError::Task(e.to_string())));
+        let text = match rendered {
             Ok(t) => t,
             Err(e) => {
                 tracing::error!(cause = %e, "render failed; the last good config keeps serving");
@@ -182,6 +214,7 @@ async fn run(
         };
         let render_ms = ms(t0.elapsed());
         let unchanged = written.as_deref() == Some(text.as_str());
+        not_before = pace(t0.elapsed());
         if unchanged && !failing {
             let live_now = live.as_ref().is_some_and(|l| **l == *current.registry);
             status.send_modify(|s| {
@@ -233,6 +266,7 @@ async fn run(
                 installed_services = names;
             }
             let validate_ms = ms(t1.elapsed());
+            not_before = pace(t0.elapsed());
             status.send_modify(|s| {
                 s.rendered_index = current.index;
                 s.renders += 1;
@@ -403,13 +437,17 @@ fn sibling(path: &Path, suffix: &str) -> PathBuf {
 
 async fn validate(cmd: &str, file: &Path) -> Result<(), RenderError> {
     let line = cmd.replace("{}", &file.display().to_string());
-    let out = tokio::process::Command::new("sh")
-        .arg("-c")
-        .arg(&line)
-        .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(RenderError::ValidateCmd)?;
+    let mut command = tokio::process::Command::new("sh");
+    command.arg("-c").arg(&line).kill_on_drop(true);
+    // SAFETY: the closure runs in the forked child before exec and only makes
+    // setpriority(2), which is async-signal-safe; failure just keeps the nice.
+    unsafe {
+        command.pre_exec(|| {
+            libc::setpriority(libc::PRIO_PROCESS, 0, VALIDATE_NICE);
+            Ok(())
+        });
+    }
+    let out = command.output().await.map_err(RenderError::ValidateCmd)?;
     if out.status.success() {
         return Ok(());
     }

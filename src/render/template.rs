@@ -34,6 +34,9 @@ pub enum TemplateError {
         line: usize,
         detail: String,
     },
+    /// The render task panicked or was cancelled.
+    #[error("render task failed: {0}")]
+    Task(String),
 }
 
 /// Node-local values the template may use besides the registry.
