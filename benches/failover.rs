@@ -279,22 +279,6 @@ impl Pair {
         };
         let k = lab.add_host("k", BACKEND_LAST)?;
         let client = lab.add_host("c", CLIENT_LAST)?;
-        // The client takes a gratuitous ARP at once, as a router does. With
-        // Linux's default 1 s `locktime` a host that talked to the VIP within
-        // the last second ignores the new holder's announcement and finds it
-        // only by its own probes: 100–800 ms more in some drills of both
-        // systems (docs/failover.md, Measured).
-        let out = std::process::Command::new("ip")
-            .args(["netns", "exec", &client.ns, "sysctl", "-qw"])
-            .arg("net.ipv4.neigh.eth0.locktime=0")
-            .output()
-            .context("run sysctl in the client namespace")?;
-        if !out.status.success() {
-            bail!(
-                "neigh locktime: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
         let backend = SocketAddr::from((k.ip, BACKEND_PORT));
         netns::backend(&k.ns, backend, "k", lab.stop.clone(), LAB_MAX)?;
         let vip = lab.addr(VIP_LAST);
