@@ -238,8 +238,11 @@ impl Consensus {
             // and write the registry: seconds at 100k members on a busy node).
             // A chunk that times out restarts the whole transfer.
             install_snapshot_timeout: 30_000,
-            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(5_000),
-            max_in_snapshot_log_to_keep: 1_000,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY),
+            // Entries, and an entry may hold a batch of writes: keep enough
+            // for a follower that lags briefly, not a second copy of the
+            // registry.
+            max_in_snapshot_log_to_keep: 200,
             purge_batch_size: 256,
             ..Default::default()
         }
@@ -291,6 +294,7 @@ impl Consensus {
                 Err(e) => return Err(StartError::Raft(e.to_string())),
             }
         }
+        spawn_compaction(raft.clone(), applied.clone());
         Ok(Self {
             proposer: batch::Proposer::start(raft.clone()),
             raft,
@@ -696,6 +700,34 @@ impl Consensus {
             tracing::warn!(cause = %e, "final flush");
         }
     }
+}
+
+/// Writes between snapshots, at least.
+const SNAPSHOT_EVERY: u64 = 5_000;
+
+/// openraft's snapshot policy counts log entries, but a batch entry holds up
+/// to 256 writes, so the log could grow to a million writes before it is
+/// compacted. This also snapshots once as many writes have been applied since
+/// the last trigger as the registry has members (at least [`SNAPSHOT_EVERY`]):
+/// a snapshot costs time proportional to the registry, so that spreads it
+/// over as many writes whatever the size.
+fn spawn_compaction(raft: Raft, mut applied: watch::Receiver<Arc<Applied>>) {
+    tokio::spawn(async move {
+        let mut since = applied.borrow().proposals;
+        while applied.changed().await.is_ok() {
+            let (now, members) = {
+                let a = applied.borrow_and_update();
+                (a.proposals, a.registry.member_count() as u64)
+            };
+            if now.saturating_sub(since) < SNAPSHOT_EVERY.max(members) {
+                continue;
+            }
+            since = now;
+            if raft.trigger().snapshot().await.is_err() {
+                return;
+            }
+        }
+    });
 }
 
 fn unexpected(reply: LeaderReply) -> ConsensusError {

@@ -45,6 +45,12 @@ const SNAP_COUNTER_KEY: &[u8] = b"counter";
 
 type Membership = StoredMembership<NodeId, BasicNode>;
 
+/// sled's page cache. Its default (1 GiB) keeps the whole database in memory
+/// as it grows: at 78k members nodes used 255-296 MiB. The hot pages are the
+/// log's tail and the keys being written; the rest is read back on demand
+/// (snapshots, restarts).
+const CACHE_BYTES: u64 = 16 << 20;
+
 /// Why the data dir could not be opened or read outside of Raft.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -74,7 +80,11 @@ pub struct Stores {
 
 /// Opens (or creates) the database in `dir` and loads the state machine.
 pub fn open(dir: &Path) -> Result<Stores, StoreError> {
-    let db = sled::open(dir).map_err(StoreError::Open)?;
+    let db = sled::Config::new()
+        .path(dir)
+        .cache_capacity(CACHE_BYTES)
+        .open()
+        .map_err(StoreError::Open)?;
     let tree = |name: &'static str| {
         db.open_tree(name)
             .map_err(|source| StoreError::OpenTree { tree: name, source })
@@ -84,7 +94,7 @@ pub fn open(dir: &Path) -> Result<Stores, StoreError> {
         meta: tree("meta")?,
         file: Arc::new(sync_created(dir).map_err(|e| StoreError::Open(e.into()))?),
     };
-    let sm = StateMachine::load(tree("sm")?, tree("snapshot")?)?;
+    let sm = StateMachine::load(db.clone(), tree("snapshot")?)?;
     Ok(Stores { log, sm, db })
 }
 
@@ -94,6 +104,25 @@ fn sync_created(dir: &Path) -> std::io::Result<std::fs::File> {
     std::fs::File::open(dir.join("conf"))?.sync_all()?;
     std::fs::File::open(dir)?.sync_all()?;
     std::fs::File::open(dir.join("db"))
+}
+
+/// Key of the db's default tree naming the tree that holds the state
+/// machine: `sm` until the first snapshot install, which writes a fresh tree
+/// and then switches this key to it.
+const SM_TREE_KEY: &[u8] = b"sm_tree";
+
+/// The tree the state machine lives in.
+fn sm_tree(db: &sled::Db) -> Result<sled::Tree, StoreError> {
+    let name = db
+        .get(SM_TREE_KEY)
+        .map_err(|source| StoreError::Read {
+            what: "sm tree name".into(),
+            source,
+        })?
+        .map(|n| String::from_utf8_lossy(&n).into_owned())
+        .unwrap_or_else(|| "sm".into());
+    db.open_tree(name.as_bytes())
+        .map_err(|source| StoreError::OpenTree { tree: "sm", source })
 }
 
 /// Reads a node identity value (node id, cluster id) from tree `ident`.
@@ -217,9 +246,7 @@ pub fn read_audit(
     keep: impl Fn(&AuditEntry) -> bool,
     limit: usize,
 ) -> Result<Vec<AuditEntry>, StoreError> {
-    let tree = db
-        .open_tree("sm")
-        .map_err(|source| StoreError::OpenTree { tree: "sm", source })?;
+    let tree = sm_tree(db)?;
     let mut out = Vec::new();
     for item in tree.scan_prefix("a/").rev() {
         let (key, value) = item.map_err(|source| StoreError::Read {
@@ -445,15 +472,22 @@ pub struct Applied {
     /// Index of the last applied log entry; 0 when none.
     pub index: u64,
     pub registry: Arc<Registry>,
+    /// Proposals this process applied (a batch entry holds many); for
+    /// compaction, which openraft counts in entries.
+    pub proposals: u64,
 }
 
-/// In-memory mirror of the `sm` tree.
+/// In-memory mirror of the state machine tree.
 struct SmState {
+    /// The tree (see [`SM_TREE_KEY`]).
+    tree: sled::Tree,
     registry: Registry,
     last_applied: Option<LogId>,
     last_membership: Membership,
     /// Audit records in the tree.
     audit_len: usize,
+    /// See [`Applied::proposals`].
+    proposals: u64,
 }
 
 /// The snapshot blob: the whole state machine.
@@ -472,7 +506,7 @@ struct SnapshotState {
 #[derive(Clone)]
 pub struct StateMachine {
     state: Arc<Mutex<SmState>>,
-    sm: sled::Tree,
+    db: sled::Db,
     snapshot: sled::Tree,
     /// Serializes the compare-and-store of the current snapshot.
     snapshot_lock: Arc<Mutex<()>>,
@@ -492,8 +526,8 @@ fn decode_err(what: &[u8], reason: impl ToString) -> StoreError {
     }
 }
 
-/// Rebuilds the state from the `sm` tree.
-fn load_state(tree: &sled::Tree) -> Result<SmState, StoreError> {
+/// Rebuilds the state from the state machine tree.
+fn load_state(tree: sled::Tree) -> Result<SmState, StoreError> {
     let mut defs: BTreeMap<String, ServiceDef> = BTreeMap::new();
     let mut members: Vec<(String, String, Member)> = Vec::new();
     let mut last_applied = None;
@@ -556,10 +590,12 @@ fn load_state(tree: &sled::Tree) -> Result<SmState, StoreError> {
         tokens,
     };
     Ok(SmState {
+        tree,
         registry,
         last_applied,
         last_membership,
         audit_len,
+        proposals: 0,
     })
 }
 
@@ -671,21 +707,56 @@ fn diff_into_batch(
     Ok(())
 }
 
-/// Adds the full registry to `batch`.
-fn registry_into_batch(batch: &mut sled::Batch, registry: &Registry) -> Result<(), StorageError> {
+/// Writes to a tree in batches of [`Chunked::KEYS`] keys: for a tree
+/// that is not live yet, where the whole need not be atomic.
+struct Chunked<'a> {
+    tree: &'a sled::Tree,
+    batch: sled::Batch,
+    keys: usize,
+}
+
+impl<'a> Chunked<'a> {
+    const KEYS: usize = 2_000;
+
+    fn new(tree: &'a sled::Tree) -> Self {
+        Self {
+            tree,
+            batch: sled::Batch::default(),
+            keys: 0,
+        }
+    }
+
+    fn insert(&mut self, key: Vec<u8>, value: Vec<u8>) -> Result<(), StorageError> {
+        self.batch.insert(key, value);
+        self.keys += 1;
+        if self.keys >= Self::KEYS {
+            self.finish()?;
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<(), StorageError> {
+        let batch = std::mem::take(&mut self.batch);
+        self.keys = 0;
+        self.tree.apply_batch(batch).map_err(write_sm_err)
+    }
+}
+
+/// Writes the full registry.
+fn registry_into(out: &mut Chunked<'_>, registry: &Registry) -> Result<(), StorageError> {
     for (id, t) in &registry.tokens {
-        batch.insert(token_key(id).as_bytes(), json(t).map_err(write_sm_err)?);
+        out.insert(token_key(id).into_bytes(), json(t).map_err(write_sm_err)?)?;
     }
     for (name, svc) in &registry.services {
-        batch.insert(
-            service_key(name).as_bytes(),
+        out.insert(
+            service_key(name).into_bytes(),
             json(&svc.def).map_err(write_sm_err)?,
-        );
+        )?;
         for (member, m) in &svc.members {
-            batch.insert(
-                member_key(name, member).as_bytes(),
+            out.insert(
+                member_key(name, member).into_bytes(),
                 json(m).map_err(write_sm_err)?,
-            );
+            )?;
         }
     }
     Ok(())
@@ -695,16 +766,27 @@ fn applied_of(state: &SmState) -> Arc<Applied> {
     Arc::new(Applied {
         index: state.last_applied.map(|l| l.index).unwrap_or(0),
         registry: Arc::new(state.registry.clone()),
+        proposals: state.proposals,
     })
 }
 
 impl StateMachine {
-    fn load(sm: sled::Tree, snapshot: sled::Tree) -> Result<Self, StoreError> {
-        let state = load_state(&sm)?;
+    fn load(db: sled::Db, snapshot: sled::Tree) -> Result<Self, StoreError> {
+        let tree = sm_tree(&db)?;
+        // An install that crashed before its switch left its tree behind.
+        for name in db.tree_names() {
+            if name.starts_with(b"sm-") && name != tree.name() {
+                db.drop_tree(&name).map_err(|source| StoreError::Write {
+                    what: "stale sm tree".into(),
+                    source,
+                })?;
+            }
+        }
+        let state = load_state(tree)?;
         let (applied_tx, _) = watch::channel(applied_of(&state));
         Ok(Self {
             state: Arc::new(Mutex::new(state)),
-            sm,
+            db,
             snapshot,
             snapshot_lock: Arc::new(Mutex::new(())),
             applied_tx: Arc::new(applied_tx),
@@ -790,18 +872,19 @@ impl StateMachine {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let mut blob = {
+        let (mut blob, tree) = {
             let st = self.lock();
-            SnapshotState {
+            let blob = SnapshotState {
                 last_applied: st.last_applied,
                 last_membership: st.last_membership.clone(),
                 registry: st.registry.clone(),
                 audit: Vec::new(),
-            }
+            };
+            (blob, st.tree.clone())
         };
         // Entries applied after the state was taken are left for the next snapshot.
         let upto = blob.last_applied.map(|l| l.index).unwrap_or(0);
-        for item in self.sm.scan_prefix("a/") {
+        for item in tree.scan_prefix("a/") {
             let (key, value) = item.map_err(read_sm_err)?;
             let entry: AuditEntry =
                 serde_json::from_slice(&value).map_err(|e| read_sm_err(decode_err(&key, e)))?;
@@ -853,12 +936,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // (key, record) of every command that changed something.
         let mut audit = Vec::new();
         let mut responses = Vec::new();
+        let mut proposals = 0;
         for entry in entries {
             last_applied = Some(entry.log_id);
             let index = entry.log_id.index;
             let response = match entry.payload {
                 EntryPayload::Blank => Response::Done,
                 EntryPayload::Normal(proposal) => {
+                    proposals += match &proposal.cmd {
+                        Command::Batch(each) => each.len() as u64,
+                        _ => 1,
+                    };
                     touched.add(&proposal.cmd);
                     let response = registry.apply(&proposal.cmd);
                     match (&proposal.cmd, &response) {
@@ -900,13 +988,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // openraft learns of it (build_snapshot, install_snapshot), so the
         // entries a lost apply needs are still in the log.
         let mut batch = sled::Batch::default();
-        diff_into_batch(&mut batch, &self.sm, &st.registry, &registry, &touched)?;
+        diff_into_batch(&mut batch, &st.tree, &st.registry, &registry, &touched)?;
         // Retention keeps the newest AUDIT_KEEP records: every node applies the
         // same records in the same order, so every node drops the same ones.
         let keep = AUDIT_KEEP as usize;
         let new = &audit[audit.len().saturating_sub(keep)..];
         let excess = (st.audit_len + new.len()).saturating_sub(keep);
-        for key in self.sm.scan_prefix("a/").keys().take(excess) {
+        for key in st.tree.scan_prefix("a/").keys().take(excess) {
             batch.remove(key.map_err(read_sm_err)?);
         }
         for (key, record) in new {
@@ -916,12 +1004,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if last_membership != st.last_membership {
             batch.insert(MEMBERSHIP_KEY, bin(&last_membership).map_err(write_sm_err)?);
         }
-        self.sm.apply_batch(batch).map_err(write_sm_err)?;
+        st.tree.apply_batch(batch).map_err(write_sm_err)?;
 
         st.registry = registry;
         st.last_applied = last_applied;
         st.last_membership = last_membership;
         st.audit_len = st.audit_len + new.len() - excess;
+        st.proposals += proposals;
         self.publish(&st);
         Ok(responses)
     }
@@ -943,47 +1032,68 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let blob: SnapshotState = serde_json::from_slice(&data).map_err(|e| {
             StorageError::from(StorageIOError::read_snapshot(Some(meta.signature()), &e))
         })?;
+        // A fresh tree, written in chunks and switched to in one step: one
+        // sled batch of the whole registry held 800 MiB at 100k members
+        // (sled keeps every node version of a batch until it completes).
+        // Random: install counters are not stored, and this must never name the live tree.
+        let name = format!("sm-{:016x}", rand::random::<u64>());
+        let tree = self.db.open_tree(&name).map_err(write_sm_err)?;
+        tree.clear().map_err(write_sm_err)?;
+        let mut out = Chunked::new(&tree);
+        registry_into(&mut out, &blob.registry)?;
+        // Records of one batch entry share an index: number them in order.
+        let mut prev = None;
+        let mut n = 0;
+        for entry in &blob.audit {
+            n = if prev == Some(entry.index) { n + 1 } else { 0 };
+            prev = Some(entry.index);
+            out.insert(
+                audit_key(entry.index, n).into_bytes(),
+                json(entry).map_err(write_sm_err)?,
+            )?;
+        }
         // The meta is authoritative for what the snapshot covers.
-        let new_state = SmState {
-            registry: blob.registry,
-            last_applied: meta.last_log_id,
-            last_membership: meta.last_membership.clone(),
-            audit_len: blob.audit.len(),
-        };
-        {
+        out.insert(
+            APPLIED_KEY.to_vec(),
+            bin(&meta.last_log_id).map_err(write_sm_err)?,
+        )?;
+        out.insert(
+            MEMBERSHIP_KEY.to_vec(),
+            bin(&meta.last_membership).map_err(write_sm_err)?,
+        )?;
+        out.finish()?;
+        // The new tree is durable before the switch, and the switch before
+        // openraft learns the install is done.
+        let flush = |e| write_snapshot_err(meta, e);
+        self.db.flush_async().await.map_err(flush)?;
+        self.db
+            .insert(SM_TREE_KEY, name.as_bytes())
+            .map_err(write_sm_err)?;
+        self.db.flush_async().await.map_err(flush)?;
+        let old = {
             let mut st = self.lock();
-            // Replace the whole tree in one atomic batch.
-            let mut batch = sled::Batch::default();
-            for item in self.sm.iter() {
-                let (key, _) = item.map_err(read_sm_err)?;
-                batch.remove(key);
-            }
-            registry_into_batch(&mut batch, &new_state.registry)?;
-            // Records of one batch entry share an index: number them in order.
-            let mut prev = None;
-            let mut n = 0;
-            for entry in &blob.audit {
-                n = if prev == Some(entry.index) { n + 1 } else { 0 };
-                prev = Some(entry.index);
-                batch.insert(
-                    audit_key(entry.index, n).as_bytes(),
-                    json(entry).map_err(write_sm_err)?,
-                );
-            }
-            batch.insert(
-                APPLIED_KEY,
-                bin(&new_state.last_applied).map_err(write_sm_err)?,
+            let proposals = st.proposals;
+            let old = std::mem::replace(
+                &mut *st,
+                SmState {
+                    tree,
+                    registry: blob.registry,
+                    last_applied: meta.last_log_id,
+                    last_membership: meta.last_membership.clone(),
+                    audit_len: blob.audit.len(),
+                    proposals,
+                },
             );
-            batch.insert(
-                MEMBERSHIP_KEY,
-                bin(&new_state.last_membership).map_err(write_sm_err)?,
-            );
-            self.sm.apply_batch(batch).map_err(write_sm_err)?;
-            *st = new_state;
             self.publish(&st);
+            old.tree
+        };
+        // A snapshot build may still read the old tree: it then fails, and
+        // openraft builds again later.
+        if let Err(e) = self.db.drop_tree(old.name()) {
+            tracing::warn!(cause = %e, "could not drop the replaced state machine tree");
         }
         self.store_snapshot(meta, &data, None)?;
-        self.sm
+        self.snapshot
             .flush_async()
             .await
             .map_err(|e| write_snapshot_err(meta, e))?;
@@ -1343,6 +1453,31 @@ mod tests {
             .unwrap();
         assert_eq!(audit_of(&follower.db), want);
         assert_eq!(follower.sm.lock().audit_len, 3);
+    }
+
+    #[tokio::test]
+    async fn an_install_cut_short_leaves_the_live_state_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut stores = open(dir.path()).unwrap();
+            stores
+                .sm
+                .apply(vec![normal(1, register("http", "a", "10.0.0.1"))])
+                .await
+                .unwrap();
+            // What a crash in the middle of install_snapshot leaves: a
+            // half-written tree the switch never pointed to.
+            let partial = stores.db.open_tree("sm-00000000000000ff").unwrap();
+            partial.insert("m/http/zz", &b"{}"[..]).unwrap();
+            stores.db.flush().unwrap();
+        }
+        let stores = open(dir.path()).unwrap();
+        let names = stores.db.tree_names();
+        assert!(!names.iter().any(|n| n.starts_with(b"sm-")), "{names:?}");
+        let applied = stores.sm.subscribe().borrow().clone();
+        assert_eq!(applied.index, 1);
+        assert!(applied.registry.member("http", "a").is_some());
+        assert!(applied.registry.member("http", "zz").is_none());
     }
 
     #[test]
