@@ -144,6 +144,8 @@ async fn run(
     // The registry haproxy runs; `None` until our first reload, since we do
     // not know what a running haproxy loaded before we started.
     let mut live: Option<Arc<Registry>> = None;
+    // The registry of the last file the validate command accepted.
+    let mut validated: Option<Arc<Registry>> = None;
     let mut last_reload: Option<Instant> = None;
     let mut retry = Duration::from_millis(250);
     let mut failing = false;
@@ -241,7 +243,17 @@ async fn run(
         // values; haproxy's runtime API checks each one as it applies it, and
         // the file is validated again before any reload reads it. Skipping
         // `haproxy -c` here keeps a member change cheap at any registry size.
-        let runtime_only = matches!(plan, Plan::Runtime(_) | Plan::Nothing);
+        // The same holds against the last validated registry when no runtime
+        // API is configured (the file is only written): otherwise every node
+        // runs `haproxy -c` for every batch of registrations.
+        let member_only = |base: &Registry| {
+            matches!(
+                haproxy::plan(base, &current.registry),
+                Plan::Runtime(_) | Plan::Nothing
+            )
+        };
+        let runtime_only = matches!(plan, Plan::Runtime(_) | Plan::Nothing)
+            || validated.as_deref().is_some_and(member_only);
         let validate = !(runtime_only && settings.builtin_template);
         if !unchanged {
             let t1 = Instant::now();
@@ -257,6 +269,9 @@ async fn run(
                 continue;
             }
             written = Some(text);
+            if validate && settings.validate_cmd.is_some() {
+                validated = Some(current.registry.clone());
+            }
             let names: Vec<String> = current.registry.services.keys().cloned().collect();
             if names != installed_services {
                 // Best effort: without it the guard only covers this process's lifetime.
