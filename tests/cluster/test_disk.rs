@@ -372,6 +372,25 @@ async fn on_tmpfs(mounts: &mut Mounts, hook: &Path) -> Cluster {
 /// Fills `victim`'s disk under writes through the others; checks it stops,
 /// says why and exits 75 while the others keep acknowledging; frees the disk,
 /// restarts it and checks that it catches up.
+/// Three nodes, node 3's data dir at `data`, and writes through nodes 1 and
+/// 2 already under way.
+async fn node3_on(data: &Path) -> (Cluster, Writes) {
+    let c = Cluster::start_custom(3, &crate::harness::FAST_TIMERS, |id| {
+        let mut a = vec!["--validate-cmd".to_string(), "true".into()];
+        if id == 3 {
+            a.extend(["--data-dir".to_string(), path(data)]);
+        }
+        a
+    })
+    .await;
+    c.leader(Duration::from_secs(10)).await;
+    let writes = Writes::start(&c, &[1, 2]);
+    writes
+        .progress(20, Duration::from_secs(10), "writes before the fault")
+        .await;
+    (c, writes)
+}
+
 async fn full_disk(c: &mut Cluster, victim: u64) {
     let others: Vec<u64> = c.nodes.keys().copied().filter(|&id| id != victim).collect();
     let writes = Writes::start(c, &others);
@@ -492,19 +511,7 @@ async fn a_data_dir_that_turns_read_only_under_a_running_node_stops_it_until_it_
         }
     };
     let data = disk.join("data");
-    let mut c = Cluster::start_custom(3, &crate::harness::FAST_TIMERS, |id| {
-        let mut a = vec!["--validate-cmd".to_string(), "true".into()];
-        if id == 3 {
-            a.extend(["--data-dir".to_string(), path(&data)]);
-        }
-        a
-    })
-    .await;
-    c.leader(Duration::from_secs(10)).await;
-    let writes = Writes::start(&c, &[1, 2]);
-    writes
-        .progress(20, Duration::from_secs(10), "writes before the fault")
-        .await;
+    let (mut c, writes) = node3_on(&data).await;
 
     let source = Command::new("findmnt")
         .args(["-n", "-o", "SOURCE", &path(&disk)])
@@ -606,19 +613,7 @@ async fn a_node_started_on_a_read_only_data_dir_exits_with_one_line_and_starts_o
     // again, then catches up.
     let disk = mounts.tmpfs("node3", "8m").expect("tmpfs");
     let data = disk.join("data");
-    let mut c = Cluster::start_custom(3, &crate::harness::FAST_TIMERS, |id| {
-        let mut a = vec!["--validate-cmd".to_string(), "true".into()];
-        if id == 3 {
-            a.extend(["--data-dir".to_string(), path(&data)]);
-        }
-        a
-    })
-    .await;
-    c.leader(Duration::from_secs(10)).await;
-    let writes = Writes::start(&c, &[1, 2]);
-    writes
-        .progress(20, Duration::from_secs(10), "writes before the fault")
-        .await;
+    let (mut c, writes) = node3_on(&data).await;
     assert!(c.node_mut(3).terminate().success());
     run("mount", &["-o", "remount,ro", &path(&disk)]).expect("remount ro");
     c.node_mut(3).spawn();
