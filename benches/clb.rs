@@ -39,6 +39,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const TOKEN: &str = "bench-token";
+const SECRET: &str = "bench-cluster-secret-0123456789abcdef";
 const USAGE: &str = "usage: cargo bench --bench clb -- [writes|propagation|render|scale|all] \
      [--json FILE] [--quick] [--count N] [--clients 1,16,64]";
 
@@ -365,13 +366,16 @@ impl ClbCluster {
         let dir = tempfile::Builder::new().prefix("clb-bench").tempdir()?;
         let token_file = dir.path().join("tokens");
         std::fs::write(&token_file, format!("{TOKEN}\n"))?;
+        std::fs::write(dir.path().join("cluster-secret"), format!("{SECRET}\n"))?;
         let mut addrs = BTreeMap::new();
         for id in 1..=n {
-            addrs.insert(id, format!("127.0.0.1:{}", free_port()?));
+            let api = format!("127.0.0.1:{}", free_port()?);
+            let peer = format!("127.0.0.1:{}", free_port()?);
+            addrs.insert(id, (api, peer));
         }
         let peers = addrs
             .iter()
-            .map(|(id, a)| format!("{id}={a}"))
+            .map(|(id, (_, p))| format!("{id}={p}"))
             .collect::<Vec<_>>()
             .join(",");
         let http = reqwest::Client::builder()
@@ -383,10 +387,10 @@ impl ClbCluster {
             nodes: BTreeMap::new(),
             http,
         };
-        for (id, addr) in addrs {
+        for (id, (addr, peer)) in addrs {
             let mut args = vec!["--peers".to_string(), peers.clone()];
             args.extend(extra(id, cluster.dir.path()));
-            cluster.spawn_node(id, addr, args)?;
+            cluster.spawn_node(id, addr, peer, args)?;
         }
         for id in 1..=n {
             cluster.wait_healthy(id).await?;
@@ -395,11 +399,20 @@ impl ClbCluster {
         Ok(cluster)
     }
 
-    fn spawn_node(&mut self, id: u64, addr: String, extra: Vec<String>) -> Result<()> {
+    fn spawn_node(
+        &mut self,
+        id: u64,
+        addr: String,
+        peer: String,
+        extra: Vec<String>,
+    ) -> Result<()> {
         let dir = self.dir.path();
         let log = dir.join(format!("node{id}.log"));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_clbd"));
         cmd.args(["--node-id", &id.to_string(), "--listen", &addr])
+            .args(["--peer-listen", &peer])
+            .arg("--cluster-secret-file")
+            .arg(dir.join("cluster-secret"))
             .arg("--data-dir")
             .arg(dir.join(format!("node{id}")))
             .arg("--token-file")
@@ -1506,9 +1519,11 @@ async fn bench_scale(quick: bool) -> Result<Value> {
     // (snapshot install: the log was compacted every 5,000 entries).
     let members = done;
     let addr = format!("127.0.0.1:{}", free_port()?);
+    let peer = format!("127.0.0.1:{}", free_port()?);
     cluster.spawn_node(
         4,
-        addr.clone(),
+        addr,
+        peer.clone(),
         [args(4, Path::new("")), vec!["--join".into()]].concat(),
     )?;
     cluster.wait_healthy(4).await?;
@@ -1517,7 +1532,7 @@ async fn bench_scale(quick: bool) -> Result<Value> {
         .unwrap_or(0);
     let t = Instant::now();
     let post = reqwest::Method::POST;
-    let body = json!({"id": 4, "addr": addr, "learner": false});
+    let body = json!({"id": 4, "addr": peer, "learner": false});
     let added = cluster
         .request(
             leader,

@@ -377,6 +377,12 @@ impl Pair {
         SocketAddr::from((ip, API_PORT))
     }
 
+    /// Node `i`'s peer address: the API's host, the next port.
+    fn peer(&self, i: usize) -> SocketAddr {
+        let api = self.api(i);
+        SocketAddr::new(api.ip(), api.port() + 1)
+    }
+
     fn host(&self, i: usize) -> &Host {
         if i < 2 {
             &self.bal[i]
@@ -387,7 +393,7 @@ impl Pair {
 
     fn spawn_clbd(&mut self, i: usize) -> Result<()> {
         let peers = (0..3)
-            .map(|j| format!("{}={}", j + 1, self.api(j)))
+            .map(|j| format!("{}={}", j + 1, self.peer(j)))
             .collect::<Vec<_>>()
             .join(",");
         let d = self.dir();
@@ -397,11 +403,19 @@ impl Pair {
         if !tokens.exists() {
             std::fs::write(&tokens, format!("{TOKEN}\n"))?;
         }
+        let secret = d.join("cluster-secret");
+        if !secret.exists() {
+            std::fs::write(&secret, format!("{}\n", clb::auth::new_cluster_secret()))?;
+        }
         let mut args: Vec<String> = [
             "--node-id",
             &(i + 1).to_string(),
             "--listen",
             &self.api(i).to_string(),
+            "--peer-listen",
+            &self.peer(i).to_string(),
+            "--cluster-secret-file",
+            &secret.display().to_string(),
             "--peers",
             &peers,
             "--data-dir",

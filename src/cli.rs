@@ -146,6 +146,8 @@ pub enum Command {
     },
     /// Ask the leader to step down: it releases the VIP and a healthy voter takes over
     Failover,
+    /// Print a new random cluster secret (256 bits, hex) for --cluster-secret-file
+    GenSecret,
     /// Start a throw-away local cluster (2 balancers + witness), kill its leader, print the timeline
     Demo {
         /// Do not run haproxy even when it is installed
@@ -495,6 +497,7 @@ pub async fn run(cli: Cli) -> Result<String, Failure> {
             }
             Ok(failover_text(&v))
         }
+        Command::GenSecret => Ok(crate::auth::new_cluster_secret()),
         Command::Demo { no_haproxy, keep } => {
             let opts = crate::demo::DemoOptions { no_haproxy, keep };
             crate::demo::run(opts).await.map_err(|e| Failure {

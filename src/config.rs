@@ -44,16 +44,20 @@ pub struct Settings {
     /// This node's id, unique in the cluster [default: 1]
     #[arg(long, env = "CLB_NODE_ID")]
     pub node_id: Option<NodeId>,
-    /// Address for the API and peer RPCs [default: 0.0.0.0:8090]
+    /// Address for the client API, /ui, /healthz and /metrics [default: 0.0.0.0:8090]
     #[arg(long, env = "CLB_LISTEN")]
     pub listen: Option<String>,
-    /// Address other nodes and clients use to reach this one [default: from --peers or --listen]
+    /// Address for peer RPCs (Raft, forwarded writes), apart from clients [default: --listen's IP
+    /// with this node's port in --peers, else --listen's port + 1]
+    #[arg(long, env = "CLB_PEER_LISTEN")]
+    pub peer_listen: Option<String>,
+    /// Peer address other nodes use to reach this one [default: from --peers or --peer-listen]
     #[arg(long, env = "CLB_ADVERTISE")]
     pub advertise: Option<String>,
     /// Where the Raft log and registry live [default: ./clb-data]
     #[arg(long, env = "CLB_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Initial cluster, identical on every node: 1=HOST:PORT,2=HOST:PORT,3=HOST:PORT
+    /// Initial cluster, identical on every node, by peer address: 1=HOST:PORT,2=HOST:PORT,3=HOST:PORT
     #[arg(long, env = "CLB_PEERS")]
     pub peers: Option<String>,
     /// Start empty and wait to be added with `clb cluster add`
@@ -74,9 +78,14 @@ pub struct Settings {
     /// Rebuild the registry and tokens from a `clb snapshot save` file when the cluster is empty
     #[arg(long, env = "CLB_RESTORE")]
     pub restore: Option<PathBuf>,
-    /// File whose first line is the cluster secret every peer RPC must carry
+    /// File whose first line is the cluster secret every peer RPC must carry; the same on every node
+    /// (`clb gen-secret > FILE`) [default: a single node generates DATA_DIR/cluster-secret]
     #[arg(long, env = "CLB_CLUSTER_SECRET_FILE")]
     pub cluster_secret_file: Option<PathBuf>,
+    /// Let a multi-node cluster run without a cluster secret: anyone who reaches the peer port
+    /// can then rewrite the registry. Logs a warning at every start
+    #[arg(long, env = "CLB_INSECURE_PEERS", num_args = 0..=1, default_missing_value = "true")]
+    pub insecure_peers: Option<bool>,
     /// File with the 2010 shared password(s): accepted with scope register:* only
     #[arg(long, env = "CLB_LEGACY_PASSWORD_FILE")]
     pub legacy_password_file: Option<PathBuf>,
@@ -98,16 +107,16 @@ pub struct Settings {
     /// The virtual/elastic IP the leader holds
     #[arg(long, env = "CLB_VIP")]
     pub vip: Option<String>,
-    /// Command run as `CMD claim|release VIP NODE_ID TERM`
+    /// `linux-vip:IFACE` (the VIP on that interface), or a command run as `CMD claim|release VIP NODE_ID TERM`
     #[arg(long, env = "CLB_VIP_HOOK")]
     pub vip_hook: Option<String>,
-    /// Raft heartbeat interval [default: 50]
+    /// Raft heartbeat interval [default: from --timers; 25 for default]
     #[arg(long, env = "CLB_HEARTBEAT_MS")]
     pub heartbeat_ms: Option<u64>,
-    /// Lower bound of the randomized election timeout [default: 300]
+    /// Lower bound of the randomized election timeout [default: from --timers; 110 for default]
     #[arg(long, env = "CLB_ELECTION_TIMEOUT_MIN_MS")]
     pub election_timeout_min_ms: Option<u64>,
-    /// Upper bound of the randomized election timeout [default: 600]
+    /// Upper bound of the randomized election timeout [default: from --timers; 150 for default]
     #[arg(long, env = "CLB_ELECTION_TIMEOUT_MAX_MS")]
     pub election_timeout_max_ms: Option<u64>,
     /// How long a write waits for a leader before answering 503 [default: 5000]
@@ -168,10 +177,14 @@ pub struct Settings {
     /// PEM CA certificate(s) peers' certificates are checked against [default: the bundled web roots]
     #[arg(long, env = "CLB_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
-    /// Connections served at once; more wait in the kernel's backlog [default: 1024]
+    /// Client connections served at once; when full, an idle one is closed for a new one [default: 1024]
     #[arg(long, env = "CLB_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
-    /// How long a client may take to send request headers [default: 10000]
+    /// Client connections one source address may hold; more are closed at once [default: 128]
+    #[arg(long, env = "CLB_MAX_CONNECTIONS_PER_IP")]
+    pub max_connections_per_ip: Option<usize>,
+    /// How long a connection may take to send a complete request head, from its first byte
+    /// (or from connecting), HTTP/1 and HTTP/2 alike [default: 10000]
     #[arg(long, env = "CLB_HEADER_READ_TIMEOUT_MS")]
     pub header_read_timeout_ms: Option<u64>,
     /// A request running longer is answered 408 [default: 30000]
@@ -196,6 +209,7 @@ impl Settings {
             file,
             node_id,
             listen,
+            peer_listen,
             advertise,
             data_dir,
             peers,
@@ -206,6 +220,7 @@ impl Settings {
             guardrail_share,
             guardrail_window_s,
             cluster_secret_file,
+            insecure_peers,
             legacy_password_file,
             auth_failures_per_minute,
             template_dir,
@@ -237,6 +252,7 @@ impl Settings {
             tls_key,
             tls_ca,
             max_connections,
+            max_connections_per_ip,
             header_read_timeout_ms,
             request_timeout_ms,
             idle_timeout_ms,
@@ -266,8 +282,11 @@ pub enum Role {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub node_id: NodeId,
+    /// The client listener.
     pub listen: SocketAddr,
-    /// `None`: derived from the bound listener.
+    /// The peer listener.
+    pub peer_listen: SocketAddr,
+    /// `None`: derived from the bound peer listener.
     pub advertise: Option<String>,
     pub data_dir: PathBuf,
     /// `None` for a single-node cluster, which needs the bound address first.
@@ -300,8 +319,21 @@ pub struct Config {
     pub render_coalesce: Duration,
     /// `Some`: the API and peer RPCs are served over HTTPS.
     pub tls: Option<TlsSettings>,
-    /// Connection cap and slow-client timeouts of the listener.
+    /// Connection cap and slow-client timeouts of the client listener.
     pub limits: Limits,
+    /// Where the cluster secret comes from.
+    pub peer_auth: PeerAuth,
+}
+
+/// How peers authenticate each other.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerAuth {
+    /// The secret from `--cluster-secret-file`.
+    Secret(String),
+    /// A single node: DATA_DIR/cluster-secret, generated on first start.
+    Generated,
+    /// `--insecure-peers`: peer RPCs are not authenticated.
+    Insecure,
 }
 
 impl Config {
@@ -320,7 +352,7 @@ impl Config {
             },
             window: Duration::from_secs(s.guardrail_window_s.unwrap_or(60).max(1)),
         };
-        let cluster_secret = s
+        let secret_file = s
             .cluster_secret_file
             .as_deref()
             .map(read_secret)
@@ -347,6 +379,58 @@ impl Config {
         if join && peers.is_some() {
             return Err(invalid("join", "cannot be combined with --peers"));
         }
+        let peer_listen = match &s.peer_listen {
+            Some(text) => text
+                .parse::<SocketAddr>()
+                .map_err(|_| invalid("peer-listen", format!("{text:?} is not IP:PORT")))?,
+            // The port other nodes were told (--peers), else the next one.
+            None => {
+                let told = peers
+                    .as_ref()
+                    .and_then(|p| p.get(&node_id))
+                    .and_then(|a| a.rsplit_once(':'))
+                    .and_then(|(_, port)| port.parse::<u16>().ok());
+                let port = match (told, listen.port()) {
+                    (Some(p), _) => p,
+                    (None, 0) => 0,
+                    (None, p) => p.checked_add(1).ok_or_else(|| {
+                        invalid(
+                            "peer-listen",
+                            "--listen uses port 65535; give one explicitly",
+                        )
+                    })?,
+                };
+                SocketAddr::new(listen.ip(), port)
+            }
+        };
+        if peer_listen == listen && listen.port() != 0 {
+            return Err(invalid(
+                "peer-listen",
+                format!("{peer_listen} is also --listen; peers need a port of their own"),
+            ));
+        }
+        // A node that shares a cluster must share a secret with it; only a
+        // lone node can make its own (and hand it to the nodes it adds).
+        let insecure = s.insecure_peers.unwrap_or(false);
+        let peer_auth = match (secret_file, insecure) {
+            (Some(_), true) => {
+                return Err(invalid(
+                    "insecure-peers",
+                    "cannot be combined with --cluster-secret-file",
+                ))
+            }
+            (Some(secret), false) => PeerAuth::Secret(secret),
+            (None, true) => PeerAuth::Insecure,
+            (None, false) if peers.is_some() || join => {
+                return Err(invalid(
+                    "cluster-secret-file",
+                    "a cluster of several nodes needs a shared peer secret: create one with \
+                     `clb gen-secret > FILE`, give the same FILE to every node (or copy a \
+                     single node's DATA_DIR/cluster-secret), or pass --insecure-peers",
+                ))
+            }
+            (None, false) => PeerAuth::Generated,
+        };
         let role = match s.role.as_deref().unwrap_or("balancer") {
             "balancer" => Role::Balancer,
             "witness" => Role::Witness,
@@ -384,6 +468,7 @@ impl Config {
         Ok(Config {
             node_id,
             listen,
+            peer_listen,
             advertise: s.advertise,
             data_dir: s.data_dir.unwrap_or_else(|| PathBuf::from("clb-data")),
             peers,
@@ -410,7 +495,11 @@ impl Config {
                 peer_tls: tls.as_ref().map(|_| PeerTls {
                     ca: s.tls_ca.clone(),
                 }),
-                cluster_secret,
+                cluster_secret: match &peer_auth {
+                    PeerAuth::Secret(secret) => Some(secret.clone()),
+                    // Filled in at start, from the data dir.
+                    PeerAuth::Generated | PeerAuth::Insecure => None,
+                },
                 guardrail,
             },
             service_defaults: s
@@ -438,6 +527,7 @@ impl Config {
             render_coalesce: Duration::from_millis(s.render_coalesce_ms.unwrap_or(5)),
             tls,
             limits,
+            peer_auth,
         })
     }
 
@@ -452,7 +542,7 @@ impl Config {
         }
     }
 
-    /// The address peers and clients should use for this node.
+    /// The address peers should use for this node: `bound` is the peer listener.
     pub fn advertise_addr(&self, bound: SocketAddr) -> String {
         if let Some(a) = &self.advertise {
             return a.clone();
@@ -515,8 +605,13 @@ fn limits(s: &Settings) -> Result<Limits, ConfigError> {
     if max_connections == 0 {
         return Err(invalid("max-connections", "must be at least 1"));
     }
+    let max_connections_per_ip = s.max_connections_per_ip.unwrap_or(d.max_connections_per_ip);
+    if max_connections_per_ip == 0 {
+        return Err(invalid("max-connections-per-ip", "must be at least 1"));
+    }
     Ok(Limits {
         max_connections,
+        max_connections_per_ip,
         header_read_timeout: ms(
             "header-read-timeout-ms",
             s.header_read_timeout_ms,

@@ -52,6 +52,8 @@ pub enum DaemonError {
     },
     #[error("token file {0} has no tokens")]
     NoTokens(String),
+    #[error("cluster secret {0}: the first line must hold at least 16 characters")]
+    BadSecret(String),
     #[error("listener: {0}")]
     Listener(std::io::Error),
     #[error("{0}")]
@@ -189,7 +191,10 @@ fn spawn_restore(consensus: Consensus, registry: Registry, path: String) {
         };
         // The write waits for a leader for the forward timeout; retry a few times.
         for _ in 0..12 {
-            match consensus.write(proposal.clone()).await {
+            match consensus
+                .write(proposal.clone(), crate::auth::Scope::Admin)
+                .await
+            {
                 Ok(w) => {
                     match w.response {
                         Response::Done => {
@@ -322,15 +327,80 @@ fn input_now(consensus: &Consensus) -> RenderInput {
     }
 }
 
-/// Runs a node until `shutdown` resolves. The listener is already bound, so
-/// callers (and tests) choose the port, including port 0.
+/// The two bound sockets: clients, and peers apart from them, so a flood of
+/// clients cannot starve replication.
+pub struct Listeners {
+    pub api: TcpListener,
+    pub peer: TcpListener,
+}
+
+impl Listeners {
+    /// Binds `--listen` and `--peer-listen`.
+    pub async fn bind(config: &Config) -> Result<Listeners, DaemonError> {
+        let bind = |addr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| DaemonError::Bind { addr, source })
+        };
+        Ok(Listeners {
+            api: bind(config.listen).await?,
+            peer: bind(config.peer_listen).await?,
+        })
+    }
+}
+
+/// Limits of the peer listener: peers are few but may run many requests at
+/// once (forwarded writes under load), so no small per-address cap.
+fn peer_limits(client: &api::serve::Limits) -> api::serve::Limits {
+    api::serve::Limits {
+        max_connections_per_ip: client.max_connections,
+        ..client.clone()
+    }
+}
+
+/// The cluster secret of a lone node: DATA_DIR/cluster-secret, made on
+/// first start like the admin token; nodes it adds are given a copy.
+fn generated_secret(dir: &Path) -> Result<String, DaemonError> {
+    let path = dir.join("cluster-secret");
+    if !path.exists() {
+        write_new_secret(&path)?;
+        tracing::info!(path = %path.display(), "generated the cluster secret; nodes added later need a copy (--cluster-secret-file)");
+    }
+    let text = std::fs::read_to_string(&path).map_err(|source| DaemonError::TokenFile {
+        path: path.display().to_string(),
+        source,
+    })?;
+    match text.lines().map(str::trim).find(|l| !l.is_empty()) {
+        Some(s) if s.len() >= 16 => Ok(s.to_string()),
+        _ => Err(DaemonError::BadSecret(path.display().to_string())),
+    }
+}
+
+/// Runs a node until `shutdown` resolves. The listeners are already bound,
+/// so callers (and tests) choose the ports, including port 0.
 pub async fn run(
-    config: Config,
-    listener: TcpListener,
+    mut config: Config,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), DaemonError> {
-    let bound = listener.local_addr().map_err(DaemonError::Listener)?;
+    let Listeners {
+        api: listener,
+        peer: peer_listener,
+    } = listeners;
+    let api_bound = listener.local_addr().map_err(DaemonError::Listener)?;
+    let bound = peer_listener.local_addr().map_err(DaemonError::Listener)?;
     check_writable(&config.data_dir)?;
+    match config.peer_auth {
+        crate::config::PeerAuth::Secret(_) => {}
+        crate::config::PeerAuth::Generated => {
+            config.raft.cluster_secret = Some(generated_secret(&config.data_dir)?);
+        }
+        crate::config::PeerAuth::Insecure => tracing::warn!(
+            peer_listen = %bound,
+            "--insecure-peers: peer RPCs are not authenticated; anyone who reaches the peer \
+             port can rewrite the registry, create admin tokens and depose the leader"
+        ),
+    }
     let tokens = load_tokens(&config)?;
     // A bad backup stops start-up before anything runs.
     let restore = config.restore.as_deref().map(read_restore).transpose()?;
@@ -356,7 +426,7 @@ pub async fn run(
         &config.raft,
     )
     .await?;
-    tracing::info!(listen = %bound, %advertise, role = ?config.role, "clbd ready");
+    tracing::info!(listen = %api_bound, peer_listen = %bound, %advertise, role = ?config.role, "clbd ready");
     // A failed disk stops Raft for good: shut down like on SIGTERM (the VIP
     // is released first) and exit with the reason.
     let (failed_tx, mut failed_rx) = tokio::sync::oneshot::channel();
@@ -433,20 +503,31 @@ pub async fn run(
         write_latency: Arc::default(),
         failover: failover.clone(),
     };
-    let app = api::router(state)
-        .merge(rpc::routes(consensus.clone()))
-        .merge(rpc::campaign_route(
-            consensus.clone(),
-            failover.may_campaign(),
-        ));
+    let peer_app = rpc::routes(
+        consensus.clone(),
+        failover.may_campaign(),
+        api::peer_routes(state.clone()),
+    );
+    let app = api::router(state);
 
-    let serve = api::serve::serve(
+    let serve_peers = api::serve::serve(
+        peer_listener,
+        peer_app,
+        config.tls.clone(),
+        peer_limits(&config.limits),
+        stop_rx.clone(),
+    );
+    let serve_clients = api::serve::serve(
         listener,
         app,
         config.tls.clone(),
         config.limits.clone(),
         stop_rx.clone(),
     );
+    let serve = async move {
+        let (peers, clients) = tokio::join!(serve_peers, serve_clients);
+        peers.and(clients)
+    };
     let grace = async move {
         let _ = stop_rx.wait_for(|s| *s).await;
         tokio::time::sleep(SHUTDOWN_GRACE).await;
@@ -534,10 +615,13 @@ fn load_tokens(config: &Config) -> Result<Tokens, DaemonError> {
 }
 
 fn write_new_token(path: &Path) -> Result<(), DaemonError> {
+    write_new_secret(path)
+}
+
+/// 256 random bits in hex, into a new file only its owner can read.
+fn write_new_secret(path: &Path) -> Result<(), DaemonError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let secret: [u8; 32] = rand::random();
-    let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
     let err = |source| DaemonError::TokenFile {
         path: path.display().to_string(),
         source,
@@ -548,7 +632,8 @@ fn write_new_token(path: &Path) -> Result<(), DaemonError> {
         .mode(0o600)
         .open(path)
         .map_err(err)?;
-    f.write_all(format!("{hex}\n").as_bytes()).map_err(err)?;
+    f.write_all(format!("{}\n", crate::auth::new_cluster_secret()).as_bytes())
+        .map_err(err)?;
     f.sync_all().map_err(err)
 }
 

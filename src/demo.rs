@@ -277,23 +277,31 @@ pub async fn run(opts: DemoOptions) -> Result<String, DemoError> {
 
     let mut addrs = Vec::new();
     for id in 1..=3u64 {
-        addrs.push((id, format!("127.0.0.1:{}", free_port()?)));
+        let api = format!("127.0.0.1:{}", free_port()?);
+        let peer = format!("127.0.0.1:{}", free_port()?);
+        addrs.push((id, api, peer));
     }
     let peers = addrs
         .iter()
-        .map(|(id, a)| format!("{id}={a}"))
+        .map(|(id, _, p)| format!("{id}={p}"))
         .collect::<Vec<_>>()
         .join(",");
-    for (id, addr) in &addrs {
+    // The nodes share a cluster secret, as a real cluster must.
+    let secret_file = write("cluster-secret", crate::auth::new_cluster_secret() + "\n")?;
+    for (id, addr, peer) in &addrs {
         let mut cmd = Command::new(&clbd);
         cmd.args([
             "--node-id",
             &id.to_string(),
             "--listen",
             addr,
+            "--peer-listen",
+            peer,
             "--peers",
             &peers,
         ])
+        .arg("--cluster-secret-file")
+        .arg(&secret_file)
         .arg("--data-dir")
         .arg(dir.join(format!("data{id}")))
         .arg("--token-file")
@@ -323,7 +331,7 @@ pub async fn run(opts: DemoOptions) -> Result<String, DemoError> {
             "started balancers 1 and 2 and witness 3 on {}",
             addrs
                 .iter()
-                .map(|(_, a)| a.as_str())
+                .map(|(_, a, _)| a.as_str())
                 .collect::<Vec<_>>()
                 .join(", ")
         ),
@@ -345,7 +353,7 @@ pub async fn run(opts: DemoOptions) -> Result<String, DemoError> {
 
     let clients: Vec<(u64, Client)> = addrs
         .iter()
-        .map(|(id, a)| Ok((*id, Client::new(a, Some(token.clone()))?)))
+        .map(|(id, a, _)| Ok((*id, Client::new(a, Some(token.clone()))?)))
         .collect::<Result<_, DemoError>>()?;
     let agreed = |alive: Vec<u64>| {
         let clients = &clients;
@@ -375,7 +383,7 @@ pub async fn run(opts: DemoOptions) -> Result<String, DemoError> {
     let any = Client::new(
         &addrs
             .iter()
-            .map(|(_, a)| a.as_str())
+            .map(|(_, a, _)| a.as_str())
             .collect::<Vec<_>>()
             .join(","),
         Some(token.clone()),

@@ -39,12 +39,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let config = Config::from_settings(cli.settings.or(file))?;
     clb::init_tracing(Some(config.node_id));
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| DaemonError::Bind {
-            addr: config.listen,
-            source,
-        })?;
-    clb::daemon::run(config, listener, clb::shutdown_signal()).await?;
+    raise_fd_limit();
+    let listeners = clb::daemon::Listeners::bind(&config).await?;
+    clb::daemon::run(config, listeners, clb::shutdown_signal()).await?;
     Ok(())
+}
+
+/// Every connection is a descriptor: take the hard limit rather than the
+/// soft default (often 1024), so a burst of clients cannot make accept fail.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on a struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
 }

@@ -209,7 +209,7 @@ pub enum Balance {
 /// `{"http": {"path": "/health"}}`) because the peer transport's bincode
 /// cannot decode internally tagged enums.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
 pub enum Check {
     None,
     #[default]
@@ -592,12 +592,7 @@ impl Command {
             }
             Command::CreateToken { id, token } => {
                 validate_name("id", id)?;
-                if token.name.len() > 63 || token.name.chars().any(char::is_control) {
-                    return Err(InvalidField::new(
-                        "name",
-                        "at most 63 characters, no control characters",
-                    ));
-                }
+                validate_token(token)?;
             }
             Command::RevokeToken { id } => validate_name("id", id)?,
             Command::Restore { registry } => {
@@ -615,8 +610,9 @@ impl Command {
                         .validate()?;
                     }
                 }
-                for id in registry.tokens.keys() {
+                for (id, token) in &registry.tokens {
                     validate_name("id", id)?;
+                    validate_token(token)?;
                 }
             }
             Command::Batch(proposals) => {
@@ -630,6 +626,32 @@ impl Command {
         }
         Ok(())
     }
+}
+
+/// A token record: its free-text fields are short and printable, and its
+/// hash is a SHA-256 in hex (the scope was checked when it was decoded).
+fn validate_token(token: &crate::auth::Token) -> Result<(), InvalidField> {
+    let text = |field: &'static str, v: &str| {
+        if v.len() > 63 || v.chars().any(char::is_control) {
+            Err(InvalidField::new(
+                field,
+                "at most 63 characters, no control characters",
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    text("name", &token.name)?;
+    text("created_by", &token.created_by)?;
+    let hex = token.hash.len() == 64
+        && token
+            .hash
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if !hex {
+        return Err(InvalidField::new("hash", "must be 64 lowercase hex digits"));
+    }
+    Ok(())
 }
 
 /// The outcome of applying one log entry; replicated answers must be data, not
@@ -717,6 +739,16 @@ impl Registry {
 
     /// Applies one command. A refused command changes nothing and says why.
     pub fn apply(&mut self, cmd: &Command) -> Response {
+        // Every node refuses an invalid command, and the same way: nothing
+        // unvalidated reaches a registry or a rendered file, whatever path
+        // the command took into the log. A batch checks each of its parts.
+        if !matches!(cmd, Command::Batch(_)) {
+            if let Err(e) = cmd.validate() {
+                return Response::Rejected {
+                    reason: format!("invalid command: {e}"),
+                };
+            }
+        }
         if let Some(refused) = self.refusal(cmd) {
             return refused;
         }
@@ -795,7 +827,13 @@ impl Registry {
                 *self = (**registry).clone();
             }
             Command::Batch(proposals) => {
-                return Response::Batch(proposals.iter().map(|p| self.apply(&p.cmd)).collect());
+                let each = proposals.iter().map(|p| match &p.cmd {
+                    Command::Batch(_) => Response::Rejected {
+                        reason: "invalid command: batches do not nest".into(),
+                    },
+                    cmd => self.apply(cmd),
+                });
+                return Response::Batch(each.collect());
             }
             Command::DefineService { service, def } => match self.services.get_mut(service) {
                 Some(s) => Arc::make_mut(s).def = def.clone(),
@@ -1150,5 +1188,53 @@ mod tests {
             member: "x".into(),
         };
         assert_eq!(bad_svc.validate().unwrap_err().field, "service");
+    }
+
+    #[test]
+    fn apply_refuses_invalid_commands_on_every_node() {
+        let mut r = Registry::default();
+        // A newline in an address would inject a line into haproxy.cfg.
+        let injected = reg("http", "a", "10.0.0.1\n    server evil 6.6.6.6:80");
+        assert!(
+            matches!(r.apply(&injected), Response::Rejected { reason } if reason.starts_with("invalid command"))
+        );
+        assert_eq!(r, Registry::default());
+        // Inside a batch, only the invalid part is refused.
+        let p = |cmd| Proposal {
+            cmd,
+            by: "t".into(),
+            at_ms: 0,
+            force: false,
+        };
+        let batch = Command::Batch(vec![p(reg("http", "ok", "10.0.0.2")), p(injected)]);
+        let Response::Batch(each) = r.apply(&batch) else {
+            panic!("batch answer")
+        };
+        assert_eq!(each[0], Response::Done);
+        assert!(matches!(each[1], Response::Rejected { .. }));
+        assert_eq!(r.member_count(), 1);
+        // A token whose hash is not a SHA-256 is not stored.
+        let token = crate::auth::Token {
+            name: "x".into(),
+            scope: crate::auth::Scope::Admin,
+            hash: "not-a-hash".into(),
+            created_at_ms: 0,
+            expires_at_ms: None,
+            created_by: "bootstrap".into(),
+        };
+        let create = Command::CreateToken {
+            id: "abc".into(),
+            token,
+        };
+        assert!(matches!(r.apply(&create), Response::Rejected { .. }));
+        assert!(r.tokens.is_empty());
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_inside_checks_too() {
+        let ok: Check = serde_json::from_str(r#"{"http": {"path": "/h"}}"#).unwrap();
+        assert_eq!(ok, Check::Http { path: "/h".into() });
+        let e = serde_json::from_str::<Check>(r#"{"http": {"path": "/h", "evil": "x"}}"#);
+        assert!(e.unwrap_err().to_string().contains("unknown field"));
     }
 }

@@ -552,6 +552,8 @@ async fn the_embedded_default_runs_with_no_config_and_a_generated_token() {
             dir.path().join("haproxy.cfg").to_str().unwrap(),
             "--listen",
             &addr,
+            "--peer-listen",
+            "127.0.0.1:0",
         ])
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -568,6 +570,17 @@ async fn the_embedded_default_runs_with_no_config_and_a_generated_token() {
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(
         std::fs::metadata(&token_path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // A lone node makes its own peer secret, like its token.
+    let secret = std::fs::read_to_string(data.join("cluster-secret")).unwrap();
+    assert_eq!(secret.trim().len(), 64, "256-bit hex secret");
+    assert_eq!(
+        std::fs::metadata(data.join("cluster-secret"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
         0o600
     );
     let client = clb::client::Client::new(&addr, Some(token)).unwrap();

@@ -383,6 +383,7 @@ async fn a_template_syntax_error_stops_start_up_naming_file_and_line() {
     .unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_clbd"))
         .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--peer-listen", "127.0.0.1:0"])
         .args(["--data-dir", tdir.path().join("d").to_str().unwrap()])
         .args(["--template-dir", tdir.path().to_str().unwrap()])
         .output()

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clb::client::{Client, ClientOptions};
-use harness::{eventually, free_port, Cluster, TOKEN};
+use harness::{eventually, free_port, peer_addr_for, Cluster, TOKEN};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 use rustls_pki_types::{CertificateDer, ServerName};
 use serde_json::json;
@@ -313,6 +313,7 @@ async fn bad_tls_files_stop_start_up_with_one_line() {
     let run = |args: &[&str]| {
         std::process::Command::new(env!("CARGO_BIN_EXE_clbd"))
             .args(["--listen", &listen, "--data-dir", &data])
+            .args(["--peer-listen", "127.0.0.1:0"])
             .args(args)
             .output()
             .expect("run clbd")
@@ -363,7 +364,8 @@ async fn slow_clients_are_cut_off_and_connections_are_capped() {
         .expect("closed after the header timeout");
     assert!(after >= Duration::from_millis(250), "{after:?}");
 
-    // Two kept-alive connections fill the cap; a third client waits.
+    // Two kept-alive connections fill the cap; a third client is served
+    // by closing the older idle one, so silent clients cannot starve it.
     let mut held = Vec::new();
     for _ in 0..2 {
         let mut c = TcpStream::connect(&capped).await.unwrap();
@@ -375,20 +377,17 @@ async fn slow_clients_are_cut_off_and_connections_are_capped() {
         held.push(c);
     }
     let url = format!("http://{capped}/healthz");
-    let mut third = tokio::spawn(async move { reqwest::get(url).await.map(|r| r.status()) });
-    assert!(
-        tokio::time::timeout(Duration::from_millis(500), &mut third)
-            .await
-            .is_err(),
-        "a third connection was served over --max-connections 2"
-    );
-    held.pop();
-    let status = tokio::time::timeout(Duration::from_secs(5), third)
+    let status = tokio::time::timeout(Duration::from_secs(5), reqwest::get(url))
         .await
-        .expect("served once a slot freed")
+        .expect("served over the cap by closing an idle connection")
         .unwrap()
-        .unwrap();
+        .status();
     assert_eq!(status, 200);
+    let oldest = closed_after(&mut held[0], Duration::from_secs(5)).await;
+    assert!(
+        oldest.is_some(),
+        "the oldest idle connection was not closed"
+    );
 }
 
 #[tokio::test]
@@ -399,16 +398,23 @@ async fn a_three_node_cluster_forms_and_replicates_over_https() {
     let addrs: Vec<String> = (0..3)
         .map(|_| format!("127.0.0.1:{}", free_port()))
         .collect();
-    let peers = addrs
+    let peer_addrs: Vec<String> = addrs.iter().map(|a| peer_addr_for(a)).collect();
+    let peers = peer_addrs
         .iter()
         .enumerate()
         .map(|(i, a)| format!("{}={a}", i + 1))
         .collect::<Vec<_>>()
         .join(",");
-    for (i, addr) in addrs.iter().enumerate() {
+    for (i, (addr, peer)) in addrs.iter().zip(&peer_addrs).enumerate() {
         let mut args = vec!["--peers".to_string(), peers.clone()];
         args.extend(pki.args());
-        cluster.add_node(i as u64 + 1, addr.clone(), args);
+        cluster.add_node_at(
+            i as u64 + 1,
+            addr.clone(),
+            peer.clone(),
+            &harness::FAST_TIMERS,
+            args,
+        );
     }
     for addr in &addrs {
         https_healthy(&pki, addr).await;

@@ -272,7 +272,7 @@ async fn status_page_shows_the_live_cluster_in_headless_chromium() {
             "node {}",
             n.id
         );
-        assert!(dom.contains(&n.addr), "address of node {}", n.id);
+        assert!(dom.contains(&n.peer_addr), "address of node {}", n.id);
     }
     assert!(dom.contains("witness"), "node 3's role");
     assert!(

@@ -170,12 +170,10 @@ impl FromRequestParts<AppState> for Principal {
                 retry_after_s: wait,
             });
         }
-        let presented = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
+        let presented = match bearer(&parts.headers) {
+            Ok(p) => p,
+            Err(e) => return Err(e),
+        };
         let registry = state.consensus.applied().registry.clone();
         let result = match presented {
             Some(p) => state.tokens.resolve(p, &registry, super::now_ms()),
@@ -190,4 +188,29 @@ impl FromRequestParts<AppState> for Principal {
             }
         }
     }
+}
+
+/// The bearer token of a request, if any. Two `Authorization` headers are
+/// a 400 (which one a proxy and we would pick could differ); the scheme is
+/// matched case-insensitively (RFC 7235).
+fn bearer(headers: &axum::http::HeaderMap) -> Result<Option<&str>, ApiError> {
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(ApiError::BadRequest {
+            message: "more than one Authorization header".into(),
+            status: axum::http::StatusCode::BAD_REQUEST,
+        });
+    }
+    let Ok(text) = value.to_str() else {
+        return Ok(None);
+    };
+    let Some((scheme, token)) = text.trim().split_once(' ') else {
+        return Ok(None);
+    };
+    Ok(scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim()))
 }

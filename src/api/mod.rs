@@ -91,7 +91,26 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn(announced_size))
         .with_state(state)
+}
+
+/// A body announced larger than the limit is refused from its headers,
+/// before authentication and before any of it is read.
+async fn announced_size(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let announced = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > BODY_LIMIT as u64) {
+        return ApiError::BadRequest {
+            message: format!("request body larger than {BODY_LIMIT} bytes"),
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+        }
+        .into_response();
+    }
+    next.run(req).await
 }
 
 async fn not_found() -> ApiError {
@@ -138,7 +157,7 @@ async fn write_forced(
         force,
     };
     let started = std::time::Instant::now();
-    let written = state.consensus.write(proposal).await;
+    let written = state.consensus.write(proposal, by.scope.clone()).await;
     state.write_latency.observe(started.elapsed());
     answer(written?)
 }
@@ -406,6 +425,7 @@ pub fn node_view(state: &AppState) -> Value {
         "term": m.current_term,
         "leader": m.current_leader,
         "applied_index": state.consensus.applied().index,
+        "vip_held": state.failover.status().held,
         "render": render,
     })
 }
@@ -415,21 +435,30 @@ async fn node_status(State(state): State<AppState>, p: Principal) -> Result<Json
     Ok(Json(node_view(&state)))
 }
 
-/// The cluster as this node sees it, plus every node's own status fetched
-/// with the caller's token (unreachable nodes say so).
-async fn cluster(
-    State(state): State<AppState>,
-    p: Principal,
-    headers: axum::http::HeaderMap,
-) -> Result<Json<Value>, ApiError> {
+/// The cluster as this node sees it, plus every node's own status.
+async fn cluster(State(state): State<AppState>, p: Principal) -> Result<Json<Value>, ApiError> {
     p.require(Need::Read)?;
-    let auth = headers.get(header::AUTHORIZATION).cloned();
-    Ok(Json(collect_cluster(&state, auth).await))
+    Ok(Json(collect_cluster(&state).await))
 }
 
-/// [`cluster_view`] plus `node_status`: every node's [`node_view`], fetched
-/// with `auth` (the caller's `Authorization`); what `/v1/cluster` and `/ui` show.
-async fn collect_cluster(state: &AppState, auth: Option<axum::http::HeaderValue>) -> Value {
+/// How long a node's status may take to arrive for `/v1/cluster` and `/ui`.
+const NODE_STATUS_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Another node's [`node_view`], over its peer listener (the caller's
+/// read scope was checked here).
+async fn fetch_node_view(state: &AppState, addr: &str) -> Result<Value, String> {
+    let text: String = state
+        .consensus
+        .peer_client()
+        .call(addr, "/raft/node", &(), NODE_STATUS_TIMEOUT)
+        .await
+        .map_err(|e| e.to_string())?;
+    serde_json::from_str(&text).map_err(|e| format!("bad status from {addr}: {e}"))
+}
+
+/// [`cluster_view`] plus `node_status`: every node's [`node_view`]
+/// (unreachable nodes say so); what `/v1/cluster` and `/ui` show.
+async fn collect_cluster(state: &AppState) -> Value {
     let mut view = cluster_view(state);
     let nodes: Vec<(String, String)> = view["nodes"]
         .as_object()
@@ -439,32 +468,16 @@ async fn collect_cluster(state: &AppState, auth: Option<axum::http::HeaderValue>
                 .collect()
         })
         .unwrap_or_default();
-    let peers = state.consensus.peer_client();
-    let me = state.consensus.id.to_string();
-    let fetches = nodes.into_iter().map(|(id, addr)| {
-        let auth = auth.clone();
-        let local = (id == me).then(|| node_view(state));
-        async move {
-            if let Some(v) = local {
-                return (id, v);
-            }
-            // The peer client speaks the cluster's scheme and trusts its CA.
-            let mut req = peers
-                .get(&addr, "/v1/node")
-                .timeout(std::time::Duration::from_millis(500));
-            if let Some(a) = auth {
-                req = req.header(header::AUTHORIZATION, a);
-            }
-            let v = match req.send().await {
-                Ok(r) if r.status().is_success() => r
-                    .json::<Value>()
-                    .await
-                    .unwrap_or_else(|e| json!({"error": e.to_string()})),
-                Ok(r) => json!({"error": format!("HTTP {}", r.status())}),
-                Err(e) => json!({"error": format!("unreachable: {e}")}),
-            };
-            (id, v)
+    let me = &state.consensus.id.to_string();
+    let fetches = nodes.into_iter().map(|(id, addr)| async move {
+        let me = me.as_str();
+        if id == me {
+            return (id, node_view(state));
         }
+        let v = fetch_node_view(state, &addr)
+            .await
+            .unwrap_or_else(|e| json!({"error": format!("unreachable: {e}")}));
+        (id, v)
     });
     let statuses: serde_json::Map<String, Value> = futures::future::join_all(fetches)
         .await
@@ -472,6 +485,39 @@ async fn collect_cluster(state: &AppState, auth: Option<axum::http::HeaderValue>
         .collect();
     view["node_status"] = Value::Object(statuses);
     view
+}
+
+/// Peer RPCs of the API layer, served on the peer listener behind the peer
+/// authentication gate: a node's own status, and `clb failover` forwarded
+/// to the leader.
+pub fn peer_routes(state: AppState) -> Router {
+    Router::new()
+        .route("/raft/node", post(peer_node))
+        .route("/raft/failover", post(peer_failover))
+        .with_state(state)
+}
+
+async fn peer_node(State(state): State<AppState>) -> Response {
+    crate::consensus::rpc::encode(&node_view(&state).to_string())
+}
+
+/// A failover refusal as it crosses to the node that took the request.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct FailoverRefusal {
+    /// A hand-over is already running (409), else unavailable (503).
+    busy: bool,
+    message: String,
+}
+
+async fn peer_failover(State(state): State<AppState>) -> Response {
+    let answer: Result<String, FailoverRefusal> = match failover_here(&state).await {
+        Ok(v) => Ok(v.to_string()),
+        Err(e) => Err(FailoverRefusal {
+            busy: matches!(e, ApiError::Conflict(_)),
+            message: e.to_string(),
+        }),
+    };
+    crate::consensus::rpc::encode(&answer)
 }
 
 /// The config this node would render from its current registry: a dry run.
@@ -876,76 +922,75 @@ async fn metrics(State(state): State<AppState>) -> Response {
 }
 
 /// `POST /v1/cluster/failover`: the leader steps down gracefully and reports
-/// where leadership and the VIP went; a follower forwards to the leader with
-/// the caller's token.
-async fn failover(
-    State(state): State<AppState>,
-    p: Principal,
-    headers: axum::http::HeaderMap,
-) -> Result<Json<Value>, ApiError> {
+/// where leadership and the VIP went; a follower forwards to the leader over
+/// the peer listener.
+async fn failover(State(state): State<AppState>, p: Principal) -> Result<Json<Value>, ApiError> {
     p.require(Need::Admin)?;
-    use crate::failover::FailoverError;
-    let unavailable =
-        |why: String| ApiError::Consensus(crate::consensus::ConsensusError::Unavailable(why));
-    let started = std::time::Instant::now();
     let m = state.consensus.raft.metrics().borrow().clone();
-    let addr_of = |id: NodeId| {
-        m.membership_config
-            .membership()
-            .get_node(&id)
-            .map(|n| n.addr.clone())
-    };
-    let peers = state.consensus.peer_client();
     match m.current_leader {
-        Some(l) if l == state.consensus.id => {}
+        Some(l) if l == state.consensus.id => Ok(Json(failover_here(&state).await?)),
         Some(l) => {
-            let addr =
-                addr_of(l).ok_or_else(|| unavailable(format!("no address for leader {l}")))?;
-            let mut req = peers
-                .post(&addr, "/v1/cluster/failover")
-                .timeout(std::time::Duration::from_secs(30));
-            if let Some(auth) = headers.get(header::AUTHORIZATION) {
-                req = req.header(header::AUTHORIZATION, auth.clone());
-            }
-            let resp = req
-                .send()
+            let addr = m
+                .membership_config
+                .membership()
+                .get_node(&l)
+                .map(|n| n.addr.clone())
+                .ok_or_else(|| unavailable(format!("no address for leader {l}")))?;
+            let answer: Result<String, FailoverRefusal> = state
+                .consensus
+                .peer_client()
+                .call(
+                    &addr,
+                    "/raft/failover",
+                    &(),
+                    std::time::Duration::from_secs(30),
+                )
                 .await
                 .map_err(|e| unavailable(format!("forward to leader {l}: {e}")))?;
-            let status = resp.status();
-            let body: Value = resp
-                .json()
-                .await
-                .map_err(|e| unavailable(format!("leader {l}: {e}")))?;
-            if !status.is_success() {
-                return Err(unavailable(format!("leader {l}: {}", body["error"])));
+            match answer {
+                Ok(text) => serde_json::from_str(&text)
+                    .map(Json)
+                    .map_err(|e| unavailable(format!("leader {l}: {e}"))),
+                Err(r) if r.busy => Err(ApiError::Conflict(r.message)),
+                Err(r) => Err(unavailable(format!("leader {l}: {}", r.message))),
             }
-            return Ok(Json(body));
         }
-        None => return Err(unavailable("no leader elected".into())),
+        None => Err(unavailable("no leader elected".into())),
     }
+}
+
+fn unavailable(why: String) -> ApiError {
+    ApiError::Consensus(crate::consensus::ConsensusError::Unavailable(why))
+}
+
+/// The hand-over on this node, which leads: step down, then follow the VIP
+/// to the new leader.
+async fn failover_here(state: &AppState) -> Result<Value, ApiError> {
+    use crate::failover::FailoverError;
+    let started = std::time::Instant::now();
     let done = state.failover.step_down().await.map_err(|e| match e {
         FailoverError::Busy => ApiError::Conflict(e.to_string()),
         e => unavailable(e.to_string()),
     })?;
+    let addr = state
+        .consensus
+        .raft
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .get_node(&done.new_leader)
+        .map(|n| n.addr.clone());
     // Follow the VIP to the new leader (bounded: the answer is still useful without it).
     let vip_configured = state.failover.status().vip.is_some();
     let mut vip_holder = None;
-    if let (true, Some(addr)) = (vip_configured, addr_of(done.new_leader)) {
+    if let (true, Some(addr)) = (vip_configured, addr) {
         let deadline = started + std::time::Duration::from_secs(10);
         while std::time::Instant::now() < deadline {
-            let held = match peers
-                .get(&addr, "/healthz")
-                .timeout(std::time::Duration::from_secs(2))
-                .send()
+            let held = fetch_node_view(state, &addr)
                 .await
-            {
-                Ok(r) => r
-                    .json::<Value>()
-                    .await
-                    .ok()
-                    .and_then(|v| v["vip_held"].as_bool()),
-                Err(_) => None,
-            };
+                .ok()
+                .and_then(|v| v["vip_held"].as_bool());
             if held == Some(true) {
                 vip_holder = Some(done.new_leader);
                 break;
@@ -953,7 +998,7 @@ async fn failover(
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
     }
-    Ok(Json(json!({
+    Ok(json!({
         "from": done.from,
         "term": done.term,
         "new_leader": done.new_leader,
@@ -963,5 +1008,5 @@ async fn failover(
         "vip_holder": vip_holder,
         "vip_took_ms": vip_holder.map(|_| started.elapsed().as_millis() as u64),
         "release": done.release,
-    })))
+    }))
 }

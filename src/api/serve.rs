@@ -2,13 +2,14 @@
 //! connection cap and the slow-client timeouts are ours to set. Certificates
 //! reload from disk (SIGHUP, or a changed file) without a restart.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -19,7 +20,6 @@ use axum::{Json, Router};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -36,15 +36,23 @@ use tower::ServiceExt;
 
 /// How long in-flight requests get to finish once shutdown begins.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How long an evicted connection may take to finish writing an answer.
+const EVICT_GRACE: Duration = Duration::from_secs(1);
 /// How often the certificate files are checked for changes.
 const CERT_POLL: Duration = Duration::from_secs(1);
 
 /// Connection limits: slow or idle clients cannot hold connections forever.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// Connections served at once; more wait in the kernel's accept backlog.
+    /// Connections served at once. When full, a new connection closes an
+    /// idle one (of the source address holding most); when none is idle,
+    /// it waits in the kernel's accept backlog.
     pub max_connections: usize,
-    /// How long a client may take to send a request's headers (HTTP/1).
+    /// Connections one source address may hold; more are closed at once.
+    pub max_connections_per_ip: usize,
+    /// How long a connection may take to send a complete request head,
+    /// from connecting or from the first byte after its last request;
+    /// HTTP/1 and HTTP/2 alike.
     pub header_read_timeout: Duration,
     /// A request running longer is answered 408.
     pub request_timeout: Duration,
@@ -58,6 +66,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections: 1024,
+            max_connections_per_ip: 128,
             header_read_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(60),
@@ -123,19 +132,11 @@ pub async fn serve(
         limits: limits.clone(),
     });
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
-    let graceful = GracefulShutdown::new();
+    let table = Arc::new(Mutex::new(Table::default()));
+    let mut refused = RateLimitedWarn::default();
     let mut connections = JoinSet::new();
     loop {
         while connections.try_join_next().is_some() {}
-        // Without a free slot we stop accepting: further clients wait in the
-        // kernel's backlog instead of being accepted and dropped.
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            _ = shutdown.wait_for(|s| *s) => break,
-        };
         let accepted = tokio::select! {
             r = listener.accept() => r,
             _ = shutdown.wait_for(|s| *s) => break,
@@ -150,26 +151,155 @@ pub async fn serve(
                 continue;
             }
         };
+        let ip = peer.ip();
+        let over_ip = {
+            let t = table.lock().unwrap_or_else(|p| p.into_inner());
+            t.per_ip.get(&ip).copied().unwrap_or(0) >= limits.max_connections_per_ip
+        };
+        if over_ip {
+            // Dropping the stream closes it: one address cannot take the
+            // slots every other client needs.
+            refused.warn(ip, limits.max_connections_per_ip);
+            continue;
+        }
+        // Make room by closing an idle connection rather than letting silent
+        // ones starve clients with something to say. With every slot busy,
+        // further clients wait in the kernel's backlog; we look again as
+        // requests end.
+        let permit = loop {
+            if let Ok(p) = permits.clone().try_acquire_owned() {
+                break Some(p);
+            }
+            {
+                let mut t = table.lock().unwrap_or_else(|p| p.into_inner());
+                if t.conns.len() >= limits.max_connections {
+                    t.evict_one();
+                }
+            }
+            tokio::select! {
+                p = permits.clone().acquire_owned() => break p.ok(),
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                _ = shutdown.wait_for(|s| *s) => break None,
+            }
+        };
+        let Some(permit) = permit else { break };
         let _ = stream.set_nodelay(true);
+        let activity = Arc::new(Activity::new());
+        let slot = Slot::take(&table, ip, activity.clone());
         let conn = Connection {
             shared: shared.clone(),
             peer,
-            watcher: graceful.watcher(),
             shutdown: shutdown.clone(),
+            activity,
+            _slot: slot,
             _permit: permit,
         };
         connections.spawn(conn.run(stream));
     }
     drop(listener);
-    tracing::debug!(open = graceful.count(), "stopped accepting");
-    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    tracing::debug!(open = connections.len(), "stopped accepting");
+    // Each connection finishes its requests and closes (it saw the same
+    // shutdown signal); whatever is left after the grace period is cut.
+    let drained = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(SHUTDOWN_GRACE, drained).await.is_err() {
         tracing::warn!(grace = ?SHUTDOWN_GRACE, "connections still open after the grace period; closing them");
     }
     connections.abort_all();
     Ok(())
+}
+
+/// The open connections, for the per-address limit and eviction.
+#[derive(Default)]
+struct Table {
+    next: u64,
+    conns: HashMap<u64, (IpAddr, Arc<Activity>)>,
+    per_ip: HashMap<IpAddr, usize>,
+}
+
+impl Table {
+    /// Asks the oldest idle connection of the address holding the most
+    /// connections to close. False when every connection is busy.
+    fn evict_one(&mut self) -> bool {
+        let victim = self
+            .conns
+            .iter()
+            .filter(|(_, (_, a))| a.evictable())
+            .max_by_key(|(id, (ip, _))| {
+                (self.per_ip.get(ip).copied().unwrap_or(0), u64::MAX - **id)
+            })
+            .map(|(id, _)| *id);
+        match victim.and_then(|id| self.conns.remove(&id)) {
+            Some((ip, activity)) => {
+                self.forget_ip(ip);
+                activity.close.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn forget_ip(&mut self, ip: IpAddr) {
+        if let Some(n) = self.per_ip.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_ip.remove(&ip);
+            }
+        }
+    }
+}
+
+/// A connection's entry in the [`Table`], removed when the task ends.
+struct Slot {
+    table: Arc<Mutex<Table>>,
+    id: u64,
+}
+
+impl Slot {
+    fn take(table: &Arc<Mutex<Table>>, ip: IpAddr, activity: Arc<Activity>) -> Slot {
+        let mut t = table.lock().unwrap_or_else(|p| p.into_inner());
+        let id = t.next;
+        t.next += 1;
+        t.conns.insert(id, (ip, activity));
+        *t.per_ip.entry(ip).or_default() += 1;
+        Slot {
+            table: table.clone(),
+            id,
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        // An evicted connection was removed already.
+        if let Some((ip, _)) = t.conns.remove(&self.id) {
+            t.forget_ip(ip);
+        }
+    }
+}
+
+/// One warning per address and minute, however many connections it tries.
+#[derive(Default)]
+struct RateLimitedWarn {
+    last: HashMap<IpAddr, Instant>,
+}
+
+impl RateLimitedWarn {
+    fn warn(&mut self, ip: IpAddr, limit: usize) {
+        let now = Instant::now();
+        if self.last.len() > 10_000 {
+            self.last
+                .retain(|_, t| now.duration_since(*t) < Duration::from_secs(60));
+        }
+        let due = self
+            .last
+            .get(&ip)
+            .is_none_or(|t| now.duration_since(*t) >= Duration::from_secs(60));
+        if due {
+            self.last.insert(ip, now);
+            tracing::warn!(%ip, limit, "closing connections from an address over its connection limit");
+        }
+    }
 }
 
 /// What every connection task needs.
@@ -183,8 +313,10 @@ struct Shared {
 struct Connection {
     shared: Arc<Shared>,
     peer: SocketAddr,
-    watcher: Watcher,
     shutdown: watch::Receiver<bool>,
+    activity: Arc<Activity>,
+    /// Leaves the connection table when the task ends.
+    _slot: Slot,
     /// Frees a connection slot when the task ends.
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
@@ -192,7 +324,7 @@ struct Connection {
 impl Connection {
     /// Runs on its own task, so a slow TLS handshake never holds up accepting.
     async fn run(mut self, stream: TcpStream) {
-        let activity = Arc::new(Activity::new());
+        let activity = self.activity.clone();
         let stream = Tracked {
             inner: stream,
             activity: activity.clone(),
@@ -215,6 +347,7 @@ impl Connection {
                 }
             },
             _ = self.shutdown.wait_for(|s| *s) => return,
+            _ = activity.close.notified() => return,
         };
         self.http(tls, activity).await
     }
@@ -226,7 +359,7 @@ impl Connection {
         let Connection {
             shared,
             peer,
-            watcher,
+            mut shutdown,
             ..
         } = self;
         let limits = &shared.limits;
@@ -247,17 +380,32 @@ impl Connection {
                 Ok::<_, Infallible>(resp)
             }
         });
-        let conn = watcher.watch(shared.builder.serve_connection(TokioIo::new(io), service));
-        tokio::select! {
-            r = conn => {
+        let conn = shared.builder.serve_connection(TokioIo::new(io), service);
+        tokio::pin!(conn);
+        let grace = tokio::select! {
+            r = conn.as_mut() => {
                 if let Err(e) = r {
                     tracing::debug!(%peer, cause = %e, "connection ended with an error");
                 }
+                return;
             }
-            _ = activity.idle(limits.idle_timeout) => {
-                tracing::debug!(%peer, timeout = ?limits.idle_timeout, "closed an idle connection");
+            why = activity.expired(limits.header_read_timeout, limits.idle_timeout) => {
+                // Nothing in flight: just close.
+                tracing::debug!(%peer, why, "closed a connection");
+                return;
             }
-        }
+            _ = activity.close.notified() => {
+                tracing::debug!(%peer, "closing an idle connection to make room");
+                if !activity.served.load(Ordering::Relaxed) {
+                    return;
+                }
+                EVICT_GRACE
+            }
+            _ = shutdown.wait_for(|s| *s) => SHUTDOWN_GRACE,
+        };
+        // A response being written still reaches its client.
+        conn.as_mut().graceful_shutdown();
+        let _ = tokio::time::timeout(grace, conn).await;
     }
 }
 
@@ -270,14 +418,25 @@ fn timed_out(limit: Duration) -> Response {
     (StatusCode::REQUEST_TIMEOUT, Json(body)).into_response()
 }
 
-/// When a connection last moved a byte, and how many of its requests are
-/// being handled (a slow handler is bounded by the request timeout, not the
-/// idle one).
+/// When a connection last moved a byte, how many of its requests are being
+/// handled (a slow handler is bounded by the request timeout, not the idle
+/// one), and since when it owes us a request head.
 struct Activity {
     start: Instant,
     last_ms: AtomicU64,
     busy: AtomicUsize,
+    /// Milliseconds after `start` since which a request head is awaited;
+    /// [`NOT_WAITING`] while none is (a request runs, or nothing arrived
+    /// since the last one ended).
+    waiting_ms: AtomicU64,
+    /// Asks the connection to close (eviction).
+    close: tokio::sync::Notify,
+    /// Whether any request started on it: one that never asked anything
+    /// has no answer to finish when it is closed.
+    served: std::sync::atomic::AtomicBool,
 }
+
+const NOT_WAITING: u64 = u64::MAX;
 
 struct Busy(Arc<Activity>);
 
@@ -294,31 +453,72 @@ impl Activity {
             start: Instant::now(),
             last_ms: AtomicU64::new(0),
             busy: AtomicUsize::new(0),
+            // A new connection owes its first request head at once.
+            waiting_ms: AtomicU64::new(0),
+            close: tokio::sync::Notify::new(),
+            served: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
     fn touch(&self) {
-        let ms = self.start.elapsed().as_millis() as u64;
-        self.last_ms.fetch_max(ms, Ordering::Relaxed);
+        self.last_ms.fetch_max(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// Bytes arrived: between requests they start the head clock.
+    fn received(&self) {
+        self.touch();
+        if self.busy.load(Ordering::Relaxed) == 0 {
+            let _ = self.waiting_ms.compare_exchange(
+                NOT_WAITING,
+                self.now_ms(),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
     }
 
     fn begin(self: &Arc<Self>) -> Busy {
         self.busy.fetch_add(1, Ordering::Relaxed);
+        self.waiting_ms.store(NOT_WAITING, Ordering::Relaxed);
+        self.served.store(true, Ordering::Relaxed);
         Busy(self.clone())
     }
 
-    /// Resolves once nothing moved for `limit` while no request was running.
-    async fn idle(&self, limit: Duration) {
+    /// True when no request runs on this connection.
+    fn evictable(&self) -> bool {
+        self.busy.load(Ordering::Relaxed) == 0
+    }
+
+    /// Resolves once the connection owed a request head for `head`, or
+    /// moved nothing for `idle`, while no request was running.
+    async fn expired(&self, head: Duration, idle: Duration) -> &'static str {
+        let (head, idle) = (head.as_millis() as u64, idle.as_millis() as u64);
         loop {
-            let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-            let deadline = self.start + last + limit;
-            if Instant::now() < deadline {
-                tokio::time::sleep_until(deadline.into()).await;
-            } else if self.busy.load(Ordering::Relaxed) == 0 {
-                return;
+            let now = self.now_ms();
+            let next = if self.busy.load(Ordering::Relaxed) > 0 {
+                now + head.min(idle)
             } else {
-                tokio::time::sleep(limit).await;
-            }
+                let waiting = self.waiting_ms.load(Ordering::Relaxed);
+                let head_due = waiting.saturating_add(head);
+                let idle_due = self.last_ms.load(Ordering::Relaxed).saturating_add(idle);
+                if waiting != NOT_WAITING && now >= head_due {
+                    return "no complete request head in time";
+                }
+                if now >= idle_due {
+                    return "idle";
+                }
+                if waiting != NOT_WAITING {
+                    head_due.min(idle_due)
+                } else {
+                    idle_due
+                }
+            };
+            let at = self.start + Duration::from_millis(next.max(now + 1));
+            tokio::time::sleep_until(at.into()).await;
         }
     }
 }
@@ -338,7 +538,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.activity.touch();
+            self.activity.received();
         }
         r
     }
@@ -641,35 +841,115 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn connections_over_the_cap_wait_for_a_slot() {
+    async fn over_the_cap_an_idle_connection_makes_room_and_a_busy_one_does_not() {
         let limits = Limits {
             max_connections: 1,
             ..Limits::default()
         };
         let s = start(app(), limits).await;
+        // Busy: a slow request in flight keeps its slot.
         let mut holder = TcpStream::connect(s.addr).await.unwrap();
         holder
-            .write_all(b"GET /peer HTTP/1.1\r\nhost: x\r\n\r\n")
+            .write_all(b"GET /slow HTTP/1.1\r\nhost: x\r\n\r\n")
             .await
             .unwrap();
-        let mut buf = [0u8; 256];
-        assert!(holder.read(&mut buf).await.unwrap() > 0);
         let url = format!("http://{}/peer", s.addr);
         let mut waiting = tokio::spawn(async move { reqwest::get(url).await.map(|r| r.status()) });
-        // While the only slot is taken, the second client gets no answer.
         assert!(
-            tokio::time::timeout(Duration::from_millis(300), &mut waiting)
+            tokio::time::timeout(Duration::from_millis(250), &mut waiting)
                 .await
                 .is_err(),
-            "served over the cap"
+            "served over the cap while the only connection was busy"
         );
-        drop(holder);
+        // The slow request still gets its whole answer...
+        let mut buf = vec![0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(5), holder.read(&mut buf))
+            .await
+            .expect("answer")
+            .unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).contains("done"));
+        // ...and once idle, the holder is closed for the waiting client.
         let status = tokio::time::timeout(Duration::from_secs(5), waiting)
             .await
-            .expect("served once a slot is free")
+            .expect("served once the holder was idle")
             .unwrap()
             .unwrap();
         assert_eq!(status, 200);
+        assert!(closed_within(&mut holder, Duration::from_secs(5)).await);
+    }
+
+    #[tokio::test]
+    async fn one_address_cannot_take_every_slot() {
+        let limits = Limits {
+            max_connections_per_ip: 2,
+            ..Limits::default()
+        };
+        let s = start(app(), limits).await;
+        let _a = TcpStream::connect(s.addr).await.unwrap();
+        let _b = TcpStream::connect(s.addr).await.unwrap();
+        let mut third = TcpStream::connect(s.addr).await.unwrap();
+        assert!(closed_within(&mut third, Duration::from_secs(5)).await);
+        // Another address is still served.
+        let other = tokio::net::TcpSocket::new_v4().unwrap();
+        other.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let mut conn = other.connect(s.addr).await.unwrap();
+        conn.write_all(b"GET /peer HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut text = String::new();
+        conn.read_to_string(&mut text).await.unwrap();
+        assert!(text.contains("127.0.0.2:"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn http2_and_silent_connections_owe_a_request_head_in_time() {
+        let limits = Limits {
+            header_read_timeout: Duration::from_millis(300),
+            ..Limits::default()
+        };
+        let s = start(app(), limits).await;
+        // An HTTP/2 preface, a byte at a time, slower than the timeout allows.
+        let mut dribbler = TcpStream::connect(s.addr).await.unwrap();
+        let started = Instant::now();
+        let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+        let mut closed = false;
+        for b in preface.iter().cycle().take(200) {
+            if dribbler.write_all(&[*b]).await.is_err() {
+                closed = true;
+                break;
+            }
+            let mut buf = [0u8; 64];
+            match tokio::time::timeout(Duration::from_millis(50), dribbler.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => {
+                    closed = true;
+                    break;
+                }
+                _ => {}
+            }
+        }
+        assert!(closed, "a dribbling HTTP/2 client was never closed");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+        // A connection that says nothing at all owes its head too.
+        let mut silent = TcpStream::connect(s.addr).await.unwrap();
+        let started = Instant::now();
+        assert!(closed_within(&mut silent, Duration::from_secs(5)).await);
+        assert!(started.elapsed() < Duration::from_secs(2));
+        // A real HTTP/2 client is served.
+        let h2 = reqwest::Client::builder()
+            .http2_prior_knowledge()
+            .build()
+            .unwrap();
+        let r = h2
+            .get(format!("http://{}/peer", s.addr))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.version(), reqwest::Version::HTTP_2);
+        assert_eq!(r.status(), 200);
     }
 
     #[tokio::test]

@@ -44,8 +44,7 @@ pub async fn page(State(state): State<AppState>, mut parts: Parts) -> Response {
     if let Err(e) = principal {
         return refused(&e, from_cookie);
     }
-    let auth = parts.headers.get(header::AUTHORIZATION).cloned();
-    let view = super::collect_cluster(&state, auth).await;
+    let view = super::collect_cluster(&state).await;
     let registry = state.consensus.applied().registry.clone();
     html(
         StatusCode::OK,
@@ -165,6 +164,10 @@ fn html(status: StatusCode, body: &str, set_cookie: Option<String>) -> Response 
         HeaderValue::from_static("no-referrer"),
     );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     if let Some(v) = set_cookie.and_then(|c| HeaderValue::from_str(&c).ok()) {
         h.insert(header::SET_COOKIE, v);
     }

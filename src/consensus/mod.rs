@@ -19,7 +19,8 @@ use openraft::{BasicNode, ChangeMembers, ServerState};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::model::{Proposal, Response};
+use crate::auth::Scope;
+use crate::model::{Command, Proposal, Response};
 use network::{CallError, Network, PeerClient};
 pub use store::Applied;
 
@@ -112,7 +113,12 @@ pub enum ConsensusError {
 /// What only the leader can do; followers forward these over `/raft/leader`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum LeaderRequest {
-    Write(Proposal),
+    /// A write, and the scope of the token that asked for it: the leader
+    /// checks both again, whichever node took the request.
+    Write {
+        proposal: Proposal,
+        scope: Scope,
+    },
     ReadIndex,
     AddNode {
         id: NodeId,
@@ -330,7 +336,7 @@ impl Consensus {
                         .expired(m.current_term, &registry, Instant::now())
                 {
                     let proposal = Proposal {
-                        cmd: crate::model::Command::Unregister {
+                        cmd: Command::Unregister {
                             service: service.clone(),
                             member: member.clone(),
                         },
@@ -338,7 +344,11 @@ impl Consensus {
                         at_ms: crate::api::now_ms(),
                         force: false,
                     };
-                    match c.on_leader(LeaderRequest::Write(proposal)).await {
+                    let req = LeaderRequest::Write {
+                        proposal,
+                        scope: Scope::Admin,
+                    };
+                    match c.on_leader(req).await {
                         Ok(_) => tracing::info!(%service, %member, "TTL expired: member removed"),
                         Err(e) => {
                             tracing::warn!(%service, %member, cause = ?e, "TTL expired but the member was not removed")
@@ -406,9 +416,13 @@ impl Consensus {
         false
     }
 
-    /// Replicates `cmd` through the leader, from any node.
-    pub async fn write(&self, proposal: Proposal) -> Result<Written, ConsensusError> {
-        match self.to_leader(LeaderRequest::Write(proposal)).await? {
+    /// Replicates `proposal` through the leader, from any node, on behalf of
+    /// a caller with `scope`.
+    pub async fn write(&self, proposal: Proposal, scope: Scope) -> Result<Written, ConsensusError> {
+        match self
+            .to_leader(LeaderRequest::Write { proposal, scope })
+            .await?
+        {
             LeaderReply::Written { index, response } => Ok(Written { index, response }),
             other => Err(unexpected(other)),
         }
@@ -540,7 +554,18 @@ impl Consensus {
     /// Executes a leader request on this node, which believes it leads.
     pub async fn on_leader(&self, req: LeaderRequest) -> Result<LeaderReply, LeaderError> {
         match req {
-            LeaderRequest::Write(proposal) => {
+            LeaderRequest::Write { proposal, scope } => {
+                // Whatever reaches the log was validated here, by the leader,
+                // whichever node took the request (a forwarded write is only
+                // as trustworthy as the peer that sent it).
+                if let Err(e) = proposal.cmd.validate() {
+                    return Err(LeaderError::Rejected(format!("invalid command: {e}")));
+                }
+                if !scope.allows_command(&proposal.cmd) {
+                    return Err(LeaderError::Rejected(format!(
+                        "scope {scope} does not allow this command"
+                    )));
+                }
                 // A refused command (unknown member, port taken) must write nothing.
                 // Our applied state may lag; the barrier makes it include every
                 // acknowledged write before we answer a refusal from it. (A

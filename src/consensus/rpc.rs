@@ -1,10 +1,18 @@
-//! Server side of the peer transport: `/raft/*` routes, bincode in and out.
+//! Server side of the peer transport: `/raft/*` routes on the peer
+//! listener, bincode in and out.
+//!
+//! Every request is authenticated from its headers alone (the cluster
+//! secret, then the cluster id) before any of its body is read; a refusal
+//! says only that, never the cluster id, the node's state or its term.
 
+use std::net::SocketAddr;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
@@ -17,72 +25,122 @@ use tokio::sync::watch;
 use super::network::{CLUSTER_HEADER, SECRET_HEADER};
 use super::{Consensus, LeaderRequest, NodeId};
 
-/// Snapshot chunks and append batches are far larger than client requests.
+/// Snapshot chunks and append batches are far larger than client requests;
+/// only an authenticated peer gets this far.
 const PEER_BODY_LIMIT: usize = 64 << 20;
 
-pub fn routes(consensus: Consensus) -> Router {
+/// Every peer RPC: Raft's, write forwarding, hand-over, the identity probe,
+/// and `extra` (peer routes of the API layer), behind one authentication
+/// gate. Unknown paths are refused like the rest when unauthenticated.
+pub fn routes(consensus: Consensus, may_campaign: watch::Receiver<bool>, extra: Router) -> Router {
     let started = Instant::now();
+    let gate = std::sync::Arc::new(Gate {
+        consensus: consensus.clone(),
+        refused: Mutex::new(Throttle::default()),
+    });
     Router::new()
         .route("/raft/append", post(append))
         .route(
             "/raft/vote",
-            post(
-                move |c: State<Consensus>, headers: HeaderMap, body: Bytes| {
-                    vote(c, headers, body, started)
-                },
-            ),
+            post(move |c: State<Consensus>, body: Bytes| vote(c, body, started)),
         )
         .route("/raft/snapshot", post(snapshot))
         .route("/raft/leader", post(leader))
         .layer(DefaultBodyLimit::max(PEER_BODY_LIMIT))
         .with_state(consensus.clone())
+        .merge(campaign_route(consensus.clone(), may_campaign))
         .merge(identity_route(consensus))
+        .merge(extra)
+        .fallback(|| async { (StatusCode::NOT_FOUND, "no such peer RPC") })
+        .layer(middleware::from_fn_with_state(gate, authenticate))
 }
 
-/// Decodes a peer request after checking it comes from our cluster.
-#[allow(clippy::result_large_err)]
-fn admit<T: DeserializeOwned>(
-    c: &Consensus,
-    headers: &HeaderMap,
-    body: &[u8],
-) -> Result<T, Response> {
+/// The authentication gate and its log throttle.
+struct Gate {
+    consensus: Consensus,
+    refused: Mutex<Throttle>,
+}
+
+/// At most one log line per [`Throttle::EVERY`] for refused peer requests,
+/// with a count of the ones not logged: a flood must not flood the log too.
+#[derive(Default)]
+struct Throttle {
+    last: Option<Instant>,
+    quiet: u64,
+}
+
+impl Throttle {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    /// `Some(requests not logged since the last line)` when a line is due.
+    fn due(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < Self::EVERY)
+        {
+            self.quiet += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.quiet))
+    }
+}
+
+async fn authenticate(
+    State(gate): State<std::sync::Arc<Gate>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let c = &gate.consensus;
+    let headers = req.headers();
     let secret = headers.get(SECRET_HEADER).and_then(|v| v.to_str().ok());
-    if !c.accept_secret(secret) {
+    let refusal = if !c.accept_secret(secret) {
+        Some((StatusCode::UNAUTHORIZED, "unauthenticated peer"))
+    } else {
+        let claimed = headers
+            .get(CLUSTER_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        (!c.accept_cluster(claimed)).then_some((StatusCode::FORBIDDEN, "peer of another cluster"))
+    };
+    let Some((status, why)) = refusal else {
+        return next.run(req).await;
+    };
+    let from = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.to_string())
+        .unwrap_or_default();
+    let due = gate.refused.lock().unwrap_or_else(|p| p.into_inner()).due();
+    if let Some(not_logged) = due {
         tracing::warn!(
-            presented = secret.is_some(),
-            "refused a peer request without the cluster credential"
+            %from,
+            path = %req.uri().path(),
+            presented_secret = secret.is_some(),
+            not_logged,
+            "refused a peer request: {why}"
         );
-        return Err((
-            StatusCode::UNAUTHORIZED,
-            "peer requests need the cluster credential".to_string(),
-        )
-            .into_response());
     }
-    let claimed = headers
-        .get(CLUSTER_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    if !c.accept_cluster(claimed) {
-        tracing::warn!(claimed, ours = %c.cluster_id(), "refused a peer request from another cluster");
-        return Err((
-            StatusCode::FORBIDDEN,
-            format!("this node belongs to cluster {:?}", c.cluster_id()),
-        )
-            .into_response());
-    }
+    (status, why).into_response()
+}
+
+/// Decodes an authenticated peer's request body.
+#[allow(clippy::result_large_err)]
+pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
     bincode::deserialize(body)
         .map_err(|e| (StatusCode::BAD_REQUEST, format!("decode: {e}")).into_response())
 }
 
-fn encode<T: Serialize>(value: &T) -> Response {
+pub fn encode<T: Serialize>(value: &T) -> Response {
     match bincode::serialize(value) {
         Ok(bytes) => bytes.into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("encode: {e}")).into_response(),
     }
 }
 
-async fn append(State(c): State<Consensus>, headers: HeaderMap, body: Bytes) -> Response {
-    match admit(&c, &headers, &body) {
+async fn append(State(c): State<Consensus>, body: Bytes) -> Response {
+    match decode(&body) {
         Ok(req) => encode(&c.raft.append_entries(req).await),
         Err(r) => r,
     }
@@ -95,13 +153,8 @@ async fn append(State(c): State<Consensus>, headers: HeaderMap, body: Bytes) -> 
 /// from the leader, so without this pause a quick restart could vote a new
 /// leader in while the old one still holds the VIP on the strength of an ack
 /// this very node gave before it crashed.
-async fn vote(
-    State(c): State<Consensus>,
-    headers: HeaderMap,
-    body: Bytes,
-    started: Instant,
-) -> Response {
-    let req: VoteRequest<u64> = match admit(&c, &headers, &body) {
+async fn vote(State(c): State<Consensus>, body: Bytes, started: Instant) -> Response {
+    let req: VoteRequest<u64> = match decode(&body) {
         Ok(req) => req,
         Err(r) => return r,
     };
@@ -115,15 +168,15 @@ async fn vote(
     encode(&c.raft.vote(req).await)
 }
 
-async fn snapshot(State(c): State<Consensus>, headers: HeaderMap, body: Bytes) -> Response {
-    match admit(&c, &headers, &body) {
+async fn snapshot(State(c): State<Consensus>, body: Bytes) -> Response {
+    match decode(&body) {
         Ok(req) => encode(&c.raft.install_snapshot(req).await),
         Err(r) => r,
     }
 }
 
-async fn leader(State(c): State<Consensus>, headers: HeaderMap, body: Bytes) -> Response {
-    match admit::<LeaderRequest>(&c, &headers, &body) {
+async fn leader(State(c): State<Consensus>, body: Bytes) -> Response {
+    match decode::<LeaderRequest>(&body) {
         Ok(req) => encode(&c.on_leader(req).await),
         Err(r) => r,
     }
@@ -139,7 +192,7 @@ pub struct CampaignRequest {
 /// `/raft/campaign`: answers `Result<(), String>`. `may_campaign` is false
 /// on a node that must not lead (a witness, an unhealthy balancer), which
 /// refuses so the old leader tries another voter.
-pub fn campaign_route(consensus: Consensus, may_campaign: watch::Receiver<bool>) -> Router {
+fn campaign_route(consensus: Consensus, may_campaign: watch::Receiver<bool>) -> Router {
     Router::new()
         .route("/raft/campaign", post(campaign))
         .with_state((consensus, may_campaign))
@@ -147,10 +200,9 @@ pub fn campaign_route(consensus: Consensus, may_campaign: watch::Receiver<bool>)
 
 async fn campaign(
     State((c, may_campaign)): State<(Consensus, watch::Receiver<bool>)>,
-    headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let req = match admit::<CampaignRequest>(&c, &headers, &body) {
+    let req = match decode::<CampaignRequest>(&body) {
         Ok(req) => req,
         Err(r) => return r,
     };
@@ -209,12 +261,8 @@ fn identity_route(consensus: Consensus) -> Router {
         .with_state((consensus, instance))
 }
 
-async fn identity(
-    State((c, instance)): State<(Consensus, u64)>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let probe = match admit::<IdentityProbe>(&c, &headers, &body) {
+async fn identity(State((c, instance)): State<(Consensus, u64)>, body: Bytes) -> Response {
+    let probe = match decode::<IdentityProbe>(&body) {
         Ok(p) => p,
         Err(r) => return r,
     };

@@ -25,10 +25,20 @@ pub const FAST_TIMERS: [&str; 6] = [
     "600",
 ];
 
-/// A port that was free a moment ago (bind port 0, read it, release it).
+/// A port that was free a moment ago (bind port 0, read it, release it),
+/// and never handed out before in this process: two calls in a row must not
+/// give the same port to an API and a peer listener.
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
-    l.local_addr().expect("local addr").port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+        let port = l.local_addr().expect("local addr").port();
+        let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Polls `f` until it returns `Some`, or panics with `what` at the deadline.
@@ -61,7 +71,10 @@ fn test_client(servers: &str) -> Client {
 
 pub struct Node {
     pub id: u64,
+    /// The client API.
     pub addr: String,
+    /// The peer listener (what `--peers` and the membership name).
+    pub peer_addr: String,
     pub data_dir: PathBuf,
     pub log: PathBuf,
     pub args: Vec<String>,
@@ -142,6 +155,23 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub nodes: BTreeMap<u64, Node>,
     pub token_file: PathBuf,
+    /// The cluster secret every node is given.
+    pub secret_file: PathBuf,
+}
+
+/// The secret in every test cluster's `--cluster-secret-file`.
+pub const SECRET: &str = "test-cluster-secret-0123456789abcdef";
+
+/// A peer address beside the API address `addr`: a free port on loopback;
+/// in a namespace the test made (its own address), the next port.
+pub fn peer_addr_for(addr: &str) -> String {
+    let (host, port) = addr.rsplit_once(':').expect("HOST:PORT");
+    if host == "127.0.0.1" {
+        format!("{host}:{}", free_port())
+    } else {
+        let port: u16 = port.parse().expect("port");
+        format!("{host}:{}", port + 1)
+    }
 }
 
 impl Cluster {
@@ -160,6 +190,16 @@ impl Cluster {
         self.add_node_with_timers(id, addr, &FAST_TIMERS, args)
     }
 
+    /// The paths of a fresh cluster's temp dir, token and secret files.
+    fn files() -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let token_file = dir.path().join("tokens");
+        std::fs::write(&token_file, format!("{TOKEN}\n")).expect("token file");
+        let secret_file = dir.path().join("cluster-secret");
+        std::fs::write(&secret_file, format!("{SECRET}\n")).expect("secret file");
+        (dir, token_file, secret_file)
+    }
+
     /// `n` nodes from `--peers` with `timers` instead of [`FAST_TIMERS`] and
     /// per-node extra arguments; started and healthy.
     pub async fn start_custom(
@@ -167,26 +207,29 @@ impl Cluster {
         timers: &[&str],
         args: impl Fn(u64) -> Vec<String>,
     ) -> Cluster {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let token_file = dir.path().join("tokens");
-        std::fs::write(&token_file, format!("{TOKEN}\n")).expect("token file");
-        let addrs: BTreeMap<u64, String> = (1..=n)
-            .map(|id| (id, format!("127.0.0.1:{}", free_port())))
+        let (dir, token_file, secret_file) = Self::files();
+        let addrs: BTreeMap<u64, (String, String)> = (1..=n)
+            .map(|id| {
+                let api = format!("127.0.0.1:{}", free_port());
+                let peer = peer_addr_for(&api);
+                (id, (api, peer))
+            })
             .collect();
         let peers = addrs
             .iter()
-            .map(|(id, a)| format!("{id}={a}"))
+            .map(|(id, (_, peer))| format!("{id}={peer}"))
             .collect::<Vec<_>>()
             .join(",");
         let mut cluster = Cluster {
             dir,
             nodes: BTreeMap::new(),
             token_file,
+            secret_file,
         };
-        for (id, addr) in addrs {
+        for (id, (addr, peer)) in addrs {
             let mut all = vec!["--peers".to_string(), peers.clone()];
             all.extend(args(id));
-            cluster.add_node_with_timers(id, addr, timers, all);
+            cluster.add_node_at(id, addr, peer, timers, all);
         }
         for node in cluster.nodes.values() {
             let _ = eventually(Duration::from_secs(20), "node healthy", || async {
@@ -205,6 +248,21 @@ impl Cluster {
         timers: &[&str],
         args: Vec<String>,
     ) -> &mut Node {
+        let peer = peer_addr_for(&addr);
+        self.add_node_at(id, addr, peer, timers, args)
+    }
+
+    /// Defines and spawns a node with its API at `addr` and its peer
+    /// listener at `peer_addr`, given the cluster secret unless `args`
+    /// choose otherwise (`--cluster-secret-file`, `--insecure-peers`).
+    pub fn add_node_at(
+        &mut self,
+        id: u64,
+        addr: String,
+        peer_addr: String,
+        timers: &[&str],
+        args: Vec<String>,
+    ) -> &mut Node {
         // A `--data-dir` in `args` (a mount the test made) replaces the default.
         let given = args
             .iter()
@@ -220,9 +278,23 @@ impl Cluster {
             id.to_string(),
             "--listen".into(),
             addr.clone(),
+            "--peer-listen".into(),
+            peer_addr.clone(),
         ];
         if given.is_none() {
             all.extend(["--data-dir".into(), data_dir.display().to_string()]);
+        }
+        // A lone node makes its own secret (the default under test); a
+        // cluster shares the harness's unless the test chose otherwise.
+        let shared = args.iter().any(|a| a == "--peers" || a == "--join");
+        let own_auth = args
+            .iter()
+            .any(|a| a == "--cluster-secret-file" || a.starts_with("--insecure-peers"));
+        if shared && !own_auth {
+            all.extend([
+                "--cluster-secret-file".into(),
+                self.secret_file.display().to_string(),
+            ]);
         }
         all.extend([
             "--token-file".into(),
@@ -239,6 +311,7 @@ impl Cluster {
         let mut node = Node {
             id,
             addr,
+            peer_addr,
             data_dir,
             log,
             args: all,
@@ -252,14 +325,22 @@ impl Cluster {
     /// A temp dir and token file, no nodes yet: for tests that add nodes
     /// with their own arguments and readiness check (e.g. over HTTPS).
     pub fn empty() -> Cluster {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let token_file = dir.path().join("tokens");
-        std::fs::write(&token_file, format!("{TOKEN}\n")).expect("token file");
+        let (dir, token_file, secret_file) = Self::files();
         Cluster {
             dir,
             nodes: BTreeMap::new(),
             token_file,
+            secret_file,
         }
+    }
+
+    /// `--peers` for the nodes defined so far.
+    pub fn peers_arg(&self) -> String {
+        self.nodes
+            .values()
+            .map(|n| format!("{}={}", n.id, n.peer_addr))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     pub fn node(&self, id: u64) -> &Node {

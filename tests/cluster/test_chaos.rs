@@ -22,7 +22,8 @@ use reqwest::Method;
 use serde_json::{json, Value};
 
 use crate::harness::{
-    eventually, free_port, hook_events, vip_hook, Cluster, HookEvent, FAST_TIMERS, TOKEN,
+    eventually, free_port, hook_events, peer_addr_for, vip_hook, Cluster, HookEvent, FAST_TIMERS,
+    TOKEN,
 };
 use crate::linearizability::{self as lin, Entry, Op, Outcome};
 use crate::netns::{self, Host, Lab};
@@ -766,15 +767,16 @@ async fn start_in(net: &Net, args: impl Fn(u64) -> Vec<String>) -> Cluster {
     let peers = net
         .hosts
         .keys()
-        .map(|id| format!("{id}={}", net.addr(*id)))
+        .map(|id| format!("{id}={}", peer_addr_for(&net.addr(*id))))
         .collect::<Vec<_>>()
         .join(",");
     for (id, host) in &net.hosts {
         let mut all = vec!["--peers".to_string(), peers.clone()];
         all.extend(args(*id));
         let addr = net.addr(*id);
+        let peer = peer_addr_for(&addr);
         netns::in_ns(&host.ns, || {
-            c.add_node_with_timers(*id, addr, &FAST_TIMERS, all);
+            c.add_node_at(*id, addr, peer, &FAST_TIMERS, all);
         })
         .expect("spawn in the node's namespace");
     }

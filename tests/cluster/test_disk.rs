@@ -594,6 +594,7 @@ async fn a_node_started_on_a_read_only_data_dir_exits_with_one_line_and_starts_o
     for dir in [ro.clone(), ro.join("data")] {
         let out = Command::new(env!("CARGO_BIN_EXE_clbd"))
             .args(["--data-dir", &path(&dir), "--listen", "127.0.0.1:0"])
+            .args(["--peer-listen", "127.0.0.1:0"])
             .output()
             .expect("run clbd");
         let stderr = String::from_utf8_lossy(&out.stderr);

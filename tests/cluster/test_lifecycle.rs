@@ -301,6 +301,7 @@ async fn a_snapshot_restores_into_a_fresh_cluster() {
             c.dir.path().join("x").to_str().unwrap(),
         ])
         .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--peer-listen", "127.0.0.1:0"])
         .output()
         .unwrap();
     assert!(!out.status.success());

@@ -24,7 +24,7 @@ async fn cluster_add_grows_to_four_and_remove_shrinks_back() {
         .expect("register");
 
     let addr = format!("127.0.0.1:{}", free_port());
-    c.add_node(4, addr.clone(), vec!["--join".into()]);
+    c.add_node(4, addr, vec!["--join".into()]);
     let n4 = c.node(4);
     eventually(Duration::from_secs(10), "node 4 healthy", || async {
         n4.healthy().await.then_some(())
@@ -32,7 +32,7 @@ async fn cluster_add_grows_to_four_and_remove_shrinks_back() {
     .await;
 
     let server = c.node(1).addr.clone();
-    let out = clb(&["cluster", "add", "4", &addr], &server);
+    let out = clb(&["cluster", "add", "4", &n4.peer_addr], &server);
     assert!(
         out.status.success(),
         "clb cluster add: {}",
@@ -83,7 +83,7 @@ async fn a_learner_stays_a_learner() {
     let mut c = Cluster::start(3).await;
     c.leader(Duration::from_secs(10)).await;
     let addr = format!("127.0.0.1:{}", free_port());
-    c.add_node(4, addr.clone(), vec!["--join".into()]);
+    c.add_node(4, addr, vec!["--join".into()]);
     let n4 = c.node(4);
     eventually(Duration::from_secs(10), "node 4 healthy", || async {
         n4.healthy().await.then_some(())
@@ -91,7 +91,7 @@ async fn a_learner_stays_a_learner() {
     .await;
     c.node(2)
         .client()
-        .add_node(4, &addr, true)
+        .add_node(4, &n4.peer_addr, true)
         .await
         .expect("add learner through a follower");
     // The add is committed; node 1 may apply it a moment later.
@@ -128,16 +128,21 @@ async fn a_data_dir_of_another_node_or_cluster_is_refused() {
     let n3 = c.node(3);
     let dir = n3.data_dir.display().to_string();
     let tokens = c.token_file.display().to_string();
+    let secret = c.secret_file.display().to_string();
     let base = |node: &str, peers: &str| -> Vec<String> {
         [
             "--node-id",
             node,
             "--listen",
             &format!("127.0.0.1:{}", free_port()),
+            "--peer-listen",
+            &format!("127.0.0.1:{}", free_port()),
             "--data-dir",
             &dir,
             "--token-file",
             &tokens,
+            "--cluster-secret-file",
+            &secret,
             "--peers",
             peers,
         ]
@@ -145,12 +150,7 @@ async fn a_data_dir_of_another_node_or_cluster_is_refused() {
         .map(|s| s.to_string())
         .collect()
     };
-    let peers = c
-        .nodes
-        .values()
-        .map(|n| format!("{}={}", n.id, n.addr))
-        .collect::<Vec<_>>()
-        .join(",");
+    let peers = c.peers_arg();
     // Node 3's data dir used as node 2.
     let msg = refused(&base("2", &peers));
     assert!(msg.contains("belongs to node 3"), "{msg}");
@@ -177,6 +177,16 @@ fn bad_flags_exit_non_zero_with_one_line() {
         (
             vec!["--node-id", "2", "--peers", "1=127.0.0.1:1"],
             "does not name this node",
+        ),
+        // Several nodes share a secret, or say plainly that they do not.
+        (
+            vec!["--peers", "1=127.0.0.1:1,2=127.0.0.1:2"],
+            "--cluster-secret-file: a cluster of several nodes needs a shared peer secret",
+        ),
+        (vec!["--join"], "--cluster-secret-file"),
+        (
+            vec!["--listen", "127.0.0.1:9", "--peer-listen", "127.0.0.1:9"],
+            "--peer-listen",
         ),
     ] {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
@@ -207,18 +217,24 @@ async fn a_second_process_with_the_same_node_id_halts_with_an_error() {
         crate::harness::Node {
             id: 2,
             addr: format!("127.0.0.1:{}", free_port()),
+            peer_addr: format!("127.0.0.1:{}", free_port()),
             log: c.dir.path().join(format!("{name}.log")),
             args: Vec::new(),
             child: None,
             data_dir: dir,
         }
     };
+    let secret = c.secret_file.clone();
     let spawn = |n: &mut crate::harness::Node, token_file: &std::path::Path| {
         n.args = vec![
             "--node-id".into(),
             "2".into(),
             "--listen".into(),
             n.addr.clone(),
+            "--peer-listen".into(),
+            n.peer_addr.clone(),
+            "--cluster-secret-file".into(),
+            secret.display().to_string(),
             "--peers".into(),
             peers.clone(),
             "--data-dir".into(),

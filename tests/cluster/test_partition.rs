@@ -20,7 +20,7 @@ use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use crate::harness::TOKEN;
+use crate::harness::{SECRET, TOKEN};
 use crate::netns::{self, longest_gap, served_since, Host, Lab, Sample};
 
 /// A little slower than the `default` preset (300-600 ms, lease 200 ms): the
@@ -122,20 +122,31 @@ fn partition_drill_moves_the_vip_without_two_holders() {
         .iter()
         .map(|(id, h)| (*id, SocketAddr::from((h.ip, api_port(h)))))
         .collect();
+    let peer_addrs: Vec<SocketAddr> = nodes
+        .iter()
+        .map(|(_, h)| SocketAddr::from((h.ip, api_port(h))))
+        .collect();
     let peers = addrs
         .iter()
-        .map(|(id, a)| format!("{id}={a}"))
+        .zip(&peer_addrs)
+        .map(|((id, _), p)| format!("{id}={p}"))
         .collect::<Vec<_>>()
         .join(",");
     let tokens = lab.dir().join("tokens");
     std::fs::write(&tokens, format!("{TOKEN}\n")).expect("tokens");
+    let secret = lab.dir().join("cluster-secret");
+    std::fs::write(&secret, format!("{SECRET}\n")).expect("secret");
     let d = lab.dir().to_path_buf();
-    for ((id, h), (_, addr)) in nodes.iter().zip(&addrs) {
+    for (((id, h), (_, addr)), peer) in nodes.iter().zip(&addrs).zip(&peer_addrs) {
         let mut args: Vec<String> = vec![
             "--node-id".into(),
             id.to_string(),
             "--listen".into(),
             addr.to_string(),
+            "--peer-listen".into(),
+            peer.to_string(),
+            "--cluster-secret-file".into(),
+            secret.display().to_string(),
             "--peers".into(),
             peers.clone(),
             "--data-dir".into(),
