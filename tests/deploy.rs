@@ -57,6 +57,9 @@ fn example_config_parses_and_names_every_setting() {
     // target host (secrets, certificates, hook scripts, backups).
     let local = Settings {
         cluster_secret_file: None,
+        // Uncommented, it would contradict the secret file; the example
+        // only shows it.
+        insecure_peers: Some(true),
         tls_cert: None,
         tls_key: None,
         tls_ca: None,
@@ -68,6 +71,7 @@ fn example_config_parses_and_names_every_setting() {
     let config = Config::from_settings(local).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(config.node_id, 1);
     assert_eq!(config.listen.to_string(), "0.0.0.0:8090");
+    assert_eq!(config.peer_listen.to_string(), "0.0.0.0:8091");
 }
 
 /// The `content: |` block written to `path` by a cloud-init file.

@@ -3,6 +3,8 @@
 //! plain-HTTP token guard, slow clients, the connection cap, and a 3-node
 //! cluster whose peers talk HTTPS.
 
+#[path = "common/forge.rs"]
+mod forge;
 #[path = "cluster/harness.rs"]
 mod harness;
 
@@ -478,4 +480,30 @@ async fn a_three_node_cluster_forms_and_replicates_over_https() {
             "node {id}: {st}"
         );
     }
+    // TLS authenticates the server, not the caller: forged peer RPCs over
+    // HTTPS are refused like over HTTP, and change nothing.
+    let term = view["term"].as_u64().unwrap();
+    let last = view["last_log_index"].as_u64().unwrap();
+    let cluster_id = view["cluster_id"].as_str().unwrap().to_string();
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(&pki.ca_file).unwrap()).unwrap();
+    let https = reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .build()
+        .unwrap();
+    for peer in &peer_addrs {
+        forge::assert_all_refused(
+            &https,
+            &format!("https://{peer}"),
+            &cluster_id,
+            &["wrong-secret-but-long-enough"],
+        )
+        .await;
+    }
+    let after = pki
+        .client(&format!("https://{}", addrs[0]))
+        .cluster()
+        .await
+        .unwrap();
+    assert_eq!(after["term"].as_u64(), Some(term));
+    assert_eq!(after["last_log_index"].as_u64(), Some(last));
 }

@@ -105,6 +105,8 @@ async fn ui_needs_a_read_token_by_header_or_sign_in_cookie() {
         .to_str()
         .unwrap()
         .starts_with("text/html"));
+    // Browsers must not guess another type for it.
+    assert_eq!(r.headers()["x-content-type-options"], "nosniff");
     let body = r.text().await.unwrap();
     assert!(body.contains("id=\"node-1\""), "{body}");
     assert!(!body.contains(TOKEN));

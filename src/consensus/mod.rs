@@ -111,6 +111,9 @@ pub enum ConsensusError {
 }
 
 /// What only the leader can do; followers forward these over `/raft/leader`.
+/// (One per request and moved, never stored: a boxed write would only add
+/// an allocation.)
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum LeaderRequest {
     /// A write, and the scope of the token that asked for it: the leader
