@@ -412,12 +412,11 @@ pub async fn run(
     };
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let stop_tx = Arc::new(stop_tx);
-    tokio::spawn({
-        let stop_tx = stop_tx.clone();
-        async move {
-            shutdown.await;
-            let _ = stop_tx.send(true);
-        }
+    // SIGTERM first hands leadership over (below), then stops everything.
+    let (asked_tx, asked_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = asked_tx.send(());
     });
     let consensus = Consensus::start(
         config.node_id,
@@ -433,6 +432,7 @@ pub async fn run(
     tokio::spawn({
         let failed = raft_failed(consensus.clone(), config.data_dir.clone());
         let mut stopping = stop_rx.clone();
+        let stop_tx = stop_tx.clone();
         async move {
             tokio::select! {
                 biased;
@@ -457,6 +457,16 @@ pub async fn run(
         health_rx,
         stop_rx.clone(),
     );
+
+    tokio::spawn({
+        let (consensus, failover, stop_tx) = (consensus.clone(), failover.clone(), stop_tx.clone());
+        async move {
+            if asked_rx.await.is_ok() {
+                hand_over_before_stopping(&consensus, &failover).await;
+            }
+            let _ = stop_tx.send(true);
+        }
+    });
 
     let input = render_input(&consensus);
     // A witness renders nothing.
@@ -552,6 +562,36 @@ pub async fn run(
     tracing::info!("shutting down raft");
     consensus.shutdown().await;
     result
+}
+
+/// A leader asked to stop first moves leadership and the VIP to another
+/// voter (release, then the successor claims), so a planned restart of the
+/// holder is no outage; bounded, and skipped when it has no one to hand to.
+async fn hand_over_before_stopping(consensus: &Consensus, failover: &Failover) {
+    let m = consensus.raft.metrics().borrow().clone();
+    let others = m
+        .membership_config
+        .membership()
+        .voter_ids()
+        .filter(|v| *v != consensus.id)
+        .count();
+    if m.current_leader != Some(consensus.id) || others == 0 {
+        return;
+    }
+    tracing::info!("stopping: handing leadership over first");
+    match tokio::time::timeout(SHUTDOWN_GRACE, failover.step_down()).await {
+        Ok(Ok(done)) => tracing::info!(
+            new_leader = done.new_leader,
+            took_ms = done.took_ms,
+            "leadership handed over; stopping"
+        ),
+        Ok(Err(e)) => {
+            tracing::warn!(cause = %e, "hand-over before stopping failed; stopping anyway")
+        }
+        Err(_) => {
+            tracing::warn!(grace = ?SHUTDOWN_GRACE, "hand-over before stopping took too long; stopping anyway")
+        }
+    }
 }
 
 /// Re-reads the token files on SIGHUP, so bootstrap tokens rotate without a

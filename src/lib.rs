@@ -36,12 +36,19 @@ pub mod model;
 /// haproxy.cfg rendering, validation and apply.
 pub mod render;
 
+/// The default log filter. openraft's replication logs an error for every
+/// heartbeat a peer misses; clb logs one line when a peer stops answering
+/// and one when it is back (consensus::network), and counts the rest in
+/// `/metrics`.
+pub const DEFAULT_LOG: &str =
+    "info,openraft=warn,openraft::replication=off,openraft::engine::handler::replication_handler=off";
+
 /// Logs to stderr, every line prefixed with `node=N` (openraft's and axum's
-/// tasks do not inherit our spans); `RUST_LOG` filters (default `info`).
+/// tasks do not inherit our spans); `RUST_LOG` filters (default [`DEFAULT_LOG`]).
 pub fn init_tracing(node_id: Option<u64>) {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG));
     let format = NodeFormat {
         node_id,
         inner: tracing_subscriber::fmt::format(),

@@ -912,6 +912,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
         "# HELP clb_forwarded_requests_total Requests this node forwarded to the leader.\n# TYPE clb_forwarded_requests_total counter\nclb_forwarded_requests_total {}\n",
         state.consensus.forwarded()
     ));
+    peer_metrics(&mut out, &state.consensus);
     state.write_latency.prometheus(
         "clb_write_duration_seconds",
         "Time from a write request to its acknowledgement, as seen by this node.",
@@ -919,6 +920,63 @@ async fn metrics(State(state): State<AppState>) -> Response {
     );
     out.push_str(&state.failover.status().prometheus());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// Peers' state and the election counters: what replaces openraft's
+/// per-heartbeat error lines.
+fn peer_metrics(out: &mut String, c: &Consensus) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let acks = c.acks();
+    out.push_str("# HELP clb_peer_up 1 while a peer answers this leader's appends.\n# TYPE clb_peer_up gauge\n");
+    for (peer, up) in acks.peers_up() {
+        out.push_str(&format!(
+            "clb_peer_up{{peer=\"{peer}\"}} {}\n",
+            u8::from(up)
+        ));
+    }
+    let l = c.liveness();
+    let counters = [
+        (
+            "clb_append_late_answers_total",
+            "Append answers that came after openraft stopped waiting (they still count for the lease).",
+            acks.late_answers.load(Relaxed),
+        ),
+        (
+            "clb_append_abandoned_total",
+            "Appends openraft gave up on before they were sent.",
+            acks.abandoned.load(Relaxed),
+        ),
+        (
+            "clb_prevotes_refused_total",
+            "Pre-votes this node refused as a voter.",
+            l.prevotes_refused.load(Relaxed),
+        ),
+        (
+            "clb_prevotes_granted_total",
+            "Pre-votes this node granted as a voter.",
+            l.prevotes_granted.load(Relaxed),
+        ),
+        (
+            "clb_votes_refused_total",
+            "Votes refused while the leader was alive or this node might hold the VIP.",
+            l.votes_refused.load(Relaxed),
+        ),
+        (
+            "clb_prevote_rounds_lost_total",
+            "Pre-vote rounds this node lost: it heard no leader, the others did.",
+            l.prevote_rounds_lost.load(Relaxed),
+        ),
+        (
+            "clb_elections_started_total",
+            "Elections this node started after winning a pre-vote.",
+            l.elections.load(Relaxed),
+        ),
+    ];
+    for (name, help, v) in counters {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
+        ));
+    }
 }
 
 /// `POST /v1/cluster/failover`: the leader steps down gracefully and reports

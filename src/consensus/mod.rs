@@ -2,7 +2,10 @@
 //! the HTTP peer transport, and [`Consensus`], the handle the rest of clb
 //! uses to write (from any node) and to read linearizably.
 
+pub mod acks;
 pub mod batch;
+pub mod elect;
+pub mod heartbeat;
 pub mod leader;
 pub mod network;
 pub mod rpc;
@@ -175,6 +178,16 @@ pub struct Consensus {
     forwarded: Arc<std::sync::atomic::AtomicU64>,
     /// Batches writes while this node leads.
     proposer: batch::Proposer,
+    /// The followers' acks (the quorum lease) and which peers answer.
+    acks: Arc<acks::Acks>,
+    /// When a leader was last heard, VIP holding, hand-over target.
+    liveness: Arc<elect::Liveness>,
+    /// Whether the election timer may campaign (failover's health gate).
+    allow_elect: Arc<watch::Sender<bool>>,
+    /// Timers, for the vote rules.
+    election_timeout_max: Duration,
+    /// Reads the last log id for pre-votes.
+    log: store::LogStore,
 }
 
 impl Consensus {
@@ -242,7 +255,8 @@ impl Consensus {
             heartbeat_interval: settings.heartbeat_ms,
             election_timeout_min: settings.election_timeout_min_ms,
             election_timeout_max: settings.election_timeout_max_ms,
-            enable_elect: settings.elect,
+            // clb's own timer with a pre-vote round elects (elect.rs).
+            enable_elect: false,
             // Per chunk, and the last chunk includes the install itself (decode
             // and write the registry: seconds at 100k members on a busy node).
             // A chunk that times out restarts the whole transfer.
@@ -262,6 +276,9 @@ impl Consensus {
             .map_err(|e| StartError::Config(e.to_string()))?
             .with_secret(settings.cluster_secret.clone());
         let applied = stores.sm.subscribe();
+        let acks = Arc::new(acks::Acks::default());
+        let log_reader = stores.log.clone();
+        let log = stores.log.clone();
         let raft = Raft::new(
             id,
             Arc::new(config),
@@ -273,6 +290,7 @@ impl Consensus {
                 peers.clone(),
                 Duration::from_millis(settings.election_timeout_max_ms),
                 Duration::from_millis((settings.election_timeout_min_ms / 2).max(1)),
+                acks.clone(),
             ),
             stores.log,
             stores.sm,
@@ -304,6 +322,26 @@ impl Consensus {
             }
         }
         spawn_compaction(raft.clone(), applied.clone());
+        heartbeat::spawn(
+            raft.clone(),
+            id,
+            peers.clone(),
+            acks.clone(),
+            Duration::from_millis(settings.heartbeat_ms),
+            Duration::from_millis(settings.election_timeout_max_ms),
+        );
+        let liveness = Arc::new(elect::Liveness::new());
+        let (allow_elect, allowed) = watch::channel(settings.elect);
+        elect::spawn(elect::Elector {
+            raft: raft.clone(),
+            id,
+            peers: peers.clone(),
+            liveness: liveness.clone(),
+            min: Duration::from_millis(settings.election_timeout_min_ms),
+            max: Duration::from_millis(settings.election_timeout_max_ms),
+            allowed,
+            last_log_id: Box::new(move || log_reader.last_log_id()),
+        });
         Ok(Self {
             proposer: batch::Proposer::start(raft.clone()),
             raft,
@@ -314,6 +352,11 @@ impl Consensus {
             db: stores.db,
             leader_state: Arc::new(leader::LeaderState::new(settings.guardrail)),
             forwarded: Arc::default(),
+            acks,
+            liveness,
+            allow_elect: Arc::new(allow_elect),
+            election_timeout_max: Duration::from_millis(settings.election_timeout_max_ms),
+            log,
         })
     }
 
@@ -372,6 +415,60 @@ impl Consensus {
         match self.to_leader(req).await? {
             LeaderReply::Renewed(found) => Ok(found),
             other => Err(unexpected(other)),
+        }
+    }
+
+    /// The followers' acks and the peers' state (leader side).
+    pub fn acks(&self) -> &Arc<acks::Acks> {
+        &self.acks
+    }
+
+    /// When a leader was last heard, and what the vote rules need.
+    pub fn liveness(&self) -> &Arc<elect::Liveness> {
+        &self.liveness
+    }
+
+    /// Lets the election timer campaign, or stops it (a witness, an
+    /// unhealthy balancer, a node handing leadership over).
+    pub fn allow_elect(&self, allowed: bool) {
+        self.allow_elect.send_if_modified(|a| {
+            let changed = *a != allowed;
+            *a = allowed;
+            changed
+        });
+    }
+
+    /// The instant from which a quorum is known to follow this node as
+    /// leader of the current term, if it leads.
+    pub fn quorum_ack(&self, now: Instant) -> Option<(u64, Instant)> {
+        let m = self.raft.metrics().borrow().clone();
+        if m.state != ServerState::Leader {
+            return None;
+        }
+        let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
+        self.acks
+            .quorum_ack(m.current_term, &voters, self.id, now)
+            .map(|at| (m.current_term, at))
+    }
+
+    /// What this node weighs when `candidate` asks for a (pre-)vote.
+    pub fn voter_view(&self, candidate: NodeId) -> elect::VoterView {
+        let last_log_id = self.log.last_log_id();
+        let now = Instant::now();
+        let window = self.election_timeout_max;
+        let m = self.raft.metrics().borrow().clone();
+        let leading_with_quorum = self
+            .quorum_ack(now)
+            .is_some_and(|(_, at)| now.duration_since(at) < window);
+        elect::VoterView {
+            now,
+            last_heard: self.liveness.last_heard(),
+            window,
+            term: m.current_term,
+            last_log_id,
+            leading_with_quorum,
+            holding_vip: self.liveness.holding(),
+            transfer_to_candidate: self.liveness.transferring_to(candidate, now),
         }
     }
 

@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable,
@@ -20,6 +20,7 @@ use openraft::BasicNode;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::acks::Acks;
 use super::{NodeId, TypeConfig};
 
 /// Header naming the cluster a peer request belongs to.
@@ -97,6 +98,9 @@ pub enum PeerTlsError {
 #[derive(Clone)]
 pub struct PeerClient {
     http: reqwest::Client,
+    /// Its own connection pool for what must not queue behind a large
+    /// append on a busy connection: heartbeats, votes, pre-votes.
+    urgent: reqwest::Client,
     /// `http` or `https`, as the cluster serves.
     scheme: &'static str,
     /// Empty until a joining node adopts the id of the cluster that added it.
@@ -137,8 +141,10 @@ impl PeerClient {
     /// Calls peers over plain HTTP.
     pub fn new(cluster_id: String) -> Self {
         let http = builder().build().unwrap_or_default();
+        let urgent = builder().build().unwrap_or_default();
         Self {
             http,
+            urgent,
             scheme: "http",
             cluster_id: Arc::new(RwLock::new(cluster_id)),
             secret: None,
@@ -151,15 +157,23 @@ impl PeerClient {
         let Some(tls) = tls else {
             return Ok(Self::new(cluster_id));
         };
-        let mut b = builder().https_only(true);
-        if let Some(ca) = &tls.ca {
-            b = b.tls_built_in_root_certs(false);
-            for cert in load_ca(ca)? {
-                b = b.add_root_certificate(cert);
+        let roots = match &tls.ca {
+            Some(ca) => Some(load_ca(ca)?),
+            None => None,
+        };
+        let build = || {
+            let mut b = builder().https_only(true);
+            if let Some(certs) = &roots {
+                b = b.tls_built_in_root_certs(false);
+                for cert in certs {
+                    b = b.add_root_certificate(cert.clone());
+                }
             }
-        }
+            b.build().map_err(PeerTlsError::Build)
+        };
         Ok(Self {
-            http: b.build().map_err(PeerTlsError::Build)?,
+            http: build()?,
+            urgent: build()?,
             scheme: "https",
             cluster_id: Arc::new(RwLock::new(cluster_id)),
             secret: None,
@@ -227,10 +241,29 @@ impl PeerClient {
         Req: Serialize,
         Resp: DeserializeOwned,
     {
+        self.call_on(Lane::Bulk, addr, path, req, timeout).await
+    }
+
+    /// [`PeerClient::call`] on the given lane.
+    pub async fn call_on<Req, Resp>(
+        &self,
+        lane: Lane,
+        addr: &str,
+        path: &str,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, CallError>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+    {
         let body = bincode::serialize(req).map_err(CallError::Encode)?;
         let url = self.url(addr, path);
-        let mut req = self
-            .http
+        let http = match lane {
+            Lane::Bulk => &self.http,
+            Lane::Urgent => &self.urgent,
+        };
+        let mut req = http
             .post(url)
             .header(CLUSTER_HEADER, self.cluster_id())
             .header("content-type", "application/octet-stream");
@@ -279,23 +312,39 @@ impl PeerClient {
     }
 }
 
+/// Which connection pool a call uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    /// Log entries, snapshots, forwarded writes.
+    Bulk,
+    /// Heartbeats, votes and pre-votes: small, and late is as bad as lost.
+    Urgent,
+}
+
 /// Creates one [`Peer`] per target node.
 #[derive(Clone)]
 pub struct Network {
     client: PeerClient,
     append_timeout: Duration,
     backoff: Duration,
+    acks: Arc<Acks>,
 }
 
 impl Network {
     /// `append_timeout` bounds how long an AppendEntries request may stay on
     /// the wire (see [`Peer::append`]); `backoff` is the pause between
     /// attempts to reach an unreachable peer.
-    pub fn new(client: PeerClient, append_timeout: Duration, backoff: Duration) -> Self {
+    pub fn new(
+        client: PeerClient,
+        append_timeout: Duration,
+        backoff: Duration,
+        acks: Arc<Acks>,
+    ) -> Self {
         Self {
             client,
             append_timeout,
             backoff,
+            acks,
         }
     }
 }
@@ -311,6 +360,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             append_timeout: self.append_timeout,
             on_wire: Arc::new(tokio::sync::Mutex::new(())),
             backoff: self.backoff,
+            acks: self.acks.clone(),
         }
     }
 }
@@ -324,6 +374,7 @@ pub struct Peer {
     /// Held while an AppendEntries request is on the wire to this peer.
     on_wire: Arc<tokio::sync::Mutex<()>>,
     backoff: Duration,
+    acks: Arc<Acks>,
 }
 
 fn rpc_error<E: std::error::Error>(
@@ -367,17 +418,20 @@ impl Peer {
         answer.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 
-    /// Sends an AppendEntries request, at most one at a time to this peer.
+    /// Sends an AppendEntries request: entries at most one request at a
+    /// time to this peer, heartbeats at once on their own connection.
     ///
-    /// openraft 0.9 gives every AppendEntries the heartbeat interval (50 ms
-    /// by default) as a hard timeout, drops the call when it expires and
-    /// sends the entries again on its next tick. A follower slowed by a busy
-    /// CPU then receives the same batch every tick, which slows it further.
-    /// So the request runs in its own task that outlives openraft's timeout,
-    /// bounded by `append_timeout` instead; a request openraft gave up on
-    /// while an earlier one was still on the wire is never sent (its entries
-    /// go with the next). The follower thus sees each request once, and the
-    /// leader's next request finds the earlier entries already there.
+    /// openraft 0.9 gives every AppendEntries the heartbeat interval as a
+    /// hard timeout, drops the call when it expires and sends the entries
+    /// again on its next tick. A follower slowed by a busy CPU then receives
+    /// the same batch every tick, which slows it further. So the request
+    /// runs in its own task that outlives openraft's timeout, bounded by
+    /// `append_timeout` instead; a request openraft gave up on while an
+    /// earlier one was still on the wire is never sent (its entries go with
+    /// the next). The answer of a call openraft abandoned still counts as an
+    /// ack for the lease ([`Acks`]), timed from when it was sent. A
+    /// heartbeat never waits behind entries: the lease must not expire
+    /// because a batch is slow.
     async fn append(
         &self,
         rpc: AppendEntriesRequest<TypeConfig>,
@@ -385,14 +439,39 @@ impl Peer {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let (client, addr, on_wire) =
             (self.client.clone(), self.addr.clone(), self.on_wire.clone());
+        let (acks, target) = (self.acks.clone(), self.target);
         let timeout = self.append_timeout;
+        let heartbeat = rpc.entries.is_empty();
+        let term = rpc.vote.leader_id.term;
         tokio::spawn(async move {
-            let _on_wire = on_wire.lock_owned().await;
+            let _on_wire = match heartbeat {
+                true => None,
+                false => Some(on_wire.lock_owned().await),
+            };
             if tx.is_closed() {
+                acks.count_abandoned();
                 return;
             }
-            let answer = client.call(&addr, "/raft/append", &rpc, timeout).await;
-            let _ = tx.send(answer);
+            let lane = if heartbeat { Lane::Urgent } else { Lane::Bulk };
+            let sent = Instant::now();
+            let answer: Result<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>, _> =
+                client
+                    .call_on(lane, &addr, "/raft/append", &rpc, timeout)
+                    .await;
+            match &answer {
+                Ok(Ok(resp)) => {
+                    peer_answered(&acks, target, None);
+                    // Success or a log conflict: the follower took our vote.
+                    if !matches!(resp, AppendEntriesResponse::HigherVote(_)) {
+                        acks.acked(target, term, sent);
+                    }
+                }
+                Ok(Err(_)) => peer_answered(&acks, target, None),
+                Err(e) => peer_answered(&acks, target, Some(e)),
+            }
+            if tx.send(answer).is_err() {
+                acks.count_late();
+            }
         });
         let answer: Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> = rx
             .await
@@ -402,6 +481,18 @@ impl Peer {
             })?
             .map_err(|e| rpc_error(e, RPCTypes::AppendEntries, self.target, timeout))?;
         answer.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+/// Logs a peer going away or coming back, once per change (openraft's own
+/// per-request replication errors are filtered out of the default log).
+fn peer_answered(acks: &Acks, peer: NodeId, failed: Option<&CallError>) {
+    match (acks.answered(peer, failed.is_none()), failed) {
+        (Some(Some(true) | None), Some(e)) => {
+            tracing::warn!(peer, cause = %e, "peer stopped answering")
+        }
+        (Some(Some(false)), None) => tracing::info!(peer, "peer answers again"),
+        _ => {}
     }
 }
 
@@ -430,7 +521,13 @@ impl RaftNetwork<TypeConfig> for Peer {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RpcErr<openraft::error::Infallible>> {
-        self.rpc("/raft/vote", RPCTypes::Vote, &rpc, &option).await
+        let ttl = option.hard_ttl();
+        let answer: Result<VoteResponse<NodeId>, RaftError<NodeId>> = self
+            .client
+            .call_on(Lane::Urgent, &self.addr, "/raft/vote", &rpc, ttl)
+            .await
+            .map_err(|e| rpc_error(e, RPCTypes::Vote, self.target, ttl))?;
+        answer.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 
     /// openraft waits 500 ms by default before retrying a peer it could not

@@ -17,11 +17,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
 use openraft::error::RaftError;
-use openraft::raft::{VoteRequest, VoteResponse};
+use openraft::raft::{AppendEntriesResponse, VoteRequest, VoteResponse};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use super::elect::{self, PreVoteReply, PreVoteRequest};
+use super::heartbeat::{self, LeasePing};
 use super::network::{CLUSTER_HEADER, SECRET_HEADER};
 use super::{Consensus, LeaderRequest, NodeId};
 
@@ -45,6 +47,8 @@ pub fn routes(consensus: Consensus, may_campaign: watch::Receiver<bool>, extra: 
             post(move |c: State<Consensus>, body: Bytes| vote(c, body, started)),
         )
         .route("/raft/snapshot", post(snapshot))
+        .route("/raft/prevote", post(prevote))
+        .route("/raft/lease", post(lease))
         .route("/raft/leader", post(leader))
         .layer(DefaultBodyLimit::max(PEER_BODY_LIMIT))
         .with_state(consensus.clone())
@@ -140,10 +144,56 @@ pub fn encode<T: Serialize>(value: &T) -> Response {
 }
 
 async fn append(State(c): State<Consensus>, body: Bytes) -> Response {
-    match decode(&body) {
-        Ok(req) => encode(&c.raft.append_entries(req).await),
-        Err(r) => r,
+    let req = match decode(&body) {
+        Ok(req) => req,
+        Err(r) => return r,
+    };
+    let answer = c.raft.append_entries(req).await;
+    // Accepted (even with a log conflict): the sender is the leader we follow.
+    if matches!(&answer, Ok(r) if !matches!(r, AppendEntriesResponse::HigherVote(_))) {
+        c.liveness().heard();
     }
+    encode(&answer)
+}
+
+/// The leader's lease heartbeat (heartbeat.rs): yes when this node follows
+/// the very vote it names, which also counts as hearing from the leader.
+async fn lease(State(c): State<Consensus>, body: Bytes) -> Response {
+    let ping: LeasePing = match decode(&body) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let (vote, state) = {
+        let m = c.raft.metrics();
+        let m = m.borrow();
+        (m.vote, m.state)
+    };
+    let yes = heartbeat::follows(&vote, state, &ping);
+    if yes {
+        c.liveness().heard();
+    }
+    encode(&yes)
+}
+
+/// A candidate asks whether this node would vote for it (elect.rs). Nothing
+/// changes here: no term, no vote.
+async fn prevote(State(c): State<Consensus>, body: Bytes) -> Response {
+    let req: PreVoteRequest = match decode(&body) {
+        Ok(req) => req,
+        Err(r) => return r,
+    };
+    let view = c.voter_view(req.candidate);
+    let decision = elect::prevote_decision(&view, &req);
+    let l = c.liveness();
+    let counter = match decision {
+        Ok(()) => &l.prevotes_granted,
+        Err(_) => &l.prevotes_refused,
+    };
+    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    encode(&PreVoteReply {
+        granted: decision.is_ok(),
+        refused: decision.err().map(str::to_string),
+    })
 }
 
 /// A voter refuses every vote for `election_timeout_max` after it starts.
@@ -159,7 +209,22 @@ async fn vote(State(c): State<Consensus>, body: Bytes, started: Instant) -> Resp
         Err(r) => return r,
     };
     let quiet = Duration::from_millis(c.raft.config().election_timeout_max);
-    if started.elapsed() < quiet {
+    let candidate = req.vote.leader_id.node_id;
+    let view = c.voter_view(candidate);
+    let sticky = elect::sticky(&view);
+    if started.elapsed() < quiet || sticky.is_some() {
+        // openraft's leader grants votes while it leads (only followers keep
+        // its refusal window), so the rules of elect.rs are applied here,
+        // before openraft sees the request.
+        c.liveness()
+            .votes_refused
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(
+            candidate,
+            term = req.vote.leader_id.term,
+            reason = sticky.unwrap_or("started too recently"),
+            "refused a vote"
+        );
         let vote = c.raft.metrics().borrow().vote;
         let refused: Result<VoteResponse<u64>, RaftError<u64>> =
             Ok(VoteResponse::new(vote, None, false));
@@ -169,10 +234,16 @@ async fn vote(State(c): State<Consensus>, body: Bytes, started: Instant) -> Resp
 }
 
 async fn snapshot(State(c): State<Consensus>, body: Bytes) -> Response {
-    match decode(&body) {
-        Ok(req) => encode(&c.raft.install_snapshot(req).await),
-        Err(r) => r,
+    let req: openraft::raft::InstallSnapshotRequest<super::TypeConfig> = match decode(&body) {
+        Ok(req) => req,
+        Err(r) => return r,
+    };
+    let sender = req.vote;
+    let answer = c.raft.install_snapshot(req).await;
+    if matches!(&answer, Ok(r) if r.vote <= sender) {
+        c.liveness().heard();
     }
+    encode(&answer)
 }
 
 async fn leader(State(c): State<Consensus>, body: Bytes) -> Response {

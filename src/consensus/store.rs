@@ -304,6 +304,19 @@ impl LogStore {
         self.get_meta(PURGED_KEY, read_logs_err)
     }
 
+    /// The id of the last entry on disk (or of the last purged one): what a
+    /// pre-vote compares. `None` for an empty log, or when it cannot be read
+    /// (the pre-vote then claims the least, which only makes it lose).
+    pub fn last_log_id(&self) -> Option<LogId> {
+        let last = self
+            .log
+            .last()
+            .ok()
+            .flatten()
+            .and_then(|(_, value)| unbin::<Entry<TypeConfig>>(&value).ok().map(|e| e.log_id));
+        last.or_else(|| self.last_purged().ok().flatten())
+    }
+
     async fn flush(&self, err: fn(sled::Error) -> StorageError) -> Result<(), StorageError> {
         self.log.flush_async().await.map_err(err)?;
         self.sync().map_err(err)

@@ -22,7 +22,6 @@ use tokio::task::JoinHandle;
 
 pub use health::{health_input, Health, HealthCheck, HealthSender};
 pub use hooks::{Action, Hook, HookCall, HookError};
-pub use lease::{LeaseClock, Observation};
 
 use crate::consensus::network::PeerClient;
 use crate::consensus::rpc::CampaignRequest;
@@ -132,7 +131,9 @@ pub struct Failover {
 /// What the watcher asks of the hook runner.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Wish {
-    Hold(u64),
+    /// Hold the VIP for this term; the lease ends at the instant given, and
+    /// a claim that could return after it is not started.
+    Hold(u64, Instant),
     Release(u64),
 }
 
@@ -160,9 +161,13 @@ impl Failover {
         let (done_tx, hooks_done) = watch::channel(false);
         let (cmd_tx, cmd_rx) = mpsc::channel(4);
 
-        match (cfg.vip, cfg.hook.clone(), cfg.witness) {
+        let liveness = consensus.liveness().clone();
+        let runner = match (cfg.vip, cfg.hook.clone(), cfg.witness) {
             (Some(vip), Some(hook), false) => {
-                let runner = HookRunner {
+                // Until the start-up release has run, a crashed holder's
+                // address may still be here: refuse votes meanwhile.
+                liveness.set_holding(true);
+                Some(HookRunner {
                     interface: cfg
                         .interface
                         .clone()
@@ -173,13 +178,15 @@ impl Failover {
                     node: consensus.id,
                     timeout: cfg.hook_timeout,
                     status: status_tx.clone(),
-                };
-                tokio::spawn(runner.run(wish_rx, stop.clone(), done_tx));
+                    liveness: liveness.clone(),
+                    claim_estimate: Duration::ZERO,
+                })
             }
             _ => {
                 let _ = done_tx.send(true);
+                None
             }
-        }
+        };
         let health_cmd = cfg
             .health
             .clone()
@@ -188,7 +195,6 @@ impl Failover {
             raft: consensus.raft.clone(),
             id: consensus.id,
             consensus: consensus.clone(),
-            lease: LeaseClock::new(cfg.lease),
             tick: (cfg.lease / 4).max(Duration::from_millis(1)),
             cfg: cfg.clone(),
             wish: wish_tx,
@@ -204,7 +210,30 @@ impl Failover {
             liveness_after: Duration::from_millis(3 * consensus.raft.config().election_timeout_max),
             fallback: false,
         };
-        tokio::spawn(watcher.run(cmd_rx, stop));
+        // The lease watcher and the hook runner get a thread and runtime of
+        // their own: a runtime busy with writes, storage or snapshots must
+        // never delay a release.
+        let spawned = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .and_then(|rt| {
+                std::thread::Builder::new()
+                    .name("clb-failover".into())
+                    .spawn(move || {
+                        rt.block_on(async move {
+                            let runner =
+                                runner.map(|r| tokio::spawn(r.run(wish_rx, stop.clone(), done_tx)));
+                            watcher.run(cmd_rx, stop).await;
+                            if let Some(r) = runner {
+                                let _ = r.await;
+                            }
+                        })
+                    })
+            });
+        if let Err(e) = spawned {
+            // Without it there is no VIP handling at all: say so loudly.
+            tracing::error!(cause = %e, "could not start the failover thread; this node will never hold the VIP");
+        }
         Failover {
             status,
             may_campaign,
@@ -367,13 +396,17 @@ struct HookRunner {
     interface: String,
     timeout: Duration,
     status: watch::Sender<VipStatus>,
+    /// Told when a claim starts and a release finished (vote rules).
+    liveness: std::sync::Arc<crate::consensus::elect::Liveness>,
+    /// The longest a successful claim took so far.
+    claim_estimate: Duration,
 }
 
 impl HookRunner {
     /// Runs hooks one at a time until stopped, then releases.
     #[tracing::instrument(name = "vip_hooks", skip_all, fields(vip = %self.vip))]
     async fn run(
-        self,
+        mut self,
         mut wish: watch::Receiver<Wish>,
         mut stop: watch::Receiver<bool>,
         done: watch::Sender<bool>,
@@ -386,13 +419,27 @@ impl HookRunner {
             let stop_now = *stop.borrow() || stop.has_changed().is_err();
             let want = *wish.borrow_and_update();
             let want = match (stop_now, want) {
-                (true, Wish::Hold(t)) => Wish::Release(t),
+                (true, Wish::Hold(t, _)) => Wish::Release(t),
                 (_, w) => w,
             };
             let needed = match (want, done_last) {
-                (Wish::Hold(t), Some(Wish::Hold(h))) if t == h => None,
+                (Wish::Hold(t, _), Some(Wish::Hold(h, _))) if t == h => None,
                 (Wish::Release(_), Some(Wish::Release(_))) => None,
                 (w, _) => Some(w),
+            };
+            // A claim that could still be running when the lease ends is
+            // not started; a fresher lease brings a new wish.
+            let late = match needed {
+                Some(Wish::Hold(_, until)) => {
+                    !lease::claim_in_time(Instant::now(), self.claim_estimate, until)
+                }
+                _ => false,
+            };
+            let needed = if late {
+                tracing::debug!("claim dropped: the lease could end before it returns");
+                None
+            } else {
+                needed
             };
             let Some(w) = needed else {
                 if stop_now {
@@ -405,10 +452,22 @@ impl HookRunner {
                 continue;
             };
             let (action, term) = match w {
-                Wish::Hold(t) => (Action::Claim, t),
+                Wish::Hold(t, _) => (Action::Claim, t),
                 Wish::Release(t) => (Action::Release, t),
             };
+            if action == Action::Claim {
+                // From its first instruction a claim may have taken effect.
+                self.liveness.set_holding(true);
+            }
+            let started = Instant::now();
             let ok = self.run_once(action, term).await;
+            match (action, ok) {
+                (Action::Claim, true) => {
+                    self.claim_estimate = self.claim_estimate.max(started.elapsed())
+                }
+                (Action::Release, true) => self.liveness.set_holding(false),
+                _ => {}
+            }
             if ok {
                 done_last = Some(w);
                 backoff = BACKOFF_MIN;
@@ -498,7 +557,6 @@ struct Watcher {
     id: NodeId,
     consensus: Consensus,
     cfg: FailoverConfig,
-    lease: LeaseClock,
     /// How often the watcher looks at the clock and the metrics.
     tick: Duration,
     wish: watch::Sender<Wish>,
@@ -524,29 +582,17 @@ impl Watcher {
     async fn run(mut self, mut commands: mpsc::Receiver<Cmd>, mut stop: watch::Receiver<bool>) {
         let mut metrics = self.raft.metrics();
         let mut inputs_open = (true, true);
-        // `changed()` below marks a value seen, so remember that it fired.
-        let mut fresh = false;
         loop {
             // The clock first: after a stop (SIGSTOP, starvation) the lease
-            // is judged on time that really passed, never on stale metrics.
+            // is judged on time that really passed.
             let now = Instant::now();
-            let changed = match metrics.has_changed() {
-                Ok(c) => c || std::mem::take(&mut fresh),
-                Err(_) => break,
-            };
+            if metrics.has_changed().is_err() {
+                break;
+            }
             let m = metrics.borrow_and_update().clone();
             let leading = (m.state == ServerState::Leader && m.current_leader == Some(self.id))
                 .then_some(m.current_term);
-            self.lease.look(
-                now,
-                changed.then_some(Observation {
-                    leading,
-                    millis_since_quorum_ack: m.millis_since_quorum_ack,
-                }),
-            );
-            if leading.is_none() {
-                self.lease.reset();
-            }
+            let lease = lease::until(self.consensus.quorum_ack(now), leading, self.cfg.lease);
             if m.current_leader.is_some() {
                 self.last_leader_seen = now;
             }
@@ -555,9 +601,9 @@ impl Watcher {
             self.fallback = !self.cfg.witness
                 && (voters <= 1
                     || now.duration_since(self.last_leader_seen) >= self.liveness_after);
-            self.decide(now, leading, m.current_term);
+            self.decide(now, leading, m.current_term, lease);
 
-            let wake = match self.lease.valid_until() {
+            let wake = match lease {
                 Some((_, until)) if until > now => until.min(now + self.tick),
                 _ => now + self.tick,
             };
@@ -569,7 +615,6 @@ impl Watcher {
                     r = metrics.changed() => if r.is_err() {
                         Event::Quit
                     } else {
-                        fresh = true;
                         Event::Wake
                     },
                     _ = tokio::time::sleep_until(wake.into()) => Event::Wake,
@@ -622,13 +667,19 @@ impl Watcher {
     }
 
     /// Sets the wish, the campaign gate and hand-overs from the current view.
-    fn decide(&mut self, now: Instant, leading: Option<u64>, term: u64) {
+    fn decide(
+        &mut self,
+        now: Instant,
+        leading: Option<u64>,
+        term: u64,
+        lease: Option<(u64, Instant)>,
+    ) {
         let health = self.health();
         let stepping_down = self.handover.is_some();
         let may_lead = !self.cfg.witness && health.ok;
         let may_campaign = (may_lead || self.fallback) && !stepping_down;
         if self.elect_enabled != Some(may_campaign) {
-            self.raft.runtime_config().elect(may_campaign);
+            self.consensus.allow_elect(may_campaign);
             self.elect_enabled = Some(may_campaign);
             if !may_campaign && !self.cfg.witness {
                 tracing::warn!(reason = %health.reason, stepping_down, "not campaigning");
@@ -640,30 +691,32 @@ impl Watcher {
             changed
         });
 
-        let lease_term = self.lease.valid_at(now);
+        let valid = lease.filter(|(_, until)| now < *until);
+        let lease_term = valid.map(|(t, _)| t);
         let wants = self.cfg.vip.is_some()
             && may_lead
             && !stepping_down
             && leading.is_some()
             && lease_term == leading;
-        let wish = match (wants, leading) {
-            (true, Some(t)) => Wish::Hold(t),
+        let wish = match (wants, valid) {
+            (true, Some((t, until))) => Wish::Hold(t, until),
             _ => Wish::Release(term),
         };
         let before = *self.wish.borrow();
-        let expired = matches!(before, Wish::Hold(_))
+        let expired = matches!(before, Wish::Hold(..))
             && matches!(wish, Wish::Release(_))
             && leading.is_some()
             && lease_term.is_none();
         if before != wish {
             match wish {
-                Wish::Hold(t) => {
+                Wish::Hold(t, _) if !matches!(before, Wish::Hold(h, _) if h == t) => {
                     tracing::info!(term = t, "leader with a quorum lease: claiming the VIP")
                 }
+                Wish::Hold(..) => {}
                 Wish::Release(_) if expired => {
                     tracing::warn!(term, "quorum lease expired: releasing the VIP")
                 }
-                Wish::Release(_) if matches!(before, Wish::Hold(_)) => {
+                Wish::Release(_) if matches!(before, Wish::Hold(..)) => {
                     tracing::info!(
                         term,
                         leading = leading.is_some(),
@@ -676,7 +729,7 @@ impl Watcher {
             let _ = self.wish.send(wish);
         }
         self.status.send_if_modified(|s| {
-            let new_wanted = matches!(wish, Wish::Hold(_));
+            let new_wanted = matches!(wish, Wish::Hold(..));
             let changed = s.wanted != new_wanted
                 || s.healthy != health.ok
                 || s.health_reason != health.reason
@@ -725,7 +778,9 @@ impl Watcher {
         self.spawn_handover();
         // Release at once, without waiting for the next tick.
         let term = self.raft.metrics().borrow().current_term;
-        self.decide(Instant::now(), leading, term);
+        let now = Instant::now();
+        let lease = lease::until(self.consensus.quorum_ack(now), leading, self.cfg.lease);
+        self.decide(now, leading, term, lease);
     }
 
     fn spawn_handover(&mut self) {
@@ -734,6 +789,7 @@ impl Watcher {
             raft: self.raft.clone(),
             id: self.id,
             peers: self.consensus.peer_client().clone(),
+            liveness: self.consensus.liveness().clone(),
             status: self.status.subscribe(),
             wait_release: self.cfg.hook_timeout + Duration::from_secs(1),
             wait_leader: self.cfg.handover_wait,
@@ -768,6 +824,8 @@ struct Handover {
     id: NodeId,
     /// The node's own peer client: the cluster's scheme, CA and secret.
     peers: PeerClient,
+    /// Where this node names the candidate it lets win its vote.
+    liveness: std::sync::Arc<crate::consensus::elect::Liveness>,
     status: watch::Receiver<VipStatus>,
     wait_release: Duration,
     wait_leader: Duration,
@@ -782,8 +840,25 @@ impl Handover {
             return Err(FailoverError::NotLeader(m.current_leader));
         }
         let term = m.current_term;
-        // The VIP leaves this node before anyone else may claim it.
-        let _ = tokio::time::timeout(self.wait_release, self.status.wait_for(|s| !s.held)).await;
+        // The VIP leaves this node before anyone else may claim it; if the
+        // release did not finish, nobody is asked to take over (the address
+        // could be on two hosts), and the release is retried meanwhile.
+        let released = matches!(
+            tokio::time::timeout(self.wait_release, self.status.wait_for(|s| !s.held)).await,
+            Ok(Ok(_))
+        );
+        if !released {
+            let why = self
+                .status
+                .borrow()
+                .last_error
+                .as_ref()
+                .and_then(|h| h.error.clone())
+                .unwrap_or_else(|| "it did not finish in time".into());
+            return Err(FailoverError::NoSuccessor(format!(
+                "the VIP release failed, so no other node may claim it yet: {why}"
+            )));
+        }
         let release = self
             .status
             .borrow()
@@ -816,6 +891,9 @@ impl Handover {
         };
         let mut why = Vec::new();
         for (_, candidate, addr) in candidates {
+            // This node's vote goes to the candidate although it still leads.
+            self.liveness
+                .set_transfer(Some((candidate, Instant::now() + self.wait_leader)));
             let answer: Result<Result<(), String>, _> = peers
                 .call(&addr, "/raft/campaign", &request, self.wait_leader)
                 .await;
@@ -836,6 +914,7 @@ impl Handover {
                 metrics.wait_for(|x| x.current_leader.is_some_and(|l| l != self.id)),
             )
             .await;
+            self.liveness.set_transfer(None);
             if let Ok(Ok(x)) = won {
                 return Ok(StepDown {
                     from: self.id,
@@ -848,6 +927,7 @@ impl Handover {
             }
             why.push(format!("node {candidate} campaigned but did not win"));
         }
+        self.liveness.set_transfer(None);
         if why.is_empty() {
             why.push("no other voter".into());
         }

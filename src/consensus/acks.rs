@@ -1,0 +1,145 @@
+//! What the leader knows of its followers, measured by clb rather than
+//! openraft: the send time of the latest request each follower accepted
+//! (the quorum lease is built from these), whether each peer answers, and
+//! counters for `/metrics`.
+//!
+//! openraft 0.9 counts an ack only if it arrives within one heartbeat
+//! interval and reports its age floored to whole milliseconds. Here every
+//! answer counts, including answers to calls openraft gave up on, and the
+//! instant recorded is when the request was *sent*: a follower that
+//! accepted a request sent at `s` had not voted for anyone else at `s`, so
+//! the lease measured from `s` is never optimistic.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use super::NodeId;
+
+#[derive(Debug, Default)]
+pub struct Acks {
+    inner: Mutex<Inner>,
+    /// Appends whose answer arrived after openraft stopped waiting.
+    pub late_answers: AtomicU64,
+    /// Appends openraft gave up on before they were sent (their entries
+    /// went with the next request).
+    pub abandoned: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// Per follower: the leader term and send instant of its latest ack.
+    acked: HashMap<NodeId, (u64, Instant)>,
+    /// Per peer: answering or not, as last seen.
+    up: HashMap<NodeId, bool>,
+}
+
+impl Acks {
+    /// `target` accepted a request of leader term `term` sent at `sent`.
+    pub fn acked(&self, target: NodeId, term: u64, sent: Instant) {
+        let mut g = self.lock();
+        let e = g.acked.entry(target).or_insert((term, sent));
+        if (term, sent) > *e {
+            *e = (term, sent);
+        }
+    }
+
+    /// The instant from which a quorum of `voters` is known to have followed
+    /// this node (`me`) as leader of `term`: the quorum-th most recent ack,
+    /// counting `me` as acking `now`. `None` without a quorum of acks.
+    pub fn quorum_ack(
+        &self,
+        term: u64,
+        voters: &[NodeId],
+        me: NodeId,
+        now: Instant,
+    ) -> Option<Instant> {
+        let g = self.lock();
+        let mut times: Vec<Instant> = voters
+            .iter()
+            .filter_map(|v| {
+                if *v == me {
+                    return Some(now);
+                }
+                g.acked
+                    .get(v)
+                    .filter(|(t, _)| *t == term)
+                    .map(|(_, at)| *at)
+            })
+            .collect();
+        let quorum = voters.len() / 2 + 1;
+        if times.len() < quorum {
+            return None;
+        }
+        times.sort_unstable_by(|a, b| b.cmp(a));
+        times.get(quorum - 1).copied()
+    }
+
+    /// Records whether `peer` answered; returns the previous state when it
+    /// changed (`None` on the first report), so the caller logs transitions
+    /// only: one line when a peer goes, one when it is back.
+    pub fn answered(&self, peer: NodeId, up: bool) -> Option<Option<bool>> {
+        let mut g = self.lock();
+        let before = g.up.insert(peer, up);
+        (before != Some(up)).then_some(before)
+    }
+
+    /// Every peer's last known state, for `clb_peer_up`.
+    pub fn peers_up(&self) -> Vec<(NodeId, bool)> {
+        let mut v: Vec<(NodeId, bool)> = self.lock().up.iter().map(|(k, u)| (*k, *u)).collect();
+        v.sort_unstable();
+        v
+    }
+
+    pub fn count_late(&self) {
+        self.late_answers.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn count_abandoned(&self) {
+        self.abandoned.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn the_lease_starts_at_the_quorum_th_freshest_send() {
+        let a = Acks::default();
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let voters = [1, 2, 3];
+        // No ack yet: only the leader itself.
+        assert_eq!(a.quorum_ack(5, &voters, 1, t0 + ms(50)), None);
+        a.acked(2, 5, t0 + ms(10));
+        assert_eq!(a.quorum_ack(5, &voters, 1, t0 + ms(50)), Some(t0 + ms(10)));
+        a.acked(3, 5, t0 + ms(30));
+        assert_eq!(a.quorum_ack(5, &voters, 1, t0 + ms(50)), Some(t0 + ms(30)));
+        // An answer to an older request never moves the lease back.
+        a.acked(3, 5, t0 + ms(20));
+        assert_eq!(a.quorum_ack(5, &voters, 1, t0 + ms(50)), Some(t0 + ms(30)));
+        // Acks of another term do not count.
+        assert_eq!(a.quorum_ack(6, &voters, 1, t0 + ms(50)), None);
+        // Five voters need two acks besides the leader.
+        let five = [1, 2, 3, 4, 5];
+        assert_eq!(a.quorum_ack(5, &five, 1, t0 + ms(50)), Some(t0 + ms(10)));
+    }
+
+    #[test]
+    fn peer_state_changes_are_reported_once() {
+        let a = Acks::default();
+        assert_eq!(a.answered(2, true), Some(None));
+        assert_eq!(a.answered(2, true), None);
+        assert_eq!(a.answered(2, false), Some(Some(true)));
+        assert_eq!(a.answered(2, false), None);
+        assert_eq!(a.answered(2, true), Some(Some(false)));
+        assert_eq!(a.peers_up(), vec![(2, true)]);
+    }
+}

@@ -1,0 +1,400 @@
+//! Elections that only happen when the leader is really gone: clb's own
+//! election timer with a pre-vote round, and the rules by which a node
+//! refuses votes (openraft 0.9 has neither pre-vote nor a leader that
+//! refuses votes while it leads).
+//!
+//! openraft's own election timer is off (`enable_elect = false`). When this
+//! node has heard from no leader for `election_timeout_max` plus a random
+//! part of `max - min`, it first asks every voter whether it *would* vote,
+//! without bumping any term: a voter agrees only when it has not heard from
+//! a leader for `election_timeout_max` either, does not lead with a quorum,
+//! does not hold the VIP, and the candidate's log is at least as up to date
+//! as its own. Only with a quorum of such answers does it call
+//! `trigger().elect()`. A follower that was merely paused, or cut off from
+//! the leader alone, therefore never deposes a healthy leader.
+//!
+//! The window is `election_timeout_max`, not `min`, because openraft's
+//! voters refuse real votes for `max` after their last heartbeat anyway: a
+//! pre-vote that passes predicts a real vote that passes.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use openraft::ServerState;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::network::{Lane, PeerClient};
+use super::{LogId, NodeId, Raft};
+
+/// "Would you vote for me?", sent before a real election.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PreVoteRequest {
+    pub candidate: NodeId,
+    /// The term the candidate would campaign for (its current term + 1).
+    pub term: u64,
+    pub last_log_id: Option<LogId>,
+}
+
+/// The answer; `refused` says why, for the candidate's log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PreVoteReply {
+    pub granted: bool,
+    pub refused: Option<String>,
+}
+
+/// What a voter knows when it is asked for a (pre-)vote.
+#[derive(Debug, Clone)]
+pub struct VoterView {
+    pub now: Instant,
+    /// When this node last heard from a leader (or started, if later).
+    pub last_heard: Instant,
+    /// openraft's refusal window, `election_timeout_max`.
+    pub window: Duration,
+    pub term: u64,
+    pub last_log_id: Option<LogId>,
+    /// This node leads and a quorum followed it within `window`.
+    pub leading_with_quorum: bool,
+    /// This node may hold the VIP (a claim started and no release finished).
+    pub holding_vip: bool,
+    /// This node is handing leadership to the asking candidate.
+    pub transfer_to_candidate: bool,
+}
+
+/// Whether a voter grants a pre-vote; `Err(reason)` when not.
+pub fn prevote_decision(v: &VoterView, req: &PreVoteRequest) -> Result<(), &'static str> {
+    if req.term <= v.term {
+        return Err("the candidate's term is not newer than mine");
+    }
+    if let Some(why) = sticky(v) {
+        return Err(why);
+    }
+    if req.last_log_id < v.last_log_id {
+        return Err("the candidate's log is behind mine");
+    }
+    Ok(())
+}
+
+/// Why a node refuses any vote while the leader it knows is alive, or
+/// while it may itself hold the VIP; `None` when nothing holds it back. A
+/// hand-over to the asking candidate lifts the refusal.
+pub fn sticky(v: &VoterView) -> Option<&'static str> {
+    if v.transfer_to_candidate {
+        return None;
+    }
+    if v.holding_vip {
+        return Some("I may still hold the VIP");
+    }
+    if v.leading_with_quorum {
+        return Some("I lead and a quorum follows me");
+    }
+    if v.now < v.last_heard + v.window {
+        return Some("I heard from the leader too recently");
+    }
+    None
+}
+
+/// Shared between the peer RPC handlers, the election timer and failover.
+#[derive(Debug)]
+pub struct Liveness {
+    started: Instant,
+    inner: Mutex<Inner>,
+    /// A VIP claim started here and no release has finished since.
+    holding: AtomicBool,
+    /// Pre-votes this node refused / granted as a voter.
+    pub prevotes_refused: AtomicU64,
+    pub prevotes_granted: AtomicU64,
+    /// Real votes this node refused while its leader (or itself) was alive.
+    pub votes_refused: AtomicU64,
+    /// Pre-vote rounds this node lost as a candidate, and elections it started.
+    pub prevote_rounds_lost: AtomicU64,
+    pub elections: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Inner {
+    last_heard: Instant,
+    /// While leading: the candidate this node hands leadership to, until when.
+    transfer: Option<(NodeId, Instant)>,
+}
+
+impl Liveness {
+    pub fn new() -> Self {
+        let now = Instant::now();
+        Liveness {
+            started: now,
+            // A node that just started has forgotten when it last heard from
+            // the leader: count its start as hearing from one.
+            inner: Mutex::new(Inner {
+                last_heard: now,
+                transfer: None,
+            }),
+            holding: AtomicBool::new(false),
+            prevotes_refused: AtomicU64::new(0),
+            prevotes_granted: AtomicU64::new(0),
+            votes_refused: AtomicU64::new(0),
+            prevote_rounds_lost: AtomicU64::new(0),
+            elections: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A leader's AppendEntries (or snapshot) was accepted here.
+    pub fn heard(&self) {
+        let now = Instant::now();
+        let mut g = self.lock();
+        if now > g.last_heard {
+            g.last_heard = now;
+        }
+    }
+
+    pub fn last_heard(&self) -> Instant {
+        self.lock().last_heard
+    }
+
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Set by the VIP hook runner: true when a claim starts, false once a
+    /// release succeeded.
+    pub fn set_holding(&self, holding: bool) {
+        self.holding.store(holding, Ordering::SeqCst);
+    }
+
+    pub fn holding(&self) -> bool {
+        self.holding.load(Ordering::SeqCst)
+    }
+
+    /// While leading: let `to` win votes from this node until `until`.
+    pub fn set_transfer(&self, to: Option<(NodeId, Instant)>) {
+        self.lock().transfer = to;
+    }
+
+    /// Whether this node is handing leadership to `candidate` right now.
+    pub fn transferring_to(&self, candidate: NodeId, now: Instant) -> bool {
+        self.lock()
+            .transfer
+            .is_some_and(|(to, until)| to == candidate && now < until)
+    }
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What the election timer needs; see [`spawn`].
+pub struct Elector {
+    pub raft: Raft,
+    pub id: NodeId,
+    pub peers: PeerClient,
+    pub liveness: std::sync::Arc<Liveness>,
+    pub min: Duration,
+    pub max: Duration,
+    /// False on a witness and while failover says this node may not lead.
+    pub allowed: watch::Receiver<bool>,
+    /// This node's last log id, as stored.
+    pub last_log_id: Box<dyn Fn() -> Option<LogId> + Send + Sync>,
+}
+
+/// Runs the election timer until Raft stops.
+pub fn spawn(e: Elector) {
+    tokio::spawn(e.run());
+}
+
+impl Elector {
+    #[tracing::instrument(name = "elect", skip_all, fields(node = self.id))]
+    async fn run(mut self) {
+        let mut metrics = self.raft.metrics();
+        // Lost pre-vote rounds back off by a timeout before the next one.
+        let mut not_before = Instant::now();
+        let mut losing_streak = 0u32;
+        loop {
+            let m = metrics.borrow_and_update().clone();
+            if m.running_state.is_err() {
+                return;
+            }
+            let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
+            let jitter = self.max.saturating_sub(self.min).as_millis() as u64;
+            let timeout = self.max + Duration::from_millis(rand::random::<u64>() % (jitter + 1));
+            let now = Instant::now();
+            let due = (self.liveness.last_heard() + timeout).max(not_before);
+            let eligible = *self.allowed.borrow()
+                && voters.contains(&self.id)
+                && m.state != ServerState::Leader;
+            if !eligible || now < due {
+                let wake = if eligible { due } else { now + self.min };
+                tokio::select! {
+                    _ = tokio::time::sleep_until(wake.into()) => {}
+                    r = metrics.changed() => if r.is_err() { return },
+                    r = self.allowed.changed() => if r.is_err() { return },
+                }
+                continue;
+            }
+            if voters.len() > 1 {
+                let (granted, refusals) = self.prevote(&m, &voters).await;
+                if granted < voters.len() / 2 + 1 {
+                    self.liveness
+                        .prevote_rounds_lost
+                        .fetch_add(1, Ordering::Relaxed);
+                    losing_streak += 1;
+                    if losing_streak == 1 {
+                        tracing::info!(
+                            granted,
+                            voters = voters.len(),
+                            refusals = %refusals.join("; "),
+                            "no leader heard from, but the other voters still follow one: not campaigning"
+                        );
+                    }
+                    not_before = Instant::now() + timeout;
+                    continue;
+                }
+                tracing::info!(
+                    granted,
+                    voters = voters.len(),
+                    term = m.current_term + 1,
+                    "no leader heard from for {} ms and a quorum agrees: starting an election",
+                    now.duration_since(self.liveness.last_heard()).as_millis()
+                );
+            }
+            losing_streak = 0;
+            self.liveness.elections.fetch_add(1, Ordering::Relaxed);
+            if self.raft.trigger().elect().await.is_err() {
+                return;
+            }
+            // Give the election a timeout to conclude before the next try.
+            not_before = Instant::now() + timeout;
+        }
+    }
+
+    /// Asks every other voter; returns the grants (counting this node's
+    /// own) and the refusals' reasons.
+    async fn prevote(
+        &self,
+        m: &openraft::RaftMetrics<NodeId, openraft::BasicNode>,
+        voters: &[NodeId],
+    ) -> (usize, Vec<String>) {
+        let req = PreVoteRequest {
+            candidate: self.id,
+            term: m.current_term + 1,
+            last_log_id: (self.last_log_id)(),
+        };
+        let membership = m.membership_config.membership();
+        let asks = voters.iter().filter(|v| **v != self.id).map(|v| {
+            let addr = membership.get_node(v).map(|n| n.addr.clone());
+            let req = &req;
+            async move {
+                let Some(addr) = addr else {
+                    return (*v, Err("no address".to_string()));
+                };
+                let answer: Result<PreVoteReply, _> = self
+                    .peers
+                    .call_on(Lane::Urgent, &addr, "/raft/prevote", req, self.min)
+                    .await;
+                (*v, answer.map_err(|e| e.to_string()))
+            }
+        });
+        let answers = futures::future::join_all(asks).await;
+        let mut granted = 1;
+        let mut refusals = Vec::new();
+        for (v, a) in answers {
+            match a {
+                Ok(r) if r.granted => granted += 1,
+                Ok(r) => refusals.push(format!(
+                    "node {v}: {}",
+                    r.refused.unwrap_or_else(|| "refused".into())
+                )),
+                Err(e) => refusals.push(format!("node {v}: {e}")),
+            }
+        }
+        (granted, refusals)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::CommittedLeaderId;
+
+    fn log(term: u64, index: u64) -> Option<LogId> {
+        Some(LogId::new(CommittedLeaderId::new(term, 1), index))
+    }
+
+    fn view(now: Instant) -> VoterView {
+        VoterView {
+            now,
+            last_heard: now - Duration::from_secs(1),
+            window: Duration::from_millis(150),
+            term: 3,
+            last_log_id: log(3, 10),
+            leading_with_quorum: false,
+            holding_vip: false,
+            transfer_to_candidate: false,
+        }
+    }
+
+    fn req(term: u64, last: Option<LogId>) -> PreVoteRequest {
+        PreVoteRequest {
+            candidate: 2,
+            term,
+            last_log_id: last,
+        }
+    }
+
+    #[test]
+    fn a_voter_grants_a_prevote_only_when_the_leader_is_gone() {
+        let now = Instant::now();
+        let v = view(now);
+        assert_eq!(prevote_decision(&v, &req(4, log(3, 10))), Ok(()));
+        // It heard from the leader within the window: a paused follower's
+        // campaign goes nowhere.
+        let recent = VoterView {
+            last_heard: now - Duration::from_millis(100),
+            ..v.clone()
+        };
+        assert!(prevote_decision(&recent, &req(4, log(3, 10))).is_err());
+        // The leader itself refuses while a quorum follows it.
+        let leader = VoterView {
+            leading_with_quorum: true,
+            ..v.clone()
+        };
+        assert!(prevote_decision(&leader, &req(4, log(3, 10))).is_err());
+        // A node that may still hold the VIP refuses, unless it is handing
+        // leadership to this very candidate.
+        let holding = VoterView {
+            holding_vip: true,
+            ..v.clone()
+        };
+        assert!(prevote_decision(&holding, &req(4, log(3, 10))).is_err());
+        let handing = VoterView {
+            transfer_to_candidate: true,
+            ..holding
+        };
+        assert_eq!(prevote_decision(&handing, &req(4, log(3, 10))), Ok(()));
+        // A shorter log, or a term not newer than the voter's, is refused.
+        assert!(prevote_decision(&v, &req(4, log(3, 9))).is_err());
+        assert!(prevote_decision(&v, &req(4, log(2, 20))).is_err());
+        assert!(prevote_decision(&v, &req(3, log(3, 10))).is_err());
+        assert_eq!(prevote_decision(&v, &req(4, log(4, 1))), Ok(()));
+    }
+
+    #[test]
+    fn hearing_from_a_leader_moves_the_window() {
+        let l = Liveness::new();
+        let start = l.last_heard();
+        assert_eq!(start, l.started());
+        std::thread::sleep(Duration::from_millis(2));
+        l.heard();
+        assert!(l.last_heard() > start);
+        assert!(!l.transferring_to(2, Instant::now()));
+        l.set_transfer(Some((2, Instant::now() + Duration::from_secs(1))));
+        assert!(l.transferring_to(2, Instant::now()));
+        assert!(!l.transferring_to(3, Instant::now()));
+    }
+}

@@ -1,0 +1,140 @@
+//! The VIP moves only when its holder fails: a follower stopped for 0.5, 1
+//! and 2 s (SIGSTOP, then SIGCONT), ten times each, on an idle cluster and
+//! under writes, deposes nobody: the term stays, the leader stays, and no
+//! VIP hook runs. Default timers, as an operator runs them.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::harness::{eventually, hook_events, vip_hook, Cluster};
+
+const VIP: &str = "192.0.2.78";
+const PAUSES_MS: [u64; 3] = [500, 1_000, 2_000];
+const EACH: usize = 10;
+
+async fn follower_pauses_depose_nobody(under_writes: bool) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (script, log) = vip_hook(dir.path());
+    let script = script.display().to_string();
+    let c = Cluster::start_custom(3, &[], |_| {
+        [
+            "--vip",
+            VIP,
+            "--vip-hook",
+            &script,
+            "--validate-cmd",
+            "true",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    })
+    .await;
+    let leader = c.leader(Duration::from_secs(10)).await;
+    eventually(
+        Duration::from_secs(10),
+        "the leader to hold the VIP",
+        || async {
+            let v = c.node(leader).view().await?;
+            (v["vip"]["held"] == true).then_some(())
+        },
+    )
+    .await;
+    let term = c.node(leader).view().await.expect("view")["term"]
+        .as_u64()
+        .unwrap();
+    let hooks_before = hook_events(&log).len();
+
+    // Writes through the leader for the whole run, bounded in count.
+    let stop = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(AtomicU64::new(0));
+    let writer = under_writes.then(|| {
+        let client = c.node(leader).client();
+        let (stop, written) = (stop.clone(), written.clone());
+        tokio::spawn(async move {
+            for i in 0..200_000u64 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let member = format!("m{}", i % 500);
+                if client
+                    .register("http", &member, "10.0.0.1", None, None, None)
+                    .await
+                    .is_ok()
+                {
+                    written.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    });
+
+    let followers = c.followers(leader);
+    let mut n = 0;
+    for pause in PAUSES_MS {
+        for _ in 0..EACH {
+            let f = c.node(followers[n % followers.len()]);
+            n += 1;
+            f.signal(libc::SIGSTOP);
+            // The fault itself: the process is stopped this long.
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+            f.signal(libc::SIGCONT);
+            // It catches up with the leader before the next pause.
+            let target = c.node(leader).view().await.expect("leader view")["last_log_index"]
+                .as_u64()
+                .unwrap_or(0);
+            eventually(
+                Duration::from_secs(10),
+                "the follower to catch up",
+                || async {
+                    let v = f.view().await?;
+                    (v["applied_index"].as_u64()? >= target).then_some(())
+                },
+            )
+            .await;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    if let Some(w) = writer {
+        w.await.expect("writer");
+    }
+
+    for node in c.nodes.values() {
+        let v = node.view().await.expect("view");
+        assert_eq!(
+            v["term"].as_u64(),
+            Some(term),
+            "node {}: the term moved: a follower's pause started an election",
+            node.id
+        );
+        assert_eq!(v["leader"].as_u64(), Some(leader), "node {}", node.id);
+    }
+    let runs = hook_events(&log);
+    assert_eq!(
+        runs.len(),
+        hooks_before,
+        "VIP hooks ran although the holder never failed: {:?}",
+        &runs[hooks_before..]
+    );
+    eprintln!(
+        "{} follower pauses ({PAUSES_MS:?} ms), writes during them: {}, term {term} throughout",
+        PAUSES_MS.len() * EACH,
+        written.load(Ordering::Relaxed)
+    );
+    if under_writes {
+        assert!(
+            written.load(Ordering::Relaxed) > 100,
+            "the writer barely wrote"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_follower_deposes_nobody_on_an_idle_cluster() {
+    follower_pauses_depose_nobody(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_follower_deposes_nobody_under_writes() {
+    follower_pauses_depose_nobody(true).await;
+}
