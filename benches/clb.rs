@@ -421,7 +421,7 @@ impl ClbCluster {
             .arg(dir.join(format!("haproxy{id}.cfg")))
             .args(&extra)
             // The production default filter, spelled out so the caller's env cannot change it.
-            .env("RUST_LOG", "info,openraft=warn");
+            .env("RUST_LOG", clb::DEFAULT_LOG);
         let proc = Proc::spawn(&mut cmd, &log, false)?;
         self.nodes.insert(
             id,

@@ -452,7 +452,7 @@ impl Pair {
                     .to_string(),
             ]);
         }
-        let env = [("RUST_LOG", "info,openraft=warn")];
+        let env = [("RUST_LOG", clb::DEFAULT_LOG)];
         self.lab.spawn(
             &format!("clbd-{}", h.name),
             &h.ns,

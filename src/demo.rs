@@ -309,7 +309,7 @@ pub async fn run(opts: DemoOptions) -> Result<String, DemoError> {
         .arg("-o")
         .arg(dir.join(format!("haproxy{id}.cfg")))
         .args(["--stats-port", "0"])
-        .env("RUST_LOG", "info,openraft=warn");
+        .env("RUST_LOG", crate::DEFAULT_LOG);
         if *id == 3 {
             cmd.args(["--role", "witness"]);
         } else {

@@ -149,8 +149,11 @@ async fn a_cluster_refuses_forged_rpcs_and_its_leader_refuses_invalid_commands()
             "does not allow",
         ),
     ];
-    let peers =
-        clb::consensus::network::PeerClient::new(cluster_id).with_secret(Some(SECRET.to_string()));
+    let peers = clb::consensus::network::PeerClient::new(cluster_id)
+        .with_secret(Some(SECRET.to_string()))
+        .with_identity(std::sync::Arc::new(
+            clb::consensus::incarnation::Incarnations::ephemeral(99, 1),
+        ));
     for (cmd, scope, want) in cases {
         let req = LeaderRequest::Write {
             proposal: proposal(cmd.clone()),

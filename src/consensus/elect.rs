@@ -224,7 +224,8 @@ impl Elector {
             let jitter = self.max.saturating_sub(self.min).as_millis() as u64;
             let timeout = self.max + Duration::from_millis(rand::random::<u64>() % (jitter + 1));
             let now = Instant::now();
-            let due = (self.liveness.last_heard() + timeout).max(not_before);
+            let heard = self.liveness.last_heard();
+            let due = (heard + timeout).max(not_before);
             let eligible = *self.allowed.borrow()
                 && voters.contains(&self.id)
                 && m.state != ServerState::Leader;
@@ -260,7 +261,7 @@ impl Elector {
                     voters = voters.len(),
                     term = m.current_term + 1,
                     "no leader heard from for {} ms and a quorum agrees: starting an election",
-                    now.duration_since(self.liveness.last_heard()).as_millis()
+                    now.saturating_duration_since(heard).as_millis()
                 );
             }
             losing_streak = 0;
@@ -268,8 +269,12 @@ impl Elector {
             if self.raft.trigger().elect().await.is_err() {
                 return;
             }
-            // Give the election a timeout to conclude before the next try.
-            not_before = Instant::now() + timeout;
+            // Give the election a timeout to conclude before the next try,
+            // and spread retries over a whole timeout more: two candidates
+            // that split the vote rarely collide again.
+            let spread =
+                Duration::from_millis(rand::random::<u64>() % (self.max.as_millis() as u64 + 1));
+            not_before = Instant::now() + timeout + spread;
         }
     }
 

@@ -6,6 +6,7 @@ pub mod acks;
 pub mod batch;
 pub mod elect;
 pub mod heartbeat;
+pub mod incarnation;
 pub mod leader;
 pub mod network;
 pub mod rpc;
@@ -93,6 +94,13 @@ pub enum StartError {
     },
     #[error("--node-id {0} is not in --peers")]
     NotInPeers(NodeId),
+    #[error("data dir {dir} is new, but {peer} knows node {id} from before ({why}); a voter that lost its data must not vote. Remove it (`clb cluster remove {id}`), then start it with --join and add it back (`clb cluster add {id} ADDR`)")]
+    Replaced {
+        dir: String,
+        id: NodeId,
+        peer: String,
+        why: String,
+    },
     #[error("raft config: {0}")]
     Config(String),
     #[error("start raft: {0}")]
@@ -227,6 +235,23 @@ impl Consensus {
             Some(_) => {}
             None => set_meta("node_id", &id.to_string())?,
         }
+        // Created with the data dir; a new one means this node remembers
+        // no vote and no log (incarnation.rs).
+        // It is written only once the peers have been asked (below), so a
+        // refused start leaves the data dir as new as it found it.
+        let (incarnation, fresh) =
+            match meta("incarnation")?.and_then(|v| u64::from_str_radix(&v, 16).ok()) {
+                Some(inc) => (inc, false),
+                None => (rand::random::<u64>(), true),
+            };
+        let identity = Arc::new(
+            incarnation::Incarnations::load(stores.db.clone(), id, incarnation).map_err(
+                |source| StartError::OpenStore {
+                    dir: dir.clone(),
+                    source,
+                },
+            )?,
+        );
         let stored_cluster = meta("cluster_id")?;
         let cluster_id = match (&bootstrap, stored_cluster) {
             (Bootstrap::Peers(peers), stored) => {
@@ -274,7 +299,14 @@ impl Consensus {
 
         let peers = PeerClient::with_tls(cluster_id, settings.peer_tls.as_ref())
             .map_err(|e| StartError::Config(e.to_string()))?
-            .with_secret(settings.cluster_secret.clone());
+            .with_secret(settings.cluster_secret.clone())
+            .with_identity(identity.clone());
+        if let (true, Bootstrap::Peers(all)) = (fresh, &bootstrap) {
+            refuse_if_known(&peers, id, all, &dir).await?;
+        }
+        if fresh {
+            set_meta("incarnation", &format!("{incarnation:016x}"))?;
+        }
         let applied = stores.sm.subscribe();
         let acks = Arc::new(acks::Acks::default());
         let log_reader = stores.log.clone();
@@ -322,6 +354,7 @@ impl Consensus {
             }
         }
         spawn_compaction(raft.clone(), applied.clone());
+        spawn_forget_removed(raft.clone(), identity);
         heartbeat::spawn(
             raft.clone(),
             id,
@@ -483,6 +516,11 @@ impl Consensus {
 
     pub fn cluster_id(&self) -> String {
         self.peers.cluster_id()
+    }
+
+    /// This node's incarnation and the ones it knows of its peers.
+    pub fn identity(&self) -> Option<&Arc<incarnation::Incarnations>> {
+        self.peers.identity()
     }
 
     /// The client for calls to other nodes: the cluster's scheme and trust.
@@ -825,6 +863,76 @@ impl Consensus {
             tracing::warn!(cause = %e, "final flush");
         }
     }
+}
+
+/// On the first start of a data dir: if any of `--peers` answers that it
+/// knows this node id with another incarnation, this node lost its data
+/// and must not take part as the voter it was.
+async fn refuse_if_known(
+    peers: &PeerClient,
+    id: NodeId,
+    all: &BTreeMap<NodeId, String>,
+    dir: &str,
+) -> Result<(), StartError> {
+    let asks = all
+        .iter()
+        .filter(|(p, _)| **p != id)
+        .map(|(p, addr)| async move {
+            let r: Result<(), CallError> = peers
+                .call_on(
+                    network::Lane::Urgent,
+                    addr,
+                    "/raft/hello",
+                    &(),
+                    Duration::from_secs(1),
+                )
+                .await;
+            (*p, r)
+        });
+    for (p, r) in futures::future::join_all(asks).await {
+        // The gate answers 409 to a known node id with another incarnation.
+        if let Err(CallError::Status {
+            status: 409, body, ..
+        }) = r
+        {
+            return Err(StartError::Replaced {
+                dir: dir.to_string(),
+                id,
+                peer: format!("node {p}"),
+                why: body,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Forgets the incarnations of nodes that left the membership.
+fn spawn_forget_removed(raft: Raft, identity: Arc<incarnation::Incarnations>) {
+    tokio::spawn(async move {
+        let mut metrics = raft.metrics();
+        let mut last: Option<BTreeSet<NodeId>> = None;
+        loop {
+            let members: BTreeSet<NodeId> = {
+                let m = metrics.borrow_and_update();
+                if m.running_state.is_err() {
+                    return;
+                }
+                m.membership_config
+                    .membership()
+                    .nodes()
+                    .map(|(id, _)| *id)
+                    .collect()
+            };
+            // An uninitialized node has no membership yet: nothing to judge.
+            if !members.is_empty() && last.as_ref() != Some(&members) {
+                identity.keep_only(&members);
+                last = Some(members);
+            }
+            if metrics.changed().await.is_err() {
+                return;
+            }
+        }
+    });
 }
 
 /// Writes between snapshots, at least.

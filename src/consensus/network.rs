@@ -21,6 +21,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::acks::Acks;
+use super::incarnation::{Incarnations, FROM_HEADER};
 use super::{NodeId, TypeConfig};
 
 /// Header naming the cluster a peer request belongs to.
@@ -49,6 +50,11 @@ pub enum CallError {
         addr: String,
         status: u16,
         body: String,
+    },
+    #[error("{addr} answered as a replaced node: {source}")]
+    Replaced {
+        addr: String,
+        source: super::incarnation::Mismatch,
     },
     #[error("encode request: {0}")]
     Encode(bincode::Error),
@@ -107,6 +113,9 @@ pub struct PeerClient {
     cluster_id: Arc<RwLock<String>>,
     /// The cluster secret sent with, and required of, every peer RPC.
     secret: Option<Arc<str>>,
+    /// This node's incarnation, sent with every call; answers from a known
+    /// node with another incarnation are refused.
+    identity: Option<Arc<Incarnations>>,
 }
 
 /// Header carrying the cluster secret.
@@ -148,6 +157,7 @@ impl PeerClient {
             scheme: "http",
             cluster_id: Arc::new(RwLock::new(cluster_id)),
             secret: None,
+            identity: None,
         }
     }
 
@@ -177,6 +187,7 @@ impl PeerClient {
             scheme: "https",
             cluster_id: Arc::new(RwLock::new(cluster_id)),
             secret: None,
+            identity: None,
         })
     }
 
@@ -184,6 +195,18 @@ impl PeerClient {
     pub fn with_secret(mut self, secret: Option<String>) -> Self {
         self.secret = secret.map(Arc::from);
         self
+    }
+
+    /// Sends this node's incarnation and checks the answerers' (see
+    /// incarnation.rs).
+    pub fn with_identity(mut self, identity: Arc<Incarnations>) -> Self {
+        self.identity = Some(identity);
+        self
+    }
+
+    /// This node's incarnations record, if it has one.
+    pub fn identity(&self) -> Option<&Arc<Incarnations>> {
+        self.identity.as_ref()
     }
 
     /// Constant-time check of a presented secret; true when none is configured.
@@ -270,6 +293,10 @@ impl PeerClient {
         if let Some(secret) = &self.secret {
             req = req.header(SECRET_HEADER, secret.as_ref());
         }
+        if let Some(id) = &self.identity {
+            req = req.header(FROM_HEADER, id.header());
+        }
+        let identity = self.identity.clone();
         let send = req.body(body).send();
         let fut = async {
             let resp = send.await.map_err(|source| {
@@ -286,6 +313,11 @@ impl PeerClient {
                 }
             })?;
             let status = resp.status();
+            let from = resp
+                .headers()
+                .get(FROM_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
             let bytes = resp.bytes().await.map_err(|source| CallError::Request {
                 addr: addr.to_string(),
                 source,
@@ -296,6 +328,14 @@ impl PeerClient {
                     status: status.as_u16(),
                     body: String::from_utf8_lossy(&bytes).chars().take(200).collect(),
                 });
+            }
+            // A vote or an ack from a node that lost its data must not count.
+            if let Some(id) = &identity {
+                id.check(from.as_deref())
+                    .map_err(|source| CallError::Replaced {
+                        addr: addr.to_string(),
+                        source,
+                    })?;
             }
             bincode::deserialize(&bytes).map_err(|source| CallError::Decode {
                 addr: addr.to_string(),

@@ -24,6 +24,7 @@ use tokio::sync::watch;
 
 use super::elect::{self, PreVoteReply, PreVoteRequest};
 use super::heartbeat::{self, LeasePing};
+use super::incarnation::{Mismatch, FROM_HEADER};
 use super::network::{CLUSTER_HEADER, SECRET_HEADER};
 use super::{Consensus, LeaderRequest, NodeId};
 
@@ -49,6 +50,9 @@ pub fn routes(consensus: Consensus, may_campaign: watch::Receiver<bool>, extra: 
         .route("/raft/snapshot", post(snapshot))
         .route("/raft/prevote", post(prevote))
         .route("/raft/lease", post(lease))
+        // Answers nothing but the gate's checks: a node starting with a new
+        // data dir asks it whether its peers know it from before.
+        .route("/raft/hello", post(|| async { encode(&()) }))
         .route("/raft/leader", post(leader))
         .layer(DefaultBodyLimit::max(PEER_BODY_LIMIT))
         .with_state(consensus.clone())
@@ -100,16 +104,38 @@ async fn authenticate(
     let headers = req.headers();
     let secret = headers.get(SECRET_HEADER).and_then(|v| v.to_str().ok());
     let refusal = if !c.accept_secret(secret) {
-        Some((StatusCode::UNAUTHORIZED, "unauthenticated peer"))
+        Some((StatusCode::UNAUTHORIZED, "unauthenticated peer".to_string()))
     } else {
         let claimed = headers
             .get(CLUSTER_HEADER)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
-        (!c.accept_cluster(claimed)).then_some((StatusCode::FORBIDDEN, "peer of another cluster"))
+        (!c.accept_cluster(claimed))
+            .then(|| (StatusCode::FORBIDDEN, "peer of another cluster".to_string()))
     };
+    // A known node id with another incarnation lost its data (or is a
+    // second process with that id): it may neither vote nor append.
+    let refusal = refusal.or_else(|| {
+        let identity = c.identity()?;
+        let from = headers.get(FROM_HEADER).and_then(|v| v.to_str().ok());
+        match identity.check(from) {
+            Ok(()) => None,
+            Err(Mismatch::Missing) => Some((
+                StatusCode::BAD_REQUEST,
+                "peer request without x-clb-from".to_string(),
+            )),
+            Err(e) => Some((StatusCode::CONFLICT, e.to_string())),
+        }
+    });
     let Some((status, why)) = refusal else {
-        return next.run(req).await;
+        let mut resp = next.run(req).await;
+        if let Some(value) = c
+            .identity()
+            .and_then(|i| axum::http::HeaderValue::from_str(&i.header()).ok())
+        {
+            resp.headers_mut().insert(FROM_HEADER, value);
+        }
+        return resp;
     };
     let from = req
         .extensions()

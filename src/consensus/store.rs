@@ -165,6 +165,42 @@ pub fn set_meta(db: &sled::Db, key: &str, value: &str) -> Result<(), StoreError>
     Ok(())
 }
 
+/// Removes an identity value (flushed like [`set_meta`]).
+pub fn del_meta(db: &sled::Db, key: &str) -> Result<(), StoreError> {
+    let tree = db
+        .open_tree("ident")
+        .map_err(|source| StoreError::OpenTree {
+            tree: "ident",
+            source,
+        })?;
+    tree.remove(key).map_err(|source| StoreError::Write {
+        what: format!("ident {key}"),
+        source,
+    })?;
+    db.flush().map_err(StoreError::Flush)?;
+    Ok(())
+}
+
+/// Every identity value whose key starts with `prefix`, with the prefix cut.
+pub fn meta_with_prefix(db: &sled::Db, prefix: &str) -> Result<Vec<(String, String)>, StoreError> {
+    let tree = db
+        .open_tree("ident")
+        .map_err(|source| StoreError::OpenTree {
+            tree: "ident",
+            source,
+        })?;
+    let mut out = Vec::new();
+    for item in tree.scan_prefix(prefix) {
+        let (k, v) = item.map_err(|source| StoreError::Read {
+            what: format!("ident {prefix}*"),
+            source,
+        })?;
+        let key = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+        out.push((key, String::from_utf8_lossy(&v).into_owned()));
+    }
+    Ok(out)
+}
+
 // ---- error mapping --------------------------------------------------------
 
 fn read_logs_err<E: Error + 'static>(e: E) -> StorageError {

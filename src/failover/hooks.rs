@@ -46,6 +46,11 @@ pub struct HookCall {
     pub term: u64,
     /// Passed as `CLB_INTERFACE`; empty when none is known.
     pub interface: String,
+    /// Passed as `CLB_LEASE_END_MS`: Unix milliseconds at which this node's
+    /// quorum lease ends (a claim) or ended (a release); empty when it never
+    /// had one. A hook talking to an external system can use it as a
+    /// deadline; after it, another node may claim.
+    pub lease_end_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -122,12 +127,17 @@ impl Hook {
                     &node,
                     &term,
                 ];
+                let lease_end = call
+                    .lease_end_ms
+                    .map(|ms| ms.to_string())
+                    .unwrap_or_default();
                 let env = [
                     ("CLB_VIP", vip.as_str()),
                     ("CLB_NODE_ID", node.as_str()),
                     ("CLB_TERM", term.as_str()),
                     ("CLB_INTERFACE", call.interface.as_str()),
                     ("CLB_ACTION", call.action.as_str()),
+                    ("CLB_LEASE_END_MS", lease_end.as_str()),
                 ];
                 run_command("sh", &args, &env, timeout).await.map(|_| None)
             }
@@ -274,6 +284,7 @@ mod tests {
 
     fn call(action: Action) -> HookCall {
         HookCall {
+            lease_end_ms: None,
             action,
             vip: "192.0.2.10".parse().unwrap(),
             node: 2,

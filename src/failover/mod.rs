@@ -162,6 +162,7 @@ impl Failover {
         let (cmd_tx, cmd_rx) = mpsc::channel(4);
 
         let liveness = consensus.liveness().clone();
+        let lease_end = LeaseEnd::default();
         let runner = match (cfg.vip, cfg.hook.clone(), cfg.witness) {
             (Some(vip), Some(hook), false) => {
                 // Until the start-up release has run, a crashed holder's
@@ -180,6 +181,7 @@ impl Failover {
                     status: status_tx.clone(),
                     liveness: liveness.clone(),
                     claim_estimate: Duration::ZERO,
+                    lease_end: lease_end.clone(),
                 })
             }
             _ => {
@@ -209,6 +211,7 @@ impl Failover {
             last_leader_seen: Instant::now(),
             liveness_after: Duration::from_millis(3 * consensus.raft.config().election_timeout_max),
             fallback: false,
+            lease_end,
         };
         // The lease watcher and the hook runner get a thread and runtime of
         // their own: a runtime busy with writes, storage or snapshots must
@@ -400,6 +403,22 @@ struct HookRunner {
     liveness: std::sync::Arc<crate::consensus::elect::Liveness>,
     /// The longest a successful claim took so far.
     claim_estimate: Duration,
+    /// The end of the latest quorum lease (`CLB_LEASE_END_MS`).
+    lease_end: LeaseEnd,
+}
+
+/// The end of this node's latest quorum lease, shared by watcher and runner.
+type LeaseEnd = std::sync::Arc<std::sync::Mutex<Option<Instant>>>;
+
+/// Unix milliseconds of a monotonic instant.
+fn wall_ms(at: Instant) -> u64 {
+    let now = Instant::now();
+    let wall = unix_ms();
+    if at >= now {
+        wall + at.duration_since(now).as_millis() as u64
+    } else {
+        wall.saturating_sub(now.duration_since(at).as_millis() as u64)
+    }
 }
 
 impl HookRunner {
@@ -490,7 +509,13 @@ impl HookRunner {
     }
 
     async fn run_once(&self, action: Action, term: u64) -> bool {
+        let lease_end_ms = self
+            .lease_end
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map(wall_ms);
         let call = HookCall {
+            lease_end_ms,
             action,
             vip: self.vip,
             node: self.node,
@@ -575,6 +600,8 @@ struct Watcher {
     last_leader_seen: Instant,
     liveness_after: Duration,
     fallback: bool,
+    /// Where the end of the latest lease is told to the hook runner.
+    lease_end: LeaseEnd,
 }
 
 impl Watcher {
@@ -692,6 +719,9 @@ impl Watcher {
         });
 
         let valid = lease.filter(|(_, until)| now < *until);
+        if let Some((_, until)) = valid {
+            *self.lease_end.lock().unwrap_or_else(|p| p.into_inner()) = Some(until);
+        }
         let lease_term = valid.map(|(t, _)| t);
         let wants = self.cfg.vip.is_some()
             && may_lead

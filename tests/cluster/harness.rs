@@ -99,7 +99,7 @@ impl Node {
             .expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_clbd"))
             .args(&self.args)
-            .env("RUST_LOG", "info,openraft=warn")
+            .env("RUST_LOG", clb::DEFAULT_LOG)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)

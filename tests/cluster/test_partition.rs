@@ -42,7 +42,7 @@ const TIMERS: [&str; 8] = [
 const GAP_BOUND: Duration = Duration::from_secs(8);
 /// Hard stop for the background client and sampler threads.
 const DRILL_MAX: Duration = Duration::from_secs(90);
-const RUST_LOG: &[(&str, &str)] = &[("RUST_LOG", "info,openraft=warn")];
+const RUST_LOG: &[(&str, &str)] = &[("RUST_LOG", clb::DEFAULT_LOG)];
 
 /// Polls `f` every 20 ms until it returns `Some`; panics at the deadline.
 fn wait_for<T>(within: Duration, what: &str, f: impl FnMut() -> Option<T>) -> T {
