@@ -16,20 +16,15 @@ use crate::harness::{eventually, Cluster, TOKEN};
 
 const WRITES: usize = 20;
 
-fn members(
-    c: &Cluster,
-    id: u64,
-) -> impl std::future::Future<Output = Option<BTreeSet<String>>> + '_ {
-    async move {
-        let s = c.node(id).services().await?;
-        Some(
-            s["services"]["http"]["members"]
-                .as_object()?
-                .keys()
-                .cloned()
-                .collect(),
-        )
-    }
+async fn members(c: &Cluster, id: u64) -> Option<BTreeSet<String>> {
+    let s = c.node(id).services().await?;
+    Some(
+        s["services"]["http"]["members"]
+            .as_object()?
+            .keys()
+            .cloned()
+            .collect(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
