@@ -35,6 +35,8 @@ pub mod failover;
 pub mod model;
 /// haproxy.cfg rendering, validation and apply.
 pub mod render;
+/// `clbd --restore`: a backup as bounded log entries; pure.
+pub mod restore;
 
 /// Logs to stderr, every line prefixed with `node=N` (openraft's and axum's
 /// tasks do not inherit our spans); `RUST_LOG` filters (default `info`).

@@ -463,8 +463,39 @@ pub enum Command {
         registry: Box<Registry>,
     },
     /// Proposals the leader batched into one log entry, applied in order,
-    /// each with its own response. Last, so older log entries still decode.
+    /// each with its own response. Before the restore commands, so older log
+    /// entries still decode (bincode numbers variants in order).
     Batch(Vec<Proposal>),
+    /// Part `seq` of backup `id` (`clbd --restore`), staged beside the empty
+    /// registry until [`Command::RestoreCommit`]: a backup in one entry was
+    /// one value too large for sled to keep durable. Parts are staged in
+    /// order from 0; part 0 of another backup starts over; a part already
+    /// staged answers `Done` again, so every node may propose the same parts.
+    RestoreChunk {
+        id: u64,
+        seq: u32,
+        part: Box<Registry>,
+    },
+    /// Replaces the empty registry with backup `id`, once exactly `chunks`
+    /// parts of it are staged; all or nothing.
+    RestoreCommit {
+        id: u64,
+        chunks: u32,
+    },
+}
+
+/// Most services, members and tokens one [`Command::RestoreChunk`] may hold,
+/// which bounds the size of its log entry.
+pub const RESTORE_PART_ITEMS: usize = 1_000;
+
+/// A backup being restored in parts (see [`Command::RestoreChunk`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StagedRestore {
+    pub id: u64,
+    /// Parts staged so far: `0..parts`.
+    pub parts: u32,
+    /// The union of the staged parts.
+    pub registry: Registry,
 }
 
 /// A command as the Raft log carries it: who asked, and when (stamped by the
@@ -548,6 +579,21 @@ impl Proposal {
                     registry.tokens.len()
                 ),
             ),
+            Command::RestoreChunk { id, seq, part } => (
+                "restore-part",
+                None,
+                None,
+                format!(
+                    "part {seq} of backup {id:016x}: {} members",
+                    part.member_count()
+                ),
+            ),
+            Command::RestoreCommit { id, chunks } => (
+                "restore",
+                None,
+                None,
+                format!("backup {id:016x} in {chunks} parts"),
+            ),
         };
         AuditEntry {
             index,
@@ -600,23 +646,21 @@ impl Command {
                 }
             }
             Command::RevokeToken { id } => validate_name("id", id)?,
-            Command::Restore { registry } => {
-                for (name, svc) in &registry.services {
-                    validate_name("service", name)?;
-                    svc.def.validate()?;
-                    for (member, m) in &svc.members {
-                        validate_name("member", member)?;
-                        MemberSpec {
-                            address: m.address.clone(),
-                            port: Some(m.port),
-                            weight: Some(m.weight),
-                            ttl_s: m.ttl_s,
-                        }
-                        .validate()?;
-                    }
+            Command::Restore { registry } => validate_registry(registry)?,
+            Command::RestoreChunk { part, .. } => {
+                // Counted first: what follows is linear in the part.
+                let items = part.services.len() + part.member_count() + part.tokens.len();
+                if items > RESTORE_PART_ITEMS {
+                    return Err(InvalidField::new(
+                        "part",
+                        format!("{items} items; at most {RESTORE_PART_ITEMS}"),
+                    ));
                 }
-                for id in registry.tokens.keys() {
-                    validate_name("id", id)?;
+                validate_registry(part)?;
+            }
+            Command::RestoreCommit { chunks, .. } => {
+                if *chunks == 0 {
+                    return Err(InvalidField::new("chunks", "must be at least 1"));
                 }
             }
             Command::Batch(proposals) => {
@@ -630,6 +674,28 @@ impl Command {
         }
         Ok(())
     }
+}
+
+/// Every value a backup carries, as the commands that create them check it.
+fn validate_registry(registry: &Registry) -> Result<(), InvalidField> {
+    for (name, svc) in &registry.services {
+        validate_name("service", name)?;
+        svc.def.validate()?;
+        for (member, m) in &svc.members {
+            validate_name("member", member)?;
+            MemberSpec {
+                address: m.address.clone(),
+                port: Some(m.port),
+                weight: Some(m.weight),
+                ttl_s: m.ttl_s,
+            }
+            .validate()?;
+        }
+    }
+    for id in registry.tokens.keys() {
+        validate_name("id", id)?;
+    }
+    Ok(())
 }
 
 /// The outcome of applying one log entry; replicated answers must be data, not
@@ -655,6 +721,11 @@ pub struct Registry {
     /// API tokens by id; replicated so a create or revoke holds on every node.
     #[serde(default)]
     pub tokens: BTreeMap<String, crate::auth::Token>,
+    /// A backup being staged, only while services and tokens are empty.
+    /// Replicated state, but not part of the registry's JSON (backups, the
+    /// API); snapshots carry it on their own.
+    #[serde(skip)]
+    pub restoring: Option<Arc<StagedRestore>>,
 }
 
 impl Registry {
@@ -664,6 +735,11 @@ impl Registry {
 
     pub fn member_count(&self) -> usize {
         self.services.values().map(|s| s.members.len()).sum()
+    }
+
+    /// No services and no tokens: what a backup restores into.
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty() && self.tokens.is_empty()
     }
 
     /// Why `cmd` would change nothing, if it would: the same answer `apply`
@@ -705,14 +781,75 @@ impl Registry {
             }
             // Each proposal is judged when it is applied.
             Command::Batch(_) => None,
-            Command::Restore { .. } => {
-                (!self.services.is_empty() || !self.tokens.is_empty()).then(|| Response::Rejected {
-                    reason:
-                        "the registry is not empty; a backup restores only into an empty cluster"
-                            .into(),
-                })
+            Command::Restore { .. } => (!self.is_empty()).then(not_empty),
+            Command::RestoreChunk { id, seq, part } => {
+                if !self.is_empty() {
+                    return Some(not_empty());
+                }
+                let staged = self.restoring.as_deref().filter(|s| s.id == *id);
+                match staged {
+                    // Proposed again (by another node, or after a lost answer).
+                    Some(s) if *seq < s.parts => Some(Response::Done),
+                    Some(s) if *seq > s.parts => Some(Response::Rejected {
+                        reason: format!(
+                            "part {seq} of backup {id:016x} is out of order: {} parts are staged",
+                            s.parts
+                        ),
+                    }),
+                    Some(s) => s.registry.conflict(part),
+                    None if *seq == 0 => None,
+                    None => Some(Response::Rejected {
+                        reason: format!("backup {id:016x} is not staged; its part 0 comes first"),
+                    }),
+                }
+            }
+            Command::RestoreCommit { id, chunks } => {
+                if !self.is_empty() {
+                    return Some(not_empty());
+                }
+                match self.restoring.as_deref().filter(|s| s.id == *id) {
+                    Some(s) if s.parts == *chunks => None,
+                    Some(s) => Some(Response::Rejected {
+                        reason: format!(
+                            "backup {id:016x} has {} of its {chunks} parts staged",
+                            s.parts
+                        ),
+                    }),
+                    None => Some(Response::Rejected {
+                        reason: format!("backup {id:016x} is not staged"),
+                    }),
+                }
             }
         }
+    }
+
+    /// A part that would give a staged service another definition.
+    fn conflict(&self, part: &Registry) -> Option<Response> {
+        part.services.iter().find_map(|(name, svc)| {
+            let staged = self.services.get(name)?;
+            (staged.def != svc.def).then(|| Response::Rejected {
+                reason: format!("the backup defines service {name} twice, differently"),
+            })
+        })
+    }
+
+    /// Adds a part's services, members and tokens to this one.
+    fn merge(&mut self, part: &Registry) {
+        for (name, svc) in &part.services {
+            match self.services.get_mut(name) {
+                Some(staged) => {
+                    let staged = Arc::make_mut(staged);
+                    for (member, m) in &svc.members {
+                        staged.members.insert(member.clone(), m.clone());
+                    }
+                }
+                None => {
+                    self.services.insert(name.clone(), svc.clone());
+                }
+            }
+        }
+        self.tokens
+            .extend(part.tokens.iter().map(|(id, t)| (id.clone(), t.clone())));
     }
 
     /// Applies one command. A refused command changes nothing and says why.
@@ -720,6 +857,16 @@ impl Registry {
         if let Some(refused) = self.refusal(cmd) {
             return refused;
         }
+        let response = self.apply_unrefused(cmd);
+        // A backup restores only into an empty registry: once anything else
+        // is in it, the staged parts can never be committed.
+        if !self.is_empty() {
+            self.restoring = None;
+        }
+        response
+    }
+
+    fn apply_unrefused(&mut self, cmd: &Command) -> Response {
         match cmd {
             Command::Register {
                 service,
@@ -794,6 +941,25 @@ impl Registry {
             Command::Restore { registry } => {
                 *self = (**registry).clone();
             }
+            Command::RestoreChunk { id, part, .. } => {
+                // refusal() let through part 0, or the next part of this backup.
+                let slot = match &mut self.restoring {
+                    Some(s) if s.id == *id => s,
+                    other => other.insert(Arc::new(StagedRestore {
+                        id: *id,
+                        parts: 0,
+                        registry: Registry::default(),
+                    })),
+                };
+                let staged = Arc::make_mut(slot);
+                staged.registry.merge(part);
+                staged.parts += 1;
+            }
+            Command::RestoreCommit { .. } => {
+                if let Some(staged) = self.restoring.take() {
+                    *self = Arc::unwrap_or_clone(staged).registry;
+                }
+            }
             Command::Batch(proposals) => {
                 return Response::Batch(proposals.iter().map(|p| self.apply(&p.cmd)).collect());
             }
@@ -811,6 +977,12 @@ impl Registry {
             },
         }
         Response::Done
+    }
+}
+
+fn not_empty() -> Response {
+    Response::Rejected {
+        reason: "the registry is not empty; a backup restores only into an empty cluster".into(),
     }
 }
 

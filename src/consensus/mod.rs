@@ -6,6 +6,7 @@ pub mod batch;
 pub mod leader;
 pub mod network;
 pub mod rpc;
+mod snapshot_file;
 pub mod store;
 
 use std::collections::{BTreeMap, BTreeSet};
