@@ -1233,6 +1233,129 @@ mod tests {
         assert_eq!(r, backup);
     }
 
+    #[test]
+    fn a_restore_in_parts_stays_staged_until_its_commit() {
+        let mut backup = Registry::default();
+        for i in 0..3 {
+            backup.apply(&reg("http", &format!("m{i}"), "10.0.0.1"));
+        }
+        let part = |members: &[&str]| {
+            let mut r = backup.clone();
+            let svc = Arc::make_mut(r.services.get_mut("http").unwrap());
+            svc.members = svc
+                .members
+                .iter()
+                .filter(|(name, _)| members.contains(&name.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            Box::new(r)
+        };
+        let chunk = |id, seq, p| Command::RestoreChunk { id, seq, part: p };
+        let commit = |id, chunks| Command::RestoreCommit { id, chunks };
+        let mut r = Registry::default();
+        assert_eq!(r.apply(&chunk(7, 0, part(&["m0", "m1"]))), Response::Done);
+        // Staged, not live.
+        assert!(r.services.is_empty());
+        assert_eq!(r.restoring.as_ref().unwrap().parts, 1);
+        // Too early, out of order, unknown: refused, nothing changes.
+        let staged = r.clone();
+        for cmd in [
+            commit(7, 2),
+            chunk(7, 2, part(&["m2"])),
+            chunk(8, 1, part(&["m2"])),
+            commit(8, 1),
+        ] {
+            assert!(
+                matches!(r.apply(&cmd), Response::Rejected { .. }),
+                "{cmd:?}"
+            );
+            assert_eq!(r, staged);
+        }
+        // A part staged already (another node's proposal) is Done, once.
+        assert_eq!(r.refusal(&chunk(7, 0, part(&["m0"]))), Some(Response::Done));
+        assert_eq!(r.apply(&chunk(7, 0, part(&["m0"]))), Response::Done);
+        assert_eq!(r, staged);
+        assert_eq!(r.apply(&chunk(7, 1, part(&["m2"]))), Response::Done);
+        assert_eq!(r.apply(&commit(7, 2)), Response::Done);
+        assert_eq!(r, backup);
+        assert!(r.restoring.is_none());
+        // Once: the registry is not empty any more.
+        assert!(matches!(r.apply(&commit(7, 2)), Response::Rejected { .. }));
+        assert!(matches!(
+            r.apply(&chunk(9, 0, part(&["m0"]))),
+            Response::Rejected { .. }
+        ));
+        assert_eq!(r, backup);
+    }
+
+    #[test]
+    fn a_staged_restore_gives_way() {
+        let mut backup = Registry::default();
+        backup.apply(&reg("http", "a", "10.0.0.1"));
+        let chunk = |id, seq| Command::RestoreChunk {
+            id,
+            seq,
+            part: Box::new(backup.clone()),
+        };
+        let mut r = Registry::default();
+        r.apply(&chunk(1, 0));
+        // Part 0 of another backup starts over.
+        assert_eq!(r.apply(&chunk(2, 0)), Response::Done);
+        assert_eq!(r.restoring.as_ref().map(|s| (s.id, s.parts)), Some((2, 1)));
+        assert!(matches!(r.apply(&chunk(1, 1)), Response::Rejected { .. }));
+        // Anything else in the registry ends the staging.
+        assert_eq!(r.apply(&reg("http", "x", "10.0.0.9")), Response::Done);
+        assert!(r.restoring.is_none());
+        assert!(matches!(
+            r.apply(&Command::RestoreCommit { id: 2, chunks: 1 }),
+            Response::Rejected { .. }
+        ));
+        assert_eq!(r.member_count(), 1);
+        // A part that redefines a staged service differently is refused.
+        let mut r = Registry::default();
+        r.apply(&chunk(3, 0));
+        let mut other = backup.clone();
+        Arc::make_mut(other.services.get_mut("http").unwrap())
+            .def
+            .port = 81;
+        let redefine = Command::RestoreChunk {
+            id: 3,
+            seq: 1,
+            part: Box::new(other),
+        };
+        assert!(matches!(r.apply(&redefine), Response::Rejected { .. }));
+        assert_eq!(r.restoring.as_ref().unwrap().parts, 1);
+    }
+
+    #[test]
+    fn restore_parts_are_validated_and_bounded() {
+        let mut big = Registry::default();
+        for i in 0..=RESTORE_PART_ITEMS {
+            big.apply(&reg("http", &format!("m{i}"), "10.0.0.1"));
+        }
+        let too_big = Command::RestoreChunk {
+            id: 1,
+            seq: 0,
+            part: Box::new(big),
+        };
+        assert_eq!(too_big.validate().unwrap_err().field, "part");
+        let mut bad = Registry::default();
+        bad.apply(&reg("http", "a", "10.0.0.1"));
+        Arc::make_mut(bad.services.get_mut("http").unwrap())
+            .members
+            .get_mut("a")
+            .unwrap()
+            .address = "a b".into();
+        let bad = Command::RestoreChunk {
+            id: 1,
+            seq: 0,
+            part: Box::new(bad),
+        };
+        assert_eq!(bad.validate().unwrap_err().field, "address");
+        let none = Command::RestoreCommit { id: 1, chunks: 0 };
+        assert_eq!(none.validate().unwrap_err().field, "chunks");
+    }
+
     fn proposal(cmd: Command) -> Proposal {
         Proposal {
             cmd,

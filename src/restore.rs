@@ -132,3 +132,53 @@ impl Part {
 fn size<T: serde::Serialize>(v: &T) -> u64 {
     bincode::serialized_size(v).expect("a registry encodes")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{MemberSpec, Response, ServiceDef};
+
+    fn backup(members: usize) -> Registry {
+        let mut r = Registry::default();
+        for i in 0..members {
+            for service in ["http", "mysql"] {
+                r.apply(&Command::Register {
+                    service: service.into(),
+                    member: format!("member-{i:06}"),
+                    spec: MemberSpec {
+                        address: format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255),
+                        port: Some(8080),
+                        weight: None,
+                        ttl_s: None,
+                    },
+                    create: ServiceDef::well_known(service),
+                    at_ms: 1,
+                });
+            }
+        }
+        r
+    }
+
+    #[test]
+    fn a_backup_becomes_bounded_parts_that_restore_it_whole() {
+        let registry = backup(3_000);
+        let plan = Plan::new(registry.clone());
+        assert!(plan.parts.len() > 6, "{}", plan.parts.len());
+        for part in &plan.parts {
+            let items = part.services.len() + part.member_count() + part.tokens.len();
+            assert!(items <= RESTORE_PART_ITEMS, "{items}");
+            assert!(size(part) <= PART_BYTES + 1024, "{}", size(part));
+        }
+        // The same file gives the same entries on every node.
+        let again = Plan::new(registry.clone());
+        assert_eq!(again.id, plan.id);
+        assert_ne!(Plan::new(backup(2_999)).id, plan.id);
+        let mut r = Registry::default();
+        for cmd in plan.commands() {
+            cmd.validate().unwrap();
+            assert_eq!(r.apply(&cmd), Response::Done, "{cmd:?}");
+        }
+        assert_eq!(r, registry);
+        assert!(Plan::new(Registry::default()).commands().is_empty());
+    }
+}

@@ -402,6 +402,45 @@ impl LogStore {
     fn sync(&self) -> Result<(), sled::Error> {
         self.file.sync_data().map_err(sled::Error::from)
     }
+
+    /// The writes that append `entries`: each under its index, or in parts
+    /// of at most [`MAX_VALUE`] bytes.
+    fn append_batch(
+        &self,
+        entries: impl IntoIterator<Item = Entry<TypeConfig>>,
+    ) -> Result<sled::Batch, StorageError> {
+        let mut values: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let mut indexes = None;
+        for entry in entries {
+            let index = entry.log_id.index;
+            let (first, _) = indexes.get_or_insert((index, index));
+            indexes = Some((*first, index));
+            let value = bin(&entry).map_err(write_logs_err)?;
+            if value.len() <= MAX_VALUE {
+                values.push((index_key(index).to_vec(), value));
+            } else {
+                for (n, part) in value.chunks(MAX_VALUE).enumerate() {
+                    values.push((part_key(index, n as u32).to_vec(), part.to_vec()));
+                }
+            }
+        }
+        let mut batch = sled::Batch::default();
+        // An entry written again must not keep parts of its older form.
+        if let Some((first, last)) = indexes {
+            let end = last.checked_add(1).map(index_key);
+            let stale = match end {
+                Some(end) => self.log.range(index_key(first)..end),
+                None => self.log.range(index_key(first)..),
+            };
+            for key in stale.keys() {
+                batch.remove(key.map_err(read_logs_err)?);
+            }
+        }
+        for (key, value) in values {
+            batch.insert(key, value);
+        }
+        Ok(batch)
+    }
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -492,36 +531,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut values: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
-        let mut indexes = None;
-        for entry in entries {
-            let index = entry.log_id.index;
-            let (first, _) = indexes.get_or_insert((index, index));
-            indexes = Some((*first, index));
-            let value = bin(&entry).map_err(write_logs_err)?;
-            if value.len() <= MAX_VALUE {
-                values.push((index_key(index).to_vec(), value));
-            } else {
-                for (n, part) in value.chunks(MAX_VALUE).enumerate() {
-                    values.push((part_key(index, n as u32).to_vec(), part.to_vec()));
-                }
-            }
-        }
-        let mut batch = sled::Batch::default();
-        // An entry written again must not keep parts of its older form.
-        if let Some((first, last)) = indexes {
-            let end = last.checked_add(1).map(index_key);
-            let stale = match end {
-                Some(end) => self.log.range(index_key(first)..end),
-                None => self.log.range(index_key(first)..),
-            };
-            for key in stale.keys() {
-                batch.remove(key.map_err(read_logs_err)?);
-            }
-        }
-        for (key, value) in values {
-            batch.insert(key, value);
-        }
+        let batch = self.append_batch(entries)?;
         self.log.apply_batch(batch).map_err(write_logs_err)?;
         // Raft may only count these entries once they are on disk. A blocking
         // flush (about 0.3 ms here) rather than `flush_async`: openraft 0.9's
@@ -1927,6 +1937,234 @@ mod tests {
             assert_eq!(svc.members.get("a"), Some(&member));
             assert_eq!(svc.members.len(), 1);
         }
+    }
+
+    /// A backup of `n` members in service `http`, and the entries that
+    /// restore it, from log index `first`.
+    fn restore_entries(n: usize, first: u64) -> (Registry, Vec<Entry<TypeConfig>>) {
+        let mut backup = Registry::default();
+        for i in 0..n {
+            backup.apply(&register("http", &format!("m{i:05}"), "10.0.0.1"));
+        }
+        let plan = crate::restore::Plan::new(backup.clone());
+        let entries = plan
+            .commands()
+            .into_iter()
+            .enumerate()
+            .map(|(i, cmd)| normal(first + i as u64, cmd))
+            .collect();
+        (backup, entries)
+    }
+
+    fn keys_under(db: &sled::Db, prefix: &str) -> usize {
+        sm_tree(db).unwrap().scan_prefix(prefix).count()
+    }
+
+    #[tokio::test]
+    async fn a_restore_in_parts_is_invisible_until_its_commit_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let (backup, entries) = restore_entries(5_000, 1);
+        let parts = entries.len() - 1;
+        assert!(parts > 2, "{parts}");
+        for (i, entry) in entries.into_iter().enumerate() {
+            // A restart after every entry: the registry is empty or whole.
+            let mut stores = open(dir.path()).unwrap();
+            assert_eq!(
+                stores.sm.apply(vec![entry]).await.unwrap(),
+                [Response::Done]
+            );
+            drop(stores);
+            let stores = open(dir.path()).unwrap();
+            let registry = stores.sm.subscribe().borrow().registry.clone();
+            if i < parts {
+                assert!(registry.services.is_empty(), "live after part {i}");
+                let staged = registry.restoring.as_ref().expect("staged");
+                assert_eq!(staged.parts as usize, i + 1);
+            } else {
+                assert_eq!(*registry, backup);
+            }
+        }
+        // Later writes land beside the restored keys, and one audit record
+        // says what happened.
+        let mut stores = open(dir.path()).unwrap();
+        let index = parts as u64 + 2;
+        stores
+            .sm
+            .apply(vec![
+                normal(index, register("http", "late", "10.0.0.2")),
+                normal(
+                    index + 1,
+                    Command::Unregister {
+                        service: "http".into(),
+                        member: "m00000".into(),
+                    },
+                ),
+            ])
+            .await
+            .unwrap();
+        drop(stores);
+        let stores = open(dir.path()).unwrap();
+        let registry = stores.sm.subscribe().borrow().registry.clone();
+        assert!(registry.member("http", "late").is_some());
+        assert!(registry.member("http", "m00000").is_none());
+        assert_eq!(registry.member_count(), 5_000);
+        let audit = read_audit(&stores.db, |_| true, 10).unwrap();
+        let actions: Vec<&str> = audit.iter().map(|a| a.action.as_str()).collect();
+        assert_eq!(actions, ["unregister", "register", "restore"]);
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_taken_mid_restore_carries_the_staged_parts() {
+        let (backup, entries) = restore_entries(3_000, 2);
+        let (first, rest) = entries.split_at(2);
+        let leader_dir = tempfile::tempdir().unwrap();
+        let mut leader = open(leader_dir.path()).unwrap();
+        let mut head = vec![membership_entry(1)];
+        head.extend(first.iter().cloned());
+        leader.sm.apply(head).await.unwrap();
+        let snap = leader
+            .sm
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+
+        let follower_dir = tempfile::tempdir().unwrap();
+        {
+            let mut follower = open(follower_dir.path()).unwrap();
+            let mut incoming = follower.sm.begin_receiving_snapshot().await.unwrap();
+            *incoming = *snap.snapshot.clone();
+            follower
+                .sm
+                .install_snapshot(&snap.meta, incoming)
+                .await
+                .unwrap();
+        }
+        // Restarted, the follower still has the parts, and finishes the
+        // restore as the leader does.
+        let mut follower = open(follower_dir.path()).unwrap();
+        let staged = follower.sm.subscribe().borrow().registry.restoring.clone();
+        assert_eq!(staged.map(|s| s.parts), Some(2));
+        for node in [&mut leader, &mut follower] {
+            node.sm.apply(rest.to_vec()).await.unwrap();
+            assert_eq!(*node.sm.subscribe().borrow().registry, backup);
+        }
+        drop(follower);
+        let follower = open(follower_dir.path()).unwrap();
+        assert_eq!(*follower.sm.subscribe().borrow().registry, backup);
+    }
+
+    #[tokio::test]
+    async fn a_restore_given_up_leaves_no_keys_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, entries) = restore_entries(3_000, 1);
+        {
+            let mut stores = open(dir.path()).unwrap();
+            stores.sm.apply(entries[..2].to_vec()).await.unwrap();
+            assert!(keys_under(&stores.db, "r/") > 1_500);
+            // A registration: the backup can no longer go live.
+            stores
+                .sm
+                .apply(vec![normal(3, register("web", "a", "10.0.0.3"))])
+                .await
+                .unwrap();
+            assert_eq!(keys_under(&stores.db, "r/"), 0);
+            // What a crash while removing them would leave.
+            sm_tree(&stores.db)
+                .unwrap()
+                .insert("r/00000000000000aa/m/http/x", &b"{}"[..])
+                .unwrap();
+            stores.db.flush().unwrap();
+        }
+        let stores = open(dir.path()).unwrap();
+        assert_eq!(keys_under(&stores.db, "r/"), 0);
+        let registry = stores.sm.subscribe().borrow().registry.clone();
+        assert!(registry.restoring.is_none());
+        assert_eq!(registry.member_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn log_entries_over_the_value_bound_are_stored_in_parts() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut stores = open(dir.path()).unwrap();
+        let p = |cmd| crate::model::Proposal {
+            cmd,
+            by: "test".into(),
+            at_ms: 2,
+            force: false,
+        };
+        let batch = |n: usize| {
+            Command::Batch(
+                (0..n)
+                    .map(|i| p(register("http", &format!("m{i}"), "10.0.0.1")))
+                    .collect(),
+            )
+        };
+        let entries: Vec<_> = (1..=20)
+            .map(|i| normal(i, batch(if i % 2 == 0 { 256 } else { 1 })))
+            .collect();
+        let batch_of = stores.log.append_batch(entries.clone()).unwrap();
+        stores.log.log.apply_batch(batch_of).unwrap();
+        let longest = stores
+            .log
+            .log
+            .iter()
+            .values()
+            .map(|v| v.unwrap().len())
+            .max();
+        assert!(longest.unwrap() <= MAX_VALUE, "{longest:?}");
+        assert!(stores.log.log.len() > 40, "{}", stores.log.log.len());
+        let read = stores.log.try_get_log_entries(3..=12).await.unwrap();
+        assert_eq!(read.len(), 10);
+        for (got, want) in read.iter().zip(&entries[2..12]) {
+            assert_eq!(got.log_id, want.log_id);
+            match (&got.payload, &want.payload) {
+                (EntryPayload::Normal(a), EntryPayload::Normal(b)) => assert_eq!(a, b),
+                _ => panic!("payload changed"),
+            }
+        }
+        let state = stores.log.get_log_state().await.unwrap();
+        assert_eq!(state.last_log_id, Some(log_id(1, 20)));
+        // Written again in the other form: no part of the old one stays.
+        let again: Vec<_> = (19..=20).map(|i| normal(i, batch(1))).collect();
+        let batch_of = stores.log.append_batch(again).unwrap();
+        stores.log.log.apply_batch(batch_of).unwrap();
+        let tail = stores.log.try_get_log_entries(19..).await.unwrap();
+        assert_eq!(tail.len(), 2);
+        stores.log.truncate(log_id(1, 12)).await.unwrap();
+        stores.log.purge(log_id(1, 4)).await.unwrap();
+        let left = stores.log.try_get_log_entries(0..).await.unwrap();
+        let indexes: Vec<u64> = left.iter().map(|e| e.log_id.index).collect();
+        assert_eq!(indexes, (5..=11).collect::<Vec<_>>());
+        let state = stores.log.get_log_state().await.unwrap();
+        assert_eq!(state.last_log_id, Some(log_id(1, 11)));
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_kept_in_sled_by_an_older_version_moves_to_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = SnapshotMeta {
+            last_log_id: Some(log_id(1, 3)),
+            last_membership: Membership::default(),
+            snapshot_id: "1-3-1".into(),
+        };
+        {
+            let stores = open(dir.path()).unwrap();
+            let tree = stores.db.open_tree("snapshot").unwrap();
+            tree.insert(SNAP_META_KEY, serde_json::to_vec(&meta).unwrap())
+                .unwrap();
+            tree.insert(SNAP_DATA_KEY, &b"{}"[..]).unwrap();
+            stores.db.flush().unwrap();
+        }
+        let mut stores = open(dir.path()).unwrap();
+        let snap = stores.sm.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(
+            (snap.meta, snap.snapshot.into_inner()),
+            (meta, b"{}".to_vec())
+        );
+        let tree = stores.db.open_tree("snapshot").unwrap();
+        assert!(tree.get(SNAP_DATA_KEY).unwrap().is_none());
     }
 
     #[test]
