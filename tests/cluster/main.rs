@@ -10,3 +10,4 @@ mod test_formation;
 mod test_lifecycle;
 mod test_membership;
 mod test_partition;
+mod test_restore;
