@@ -73,7 +73,7 @@ impl SnapshotFiles {
                 }
             }
         }
-        found.sort_by(|a, b| a.meta.last_log_id.cmp(&b.meta.last_log_id));
+        found.sort_by_key(|c| c.meta.last_log_id);
         let current = found.pop();
         for old in found {
             std::fs::remove_file(&old.path)?;

@@ -886,8 +886,8 @@ fn committed_restore(cmd: &Command, response: &Response) -> Option<u64> {
         (Command::Batch(proposals), Response::Batch(each)) => proposals
             .iter()
             .zip(each)
-            .filter_map(|(p, r)| committed_restore(&p.cmd, r))
-            .last(),
+            .rev()
+            .find_map(|(p, r)| committed_restore(&p.cmd, r)),
         _ => None,
     }
 }
