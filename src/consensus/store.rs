@@ -1289,6 +1289,22 @@ impl StateMachine {
         self.applied_tx.send_replace(applied_of(state));
     }
 
+    /// Stores the current snapshot's file (see [`SnapshotFiles::store`]) on
+    /// the blocking pool: writing and fsyncing megabytes would hold up a
+    /// runtime thread, and with it heartbeats. Gives `data` back.
+    async fn store_snapshot(
+        &self,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+        data: Vec<u8>,
+    ) -> Result<Vec<u8>, StorageError> {
+        let files = self.files.clone();
+        let owned = meta.clone();
+        tokio::task::spawn_blocking(move || files.store(&owned, &data).map(|_| data))
+            .await
+            .map_err(|e| write_snapshot_err(meta, std::io::Error::other(e)))?
+            .map_err(|e| write_snapshot_err(meta, e))
+    }
+
     /// A snapshot id unique for this data dir.
     fn next_snapshot_counter(&self) -> Result<u64, StorageError> {
         let _guard = self.snapshot_lock.lock().unwrap_or_else(|p| p.into_inner());
@@ -1398,9 +1414,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             .flush_async()
             .await
             .map_err(|e| write_snapshot_err(&meta, e))?;
-        self.files
-            .store(&meta, &data)
-            .map_err(|e| write_snapshot_err(&meta, e))?;
+        let data = self.store_snapshot(&meta, data).await?;
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
@@ -1530,14 +1544,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if let Err(e) = self.db.drop_tree(old.name()) {
             tracing::warn!(cause = %e, "could not drop the replaced state machine tree");
         }
-        self.files
-            .store(meta, &data)
-            .map_err(|e| write_snapshot_err(meta, e))?;
+        self.store_snapshot(meta, data).await?;
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        let Some((meta, data)) = self.files.read().map_err(read_snapshot_err)? else {
+        let files = self.files.clone();
+        let read = tokio::task::spawn_blocking(move || files.read())
+            .await
+            .map_err(|e| read_snapshot_err(std::io::Error::other(e)))?;
+        let Some((meta, data)) = read.map_err(read_snapshot_err)? else {
             return Ok(None);
         };
         Ok(Some(Snapshot {
@@ -1956,6 +1972,24 @@ mod tests {
         (backup, entries)
     }
 
+    /// Opens `dir` again once the last handle's sled threads (a page table
+    /// snapshot after many writes) have let go of its lock.
+    fn reopen(dir: &Path) -> Stores {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match open(dir) {
+                Ok(stores) => return stores,
+                Err(StoreError::Open(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                Err(e) => panic!("reopen {}: {e}", dir.display()),
+            }
+        }
+    }
+
     fn keys_under(db: &sled::Db, prefix: &str) -> usize {
         sm_tree(db).unwrap().scan_prefix(prefix).count()
     }
@@ -1968,13 +2002,13 @@ mod tests {
         assert!(parts > 2, "{parts}");
         for (i, entry) in entries.into_iter().enumerate() {
             // A restart after every entry: the registry is empty or whole.
-            let mut stores = open(dir.path()).unwrap();
+            let mut stores = reopen(dir.path());
             assert_eq!(
                 stores.sm.apply(vec![entry]).await.unwrap(),
                 [Response::Done]
             );
             drop(stores);
-            let stores = open(dir.path()).unwrap();
+            let stores = reopen(dir.path());
             let registry = stores.sm.subscribe().borrow().registry.clone();
             if i < parts {
                 assert!(registry.services.is_empty(), "live after part {i}");
@@ -1986,7 +2020,7 @@ mod tests {
         }
         // Later writes land beside the restored keys, and one audit record
         // says what happened.
-        let mut stores = open(dir.path()).unwrap();
+        let mut stores = reopen(dir.path());
         let index = parts as u64 + 2;
         stores
             .sm
@@ -2003,7 +2037,7 @@ mod tests {
             .await
             .unwrap();
         drop(stores);
-        let stores = open(dir.path()).unwrap();
+        let stores = reopen(dir.path());
         let registry = stores.sm.subscribe().borrow().registry.clone();
         assert!(registry.member("http", "late").is_some());
         assert!(registry.member("http", "m00000").is_none());
@@ -2018,7 +2052,7 @@ mod tests {
         let (backup, entries) = restore_entries(3_000, 2);
         let (first, rest) = entries.split_at(2);
         let leader_dir = tempfile::tempdir().unwrap();
-        let mut leader = open(leader_dir.path()).unwrap();
+        let mut leader = reopen(leader_dir.path());
         let mut head = vec![membership_entry(1)];
         head.extend(first.iter().cloned());
         leader.sm.apply(head).await.unwrap();
@@ -2032,7 +2066,7 @@ mod tests {
 
         let follower_dir = tempfile::tempdir().unwrap();
         {
-            let mut follower = open(follower_dir.path()).unwrap();
+            let mut follower = reopen(follower_dir.path());
             let mut incoming = follower.sm.begin_receiving_snapshot().await.unwrap();
             *incoming = *snap.snapshot.clone();
             follower
@@ -2043,7 +2077,7 @@ mod tests {
         }
         // Restarted, the follower still has the parts, and finishes the
         // restore as the leader does.
-        let mut follower = open(follower_dir.path()).unwrap();
+        let mut follower = reopen(follower_dir.path());
         let staged = follower.sm.subscribe().borrow().registry.restoring.clone();
         assert_eq!(staged.map(|s| s.parts), Some(2));
         for node in [&mut leader, &mut follower] {
@@ -2051,7 +2085,7 @@ mod tests {
             assert_eq!(*node.sm.subscribe().borrow().registry, backup);
         }
         drop(follower);
-        let follower = open(follower_dir.path()).unwrap();
+        let follower = reopen(follower_dir.path());
         assert_eq!(*follower.sm.subscribe().borrow().registry, backup);
     }
 
@@ -2060,7 +2094,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (_, entries) = restore_entries(3_000, 1);
         {
-            let mut stores = open(dir.path()).unwrap();
+            let mut stores = reopen(dir.path());
             stores.sm.apply(entries[..2].to_vec()).await.unwrap();
             assert!(keys_under(&stores.db, "r/") > 1_500);
             // A registration: the backup can no longer go live.
@@ -2077,7 +2111,7 @@ mod tests {
                 .unwrap();
             stores.db.flush().unwrap();
         }
-        let stores = open(dir.path()).unwrap();
+        let stores = reopen(dir.path());
         assert_eq!(keys_under(&stores.db, "r/"), 0);
         let registry = stores.sm.subscribe().borrow().registry.clone();
         assert!(registry.restoring.is_none());
@@ -2087,7 +2121,7 @@ mod tests {
     #[tokio::test]
     async fn log_entries_over_the_value_bound_are_stored_in_parts() {
         let dir = tempfile::tempdir().unwrap();
-        let mut stores = open(dir.path()).unwrap();
+        let mut stores = reopen(dir.path());
         let p = |cmd| crate::model::Proposal {
             cmd,
             by: "test".into(),
@@ -2150,14 +2184,14 @@ mod tests {
             snapshot_id: "1-3-1".into(),
         };
         {
-            let stores = open(dir.path()).unwrap();
+            let stores = reopen(dir.path());
             let tree = stores.db.open_tree("snapshot").unwrap();
             tree.insert(SNAP_META_KEY, serde_json::to_vec(&meta).unwrap())
                 .unwrap();
             tree.insert(SNAP_DATA_KEY, &b"{}"[..]).unwrap();
             stores.db.flush().unwrap();
         }
-        let mut stores = open(dir.path()).unwrap();
+        let mut stores = reopen(dir.path());
         let snap = stores.sm.get_current_snapshot().await.unwrap().unwrap();
         assert_eq!(
             (snap.meta, snap.snapshot.into_inner()),
