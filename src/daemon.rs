@@ -190,6 +190,14 @@ fn spawn_restore(consensus: Consensus, plan: Plan, path: String) {
         let parts = commands.len() - 1;
         let mut index = 0;
         for cmd in commands {
+            // Staged already (this node's run before a restart, or another
+            // node's): committed, so the leader has it too.
+            if let Command::RestoreChunk { seq, .. } = &cmd {
+                let staged = consensus.applied().registry.restoring.clone();
+                if staged.is_some_and(|s| s.id == plan.id && s.parts > *seq) {
+                    continue;
+                }
+            }
             match propose_restore(&consensus, cmd).await {
                 Some(Ok(w)) if w.response == Response::Done => index = w.index,
                 Some(outcome) => {
