@@ -459,6 +459,9 @@ pub enum Command {
     },
     /// Replaces an empty registry (services and tokens) with a backup, as one
     /// entry: a second restore, or one into a non-empty cluster, is refused.
+    /// No longer proposed: one entry of megabytes is a value sled keeps
+    /// outside its fsynced log (see [`Command::RestoreChunk`]). Kept so
+    /// older logs decode and apply alike.
     Restore {
         registry: Box<Registry>,
     },

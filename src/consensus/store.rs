@@ -10,9 +10,9 @@
 //!
 //! Every value stays at most [`MAX_VALUE`] bytes: sled 0.34 writes a page
 //! larger than a quarter of its 512 KiB segment to a file under `blobs/`
-//! and never fsyncs it, so a crash of the machine could lose it, or leave
-//! a pointer sled refuses to start on. A leaf page holds up to about 17
-//! values, so 4 KiB values keep pages near 70 KiB at most.
+//! and never fsyncs it: a crash of the machine can lose it while its
+//! pointer survives, and sled then stops reading its log there. A leaf page
+//! holds up to about 17 values, so 4 KiB values keep pages near 70 KiB.
 
 // openraft's traits fix the error type; the helpers feeding them return it too.
 #![allow(clippy::result_large_err)]
@@ -413,8 +413,8 @@ impl LogStore {
         let mut indexes = None;
         for entry in entries {
             let index = entry.log_id.index;
-            let (first, _) = indexes.get_or_insert((index, index));
-            indexes = Some((*first, index));
+            let first = indexes.map_or(index, |(first, _)| first);
+            indexes = Some((first, index));
             let value = bin(&entry).map_err(write_logs_err)?;
             if value.len() <= MAX_VALUE {
                 values.push((index_key(index).to_vec(), value));
