@@ -148,7 +148,11 @@ impl SnapshotFiles {
             path: path.clone(),
         });
         if let Some(old) = old.filter(|o| o.path != path) {
-            std::fs::remove_file(&old.path)?;
+            // Not worth failing the snapshot for (openraft would stop): the
+            // next start removes it.
+            if let Err(e) = std::fs::remove_file(&old.path) {
+                tracing::warn!(path = %old.path.display(), cause = %e, "could not remove the replaced snapshot");
+            }
         }
         Ok(true)
     }
