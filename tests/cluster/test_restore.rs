@@ -150,7 +150,7 @@ async fn a_restore_and_the_snapshot_after_it_leave_nothing_in_sleds_blobs() {
         w.await.unwrap().expect("a registration");
     }
 
-    // Exactly once, though every node was given the file.
+    // One audit record for the restore, none for its parts.
     let audit = client
         .request(reqwest::Method::GET, "/v1/audit?limit=10000", None)
         .await
