@@ -139,7 +139,9 @@ impl Scope {
             Command::DefineService { .. }
             | Command::CreateToken { .. }
             | Command::RevokeToken { .. }
-            | Command::Restore { .. } => self.allows(Need::Admin),
+            | Command::Restore { .. }
+            | Command::RestoreChunk { .. }
+            | Command::RestoreCommit { .. } => self.allows(Need::Admin),
             // The leader builds batches; nobody may send one.
             Command::Batch(_) => false,
         }

@@ -12,12 +12,13 @@ use tokio::sync::watch;
 
 use crate::api::{self, AppState, FailureLimit, Tokens};
 use crate::config::{Config, Role};
-use crate::consensus::{rpc, Consensus, StartError};
+use crate::consensus::{rpc, Consensus, ConsensusError, StartError, Written};
 use crate::failover::{self, Failover};
 use crate::model::{Command, Proposal, Registry, Response};
 use crate::render::{
     self, NodeContext, Peer, RenderInput, RenderSettings, RenderStatus, Template, TemplateError,
 };
+use crate::restore::Plan;
 
 /// How long in-flight requests get after SIGTERM before the server stops anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -153,8 +154,8 @@ fn os_error_in(text: &str) -> Option<std::io::Error> {
     Some(std::io::Error::from_raw_os_error(code))
 }
 
-/// Reads a `clb snapshot save` file.
-fn read_restore(path: &Path) -> Result<Registry, DaemonError> {
+/// Reads a `clb snapshot save` file, as the entries that restore it.
+fn read_restore(path: &Path) -> Result<Plan, DaemonError> {
     let err = |reason: String| DaemonError::Restore {
         path: path.display().to_string(),
         reason,
@@ -166,49 +167,89 @@ fn read_restore(path: &Path) -> Result<Registry, DaemonError> {
     }
     let registry: Registry =
         serde_json::from_value(v["registry"].clone()).map_err(|e| err(e.to_string()))?;
+    let plan = Plan::new(registry);
     // Everything must pass today's validation before anything is written.
-    Command::Restore {
-        registry: Box::new(registry.clone()),
+    for cmd in plan.commands() {
+        cmd.validate().map_err(|e| err(e.to_string()))?;
     }
-    .validate()
-    .map_err(|e| err(e.to_string()))?;
-    Ok(registry)
+    Ok(plan)
 }
 
-/// Proposes the backup once the cluster has a leader. It is one command that
-/// applies only to an empty registry, so every node may be given `--restore`
-/// and it still happens exactly once.
-fn spawn_restore(consensus: Consensus, registry: Registry, path: String) {
+/// Proposes the backup once the cluster has a leader: its parts in order,
+/// then the commit that makes them live at once, into an empty registry
+/// only. Every node given the same file proposes the same entries, and a
+/// part already staged is answered `Done` again, so any number of nodes may
+/// be given `--restore`, and one restarted midway carries on where it was:
+/// the backup goes live exactly once.
+fn spawn_restore(consensus: Consensus, plan: Plan, path: String) {
     tokio::spawn(async move {
-        let members = registry.member_count();
-        let proposal = Proposal {
-            cmd: Command::Restore {
-                registry: Box::new(registry),
-            },
-            by: "restore".into(),
-            at_ms: api::now_ms(),
-            force: true,
-        };
-        // The write waits for a leader for the forward timeout; retry a few times.
-        for _ in 0..12 {
-            match consensus
-                .write(proposal.clone(), crate::auth::Scope::Admin)
-                .await
-            {
-                Ok(w) => {
-                    match w.response {
-                        Response::Done => {
-                            tracing::info!(%path, index = w.index, members, "restored the registry")
-                        }
-                        other => tracing::warn!(%path, outcome = ?other, "--restore not applied"),
+        let members = plan.registry.member_count();
+        let commands = plan.commands();
+        if commands.is_empty() {
+            tracing::warn!(%path, "--restore: the backup is empty; nothing to restore");
+            return;
+        }
+        let parts = commands.len() - 1;
+        let mut index = 0;
+        for cmd in commands {
+            // Staged already (this node's run before a restart, or another
+            // node's): committed, so the leader has it too.
+            if let Command::RestoreChunk { seq, .. } = &cmd {
+                let staged = consensus.applied().registry.restoring.clone();
+                if staged.is_some_and(|s| s.id == plan.id && s.parts > *seq) {
+                    continue;
+                }
+            }
+            match propose_restore(&consensus, cmd).await {
+                Some(Ok(w)) if w.response == Response::Done => index = w.index,
+                Some(outcome) => {
+                    // This node's restore before a restart, or another node's
+                    // of the same file, may have gone live already.
+                    let restored = consensus.read_barrier().await.is_ok()
+                        && *consensus.applied().registry == plan.registry;
+                    if restored {
+                        tracing::info!(%path, "--restore: the registry already holds this backup");
+                    } else {
+                        let outcome = outcome.map(|w| w.response);
+                        tracing::warn!(%path, ?outcome, "--restore not applied");
                     }
                     return;
                 }
-                Err(e) => tracing::warn!(cause = %e, "--restore: waiting for a leader"),
+                None => {
+                    tracing::error!(%path, "--restore gave up: no leader");
+                    return;
+                }
             }
         }
-        tracing::error!(%path, "--restore gave up: no leader");
+        tracing::info!(%path, index, members, parts, "restored the registry");
     });
+}
+
+/// Writes one restore entry, retrying while there is no leader, and after an
+/// unknown outcome: a part staged twice is staged once, and a commit that
+/// went through is recognized afterwards. `None` when no leader answered.
+async fn propose_restore(
+    consensus: &Consensus,
+    cmd: Command,
+) -> Option<Result<Written, ConsensusError>> {
+    let proposal = Proposal {
+        cmd,
+        by: "restore".into(),
+        at_ms: api::now_ms(),
+        force: true,
+    };
+    // The write waits for a leader for the forward timeout; retry a few times.
+    for _ in 0..12 {
+        match consensus
+            .write(proposal.clone(), crate::auth::Scope::Admin)
+            .await
+        {
+            Ok(w) => return Some(Ok(w)),
+            Err(e @ ConsensusError::Rejected(_)) => return Some(Err(e)),
+            Err(e) => tracing::warn!(cause = %e, "--restore: waiting for a leader"),
+        }
+    }
+    None
 }
 
 /// The command that validates rendered configs. Without haproxy installed
@@ -446,8 +487,8 @@ pub async fn run(
         }
     });
     consensus.spawn_ttl_reaper();
-    if let (Some(path), Some(registry)) = (&config.restore, restore) {
-        spawn_restore(consensus.clone(), registry, path.display().to_string());
+    if let (Some(path), Some(plan)) = (&config.restore, restore) {
+        spawn_restore(consensus.clone(), plan, path.display().to_string());
     }
 
     let (health_tx, health_rx) = failover::health_input();

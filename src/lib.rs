@@ -35,6 +35,8 @@ pub mod failover;
 pub mod model;
 /// haproxy.cfg rendering, validation and apply.
 pub mod render;
+/// `clbd --restore`: a backup as bounded log entries; pure.
+pub mod restore;
 
 /// The default log filter. openraft's replication logs an error for every
 /// heartbeat a peer misses; clb logs one line when a peer stops answering

@@ -459,12 +459,46 @@ pub enum Command {
     },
     /// Replaces an empty registry (services and tokens) with a backup, as one
     /// entry: a second restore, or one into a non-empty cluster, is refused.
+    /// No longer proposed: one entry of megabytes is a value sled keeps
+    /// outside its fsynced log (see [`Command::RestoreChunk`]). Kept so
+    /// older logs decode and apply alike.
     Restore {
         registry: Box<Registry>,
     },
     /// Proposals the leader batched into one log entry, applied in order,
-    /// each with its own response. Last, so older log entries still decode.
+    /// each with its own response. Before the restore commands, so older log
+    /// entries still decode (bincode numbers variants in order).
     Batch(Vec<Proposal>),
+    /// Part `seq` of backup `id` (`clbd --restore`), staged beside the empty
+    /// registry until [`Command::RestoreCommit`]: a backup in one entry was
+    /// one value too large for sled to keep durable. Parts are staged in
+    /// order from 0; part 0 of another backup starts over; a part already
+    /// staged answers `Done` again, so every node may propose the same parts.
+    RestoreChunk {
+        id: u64,
+        seq: u32,
+        part: Box<Registry>,
+    },
+    /// Replaces the empty registry with backup `id`, once exactly `chunks`
+    /// parts of it are staged; all or nothing.
+    RestoreCommit {
+        id: u64,
+        chunks: u32,
+    },
+}
+
+/// Most services, members and tokens one [`Command::RestoreChunk`] may hold,
+/// which bounds the size of its log entry.
+pub const RESTORE_PART_ITEMS: usize = 1_000;
+
+/// A backup being restored in parts (see [`Command::RestoreChunk`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StagedRestore {
+    pub id: u64,
+    /// Parts staged so far: `0..parts`.
+    pub parts: u32,
+    /// The union of the staged parts.
+    pub registry: Registry,
 }
 
 /// A command as the Raft log carries it: who asked, and when (stamped by the
@@ -548,6 +582,21 @@ impl Proposal {
                     registry.tokens.len()
                 ),
             ),
+            Command::RestoreChunk { id, seq, part } => (
+                "restore-part",
+                None,
+                None,
+                format!(
+                    "part {seq} of backup {id:016x}: {} members",
+                    part.member_count()
+                ),
+            ),
+            Command::RestoreCommit { id, chunks } => (
+                "restore",
+                None,
+                None,
+                format!("backup {id:016x} in {chunks} parts"),
+            ),
         };
         AuditEntry {
             index,
@@ -595,24 +644,21 @@ impl Command {
                 validate_token(token)?;
             }
             Command::RevokeToken { id } => validate_name("id", id)?,
-            Command::Restore { registry } => {
-                for (name, svc) in &registry.services {
-                    validate_name("service", name)?;
-                    svc.def.validate()?;
-                    for (member, m) in &svc.members {
-                        validate_name("member", member)?;
-                        MemberSpec {
-                            address: m.address.clone(),
-                            port: Some(m.port),
-                            weight: Some(m.weight),
-                            ttl_s: m.ttl_s,
-                        }
-                        .validate()?;
-                    }
+            Command::Restore { registry } => validate_registry(registry)?,
+            Command::RestoreChunk { part, .. } => {
+                // Counted first: what follows is linear in the part.
+                let items = part.services.len() + part.member_count() + part.tokens.len();
+                if items > RESTORE_PART_ITEMS {
+                    return Err(InvalidField::new(
+                        "part",
+                        format!("{items} items; at most {RESTORE_PART_ITEMS}"),
+                    ));
                 }
-                for (id, token) in &registry.tokens {
-                    validate_name("id", id)?;
-                    validate_token(token)?;
+                validate_registry(part)?;
+            }
+            Command::RestoreCommit { chunks, .. } => {
+                if *chunks == 0 {
+                    return Err(InvalidField::new("chunks", "must be at least 1"));
                 }
             }
             Command::Batch(proposals) => {
@@ -654,6 +700,29 @@ fn validate_token(token: &crate::auth::Token) -> Result<(), InvalidField> {
     Ok(())
 }
 
+/// Every value a backup carries, as the commands that create them check it.
+fn validate_registry(registry: &Registry) -> Result<(), InvalidField> {
+    for (name, svc) in &registry.services {
+        validate_name("service", name)?;
+        svc.def.validate()?;
+        for (member, m) in &svc.members {
+            validate_name("member", member)?;
+            MemberSpec {
+                address: m.address.clone(),
+                port: Some(m.port),
+                weight: Some(m.weight),
+                ttl_s: m.ttl_s,
+            }
+            .validate()?;
+        }
+    }
+    for (id, token) in &registry.tokens {
+        validate_name("id", id)?;
+        validate_token(token)?;
+    }
+    Ok(())
+}
+
 /// The outcome of applying one log entry; replicated answers must be data, not
 /// `Err`, because every node applies the same entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -677,6 +746,11 @@ pub struct Registry {
     /// API tokens by id; replicated so a create or revoke holds on every node.
     #[serde(default)]
     pub tokens: BTreeMap<String, crate::auth::Token>,
+    /// A backup being staged, only while services and tokens are empty.
+    /// Replicated state, but not part of the registry's JSON (backups, the
+    /// API); snapshots carry it on their own.
+    #[serde(skip)]
+    pub restoring: Option<Arc<StagedRestore>>,
 }
 
 impl Registry {
@@ -686,6 +760,11 @@ impl Registry {
 
     pub fn member_count(&self) -> usize {
         self.services.values().map(|s| s.members.len()).sum()
+    }
+
+    /// No services and no tokens: what a backup restores into.
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty() && self.tokens.is_empty()
     }
 
     /// Why `cmd` would change nothing, if it would: the same answer `apply`
@@ -727,14 +806,75 @@ impl Registry {
             }
             // Each proposal is judged when it is applied.
             Command::Batch(_) => None,
-            Command::Restore { .. } => {
-                (!self.services.is_empty() || !self.tokens.is_empty()).then(|| Response::Rejected {
-                    reason:
-                        "the registry is not empty; a backup restores only into an empty cluster"
-                            .into(),
-                })
+            Command::Restore { .. } => (!self.is_empty()).then(not_empty),
+            Command::RestoreChunk { id, seq, part } => {
+                if !self.is_empty() {
+                    return Some(not_empty());
+                }
+                let staged = self.restoring.as_deref().filter(|s| s.id == *id);
+                match staged {
+                    // Proposed again (by another node, or after a lost answer).
+                    Some(s) if *seq < s.parts => Some(Response::Done),
+                    Some(s) if *seq > s.parts => Some(Response::Rejected {
+                        reason: format!(
+                            "part {seq} of backup {id:016x} is out of order: {} parts are staged",
+                            s.parts
+                        ),
+                    }),
+                    Some(s) => s.registry.conflict(part),
+                    None if *seq == 0 => None,
+                    None => Some(Response::Rejected {
+                        reason: format!("backup {id:016x} is not staged; its part 0 comes first"),
+                    }),
+                }
+            }
+            Command::RestoreCommit { id, chunks } => {
+                if !self.is_empty() {
+                    return Some(not_empty());
+                }
+                match self.restoring.as_deref().filter(|s| s.id == *id) {
+                    Some(s) if s.parts == *chunks => None,
+                    Some(s) => Some(Response::Rejected {
+                        reason: format!(
+                            "backup {id:016x} has {} of its {chunks} parts staged",
+                            s.parts
+                        ),
+                    }),
+                    None => Some(Response::Rejected {
+                        reason: format!("backup {id:016x} is not staged"),
+                    }),
+                }
             }
         }
+    }
+
+    /// A part that would give a staged service another definition.
+    fn conflict(&self, part: &Registry) -> Option<Response> {
+        part.services.iter().find_map(|(name, svc)| {
+            let staged = self.services.get(name)?;
+            (staged.def != svc.def).then(|| Response::Rejected {
+                reason: format!("the backup defines service {name} twice, differently"),
+            })
+        })
+    }
+
+    /// Adds a part's services, members and tokens to this one.
+    fn merge(&mut self, part: &Registry) {
+        for (name, svc) in &part.services {
+            match self.services.get_mut(name) {
+                Some(staged) => {
+                    let staged = Arc::make_mut(staged);
+                    for (member, m) in &svc.members {
+                        staged.members.insert(member.clone(), m.clone());
+                    }
+                }
+                None => {
+                    self.services.insert(name.clone(), svc.clone());
+                }
+            }
+        }
+        self.tokens
+            .extend(part.tokens.iter().map(|(id, t)| (id.clone(), t.clone())));
     }
 
     /// Applies one command. A refused command changes nothing and says why.
@@ -752,6 +892,16 @@ impl Registry {
         if let Some(refused) = self.refusal(cmd) {
             return refused;
         }
+        let response = self.apply_unrefused(cmd);
+        // A backup restores only into an empty registry: once anything else
+        // is in it, the staged parts can never be committed.
+        if !self.is_empty() {
+            self.restoring = None;
+        }
+        response
+    }
+
+    fn apply_unrefused(&mut self, cmd: &Command) -> Response {
         match cmd {
             Command::Register {
                 service,
@@ -826,6 +976,25 @@ impl Registry {
             Command::Restore { registry } => {
                 *self = (**registry).clone();
             }
+            Command::RestoreChunk { id, part, .. } => {
+                // refusal() let through part 0, or the next part of this backup.
+                let slot = match &mut self.restoring {
+                    Some(s) if s.id == *id => s,
+                    other => other.insert(Arc::new(StagedRestore {
+                        id: *id,
+                        parts: 0,
+                        registry: Registry::default(),
+                    })),
+                };
+                let staged = Arc::make_mut(slot);
+                staged.registry.merge(part);
+                staged.parts += 1;
+            }
+            Command::RestoreCommit { .. } => {
+                if let Some(staged) = self.restoring.take() {
+                    *self = Arc::unwrap_or_clone(staged).registry;
+                }
+            }
             Command::Batch(proposals) => {
                 let each = proposals.iter().map(|p| match &p.cmd {
                     Command::Batch(_) => Response::Rejected {
@@ -849,6 +1018,12 @@ impl Registry {
             },
         }
         Response::Done
+    }
+}
+
+fn not_empty() -> Response {
+    Response::Rejected {
+        reason: "the registry is not empty; a backup restores only into an empty cluster".into(),
     }
 }
 
@@ -1097,6 +1272,129 @@ mod tests {
         // A second restore (another node given the same file) is refused.
         assert!(matches!(r.apply(&restore), Response::Rejected { .. }));
         assert_eq!(r, backup);
+    }
+
+    #[test]
+    fn a_restore_in_parts_stays_staged_until_its_commit() {
+        let mut backup = Registry::default();
+        for i in 0..3 {
+            backup.apply(&reg("http", &format!("m{i}"), "10.0.0.1"));
+        }
+        let part = |members: &[&str]| {
+            let mut r = backup.clone();
+            let svc = Arc::make_mut(r.services.get_mut("http").unwrap());
+            svc.members = svc
+                .members
+                .iter()
+                .filter(|(name, _)| members.contains(&name.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            Box::new(r)
+        };
+        let chunk = |id, seq, p| Command::RestoreChunk { id, seq, part: p };
+        let commit = |id, chunks| Command::RestoreCommit { id, chunks };
+        let mut r = Registry::default();
+        assert_eq!(r.apply(&chunk(7, 0, part(&["m0", "m1"]))), Response::Done);
+        // Staged, not live.
+        assert!(r.services.is_empty());
+        assert_eq!(r.restoring.as_ref().unwrap().parts, 1);
+        // Too early, out of order, unknown: refused, nothing changes.
+        let staged = r.clone();
+        for cmd in [
+            commit(7, 2),
+            chunk(7, 2, part(&["m2"])),
+            chunk(8, 1, part(&["m2"])),
+            commit(8, 1),
+        ] {
+            assert!(
+                matches!(r.apply(&cmd), Response::Rejected { .. }),
+                "{cmd:?}"
+            );
+            assert_eq!(r, staged);
+        }
+        // A part staged already (another node's proposal) is Done, once.
+        assert_eq!(r.refusal(&chunk(7, 0, part(&["m0"]))), Some(Response::Done));
+        assert_eq!(r.apply(&chunk(7, 0, part(&["m0"]))), Response::Done);
+        assert_eq!(r, staged);
+        assert_eq!(r.apply(&chunk(7, 1, part(&["m2"]))), Response::Done);
+        assert_eq!(r.apply(&commit(7, 2)), Response::Done);
+        assert_eq!(r, backup);
+        assert!(r.restoring.is_none());
+        // Once: the registry is not empty any more.
+        assert!(matches!(r.apply(&commit(7, 2)), Response::Rejected { .. }));
+        assert!(matches!(
+            r.apply(&chunk(9, 0, part(&["m0"]))),
+            Response::Rejected { .. }
+        ));
+        assert_eq!(r, backup);
+    }
+
+    #[test]
+    fn a_staged_restore_gives_way() {
+        let mut backup = Registry::default();
+        backup.apply(&reg("http", "a", "10.0.0.1"));
+        let chunk = |id, seq| Command::RestoreChunk {
+            id,
+            seq,
+            part: Box::new(backup.clone()),
+        };
+        let mut r = Registry::default();
+        r.apply(&chunk(1, 0));
+        // Part 0 of another backup starts over.
+        assert_eq!(r.apply(&chunk(2, 0)), Response::Done);
+        assert_eq!(r.restoring.as_ref().map(|s| (s.id, s.parts)), Some((2, 1)));
+        assert!(matches!(r.apply(&chunk(1, 1)), Response::Rejected { .. }));
+        // Anything else in the registry ends the staging.
+        assert_eq!(r.apply(&reg("http", "x", "10.0.0.9")), Response::Done);
+        assert!(r.restoring.is_none());
+        assert!(matches!(
+            r.apply(&Command::RestoreCommit { id: 2, chunks: 1 }),
+            Response::Rejected { .. }
+        ));
+        assert_eq!(r.member_count(), 1);
+        // A part that redefines a staged service differently is refused.
+        let mut r = Registry::default();
+        r.apply(&chunk(3, 0));
+        let mut other = backup.clone();
+        Arc::make_mut(other.services.get_mut("http").unwrap())
+            .def
+            .port = 81;
+        let redefine = Command::RestoreChunk {
+            id: 3,
+            seq: 1,
+            part: Box::new(other),
+        };
+        assert!(matches!(r.apply(&redefine), Response::Rejected { .. }));
+        assert_eq!(r.restoring.as_ref().unwrap().parts, 1);
+    }
+
+    #[test]
+    fn restore_parts_are_validated_and_bounded() {
+        let mut big = Registry::default();
+        for i in 0..=RESTORE_PART_ITEMS {
+            big.apply(&reg("http", &format!("m{i}"), "10.0.0.1"));
+        }
+        let too_big = Command::RestoreChunk {
+            id: 1,
+            seq: 0,
+            part: Box::new(big),
+        };
+        assert_eq!(too_big.validate().unwrap_err().field, "part");
+        let mut bad = Registry::default();
+        bad.apply(&reg("http", "a", "10.0.0.1"));
+        Arc::make_mut(bad.services.get_mut("http").unwrap())
+            .members
+            .get_mut("a")
+            .unwrap()
+            .address = "a b".into();
+        let bad = Command::RestoreChunk {
+            id: 1,
+            seq: 0,
+            part: Box::new(bad),
+        };
+        assert_eq!(bad.validate().unwrap_err().field, "address");
+        let none = Command::RestoreCommit { id: 1, chunks: 0 };
+        assert_eq!(none.validate().unwrap_err().field, "chunks");
     }
 
     fn proposal(cmd: Command) -> Proposal {

@@ -10,6 +10,7 @@ pub mod incarnation;
 pub mod leader;
 pub mod network;
 pub mod rpc;
+mod snapshot_file;
 pub mod store;
 
 use std::collections::{BTreeMap, BTreeSet};

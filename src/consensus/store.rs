@@ -1,11 +1,18 @@
 //! sled-backed Raft storage: the log store (entries, vote, committed, last
-//! purged) and the state machine (the registry, persisted key by key, and the
-//! current snapshot). One `sled::Db` holds every tree.
+//! purged) and the state machine (the registry, persisted key by key). One
+//! `sled::Db` holds every tree; the current snapshot is a file beside it
+//! (see `snapshot_file`).
 //!
-//! Trees: `log` (big-endian index → bincode entry), `meta` (vote, committed,
-//! last purged), `sm` (registry keys plus applied log id and membership),
-//! `snapshot` (current snapshot meta and data) and `ident` (node identity,
-//! see [`get_meta`]).
+//! Trees: `log` (big-endian index → bincode entry, or its parts), `meta`
+//! (vote, committed, last purged), `sm` (registry keys, a backup being
+//! restored, applied log id and membership), `snapshot` (a counter for
+//! snapshot ids) and `ident` (node identity, see [`get_meta`]).
+//!
+//! Every value stays at most [`MAX_VALUE`] bytes: sled 0.34 writes a page
+//! larger than a quarter of its 512 KiB segment to a file under `blobs/`
+//! and never fsyncs it: a crash of the machine can lose it while its
+//! pointer survives, and sled then stops reading its log there. A leaf page
+//! holds up to about 17 values, so 4 KiB values keep pages near 70 KiB.
 
 // openraft's traits fix the error type; the helpers feeding them return it too.
 #![allow(clippy::result_large_err)]
@@ -27,9 +34,12 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use super::snapshot_file::SnapshotFiles;
 use super::{LogId, NodeId, StorageError, TypeConfig};
 use crate::auth::Token;
-use crate::model::{AuditEntry, Command, Member, Members, Registry, Response, Service, ServiceDef};
+use crate::model::{
+    AuditEntry, Command, Member, Members, Registry, Response, Service, ServiceDef, StagedRestore,
+};
 
 /// How many audit records the replicated history keeps (the newest).
 pub const AUDIT_KEEP: u64 = 50_000;
@@ -39,9 +49,19 @@ const COMMITTED_KEY: &[u8] = b"committed";
 const PURGED_KEY: &[u8] = b"last_purged";
 const APPLIED_KEY: &[u8] = b"applied";
 const MEMBERSHIP_KEY: &[u8] = b"membership";
+/// Where older versions kept the current snapshot; moved to a file at start.
 const SNAP_META_KEY: &[u8] = b"meta";
 const SNAP_DATA_KEY: &[u8] = b"data";
 const SNAP_COUNTER_KEY: &[u8] = b"counter";
+/// Prefix of the live registry keys in the state machine tree: absent for
+/// "", or the prefix a committed backup was staged under.
+const PREFIX_KEY: &[u8] = b"registry_prefix";
+/// `(id, parts)` of the backup being staged, if any.
+const RESTORE_KEY: &[u8] = b"restore";
+
+/// Largest value written to sled (see the module docs). Log entries above
+/// it are stored in parts; every other value is far smaller.
+pub const MAX_VALUE: usize = 4 << 10;
 
 type Membership = StoredMembership<NodeId, BasicNode>;
 
@@ -69,6 +89,8 @@ pub enum StoreError {
     Flush(#[source] sled::Error),
     #[error("decode {what}: {reason}")]
     Decode { what: String, reason: String },
+    #[error("snapshot file: {0}")]
+    SnapshotFile(#[source] std::io::Error),
 }
 
 /// Everything opened from one data dir.
@@ -94,7 +116,8 @@ pub fn open(dir: &Path) -> Result<Stores, StoreError> {
         meta: tree("meta")?,
         file: Arc::new(sync_created(dir).map_err(|e| StoreError::Open(e.into()))?),
     };
-    let sm = StateMachine::load(db.clone(), tree("snapshot")?)?;
+    let files = SnapshotFiles::open(dir).map_err(StoreError::SnapshotFile)?;
+    let sm = StateMachine::load(db.clone(), tree("snapshot")?, files)?;
     Ok(Stores { log, sm, db })
 }
 
@@ -201,6 +224,18 @@ pub fn meta_with_prefix(db: &sled::Db, prefix: &str) -> Result<Vec<(String, Stri
     Ok(out)
 }
 
+/// Runs blocking disk I/O (a flush, an fdatasync) where it is: without a
+/// hand-off to another thread, which would add latency to every write, but
+/// telling a multi-threaded runtime first, so it moves the other tasks of
+/// this worker (heartbeats, the lease, API requests) elsewhere meanwhile.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 // ---- error mapping --------------------------------------------------------
 
 fn read_logs_err<E: Error + 'static>(e: E) -> StorageError {
@@ -252,20 +287,36 @@ fn index_key(index: u64) -> [u8; 8] {
     index.to_be_bytes()
 }
 
-fn service_key(service: &str) -> String {
-    format!("s/{service}")
+/// Part `part` of the entry at `index`, for entries over [`MAX_VALUE`]. It
+/// sorts after `index_key(index)` and before `index_key(index + 1)`.
+fn part_key(index: u64, part: u32) -> [u8; 12] {
+    let mut key = [0; 12];
+    key[..8].copy_from_slice(&index.to_be_bytes());
+    key[8..].copy_from_slice(&part.to_be_bytes());
+    key
 }
 
-fn member_key(service: &str, member: &str) -> String {
-    format!("m/{service}/{member}")
+// Registry keys live under a prefix (see PREFIX_KEY); a staged backup's
+// under `stage_prefix(id)`.
+
+fn service_key(prefix: &str, service: &str) -> String {
+    format!("{prefix}s/{service}")
 }
 
-fn member_prefix(service: &str) -> String {
-    format!("m/{service}/")
+fn member_key(prefix: &str, service: &str, member: &str) -> String {
+    format!("{prefix}m/{service}/{member}")
 }
 
-fn token_key(id: &str) -> String {
-    format!("t/{id}")
+fn member_prefix(prefix: &str, service: &str) -> String {
+    format!("{prefix}m/{service}/")
+}
+
+fn token_key(prefix: &str, id: &str) -> String {
+    format!("{prefix}t/{id}")
+}
+
+fn stage_prefix(id: u64) -> String {
+    format!("r/{id:016x}/")
 }
 
 /// The `n`th audit record of log entry `index` (a batch entry has several).
@@ -344,18 +395,65 @@ impl LogStore {
     /// pre-vote compares. `None` for an empty log, or when it cannot be read
     /// (the pre-vote then claims the least, which only makes it lose).
     pub fn last_log_id(&self) -> Option<LogId> {
-        let last = self
-            .log
-            .last()
-            .ok()
-            .flatten()
-            .and_then(|(_, value)| unbin::<Entry<TypeConfig>>(&value).ok().map(|e| e.log_id));
+        let last = match self.log.last().ok().flatten() {
+            Some((key, _)) => Self::decode(self.log.scan_prefix(&key[..8]))
+                .ok()
+                .and_then(|mut e| e.pop())
+                .map(|e| e.log_id),
+            None => None,
+        };
         last.or_else(|| self.last_purged().ok().flatten())
+    }
+
+    /// The entries among `items` (log tree pairs in key order), each
+    /// whole or put together from its parts.
+    fn decode(
+        items: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
+    ) -> Result<Vec<Entry<TypeConfig>>, StorageError> {
+        fn finish(
+            entries: &mut Vec<Entry<TypeConfig>>,
+            parts: Option<([u8; 8], Vec<u8>)>,
+        ) -> Result<(), StorageError> {
+            if let Some((_, value)) = parts {
+                entries.push(unbin(&value).map_err(read_logs_err)?);
+            }
+            Ok(())
+        }
+        let mut entries = Vec::new();
+        let mut parts: Option<([u8; 8], Vec<u8>)> = None;
+        for item in items {
+            let (key, value) = item.map_err(read_logs_err)?;
+            match key.len() {
+                8 => {
+                    finish(&mut entries, parts.take())?;
+                    entries.push(unbin(&value).map_err(read_logs_err)?);
+                }
+                12 => {
+                    let index: [u8; 8] = key[..8].try_into().expect("12-byte key");
+                    match &mut parts {
+                        Some((at, value_so_far)) if *at == index => {
+                            value_so_far.extend_from_slice(&value)
+                        }
+                        _ => {
+                            finish(&mut entries, parts.take())?;
+                            parts = Some((index, value.to_vec()));
+                        }
+                    }
+                }
+                n => {
+                    return Err(read_logs_err(std::io::Error::other(format!(
+                        "log key of {n} bytes"
+                    ))))
+                }
+            }
+        }
+        finish(&mut entries, parts)?;
+        Ok(entries)
     }
 
     async fn flush(&self, err: fn(sled::Error) -> StorageError) -> Result<(), StorageError> {
         self.log.flush_async().await.map_err(err)?;
-        self.sync().map_err(err)
+        blocking(|| self.sync()).map_err(err)
     }
 
     /// sled 0.34 flushes with `sync_file_range`, which syncs neither the
@@ -365,6 +463,45 @@ impl LogStore {
     /// entry it acknowledged. fdatasync closes that gap.
     fn sync(&self) -> Result<(), sled::Error> {
         self.file.sync_data().map_err(sled::Error::from)
+    }
+
+    /// The writes that append `entries`: each under its index, or in parts
+    /// of at most [`MAX_VALUE`] bytes.
+    fn append_batch(
+        &self,
+        entries: impl IntoIterator<Item = Entry<TypeConfig>>,
+    ) -> Result<sled::Batch, StorageError> {
+        let mut values: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let mut indexes = None;
+        for entry in entries {
+            let index = entry.log_id.index;
+            let first = indexes.map_or(index, |(first, _)| first);
+            indexes = Some((first, index));
+            let value = bin(&entry).map_err(write_logs_err)?;
+            if value.len() <= MAX_VALUE {
+                values.push((index_key(index).to_vec(), value));
+            } else {
+                for (n, part) in value.chunks(MAX_VALUE).enumerate() {
+                    values.push((part_key(index, n as u32).to_vec(), part.to_vec()));
+                }
+            }
+        }
+        let mut batch = sled::Batch::default();
+        // An entry written again must not keep parts of its older form.
+        if let Some((first, last)) = indexes {
+            let end = last.checked_add(1).map(index_key);
+            let stale = match end {
+                Some(end) => self.log.range(index_key(first)..end),
+                None => self.log.range(index_key(first)..),
+            };
+            for key in stale.keys() {
+                batch.remove(key.map_err(read_logs_err)?);
+            }
+        }
+        for (key, value) in values {
+            batch.insert(key, value);
+        }
+        Ok(batch)
     }
 }
 
@@ -392,12 +529,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Some(end) => self.log.range(index_key(start)..index_key(end)),
             None => self.log.range(index_key(start)..),
         };
-        let mut entries = Vec::new();
-        for item in iter {
-            let (_, value) = item.map_err(read_logs_err)?;
-            entries.push(unbin::<Entry<TypeConfig>>(&value).map_err(read_logs_err)?);
-        }
-        Ok(entries)
+        Self::decode(iter)
     }
 }
 
@@ -407,11 +539,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let last_purged_log_id = self.last_purged()?;
         let last_entry = match self.log.last().map_err(read_logs_err)? {
-            Some((_, value)) => Some(
-                unbin::<Entry<TypeConfig>>(&value)
-                    .map_err(read_logs_err)?
-                    .log_id,
-            ),
+            Some((key, _)) => Self::decode(self.log.scan_prefix(&key[..8]))?
+                .pop()
+                .map(|e| e.log_id),
             None => None,
         };
         Ok(LogState {
@@ -463,11 +593,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut batch = sled::Batch::default();
-        for entry in entries {
-            let value = bin(&entry).map_err(write_logs_err)?;
-            batch.insert(&index_key(entry.log_id.index)[..], value);
-        }
+        let batch = self.append_batch(entries)?;
         self.log.apply_batch(batch).map_err(write_logs_err)?;
         // Raft may only count these entries once they are on disk. A blocking
         // flush (about 0.3 ms here) rather than `flush_async`: openraft 0.9's
@@ -475,7 +601,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // async form adds two thread hand-offs to every write's critical path.
         // sled's flush alone does not make the file's size durable, hence
         // the fdatasync (see LogStore::sync).
-        match self.log.flush().and_then(|_| self.sync()) {
+        match blocking(|| self.log.flush().and_then(|_| self.sync())) {
             Ok(()) => {
                 callback.log_io_completed(Ok(()));
                 Ok(())
@@ -504,9 +630,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .insert(PURGED_KEY, value)
             .map_err(write_logs_err)?;
         let mut batch = sled::Batch::default();
-        for item in self.log.range(..=index_key(log_id.index)) {
-            let (key, _) = item.map_err(read_logs_err)?;
-            batch.remove(key);
+        // Up to and including the entry's parts.
+        let upto = match log_id.index.checked_add(1) {
+            Some(next) => self.log.range(..index_key(next)),
+            None => self.log.range::<&[u8], _>(..),
+        };
+        for key in upto.keys() {
+            batch.remove(key.map_err(read_logs_err)?);
         }
         self.log.apply_batch(batch).map_err(write_logs_err)?;
         self.flush(write_logs_err).await
@@ -521,8 +651,8 @@ pub struct Applied {
     /// Index of the last applied log entry; 0 when none.
     pub index: u64,
     pub registry: Arc<Registry>,
-    /// Proposals this process applied (a batch entry holds many); for
-    /// compaction, which openraft counts in entries.
+    /// Proposals this process applied (a batch entry holds many, a restore
+    /// counts its members); for compaction, which openraft counts in entries.
     pub proposals: u64,
 }
 
@@ -530,7 +660,10 @@ pub struct Applied {
 struct SmState {
     /// The tree (see [`SM_TREE_KEY`]).
     tree: sled::Tree,
+    /// With the backup being staged, if any, in `registry.restoring`.
     registry: Registry,
+    /// Prefix of the live registry keys in `tree` (see [`PREFIX_KEY`]).
+    prefix: String,
     last_applied: Option<LogId>,
     last_membership: Membership,
     /// Audit records in the tree.
@@ -539,7 +672,7 @@ struct SmState {
     proposals: u64,
 }
 
-/// The snapshot blob: the whole state machine.
+/// The snapshot data: the whole state machine.
 #[derive(Serialize, Deserialize)]
 struct SnapshotState {
     last_applied: Option<LogId>,
@@ -548,6 +681,9 @@ struct SnapshotState {
     /// The audit history up to `last_applied`, oldest first.
     #[serde(default)]
     audit: Vec<AuditEntry>,
+    /// The backup being staged (`registry` leaves it out).
+    #[serde(default)]
+    restore: Option<StagedRestore>,
 }
 
 /// The registry state machine. Clones share state, so a clone serves as the
@@ -556,9 +692,11 @@ struct SnapshotState {
 pub struct StateMachine {
     state: Arc<Mutex<SmState>>,
     db: sled::Db,
+    /// Holds the snapshot id counter.
     snapshot: sled::Tree,
-    /// Serializes the compare-and-store of the current snapshot.
+    /// Serializes the snapshot id counter.
     snapshot_lock: Arc<Mutex<()>>,
+    files: Arc<SnapshotFiles>,
     applied_tx: Arc<watch::Sender<Arc<Applied>>>,
 }
 
@@ -575,13 +713,96 @@ fn decode_err(what: &[u8], reason: impl ToString) -> StoreError {
     }
 }
 
-/// Rebuilds the state from the state machine tree.
-fn load_state(tree: sled::Tree) -> Result<SmState, StoreError> {
-    let mut defs: BTreeMap<String, ServiceDef> = BTreeMap::new();
-    let mut members: Vec<(String, String, Member)> = Vec::new();
+/// Registry keys read from a tree (without their prefix), then assembled.
+#[derive(Default)]
+struct RegistryKeys {
+    defs: BTreeMap<String, ServiceDef>,
+    members: Vec<(String, String, Member)>,
+    tokens: BTreeMap<String, Token>,
+}
+
+impl RegistryKeys {
+    /// Takes `rest` (a key less its prefix) if it is a registry key.
+    fn add(&mut self, key: &[u8], rest: &str, value: &[u8]) -> Result<bool, StoreError> {
+        if let Some(service) = rest.strip_prefix("s/") {
+            let def = serde_json::from_slice(value).map_err(|e| decode_err(key, e))?;
+            self.defs.insert(service.to_owned(), def);
+        } else if let Some(rest) = rest.strip_prefix("m/") {
+            let (service, member) = rest
+                .split_once('/')
+                .ok_or_else(|| decode_err(key, "member key without service"))?;
+            let m = serde_json::from_slice(value).map_err(|e| decode_err(key, e))?;
+            self.members
+                .push((service.to_owned(), member.to_owned(), m));
+        } else if let Some(id) = rest.strip_prefix("t/") {
+            let t = serde_json::from_slice(value).map_err(|e| decode_err(key, e))?;
+            self.tokens.insert(id.to_owned(), t);
+        } else {
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn build(self) -> Result<Registry, StoreError> {
+        let mut services: BTreeMap<String, Service> = self
+            .defs
+            .into_iter()
+            .map(|(name, def)| {
+                let svc = Service {
+                    def,
+                    members: Members::new(),
+                };
+                (name, svc)
+            })
+            .collect();
+        for (service, member, m) in self.members {
+            let svc = services
+                .get_mut(&service)
+                .ok_or_else(|| StoreError::Decode {
+                    what: format!("member {member}"),
+                    reason: format!("its service {service} is not stored"),
+                })?;
+            svc.members.insert(member, m);
+        }
+        Ok(Registry {
+            services: services
+                .into_iter()
+                .map(|(name, svc)| (name, Arc::new(svc)))
+                .collect(),
+            tokens: self.tokens,
+            restoring: None,
+        })
+    }
+}
+
+/// `r/{id:016x}/` of a staged or committed backup's key, with the rest.
+fn split_stage_key(text: &str) -> Option<(&str, &str)> {
+    let len = "r/".len() + 16 + 1;
+    let prefix = text.get(..len)?;
+    (prefix.starts_with("r/") && prefix.ends_with('/')).then(|| (prefix, &text[len..]))
+}
+
+/// Rebuilds the state from the state machine tree. Also returns the prefixes
+/// of staged backups nothing refers to any more (see [`remove_prefix`]).
+fn load_state(tree: sled::Tree) -> Result<(SmState, BTreeSet<String>), StoreError> {
+    let read = |key: &[u8]| {
+        tree.get(key).map_err(|source| StoreError::Read {
+            what: String::from_utf8_lossy(key).into_owned(),
+            source,
+        })
+    };
+    let prefix = read(PREFIX_KEY)?
+        .map(|raw| String::from_utf8_lossy(&raw).into_owned())
+        .unwrap_or_default();
+    let staged_marker: Option<(u64, u32)> = read(RESTORE_KEY)?
+        .map(|raw| unbin(&raw).map_err(|e| decode_err(RESTORE_KEY, e)))
+        .transpose()?;
+    let staged_prefix = staged_marker.map(|(id, _)| stage_prefix(id));
+    let mut live = RegistryKeys::default();
+    let mut staged = RegistryKeys::default();
+    let mut garbage = BTreeSet::new();
     let mut last_applied = None;
     let mut last_membership = Membership::default();
-    let mut tokens: BTreeMap<String, Token> = BTreeMap::new();
     let mut audit_len = 0;
     for item in tree.iter() {
         let (key, value) = item.map_err(|source| StoreError::Read {
@@ -589,63 +810,72 @@ fn load_state(tree: sled::Tree) -> Result<SmState, StoreError> {
             source,
         })?;
         let text = std::str::from_utf8(&key).map_err(|e| decode_err(&key, e))?;
-        if let Some(service) = text.strip_prefix("s/") {
-            let def = serde_json::from_slice(&value).map_err(|e| decode_err(&key, e))?;
-            defs.insert(service.to_owned(), def);
-        } else if let Some(rest) = text.strip_prefix("m/") {
-            let (service, member) = rest
-                .split_once('/')
-                .ok_or_else(|| decode_err(&key, "member key without service"))?;
-            let m = serde_json::from_slice(&value).map_err(|e| decode_err(&key, e))?;
-            members.push((service.to_owned(), member.to_owned(), m));
-        } else if let Some(id) = text.strip_prefix("t/") {
-            let t = serde_json::from_slice(&value).map_err(|e| decode_err(&key, e))?;
-            tokens.insert(id.to_owned(), t);
-        } else if text.starts_with("a/") {
+        let known = if text.starts_with("a/") {
             // Audit history: read on demand by read_audit.
             audit_len += 1;
+            true
         } else if *key == *APPLIED_KEY {
             last_applied = unbin(&value).map_err(|e| decode_err(&key, e))?;
+            true
         } else if *key == *MEMBERSHIP_KEY {
             last_membership = unbin(&value).map_err(|e| decode_err(&key, e))?;
+            true
+        } else if *key == *PREFIX_KEY || *key == *RESTORE_KEY {
+            true
+        } else if let Some((at, rest)) = split_stage_key(text) {
+            if at == prefix {
+                live.add(&key, rest, &value)?
+            } else if staged_prefix.as_deref() == Some(at) {
+                staged.add(&key, rest, &value)?
+            } else {
+                garbage.insert(at.to_owned());
+                true
+            }
+        } else if prefix.is_empty() {
+            live.add(&key, text, &value)?
         } else {
+            false
+        };
+        if !known {
             tracing::warn!(key = text, "ignoring unknown state machine key");
         }
     }
-    let mut services: BTreeMap<String, Service> = defs
-        .into_iter()
-        .map(|(name, def)| {
-            let svc = Service {
-                def,
-                members: Members::new(),
-            };
-            (name, svc)
-        })
-        .collect();
-    for (service, member, m) in members {
-        let svc = services
-            .get_mut(&service)
-            .ok_or_else(|| StoreError::Decode {
-                what: format!("member {member}"),
-                reason: format!("its service {service} is not stored"),
-            })?;
-        svc.members.insert(member, m);
+    let mut registry = live.build()?;
+    if let Some((id, parts)) = staged_marker {
+        registry.restoring = Some(Arc::new(StagedRestore {
+            id,
+            parts,
+            registry: staged.build()?,
+        }));
     }
-    let registry = Registry {
-        services: services
-            .into_iter()
-            .map(|(name, svc)| (name, Arc::new(svc)))
-            .collect(),
-        tokens,
-    };
-    Ok(SmState {
+    let state = SmState {
         tree,
         registry,
+        prefix,
         last_applied,
         last_membership,
         audit_len,
         proposals: 0,
-    })
+    };
+    Ok((state, garbage))
+}
+
+/// Removes every key under `prefix`, in batches of [`Chunked::KEYS`]: for
+/// the keys of a staged backup that was dropped or replaced. Nothing reads
+/// them, so this need not be atomic; a start finishes what a crash cut short.
+fn remove_prefix(tree: &sled::Tree, prefix: &str) -> Result<(), sled::Error> {
+    loop {
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for key in tree.scan_prefix(prefix).keys().take(Chunked::KEYS) {
+            batch.remove(key?);
+            n += 1;
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        tree.apply_batch(batch)?;
+    }
 }
 
 /// The registry keys an apply may have changed.
@@ -657,51 +887,84 @@ struct Touched {
 }
 
 impl Touched {
-    fn add(&mut self, cmd: &Command) {
-        match cmd {
-            Command::Register {
-                service, member, ..
-            } => {
-                // May create the service.
-                self.services.insert(service.clone());
-                self.members.insert((service.clone(), member.clone()));
+    /// Every key of `registry`.
+    fn registry(&mut self, registry: &Registry) {
+        for (name, svc) in &registry.services {
+            self.services.insert(name.clone());
+            for member in svc.members.keys() {
+                self.members.insert((name.clone(), member.clone()));
             }
-            Command::Unregister { service, member }
-            | Command::SetMemberState {
-                service, member, ..
-            } => {
-                self.members.insert((service.clone(), member.clone()));
-            }
-            Command::DefineService { service, .. } => {
-                self.services.insert(service.clone());
-            }
-            Command::CreateToken { id, .. } | Command::RevokeToken { id } => {
-                self.tokens.insert(id.clone());
-            }
-            Command::Restore { registry } => {
-                // Everything it names is written (refused when not empty).
-                for (name, svc) in &registry.services {
-                    self.services.insert(name.clone());
-                    for member in svc.members.keys() {
-                        self.members.insert((name.clone(), member.clone()));
-                    }
-                }
-                self.tokens.extend(registry.tokens.keys().cloned());
-            }
-            Command::Batch(proposals) => {
-                for p in proposals {
-                    self.add(&p.cmd);
-                }
+        }
+        self.tokens.extend(registry.tokens.keys().cloned());
+    }
+
+    fn extend(&mut self, other: Touched) {
+        self.services.extend(other.services);
+        self.members.extend(other.members);
+        self.tokens.extend(other.tokens);
+    }
+}
+
+/// Adds the keys `cmd` may change to `live` (the registry) and `staged` (the
+/// backup being staged).
+fn touch(cmd: &Command, live: &mut Touched, staged: &mut Touched) {
+    match cmd {
+        Command::Register {
+            service, member, ..
+        } => {
+            // May create the service.
+            live.services.insert(service.clone());
+            live.members.insert((service.clone(), member.clone()));
+        }
+        Command::Unregister { service, member }
+        | Command::SetMemberState {
+            service, member, ..
+        } => {
+            live.members.insert((service.clone(), member.clone()));
+        }
+        Command::DefineService { service, .. } => {
+            live.services.insert(service.clone());
+        }
+        Command::CreateToken { id, .. } | Command::RevokeToken { id } => {
+            live.tokens.insert(id.clone());
+        }
+        // Everything it names is written (refused when not empty).
+        Command::Restore { registry } => live.registry(registry),
+        Command::RestoreChunk { part, .. } => staged.registry(part),
+        // What it makes live was staged already.
+        Command::RestoreCommit { .. } => {}
+        Command::Batch(proposals) => {
+            for p in proposals {
+                touch(&p.cmd, live, staged);
             }
         }
     }
 }
 
-/// Adds to `batch` the writes that turn the stored `old` registry keys into
-/// `new` ones, for the keys touched.
+/// The id of the last backup `cmd` committed, given its response.
+fn committed_restore(cmd: &Command, response: &Response) -> Option<u64> {
+    match (cmd, response) {
+        (Command::RestoreCommit { id, .. }, Response::Done) => Some(*id),
+        (Command::Batch(proposals), Response::Batch(each)) => proposals
+            .iter()
+            .zip(each)
+            .rev()
+            .find_map(|(p, r)| committed_restore(&p.cmd, r)),
+        _ => None,
+    }
+}
+
+/// Staged parts are not worth an audit record each: the commit has one.
+fn audited(cmd: &Command) -> bool {
+    !matches!(cmd, Command::RestoreChunk { .. })
+}
+
+/// Adds to `batch` the writes that turn the stored `old` registry keys under
+/// `prefix` into `new` ones, for the keys touched.
 fn diff_into_batch(
     batch: &mut sled::Batch,
     tree: &sled::Tree,
+    prefix: &str,
     old: &Registry,
     new: &Registry,
     touched: &Touched,
@@ -712,12 +975,13 @@ fn diff_into_batch(
         tokens,
     } = touched;
     for id in tokens {
+        let key = token_key(prefix, id);
         match new.tokens.get(id) {
             Some(t) if old.tokens.get(id) != Some(t) => {
-                batch.insert(token_key(id).as_bytes(), json(t).map_err(write_sm_err)?)
+                batch.insert(key.as_bytes(), json(t).map_err(write_sm_err)?)
             }
             Some(_) => {}
-            None => batch.remove(token_key(id).as_bytes()),
+            None => batch.remove(key.as_bytes()),
         }
     }
     for service in services {
@@ -728,13 +992,13 @@ fn diff_into_batch(
         }
         match after {
             Some(def) => batch.insert(
-                service_key(service).as_bytes(),
+                service_key(prefix, service).as_bytes(),
                 json(def).map_err(write_sm_err)?,
             ),
             None => {
                 // A service gone takes its members with it.
-                batch.remove(service_key(service).as_bytes());
-                for item in tree.scan_prefix(member_prefix(service)) {
+                batch.remove(service_key(prefix, service).as_bytes());
+                for item in tree.scan_prefix(member_prefix(prefix, service)) {
                     let (key, _) = item.map_err(read_sm_err)?;
                     batch.remove(key);
                 }
@@ -747,7 +1011,7 @@ fn diff_into_batch(
         if before == after {
             continue;
         }
-        let key = member_key(service, member);
+        let key = member_key(prefix, service, member);
         match after {
             Some(m) => batch.insert(key.as_bytes(), json(m).map_err(write_sm_err)?),
             None => batch.remove(key.as_bytes()),
@@ -791,19 +1055,26 @@ impl<'a> Chunked<'a> {
     }
 }
 
-/// Writes the full registry.
-fn registry_into(out: &mut Chunked<'_>, registry: &Registry) -> Result<(), StorageError> {
+/// Writes the full registry under `prefix`.
+fn registry_into(
+    out: &mut Chunked<'_>,
+    prefix: &str,
+    registry: &Registry,
+) -> Result<(), StorageError> {
     for (id, t) in &registry.tokens {
-        out.insert(token_key(id).into_bytes(), json(t).map_err(write_sm_err)?)?;
+        out.insert(
+            token_key(prefix, id).into_bytes(),
+            json(t).map_err(write_sm_err)?,
+        )?;
     }
     for (name, svc) in &registry.services {
         out.insert(
-            service_key(name).into_bytes(),
+            service_key(prefix, name).into_bytes(),
             json(&svc.def).map_err(write_sm_err)?,
         )?;
         for (member, m) in &svc.members {
             out.insert(
-                member_key(name, member).into_bytes(),
+                member_key(prefix, name, member).into_bytes(),
                 json(m).map_err(write_sm_err)?,
             )?;
         }
@@ -819,8 +1090,223 @@ fn applied_of(state: &SmState) -> Arc<Applied> {
     })
 }
 
+/// Entries applied in memory and not yet written: one sled batch.
+struct Pending {
+    registry: Registry,
+    last_applied: Option<LogId>,
+    last_membership: Membership,
+    touched: Touched,
+    staged: Touched,
+    /// The last backup committed, if any.
+    committed: Option<u64>,
+    /// (key, record) of every command that changed something.
+    audit: Vec<(String, AuditEntry)>,
+    proposals: u64,
+    entries: usize,
+}
+
+impl Pending {
+    fn new(st: &SmState) -> Self {
+        Self {
+            registry: st.registry.clone(),
+            last_applied: st.last_applied,
+            last_membership: st.last_membership.clone(),
+            touched: Touched::default(),
+            staged: Touched::default(),
+            committed: None,
+            audit: Vec::new(),
+            proposals: 0,
+            entries: 0,
+        }
+    }
+
+    /// Keys this batch will write, about.
+    fn keys(&self) -> usize {
+        let Touched {
+            services,
+            members,
+            tokens,
+        } = &self.touched;
+        let staged = &self.staged;
+        services.len()
+            + members.len()
+            + tokens.len()
+            + staged.services.len()
+            + staged.members.len()
+            + staged.tokens.len()
+            + self.audit.len()
+    }
+
+    fn apply(&mut self, entry: Entry<TypeConfig>) -> Response {
+        self.entries += 1;
+        self.last_applied = Some(entry.log_id);
+        let index = entry.log_id.index;
+        match entry.payload {
+            EntryPayload::Blank => Response::Done,
+            EntryPayload::Normal(proposal) => {
+                self.proposals += match &proposal.cmd {
+                    Command::Batch(each) => each.len() as u64,
+                    _ => 1,
+                };
+                touch(&proposal.cmd, &mut self.touched, &mut self.staged);
+                let response = self.registry.apply(&proposal.cmd);
+                if let Some(id) = committed_restore(&proposal.cmd, &response) {
+                    self.committed = Some(id);
+                    // A restore is as much change as its members registering.
+                    self.proposals += self.registry.member_count() as u64;
+                }
+                match (&proposal.cmd, &response) {
+                    (Command::Batch(proposals), Response::Batch(each)) => {
+                        let done = proposals
+                            .iter()
+                            .zip(each)
+                            .filter(|(p, r)| **r == Response::Done && audited(&p.cmd));
+                        for (n, (p, _)) in done.enumerate() {
+                            self.audit.push((audit_key(index, n), p.audit(index)));
+                        }
+                    }
+                    (cmd, Response::Done) if audited(cmd) => self
+                        .audit
+                        .push((audit_key(index, 0), proposal.audit(index))),
+                    _ => {}
+                }
+                response
+            }
+            EntryPayload::Membership(m) => {
+                self.last_membership = StoredMembership::new(Some(entry.log_id), m);
+                Response::Done
+            }
+        }
+    }
+}
+
+/// Writes `p` in one sled batch and makes it the state.
+///
+/// No flush here. Every entry applied was committed, so it is in the
+/// flushed log of a quorum including, for a leader, this node (a follower
+/// learns of a commit only for entries it has flushed too). After a crash,
+/// openraft starts from the `applied` id stored in this tree and re-applies
+/// the log after it; a lost unflushed apply is simply applied again (sled
+/// recovers a prefix of its writes, and each batch is atomic and carries
+/// its own `applied` id, so the tree is never half-applied). The log is
+/// purged only up to a snapshot, and a snapshot is flushed before openraft
+/// learns of it (build_snapshot, install_snapshot), so the entries a lost
+/// apply needs are still in the log.
+fn persist(st: &mut SmState, p: Pending) -> Result<(), StorageError> {
+    let Pending {
+        registry,
+        last_applied,
+        last_membership,
+        mut touched,
+        staged,
+        committed,
+        audit,
+        proposals,
+        entries: _,
+    } = p;
+    let mut batch = sled::Batch::default();
+    let before = st.registry.restoring.clone();
+    let after = registry.restoring.clone();
+    let empty = Registry::default();
+    // What backup `id` had staged before this batch, if it is that backup.
+    let staged_before = |id: u64| {
+        before
+            .as_deref()
+            .filter(|b| b.id == id)
+            .map_or(&empty, |b| &b.registry)
+    };
+    let prefix = match committed {
+        // The backup goes live in this one batch: its keys were staged under
+        // its own prefix, which becomes the registry's.
+        Some(id) => {
+            let prefix = stage_prefix(id);
+            // The registry it replaced was empty at that point; only tokens
+            // created and revoked within this batch can still be stored.
+            let mut all = Touched::default();
+            all.registry(&st.registry);
+            diff_into_batch(&mut batch, &st.tree, &st.prefix, &st.registry, &empty, &all)?;
+            touched.extend(staged);
+            diff_into_batch(
+                &mut batch,
+                &st.tree,
+                &prefix,
+                staged_before(id),
+                &registry,
+                &touched,
+            )?;
+            batch.insert(PREFIX_KEY, prefix.as_bytes());
+            prefix
+        }
+        None => {
+            diff_into_batch(
+                &mut batch,
+                &st.tree,
+                &st.prefix,
+                &st.registry,
+                &registry,
+                &touched,
+            )?;
+            if let Some(s) = &after {
+                diff_into_batch(
+                    &mut batch,
+                    &st.tree,
+                    &stage_prefix(s.id),
+                    staged_before(s.id),
+                    &s.registry,
+                    &staged,
+                )?;
+            }
+            st.prefix.clone()
+        }
+    };
+    let marker = |r: &Option<Arc<StagedRestore>>| r.as_deref().map(|s| (s.id, s.parts));
+    match marker(&after) {
+        Some(m) if marker(&before) != Some(m) => {
+            batch.insert(RESTORE_KEY, bin(&m).map_err(write_sm_err)?)
+        }
+        Some(_) => {}
+        None if before.is_some() => batch.remove(RESTORE_KEY),
+        None => {}
+    }
+    // Retention keeps the newest AUDIT_KEEP records: every node applies the
+    // same records in the same order, so every node drops the same ones.
+    let keep = AUDIT_KEEP as usize;
+    let new = &audit[audit.len().saturating_sub(keep)..];
+    let excess = (st.audit_len + new.len()).saturating_sub(keep);
+    for key in st.tree.scan_prefix("a/").keys().take(excess) {
+        batch.remove(key.map_err(read_sm_err)?);
+    }
+    for (key, record) in new {
+        batch.insert(key.as_bytes(), json(record).map_err(write_sm_err)?);
+    }
+    batch.insert(APPLIED_KEY, bin(&last_applied).map_err(write_sm_err)?);
+    if last_membership != st.last_membership {
+        batch.insert(MEMBERSHIP_KEY, bin(&last_membership).map_err(write_sm_err)?);
+    }
+    st.tree.apply_batch(batch).map_err(write_sm_err)?;
+
+    // A staged backup dropped or replaced: its keys go once the batch that
+    // stopped referring to them is written. Never a prefix still in use (the
+    // same backup staged anew shares it).
+    if let Some(b) = &before {
+        let dropped = stage_prefix(b.id);
+        let in_use = dropped == prefix || after.as_ref().is_some_and(|a| a.id == b.id);
+        if !in_use {
+            remove_prefix(&st.tree, &dropped).map_err(write_sm_err)?;
+        }
+    }
+
+    st.registry = registry;
+    st.prefix = prefix;
+    st.last_applied = last_applied;
+    st.last_membership = last_membership;
+    st.audit_len = st.audit_len + new.len() - excess;
+    st.proposals += proposals;
+    Ok(())
+}
+
 impl StateMachine {
-    fn load(db: sled::Db, snapshot: sled::Tree) -> Result<Self, StoreError> {
+    fn load(db: sled::Db, snapshot: sled::Tree, files: SnapshotFiles) -> Result<Self, StoreError> {
         let tree = sm_tree(&db)?;
         // An install that crashed before its switch left its tree behind.
         for name in db.tree_names() {
@@ -831,13 +1317,21 @@ impl StateMachine {
                 })?;
             }
         }
-        let state = load_state(tree)?;
+        let (state, garbage) = load_state(tree)?;
+        for prefix in garbage {
+            remove_prefix(&state.tree, &prefix).map_err(|source| StoreError::Write {
+                what: format!("dropped restore {prefix}"),
+                source,
+            })?;
+        }
+        move_snapshot_to_file(&db, &snapshot, &files)?;
         let (applied_tx, _) = watch::channel(applied_of(&state));
         Ok(Self {
             state: Arc::new(Mutex::new(state)),
             db,
             snapshot,
             snapshot_lock: Arc::new(Mutex::new(())),
+            files: Arc::new(files),
             applied_tx: Arc::new(applied_tx),
         })
     }
@@ -857,46 +1351,20 @@ impl StateMachine {
         self.applied_tx.send_replace(applied_of(state));
     }
 
-    fn read_snapshot_meta(&self) -> Result<Option<SnapshotMeta<NodeId, BasicNode>>, StorageError> {
-        let Some(raw) = self
-            .snapshot
-            .get(SNAP_META_KEY)
-            .map_err(read_snapshot_err)?
-        else {
-            return Ok(None);
-        };
-        serde_json::from_slice(&raw)
-            .map(Some)
-            .map_err(read_snapshot_err)
-    }
-
-    /// Stores `meta` and `data` as the current snapshot unless a newer one is
-    /// already stored (a build may finish after an install overtook it).
-    fn store_snapshot(
+    /// Stores the current snapshot's file (see [`SnapshotFiles::store`]) on
+    /// the blocking pool: writing and fsyncing megabytes would hold up a
+    /// runtime thread, and with it heartbeats. Gives `data` back.
+    async fn store_snapshot(
         &self,
         meta: &SnapshotMeta<NodeId, BasicNode>,
-        data: &[u8],
-        counter: Option<u64>,
-    ) -> Result<bool, StorageError> {
-        let _guard = self.snapshot_lock.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(current) = self.read_snapshot_meta()? {
-            if current.last_log_id > meta.last_log_id {
-                return Ok(false);
-            }
-        }
-        let mut batch = sled::Batch::default();
-        batch.insert(
-            SNAP_META_KEY,
-            serde_json::to_vec(meta).map_err(|e| write_snapshot_err(meta, e))?,
-        );
-        batch.insert(SNAP_DATA_KEY, data);
-        if let Some(counter) = counter {
-            batch.insert(SNAP_COUNTER_KEY, &counter.to_be_bytes()[..]);
-        }
-        self.snapshot
-            .apply_batch(batch)
-            .map_err(|e| write_snapshot_err(meta, e))?;
-        Ok(true)
+        data: Vec<u8>,
+    ) -> Result<Vec<u8>, StorageError> {
+        let files = self.files.clone();
+        let owned = meta.clone();
+        tokio::task::spawn_blocking(move || files.store(&owned, &data).map(|_| data))
+            .await
+            .map_err(|e| write_snapshot_err(meta, std::io::Error::other(e)))?
+            .map_err(|e| write_snapshot_err(meta, e))
     }
 
     /// A snapshot id unique for this data dir.
@@ -915,8 +1383,56 @@ impl StateMachine {
             }
             None => 0,
         };
-        Ok(last + 1)
+        let next = last + 1;
+        // Flushed with the state machine before the snapshot is used.
+        self.snapshot
+            .insert(SNAP_COUNTER_KEY, &next.to_be_bytes()[..])
+            .map_err(read_snapshot_err)?;
+        Ok(next)
     }
+}
+
+/// Older versions kept the current snapshot in the `snapshot` tree, its
+/// data as one value (in sled's unsynced `blobs/` once over ~128 KiB): it
+/// becomes a file. Unreadable, it is dropped; openraft builds a new one
+/// when it needs one.
+fn move_snapshot_to_file(
+    db: &sled::Db,
+    tree: &sled::Tree,
+    files: &SnapshotFiles,
+) -> Result<(), StoreError> {
+    let read = |key: &[u8]| {
+        tree.get(key).map_err(|source| StoreError::Read {
+            what: "snapshot".into(),
+            source,
+        })
+    };
+    let Some(raw) = read(SNAP_META_KEY)? else {
+        return Ok(());
+    };
+    let meta: Result<SnapshotMeta<NodeId, BasicNode>, _> = serde_json::from_slice(&raw);
+    match (meta, read(SNAP_DATA_KEY)) {
+        (Ok(meta), Ok(Some(data))) => {
+            files
+                .store(&meta, &data)
+                .map_err(StoreError::SnapshotFile)?;
+        }
+        (meta, data) => tracing::warn!(
+            meta = ?meta.err().map(|e| e.to_string()),
+            data = ?data.err().map(|e| e.to_string()),
+            "dropping an unreadable snapshot kept by an older version"
+        ),
+    }
+    let mut batch = sled::Batch::default();
+    batch.remove(SNAP_META_KEY);
+    batch.remove(SNAP_DATA_KEY);
+    tree.apply_batch(batch)
+        .map_err(|source| StoreError::Write {
+            what: "snapshot".into(),
+            source,
+        })?;
+    db.flush().map_err(StoreError::Flush)?;
+    Ok(())
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
@@ -928,20 +1444,29 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                 last_membership: st.last_membership.clone(),
                 registry: st.registry.clone(),
                 audit: Vec::new(),
+                restore: st.registry.restoring.as_deref().cloned(),
             };
             (blob, st.tree.clone())
         };
-        // Entries applied after the state was taken are left for the next snapshot.
-        let upto = blob.last_applied.map(|l| l.index).unwrap_or(0);
-        for item in tree.scan_prefix("a/") {
-            let (key, value) = item.map_err(read_sm_err)?;
-            let entry: AuditEntry =
-                serde_json::from_slice(&value).map_err(|e| read_sm_err(decode_err(&key, e)))?;
-            if entry.index <= upto {
-                blob.audit.push(entry);
+        // Reading the audit history and encoding the registry take seconds
+        // at 100k members: on the blocking pool, not on a runtime thread
+        // that also carries heartbeats and the lease.
+        let (blob, data) = tokio::task::spawn_blocking(move || {
+            // Entries applied after the state was taken are left for the next snapshot.
+            let upto = blob.last_applied.map(|l| l.index).unwrap_or(0);
+            for item in tree.scan_prefix("a/") {
+                let (key, value) = item.map_err(read_sm_err)?;
+                let entry: AuditEntry =
+                    serde_json::from_slice(&value).map_err(|e| read_sm_err(decode_err(&key, e)))?;
+                if entry.index <= upto {
+                    blob.audit.push(entry);
+                }
             }
-        }
-        let data = serde_json::to_vec(&blob).map_err(read_sm_err)?;
+            let data = serde_json::to_vec(&blob).map_err(read_sm_err)?;
+            Ok::<_, StorageError>((blob, data))
+        })
+        .await
+        .map_err(|e| read_sm_err(std::io::Error::other(e)))??;
         let counter = self.next_snapshot_counter()?;
         let snapshot_id = match blob.last_applied {
             Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, counter),
@@ -952,11 +1477,14 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             last_membership: blob.last_membership,
             snapshot_id,
         };
-        self.store_snapshot(&meta, &data, Some(counter))?;
-        self.snapshot
+        // openraft purges the log up to the snapshot once this returns: the
+        // state machine must be on disk up to it by then (sled's flush
+        // covers every tree).
+        self.db
             .flush_async()
             .await
             .map_err(|e| write_snapshot_err(&meta, e))?;
+        let data = self.store_snapshot(&meta, data).await?;
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
@@ -978,89 +1506,24 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: OptionalSend,
     {
         let mut st = self.lock();
-        let mut registry = st.registry.clone();
-        let mut last_applied = st.last_applied;
-        let mut last_membership = st.last_membership.clone();
-        let mut touched = Touched::default();
-        // (key, record) of every command that changed something.
-        let mut audit = Vec::new();
+        let mut pending = Pending::new(&st);
         let mut responses = Vec::new();
-        let mut proposals = 0;
         for entry in entries {
-            last_applied = Some(entry.log_id);
-            let index = entry.log_id.index;
-            let response = match entry.payload {
-                EntryPayload::Blank => Response::Done,
-                EntryPayload::Normal(proposal) => {
-                    proposals += match &proposal.cmd {
-                        Command::Batch(each) => each.len() as u64,
-                        _ => 1,
-                    };
-                    touched.add(&proposal.cmd);
-                    let response = registry.apply(&proposal.cmd);
-                    match (&proposal.cmd, &response) {
-                        (Command::Batch(proposals), Response::Batch(each)) => {
-                            let done = proposals
-                                .iter()
-                                .zip(each)
-                                .filter(|(_, r)| **r == Response::Done);
-                            for (n, (p, _)) in done.enumerate() {
-                                audit.push((audit_key(index, n), p.audit(index)));
-                            }
-                        }
-                        (_, Response::Done) => {
-                            audit.push((audit_key(index, 0), proposal.audit(index)))
-                        }
-                        _ => {}
-                    }
-                    response
-                }
-                EntryPayload::Membership(m) => {
-                    last_membership = StoredMembership::new(Some(entry.log_id), m);
-                    Response::Done
-                }
-            };
-            responses.push(response);
+            responses.push(pending.apply(entry));
+            // Many restore parts applied at once (catching up, or after a
+            // restart) would make one huge sled batch: write what is
+            // pending every few thousand keys instead.
+            if pending.keys() >= Chunked::KEYS {
+                persist(&mut st, pending)?;
+                pending = Pending::new(&st);
+            }
         }
-        if responses.is_empty() {
-            return Ok(responses);
+        if pending.entries > 0 {
+            persist(&mut st, pending)?;
         }
-
-        // No flush here. Every entry applied was committed, so it is in the
-        // flushed log of a quorum including, for a leader, this node (a
-        // follower learns of a commit only for entries it has flushed too).
-        // After a crash, openraft starts from the `applied` id stored in this
-        // tree and re-applies the log after it; a lost unflushed apply is
-        // simply applied again (sled recovers a prefix of its writes, and
-        // this batch is atomic, so the tree is never half-applied). The log is
-        // purged only up to a snapshot, and a snapshot is flushed before
-        // openraft learns of it (build_snapshot, install_snapshot), so the
-        // entries a lost apply needs are still in the log.
-        let mut batch = sled::Batch::default();
-        diff_into_batch(&mut batch, &st.tree, &st.registry, &registry, &touched)?;
-        // Retention keeps the newest AUDIT_KEEP records: every node applies the
-        // same records in the same order, so every node drops the same ones.
-        let keep = AUDIT_KEEP as usize;
-        let new = &audit[audit.len().saturating_sub(keep)..];
-        let excess = (st.audit_len + new.len()).saturating_sub(keep);
-        for key in st.tree.scan_prefix("a/").keys().take(excess) {
-            batch.remove(key.map_err(read_sm_err)?);
+        if !responses.is_empty() {
+            self.publish(&st);
         }
-        for (key, record) in new {
-            batch.insert(key.as_bytes(), json(record).map_err(write_sm_err)?);
-        }
-        batch.insert(APPLIED_KEY, bin(&last_applied).map_err(write_sm_err)?);
-        if last_membership != st.last_membership {
-            batch.insert(MEMBERSHIP_KEY, bin(&last_membership).map_err(write_sm_err)?);
-        }
-        st.tree.apply_batch(batch).map_err(write_sm_err)?;
-
-        st.registry = registry;
-        st.last_applied = last_applied;
-        st.last_membership = last_membership;
-        st.audit_len = st.audit_len + new.len() - excess;
-        st.proposals += proposals;
-        self.publish(&st);
         Ok(responses)
     }
 
@@ -1089,7 +1552,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let tree = self.db.open_tree(&name).map_err(write_sm_err)?;
         tree.clear().map_err(write_sm_err)?;
         let mut out = Chunked::new(&tree);
-        registry_into(&mut out, &blob.registry)?;
+        registry_into(&mut out, "", &blob.registry)?;
+        if let Some(s) = &blob.restore {
+            registry_into(&mut out, &stage_prefix(s.id), &s.registry)?;
+            out.insert(
+                RESTORE_KEY.to_vec(),
+                bin(&(s.id, s.parts)).map_err(write_sm_err)?,
+            )?;
+        }
         // Records of one batch entry share an index: number them in order.
         let mut prev = None;
         let mut n = 0;
@@ -1119,6 +1589,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .insert(SM_TREE_KEY, name.as_bytes())
             .map_err(write_sm_err)?;
         self.db.flush_async().await.map_err(flush)?;
+        let mut registry = blob.registry;
+        registry.restoring = blob.restore.map(Arc::new);
         let old = {
             let mut st = self.lock();
             let proposals = st.proposals;
@@ -1126,7 +1598,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 &mut *st,
                 SmState {
                     tree,
-                    registry: blob.registry,
+                    registry,
+                    prefix: String::new(),
                     last_applied: meta.last_log_id,
                     last_membership: meta.last_membership.clone(),
                     audit_len: blob.audit.len(),
@@ -1141,25 +1614,18 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if let Err(e) = self.db.drop_tree(old.name()) {
             tracing::warn!(cause = %e, "could not drop the replaced state machine tree");
         }
-        self.store_snapshot(meta, &data, None)?;
-        self.snapshot
-            .flush_async()
-            .await
-            .map_err(|e| write_snapshot_err(meta, e))?;
+        self.store_snapshot(meta, data).await?;
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        let _guard = self.snapshot_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(meta) = self.read_snapshot_meta()? else {
+        let files = self.files.clone();
+        let read = tokio::task::spawn_blocking(move || files.read())
+            .await
+            .map_err(|e| read_snapshot_err(std::io::Error::other(e)))?;
+        let Some((meta, data)) = read.map_err(read_snapshot_err)? else {
             return Ok(None);
         };
-        let data = self
-            .snapshot
-            .get(SNAP_DATA_KEY)
-            .map_err(read_snapshot_err)?
-            .map(|d| d.to_vec())
-            .unwrap_or_default();
         Ok(Some(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
@@ -1557,6 +2023,252 @@ mod tests {
             assert_eq!(svc.members.get("a"), Some(&member));
             assert_eq!(svc.members.len(), 1);
         }
+    }
+
+    /// A backup of `n` members in service `http`, and the entries that
+    /// restore it, from log index `first`.
+    fn restore_entries(n: usize, first: u64) -> (Registry, Vec<Entry<TypeConfig>>) {
+        let mut backup = Registry::default();
+        for i in 0..n {
+            backup.apply(&register("http", &format!("m{i:05}"), "10.0.0.1"));
+        }
+        let plan = crate::restore::Plan::new(backup.clone());
+        let entries = plan
+            .commands()
+            .into_iter()
+            .enumerate()
+            .map(|(i, cmd)| normal(first + i as u64, cmd))
+            .collect();
+        (backup, entries)
+    }
+
+    /// Opens `dir` again once the last handle's sled threads (a page table
+    /// snapshot after many writes) have let go of its lock.
+    fn reopen(dir: &Path) -> Stores {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match open(dir) {
+                Ok(stores) => return stores,
+                Err(StoreError::Open(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                Err(e) => panic!("reopen {}: {e}", dir.display()),
+            }
+        }
+    }
+
+    fn keys_under(db: &sled::Db, prefix: &str) -> usize {
+        sm_tree(db).unwrap().scan_prefix(prefix).count()
+    }
+
+    #[tokio::test]
+    async fn a_restore_in_parts_is_invisible_until_its_commit_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let (backup, entries) = restore_entries(5_000, 1);
+        let parts = entries.len() - 1;
+        assert!(parts > 2, "{parts}");
+        for (i, entry) in entries.into_iter().enumerate() {
+            // A restart after every entry: the registry is empty or whole.
+            let mut stores = reopen(dir.path());
+            assert_eq!(
+                stores.sm.apply(vec![entry]).await.unwrap(),
+                [Response::Done]
+            );
+            drop(stores);
+            let stores = reopen(dir.path());
+            let registry = stores.sm.subscribe().borrow().registry.clone();
+            if i < parts {
+                assert!(registry.services.is_empty(), "live after part {i}");
+                let staged = registry.restoring.as_ref().expect("staged");
+                assert_eq!(staged.parts as usize, i + 1);
+            } else {
+                assert_eq!(*registry, backup);
+            }
+        }
+        // Later writes land beside the restored keys, and one audit record
+        // says what happened.
+        let mut stores = reopen(dir.path());
+        let index = parts as u64 + 2;
+        stores
+            .sm
+            .apply(vec![
+                normal(index, register("http", "late", "10.0.0.2")),
+                normal(
+                    index + 1,
+                    Command::Unregister {
+                        service: "http".into(),
+                        member: "m00000".into(),
+                    },
+                ),
+            ])
+            .await
+            .unwrap();
+        drop(stores);
+        let stores = reopen(dir.path());
+        let registry = stores.sm.subscribe().borrow().registry.clone();
+        assert!(registry.member("http", "late").is_some());
+        assert!(registry.member("http", "m00000").is_none());
+        assert_eq!(registry.member_count(), 5_000);
+        let audit = read_audit(&stores.db, |_| true, 10).unwrap();
+        let actions: Vec<&str> = audit.iter().map(|a| a.action.as_str()).collect();
+        assert_eq!(actions, ["unregister", "register", "restore"]);
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_taken_mid_restore_carries_the_staged_parts() {
+        let (backup, entries) = restore_entries(3_000, 2);
+        let (first, rest) = entries.split_at(2);
+        let leader_dir = tempfile::tempdir().unwrap();
+        let mut leader = reopen(leader_dir.path());
+        let mut head = vec![membership_entry(1)];
+        head.extend(first.iter().cloned());
+        leader.sm.apply(head).await.unwrap();
+        let snap = leader
+            .sm
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+
+        let follower_dir = tempfile::tempdir().unwrap();
+        {
+            let mut follower = reopen(follower_dir.path());
+            let mut incoming = follower.sm.begin_receiving_snapshot().await.unwrap();
+            *incoming = *snap.snapshot.clone();
+            follower
+                .sm
+                .install_snapshot(&snap.meta, incoming)
+                .await
+                .unwrap();
+        }
+        // Restarted, the follower still has the parts, and finishes the
+        // restore as the leader does.
+        let mut follower = reopen(follower_dir.path());
+        let staged = follower.sm.subscribe().borrow().registry.restoring.clone();
+        assert_eq!(staged.map(|s| s.parts), Some(2));
+        for node in [&mut leader, &mut follower] {
+            node.sm.apply(rest.to_vec()).await.unwrap();
+            assert_eq!(*node.sm.subscribe().borrow().registry, backup);
+        }
+        drop(follower);
+        let follower = reopen(follower_dir.path());
+        assert_eq!(*follower.sm.subscribe().borrow().registry, backup);
+    }
+
+    #[tokio::test]
+    async fn a_restore_given_up_leaves_no_keys_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, entries) = restore_entries(3_000, 1);
+        {
+            let mut stores = reopen(dir.path());
+            stores.sm.apply(entries[..2].to_vec()).await.unwrap();
+            assert!(keys_under(&stores.db, "r/") > 1_500);
+            // A registration: the backup can no longer go live.
+            stores
+                .sm
+                .apply(vec![normal(3, register("web", "a", "10.0.0.3"))])
+                .await
+                .unwrap();
+            assert_eq!(keys_under(&stores.db, "r/"), 0);
+            // What a crash while removing them would leave.
+            sm_tree(&stores.db)
+                .unwrap()
+                .insert("r/00000000000000aa/m/http/x", &b"{}"[..])
+                .unwrap();
+            stores.db.flush().unwrap();
+        }
+        let stores = reopen(dir.path());
+        assert_eq!(keys_under(&stores.db, "r/"), 0);
+        let registry = stores.sm.subscribe().borrow().registry.clone();
+        assert!(registry.restoring.is_none());
+        assert_eq!(registry.member_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn log_entries_over_the_value_bound_are_stored_in_parts() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut stores = reopen(dir.path());
+        let p = |cmd| crate::model::Proposal {
+            cmd,
+            by: "test".into(),
+            at_ms: 2,
+            force: false,
+        };
+        let batch = |n: usize| {
+            Command::Batch(
+                (0..n)
+                    .map(|i| p(register("http", &format!("m{i}"), "10.0.0.1")))
+                    .collect(),
+            )
+        };
+        let entries: Vec<_> = (1..=20)
+            .map(|i| normal(i, batch(if i % 2 == 0 { 256 } else { 1 })))
+            .collect();
+        let batch_of = stores.log.append_batch(entries.clone()).unwrap();
+        stores.log.log.apply_batch(batch_of).unwrap();
+        let longest = stores
+            .log
+            .log
+            .iter()
+            .values()
+            .map(|v| v.unwrap().len())
+            .max();
+        assert!(longest.unwrap() <= MAX_VALUE, "{longest:?}");
+        assert!(stores.log.log.len() > 40, "{}", stores.log.log.len());
+        let read = stores.log.try_get_log_entries(3..=12).await.unwrap();
+        assert_eq!(read.len(), 10);
+        for (got, want) in read.iter().zip(&entries[2..12]) {
+            assert_eq!(got.log_id, want.log_id);
+            match (&got.payload, &want.payload) {
+                (EntryPayload::Normal(a), EntryPayload::Normal(b)) => assert_eq!(a, b),
+                _ => panic!("payload changed"),
+            }
+        }
+        let state = stores.log.get_log_state().await.unwrap();
+        assert_eq!(state.last_log_id, Some(log_id(1, 20)));
+        // Written again in the other form: no part of the old one stays.
+        let again: Vec<_> = (19..=20).map(|i| normal(i, batch(1))).collect();
+        let batch_of = stores.log.append_batch(again).unwrap();
+        stores.log.log.apply_batch(batch_of).unwrap();
+        let tail = stores.log.try_get_log_entries(19..).await.unwrap();
+        assert_eq!(tail.len(), 2);
+        stores.log.truncate(log_id(1, 12)).await.unwrap();
+        stores.log.purge(log_id(1, 4)).await.unwrap();
+        let left = stores.log.try_get_log_entries(0..).await.unwrap();
+        let indexes: Vec<u64> = left.iter().map(|e| e.log_id.index).collect();
+        assert_eq!(indexes, (5..=11).collect::<Vec<_>>());
+        let state = stores.log.get_log_state().await.unwrap();
+        assert_eq!(state.last_log_id, Some(log_id(1, 11)));
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_kept_in_sled_by_an_older_version_moves_to_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = SnapshotMeta {
+            last_log_id: Some(log_id(1, 3)),
+            last_membership: Membership::default(),
+            snapshot_id: "1-3-1".into(),
+        };
+        {
+            let stores = reopen(dir.path());
+            let tree = stores.db.open_tree("snapshot").unwrap();
+            tree.insert(SNAP_META_KEY, serde_json::to_vec(&meta).unwrap())
+                .unwrap();
+            tree.insert(SNAP_DATA_KEY, &b"{}"[..]).unwrap();
+            stores.db.flush().unwrap();
+        }
+        let mut stores = reopen(dir.path());
+        let snap = stores.sm.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(
+            (snap.meta, snap.snapshot.into_inner()),
+            (meta, b"{}".to_vec())
+        );
+        let tree = stores.db.open_tree("snapshot").unwrap();
+        assert!(tree.get(SNAP_DATA_KEY).unwrap().is_none());
     }
 
     #[test]

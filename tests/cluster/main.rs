@@ -11,5 +11,6 @@ mod test_handoff;
 mod test_lifecycle;
 mod test_membership;
 mod test_partition;
+mod test_restore;
 mod test_stability;
 mod test_wiped;
