@@ -120,14 +120,22 @@ struct Inner {
 }
 
 impl Liveness {
-    pub fn new() -> Self {
+    /// `remembers` is false for a node that never voted (a new cluster):
+    /// it has no leader to be loyal to.
+    pub fn new(remembers: bool) -> Self {
         let now = Instant::now();
+        // A node that restarted has forgotten when it last heard from the
+        // leader (and may have acked it just before it crashed): count its
+        // start as hearing from one. A node that never voted has nothing to
+        // forget, and a new cluster elects at once.
+        let last_heard = match remembers {
+            true => now,
+            false => now.checked_sub(Duration::from_secs(3600)).unwrap_or(now),
+        };
         Liveness {
             started: now,
-            // A node that just started has forgotten when it last heard from
-            // the leader: count its start as hearing from one.
             inner: Mutex::new(Inner {
-                last_heard: now,
+                last_heard,
                 transfer: None,
             }),
             holding: AtomicBool::new(false),
@@ -185,7 +193,7 @@ impl Liveness {
 
 impl Default for Liveness {
     fn default() -> Self {
-        Self::new()
+        Self::new(true)
     }
 }
 
@@ -391,9 +399,10 @@ mod tests {
 
     #[test]
     fn hearing_from_a_leader_moves_the_window() {
-        let l = Liveness::new();
+        let l = Liveness::new(true);
         let start = l.last_heard();
         assert_eq!(start, l.started());
+        assert!(Liveness::new(false).last_heard() < start);
         std::thread::sleep(Duration::from_millis(2));
         l.heard();
         assert!(l.last_heard() > start);

@@ -309,6 +309,19 @@ impl Consensus {
             set_meta("incarnation", &format!("{incarnation:016x}"))?;
         }
         let applied = stores.sm.subscribe();
+        // Whether this node ever voted: only then has it a leader to forget.
+        let remembers = {
+            use openraft::storage::RaftLogStorage;
+            let mut log = stores.log.clone();
+            let vote = log.read_vote().await.map_err(|e| StartError::OpenStore {
+                dir: dir.clone(),
+                source: store::StoreError::Decode {
+                    what: "vote".into(),
+                    reason: e.to_string(),
+                },
+            })?;
+            vote.is_some_and(|v| v.leader_id.term > 0)
+        };
         let acks = Arc::new(acks::Acks::default());
         let log_reader = stores.log.clone();
         let log = stores.log.clone();
@@ -364,7 +377,7 @@ impl Consensus {
             Duration::from_millis(settings.heartbeat_ms),
             Duration::from_millis(settings.election_timeout_max_ms),
         );
-        let liveness = Arc::new(elect::Liveness::new());
+        let liveness = Arc::new(elect::Liveness::new(remembers));
         let (allow_elect, allowed) = watch::channel(settings.elect);
         elect::spawn(elect::Elector {
             raft: raft.clone(),

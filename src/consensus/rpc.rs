@@ -36,17 +36,13 @@ const PEER_BODY_LIMIT: usize = 64 << 20;
 /// and `extra` (peer routes of the API layer), behind one authentication
 /// gate. Unknown paths are refused like the rest when unauthenticated.
 pub fn routes(consensus: Consensus, may_campaign: watch::Receiver<bool>, extra: Router) -> Router {
-    let started = Instant::now();
     let gate = std::sync::Arc::new(Gate {
         consensus: consensus.clone(),
         refused: Mutex::new(Throttle::default()),
     });
     Router::new()
         .route("/raft/append", post(append))
-        .route(
-            "/raft/vote",
-            post(move |c: State<Consensus>, body: Bytes| vote(c, body, started)),
-        )
+        .route("/raft/vote", post(vote))
         .route("/raft/snapshot", post(snapshot))
         .route("/raft/prevote", post(prevote))
         .route("/raft/lease", post(lease))
@@ -222,23 +218,25 @@ async fn prevote(State(c): State<Consensus>, body: Bytes) -> Response {
     })
 }
 
-/// A voter refuses every vote for `election_timeout_max` after it starts.
-/// openraft refuses votes for that long after each heartbeat (its leader
-/// lease), and the VIP lease of the old leader relies on that
-/// (docs/failover.md); a restarted process has forgotten when it last heard
-/// from the leader, so without this pause a quick restart could vote a new
-/// leader in while the old one still holds the VIP on the strength of an ack
-/// this very node gave before it crashed.
-async fn vote(State(c): State<Consensus>, body: Bytes, started: Instant) -> Response {
+/// A vote is refused while the leader this node follows is alive, while
+/// this node leads with a quorum or may hold the VIP, and for
+/// `election_timeout_max` after a restart (elect.rs `sticky`): the old
+/// leader's VIP lease relies on it (docs/failover.md). A restarted process
+/// has forgotten when it last heard from the leader, so without the pause a
+/// quick restart could vote a new leader in while the old one still holds
+/// the VIP on the strength of an ack this very node gave before it crashed;
+/// a node that never voted has no such ack to honour.
+async fn vote(State(c): State<Consensus>, body: Bytes) -> Response {
     let req: VoteRequest<u64> = match decode(&body) {
         Ok(req) => req,
         Err(r) => return r,
     };
-    let quiet = Duration::from_millis(c.raft.config().election_timeout_max);
     let candidate = req.vote.leader_id.node_id;
     let view = c.voter_view(candidate);
+    // A restarted voter's window after start: its `last_heard` starts at
+    // its start (elect.rs).
     let sticky = elect::sticky(&view);
-    if started.elapsed() < quiet || sticky.is_some() {
+    if sticky.is_some() {
         // openraft's leader grants votes while it leads (only followers keep
         // its refusal window), so the rules of elect.rs are applied here,
         // before openraft sees the request.
@@ -248,7 +246,7 @@ async fn vote(State(c): State<Consensus>, body: Bytes, started: Instant) -> Resp
         tracing::info!(
             candidate,
             term = req.vote.leader_id.term,
-            reason = sticky.unwrap_or("started too recently"),
+            reason = sticky.unwrap_or_default(),
             "refused a vote"
         );
         let vote = c.raft.metrics().borrow().vote;

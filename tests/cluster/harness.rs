@@ -401,10 +401,15 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         if std::thread::panicking() {
+            // CLB_TEST_LOG_LINES=N shows more of each node's log.
+            let lines = std::env::var("CLB_TEST_LOG_LINES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(40);
             for n in self.nodes.values() {
                 let text = n.log_text();
-                let tail: Vec<&str> = text.lines().rev().take(40).collect();
-                eprintln!("---- node {} log (last 40 lines) ----", n.id);
+                let tail: Vec<&str> = text.lines().rev().take(lines).collect();
+                eprintln!("---- node {} log (last {lines} lines) ----", n.id);
                 for l in tail.iter().rev() {
                     eprintln!("{l}");
                 }

@@ -186,12 +186,20 @@ async fn claims_wait_for_the_previous_release_across_40_handoffs() {
                 c.node_mut(old).kill();
             }
             1 => {
-                let r = c
-                    .node(if old == 1 { 2 } else { 1 })
-                    .client()
-                    .request(reqwest::Method::POST, "/v1/cluster/failover", None)
-                    .await;
-                assert!(r.is_ok(), "clb failover: {r:?}");
+                // Retried like an operator would when leadership was moving
+                // at that very moment (a retryable 503).
+                let client = c.node(if old == 1 { 2 } else { 1 }).client();
+                eventually(Duration::from_secs(10), "clb failover", || async {
+                    let r = client
+                        .request(reqwest::Method::POST, "/v1/cluster/failover", None)
+                        .await;
+                    match r {
+                        Ok(_) => Some(()),
+                        Err(clb::client::ClientError::Api { status: 503, .. }) => None,
+                        Err(e) => panic!("clb failover: {e:?}"),
+                    }
+                })
+                .await;
             }
             2 => {
                 let status = c.node_mut(old).terminate();

@@ -195,9 +195,11 @@ fn bad_flags_exit_non_zero_with_one_line() {
     }
 }
 
-/// A second process started with an id already in use stops taking part in
-/// Raft (and says why), whether it starts while the real node runs or the
-/// real node comes back while it runs; the cluster keeps working.
+/// A second process started with an id already in use: with a data dir of
+/// its own it is a new incarnation the peers refuse, so it does not start;
+/// with a copy of the node's data dir it stops taking part in Raft (and says
+/// why), whether it starts while the real node runs or the real node comes
+/// back while it runs; the cluster keeps working.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_process_with_the_same_node_id_halts_with_an_error() {
     let mut c = Cluster::start(3).await;
@@ -255,8 +257,49 @@ async fn a_second_process_with_the_same_node_id_halts_with_an_error() {
         }
     }
 
+    // 0. With a data dir of its own: a new incarnation of node 2, which the
+    // peers know from before, so it refuses to start.
+    let mut fresh = Reap(impostor(&c, "dup0"));
+    spawn(&mut fresh.0, &c.token_file);
+    let status = fresh
+        .0
+        .child
+        .as_mut()
+        .expect("spawned")
+        .wait()
+        .expect("wait");
+    fresh.0.child = None;
+    assert_eq!(status.code(), Some(1), "{}", fresh.0.log_text());
+    assert!(
+        fresh.0.log_text().contains("knows node 2 from before"),
+        "{}",
+        fresh.0.log_text()
+    );
+
+    // A copy of node 2's own data dir carries its incarnation: only the
+    // identity probe tells the two processes apart.
+    c.node_mut(2).kill();
+    let copy = |name: &str| {
+        let to = c.dir.path().join(name);
+        let ok = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(&c.node(2).data_dir)
+            .arg(&to)
+            .status()
+            .expect("cp");
+        assert!(ok.success());
+        to
+    };
+    let (copy1, copy2) = (copy("dup1"), copy("dup2"));
+    c.node_mut(2).spawn();
+    eventually(Duration::from_secs(10), "node 2 back", || async {
+        c.node(2).healthy().await.then_some(())
+    })
+    .await;
+
     // 1. Started while node 2 runs: halts at once.
     let mut first = Reap(impostor(&c, "dup1"));
+    first.0.data_dir = copy1;
     spawn(&mut first.0, &c.token_file);
     eventually(Duration::from_secs(10), "the duplicate to halt", || async {
         first.0.log_text().contains(halted).then_some(())
@@ -271,6 +314,7 @@ async fn a_second_process_with_the_same_node_id_halts_with_an_error() {
     // 2. Started while node 2 is down: halts once node 2 is back.
     c.node_mut(2).kill();
     let mut second = Reap(impostor(&c, "dup2"));
+    second.0.data_dir = copy2;
     spawn(&mut second.0, &c.token_file);
     let n = &second.0;
     eventually(Duration::from_secs(10), "the duplicate serving", || async {
