@@ -117,6 +117,8 @@ struct Inner {
     last_heard: Instant,
     /// While leading: the candidate this node hands leadership to, until when.
     transfer: Option<(NodeId, Instant)>,
+    /// When this node was first seen leading its current term.
+    leading_since: Option<(u64, Instant)>,
 }
 
 impl Liveness {
@@ -137,6 +139,7 @@ impl Liveness {
             inner: Mutex::new(Inner {
                 last_heard,
                 transfer: None,
+                leading_since: None,
             }),
             holding: AtomicBool::new(false),
             prevotes_refused: AtomicU64::new(0),
@@ -176,6 +179,22 @@ impl Liveness {
 
     pub fn holding(&self) -> bool {
         self.holding.load(Ordering::SeqCst)
+    }
+
+    /// Records that this node leads `term` (the first time it is seen).
+    pub fn leading(&self, term: u64, now: Instant) {
+        let mut g = self.lock();
+        if g.leading_since.is_none_or(|(t, _)| t != term) {
+            g.leading_since = Some((term, now));
+        }
+    }
+
+    /// Since when this node leads `term`, as far as it has seen.
+    pub fn leading_since(&self, term: u64) -> Option<Instant> {
+        self.lock()
+            .leading_since
+            .filter(|(t, _)| *t == term)
+            .map(|(_, at)| at)
     }
 
     /// While leading: let `to` win votes from this node until `until`.

@@ -353,6 +353,9 @@ impl Consensus {
             .is_initialized()
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
+        // A witness never leads, and openraft's initialize starts an
+        // election: it waits for a balancer to initialize the cluster.
+        let members = members.filter(|_| settings.elect);
         if let (false, Some(members)) = (initialized, members) {
             let nodes: BTreeMap<NodeId, BasicNode> = members
                 .into_iter()

@@ -212,6 +212,8 @@ impl Failover {
             liveness_after: Duration::from_millis(3 * consensus.raft.config().election_timeout_max),
             fallback: false,
             lease_end,
+            handing_over: Default::default(),
+            wake: Default::default(),
         };
         // The lease watcher and the hook runner get a thread and runtime of
         // their own: a runtime busy with writes, storage or snapshots must
@@ -602,6 +604,10 @@ struct Watcher {
     fallback: bool,
     /// Where the end of the latest lease is told to the hook runner.
     lease_end: LeaseEnd,
+    /// Set by a hand-over once it may release the VIP.
+    handing_over: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Wakes the watcher before its next tick.
+    wake: std::sync::Arc<tokio::sync::Notify>,
 }
 
 impl Watcher {
@@ -619,6 +625,9 @@ impl Watcher {
             let m = metrics.borrow_and_update().clone();
             let leading = (m.state == ServerState::Leader && m.current_leader == Some(self.id))
                 .then_some(m.current_term);
+            if let Some(term) = leading {
+                self.consensus.liveness().leading(term, now);
+            }
             let lease = lease::until(self.consensus.quorum_ack(now), leading, self.cfg.lease);
             if m.current_leader.is_some() {
                 self.last_leader_seen = now;
@@ -635,6 +644,7 @@ impl Watcher {
                 _ => now + self.tick,
             };
             let event = {
+                let nudge = self.wake.clone();
                 let external = &mut self.external;
                 let health_cmd = &mut self.health_cmd;
                 let handover = &mut self.handover;
@@ -645,6 +655,7 @@ impl Watcher {
                         Event::Wake
                     },
                     _ = tokio::time::sleep_until(wake.into()) => Event::Wake,
+                    _ = nudge.notified() => Event::Wake,
                     r = external.changed(), if inputs_open.0 => {
                         // A dropped input keeps its last value.
                         inputs_open.0 = r.is_ok();
@@ -703,6 +714,11 @@ impl Watcher {
     ) {
         let health = self.health();
         let stepping_down = self.handover.is_some();
+        // A hand-over first waits until openraft would let this node's vote
+        // go (below); the VIP stays until then, so the gap is only the
+        // release, one election and the claim.
+        let releasing =
+            stepping_down && self.handing_over.load(std::sync::atomic::Ordering::SeqCst);
         let may_lead = !self.cfg.witness && health.ok;
         let may_campaign = (may_lead || self.fallback) && !stepping_down;
         if self.elect_enabled != Some(may_campaign) {
@@ -725,7 +741,7 @@ impl Watcher {
         let lease_term = valid.map(|(t, _)| t);
         let wants = self.cfg.vip.is_some()
             && may_lead
-            && !stepping_down
+            && !releasing
             && leading.is_some()
             && lease_term == leading;
         let wish = match (wants, valid) {
@@ -803,7 +819,7 @@ impl Watcher {
             let _ = reply.send(Err(FailoverError::Busy));
             return;
         }
-        tracing::info!("step-down requested: releasing the VIP and handing leadership over");
+        tracing::info!("step-down requested: handing leadership over (the VIP is released first)");
         self.reply = Some(reply);
         self.spawn_handover();
         // Release at once, without waiting for the next tick.
@@ -815,7 +831,11 @@ impl Watcher {
 
     fn spawn_handover(&mut self) {
         self.status.send_modify(|s| s.handovers += 1);
+        self.handing_over
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         let ctx = Handover {
+            release_now: self.handing_over.clone(),
+            wake: self.wake.clone(),
             raft: self.raft.clone(),
             id: self.id,
             peers: self.consensus.peer_client().clone(),
@@ -856,6 +876,9 @@ struct Handover {
     peers: PeerClient,
     /// Where this node names the candidate it lets win its vote.
     liveness: std::sync::Arc<crate::consensus::elect::Liveness>,
+    /// Set once the VIP may go; `wake` makes the watcher act on it at once.
+    release_now: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    wake: std::sync::Arc<tokio::sync::Notify>,
     status: watch::Receiver<VipStatus>,
     wait_release: Duration,
     wait_leader: Duration,
@@ -870,6 +893,17 @@ impl Handover {
             return Err(FailoverError::NotLeader(m.current_leader));
         }
         let term = m.current_term;
+        // openraft's leader grants no vote until `election_timeout_max`
+        // after it took office (its own leader lease); a candidate asked
+        // sooner would lose. A long-standing leader waits for nothing, and
+        // the VIP stays here meanwhile.
+        let window = Duration::from_millis(self.raft.config().election_timeout_max);
+        if let Some(since) = self.liveness.leading_since(term) {
+            tokio::time::sleep_until((since + window + Duration::from_millis(1)).into()).await;
+        }
+        self.release_now
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.wake.notify_one();
         // The VIP leaves this node before anyone else may claim it; if the
         // release did not finish, nobody is asked to take over (the address
         // could be on two hosts), and the release is retried meanwhile.

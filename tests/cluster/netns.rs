@@ -484,6 +484,32 @@ impl Lab {
         n
     }
 
+    /// SIGTERM to `label` alone (not its group: the program shuts its own
+    /// children down) and waits up to `within` for it to exit, then
+    /// SIGKILLs what is left. Returns the exit status if it exited by itself.
+    pub fn terminate(&mut self, label: &str, within: Duration) -> Option<std::process::ExitStatus> {
+        let i = self.procs.iter().position(|p| p.label == label)?;
+        let mut p = self.procs.remove(i);
+        let pid = p.child.id() as i32;
+        // SAFETY: kill(2) on a child we spawned and have not reaped.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + within;
+        let status = loop {
+            match p.child.try_wait() {
+                Ok(Some(s)) => break Some(s),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                _ => break None,
+            }
+        };
+        // SAFETY: as above, on its process group.
+        unsafe { libc::kill(-pid, libc::SIGKILL) };
+        let _ = p.child.wait();
+        forget_group(pid);
+        status
+    }
+
     /// The log file of `label`.
     pub fn log(&self, label: &str) -> PathBuf {
         self.dir

@@ -137,6 +137,7 @@ fn partition_drill_moves_the_vip_without_two_holders() {
     let secret = lab.dir().join("cluster-secret");
     std::fs::write(&secret, format!("{SECRET}\n")).expect("secret");
     let d = lab.dir().to_path_buf();
+    let mut clbd_args: std::collections::HashMap<String, Vec<String>> = Default::default();
     for (((id, h), (_, addr)), peer) in nodes.iter().zip(&addrs).zip(&peer_addrs) {
         let mut args: Vec<String> = vec![
             "--node-id".into(),
@@ -184,6 +185,7 @@ fn partition_drill_moves_the_vip_without_two_holders() {
         let label = format!("clbd-{}", h.name);
         lab.spawn(&label, &h.ns, env!("CARGO_BIN_EXE_clbd"), &args, RUST_LOG)
             .expect("spawn clbd");
+        clbd_args.insert(h.name.clone(), args);
     }
     let backend_port = netns::free_port_in(&a.ns, Ipv4Addr::LOCALHOST).expect("free port");
     for h in [&a, &b] {
@@ -268,6 +270,80 @@ fn partition_drill_moves_the_vip_without_two_holders() {
         first.name
     );
     let mut report = Vec::new();
+
+    // (d) Planned restarts: SIGTERM to the holder's clbd, then a rolling
+    // restart of all three. A leader hands leadership over before it stops
+    // (release, then the successor claims), so no request may fail for a
+    // client as patient as a real one (3 s to connect: a SYN that falls in
+    // the few milliseconds between release and claim is sent again by TCP
+    // after 1 s). The drill client's 300 ms timeout is reported beside it.
+    let t = Instant::now();
+    marks.push(("planned restarts", t));
+    let patient_stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let patient = netns::client(
+        &c.ns,
+        vip_addr,
+        netns::ClientOpts {
+            workers: 1,
+            interval: every,
+            connect_timeout: Duration::from_secs(3),
+            read_timeout: Duration::from_secs(3),
+        },
+        patient_stop.clone(),
+        DRILL_MAX,
+    );
+    let hosts = [a.clone(), b.clone(), w.clone()];
+    let api_of = |h: &Host| addrs[hosts.iter().position(|x| x.name == h.name).expect("host")].1;
+    let mut order = vec![first.clone()];
+    order.extend(hosts.iter().cloned());
+    for h in &order {
+        let label = format!("clbd-{}", h.name);
+        let status = lab.terminate(&label, Duration::from_secs(10));
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "clbd-{} did not stop cleanly on SIGTERM: {status:?}",
+            h.name
+        );
+        lab.spawn(
+            &label,
+            &h.ns,
+            env!("CARGO_BIN_EXE_clbd"),
+            &clbd_args[&h.name],
+            RUST_LOG,
+        )
+        .expect("restart clbd");
+        let api = api_of(h);
+        wait_for(
+            Duration::from_secs(20),
+            "the restarted node to follow",
+            || {
+                let (_, body) = http(&h.ns, api, "GET", "/v1/cluster", None)?;
+                let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+                v["leader"].as_u64().map(|_| ())
+            },
+        );
+        let since = Instant::now();
+        wait_for(Duration::from_secs(20), "traffic after the restart", || {
+            (served_since(&shots, since, None) >= 10).then_some(())
+        });
+    }
+    let end = Instant::now();
+    patient_stop.store(true, Ordering::SeqCst);
+    let (gap, failed) = longest_gap(&shots.lock().expect("shots"), t, end);
+    let (pgap, pfailed) = longest_gap(&patient.lock().expect("shots"), t, end);
+    let sent = patient.lock().expect("shots").len();
+    report.push(format!(
+        "holder restarted, then all three in turn: patient client {sent} requests, \
+         {pfailed} failed, longest gap {} ms; drill client (300 ms connect timeout) \
+         {failed} failed, longest gap {} ms",
+        pgap.as_millis(),
+        gap.as_millis()
+    ));
+    assert_eq!(
+        pfailed, 0,
+        "planned restarts failed {pfailed} requests of a patient client (longest gap {pgap:?})"
+    );
+    let first = wait_for(Duration::from_secs(10), "a VIP holder", holder);
 
     // (c) The witness is unplugged: nothing may move, nothing may fail.
     let t = Instant::now();
