@@ -605,8 +605,15 @@ fn indexes_follow_real_time(history: &[Record]) -> Vec<String> {
 /// within `RESUME_GRACE_NS`, and only that overlap is allowed. Hook runs by a node while it is dead (a hook it had
 /// forked just before the kill) are ignored.
 /// Returns the problems, the number of holding intervals and of tolerated
-/// stale overlaps.
-fn vip_violations(hooks: &[HookEvent], faults: &[Fault], end: u128) -> (Vec<String>, usize, usize) {
+/// stale overlaps, and how long each SIGSTOPped holder kept the address
+/// configured (from the stop to its release, or its kill): what clb cannot
+/// prevent while clbd itself is stopped on a live host (README).
+fn vip_violations(
+    hooks: &[HookEvent],
+    faults: &[Fault],
+    end: u128,
+) -> (Vec<String>, usize, usize, Vec<u128>) {
+    let mut kept_while_stopped: Vec<u128> = Vec::new();
     #[derive(Debug)]
     struct Interval {
         node: u64,
@@ -639,6 +646,8 @@ fn vip_violations(hooks: &[HookEvent], faults: &[Fault], end: u128) -> (Vec<Stri
             .collect();
         events.sort_by_key(|e| (e.0, e.1));
         let (mut dead, mut stopped) = (false, false);
+        // Since when a stopped holder keeps the address without acting.
+        let mut kept_from: Option<u128> = None;
         let mut holding: Option<(u128, u64, bool)> = None;
         let mut suspended: Option<u64> = None;
         let mut close =
@@ -655,6 +664,10 @@ fn vip_violations(hooks: &[HookEvent], faults: &[Fault], end: u128) -> (Vec<Stri
                 }
             };
         for (at, _, what, term) in events {
+            if let (Some(from), "kill" | "release") = (kept_from, what) {
+                kept_while_stopped.push(at - from);
+                kept_from = None;
+            }
             match what {
                 "kill" => {
                     close(&mut holding, at, "kill");
@@ -666,6 +679,9 @@ fn vip_violations(hooks: &[HookEvent], faults: &[Fault], end: u128) -> (Vec<Stri
                 // when its lease runs out: its hook log says when.
                 "cut" | "split" | "heal" => {}
                 "stop" => {
+                    if holding.is_some() && kept_from.is_none() {
+                        kept_from = Some(at);
+                    }
                     suspended = holding.map(|h| h.1);
                     close(&mut holding, at, "stop");
                     stopped = true;
@@ -732,7 +748,7 @@ fn vip_violations(hooks: &[HookEvent], faults: &[Fault], end: u128) -> (Vec<Stri
             newest = Some(h);
         }
     }
-    (problems, intervals.len(), tolerated)
+    (problems, intervals.len(), tolerated, kept_while_stopped)
 }
 
 fn env_u64(name: &str) -> Option<u64> {
@@ -1012,8 +1028,9 @@ async fn chaos(net: Option<Net>) {
 
     // (4) never two VIP holders.
     let hooks = hook_events(&hook_log);
-    let (vip_problems, held, stale) = vip_violations(&hooks, &fault_log, wall_ns());
+    let (vip_problems, held, stale, kept) = vip_violations(&hooks, &fault_log, wall_ns());
     problems.extend(vip_problems);
+    let kept_ms: Vec<u128> = kept.iter().map(|ns| ns / 1_000_000).collect();
 
     let count = |f: fn(&Answer) -> bool| history.iter().filter(|r| f(&r.result)).count();
     let kinds: Vec<String> = ["kill", "stop", "cut", "split"]
@@ -1021,7 +1038,7 @@ async fn chaos(net: Option<Net>) {
         .map(|k| format!("{k} {}", fault_log.iter().filter(|f| f.what == *k).count()))
         .collect();
     let summary = format!(
-        "seed {seed}: {} ops in {:.1} s ({} ok, {} 404, {} unknown, {} not applied, {} reads), {} faults ({}), {} VIP hook runs ({held} holding intervals, {stale} stale overlaps after SIGCONT), checker {:?}",
+        "seed {seed}: {} ops in {:.1} s ({} ok, {} 404, {} unknown, {} not applied, {} reads), {} faults ({}), {} VIP hook runs ({held} holding intervals, {stale} stale overlaps after SIGCONT; {} SIGSTOPped holders kept the address configured {:?} ms until their release or kill), checker {:?}",
         history.len(),
         ops_done.as_secs_f64(),
         count(|r| matches!(r, Answer::Ok { .. })),
@@ -1032,6 +1049,8 @@ async fn chaos(net: Option<Net>) {
         fault_log.len(),
         kinds.join(", "),
         hooks.len(),
+        kept_ms.len(),
+        kept_ms,
         check_took,
     );
     eprintln!("chaos: {summary}");
