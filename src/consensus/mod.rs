@@ -238,12 +238,17 @@ impl Consensus {
         }
         // Created with the data dir; a new one means this node remembers
         // no vote and no log (incarnation.rs).
-        // It is written only once the peers have been asked (below), so a
-        // refused start leaves the data dir as new as it found it.
+        // Written before the peers are asked (below), so a crash right after
+        // they heard of it reuses it; removed again when a peer refuses it,
+        // so the refused data dir stays as new as it was.
         let (incarnation, fresh) =
             match meta("incarnation")?.and_then(|v| u64::from_str_radix(&v, 16).ok()) {
                 Some(inc) => (inc, false),
-                None => (rand::random::<u64>(), true),
+                None => {
+                    let inc = rand::random::<u64>();
+                    set_meta("incarnation", &format!("{inc:016x}"))?;
+                    (inc, true)
+                }
             };
         let identity = Arc::new(
             incarnation::Incarnations::load(stores.db.clone(), id, incarnation).map_err(
@@ -303,10 +308,10 @@ impl Consensus {
             .with_secret(settings.cluster_secret.clone())
             .with_identity(identity.clone());
         if let (true, Bootstrap::Peers(all)) = (fresh, &bootstrap) {
-            refuse_if_known(&peers, id, all, &dir).await?;
-        }
-        if fresh {
-            set_meta("incarnation", &format!("{incarnation:016x}"))?;
+            if let Err(e) = refuse_if_known(&peers, id, all, &dir).await {
+                let _ = store::del_meta(&stores.db, "incarnation");
+                return Err(e);
+            }
         }
         let applied = stores.sm.subscribe();
         // Whether this node ever voted: only then has it a leader to forget.
