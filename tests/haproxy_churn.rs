@@ -553,7 +553,8 @@ async fn haproxy_survives_member_churn_under_long_lived_traffic() {
     client
         .define_service(
             "web",
-            json!({"port": port, "mode": "http", "check": "none"}),
+            // Health checks too: `del server` must stop a dynamic server's check task.
+            json!({"port": port, "mode": "http", "check": "tcp", "server": {"check_inter_ms": 200}}),
         )
         .await
         .unwrap();
