@@ -11,7 +11,8 @@
 //! CLB_CHURN_SECS=300 cargo test --test haproxy_churn -- --nocapture
 //! ```
 //!
-//! which reloads every 30 s.
+//! which reloads every 30 s (`CLB_CHURN_RELOAD_SECS` sets that interval);
+//! `CLB_CHURN_LOGS=DIR` keeps haproxy's and clbd's logs and any core there.
 
 #[path = "cluster/harness.rs"]
 mod harness;
@@ -544,7 +545,10 @@ async fn runtime_servers(admin: &Path) -> Option<BTreeMap<String, ServerView>> {
 async fn haproxy_survives_member_churn_under_long_lived_traffic() {
     let secs = churn_secs();
     assert!(secs >= 10, "CLB_CHURN_SECS={secs}: at least 10");
-    let reload_every = Duration::from_secs((secs / 3).clamp(1, 30));
+    let reload_every = match std::env::var("CLB_CHURN_RELOAD_SECS") {
+        Ok(r) => Duration::from_secs(r.parse().expect("CLB_CHURN_RELOAD_SECS: whole seconds")),
+        Err(_) => Duration::from_secs((secs / 3).clamp(1, 30)),
+    };
     let run = Duration::from_secs(secs);
 
     let b = Balancer::start(&[]).await;
@@ -559,7 +563,11 @@ async fn haproxy_survives_member_churn_under_long_lived_traffic() {
         .await
         .unwrap();
     let hlog = b.cluster.dir.path().join("haproxy.log");
-    let mut haproxy = b.start_haproxy_logged(&hlog).await;
+    let keep = std::env::var("CLB_CHURN_LOGS").ok();
+    // Cores on: a worker that dies must show where (see `exit_crashes`).
+    let mut haproxy = b.start_haproxy_logged(&hlog, true).await;
+    let hdir = hlog.parent().unwrap().to_path_buf();
+    let cores = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let mut stable = Vec::new();
     for i in 0..STABLE {
         let be = raw_backend(&format!("stable{i}")).await;
@@ -703,7 +711,7 @@ async fn haproxy_survives_member_churn_under_long_lived_traffic() {
 
     // Every worker pid haproxy's master reports over the run.
     let watch_task = {
-        let master = b.master.clone();
+        let (master, hdir, cores) = (b.master.clone(), hdir.clone(), cores.clone());
         tokio::spawn(async move {
             let mut seen = BTreeSet::new();
             let mut masters = BTreeSet::new();
@@ -715,6 +723,7 @@ async fn haproxy_survives_member_churn_under_long_lived_traffic() {
                     masters.insert(p.master);
                     seen.extend(p.current.iter().chain(&p.old));
                 }
+                keep_core(&hdir, &cores);
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
             (seen, masters)
@@ -749,50 +758,35 @@ async fn haproxy_survives_member_churn_under_long_lived_traffic() {
     .await;
     assert_eq!(file, runtime);
 
-    // haproxy: the same master throughout, and every worker that left did so
-    // with status 0 (an old worker after its last session).
-    assert!(
-        haproxy.child.try_wait().unwrap().is_none(),
-        "the haproxy master exited"
-    );
+    // haproxy's side: its master, its workers, how each worker left.
+    let master_alive = haproxy.child.try_wait().unwrap().is_none();
     let procs = eventually(Duration::from_secs(30), "old workers to finish", || async {
+        keep_core(&hdir, &cores);
         let p = show_proc(&b.master).await?;
         p.old.is_empty().then_some(p)
     })
     .await;
-    assert_eq!(
-        procs.master,
-        haproxy.pid(),
-        "the haproxy master was replaced"
-    );
-    assert_eq!(
-        masters.into_iter().collect::<Vec<_>>(),
-        vec![haproxy.pid()],
-        "one master all along"
-    );
+    keep_core(&hdir, &cores);
     worker_pids.extend(&procs.current);
+    let exe = std::fs::read_link(format!("/proc/{}/exe", haproxy.pid())).unwrap();
+    let backtraces = core_backtraces(&hdir, &exe);
     let htext = std::fs::read_to_string(&hlog).unwrap();
     let exits: Vec<&str> = htext
         .lines()
         .filter(|l| l.contains("exited with code"))
         .collect();
-    for pid in worker_pids.iter().filter(|p| !procs.current.contains(p)) {
-        let want = format!("Former worker ({pid}) exited with code 0 (Exit)");
-        assert!(
-            exits.iter().any(|l| l.contains(&want)),
-            "worker {pid} did not exit cleanly: {exits:?}"
-        );
+    if let Some(dir) = &keep {
+        // For a look after the run: haproxy's stderr, clbd's log, any core.
+        let dir = Path::new(dir);
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::copy(&hlog, dir.join("haproxy.log")).unwrap();
+        std::fs::copy(&b.node().log, dir.join("clbd.log")).unwrap();
+        for f in std::fs::read_dir(hlog.parent().unwrap()).unwrap().flatten() {
+            if f.file_name().to_string_lossy().starts_with("core") {
+                std::fs::copy(f.path(), dir.join(f.file_name())).unwrap();
+            }
+        }
     }
-    assert!(
-        exits
-            .iter()
-            .all(|l| l.contains("Former worker") && l.contains("code 0 (Exit)")),
-        "a worker died: {exits:?}"
-    );
-    assert!(
-        worker_pids.len() as u64 > reload_windows.len() as u64,
-        "each reload started a worker: {worker_pids:?}"
-    );
 
     // Requests: none failed. An idle keep-alive connection closed by an old
     // worker as a request went out is retried once, and only near a reload.
@@ -889,8 +883,8 @@ async fn haproxy_survives_member_churn_under_long_lived_traffic() {
          {} idle closes retried ({} away from a reload); {} sessions outlived their member's \
          removal; clbd: {at_once} deleted at once, {deferred} deferred ({} deleted once \
          connections closed, waited p50 {:?} ms p90 {:?} ms max {:?} ms), {} taken back by a \
-         new registration, {} runtime fallbacks to reload; haproxy: {} workers, {alerts} alert \
-         lines, {down_notices} 'going DOWN for maintenance' at notice",
+         new registration, {} runtime fallbacks to reload; haproxy: {} workers ({} exit lines not \"code 0\", {} of them \
+         the known crash at exit, haproxy#2114), {alerts} alert lines, {down_notices} 'going DOWN for maintenance' at notice",
         elapsed.as_secs_f64(),
         events.len(),
         events.len() as f64 / run.as_secs_f64(),
@@ -909,6 +903,44 @@ async fn haproxy_survives_member_churn_under_long_lived_traffic() {
         count("registered again while leaving"),
         count("reloading instead"),
         worker_pids.len(),
+        exits.iter().filter(|l| !l.contains("code 0 (Exit)")).count(),
+        backtraces.values().filter(|bt| is_haproxy_2114(bt)).count(),
+    );
+
+    // haproxy: the same master throughout, and every worker that left did so
+    // with status 0 (an old worker after its last session).
+    assert!(master_alive, "the haproxy master exited");
+    assert_eq!(
+        procs.master,
+        haproxy.pid(),
+        "the haproxy master was replaced"
+    );
+    assert_eq!(
+        masters.into_iter().collect::<Vec<_>>(),
+        vec![haproxy.pid()],
+        "one master all along"
+    );
+    assert!(
+        !exits.iter().any(|l| l.contains("Current worker")),
+        "a serving worker died: {exits:?}"
+    );
+    for pid in worker_pids.iter().filter(|p| !procs.current.contains(p)) {
+        let line = exits
+            .iter()
+            .find(|l| l.contains(&format!("Former worker ({pid}) exited")))
+            .unwrap_or_else(|| panic!("worker {pid} never exited: {exits:?}"));
+        if line.contains("code 0 (Exit)") {
+            continue;
+        }
+        let bt = backtraces.get(pid).map(String::as_str).unwrap_or("no core");
+        assert!(
+            is_haproxy_2114(bt),
+            "worker {pid} died: {line}\nits core:\n{bt}"
+        );
+    }
+    assert!(
+        worker_pids.len() as u64 > reload_windows.len() as u64,
+        "each reload started a worker: {worker_pids:?}"
     );
 
     assert!(
@@ -950,4 +982,65 @@ async fn haproxy_survives_member_churn_under_long_lived_traffic() {
     );
     assert_eq!(alerts, 0, "haproxy logged at alert level:\n{htext}");
     assert!(down_notices >= removals / 2, "removals log at notice level");
+    // A removal waits only for a session in flight on its member: idle pooled
+    // connections must not hold it. Runs here delete 97-100 % of the others
+    // at once; the slack is for keep-alive requests in flight at that instant
+    // on a slower machine.
+    let free = removals - removals_held;
+    assert!(
+        at_once * 100 >= free * 85,
+        "{at_once} of {removals} removals deleted at once; {free} had no long session open"
+    );
+    assert!(
+        deferred <= removals_held + free * 15 / 100,
+        "{deferred} removals waited; {removals_held} had a long session open"
+    );
+}
+
+/// Renames a core haproxy left in `dir` (the kernel's core_pattern `core`
+/// here) to `core.N`, so the next crash does not overwrite it.
+fn keep_core(dir: &Path, n: &std::sync::atomic::AtomicU32) {
+    let core = dir.join("core");
+    if core.exists() {
+        let i = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let _ = std::fs::rename(&core, dir.join(format!("core.{i}")));
+    }
+}
+
+/// The backtrace in each core in `dir`, by the pid of the process that
+/// dumped it (its main thread's LWP), read with gdb.
+fn core_backtraces(dir: &Path, exe: &Path) -> BTreeMap<u32, String> {
+    let mut out = BTreeMap::new();
+    for f in std::fs::read_dir(dir).unwrap().flatten() {
+        if !f.file_name().to_string_lossy().starts_with("core.") {
+            continue;
+        }
+        let Ok(o) = std::process::Command::new("gdb")
+            .args(["-batch", "-ex", "bt 20", "-ex", "info threads"])
+            .arg(exe)
+            .arg(f.path())
+            .output()
+        else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        let pid = text
+            .split("(LWP ")
+            .skip(1)
+            .filter_map(|t| t.split(')').next()?.parse::<u32>().ok())
+            .min();
+        if let Some(pid) = pid {
+            out.insert(pid, text);
+        }
+    }
+    out
+}
+
+/// Debian 12's haproxy 2.6.12 crashes now and then as a worker exits, after
+/// its last connection: `deinit` unbinds a listener and `_fd_delete_orphan`
+/// touches the poller's update list its threads already freed (haproxy#2114,
+/// fixed in 2.6.14; nothing to do with servers). Such a worker served all it
+/// had; any other death fails the test.
+fn is_haproxy_2114(backtrace: &str) -> bool {
+    backtrace.contains("_fd_delete_orphan") && backtrace.contains("deinit")
 }

@@ -50,25 +50,49 @@ pub struct Haproxy {
 
 impl Haproxy {
     pub fn start(cfg: &Path, master: &Path) -> Haproxy {
-        Self::spawn(cfg, master, Stdio::null())
+        Self::spawn(Self::command(cfg, master, Stdio::null()))
     }
 
     /// Like [`Haproxy::start`], with the master's and workers' stderr (the
-    /// master's notes on workers, haproxy's own log lines) in `log`.
-    pub fn start_logged(cfg: &Path, master: &Path, log: &Path) -> Haproxy {
+    /// master's notes on workers, haproxy's own log lines) in `log`. With
+    /// `cores`, haproxy runs in `log`'s directory with core dumps allowed, so
+    /// a crashed worker leaves a core there (where the kernel's core_pattern
+    /// is a plain file name).
+    pub fn start_logged(cfg: &Path, master: &Path, log: &Path, cores: bool) -> Haproxy {
         let f = std::fs::File::create(log).expect("haproxy log file");
-        Self::spawn(cfg, master, Stdio::from(f))
+        let mut cmd = Self::command(cfg, master, Stdio::from(f));
+        if cores {
+            cmd.current_dir(log.parent().expect("log in a directory"));
+            use std::os::unix::process::CommandExt;
+            // SAFETY: only setrlimit(2) between fork and exec.
+            unsafe {
+                cmd.pre_exec(|| {
+                    let unlimited = libc::rlimit {
+                        rlim_cur: libc::RLIM_INFINITY,
+                        rlim_max: libc::RLIM_INFINITY,
+                    };
+                    libc::setrlimit(libc::RLIMIT_CORE, &unlimited);
+                    Ok(())
+                });
+            }
+        }
+        Self::spawn(cmd)
     }
 
-    fn spawn(cfg: &Path, master: &Path, stderr: Stdio) -> Haproxy {
-        let child = Command::new("haproxy")
-            .args(["-W", "-db", "-S"])
+    fn command(cfg: &Path, master: &Path, stderr: Stdio) -> Command {
+        let mut cmd = Command::new("haproxy");
+        cmd.args(["-W", "-db", "-S"])
             .arg(master)
             .arg("-f")
             .arg(cfg)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(stderr)
+            .stderr(stderr);
+        cmd
+    }
+
+    fn spawn(mut cmd: Command) -> Haproxy {
+        let child = cmd
             .spawn()
             .expect("haproxy is installed (scripts/test.sh installs it)");
         Haproxy { child }
@@ -166,10 +190,11 @@ impl Balancer {
         Haproxy::start(&self.cfg, &self.master)
     }
 
-    /// [`Balancer::start_haproxy`] with haproxy's stderr in `log`.
-    pub async fn start_haproxy_logged(&self, log: &Path) -> Haproxy {
+    /// [`Balancer::start_haproxy`] with haproxy's stderr in `log` (see
+    /// [`Haproxy::start_logged`]).
+    pub async fn start_haproxy_logged(&self, log: &Path, cores: bool) -> Haproxy {
         self.first_config().await;
-        Haproxy::start_logged(&self.cfg, &self.master, log)
+        Haproxy::start_logged(&self.cfg, &self.master, log, cores)
     }
 }
 
