@@ -563,9 +563,13 @@ async fn haproxy_survives_member_churn_under_long_lived_traffic() {
         .await
         .unwrap();
     let hlog = b.cluster.dir.path().join("haproxy.log");
-    let keep = std::env::var("CLB_CHURN_LOGS").ok();
-    // Cores on: a worker that dies must show where (see `exit_crashes`).
+    // Cores on: a worker that dies must show where (see `is_haproxy_2114`).
     let mut haproxy = b.start_haproxy_logged(&hlog, true).await;
+    let _keep = KeepLogs {
+        to: std::env::var_os("CLB_CHURN_LOGS").map(Into::into),
+        haproxy_log: hlog.clone(),
+        clbd_log: b.node().log.clone(),
+    };
     let hdir = hlog.parent().unwrap().to_path_buf();
     let cores = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let mut stable = Vec::new();
@@ -697,11 +701,19 @@ async fn haproxy_survives_member_churn_under_long_lived_traffic() {
                     )
                     .await
                     .unwrap();
-                eventually(Duration::from_secs(20), "the reload", || async {
-                    let v = node.cluster().await.ok()?;
-                    (v["node_status"]["1"]["render"]["reloads"].as_u64()? > before).then_some(())
-                })
-                .await;
+                let deadline = Instant::now() + Duration::from_secs(30);
+                loop {
+                    let v = node.cluster().await.ok();
+                    let r = v.map(|v| v["node_status"]["1"]["render"].clone());
+                    if r.as_ref().and_then(|r| r["reloads"].as_u64()) > Some(before) {
+                        break;
+                    }
+                    assert!(
+                        Instant::now() < deadline,
+                        "no reload 30 s after defining extra{n}; render status: {r:?}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
                 windows.push((start, Instant::now()));
                 n += 1;
             }
@@ -775,19 +787,6 @@ async fn haproxy_survives_member_churn_under_long_lived_traffic() {
         .lines()
         .filter(|l| l.contains("exited with code"))
         .collect();
-    if let Some(dir) = &keep {
-        // For a look after the run: haproxy's stderr, clbd's log, any core.
-        let dir = Path::new(dir);
-        std::fs::create_dir_all(dir).unwrap();
-        std::fs::copy(&hlog, dir.join("haproxy.log")).unwrap();
-        std::fs::copy(&b.node().log, dir.join("clbd.log")).unwrap();
-        for f in std::fs::read_dir(hlog.parent().unwrap()).unwrap().flatten() {
-            if f.file_name().to_string_lossy().starts_with("core") {
-                std::fs::copy(f.path(), dir.join(f.file_name())).unwrap();
-            }
-        }
-    }
-
     // Requests: none failed. An idle keep-alive connection closed by an old
     // worker as a request went out is retried once, and only near a reload.
     let log = log.lock().unwrap();
@@ -879,7 +878,7 @@ async fn haproxy_survives_member_churn_under_long_lived_traffic() {
         .count();
     eprintln!(
         "churn: {:.0} s, {} changes ({:.1}/s, {removals} removals, {removals_held} with a long \
-         session open), {} reloads; requests: {} keep-alive, {} slow, {} upgraded, {} failed, \
+         session open), {} reloads (longest {:?} from the new service to the reload); requests: {} keep-alive, {} slow, {} upgraded, {} failed, \
          {} idle closes retried ({} away from a reload); {} sessions outlived their member's \
          removal; clbd: {at_once} deleted at once, {deferred} deferred ({} deleted once \
          connections closed, waited p50 {:?} ms p90 {:?} ms max {:?} ms), {} taken back by a \
@@ -889,6 +888,7 @@ async fn haproxy_survives_member_churn_under_long_lived_traffic() {
         events.len(),
         events.len() as f64 / run.as_secs_f64(),
         reload_windows.len(),
+        reload_windows.iter().map(|(s, e)| *e - *s).max().unwrap_or_default(),
         by_kind(Kind::KeepAlive),
         by_kind(Kind::Slow),
         by_kind(Kind::Upgrade),
@@ -1043,4 +1043,29 @@ fn core_backtraces(dir: &Path, exe: &Path) -> BTreeMap<u32, String> {
 /// had; any other death fails the test.
 fn is_haproxy_2114(backtrace: &str) -> bool {
     backtrace.contains("_fd_delete_orphan") && backtrace.contains("deinit")
+}
+
+/// Copies haproxy's stderr, clbd's log and any core to `CLB_CHURN_LOGS`
+/// when the test ends, passed or failed.
+struct KeepLogs {
+    to: Option<std::path::PathBuf>,
+    haproxy_log: std::path::PathBuf,
+    clbd_log: std::path::PathBuf,
+}
+
+impl Drop for KeepLogs {
+    fn drop(&mut self) {
+        let Some(to) = &self.to else { return };
+        let _ = std::fs::create_dir_all(to);
+        let _ = std::fs::copy(&self.haproxy_log, to.join("haproxy.log"));
+        let _ = std::fs::copy(&self.clbd_log, to.join("clbd.log"));
+        let Some(dir) = self.haproxy_log.parent() else {
+            return;
+        };
+        for f in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if f.file_name().to_string_lossy().starts_with("core") {
+                let _ = std::fs::copy(f.path(), to.join(f.file_name()));
+            }
+        }
+    }
 }
