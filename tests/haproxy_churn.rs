@@ -1039,8 +1039,9 @@ fn core_backtraces(dir: &Path, exe: &Path) -> BTreeMap<u32, String> {
 /// Debian 12's haproxy 2.6.12 crashes now and then as a worker exits, after
 /// its last connection: `deinit` unbinds a listener and `_fd_delete_orphan`
 /// touches the poller's update list its threads already freed (haproxy#2114,
-/// fixed in 2.6.14; nothing to do with servers). Such a worker served all it
-/// had; any other death fails the test.
+/// fixed in 2.6.14; runtime server deletion seems to make it likelier, see
+/// docs/benchmarks.md). Such a worker served all it had; any other death
+/// fails the test.
 fn is_haproxy_2114(backtrace: &str) -> bool {
     backtrace.contains("_fd_delete_orphan") && backtrace.contains("deinit")
 }
