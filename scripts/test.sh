@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what the tests need (haproxy, iproute2,
-# arping, ndisc6, chromium) when missing, then checks formatting, lints and
+# arping, ndisc6, chromium, gdb) when missing, then checks formatting, lints and
 # runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +11,8 @@ command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v arping >/dev/null 2>&1 || need+=(iputils-arping)
 command -v ndsend >/dev/null 2>&1 || need+=(ndisc6)
 [ -x /usr/bin/chromium ] || need+=(chromium)
+# tests/haproxy_churn.rs reads the core of any haproxy worker that dies.
+command -v gdb >/dev/null 2>&1 || need+=(gdb)
 if ((${#need[@]})); then
   sudo=""
   [ "$(id -u)" = 0 ] || sudo=sudo

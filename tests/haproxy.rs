@@ -4,176 +4,16 @@
 #[path = "cluster/harness.rs"]
 mod harness;
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+#[path = "common/haproxy.rs"]
+mod common;
+
+use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use clb::client::Client;
-use harness::{eventually, free_port, Cluster, Node};
-use serde_json::{json, Value};
-
-/// A backend HTTP server answering its own name, counting requests.
-struct Backend {
-    name: String,
-    port: u16,
-    hits: Arc<AtomicU64>,
-}
-
-async fn backend(name: &str) -> Backend {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let hits = Arc::new(AtomicU64::new(0));
-    let (h, n) = (hits.clone(), name.to_string());
-    let app = axum::Router::new().fallback(move || {
-        let (h, n) = (h.clone(), n.clone());
-        async move {
-            h.fetch_add(1, Ordering::SeqCst);
-            n
-        }
-    });
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    Backend {
-        name: name.into(),
-        port,
-        hits,
-    }
-}
-
-/// haproxy in master-worker mode on a config clbd rendered; killed on drop.
-struct Haproxy {
-    child: Child,
-}
-
-impl Haproxy {
-    fn start(cfg: &Path, master: &Path) -> Haproxy {
-        let child = Command::new("haproxy")
-            .args(["-W", "-db", "-S"])
-            .arg(master)
-            .arg("-f")
-            .arg(cfg)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("haproxy is installed (scripts/test.sh installs it)");
-        Haproxy { child }
-    }
-}
-
-impl Drop for Haproxy {
-    fn drop(&mut self) {
-        // The master stops its workers on SIGTERM.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-    }
-}
-
-/// A one-node clb with haproxy control, plus the paths a test needs.
-struct Balancer {
-    cluster: Cluster,
-    cfg: PathBuf,
-    master: PathBuf,
-}
-
-impl Balancer {
-    async fn start(extra: &[&str]) -> Balancer {
-        let dir = tempfile::tempdir().unwrap().keep();
-        let master = dir.join("master.sock");
-        let admin = dir.join("admin.sock");
-        let mut args = vec![
-            "--haproxy-socket".to_string(),
-            admin.display().to_string(),
-            "--haproxy-master-socket".into(),
-            master.display().to_string(),
-            "--stats-port".into(),
-            "0".into(),
-            "--reload-min-interval-ms".into(),
-            "200".into(),
-            // These tests move members in and out on purpose; the guardrail has its own test.
-            "--guardrail-share".into(),
-            "1".into(),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        let cluster = Cluster::start_with(1, &refs).await;
-        let cfg = cluster.dir.path().join("haproxy1.cfg");
-        Balancer {
-            cluster,
-            cfg,
-            master,
-        }
-    }
-
-    fn node(&self) -> &Node {
-        self.cluster.node(1)
-    }
-
-    fn client(&self) -> Client {
-        self.node().client()
-    }
-
-    async fn render_status(&self) -> Value {
-        let v = self.client().cluster().await.unwrap();
-        v["node_status"]["1"]["render"].clone()
-    }
-
-    /// Waits until haproxy runs the registry's latest index.
-    async fn applied(&self) -> Value {
-        eventually(
-            Duration::from_secs(15),
-            "haproxy runs the latest config",
-            || async {
-                let v = self.client().cluster().await.ok()?;
-                let r = v["node_status"]["1"]["render"].clone();
-                let want = v["applied_index"].as_u64()?;
-                (r["applied_index"].as_u64()? >= want && r["last_error"].is_null()).then_some(r)
-            },
-        )
-        .await
-    }
-
-    async fn start_haproxy(&self) -> Haproxy {
-        let cfg = self.cfg.clone();
-        eventually(Duration::from_secs(10), "first rendered config", || async {
-            cfg.exists().then_some(())
-        })
-        .await;
-        Haproxy::start(&self.cfg, &self.master)
-    }
-}
-
-/// `n` requests on fresh connections; counts answers per backend name and failures.
-async fn traffic(port: u16, n: usize) -> (BTreeMap<String, usize>, usize) {
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
-        .timeout(Duration::from_secs(5))
-        .build()
-        .unwrap();
-    let mut seen = BTreeMap::new();
-    let mut failed = 0;
-    for _ in 0..n {
-        match http.get(format!("http://127.0.0.1:{port}/")).send().await {
-            Ok(r) if r.status().is_success() => {
-                *seen.entry(r.text().await.unwrap_or_default()).or_insert(0) += 1
-            }
-            _ => failed += 1,
-        }
-    }
-    (seen, failed)
-}
-
-async fn define_web(client: &Client, port: u16) {
-    client
-        .define_service(
-            "web",
-            json!({"port": port, "mode": "http", "check": "none"}),
-        )
-        .await
-        .expect("define service");
-}
+use common::{backend, define_svc, define_web, traffic, Balancer, Haproxy};
+use harness::{eventually, free_port, Cluster};
+use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_reach_haproxy_through_the_runtime_api() {
@@ -273,13 +113,6 @@ async fn a_structural_change_reloads_without_failing_a_request() {
     let (seen, failed) = load.await.unwrap();
     assert_eq!(failed, 0, "requests failed across reloads: {seen:?}");
     assert_eq!(seen.get("a"), Some(&400));
-}
-
-async fn define_svc(client: &Client, name: &str) {
-    client
-        .define_service(name, json!({"port": free_port(), "check": "tcp"}))
-        .await
-        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

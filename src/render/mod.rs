@@ -148,6 +148,8 @@ async fn run(
     // The registry of the last file the validate command accepted.
     let mut validated: Option<Arc<Registry>> = None;
     let mut last_reload: Option<Instant> = None;
+    // Member changes through the admin socket, and servers being removed.
+    let runtime = settings.haproxy_socket.clone().map(haproxy::Runtime::new);
     let mut retry = Duration::from_millis(250);
     let mut failing = false;
     // When the next pass may start (see PACE).
@@ -235,7 +237,7 @@ async fn run(
             continue;
         }
         // Apply: runtime API when only members changed, else a reload.
-        let plan = match (&live, &settings.haproxy_socket) {
+        let plan = match (&live, &runtime) {
             (Some(l), Some(_)) => haproxy::plan(l, &current.registry),
             _ => Plan::Reload,
         };
@@ -296,25 +298,31 @@ async fn run(
         let outcome = match plan {
             Plan::Nothing => Ok("runtime"),
             Plan::Runtime(ops) => {
-                let socket = settings.haproxy_socket.as_deref().unwrap_or(Path::new(""));
-                match haproxy::run_ops(socket, &ops).await {
+                let Some(rt) = &runtime else {
+                    unreachable!("a runtime plan is only made with a runtime (above)")
+                };
+                match rt.apply(&ops).await {
                     Ok(()) => Ok("runtime"),
                     Err(e) if can_reload => {
                         tracing::warn!(cause = %e, "runtime API change failed; reloading instead");
                         // The file may have skipped validation (above): check it first.
                         match validate_installed(&settings, validate).await {
-                            Ok(()) => reload(&settings, &mut last_reload, &mut shutdown)
-                                .await
-                                .map(|_| "reload"),
+                            Ok(()) => {
+                                reload(&settings, runtime.as_ref(), &mut last_reload, &mut shutdown)
+                                    .await
+                                    .map(|_| "reload")
+                            }
                             Err(e) => Err(e.to_string()),
                         }
                     }
                     Err(e) => Err(e.to_string()),
                 }
             }
-            Plan::Reload if can_reload => reload(&settings, &mut last_reload, &mut shutdown)
-                .await
-                .map(|_| "reload"),
+            Plan::Reload if can_reload => {
+                reload(&settings, runtime.as_ref(), &mut last_reload, &mut shutdown)
+                    .await
+                    .map(|_| "reload")
+            }
             Plan::Reload => Ok("written"),
         };
         let apply_ms = ms(t2.elapsed());
@@ -366,6 +374,7 @@ fn ms(d: Duration) -> f64 {
 /// per `reload_min_interval`.
 async fn reload(
     settings: &RenderSettings,
+    runtime: Option<&haproxy::Runtime>,
     last: &mut Option<Instant>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), String> {
@@ -379,6 +388,9 @@ async fn reload(
         }
     }
     *last = Some(Instant::now());
+    if let Some(rt) = runtime {
+        rt.forget_leaving().await;
+    }
     haproxy::reload(
         settings.reload_cmd.as_deref(),
         settings.master_socket.as_deref(),

@@ -1,0 +1,236 @@
+//! A one-node clb driving a real haproxy (Debian package, master-worker
+//! mode) and real backend HTTP servers on loopback: shared by the haproxy
+//! test files, which include it with `#[path]` beside `cluster/harness.rs`.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clb::client::Client;
+use serde_json::{json, Value};
+
+use crate::harness::{eventually, free_port, Cluster, Node};
+
+/// A backend HTTP server answering its own name, counting requests.
+pub struct Backend {
+    pub name: String,
+    pub port: u16,
+    pub hits: Arc<AtomicU64>,
+}
+
+pub async fn backend(name: &str) -> Backend {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let hits = Arc::new(AtomicU64::new(0));
+    let (h, n) = (hits.clone(), name.to_string());
+    let app = axum::Router::new().fallback(move || {
+        let (h, n) = (h.clone(), n.clone());
+        async move {
+            h.fetch_add(1, Ordering::SeqCst);
+            n
+        }
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Backend {
+        name: name.into(),
+        port,
+        hits,
+    }
+}
+
+/// haproxy in master-worker mode on a config clbd rendered; killed on drop.
+pub struct Haproxy {
+    pub child: Child,
+}
+
+impl Haproxy {
+    pub fn start(cfg: &Path, master: &Path) -> Haproxy {
+        Self::spawn(Self::command(cfg, master, Stdio::null()))
+    }
+
+    /// Like [`Haproxy::start`], with the master's and workers' stderr (the
+    /// master's notes on workers, haproxy's own log lines) in `log`. With
+    /// `cores`, haproxy runs in `log`'s directory with core dumps allowed, so
+    /// a crashed worker leaves a core there (where the kernel's core_pattern
+    /// is a plain file name).
+    pub fn start_logged(cfg: &Path, master: &Path, log: &Path, cores: bool) -> Haproxy {
+        let f = std::fs::File::create(log).expect("haproxy log file");
+        let mut cmd = Self::command(cfg, master, Stdio::from(f));
+        if cores {
+            cmd.current_dir(log.parent().expect("log in a directory"));
+            use std::os::unix::process::CommandExt;
+            // SAFETY: only setrlimit(2) between fork and exec.
+            unsafe {
+                cmd.pre_exec(|| {
+                    let unlimited = libc::rlimit {
+                        rlim_cur: libc::RLIM_INFINITY,
+                        rlim_max: libc::RLIM_INFINITY,
+                    };
+                    libc::setrlimit(libc::RLIMIT_CORE, &unlimited);
+                    Ok(())
+                });
+            }
+        }
+        Self::spawn(cmd)
+    }
+
+    fn command(cfg: &Path, master: &Path, stderr: Stdio) -> Command {
+        let mut cmd = Command::new("haproxy");
+        cmd.args(["-W", "-db", "-S"])
+            .arg(master)
+            .arg("-f")
+            .arg(cfg)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        cmd
+    }
+
+    fn spawn(mut cmd: Command) -> Haproxy {
+        let child = cmd
+            .spawn()
+            .expect("haproxy is installed (scripts/test.sh installs it)");
+        Haproxy { child }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        // The master stops its workers on SIGTERM.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+/// A one-node clb with haproxy control, plus the paths a test needs.
+pub struct Balancer {
+    pub cluster: Cluster,
+    pub cfg: PathBuf,
+    pub master: PathBuf,
+    pub admin: PathBuf,
+}
+
+impl Balancer {
+    pub async fn start(extra: &[&str]) -> Balancer {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let master = dir.join("master.sock");
+        let admin = dir.join("admin.sock");
+        let mut args = vec![
+            "--haproxy-socket".to_string(),
+            admin.display().to_string(),
+            "--haproxy-master-socket".into(),
+            master.display().to_string(),
+            "--stats-port".into(),
+            "0".into(),
+            "--reload-min-interval-ms".into(),
+            "200".into(),
+            // These tests move members in and out on purpose; the guardrail has its own test.
+            "--guardrail-share".into(),
+            "1".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let cluster = Cluster::start_with(1, &refs).await;
+        let cfg = cluster.dir.path().join("haproxy1.cfg");
+        Balancer {
+            cluster,
+            cfg,
+            master,
+            admin,
+        }
+    }
+
+    pub fn node(&self) -> &Node {
+        self.cluster.node(1)
+    }
+
+    pub fn client(&self) -> Client {
+        self.node().client()
+    }
+
+    pub async fn render_status(&self) -> Value {
+        let v = self.client().cluster().await.unwrap();
+        v["node_status"]["1"]["render"].clone()
+    }
+
+    /// Waits until haproxy runs the registry's latest index.
+    pub async fn applied(&self) -> Value {
+        eventually(
+            Duration::from_secs(15),
+            "haproxy runs the latest config",
+            || async {
+                let v = self.client().cluster().await.ok()?;
+                let r = v["node_status"]["1"]["render"].clone();
+                let want = v["applied_index"].as_u64()?;
+                (r["applied_index"].as_u64()? >= want && r["last_error"].is_null()).then_some(r)
+            },
+        )
+        .await
+    }
+
+    async fn first_config(&self) {
+        let cfg = self.cfg.clone();
+        eventually(Duration::from_secs(10), "first rendered config", || async {
+            cfg.exists().then_some(())
+        })
+        .await;
+    }
+
+    pub async fn start_haproxy(&self) -> Haproxy {
+        self.first_config().await;
+        Haproxy::start(&self.cfg, &self.master)
+    }
+
+    /// [`Balancer::start_haproxy`] with haproxy's stderr in `log` (see
+    /// [`Haproxy::start_logged`]).
+    pub async fn start_haproxy_logged(&self, log: &Path, cores: bool) -> Haproxy {
+        self.first_config().await;
+        Haproxy::start_logged(&self.cfg, &self.master, log, cores)
+    }
+}
+
+/// `n` requests on fresh connections; counts answers per backend name and failures.
+pub async fn traffic(port: u16, n: usize) -> (BTreeMap<String, usize>, usize) {
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let mut seen = BTreeMap::new();
+    let mut failed = 0;
+    for _ in 0..n {
+        match http.get(format!("http://127.0.0.1:{port}/")).send().await {
+            Ok(r) if r.status().is_success() => {
+                *seen.entry(r.text().await.unwrap_or_default()).or_insert(0) += 1
+            }
+            _ => failed += 1,
+        }
+    }
+    (seen, failed)
+}
+
+pub async fn define_web(client: &Client, port: u16) {
+    client
+        .define_service(
+            "web",
+            json!({"port": port, "mode": "http", "check": "none"}),
+        )
+        .await
+        .expect("define service");
+}
+
+pub async fn define_svc(client: &Client, name: &str) {
+    client
+        .define_service(name, json!({"port": free_port(), "check": "tcp"}))
+        .await
+        .unwrap();
+}
