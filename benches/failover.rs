@@ -704,6 +704,9 @@ struct Drill {
     vip_moved: Option<Duration>,
     overlap_samples: usize,
     restore: Duration,
+    /// Requests started after the VIP moved that failed before the first
+    /// 200: how many of each phase and OS error (the client-side tail).
+    tail: Vec<(String, usize)>,
 }
 
 fn drills(opts: &Opts) -> Result<Value> {
@@ -801,6 +804,7 @@ fn drill_row(system: System, profile: &str, drills: &[Drill], took: Duration) ->
             "vip_moved_ms": d.vip_moved.as_ref().map(millis),
             "overlap_samples": d.overlap_samples,
             "restore_ms": millis(&d.restore),
+            "tail": d.tail.iter().map(|(e, n)| json!({"error": e, "count": n})).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })
 }
@@ -874,6 +878,24 @@ fn drill_loop(pair: &mut Pair, count: usize) -> Result<Vec<Drill>> {
         })
         .ok();
 
+        // The client-side tail: why requests sent after the address had
+        // moved still failed, by phase and OS error.
+        let tail = match (vip_moved, failover) {
+            (Some(moved), Some(first)) => {
+                let (moved, first) = (t0 + moved, t0 + first);
+                let mut by: std::collections::BTreeMap<String, usize> = Default::default();
+                if let Ok(s) = shots.lock() {
+                    for shot in s.iter().filter(|s| s.start >= moved && s.at <= first) {
+                        if let Some(e) = &shot.error {
+                            *by.entry(e.clone()).or_default() += 1;
+                        }
+                    }
+                }
+                by.into_iter().collect()
+            }
+            _ => Vec::new(),
+        };
+
         // The host comes back as after a reboot: without the address it held.
         let t1 = Instant::now();
         let vip = format!("{}/32", pair.vip);
@@ -907,9 +929,10 @@ fn drill_loop(pair: &mut Pair, count: usize) -> Result<Vec<Drill>> {
             vip_moved,
             overlap_samples: overlap,
             restore,
+            tail,
         };
         eprintln!(
-            "{} {} drill {}/{count}: {} died, first 200 after {:?}, VIP moved after {:?}, {} overlap samples, restored in {:?}",
+            "{} {} drill {}/{count}: {} died, first 200 after {:?}, VIP moved after {:?}, {} overlap samples, restored in {:?}, failed after the move: {:?}",
             pair.system.name(),
             pair.profile,
             n + 1,
@@ -917,7 +940,8 @@ fn drill_loop(pair: &mut Pair, count: usize) -> Result<Vec<Drill>> {
             d.failover,
             d.vip_moved,
             d.overlap_samples,
-            d.restore
+            d.restore,
+            d.tail
         );
         out.push(d);
     }

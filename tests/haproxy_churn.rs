@@ -754,8 +754,8 @@ async fn haproxy_survives_member_churn_under_long_lived_traffic() {
         "churn writes failed: {churn_errors:?}"
     );
 
-    // The file and the running worker agree once the last sessions ended
-    // (a removed member with a session open stays in maint until then).
+    // The file and the running worker agree, but for removed members, which
+    // the worker keeps in maint (retired, never deleted) until a reload.
     let status = b.applied().await;
     let cfg = b.cfg.clone();
     let (file, runtime) = eventually(
@@ -763,7 +763,15 @@ async fn haproxy_survives_member_churn_under_long_lived_traffic() {
         "the runtime servers to match the file",
         || async {
             let file = file_servers(&std::fs::read_to_string(&cfg).ok()?);
-            let runtime = runtime_servers(&b.admin).await?;
+            let mut runtime = runtime_servers(&b.admin).await?;
+            let retired: Vec<String> = runtime
+                .iter()
+                .filter(|(name, (_, _, maint))| *maint && !file.contains_key(*name))
+                .map(|(name, _)| name.clone())
+                .collect();
+            for name in retired {
+                runtime.remove(&name);
+            }
             (file == runtime).then_some((file, runtime))
         },
     )
@@ -844,30 +852,13 @@ async fn haproxy_survives_member_churn_under_long_lived_traffic() {
         })
         .count();
 
-    // What clbd did: removals at once or once connections closed, members
-    // taking back their leaving server, anything that fell back to a reload.
+    // What clbd did: every removal out of rotation at once (drain, maint;
+    // never `del server`), members taking back their retired server, and
+    // anything that fell back to a reload.
     let clbd = b.node().log_text();
     let count = |needle: &str| clbd.lines().filter(|l| l.contains(needle)).count();
-    let mut waited_ms: Vec<u64> = clbd
-        .lines()
-        .filter(|l| l.contains("once its connections closed"))
-        .filter_map(|l| {
-            l.split("after_ms=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .collect();
-    waited_ms.sort_unstable();
-    let pct = |p: usize| {
-        waited_ms
-            .get(waited_ms.len().saturating_sub(1) * p / 100)
-            .copied()
-    };
-    let at_once = count("removed from haproxy") - waited_ms.len();
-    let deferred = count("haproxy deletes it once its open connections close");
+    let retired = count("removed from rotation; its open sessions finish");
+    let taken_back = count("its retired server is back in service");
     let alerts = htext
         .lines()
         .filter(|l| l.starts_with("<0>") || l.starts_with("<1>") || l.starts_with("<2>"))
@@ -880,10 +871,9 @@ async fn haproxy_survives_member_churn_under_long_lived_traffic() {
         "churn: {:.0} s, {} changes ({:.1}/s, {removals} removals, {removals_held} with a long \
          session open), {} reloads (longest {:?} from the new service to the reload); requests: {} keep-alive, {} slow, {} upgraded, {} failed, \
          {} idle closes retried ({} away from a reload); {} sessions outlived their member's \
-         removal; clbd: {at_once} deleted at once, {deferred} deferred ({} deleted once \
-         connections closed, waited p50 {:?} ms p90 {:?} ms max {:?} ms), {} taken back by a \
-         new registration, {} runtime fallbacks to reload; haproxy: {} workers ({} exit lines not \"code 0\", {} of them \
-         the known crash at exit, haproxy#2114), {alerts} alert lines, {down_notices} 'going DOWN for maintenance' at notice",
+         removal; clbd: {retired} removed from rotation at once, {taken_back} retired servers \
+         taken back by a new registration, {} runtime fallbacks to reload; haproxy: {} workers \
+         ({} exit lines not \"code 0\"), {alerts} alert lines, {down_notices} 'going DOWN for maintenance' at notice",
         elapsed.as_secs_f64(),
         events.len(),
         events.len() as f64 / run.as_secs_f64(),
@@ -896,15 +886,9 @@ async fn haproxy_survives_member_churn_under_long_lived_traffic() {
         log.idle_closes.len(),
         stray.len(),
         removed_under.len(),
-        waited_ms.len(),
-        pct(50),
-        pct(90),
-        waited_ms.last(),
-        count("registered again while leaving"),
         count("reloading instead"),
         worker_pids.len(),
         exits.iter().filter(|l| !l.contains("code 0 (Exit)")).count(),
-        backtraces.values().filter(|bt| is_haproxy_2114(bt)).count(),
     );
 
     // haproxy: the same master throughout, and every worker that left did so
@@ -933,10 +917,12 @@ async fn haproxy_survives_member_churn_under_long_lived_traffic() {
             continue;
         }
         let bt = backtraces.get(pid).map(String::as_str).unwrap_or("no core");
-        assert!(
-            is_haproxy_2114(bt),
-            "worker {pid} died: {line}\nits core:\n{bt}"
-        );
+        let known = if is_haproxy_2114(bt) {
+            "haproxy#2114, the crash at exit that deleted servers set off"
+        } else {
+            "not a known crash"
+        };
+        panic!("worker {pid} died ({known}): {line}\nits core:\n{bt}");
     }
     assert!(
         worker_pids.len() as u64 > reload_windows.len() as u64,
@@ -982,18 +968,11 @@ async fn haproxy_survives_member_churn_under_long_lived_traffic() {
     );
     assert_eq!(alerts, 0, "haproxy logged at alert level:\n{htext}");
     assert!(down_notices >= removals / 2, "removals log at notice level");
-    // A removal waits only for a session in flight on its member: idle pooled
-    // connections must not hold it. Runs here delete 97-100 % of the others
-    // at once; the slack is for keep-alive requests in flight at that instant
-    // on a slower machine.
-    let free = removals - removals_held;
+    // Every removal that reached haproxy took its server out of rotation at
+    // once: at least one per churn cycle a member was out for.
     assert!(
-        at_once * 100 >= free * 85,
-        "{at_once} of {removals} removals deleted at once; {free} had no long session open"
-    );
-    assert!(
-        deferred <= removals_held + free * 15 / 100,
-        "{deferred} removals waited; {removals_held} had a long session open"
+        retired + taken_back > 0 && retired <= removals,
+        "{retired} removals retired for {removals} unregistrations"
     );
 }
 

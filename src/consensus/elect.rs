@@ -239,9 +239,14 @@ impl Elector {
     #[tracing::instrument(name = "elect", skip_all, fields(node = self.id))]
     async fn run(mut self) {
         let mut metrics = self.raft.metrics();
-        // Lost pre-vote rounds back off by a timeout before the next one.
+        // A lost pre-vote round is tried again soon, then less and less
+        // often: a voter that refused only because its own window had a few
+        // milliseconds left (it heard the dead leader's last heartbeat a
+        // little later) says yes moments later, while a node cut off from a
+        // live leader asks at most once per timeout.
         let mut not_before = Instant::now();
         let mut losing_streak = 0u32;
+        let first_retry = (self.max.saturating_sub(self.min) / 2).max(Duration::from_millis(1));
         loop {
             let m = metrics.borrow_and_update().clone();
             if m.running_state.is_err() {
@@ -280,7 +285,13 @@ impl Elector {
                             "no leader heard from, but the other voters still follow one: not campaigning"
                         );
                     }
-                    not_before = Instant::now() + timeout;
+                    let backoff = first_retry
+                        .saturating_mul(1 << losing_streak.min(16))
+                        .min(timeout);
+                    let jitter = Duration::from_micros(
+                        rand::random::<u64>() % (backoff.as_micros() as u64 + 1),
+                    );
+                    not_before = Instant::now() + backoff / 2 + jitter / 2;
                     continue;
                 }
                 tracing::info!(

@@ -3,12 +3,11 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
-use tokio::sync::{Mutex, Notify};
+use tokio::sync::Mutex;
 
 use super::template::{server_addr, server_options};
 use crate::model::{Member, MemberState, Registry, Service};
@@ -220,95 +219,61 @@ fn state_word(state: MemberState) -> &'static str {
     }
 }
 
-/// haproxy's answers to `del server` that clb acts on.
-const DELETED: &str = "Server deleted.";
-/// The server is gone already: a reload (ours or anyone's) dropped it.
-const NO_SUCH_SERVER: &str = "No such server.";
-/// Streams, queued requests or pooled idle connections still use it.
-const STILL_CONNECTED: &str = "Server still has connections attached to it";
+/// How many removed servers haproxy may keep in maint before clbd reloads
+/// to drop them (a reload loads the file, which no longer has them).
+pub const RETIRED_RELOAD_AT: usize = 1_000;
 
-/// First and longest pause between two `del server` attempts on a removed
-/// server that still has connections. Idle pooled connections of a server
-/// put in maint are closed by haproxy's threads a few milliseconds later,
-/// and a request in flight usually ends as fast; a long-lived one (an
-/// upgraded session, a download) ends when it ends. `del server` stops every
-/// haproxy thread while it runs, so a server held for long is asked at most
-/// once per `RETRY_MAX`.
-const RETRY_FIRST: Duration = Duration::from_millis(2);
-const RETRY_MAX: Duration = Duration::from_secs(1);
-
-/// A server removed from the registry that haproxy still has, in maint,
-/// because connections were open when it was removed.
-#[derive(Debug)]
-struct Leaving {
-    member: Member,
-    since: tokio::time::Instant,
-    next_try: tokio::time::Instant,
-    pause: Duration,
-}
-
-#[derive(Debug, Default)]
-struct LeavingSet {
-    /// By `backend/server`.
-    servers: BTreeMap<String, Leaving>,
-    /// Whether a reaper task is running for them.
-    reaper: bool,
-}
-
-/// The running worker's runtime API: applies member changes, and deletes
-/// removed servers once their last connection has closed.
+/// The running worker's runtime API: applies member changes.
 ///
-/// A removal is `drain` (when the member was active), then `maint`, then
-/// `del server`. Drain first makes haproxy log the server going down at
-/// notice rather than alert level (it only raises an alert for a server
-/// that was taking new sessions); maint closes its idle pooled connections
-/// and stops the rest from taking new requests. When connections remain,
-/// the server stays in maint, out of rotation, and a background task retries
-/// the delete. A member registered again under the same name meanwhile takes
-/// that server back instead of adding a second one, which haproxy refuses.
+/// A removal is `drain` (when the member was active), then `maint`; the
+/// server is then *retired*, not deleted. Drain first makes haproxy log the
+/// server going down at notice rather than alert level (it only raises an
+/// alert for a server that was taking new sessions); maint takes it out of
+/// rotation and lets the sessions it still carries finish. clbd never sends
+/// `del server`: on Debian's haproxy 2.6.12 a worker that had deleted
+/// servers sometimes crashed as it exited after a reload (haproxy#2114,
+/// fixed in 2.6.14; measured in docs/benchmarks.md), and one that only kept
+/// them in maint never did. A member registered again under the same name
+/// takes its retired server back. The next reload drops every retired
+/// server (the file no longer has them); with more than
+/// [`RETIRED_RELOAD_AT`] of them, clbd reloads for that alone.
 pub struct Runtime {
     socket: PathBuf,
-    /// Held across every exchange with haproxy about a leaving server, by the
-    /// render task and the reaper alike, so a re-registration or a reload
-    /// never races a delete.
-    leaving: Arc<Mutex<LeavingSet>>,
-    /// Wakes a sleeping reaper when a server starts leaving.
-    wake: Arc<Notify>,
+    /// Retired servers by `backend/server`, with the member they served.
+    retired: Mutex<BTreeMap<String, Member>>,
 }
 
 impl Runtime {
     pub fn new(socket: PathBuf) -> Runtime {
         Runtime {
             socket,
-            leaving: Arc::default(),
-            wake: Arc::default(),
+            retired: Mutex::default(),
         }
     }
 
-    /// Servers waiting for their connections to close before deletion.
-    pub async fn leaving(&self) -> usize {
-        self.leaving.lock().await.servers.len()
+    /// Servers removed from the registry that haproxy keeps in maint.
+    pub async fn retired(&self) -> usize {
+        self.retired.lock().await.len()
     }
 
     /// Called before a reload: the new worker loads the file, which no longer
     /// has these servers, and the old worker keeps serving their connections
-    /// until they close, so nothing remains to delete. (Should the reload
-    /// fail, the next apply is a reload too, which drops them all the same.)
-    pub async fn forget_leaving(&self) {
-        let mut set = self.leaving.lock().await;
-        if !set.servers.is_empty() {
+    /// until they close.
+    pub async fn forget_retired(&self) {
+        let mut set = self.retired.lock().await;
+        if !set.is_empty() {
             tracing::info!(
-                servers = set.servers.len(),
-                "reload: removed servers that still had connections are left to the old worker"
+                servers = set.len(),
+                "reload: removed servers kept in maint are dropped by the new worker"
             );
-            set.servers.clear();
+            set.clear();
         }
     }
 
     /// Applies runtime ops in order.
     pub async fn apply(&self, ops: &[Op]) -> Result<(), HaproxyError> {
         let socket = self.socket.as_path();
-        let mut set = self.leaving.lock().await;
+        let mut retired = self.retired.lock().await;
         for op in ops {
             match op {
                 Op::Add {
@@ -318,9 +283,9 @@ impl Runtime {
                     options,
                 } => {
                     let target = format!("{backend}/{server}");
-                    if let Some(old) = set.servers.remove(&target) {
-                        take_back(socket, &target, &old.member, member).await?;
-                        tracing::info!(server = %target, "registered again while leaving: haproxy's server is back in service");
+                    if let Some(old) = retired.remove(&target) {
+                        take_back(socket, &target, &old, member).await?;
+                        tracing::info!(server = %target, "registered again: its retired server is back in service");
                         continue;
                     }
                     let addr = server_addr(&member.address);
@@ -350,22 +315,8 @@ impl Runtime {
                     if member.state != MemberState::Maint {
                         expect(socket, &format!("set server {target} state maint"), &[""]).await?;
                     }
-                    match delete(socket, &target).await? {
-                        Deleted::Now => tracing::info!(server = %target, "removed from haproxy"),
-                        Deleted::Busy => {
-                            tracing::info!(server = %target, "removed from rotation; haproxy deletes it once its open connections close");
-                            let now = tokio::time::Instant::now();
-                            set.servers.insert(
-                                target,
-                                Leaving {
-                                    member: member.clone(),
-                                    since: now,
-                                    next_try: now + RETRY_FIRST,
-                                    pause: RETRY_FIRST,
-                                },
-                            );
-                        }
-                    }
+                    tracing::info!(server = %target, "removed from rotation; its open sessions finish, the next reload drops it");
+                    retired.insert(target, member.clone());
                 }
                 Op::SetAddr {
                     backend,
@@ -391,39 +342,7 @@ impl Runtime {
                 }
             }
         }
-        if !set.servers.is_empty() {
-            if set.reaper {
-                self.wake.notify_one();
-            } else {
-                set.reaper = true;
-                let (leaving, wake) = (self.leaving.clone(), self.wake.clone());
-                tokio::spawn(reap(socket.to_path_buf(), leaving, wake));
-            }
-        }
         Ok(())
-    }
-}
-
-enum Deleted {
-    /// Gone, or already gone.
-    Now,
-    /// Still has connections; in maint meanwhile.
-    Busy,
-}
-
-async fn delete(socket: &Path, target: &str) -> Result<Deleted, HaproxyError> {
-    let command = format!("del server {target}");
-    let answer = exchange(socket, &command).await?;
-    let answer = answer.trim();
-    if answer == DELETED || answer == NO_SUCH_SERVER {
-        Ok(Deleted::Now)
-    } else if answer.starts_with(STILL_CONNECTED) {
-        Ok(Deleted::Busy)
-    } else {
-        Err(HaproxyError::Refused {
-            command,
-            answer: answer.to_string(),
-        })
     }
 }
 
@@ -440,7 +359,7 @@ async fn set_addr(socket: &Path, target: &str, addr: &str, port: u16) -> Result<
     Ok(())
 }
 
-/// Puts a leaving server (in maint, same service definition, so the same
+/// Puts a retired server (in maint, same service definition, so the same
 /// options) back in service as `member`.
 async fn take_back(
     socket: &Path,
@@ -462,62 +381,6 @@ async fn take_back(
         expect(socket, &format!("set server {target} state {st}"), &[""]).await?;
     }
     Ok(())
-}
-
-/// Retries `del server` on leaving servers until none is left; a reload or
-/// a re-registration takes a server off the list.
-async fn reap(socket: PathBuf, leaving: Arc<Mutex<LeavingSet>>, wake: Arc<Notify>) {
-    loop {
-        let next = {
-            let mut set = leaving.lock().await;
-            let now = tokio::time::Instant::now();
-            let due: Vec<String> = set
-                .servers
-                .iter()
-                .filter(|(_, l)| l.next_try <= now)
-                .map(|(t, _)| t.clone())
-                .collect();
-            for target in due {
-                match delete(&socket, &target).await {
-                    Ok(Deleted::Now) => {
-                        if let Some(l) = set.servers.remove(&target) {
-                            tracing::info!(
-                                server = %target,
-                                after_ms = l.since.elapsed().as_millis() as u64,
-                                "removed from haproxy once its connections closed"
-                            );
-                        }
-                    }
-                    Ok(Deleted::Busy) => {
-                        if let Some(l) = set.servers.get_mut(&target) {
-                            l.pause = (l.pause * 2).min(RETRY_MAX);
-                            l.next_try = tokio::time::Instant::now() + l.pause;
-                        }
-                    }
-                    Err(e) => {
-                        // haproxy is away or refused for another reason: the
-                        // server stays in maint; retry at the slow pace.
-                        tracing::debug!(server = %target, cause = %e, "del server failed; will retry");
-                        if let Some(l) = set.servers.get_mut(&target) {
-                            l.pause = RETRY_MAX;
-                            l.next_try = tokio::time::Instant::now() + l.pause;
-                        }
-                    }
-                }
-            }
-            match set.servers.values().map(|l| l.next_try).min() {
-                Some(t) => t,
-                None => {
-                    set.reaper = false;
-                    return;
-                }
-            }
-        };
-        tokio::select! {
-            _ = tokio::time::sleep_until(next) => {}
-            _ = wake.notified() => {}
-        }
-    }
 }
 
 /// Reload haproxy: `--reload-cmd` when given, else the master CLI.
@@ -611,6 +474,7 @@ fn parse_current_workers(text: &str) -> Vec<u32> {
 mod tests {
     use super::*;
     use crate::model::{Command, MemberSpec, ServiceDef};
+    use std::sync::Arc;
 
     fn reg(members: &[(&str, &str)]) -> Registry {
         let mut r = Registry::default();
@@ -743,16 +607,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_removal_drains_then_maints_then_deletes_and_a_gone_server_is_done() {
-        let fake = fake_socket(|cmd| match cmd {
-            "del server be_web/a" => "Server deleted.\n".into(),
-            "del server be_web/gone" => "No such server.\n".into(),
-            _ => "\n".into(),
-        });
+    async fn a_removal_drains_then_maints_and_never_deletes() {
+        let fake = fake_socket(|_| "\n".into());
         let rt = Runtime::new(fake.path.clone());
         rt.apply(&[
             delete("a", member("10.0.0.1", MemberState::Active)),
-            delete("gone", member("10.0.0.2", MemberState::Drain)),
+            delete("b", member("10.0.0.2", MemberState::Drain)),
         ])
         .await
         .unwrap();
@@ -761,56 +621,16 @@ mod tests {
             [
                 "set server be_web/a state drain",
                 "set server be_web/a state maint",
-                "del server be_web/a",
                 // Already drained: straight to maint.
-                "set server be_web/gone state maint",
-                "del server be_web/gone",
+                "set server be_web/b state maint",
             ]
         );
-        assert_eq!(rt.leaving().await, 0);
+        assert_eq!(rt.retired().await, 2);
     }
 
     #[tokio::test]
-    async fn a_busy_server_is_deleted_once_its_connections_close() {
-        let tries = Arc::new(std::sync::atomic::AtomicU32::new(0));
-        let t = tries.clone();
-        let fake = fake_socket(move |cmd| {
-            if cmd.starts_with("del server") {
-                // Busy for the first three attempts.
-                if t.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 3 {
-                    return "Server still has connections attached to it, cannot remove it.\n"
-                        .into();
-                }
-                return "Server deleted.\n".into();
-            }
-            "\n".into()
-        });
-        let rt = Runtime::new(fake.path.clone());
-        rt.apply(&[delete("a", member("10.0.0.1", MemberState::Maint))])
-            .await
-            .unwrap();
-        assert_eq!(rt.leaving().await, 1, "left in maint, waiting");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while rt.leaving().await > 0 {
-            assert!(tokio::time::Instant::now() < deadline, "never deleted");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        assert_eq!(tries.load(std::sync::atomic::Ordering::SeqCst), 4);
-        // In maint already: no state change, only deletes.
-        assert!(fake
-            .log
-            .lock()
-            .unwrap()
-            .iter()
-            .all(|c| c == "del server be_web/a"));
-    }
-
-    #[tokio::test]
-    async fn a_member_registered_again_while_leaving_takes_its_server_back() {
+    async fn a_member_registered_again_takes_its_retired_server_back() {
         let fake = fake_socket(|cmd| match cmd {
-            c if c.starts_with("del server") => {
-                "Server still has connections attached to it, cannot remove it.\n".into()
-            }
             c if c.contains(" addr ") => "IP changed from '10.0.0.1' to '10.0.0.9'\n".into(),
             _ => "\n".into(),
         });
@@ -821,12 +641,11 @@ mod tests {
         rt.apply(&[add("a", member("10.0.0.9", MemberState::Active))])
             .await
             .unwrap();
-        assert_eq!(rt.leaving().await, 0);
+        assert_eq!(rt.retired().await, 0);
         let log = fake.log.lock().unwrap().clone();
         let after: Vec<&str> = log
             .iter()
             .skip_while(|c| !c.starts_with("set server be_web/a addr"))
-            .filter(|c| !c.starts_with("del server"))
             .map(String::as_str)
             .collect();
         assert_eq!(
@@ -838,28 +657,32 @@ mod tests {
             "{log:?}"
         );
         assert!(!log.iter().any(|c| c.starts_with("add server")), "{log:?}");
+        assert!(!log.iter().any(|c| c.starts_with("del server")), "{log:?}");
     }
 
     #[tokio::test]
-    async fn a_reload_forgets_leaving_servers() {
-        let fake = fake_socket(|cmd| {
-            if cmd.starts_with("del server") {
-                "Server still has connections attached to it, cannot remove it.\n".into()
-            } else {
-                "\n".into()
-            }
+    async fn a_reload_forgets_retired_servers() {
+        let fake = fake_socket(|cmd| match cmd {
+            c if c.starts_with("add server") => "New server registered.\n".into(),
+            _ => "\n".into(),
         });
         let rt = Runtime::new(fake.path.clone());
         rt.apply(&[delete("a", member("10.0.0.1", MemberState::Active))])
             .await
             .unwrap();
-        assert_eq!(rt.leaving().await, 1);
-        rt.forget_leaving().await;
-        assert_eq!(rt.leaving().await, 0);
-        // The reaper stops: no delete reaches the new worker.
-        let n = fake.log.lock().unwrap().len();
-        tokio::time::sleep(RETRY_FIRST * 20).await;
-        assert_eq!(fake.log.lock().unwrap().len(), n);
+        assert_eq!(rt.retired().await, 1);
+        rt.forget_retired().await;
+        assert_eq!(rt.retired().await, 0);
+        // A registration after the reload adds a new server.
+        rt.apply(&[add("a", member("10.0.0.1", MemberState::Active))])
+            .await
+            .unwrap();
+        assert!(fake
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|c| c.starts_with("add server be_web/a")));
     }
 
     #[test]

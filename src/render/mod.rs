@@ -302,6 +302,22 @@ async fn run(
                     unreachable!("a runtime plan is only made with a runtime (above)")
                 };
                 match rt.apply(&ops).await {
+                    // Removed servers stay in maint (haproxy.rs, Runtime);
+                    // past a bound a reload drops them.
+                    Ok(()) if can_reload && rt.retired().await >= haproxy::RETIRED_RELOAD_AT => {
+                        tracing::info!(
+                            retired = haproxy::RETIRED_RELOAD_AT,
+                            "many removed servers kept in maint: reloading to drop them"
+                        );
+                        match validate_installed(&settings, validate).await {
+                            Ok(()) => {
+                                reload(&settings, runtime.as_ref(), &mut last_reload, &mut shutdown)
+                                    .await
+                                    .map(|_| "reload")
+                            }
+                            Err(e) => Err(e.to_string()),
+                        }
+                    }
                     Ok(()) => Ok("runtime"),
                     Err(e) if can_reload => {
                         tracing::warn!(cause = %e, "runtime API change failed; reloading instead");
@@ -389,7 +405,7 @@ async fn reload(
     }
     *last = Some(Instant::now());
     if let Some(rt) = runtime {
-        rt.forget_leaving().await;
+        rt.forget_retired().await;
     }
     haproxy::reload(
         settings.reload_cmd.as_deref(),

@@ -624,6 +624,9 @@ pub struct Shot {
     pub start: Instant,
     pub at: Instant,
     pub served_by: Option<String>,
+    /// Why it failed: the phase and the OS error (`connect: Connection
+    /// refused (os error 111)`, `connect: timed out`, `read: ...`, `status: ...`).
+    pub error: Option<String>,
 }
 
 /// How a [`client`] sends.
@@ -658,13 +661,18 @@ pub fn client(
                 std::thread::sleep(opts.interval * w);
             }
             let start = Instant::now();
-            let served_by = one_request(target, opts);
-            let ok = served_by.is_some();
+            let answer = one_request(target, opts);
+            let ok = answer.is_ok();
             if let Ok(mut s) = out.lock() {
+                let (served_by, error) = match answer {
+                    Ok(by) => (Some(by), None),
+                    Err(e) => (None, Some(e)),
+                };
                 s.push(Shot {
                     start,
                     at: Instant::now(),
                     served_by,
+                    error,
                 });
             }
             // A fast failure (refused, unreachable) must not spin.
@@ -675,17 +683,28 @@ pub fn client(
     shots
 }
 
-fn one_request(target: SocketAddr, opts: ClientOpts) -> Option<String> {
-    let mut s = TcpStream::connect_timeout(&target, opts.connect_timeout).ok()?;
-    s.set_read_timeout(Some(opts.read_timeout)).ok()?;
-    s.set_write_timeout(Some(opts.read_timeout)).ok()?;
-    s.write_all(b"GET / HTTP/1.0\r\nHost: vip\r\n\r\n").ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    if !text.starts_with("HTTP/1.0 200") && !text.starts_with("HTTP/1.1 200") {
-        return None;
+/// One `GET /`: the backend's answer, or the phase that failed and why.
+fn one_request(target: SocketAddr, opts: ClientOpts) -> std::result::Result<String, String> {
+    fn phase(p: &'static str) -> impl Fn(std::io::Error) -> String {
+        move |e| format!("{p}: {e}")
     }
-    Some(text.split_once("\r\n\r\n")?.1.trim().to_string())
+    let mut s =
+        TcpStream::connect_timeout(&target, opts.connect_timeout).map_err(phase("connect"))?;
+    s.set_read_timeout(Some(opts.read_timeout))
+        .map_err(phase("setup"))?;
+    s.set_write_timeout(Some(opts.read_timeout))
+        .map_err(phase("setup"))?;
+    s.write_all(b"GET / HTTP/1.0\r\nHost: vip\r\n\r\n")
+        .map_err(phase("write"))?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).map_err(phase("read"))?;
+    if !text.starts_with("HTTP/1.0 200") && !text.starts_with("HTTP/1.1 200") {
+        let first = text.lines().next().unwrap_or("(nothing)");
+        return Err(format!("status: {first}"));
+    }
+    text.split_once("\r\n\r\n")
+        .map(|(_, body)| body.trim().to_string())
+        .ok_or_else(|| "status: no body".to_string())
 }
 
 /// One sample of where an address is configured: `held[i]` for the i-th
