@@ -141,6 +141,26 @@ async fn follower_pauses_depose_nobody(under_writes: bool) {
             "the writer barely wrote"
         );
     }
+    // Quiet logs: a paused peer is one WARN when it goes and one INFO when
+    // it is back (a 2 s pause is 80 heartbeats), never a line per heartbeat.
+    let log = c.node(leader).log_text();
+    let went = log
+        .lines()
+        .filter(|l| l.contains("peer stopped answering"))
+        .count();
+    let back = log
+        .lines()
+        .filter(|l| l.contains("peer answers again"))
+        .count();
+    let pauses = PAUSES_MS.len() * EACH;
+    assert!(
+        went <= pauses && back <= pauses,
+        "{went} WARN, {back} INFO for {pauses} pauses"
+    );
+    assert!(
+        !log.contains("RPCError") && !log.contains("error replication"),
+        "per-heartbeat replication errors reached the log"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
