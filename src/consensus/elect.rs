@@ -246,6 +246,7 @@ impl Elector {
         // live leader asks at most once per timeout.
         let mut not_before = Instant::now();
         let mut losing_streak = 0u32;
+        let mut lost_at: Option<Instant> = None;
         let first_retry = (self.max.saturating_sub(self.min) / 2).max(Duration::from_millis(1));
         loop {
             let m = metrics.borrow_and_update().clone();
@@ -257,6 +258,12 @@ impl Elector {
             let timeout = self.max + Duration::from_millis(rand::random::<u64>() % (jitter + 1));
             let now = Instant::now();
             let heard = self.liveness.last_heard();
+            // A leader was heard since the last lost round: start afresh.
+            if lost_at.is_some_and(|at| heard > at) {
+                losing_streak = 0;
+                lost_at = None;
+                not_before = now;
+            }
             let due = (heard + timeout).max(not_before);
             let eligible = *self.allowed.borrow()
                 && voters.contains(&self.id)
@@ -277,6 +284,7 @@ impl Elector {
                         .prevote_rounds_lost
                         .fetch_add(1, Ordering::Relaxed);
                     losing_streak += 1;
+                    lost_at = Some(Instant::now());
                     if losing_streak == 1 {
                         tracing::info!(
                             granted,
@@ -303,6 +311,7 @@ impl Elector {
                 );
             }
             losing_streak = 0;
+            lost_at = None;
             self.liveness.elections.fetch_add(1, Ordering::Relaxed);
             if self.raft.trigger().elect().await.is_err() {
                 return;
