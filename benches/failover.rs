@@ -707,6 +707,11 @@ struct Drill {
     /// Requests started after the VIP moved that failed before the first
     /// 200: how many of each phase and OS error (the client-side tail).
     tail: Vec<(String, usize)>,
+    /// The first 200 after the kill: when it was sent and how long it took,
+    /// relative to the VIP move (ms); and how many requests were still open
+    /// at the move, started before it (each blocks its client worker).
+    first_ok: Option<(f64, f64)>,
+    open_at_move: usize,
 }
 
 fn drills(opts: &Opts) -> Result<Value> {
@@ -805,6 +810,9 @@ fn drill_row(system: System, profile: &str, drills: &[Drill], took: Duration) ->
             "overlap_samples": d.overlap_samples,
             "restore_ms": millis(&d.restore),
             "tail": d.tail.iter().map(|(e, n)| json!({"error": e, "count": n})).collect::<Vec<_>>(),
+            "first_ok_sent_after_move_ms": d.first_ok.map(|f| f.0),
+            "first_ok_took_ms": d.first_ok.map(|f| f.1),
+            "open_at_move": d.open_at_move,
         })).collect::<Vec<_>>(),
     })
 }
@@ -819,8 +827,15 @@ fn run_drills(system: System, profile: &str, count: usize, octet: u8) -> Result<
 }
 
 fn drill_loop(pair: &mut Pair, count: usize) -> Result<Vec<Drill>> {
+    // 32 workers, each sending every 32 ms: ~1 request per ms in all. A
+    // worker with a request open on the dead host blocks (read timeout) and
+    // one whose SYN went to the dead MAC blocks for the connect timeout; with
+    // only 4 workers all of them could be blocked at once, and the client
+    // sent nothing for up to 0.8 s after the address had moved (the
+    // "client-side tail" of the earlier runs: the late first request then
+    // took 1-2 ms). With 32, most keep sending.
     let opts = netns::ClientOpts {
-        workers: 4,
+        workers: 32,
         interval: ms(1),
         connect_timeout: ms(20),
         read_timeout: ms(500),
@@ -878,6 +893,17 @@ fn drill_loop(pair: &mut Pair, count: usize) -> Result<Vec<Drill>> {
         })
         .ok();
 
+        // A slow election: what the nodes said (the lab's logs go with it).
+        let max_ms = clb::config::Timers::parse(&pair.profile)
+            .map(|t| t.election_timeout_max_ms)
+            .unwrap_or(150);
+        let slow = max_ms * 2 + 100;
+        if vip_moved.is_some_and(|d| d > ms(slow)) {
+            eprintln!(
+                "drill {n}: the VIP moved after {vip_moved:?} (over {slow} ms); logs:\n{}",
+                pair.tail_logs()
+            );
+        }
         // The client-side tail: why requests sent after the address had
         // moved still failed, by phase and OS error.
         let tail = match (vip_moved, failover) {
@@ -894,6 +920,26 @@ fn drill_loop(pair: &mut Pair, count: usize) -> Result<Vec<Drill>> {
                 by.into_iter().collect()
             }
             _ => Vec::new(),
+        };
+        let (first_ok, open_at_move) = match (vip_moved, failover) {
+            (Some(moved), Some(first)) => {
+                let (moved, first) = (t0 + moved, t0 + first);
+                let ms = |a: Instant, b: Instant| {
+                    if a >= b {
+                        (a - b).as_secs_f64() * 1e3
+                    } else {
+                        -((b - a).as_secs_f64() * 1e3)
+                    }
+                };
+                let s = shots.lock().map(|s| s.clone()).unwrap_or_default();
+                let ok = s
+                    .iter()
+                    .find(|x| x.at == first && x.served_by.is_some())
+                    .map(|x| (ms(x.start, moved), ms(x.at, x.start)));
+                let open = s.iter().filter(|x| x.start < moved && x.at > moved).count();
+                (ok, open)
+            }
+            _ => (None, 0),
         };
 
         // The host comes back as after a reboot: without the address it held.
@@ -930,9 +976,11 @@ fn drill_loop(pair: &mut Pair, count: usize) -> Result<Vec<Drill>> {
             overlap_samples: overlap,
             restore,
             tail,
+            first_ok,
+            open_at_move,
         };
         eprintln!(
-            "{} {} drill {}/{count}: {} died, first 200 after {:?}, VIP moved after {:?}, {} overlap samples, restored in {:?}, failed after the move: {:?}",
+            "{} {} drill {}/{count}: {} died, first 200 after {:?}, VIP moved after {:?}, {} overlap samples, restored in {:?}, failed after the move: {:?}, first 200 (sent, took) ms after the move: {:?}, open at the move: {}",
             pair.system.name(),
             pair.profile,
             n + 1,
@@ -941,7 +989,9 @@ fn drill_loop(pair: &mut Pair, count: usize) -> Result<Vec<Drill>> {
             d.vip_moved,
             d.overlap_samples,
             d.restore,
-            d.tail
+            d.tail,
+            d.first_ok,
+            d.open_at_move
         );
         out.push(d);
     }

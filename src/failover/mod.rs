@@ -181,6 +181,7 @@ impl Failover {
                     status: status_tx.clone(),
                     liveness: liveness.clone(),
                     claim_estimate: Duration::ZERO,
+                    lease: cfg.lease,
                     lease_end: lease_end.clone(),
                 })
             }
@@ -403,8 +404,11 @@ struct HookRunner {
     status: watch::Sender<VipStatus>,
     /// Told when a claim starts and a release finished (vote rules).
     liveness: std::sync::Arc<crate::consensus::elect::Liveness>,
-    /// The longest a successful claim took so far.
+    /// The longest a successful claim took so far. A claim is not started
+    /// with less than that (at most half a lease: a cloud hook may take
+    /// longer than any lease) left of the lease.
     claim_estimate: Duration,
+    lease: Duration,
     /// The end of the latest quorum lease (`CLB_LEASE_END_MS`).
     lease_end: LeaseEnd,
 }
@@ -451,9 +455,11 @@ impl HookRunner {
             // A claim that could still be running when the lease ends is
             // not started; a fresher lease brings a new wish.
             let late = match needed {
-                Some(Wish::Hold(_, until)) => {
-                    !lease::claim_in_time(Instant::now(), self.claim_estimate, until)
-                }
+                Some(Wish::Hold(_, until)) => !lease::claim_in_time(
+                    Instant::now(),
+                    self.claim_estimate.min(self.lease / 2),
+                    until,
+                ),
                 _ => false,
             };
             let needed = if late {
