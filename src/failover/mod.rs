@@ -797,6 +797,17 @@ impl Watcher {
             changed
         });
 
+        // A hand-over started because this node was unfit is called off if
+        // it is fit again before it let the VIP go (haproxy came up while
+        // the hand-over waited): the VIP would otherwise move for nothing.
+        // One an operator asked for (`clb failover`, SIGTERM) goes on.
+        let released = self.handing_over.load(std::sync::atomic::Ordering::SeqCst);
+        if may_lead && self.reply.is_none() && !released {
+            if let Some(h) = self.handover.take() {
+                h.abort();
+                tracing::info!("fit to lead again: hand-over called off");
+            }
+        }
         // An unfit leader hands over, retrying at most once per hand-over wait.
         let alone = self.fallback && !health.ok;
         if leading.is_some()

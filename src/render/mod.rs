@@ -301,26 +301,23 @@ async fn run(
                 let Some(rt) = &runtime else {
                     unreachable!("a runtime plan is only made with a runtime (above)")
                 };
-                match rt.apply(&ops).await {
-                    // Removed servers stay in maint (haproxy.rs, Runtime);
-                    // past a bound a reload drops them.
-                    Ok(()) if can_reload && rt.retired().await >= haproxy::RETIRED_RELOAD_AT => {
-                        tracing::info!(
-                            retired = haproxy::RETIRED_RELOAD_AT,
-                            "many removed servers kept in maint: reloading to drop them"
-                        );
-                        match validate_installed(&settings, validate).await {
-                            Ok(()) => {
-                                reload(&settings, runtime.as_ref(), &mut last_reload, &mut shutdown)
-                                    .await
-                                    .map(|_| "reload")
+                let applied = rt.apply(&ops).await;
+                // Removed servers stay in maint (haproxy.rs, Runtime); past a
+                // bound a reload drops them.
+                let crowded = applied.is_ok() && rt.retired().await >= haproxy::RETIRED_RELOAD_AT;
+                match applied {
+                    Ok(()) if !(can_reload && crowded) => Ok("runtime"),
+                    Err(e) if !can_reload => Err(e.to_string()),
+                    other => {
+                        match other {
+                            Ok(()) => tracing::info!(
+                                retired = haproxy::RETIRED_RELOAD_AT,
+                                "many removed servers kept in maint: reloading to drop them"
+                            ),
+                            Err(e) => {
+                                tracing::warn!(cause = %e, "runtime API change failed; reloading instead")
                             }
-                            Err(e) => Err(e.to_string()),
                         }
-                    }
-                    Ok(()) => Ok("runtime"),
-                    Err(e) if can_reload => {
-                        tracing::warn!(cause = %e, "runtime API change failed; reloading instead");
                         // The file may have skipped validation (above): check it first.
                         match validate_installed(&settings, validate).await {
                             Ok(()) => {
@@ -331,7 +328,6 @@ async fn run(
                             Err(e) => Err(e.to_string()),
                         }
                     }
-                    Err(e) => Err(e.to_string()),
                 }
             }
             Plan::Reload if can_reload => {
