@@ -29,7 +29,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
@@ -131,8 +131,9 @@ pub async fn serve(
         acceptor,
         limits: limits.clone(),
     });
-    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let table = Arc::new(Mutex::new(Table::default()));
+    // Told when a connection ends: room for one waiting in the backlog.
+    let room = Arc::new(tokio::sync::Notify::new());
     let mut refused = RateLimitedWarn::default();
     let mut connections = JoinSet::new();
     loop {
@@ -163,36 +164,35 @@ pub async fn serve(
             continue;
         }
         // Make room by closing an idle connection rather than letting silent
-        // ones starve clients with something to say. With every slot busy,
-        // further clients wait in the kernel's backlog; we look again as
-        // requests end.
-        let permit = loop {
-            if let Ok(p) = permits.clone().try_acquire_owned() {
-                break Some(p);
-            }
+        // ones starve clients with something to say; the new connection is
+        // served at once (the closing one leaves the count as it is asked
+        // to go). With every connection busy, further clients wait in the
+        // kernel's backlog; we look again as connections end.
+        let admitted = loop {
             {
                 let mut t = table.lock().unwrap_or_else(|p| p.into_inner());
-                if t.conns.len() >= limits.max_connections {
-                    t.evict_one();
+                if t.conns.len() < limits.max_connections || t.evict_one() {
+                    break true;
                 }
             }
             tokio::select! {
-                p = permits.clone().acquire_owned() => break p.ok(),
+                _ = room.notified() => {}
                 _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-                _ = shutdown.wait_for(|s| *s) => break None,
+                _ = shutdown.wait_for(|s| *s) => break false,
             }
         };
-        let Some(permit) = permit else { break };
+        if !admitted {
+            break;
+        }
         let _ = stream.set_nodelay(true);
         let activity = Arc::new(Activity::new());
-        let slot = Slot::take(&table, ip, activity.clone());
+        let slot = Slot::take(&table, &room, ip, activity.clone());
         let conn = Connection {
             shared: shared.clone(),
             peer,
             shutdown: shutdown.clone(),
             activity,
             _slot: slot,
-            _permit: permit,
         };
         connections.spawn(conn.run(stream));
     }
@@ -251,11 +251,17 @@ impl Table {
 /// A connection's entry in the [`Table`], removed when the task ends.
 struct Slot {
     table: Arc<Mutex<Table>>,
+    room: Arc<tokio::sync::Notify>,
     id: u64,
 }
 
 impl Slot {
-    fn take(table: &Arc<Mutex<Table>>, ip: IpAddr, activity: Arc<Activity>) -> Slot {
+    fn take(
+        table: &Arc<Mutex<Table>>,
+        room: &Arc<tokio::sync::Notify>,
+        ip: IpAddr,
+        activity: Arc<Activity>,
+    ) -> Slot {
         let mut t = table.lock().unwrap_or_else(|p| p.into_inner());
         let id = t.next;
         t.next += 1;
@@ -263,6 +269,7 @@ impl Slot {
         *t.per_ip.entry(ip).or_default() += 1;
         Slot {
             table: table.clone(),
+            room: room.clone(),
             id,
         }
     }
@@ -275,6 +282,8 @@ impl Drop for Slot {
         if let Some((ip, _)) = t.conns.remove(&self.id) {
             t.forget_ip(ip);
         }
+        drop(t);
+        self.room.notify_one();
     }
 }
 
@@ -317,8 +326,6 @@ struct Connection {
     activity: Arc<Activity>,
     /// Leaves the connection table when the task ends.
     _slot: Slot,
-    /// Frees a connection slot when the task ends.
-    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Connection {

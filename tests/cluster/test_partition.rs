@@ -346,16 +346,35 @@ fn partition_drill_moves_the_vip_without_two_holders() {
     let (gap, failed) = longest_gap(&shots.lock().expect("shots"), t, end);
     let (pgap, pfailed) = longest_gap(&patient.lock().expect("shots"), t, end);
     let sent = patient.lock().expect("shots").len();
+    // A request open on the old holder when the address moves is reset by
+    // the new one (its connection lives on the old host): that is moving an
+    // address, for keepalived too. Any other failure (a request that could
+    // not connect within 3 s) would be a gap clb left.
+    let errors: Vec<String> = patient
+        .lock()
+        .expect("shots")
+        .iter()
+        .filter(|s| s.start >= t && s.at <= end)
+        .filter_map(|s| s.error.clone())
+        .collect();
+    let (in_flight, other): (Vec<&String>, Vec<&String>) = errors
+        .iter()
+        .partition(|e| e.starts_with("read:") || e.starts_with("write:"));
     report.push(format!(
         "holder restarted, then all three in turn: patient client {sent} requests, \
-         {pfailed} failed, longest gap {} ms; drill client (300 ms connect timeout) \
-         {failed} failed, longest gap {} ms",
+         {pfailed} failed ({} open across a move and reset), longest gap {} ms; drill \
+         client (300 ms connect timeout) {failed} failed, longest gap {} ms",
+        in_flight.len(),
         pgap.as_millis(),
         gap.as_millis()
     ));
-    assert_eq!(
-        pfailed, 0,
-        "planned restarts failed {pfailed} requests of a patient client (longest gap {pgap:?})"
+    assert!(
+        other.is_empty(),
+        "planned restarts failed requests of a patient client: {other:?} (longest gap {pgap:?})"
+    );
+    assert!(
+        in_flight.len() <= order.len(),
+        "more requests reset than address moves: {in_flight:?}"
     );
     let first = wait_for(Duration::from_secs(10), "a VIP holder", holder);
 
