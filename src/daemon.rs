@@ -378,16 +378,32 @@ pub struct Listeners {
 impl Listeners {
     /// Binds `--listen` and `--peer-listen`.
     pub async fn bind(config: &Config) -> Result<Listeners, DaemonError> {
-        let bind = |addr| async move {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| DaemonError::Bind { addr, source })
-        };
         Ok(Listeners {
-            api: bind(config.listen).await?,
-            peer: bind(config.peer_listen).await?,
+            api: listen(config.listen)?,
+            peer: listen(config.peer_listen)?,
         })
     }
+}
+
+/// How many connections the kernel queues before we accept them. A burst of
+/// clients (a flood, or members registering at boot) must not fill the queue:
+/// the kernel then drops new SYNs, and a health probe arriving behind the
+/// burst waits for TCP's 1 s SYN retransmission (measured in tests/flood.rs).
+/// The kernel caps it at net.core.somaxconn.
+const ACCEPT_BACKLOG: u32 = 8192;
+
+/// A listener with [`ACCEPT_BACKLOG`] and address reuse, like `TcpListener::bind`.
+pub fn listen(addr: std::net::SocketAddr) -> Result<TcpListener, DaemonError> {
+    let bind = || -> std::io::Result<TcpListener> {
+        let socket = match addr {
+            std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(ACCEPT_BACKLOG)
+    };
+    bind().map_err(|source| DaemonError::Bind { addr, source })
 }
 
 /// Limits of the peer listener: peers are few but may run many requests at
