@@ -413,6 +413,7 @@ pub fn cluster_view(state: &AppState) -> Value {
 /// This node's own state: what `/v1/cluster` collects from every node.
 pub fn node_view(state: &AppState) -> Value {
     let m = state.consensus.raft.metrics().borrow().clone();
+    let vip = state.failover.status();
     let render = state
         .render
         .as_ref()
@@ -425,7 +426,11 @@ pub fn node_view(state: &AppState) -> Value {
         "term": m.current_term,
         "leader": m.current_leader,
         "applied_index": state.consensus.applied().index,
-        "vip_held": state.failover.status().held,
+        "vip_held": vip.held,
+        // Whether this node would take over now: false on a witness and
+        // while its health gate fails (haproxy not yet running its config).
+        "may_campaign": vip.may_campaign,
+        "health_reason": vip.health_reason,
         "render": render,
     })
 }

@@ -76,6 +76,22 @@ impl Acks {
         times.get(quorum - 1).copied()
     }
 
+    /// For a log line when the lease runs out: each follower's latest ack
+    /// in `term`, as milliseconds since its request was sent at `now`.
+    pub fn ages(&self, term: u64, now: Instant) -> String {
+        let g = self.lock();
+        let mut v: Vec<String> = g
+            .acked
+            .iter()
+            .map(|(peer, (t, at))| match *t == term {
+                true => format!("{peer}: {} ms", now.saturating_duration_since(*at).as_millis()),
+                false => format!("{peer}: none in this term"),
+            })
+            .collect();
+        v.sort_unstable();
+        v.join(", ")
+    }
+
     /// Records whether `peer` answered; returns the previous state when it
     /// changed (`None` on the first report), so the caller logs transitions
     /// only: one line when a peer goes, one when it is back.

@@ -506,6 +506,12 @@ impl Consensus {
             .map(|at| (m.current_term, at))
     }
 
+    /// Each follower's latest ack age in the current term (for a log line).
+    pub fn ack_ages(&self, now: Instant) -> String {
+        let term = self.raft.metrics().borrow().current_term;
+        self.acks.ages(term, now)
+    }
+
     /// What this node weighs when `candidate` asks for a (pre-)vote.
     pub fn voter_view(&self, candidate: NodeId) -> elect::VoterView {
         let last_log_id = self.log.last_log_id();

@@ -124,6 +124,7 @@ async fn authenticate(
         }
     });
     let Some((status, why)) = refusal else {
+        tracing::debug!(path = %req.uri().path(), from = ?headers.get(FROM_HEADER), "peer request");
         let mut resp = next.run(req).await;
         if let Some(value) = c
             .identity()

@@ -766,7 +766,11 @@ impl Watcher {
                 }
                 Wish::Hold(..) => {}
                 Wish::Release(_) if expired => {
-                    tracing::warn!(term, "quorum lease expired: releasing the VIP")
+                    tracing::warn!(
+                        term,
+                        acks = %self.consensus.ack_ages(now),
+                        "quorum lease expired: releasing the VIP"
+                    )
                 }
                 Wish::Release(_) if matches!(before, Wish::Hold(..)) => {
                     tracing::info!(

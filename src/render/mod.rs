@@ -26,6 +26,8 @@ const PACE: u32 = 3;
 /// busy node (it runs at a low priority), and the next change should not
 /// wait for long after it: up to 1 s here put the propagation p99 over 1 s.
 const MAX_PACE_WAIT: Duration = Duration::from_millis(200);
+/// The first wait after a failed apply (see `run`).
+const FIRST_RETRY: Duration = Duration::from_millis(50);
 /// Validation runs at this nice value: it is background work that should
 /// not take CPU from Raft on a busy node.
 const VALIDATE_NICE: i32 = 10;
@@ -150,7 +152,11 @@ async fn run(
     let mut last_reload: Option<Instant> = None;
     // Member changes through the admin socket, and servers being removed.
     let runtime = settings.haproxy_socket.clone().map(haproxy::Runtime::new);
-    let mut retry = Duration::from_millis(250);
+    // After a failed apply: the wait before the next try, doubling to 5 s.
+    // It starts short because the usual failure is a haproxy that is still
+    // starting beside a restarted clbd, and the node may not lead until
+    // haproxy runs its configuration (failover's health gate).
+    let mut retry = FIRST_RETRY;
     let mut failing = false;
     // When the next pass may start (see PACE).
     let mut not_before: Option<Instant> = None;
@@ -159,6 +165,7 @@ async fn run(
         let wake = async {
             if failing {
                 tokio::time::sleep(retry).await;
+                retry = (retry * 2).min(Duration::from_secs(5));
             } else {
                 let _ = input.changed().await;
             }
@@ -344,7 +351,7 @@ async fn run(
                     tracing::info!("haproxy caught up");
                 }
                 failing = false;
-                retry = Duration::from_millis(250);
+                retry = FIRST_RETRY;
                 live = (how != "written").then(|| current.registry.clone());
                 status.send_modify(|s| {
                     s.applied_index = current.index;
@@ -364,7 +371,6 @@ async fn run(
                     tracing::error!(cause = %e, "apply failed; the file is written and will be applied when haproxy answers");
                 }
                 failing = true;
-                retry = (retry * 2).min(Duration::from_secs(5));
                 // Unknown state: the next success must be a full reload.
                 live = None;
                 status.send_modify(|s| {

@@ -544,6 +544,16 @@ impl Drop for Lab {
         if let Ok(mut l) = LIVE.lock() {
             l.dirs.retain(|d| d != self.dir.path());
         }
+        // CLB_LAB_KEEP=DIR: a copy of the lab's logs and data dirs, to look
+        // into a slow drill afterwards.
+        if let Some(keep) = std::env::var_os("CLB_LAB_KEEP") {
+            let copied = Command::new("cp")
+                .arg("-a")
+                .arg(self.dir.path())
+                .arg(&keep)
+                .status();
+            eprintln!("lab copied to {}: {copied:?}", keep.to_string_lossy());
+        }
     }
 }
 
