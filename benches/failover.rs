@@ -664,9 +664,9 @@ impl Pair {
             .collect();
         netns::poll(STEP_MAX, ms(10), "the restored host's network up", || {
             let reached = netns::in_ns(&ns, || {
-                others.iter().all(|a| {
-                    std::net::TcpStream::connect_timeout(a, ms(50)).is_ok()
-                })
+                others
+                    .iter()
+                    .all(|a| std::net::TcpStream::connect_timeout(a, ms(50)).is_ok())
             });
             reached.ok().filter(|r| *r).map(|_| ())
         })

@@ -340,8 +340,10 @@ async fn a_balancer_whose_haproxy_is_down_does_not_lead() {
         Duration::from_secs(10),
         "node 1 reports itself unhealthy",
         || async {
+            // First "has not taken a configuration yet", then the apply error.
             let v = n1.client().cluster().await.ok()?;
-            (v["vip"]["healthy"] == false).then_some(v)
+            let reason = v["vip"]["health_reason"].as_str().unwrap_or("");
+            (v["vip"]["healthy"] == false && reason.contains("apply")).then_some(v)
         },
     )
     .await;

@@ -84,7 +84,10 @@ impl Acks {
             .acked
             .iter()
             .map(|(peer, (t, at))| match *t == term {
-                true => format!("{peer}: {} ms", now.saturating_duration_since(*at).as_millis()),
+                true => format!(
+                    "{peer}: {} ms",
+                    now.saturating_duration_since(*at).as_millis()
+                ),
                 false => format!("{peer}: none in this term"),
             })
             .collect();

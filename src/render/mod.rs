@@ -26,8 +26,11 @@ const PACE: u32 = 3;
 /// busy node (it runs at a low priority), and the next change should not
 /// wait for long after it: up to 1 s here put the propagation p99 over 1 s.
 const MAX_PACE_WAIT: Duration = Duration::from_millis(200);
-/// The first wait after a failed apply (see `run`).
+/// The first and the longest wait after a failed apply (see `run`): a
+/// balancer is unfit to lead until haproxy runs its configuration, so it
+/// asks again at least every second.
 const FIRST_RETRY: Duration = Duration::from_millis(50);
+const MAX_RETRY: Duration = Duration::from_secs(1);
 /// Validation runs at this nice value: it is background work that should
 /// not take CPU from Raft on a busy node.
 const VALIDATE_NICE: i32 = 10;
@@ -152,7 +155,7 @@ async fn run(
     let mut last_reload: Option<Instant> = None;
     // Member changes through the admin socket, and servers being removed.
     let runtime = settings.haproxy_socket.clone().map(haproxy::Runtime::new);
-    // After a failed apply: the wait before the next try, doubling to 5 s.
+    // After a failed apply: the wait before the next try, doubling to 1 s.
     // It starts short because the usual failure is a haproxy that is still
     // starting beside a restarted clbd, and the node may not lead until
     // haproxy runs its configuration (failover's health gate).
@@ -165,7 +168,7 @@ async fn run(
         let wake = async {
             if failing {
                 tokio::time::sleep(retry).await;
-                retry = (retry * 2).min(Duration::from_secs(5));
+                retry = (retry * 2).min(MAX_RETRY);
             } else {
                 let _ = input.changed().await;
             }

@@ -31,7 +31,14 @@ async fn follower_pauses_depose_nobody(under_writes: bool) {
     let dir = tempfile::tempdir().expect("tempdir");
     let (script, log) = vip_hook(dir.path());
     let script = script.display().to_string();
-    let c = Cluster::start_custom(3, &TIMERS, |_| {
+    // CLB_STABILITY_TIMERS=PRESET runs the same pauses at a preset's
+    // timers, alone on the machine (docs/failover.md, Measured).
+    let preset = std::env::var("CLB_STABILITY_TIMERS").ok();
+    let timers: Vec<&str> = match &preset {
+        Some(p) => vec!["--timers", p.as_str()],
+        None => TIMERS.to_vec(),
+    };
+    let c = Cluster::start_custom(3, &timers, |_| {
         [
             "--vip",
             VIP,
