@@ -34,6 +34,12 @@ pub fn follows(mine: &Vote<NodeId>, state: ServerState, ping: &LeasePing) -> boo
 }
 
 /// Sends lease pings while this node leads, until Raft stops.
+///
+/// The pings run on a thread and runtime of their own, with connections of
+/// their own: a ping sent late shortens the lease by as much (it counts from
+/// its send time), so a runtime busy with client requests, storage or a
+/// snapshot must not hold it back. Falls back to the main runtime if the
+/// thread cannot be started.
 pub fn spawn(
     raft: Raft,
     id: NodeId,
@@ -42,7 +48,50 @@ pub fn spawn(
     every: Duration,
     timeout: Duration,
 ) {
-    tokio::spawn(async move {
+    let peers = peers.with_own_urgent_pool();
+    let job = run(raft, id, peers, acks, every, timeout);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    let job = match runtime {
+        Ok(rt) => {
+            let slot = std::sync::Arc::new(std::sync::Mutex::new(Some(job)));
+            let taken = slot.clone();
+            let started = std::thread::Builder::new()
+                .name("clb-lease".into())
+                .spawn(move || {
+                    if let Some(job) = taken.lock().ok().and_then(|mut j| j.take()) {
+                        rt.block_on(job);
+                    }
+                });
+            match started {
+                Ok(_) => return,
+                Err(e) => {
+                    tracing::warn!(cause = %e, "lease heartbeat thread not started; using the main runtime");
+                    match slot.lock().ok().and_then(|mut j| j.take()) {
+                        Some(job) => job,
+                        None => return,
+                    }
+                }
+            }
+        }
+        Err(e) => {
+            tracing::warn!(cause = %e, "lease heartbeat runtime not built; using the main runtime");
+            job
+        }
+    };
+    tokio::spawn(job);
+}
+
+async fn run(
+    raft: Raft,
+    id: NodeId,
+    peers: PeerClient,
+    acks: Arc<Acks>,
+    every: Duration,
+    timeout: Duration,
+) {
+    {
         let mut metrics = raft.metrics();
         let mut in_flight: HashMap<NodeId, Arc<AtomicBool>> = HashMap::new();
         let mut tick = tokio::time::interval(every);
@@ -83,7 +132,7 @@ pub fn spawn(
                 });
             }
         }
-    });
+    }
 }
 
 #[cfg(test)]

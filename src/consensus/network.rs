@@ -109,6 +109,8 @@ pub struct PeerClient {
     urgent: reqwest::Client,
     /// `http` or `https`, as the cluster serves.
     scheme: &'static str,
+    /// The CA certificates an HTTPS client trusts instead of the web roots.
+    tls_roots: Option<Arc<Vec<reqwest::Certificate>>>,
     /// Empty until a joining node adopts the id of the cluster that added it.
     cluster_id: Arc<RwLock<String>>,
     /// The cluster secret sent with, and required of, every peer RPC.
@@ -155,6 +157,7 @@ impl PeerClient {
             http,
             urgent,
             scheme: "http",
+            tls_roots: None,
             cluster_id: Arc::new(RwLock::new(cluster_id)),
             secret: None,
             identity: None,
@@ -185,6 +188,7 @@ impl PeerClient {
             http: build()?,
             urgent: build()?,
             scheme: "https",
+            tls_roots: roots.map(Arc::new),
             cluster_id: Arc::new(RwLock::new(cluster_id)),
             secret: None,
             identity: None,
@@ -202,6 +206,27 @@ impl PeerClient {
     pub fn with_identity(mut self, identity: Arc<Incarnations>) -> Self {
         self.identity = Some(identity);
         self
+    }
+
+    /// The same client with a connection pool of its own for the urgent
+    /// lane, for a caller on another runtime (a pooled connection is driven
+    /// by the runtime that opened it).
+    pub fn with_own_urgent_pool(&self) -> Self {
+        let mut b = builder();
+        if self.scheme == "https" {
+            b = b.https_only(true);
+        }
+        let mut c = self.clone();
+        if let Some(tls) = &self.tls_roots {
+            b = b.tls_built_in_root_certs(false);
+            for cert in tls.iter() {
+                b = b.add_root_certificate(cert.clone());
+            }
+        }
+        if let Ok(urgent) = b.build() {
+            c.urgent = urgent;
+        }
+        c
     }
 
     /// This node's incarnations record, if it has one.
