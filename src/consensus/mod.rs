@@ -195,6 +195,9 @@ pub struct Consensus {
     allow_elect: Arc<watch::Sender<bool>>,
     /// Timers, for the vote rules.
     election_timeout_max: Duration,
+    /// How long a pre-vote answer may wait for this voter's window to close
+    /// (elect.rs `prevote_wait`).
+    prevote_patience: Duration,
     /// Reads the last log id for pre-votes.
     log: store::LogStore,
 }
@@ -411,6 +414,10 @@ impl Consensus {
             liveness,
             allow_elect: Arc::new(allow_elect),
             election_timeout_max: Duration::from_millis(settings.election_timeout_max_ms),
+            prevote_patience: elect::prevote_patience(
+                Duration::from_millis(settings.election_timeout_min_ms),
+                Duration::from_millis(settings.election_timeout_max_ms),
+            ),
             log,
         })
     }
@@ -510,6 +517,11 @@ impl Consensus {
     pub fn ack_ages(&self, now: Instant) -> String {
         let term = self.raft.metrics().borrow().current_term;
         self.acks.ages(term, now)
+    }
+
+    /// See [`elect::prevote_wait`].
+    pub fn prevote_patience(&self) -> Duration {
+        self.prevote_patience
     }
 
     /// What this node weighs when `candidate` asks for a (pre-)vote.

@@ -205,7 +205,11 @@ async fn prevote(State(c): State<Consensus>, body: Bytes) -> Response {
         Ok(req) => req,
         Err(r) => return r,
     };
-    let view = c.voter_view(req.candidate);
+    let mut view = c.voter_view(req.candidate);
+    if let Some(wait) = elect::prevote_wait(&view, &req, c.prevote_patience()) {
+        tokio::time::sleep(wait).await;
+        view = c.voter_view(req.candidate);
+    }
     let decision = elect::prevote_decision(&view, &req);
     let l = c.liveness();
     let counter = match decision {
