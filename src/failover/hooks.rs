@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use super::netlink;
 use crate::consensus::NodeId;
 
 /// How the VIP is claimed and released.
@@ -146,78 +147,61 @@ impl Hook {
     }
 }
 
-/// `ip addr add|del`, idempotent, then a gratuitous ARP (IPv4, iputils
-/// `arping -U`) or an unsolicited neighbour advertisement (IPv6, ndisc6's
-/// `ndsend`) so switches and neighbours learn the new owner at once.
+/// Adds or removes the address with one rtnetlink request (netlink.rs: no
+/// forked `ip`, so a release takes well under a millisecond), idempotent,
+/// then after a claim a gratuitous ARP (IPv4, iputils `arping -U`) or an
+/// unsolicited neighbour advertisement (IPv6, ndisc6's `ndsend`) so switches
+/// and neighbours learn the new owner at once.
 async fn linux_vip(
     call: &HookCall,
     iface: &str,
     timeout: Duration,
 ) -> Result<Option<String>, HookError> {
-    let (family, prefix) = match call.vip {
-        IpAddr::V4(_) => ("-4", 32),
-        IpAddr::V6(_) => ("-6", 128),
+    let add = matches!(call.action, Action::Claim);
+    let (vip, name) = (call.vip, iface.to_string());
+    let changed =
+        tokio::task::spawn_blocking(move || netlink::change_address(add, &name, vip, timeout))
+            .await;
+    let failed = |reason: String| HookError::Failed {
+        program: "linux-vip".into(),
+        status: format!(
+            "{} {} on {iface}",
+            if add { "add" } else { "del" },
+            call.vip
+        ),
+        stderr: reason,
     };
-    let cidr = format!("{}/{prefix}", call.vip);
-    match call.action {
-        Action::Claim => {
-            let mut args = vec![family, "addr", "add", &cidr, "dev", iface];
-            if call.vip.is_ipv6() {
-                // Duplicate address detection would hold the address back for a second.
-                args.push("nodad");
-            }
-            match run_command("ip", &args, &[], timeout).await {
-                Ok(_) => {}
-                Err(HookError::Failed { stderr, .. }) if stderr.contains("File exists") => {}
-                Err(e) => return Err(e),
-            }
-            // Announce in the background: arping waits a second after its
-            // packet, and a release must never queue behind that. The address
-            // is ours either way; a missed announcement only delays neighbours
-            // until their cache entry expires.
-            let (vip, iface) = (call.vip, iface.to_string());
-            tokio::spawn(async move {
-                let addr = vip.to_string();
-                let announce = match vip {
-                    IpAddr::V4(_) => {
-                        run_command(
-                            "arping",
-                            &["-U", "-c", "1", "-I", &iface, &addr],
-                            &[],
-                            timeout,
-                        )
-                        .await
-                    }
-                    IpAddr::V6(_) => run_command("ndsend", &[&addr, &iface], &[], timeout).await,
-                };
-                if let Err(e) = announce {
-                    tracing::warn!(cause = %e, vip = %addr, "address added; announcement failed");
-                }
-            });
-            Ok(None)
-        }
-        Action::Release => {
-            match run_command(
-                "ip",
-                &[family, "addr", "del", &cidr, "dev", iface],
-                &[],
-                timeout,
-            )
-            .await
-            {
-                Ok(_) => Ok(None),
-                // Not there: already released (or never claimed after a restart).
-                // Older iproute2 says the first, 6.x the second.
-                Err(HookError::Failed { stderr, .. })
-                    if stderr.contains("Cannot assign requested address")
-                        || stderr.contains("Address not found") =>
-                {
-                    Ok(None)
-                }
-                Err(e) => Err(e),
-            }
-        }
+    match changed {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(failed(e.to_string())),
+        Err(e) => return Err(failed(e.to_string())),
     }
+    if add {
+        // Announce in the background: arping waits a second after its
+        // packet, and a release must never queue behind that. The address
+        // is ours either way; a missed announcement only delays neighbours
+        // until their cache entry expires.
+        let (vip, iface) = (call.vip, iface.to_string());
+        tokio::spawn(async move {
+            let addr = vip.to_string();
+            let announce = match vip {
+                IpAddr::V4(_) => {
+                    run_command(
+                        "arping",
+                        &["-U", "-c", "1", "-I", &iface, &addr],
+                        &[],
+                        timeout,
+                    )
+                    .await
+                }
+                IpAddr::V6(_) => run_command("ndsend", &[&addr, &iface], &[], timeout).await,
+            };
+            if let Err(e) = announce {
+                tracing::warn!(cause = %e, vip = %addr, "address added; announcement failed");
+            }
+        });
+    }
+    Ok(None)
 }
 
 /// Runs `program args` in its own process group with `env` added; kills the

@@ -11,6 +11,7 @@
 mod health;
 mod hooks;
 mod lease;
+mod netlink;
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
