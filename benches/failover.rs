@@ -17,8 +17,8 @@
 //! Both systems get the same topology (see `lab`): balancers A and B, each
 //! with its own haproxy 2.6 in front of one backend K, a client C, and for
 //! clb a witness W; every host in its own namespace on a bridge (the helpers
-//! are `tests/cluster/netns.rs`). Needs root, `haproxy`, `keepalived` and
-//! `arping`; it installs nothing. Every process is killed by pid and every
+//! are `tests/cluster/netns.rs`). Needs root, `haproxy`, `keepalived` and `ip`,
+//! nothing else; it installs nothing. Every process is killed by pid and every
 //! namespace removed at the end, on error and on Ctrl-C.
 
 #[path = "../tests/cluster/netns.rs"]
@@ -160,11 +160,9 @@ fn main() -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("network namespaces need root");
     }
-    for tool in ["haproxy", "keepalived", "arping", "ip"] {
+    for tool in ["haproxy", "keepalived", "ip"] {
         if which(tool).is_none() {
-            bail!(
-                "{tool} not found (apt-get install -y haproxy keepalived iputils-arping iproute2)"
-            );
+            bail!("{tool} not found (apt-get install -y haproxy keepalived iproute2)");
         }
     }
     handle_signals();
@@ -235,7 +233,6 @@ fn machine() -> Value {
         "commit": commit,
         "haproxy": first_line("haproxy", &["-v"]),
         "keepalived": first_line("keepalived", &["--version"]),
-        "arping": first_line("arping", &["-V"]),
     })
 }
 

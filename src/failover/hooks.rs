@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::netlink;
+use super::{garp, netlink};
 use crate::consensus::NodeId;
 
 /// How the VIP is claimed and released.
@@ -148,10 +148,12 @@ impl Hook {
 }
 
 /// Adds or removes the address with one rtnetlink request (netlink.rs: no
-/// forked `ip`, so a release takes well under a millisecond), idempotent,
-/// then after a claim a gratuitous ARP (IPv4, iputils `arping -U`) or an
-/// unsolicited neighbour advertisement (IPv6, ndisc6's `ndsend`) so switches
-/// and neighbours learn the new owner at once.
+/// forked `ip`, so a release takes well under a millisecond), idempotent.
+/// After a claim, one gratuitous ARP from clbd itself (IPv4, garp.rs) or, in
+/// the background, an unsolicited neighbour advertisement (IPv6, ndisc6's
+/// `ndsend`), so switches and neighbours learn the new owner at once. A
+/// failed announcement leaves the claim done (the address is ours) with a
+/// note saying why.
 async fn linux_vip(
     call: &HookCall,
     iface: &str,
@@ -159,9 +161,16 @@ async fn linux_vip(
 ) -> Result<Option<String>, HookError> {
     let add = matches!(call.action, Action::Claim);
     let (vip, name) = (call.vip, iface.to_string());
-    let changed =
-        tokio::task::spawn_blocking(move || netlink::change_address(add, &name, vip, timeout))
-            .await;
+    let changed = tokio::task::spawn_blocking(move || {
+        netlink::change_address(add, &name, vip, timeout)?;
+        Ok::<_, std::io::Error>(match (add, vip) {
+            (true, IpAddr::V4(v4)) => garp::announce(&name, v4)
+                .err()
+                .map(|e| format!("address added; gratuitous ARP failed: {e}")),
+            _ => None,
+        })
+    })
+    .await;
     let failed = |reason: String| HookError::Failed {
         program: "linux-vip".into(),
         status: format!(
@@ -171,37 +180,24 @@ async fn linux_vip(
         ),
         stderr: reason,
     };
-    match changed {
-        Ok(Ok(())) => {}
+    let note = match changed {
+        Ok(Ok(note)) => note,
         Ok(Err(e)) => return Err(failed(e.to_string())),
         Err(e) => return Err(failed(e.to_string())),
+    };
+    if let Some(note) = &note {
+        tracing::warn!(vip = %call.vip, "{note}");
     }
-    if add {
-        // Announce in the background: arping waits a second after its
-        // packet, and a release must never queue behind that. The address
-        // is ours either way; a missed announcement only delays neighbours
-        // until their cache entry expires.
-        let (vip, iface) = (call.vip, iface.to_string());
+    if add && call.vip.is_ipv6() {
+        // In the background: a release must never queue behind ndsend.
+        let (vip, iface) = (call.vip.to_string(), iface.to_string());
         tokio::spawn(async move {
-            let addr = vip.to_string();
-            let announce = match vip {
-                IpAddr::V4(_) => {
-                    run_command(
-                        "arping",
-                        &["-U", "-c", "1", "-I", &iface, &addr],
-                        &[],
-                        timeout,
-                    )
-                    .await
-                }
-                IpAddr::V6(_) => run_command("ndsend", &[&addr, &iface], &[], timeout).await,
-            };
-            if let Err(e) = announce {
-                tracing::warn!(cause = %e, vip = %addr, "address added; announcement failed");
+            if let Err(e) = run_command("ndsend", &[&vip, &iface], &[], timeout).await {
+                tracing::warn!(cause = %e, %vip, "address added; neighbour advertisement failed");
             }
         });
     }
-    Ok(None)
+    Ok(note)
 }
 
 /// Runs `program args` in its own process group with `env` added; kills the

@@ -8,6 +8,7 @@
 //! leadership: an unhealthy leader releases and hands leadership to a healthy
 //! voter through `/raft/campaign`. docs/failover.md has the timing argument.
 
+mod garp;
 mod health;
 mod hooks;
 mod lease;

@@ -33,7 +33,7 @@ pub fn change_address(add: bool, iface: &str, addr: IpAddr, timeout: Duration) -
     }
 }
 
-fn if_index(iface: &str) -> io::Result<u32> {
+pub(super) fn if_index(iface: &str) -> io::Result<u32> {
     let name = std::ffi::CString::new(iface)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "interface name with NUL"))?;
     // SAFETY: a valid NUL-terminated string.

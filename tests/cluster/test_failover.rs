@@ -379,6 +379,30 @@ async fn linux_vip_hook_moves_a_real_address_in_a_network_namespace() {
     // A crashed holder's leftover address is removed at start-up.
     ns.ip(&["addr", "add", &format!("{vip}/32"), "dev", "vip0"], true)
         .expect("leftover address");
+    // A neighbour on vip0's link, which takes gratuitous ARP as news.
+    let peer = Netns(format!("{}-n", ns.0));
+    peer.ip(&["netns", "add", &peer.0], false)
+        .expect("neighbour ns");
+    ns.ip(&["link", "set", "vip1", "netns", &peer.0], true)
+        .expect("vip1 to the neighbour");
+    peer.ip(&["addr", "add", "198.51.100.8/24", "dev", "vip1"], true)
+        .expect("neighbour address");
+    peer.ip(&["link", "set", "vip1", "up"], true)
+        .expect("vip1 up");
+    let sysctl = std::process::Command::new("ip")
+        .args(["netns", "exec", &peer.0, "sysctl", "-qw"])
+        .arg("net.ipv4.conf.vip1.arp_accept=1")
+        .status()
+        .expect("sysctl");
+    assert!(sysctl.success(), "arp_accept on the neighbour");
+    let mac = ns
+        .ip(&["link", "show", "vip0"], true)
+        .expect("vip0")
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .expect("vip0's MAC")
+        .to_string();
     let mut child = std::process::Command::new("ip")
         .args(["netns", "exec", &ns.0, env!("CARGO_BIN_EXE_clbd")])
         .args([
@@ -417,7 +441,18 @@ async fn linux_vip_hook_moves_a_real_address_in_a_network_namespace() {
         || async { (log().contains("action=\"claim\"") && has_vip()).then_some(()) },
     )
     .await;
+    // clbd's own gratuitous ARP taught the neighbour where the VIP is.
+    eventually(
+        Duration::from_secs(5),
+        "the neighbour learning the VIP's MAC",
+        || async {
+            let n = peer.ip(&["neigh", "show", vip, "dev", "vip1"], true).ok()?;
+            n.contains(&mac).then_some(())
+        },
+    )
+    .await;
     let text = log();
+    assert!(!text.contains("gratuitous ARP failed"), "{text}");
     let release = text.find("action=\"release\"").expect("start-up release");
     assert!(
         release < text.find("action=\"claim\"").expect("claim"),

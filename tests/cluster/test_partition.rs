@@ -16,7 +16,6 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -110,10 +109,6 @@ fn partition_drill_moves_the_vip_without_two_holders() {
     let mut host = |name: &str, last: u8| lab.add_host(name, last).expect("add host");
     let (a, b, w, c) = (host("a", 1), host("b", 2), host("w", 3), host("c", 10));
     let vip = lab.addr(100);
-    let arping = Command::new("arping").arg("-V").output().is_ok();
-    if !arping {
-        eprintln!("NOTE: arping (iputils-arping) is missing: no gratuitous ARP; the test flushes the client's neighbour cache after each VIP move");
-    }
 
     // clbd on every host; the balancers also run haproxy and a local backend.
     let api_port = |h: &Host| netns::free_port_in(&h.ns, h.ip).expect("free port");
@@ -245,13 +240,6 @@ fn partition_drill_moves_the_vip_without_two_holders() {
         read_timeout: Duration::from_millis(300),
     };
     let shots = netns::client(&c.ns, vip_addr, opts, stop.clone(), DRILL_MAX);
-    let flush_client = || {
-        if !arping {
-            let _ = Command::new("ip")
-                .args(["-n", &c.ns, "neigh", "flush", "dev", "eth0"])
-                .output();
-        }
-    };
     let holder = || {
         let s = samples.lock().expect("samples").last()?.clone();
         match (s.held[0], s.held[1]) {
@@ -439,7 +427,6 @@ fn partition_drill_moves_the_vip_without_two_holders() {
         "the VIP on the other balancer",
         || (holder()?.name == other.name).then_some(()),
     );
-    flush_client();
     wait_for(
         Duration::from_secs(15),
         "traffic through the new holder",
@@ -483,7 +470,6 @@ fn partition_drill_moves_the_vip_without_two_holders() {
             (s.at > t && on_old).then_some(())
         },
     );
-    flush_client();
     wait_for(
         Duration::from_secs(15),
         "traffic through the survivor",

@@ -1,0 +1,112 @@
+//! Gratuitous ARP from clbd itself, on a packet socket: after a claim,
+//! neighbours and switches learn the VIP's new MAC at once. Before, clb ran
+//! iputils' `arping`, and a host without it claimed "successfully" with only
+//! a WARN while clients kept the dead host's MAC until their cache expired.
+
+use std::io;
+use std::net::Ipv4Addr;
+
+/// An ARP request with sender and target both `addr` (the form iputils'
+/// `arping -U` sends); Linux neighbours update an existing entry on it.
+fn packet(mac: [u8; 6], addr: Ipv4Addr) -> [u8; 28] {
+    let mut p = [0u8; 28];
+    p[0..2].copy_from_slice(&1u16.to_be_bytes()); // Ethernet
+    p[2..4].copy_from_slice(&0x0800u16.to_be_bytes()); // IPv4
+    p[4] = 6;
+    p[5] = 4;
+    p[6..8].copy_from_slice(&1u16.to_be_bytes()); // request
+    p[8..14].copy_from_slice(&mac);
+    p[14..18].copy_from_slice(&addr.octets());
+    // Target hardware address stays zero.
+    p[24..28].copy_from_slice(&addr.octets());
+    p
+}
+
+/// Broadcasts one gratuitous ARP for `addr` on `iface`.
+pub fn announce(iface: &str, addr: Ipv4Addr) -> io::Result<()> {
+    let index = super::netlink::if_index(iface)?;
+    let proto = (libc::ETH_P_ARP as u16).to_be();
+    // SAFETY: plain socket(2); closed below on every path.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            proto as libc::c_int,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let result = hw_addr(fd, iface).and_then(|mac| {
+        let p = packet(mac, addr);
+        // SAFETY: a zeroed sockaddr_ll, then filled in.
+        let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        to.sll_family = libc::AF_PACKET as libc::c_ushort;
+        to.sll_protocol = proto;
+        to.sll_ifindex = index as libc::c_int;
+        to.sll_halen = 6;
+        to.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+        // SAFETY: the packet and address are valid for the lengths given.
+        let n = unsafe {
+            libc::sendto(
+                fd,
+                p.as_ptr() as *const libc::c_void,
+                p.len(),
+                0,
+                &to as *const libc::sockaddr_ll as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    });
+    // SAFETY: our own descriptor, closed once.
+    unsafe { libc::close(fd) };
+    result
+}
+
+/// The interface's MAC address (SIOCGIFHWADDR).
+fn hw_addr(fd: libc::c_int, iface: &str) -> io::Result<[u8; 6]> {
+    // SAFETY: a zeroed ifreq is a valid request; the name is copied in below.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    let name = iface.as_bytes();
+    if name.len() >= req.ifr_name.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "interface name too long",
+        ));
+    }
+    for (dst, src) in req.ifr_name.iter_mut().zip(name) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFHWADDR fills the union's hwaddr member of our ifreq.
+    let r = unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR as _, &mut req) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel wrote ifru_hwaddr.
+    let data = unsafe { req.ifr_ifru.ifru_hwaddr.sa_data };
+    let mut mac = [0u8; 6];
+    for (m, d) in mac.iter_mut().zip(data.iter()) {
+        *m = *d as u8;
+    }
+    Ok(mac)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_packet_names_the_address_as_sender_and_target() {
+        let mac = [2, 0, 0, 0, 0, 7];
+        let p = packet(mac, Ipv4Addr::new(192, 0, 2, 9));
+        assert_eq!(&p[0..8], &[0, 1, 8, 0, 6, 4, 0, 1]);
+        assert_eq!(&p[8..14], &mac);
+        assert_eq!(&p[14..18], &[192, 0, 2, 9]);
+        assert_eq!(&p[18..24], &[0; 6]);
+        assert_eq!(&p[24..28], &[192, 0, 2, 9]);
+    }
+}
