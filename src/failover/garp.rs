@@ -1,10 +1,13 @@
-//! Gratuitous ARP from clbd itself, on a packet socket: after a claim,
-//! neighbours and switches learn the VIP's new MAC at once. Before, clb ran
-//! iputils' `arping`, and a host without it claimed "successfully" with only
-//! a WARN while clients kept the dead host's MAC until their cache expired.
+//! Announcements from clbd itself after a claim, so neighbours and switches
+//! learn the VIP's new MAC at once: a gratuitous ARP on a packet socket
+//! (IPv4) and an unsolicited neighbour advertisement on an ICMPv6 socket
+//! (IPv6). Before, clb ran iputils' `arping` and `ndsend`; a host without
+//! them claimed "successfully" with only a WARN while clients kept the dead
+//! host's MAC until their cache expired, and `ndsend` is in no Debian package
+//! (not in ndisc6, where the docs said), so IPv6 VIPs were never announced.
 
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 /// An ARP request with sender and target both `addr` (the form iputils'
 /// `arping -U` sends); Linux neighbours update an existing entry on it.
@@ -67,6 +70,101 @@ pub fn announce(iface: &str, addr: Ipv4Addr) -> io::Result<()> {
     result
 }
 
+/// An unsolicited neighbour advertisement for `addr` (RFC 4861 4.4): not a
+/// reply to a solicitation, override set, with our link-layer address. The
+/// kernel fills in the checksum of an ICMPv6 socket.
+fn advertisement(mac: [u8; 6], addr: Ipv6Addr) -> [u8; 32] {
+    let mut p = [0u8; 32];
+    p[0] = 136; // neighbour advertisement
+    p[4] = 0x20; // override
+    p[8..24].copy_from_slice(&addr.octets());
+    p[24] = 2; // option: target link-layer address
+    p[25] = 1; // in units of 8 bytes
+    p[26..32].copy_from_slice(&mac);
+    p
+}
+
+/// Sends one unsolicited neighbour advertisement for `addr` to all nodes on
+/// `iface` (hop limit 255, as neighbour discovery requires).
+pub fn advertise(iface: &str, addr: Ipv6Addr) -> io::Result<()> {
+    let index = super::netlink::if_index(iface)?;
+    // SAFETY: plain socket(2); closed below on every path.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_INET6,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_ICMPV6,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let result = hw_addr(fd, iface).and_then(|mac| {
+        let set = |opt: libc::c_int, value: libc::c_int| {
+            // SAFETY: an int option of the right size.
+            let r = unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::IPPROTO_IPV6,
+                    opt,
+                    &value as *const libc::c_int as *const libc::c_void,
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            match r {
+                0 => Ok(()),
+                _ => Err(io::Error::last_os_error()),
+            }
+        };
+        set(libc::IPV6_MULTICAST_HOPS, 255)?;
+        set(libc::IPV6_MULTICAST_IF, index as libc::c_int)?;
+        // From the VIP itself (added without duplicate address detection, so
+        // usable at once), not the link-local address the kernel would pick:
+        // right after boot that one can still be tentative, and the send
+        // failed with EADDRNOTAVAIL in tests/cluster/test_failover.rs.
+        // SAFETY: a zeroed sockaddr_in6, then filled in.
+        let mut from: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+        from.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+        from.sin6_addr.s6_addr = addr.octets();
+        from.sin6_scope_id = index;
+        // SAFETY: the address is valid for the length given.
+        let r = unsafe {
+            libc::bind(
+                fd,
+                &from as *const libc::sockaddr_in6 as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let p = advertisement(mac, addr);
+        // SAFETY: a zeroed sockaddr_in6, then filled in.
+        let mut to: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+        to.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+        to.sin6_addr.s6_addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1).octets();
+        to.sin6_scope_id = index;
+        // SAFETY: the packet and address are valid for the lengths given.
+        let n = unsafe {
+            libc::sendto(
+                fd,
+                p.as_ptr() as *const libc::c_void,
+                p.len(),
+                0,
+                &to as *const libc::sockaddr_in6 as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    });
+    // SAFETY: our own descriptor, closed once.
+    unsafe { libc::close(fd) };
+    result
+}
+
 /// The interface's MAC address (SIOCGIFHWADDR).
 fn hw_addr(fd: libc::c_int, iface: &str) -> io::Result<[u8; 6]> {
     // SAFETY: a zeroed ifreq is a valid request; the name is copied in below.
@@ -108,5 +206,15 @@ mod tests {
         assert_eq!(&p[14..18], &[192, 0, 2, 9]);
         assert_eq!(&p[18..24], &[0; 6]);
         assert_eq!(&p[24..28], &[192, 0, 2, 9]);
+    }
+
+    #[test]
+    fn the_advertisement_overrides_and_carries_our_mac() {
+        let mac = [2, 0, 0, 0, 0, 7];
+        let a: Ipv6Addr = "2001:db8::9".parse().unwrap();
+        let p = advertisement(mac, a);
+        assert_eq!(&p[0..8], &[136, 0, 0, 0, 0x20, 0, 0, 0]);
+        assert_eq!(&p[8..24], &a.octets());
+        assert_eq!(&p[24..32], &[2, 1, 2, 0, 0, 0, 0, 7]);
     }
 }

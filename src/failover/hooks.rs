@@ -149,11 +149,10 @@ impl Hook {
 
 /// Adds or removes the address with one rtnetlink request (netlink.rs: no
 /// forked `ip`, so a release takes well under a millisecond), idempotent.
-/// After a claim, one gratuitous ARP from clbd itself (IPv4, garp.rs) or, in
-/// the background, an unsolicited neighbour advertisement (IPv6, ndisc6's
-/// `ndsend`), so switches and neighbours learn the new owner at once. A
-/// failed announcement leaves the claim done (the address is ours) with a
-/// note saying why.
+/// After a claim, one gratuitous ARP (IPv4) or unsolicited neighbour
+/// advertisement (IPv6) from clbd itself (garp.rs), so switches and
+/// neighbours learn the new owner at once. A failed announcement leaves the
+/// claim done (the address is ours) with a note saying why.
 async fn linux_vip(
     call: &HookCall,
     iface: &str,
@@ -167,7 +166,28 @@ async fn linux_vip(
             (true, IpAddr::V4(v4)) => garp::announce(&name, v4)
                 .err()
                 .map(|e| format!("address added; gratuitous ARP failed: {e}")),
-            _ => None,
+            (true, IpAddr::V6(v6)) => match garp::advertise(&name, v6) {
+                Ok(()) => None,
+                // Right after the interface came up IPv6 may not send yet:
+                // try again for a second, from a thread of its own. Each try
+                // is sent from the VIP, so none goes out once it is released.
+                Err(first) => {
+                    tracing::debug!(cause = %first, "neighbour advertisement: trying again");
+                    std::thread::spawn(move || {
+                        let mut last = first;
+                        for _ in 0..5 {
+                            std::thread::sleep(Duration::from_millis(200));
+                            match garp::advertise(&name, v6) {
+                                Ok(()) => return,
+                                Err(e) => last = e,
+                            }
+                        }
+                        tracing::warn!(cause = %last, vip = %v6, "address added; neighbour advertisement failed");
+                    });
+                    None
+                }
+            },
+            (false, _) => None,
         })
     })
     .await;
@@ -187,15 +207,6 @@ async fn linux_vip(
     };
     if let Some(note) = &note {
         tracing::warn!(vip = %call.vip, "{note}");
-    }
-    if add && call.vip.is_ipv6() {
-        // In the background: a release must never queue behind ndsend.
-        let (vip, iface) = (call.vip.to_string(), iface.to_string());
-        tokio::spawn(async move {
-            if let Err(e) = run_command("ndsend", &[&vip, &iface], &[], timeout).await {
-                tracing::warn!(cause = %e, %vip, "address added; neighbour advertisement failed");
-            }
-        });
     }
     Ok(note)
 }
