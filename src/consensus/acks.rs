@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::NodeId;
 
@@ -33,9 +33,30 @@ struct Inner {
     acked: HashMap<NodeId, (u64, Instant)>,
     /// Per peer: answering or not, as last seen.
     up: HashMap<NodeId, bool>,
+    /// Per follower: the vote-refusal window (its election_timeout_max) it
+    /// last reported with a lease ping.
+    windows: HashMap<NodeId, Duration>,
+    /// This node's own window; a follower's ack counts for the lease only if
+    /// its window is at least as long (zero: not checked).
+    own_window: Duration,
 }
 
 impl Acks {
+    /// This node's election_timeout_max: the lease assumes every voter that
+    /// acks refuses votes for at least that long.
+    pub fn set_own_window(&self, window: Duration) {
+        self.lock().own_window = window;
+    }
+
+    /// `peer` refuses votes for `window` after hearing from its leader.
+    /// Returns true when that is shorter than this node's own window (its
+    /// acks then never count for the lease).
+    pub fn window(&self, peer: NodeId, window: Duration) -> bool {
+        let mut g = self.lock();
+        let before = g.windows.insert(peer, window);
+        window < g.own_window && before != Some(window)
+    }
+
     /// `target` accepted a request of leader term `term` sent at `sent`.
     pub fn acked(&self, target: NodeId, term: u64, sent: Instant) {
         let mut g = self.lock();
@@ -56,6 +77,12 @@ impl Acks {
         now: Instant,
     ) -> Option<Instant> {
         let g = self.lock();
+        // A voter whose window is shorter than ours (other timers: an
+        // upgrade, a mistake) could vote before our lease ends; one whose
+        // window we have not learned yet does not count either.
+        let long_enough = |v: &NodeId| {
+            g.own_window.is_zero() || g.windows.get(v).is_some_and(|w| *w >= g.own_window)
+        };
         let mut times: Vec<Instant> = voters
             .iter()
             .filter_map(|v| {
@@ -65,6 +92,7 @@ impl Acks {
                 g.acked
                     .get(v)
                     .filter(|(t, _)| *t == term)
+                    .filter(|_| long_enough(v))
                     .map(|(_, at)| *at)
             })
             .collect();
@@ -149,6 +177,31 @@ mod tests {
         // Five voters need two acks besides the leader.
         let five = [1, 2, 3, 4, 5];
         assert_eq!(a.quorum_ack(5, &five, 1, t0 + ms(50)), Some(t0 + ms(10)));
+    }
+
+    #[test]
+    fn a_follower_with_a_shorter_window_never_counts_for_the_lease() {
+        let a = Acks::default();
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        a.set_own_window(ms(150));
+        a.acked(2, 5, t0 + ms(10));
+        a.acked(3, 5, t0 + ms(20));
+        // Windows not learned yet: no lease.
+        assert_eq!(a.quorum_ack(5, &[1, 2, 3], 1, t0 + ms(50)), None);
+        assert!(!a.window(2, ms(150)));
+        assert_eq!(
+            a.quorum_ack(5, &[1, 2, 3], 1, t0 + ms(50)),
+            Some(t0 + ms(10))
+        );
+        // Node 3 runs shorter timers: reported once, and its fresher ack
+        // still does not count.
+        assert!(a.window(3, ms(50)));
+        assert!(!a.window(3, ms(50)));
+        assert_eq!(
+            a.quorum_ack(5, &[1, 2, 3], 1, t0 + ms(50)),
+            Some(t0 + ms(10))
+        );
     }
 
     #[test]

@@ -28,6 +28,16 @@ pub struct LeasePing {
     pub vote: Vote<NodeId>,
 }
 
+/// A follower's answer to a lease ping.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LeaseAnswer {
+    /// It follows the vote named in the ping.
+    pub follows: bool,
+    /// How long it refuses votes after hearing from its leader (its
+    /// election_timeout_max), in milliseconds; see `Acks::window`.
+    pub window_ms: u64,
+}
+
 /// The follower's answer: whether the given vote is the one it follows.
 pub fn follows(mine: &Vote<NodeId>, state: ServerState, ping: &LeasePing) -> bool {
     mine.is_committed() && *mine == ping.vote && state != ServerState::Leader
@@ -122,11 +132,21 @@ async fn run(
                 let term = m.current_term;
                 tokio::spawn(async move {
                     let sent = Instant::now();
-                    let answer: Result<bool, _> = peers
+                    let answer: Result<LeaseAnswer, _> = peers
                         .call_on(Lane::Urgent, &addr, "/raft/lease", &ping, timeout)
                         .await;
-                    if matches!(answer, Ok(true)) {
-                        acks.acked(voter, term, sent);
+                    if let Ok(a) = &answer {
+                        let window = Duration::from_millis(a.window_ms);
+                        if acks.window(voter, window) {
+                            tracing::error!(
+                                peer = voter,
+                                peer_window_ms = a.window_ms,
+                                "this voter's election timeout is shorter than ours: its acks do not count for the VIP lease (give every node the same --timers)"
+                            );
+                        }
+                        if a.follows {
+                            acks.acked(voter, term, sent);
+                        }
                     }
                     busy.store(false, Ordering::Release);
                 });

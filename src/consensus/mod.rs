@@ -331,6 +331,7 @@ impl Consensus {
             vote.is_some_and(|v| v.leader_id.term > 0)
         };
         let acks = Arc::new(acks::Acks::default());
+        acks.set_own_window(Duration::from_millis(settings.election_timeout_max_ms));
         let log_reader = stores.log.clone();
         let log = stores.log.clone();
         let raft = Raft::new(
@@ -517,6 +518,11 @@ impl Consensus {
     pub fn ack_ages(&self, now: Instant) -> String {
         let term = self.raft.metrics().borrow().current_term;
         self.acks.ages(term, now)
+    }
+
+    /// How long this node refuses votes after hearing from its leader.
+    pub fn election_timeout_max(&self) -> Duration {
+        self.election_timeout_max
     }
 
     /// See [`elect::prevote_wait`].

@@ -195,7 +195,10 @@ async fn lease(State(c): State<Consensus>, body: Bytes) -> Response {
     if yes {
         c.liveness().heard();
     }
-    encode(&yes)
+    encode(&heartbeat::LeaseAnswer {
+        follows: yes,
+        window_ms: c.election_timeout_max().as_millis() as u64,
+    })
 }
 
 /// A candidate asks whether this node would vote for it (elect.rs). Nothing

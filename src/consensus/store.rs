@@ -1770,7 +1770,7 @@ mod tests {
             ((*registry).clone(), membership)
         };
 
-        let mut stores = open(dir.path()).unwrap();
+        let mut stores = reopen(dir.path());
         let applied = stores.sm.subscribe().borrow().clone();
         assert_eq!(applied.index, 9);
         assert_eq!(*applied.registry, want_registry);
@@ -1862,7 +1862,7 @@ mod tests {
             stores.log.purge(log_id(2, 7)).await.unwrap();
             stores.db.flush().unwrap();
         }
-        let mut stores = open(dir.path()).unwrap();
+        let mut stores = reopen(dir.path());
         assert_eq!(stores.log.read_vote().await.unwrap(), Some(Vote::new(3, 2)));
         assert_eq!(
             stores.log.read_committed().await.unwrap(),
@@ -1951,7 +1951,7 @@ mod tests {
                 .unwrap()
         };
         // A restart counts the records and finds every member.
-        let stores = open(dir.path()).unwrap();
+        let stores = reopen(dir.path());
         assert_eq!(stores.sm.lock().audit_len, 3);
         let registry = stores.sm.subscribe().borrow().registry.clone();
         assert_eq!(registry.services["http"].members.len(), 3);
@@ -1986,7 +1986,7 @@ mod tests {
             partial.insert("m/http/zz", &b"{}"[..]).unwrap();
             stores.db.flush().unwrap();
         }
-        let stores = open(dir.path()).unwrap();
+        let stores = reopen(dir.path());
         let names = stores.db.tree_names();
         assert!(!names.iter().any(|n| n.starts_with(b"sm-")), "{names:?}");
         let applied = stores.sm.subscribe().borrow().clone();
