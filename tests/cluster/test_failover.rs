@@ -75,6 +75,65 @@ fn last_claim_index(ev: &[Event], node: u64) -> Option<usize> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn voters_with_a_shorter_election_timeout_give_the_leader_no_lease() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (script, _log) = vip_hook(dir.path());
+    let base = args(&script, None, vec![]);
+    // Only node 1 may lead (2 and 3 are witnesses). Its window is 600 ms and
+    // its lease 450 ms; theirs is 200 ms: they could vote for someone else
+    // 200 ms after its last heartbeat, inside its lease, so their acks must
+    // not let it hold the VIP.
+    let c = Cluster::start_custom(3, &[], move |id| {
+        let mut a = base(id);
+        let (min, max) = if id == 1 {
+            ("300", "600")
+        } else {
+            ("100", "200")
+        };
+        a.extend(
+            [
+                "--heartbeat-ms",
+                "50",
+                "--election-timeout-min-ms",
+                min,
+                "--election-timeout-max-ms",
+                max,
+            ]
+            .map(String::from),
+        );
+        if id != 1 {
+            a.extend(["--role", "witness"].map(String::from));
+        }
+        a
+    })
+    .await;
+    assert_eq!(c.leader(Duration::from_secs(10)).await, 1);
+    eventually(
+        Duration::from_secs(10),
+        "the leader's error naming the shorter window",
+        || async {
+            c.node(1)
+                .log_text()
+                .contains("election timeout is shorter than ours")
+                .then_some(())
+        },
+    )
+    .await;
+    // A quorum follows it (a write commits), which without the check would
+    // have given it a lease and a claim long before the error above; it
+    // never claimed.
+    c.node(1)
+        .client()
+        .register("http", "w", "10.0.0.1", None, None, None)
+        .await
+        .expect("a write through the leader");
+    let v = c.node(1).view().await.expect("view");
+    assert_eq!(v["state"], "leader", "{v}");
+    assert_eq!(v["vip"]["held"], false, "{v}");
+    assert_eq!(v["vip"]["claims_ok"], 0, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_leader_new_claim_within_a_second_and_witness_never_holds() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (script, log) = vip_hook(dir.path());
