@@ -50,16 +50,9 @@ pub fn follows(mine: &Vote<NodeId>, state: ServerState, ping: &LeasePing) -> boo
 /// its send time), so a runtime busy with client requests, storage or a
 /// snapshot must not hold it back. Falls back to the main runtime if the
 /// thread cannot be started.
-pub fn spawn(
-    raft: Raft,
-    id: NodeId,
-    peers: PeerClient,
-    acks: Arc<Acks>,
-    every: Duration,
-    timeout: Duration,
-) {
-    let peers = peers.with_own_urgent_pool();
-    let job = run(raft, id, peers, acks, every, timeout);
+pub fn spawn(p: Pinger) {
+    let peers = p.peers.with_own_urgent_pool();
+    let job = Pinger { peers, ..p }.run();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build();
@@ -93,15 +86,27 @@ pub fn spawn(
     tokio::spawn(job);
 }
 
-async fn run(
-    raft: Raft,
-    id: NodeId,
-    peers: PeerClient,
-    acks: Arc<Acks>,
-    every: Duration,
-    timeout: Duration,
-) {
-    {
+/// What the lease pings need: a ping every `every`, each answer awaited at
+/// most `timeout`.
+pub struct Pinger {
+    pub raft: Raft,
+    pub id: NodeId,
+    pub peers: PeerClient,
+    pub acks: Arc<Acks>,
+    pub every: Duration,
+    pub timeout: Duration,
+}
+
+impl Pinger {
+    async fn run(self) {
+        let Pinger {
+            raft,
+            id,
+            peers,
+            acks,
+            every,
+            timeout,
+        } = self;
         let mut metrics = raft.metrics();
         let mut in_flight: HashMap<NodeId, Arc<AtomicBool>> = HashMap::new();
         let mut tick = tokio::time::interval(every);

@@ -381,14 +381,14 @@ impl Consensus {
         }
         spawn_compaction(raft.clone(), applied.clone());
         spawn_forget_removed(raft.clone(), identity);
-        heartbeat::spawn(
-            raft.clone(),
+        heartbeat::spawn(heartbeat::Pinger {
+            raft: raft.clone(),
             id,
-            peers.clone(),
-            acks.clone(),
-            Duration::from_millis(settings.heartbeat_ms),
-            Duration::from_millis(settings.election_timeout_max_ms),
-        );
+            peers: peers.clone(),
+            acks: acks.clone(),
+            every: Duration::from_millis(settings.heartbeat_ms),
+            timeout: Duration::from_millis(settings.election_timeout_max_ms),
+        });
         let liveness = Arc::new(elect::Liveness::new(remembers));
         let (allow_elect, allowed) = watch::channel(settings.elect);
         elect::spawn(elect::Elector {

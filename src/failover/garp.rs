@@ -9,6 +9,8 @@
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
+use super::netlink::{self, Socket};
+
 /// An ARP request with sender and target both `addr` (the form iputils'
 /// `arping -U` sends); Linux neighbours update an existing entry on it.
 fn packet(mac: [u8; 6], addr: Ipv4Addr) -> [u8; 28] {
@@ -27,47 +29,18 @@ fn packet(mac: [u8; 6], addr: Ipv4Addr) -> [u8; 28] {
 
 /// Broadcasts one gratuitous ARP for `addr` on `iface`.
 pub fn announce(iface: &str, addr: Ipv4Addr) -> io::Result<()> {
-    let index = super::netlink::if_index(iface)?;
+    let index = netlink::if_index(iface)?;
     let proto = (libc::ETH_P_ARP as u16).to_be();
-    // SAFETY: plain socket(2); closed below on every path.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            proto as libc::c_int,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let result = hw_addr(fd, iface).and_then(|mac| {
-        let p = packet(mac, addr);
-        // SAFETY: a zeroed sockaddr_ll, then filled in.
-        let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        to.sll_family = libc::AF_PACKET as libc::c_ushort;
-        to.sll_protocol = proto;
-        to.sll_ifindex = index as libc::c_int;
-        to.sll_halen = 6;
-        to.sll_addr[..6].copy_from_slice(&[0xff; 6]);
-        // SAFETY: the packet and address are valid for the lengths given.
-        let n = unsafe {
-            libc::sendto(
-                fd,
-                p.as_ptr() as *const libc::c_void,
-                p.len(),
-                0,
-                &to as *const libc::sockaddr_ll as *const libc::sockaddr,
-                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-            )
-        };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    });
-    // SAFETY: our own descriptor, closed once.
-    unsafe { libc::close(fd) };
-    result
+    let socket = Socket::new(libc::AF_PACKET, libc::SOCK_DGRAM, proto as libc::c_int)?;
+    let p = packet(hw_addr(&socket, iface)?, addr);
+    // SAFETY: a zeroed sockaddr_ll, then filled in.
+    let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    to.sll_family = libc::AF_PACKET as libc::c_ushort;
+    to.sll_protocol = proto;
+    to.sll_ifindex = index as libc::c_int;
+    to.sll_halen = 6;
+    to.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+    socket.send_to(&p, &to)
 }
 
 /// An unsolicited neighbour advertisement for `addr` (RFC 4861 4.4): not a
@@ -87,86 +60,39 @@ fn advertisement(mac: [u8; 6], addr: Ipv6Addr) -> [u8; 32] {
 /// Sends one unsolicited neighbour advertisement for `addr` to all nodes on
 /// `iface` (hop limit 255, as neighbour discovery requires).
 pub fn advertise(iface: &str, addr: Ipv6Addr) -> io::Result<()> {
-    let index = super::netlink::if_index(iface)?;
-    // SAFETY: plain socket(2); closed below on every path.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_INET6,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::IPPROTO_ICMPV6,
-        )
+    let index = netlink::if_index(iface)?;
+    let socket = Socket::new(libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_ICMPV6)?;
+    let mac = hw_addr(&socket, iface)?;
+    socket.set(
+        libc::IPPROTO_IPV6,
+        libc::IPV6_MULTICAST_HOPS,
+        &255 as &libc::c_int,
+    )?;
+    socket.set(
+        libc::IPPROTO_IPV6,
+        libc::IPV6_MULTICAST_IF,
+        &(index as libc::c_int),
+    )?;
+    let at = |a: Ipv6Addr| {
+        // SAFETY: a zeroed sockaddr_in6, then filled in.
+        let mut sa: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+        sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+        sa.sin6_addr.s6_addr = a.octets();
+        sa.sin6_scope_id = index;
+        sa
     };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let result = hw_addr(fd, iface).and_then(|mac| {
-        let set = |opt: libc::c_int, value: libc::c_int| {
-            // SAFETY: an int option of the right size.
-            let r = unsafe {
-                libc::setsockopt(
-                    fd,
-                    libc::IPPROTO_IPV6,
-                    opt,
-                    &value as *const libc::c_int as *const libc::c_void,
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-            match r {
-                0 => Ok(()),
-                _ => Err(io::Error::last_os_error()),
-            }
-        };
-        set(libc::IPV6_MULTICAST_HOPS, 255)?;
-        set(libc::IPV6_MULTICAST_IF, index as libc::c_int)?;
-        // From the VIP itself (added without duplicate address detection, so
-        // usable at once), not the link-local address the kernel would pick:
-        // right after boot that one can still be tentative, and the send
-        // failed with EADDRNOTAVAIL in tests/cluster/test_failover.rs.
-        // SAFETY: a zeroed sockaddr_in6, then filled in.
-        let mut from: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
-        from.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-        from.sin6_addr.s6_addr = addr.octets();
-        from.sin6_scope_id = index;
-        // SAFETY: the address is valid for the length given.
-        let r = unsafe {
-            libc::bind(
-                fd,
-                &from as *const libc::sockaddr_in6 as *const libc::sockaddr,
-                std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
-            )
-        };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let p = advertisement(mac, addr);
-        // SAFETY: a zeroed sockaddr_in6, then filled in.
-        let mut to: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
-        to.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-        to.sin6_addr.s6_addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1).octets();
-        to.sin6_scope_id = index;
-        // SAFETY: the packet and address are valid for the lengths given.
-        let n = unsafe {
-            libc::sendto(
-                fd,
-                p.as_ptr() as *const libc::c_void,
-                p.len(),
-                0,
-                &to as *const libc::sockaddr_in6 as *const libc::sockaddr,
-                std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
-            )
-        };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    });
-    // SAFETY: our own descriptor, closed once.
-    unsafe { libc::close(fd) };
-    result
+    // From the VIP itself (added without duplicate address detection, so
+    // usable at once), not the link-local address the kernel would pick:
+    // right after the link comes up that one can still be tentative, and the
+    // send failed with EADDRNOTAVAIL in tests/cluster/test_failover.rs. Once
+    // the VIP is released the bind fails, so nothing is announced after.
+    socket.bind(&at(addr))?;
+    let all_nodes = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+    socket.send_to(&advertisement(mac, addr), &at(all_nodes))
 }
 
 /// The interface's MAC address (SIOCGIFHWADDR).
-fn hw_addr(fd: libc::c_int, iface: &str) -> io::Result<[u8; 6]> {
+fn hw_addr(socket: &Socket, iface: &str) -> io::Result<[u8; 6]> {
     // SAFETY: a zeroed ifreq is a valid request; the name is copied in below.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     let name = iface.as_bytes();
@@ -180,7 +106,7 @@ fn hw_addr(fd: libc::c_int, iface: &str) -> io::Result<[u8; 6]> {
         *dst = *src as libc::c_char;
     }
     // SAFETY: SIOCGIFHWADDR fills the union's hwaddr member of our ifreq.
-    let r = unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR as _, &mut req) };
+    let r = unsafe { libc::ioctl(socket.fd(), libc::SIOCGIFHWADDR as _, &mut req) };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }

@@ -21,8 +21,11 @@ const IFA_F_NODAD: u8 = 0x02;
 pub fn change_address(add: bool, iface: &str, addr: IpAddr, timeout: Duration) -> io::Result<()> {
     let index = if_index(iface)?;
     let request = encode(add, index, addr, 1);
-    let socket = Socket::open(timeout)?;
-    socket.send(&request)?;
+    let socket = route_socket(timeout)?;
+    // SAFETY: a zeroed sockaddr_nl addresses the kernel (pid 0).
+    let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+    socket.send_to(&request, &kernel)?;
     let mut buf = [0u8; 4096];
     let n = socket.recv(&mut buf)?;
     match decode_ack(&buf[..n], 1)? {
@@ -111,46 +114,69 @@ fn decode_ack(buf: &[u8], seq: u32) -> io::Result<i32> {
     Err(bad("no acknowledgement"))
 }
 
-struct Socket(libc::c_int);
+/// A socket descriptor, closed on drop; shared with garp.rs.
+pub(super) struct Socket(libc::c_int);
 
 impl Socket {
-    fn open(timeout: Duration) -> io::Result<Socket> {
+    /// socket(2) with close-on-exec.
+    pub(super) fn new(
+        domain: libc::c_int,
+        kind: libc::c_int,
+        proto: libc::c_int,
+    ) -> io::Result<Self> {
         // SAFETY: plain socket(2); the descriptor is owned by `Socket`.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_ROUTE,
-            )
-        };
+        let fd = unsafe { libc::socket(domain, kind | libc::SOCK_CLOEXEC, proto) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
-        let socket = Socket(fd);
-        let tv = libc::timeval {
-            tv_sec: timeout.as_secs() as libc::time_t,
-            tv_usec: timeout.subsec_micros() as libc::suseconds_t,
-        };
-        // SAFETY: setsockopt with a timeval of the right size.
-        let r = unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                &tv as *const libc::timeval as *const libc::c_void,
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(socket)
+        Ok(Socket(fd))
     }
 
-    fn send(&self, msg: &[u8]) -> io::Result<()> {
-        // SAFETY: zeroed sockaddr_nl addresses the kernel (pid 0).
-        let mut to: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        to.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+    pub(super) fn fd(&self) -> libc::c_int {
+        self.0
+    }
+
+    /// setsockopt(2) with a plain value.
+    pub(super) fn set<T>(
+        &self,
+        level: libc::c_int,
+        name: libc::c_int,
+        value: &T,
+    ) -> io::Result<()> {
+        // SAFETY: `value` is valid for its size.
+        let r = unsafe {
+            libc::setsockopt(
+                self.0,
+                level,
+                name,
+                value as *const T as *const libc::c_void,
+                std::mem::size_of::<T>() as libc::socklen_t,
+            )
+        };
+        match r {
+            0 => Ok(()),
+            _ => Err(io::Error::last_os_error()),
+        }
+    }
+
+    /// bind(2) to a socket address of type `A`.
+    pub(super) fn bind<A>(&self, addr: &A) -> io::Result<()> {
+        // SAFETY: `addr` is a socket address valid for its size.
+        let r = unsafe {
+            libc::bind(
+                self.0,
+                addr as *const A as *const libc::sockaddr,
+                std::mem::size_of::<A>() as libc::socklen_t,
+            )
+        };
+        match r {
+            0 => Ok(()),
+            _ => Err(io::Error::last_os_error()),
+        }
+    }
+
+    /// sendto(2) to a socket address of type `A`.
+    pub(super) fn send_to<A>(&self, msg: &[u8], to: &A) -> io::Result<()> {
         // SAFETY: msg and `to` are valid for the lengths given.
         let n = unsafe {
             libc::sendto(
@@ -158,8 +184,8 @@ impl Socket {
                 msg.as_ptr() as *const libc::c_void,
                 msg.len(),
                 0,
-                &to as *const libc::sockaddr_nl as *const libc::sockaddr,
-                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+                to as *const A as *const libc::sockaddr,
+                std::mem::size_of::<A>() as libc::socklen_t,
             )
         };
         if n < 0 {
@@ -183,6 +209,17 @@ impl Drop for Socket {
         // SAFETY: our own descriptor, closed once.
         unsafe { libc::close(self.0) };
     }
+}
+
+/// A route netlink socket whose answers are awaited at most `timeout`.
+fn route_socket(timeout: Duration) -> io::Result<Socket> {
+    let socket = Socket::new(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE)?;
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+    };
+    socket.set(libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv)?;
+    Ok(socket)
 }
 
 #[cfg(test)]
