@@ -357,7 +357,7 @@ impl Elector {
     /// own) and the refusals' reasons. It returns as soon as the outcome is
     /// known: waiting for every answer would make each failover wait the
     /// whole pre-vote timeout for the voter that just died (measured: 110 ms
-    /// of a 295 ms failover at the default timers).
+    /// of a 295 ms failover at the then default timers, today's relaxed).
     async fn prevote(
         &self,
         m: &openraft::RaftMetrics<NodeId, openraft::BasicNode>,

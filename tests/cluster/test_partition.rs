@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use crate::harness::{SECRET, TOKEN};
 use crate::netns::{self, longest_gap, served_since, Host, Lab, Sample};
 
-/// A little slower than the `default` preset (300-600 ms, lease 200 ms): the
+/// Much slower than the `default` preset (300-600 ms, lease 200 ms): the
 /// margin between an isolated leader's lease end and the earliest election is
 /// what keeps two holders apart, and a loaded 2-core CI machine can delay the
 /// release task; here it is at least 300 ms.
