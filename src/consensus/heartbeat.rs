@@ -51,43 +51,28 @@ pub fn follows(mine: &Vote<NodeId>, state: ServerState, ping: &LeasePing) -> boo
 /// snapshot must not hold it back. Falls back to the main runtime if the
 /// thread cannot be started.
 pub fn spawn(p: Pinger) {
-    let peers = p.peers.with_own_urgent_pool();
-    let job = Pinger { peers, ..p }.run();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build();
-    let job = match runtime {
-        Ok(rt) => {
-            let slot = std::sync::Arc::new(std::sync::Mutex::new(Some(job)));
-            let taken = slot.clone();
-            let started = std::thread::Builder::new()
-                .name("clb-lease".into())
-                .spawn(move || {
-                    if let Some(job) = taken.lock().ok().and_then(|mut j| j.take()) {
-                        rt.block_on(job);
-                    }
-                });
-            match started {
-                Ok(_) => return,
-                Err(e) => {
-                    tracing::warn!(cause = %e, "lease heartbeat thread not started; using the main runtime");
-                    match slot.lock().ok().and_then(|mut j| j.take()) {
-                        Some(job) => job,
-                        None => return,
-                    }
-                }
-            }
-        }
-        Err(e) => {
-            tracing::warn!(cause = %e, "lease heartbeat runtime not built; using the main runtime");
-            job
-        }
+    let p = Pinger {
+        peers: p.peers.with_own_urgent_pool(),
+        ..p
     };
-    tokio::spawn(job);
+    let own = p.clone();
+    let started = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .and_then(|rt| {
+            std::thread::Builder::new()
+                .name("clb-lease".into())
+                .spawn(move || rt.block_on(own.run()))
+        });
+    if let Err(e) = started {
+        tracing::warn!(cause = %e, "lease heartbeat thread not started; using the main runtime");
+        tokio::spawn(p.run());
+    }
 }
 
 /// What the lease pings need: a ping every `every`, each answer awaited at
 /// most `timeout`.
+#[derive(Clone)]
 pub struct Pinger {
     pub raft: Raft,
     pub id: NodeId,

@@ -130,6 +130,20 @@ fn builder() -> reqwest::ClientBuilder {
         .tcp_nodelay(true)
 }
 
+/// An HTTPS-only client trusting `roots` (the bundled web roots if none).
+fn https_client(
+    roots: Option<&Vec<reqwest::Certificate>>,
+) -> Result<reqwest::Client, reqwest::Error> {
+    let mut b = builder().https_only(true);
+    if let Some(certs) = roots {
+        b = b.tls_built_in_root_certs(false);
+        for cert in certs {
+            b = b.add_root_certificate(cert.clone());
+        }
+    }
+    b.build()
+}
+
 /// CA certificates from a PEM file, refusing a file with none.
 pub fn load_ca(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, PeerTlsError> {
     let shown = || path.display().to_string();
@@ -174,21 +188,13 @@ impl PeerClient {
             Some(ca) => Some(load_ca(ca)?),
             None => None,
         };
-        let build = || {
-            let mut b = builder().https_only(true);
-            if let Some(certs) = &roots {
-                b = b.tls_built_in_root_certs(false);
-                for cert in certs {
-                    b = b.add_root_certificate(cert.clone());
-                }
-            }
-            b.build().map_err(PeerTlsError::Build)
-        };
+        let roots = roots.map(Arc::new);
+        let build = || https_client(roots.as_deref()).map_err(PeerTlsError::Build);
         Ok(Self {
             http: build()?,
             urgent: build()?,
             scheme: "https",
-            tls_roots: roots.map(Arc::new),
+            tls_roots: roots.clone(),
             cluster_id: Arc::new(RwLock::new(cluster_id)),
             secret: None,
             identity: None,
@@ -212,18 +218,12 @@ impl PeerClient {
     /// lane, for a caller on another runtime (a pooled connection is driven
     /// by the runtime that opened it).
     pub fn with_own_urgent_pool(&self) -> Self {
-        let mut b = builder();
-        if self.scheme == "https" {
-            b = b.https_only(true);
-        }
+        let urgent = match self.scheme {
+            "https" => https_client(self.tls_roots.as_deref()),
+            _ => builder().build(),
+        };
         let mut c = self.clone();
-        if let Some(tls) = &self.tls_roots {
-            b = b.tls_built_in_root_certs(false);
-            for cert in tls.iter() {
-                b = b.add_root_certificate(cert.clone());
-            }
-        }
-        if let Ok(urgent) = b.build() {
+        if let Ok(urgent) = urgent {
             c.urgent = urgent;
         }
         c
