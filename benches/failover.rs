@@ -868,6 +868,7 @@ fn drill_loop(pair: &mut Pair, count: usize) -> Result<Vec<Drill>> {
         interval: ms(1),
         connect_timeout: ms(20),
         read_timeout: ms(500),
+        path: "/",
     };
     let target = SocketAddr::from((pair.vip, SVC_PORT));
     let shots = netns::client(
@@ -1103,6 +1104,7 @@ fn stability_run(clb: &Pair, ka: &Pair, duration: Duration) -> Result<Vec<Value>
         interval: ms(10),
         connect_timeout: ms(100),
         read_timeout: ms(500),
+        path: "/",
     };
     for p in [clb, ka] {
         let stop = Arc::new(AtomicBool::new(false));

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what the tests need (haproxy, iproute2,
-# chromium, gdb) when missing, then checks formatting, lints and
+# nftables, chromium, gdb) when missing, then checks formatting, lints and
 # runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 need=()
 command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
+# linux-vip drains through an nftables rule before a planned release.
+command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || need+=(nftables)
 [ -x /usr/bin/chromium ] || need+=(chromium)
 # tests/haproxy_churn.rs reads the core of any haproxy worker that dies.
 command -v gdb >/dev/null 2>&1 || need+=(gdb)

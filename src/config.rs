@@ -159,6 +159,9 @@ pub struct Settings {
     /// A VIP hook run taking longer is killed and retried [default: 5000]
     #[arg(long, env = "CLB_VIP_HOOK_TIMEOUT_MS")]
     pub vip_hook_timeout_ms: Option<u64>,
+    /// linux-vip: before a planned release, hold new connections back (nft) and wait up to this for open requests; 0 turns it off [default: 2000]
+    #[arg(long, env = "CLB_DRAIN_MS")]
+    pub drain_ms: Option<u64>,
     /// Command that must succeed for this balancer to lead (run through sh -c)
     #[arg(long, env = "CLB_HEALTH_CMD")]
     pub health_cmd: Option<String>,
@@ -245,6 +248,7 @@ impl Settings {
             lease_ms,
             vip_interface,
             vip_hook_timeout_ms,
+            drain_ms,
             health_cmd,
             health_interval_ms,
             health_failures,
@@ -733,7 +737,27 @@ fn failover_config(
             })
         }
     };
+    // A planned release drains first where the address is on this host;
+    // without nft that cannot hold new connections back, so say so now
+    // rather than reset requests at the first restart.
+    let drain_ms = s.drain_ms.unwrap_or(2_000);
+    let linux_vip = matches!(hook, Some(Hook::LinuxVip { .. }));
+    if drain_ms > 0
+        && linux_vip
+        && role == Role::Balancer
+        && crate::failover::drain::nft_path().is_none()
+    {
+        return Err(invalid(
+            "drain-ms",
+            "needs nft to hold new connections back (apt-get install nftables), or set --drain-ms 0",
+        ));
+    }
+    let drain = (drain_ms > 0 && linux_vip).then(|| crate::failover::drain::DrainConfig {
+        max: Duration::from_millis(drain_ms),
+        socket: s.haproxy_socket.clone(),
+    });
     Ok(FailoverConfig {
+        drain,
         vip,
         hook,
         interface: s.vip_interface.clone(),
@@ -856,8 +880,34 @@ mod tests {
             ..Default::default()
         })
         .starts_with("--timers"));
-        let c = Config::from_settings(vip("fd00::5", "linux-vip:lo")).unwrap();
+        // Where nft is missing, linux-vip refuses to start unless drains
+        // are off.
+        let lo = if crate::failover::drain::nft_path().is_none() {
+            assert!(bad(vip("fd00::5", "linux-vip:lo")).starts_with("--drain-ms"));
+            Settings {
+                drain_ms: Some(0),
+                ..vip("fd00::5", "linux-vip:lo")
+            }
+        } else {
+            vip("fd00::5", "linux-vip:lo")
+        };
+        let c = Config::from_settings(lo.clone()).unwrap();
         assert_eq!(c.failover.lease, Duration::from_millis(37));
+        // linux-vip drains 2 s by default; 0 turns it off; exec hooks never.
+        if lo.drain_ms.is_none() {
+            assert_eq!(
+                c.failover.drain.as_ref().map(|d| d.max),
+                Some(Duration::from_secs(2))
+            );
+        }
+        let off = Config::from_settings(Settings {
+            drain_ms: Some(0),
+            ..vip("fd00::5", "linux-vip:lo")
+        })
+        .unwrap();
+        assert!(off.failover.drain.is_none());
+        let exec = Config::from_settings(vip("10.0.0.3", "true")).unwrap();
+        assert!(exec.failover.drain.is_none());
         assert_eq!(
             c.failover.hook.as_ref().and_then(|h| h.interface()),
             Some("lo")

@@ -522,9 +522,15 @@ pub async fn run(
 
     tokio::spawn({
         let (consensus, failover, stop_tx) = (consensus.clone(), failover.clone(), stop_tx.clone());
+        let drain = config
+            .failover
+            .drain
+            .as_ref()
+            .map(|d| d.max)
+            .unwrap_or_default();
         async move {
             if asked_rx.await.is_ok() {
-                hand_over_before_stopping(&consensus, &failover).await;
+                hand_over_before_stopping(&consensus, &failover, SHUTDOWN_GRACE + drain).await;
             }
             let _ = stop_tx.send(true);
         }
@@ -629,7 +635,7 @@ pub async fn run(
 /// A leader asked to stop first moves leadership and the VIP to another
 /// voter (release, then the successor claims), so a planned restart of the
 /// holder is no outage; bounded, and skipped when it has no one to hand to.
-async fn hand_over_before_stopping(consensus: &Consensus, failover: &Failover) {
+async fn hand_over_before_stopping(consensus: &Consensus, failover: &Failover, within: Duration) {
     let m = consensus.raft.metrics().borrow().clone();
     let others = m
         .membership_config
@@ -641,7 +647,7 @@ async fn hand_over_before_stopping(consensus: &Consensus, failover: &Failover) {
         return;
     }
     tracing::info!("stopping: handing leadership over first");
-    match tokio::time::timeout(SHUTDOWN_GRACE, failover.step_down()).await {
+    match tokio::time::timeout(within, failover.step_down()).await {
         Ok(Ok(done)) => tracing::info!(
             new_leader = done.new_leader,
             took_ms = done.took_ms,
@@ -651,7 +657,7 @@ async fn hand_over_before_stopping(consensus: &Consensus, failover: &Failover) {
             tracing::warn!(cause = %e, "hand-over before stopping failed; stopping anyway")
         }
         Err(_) => {
-            tracing::warn!(grace = ?SHUTDOWN_GRACE, "hand-over before stopping took too long; stopping anyway")
+            tracing::warn!(grace = ?within, "hand-over before stopping took too long; stopping anyway")
         }
     }
 }

@@ -8,6 +8,7 @@
 //! leadership: an unhealthy leader releases and hands leadership to a healthy
 //! voter through `/raft/campaign`. docs/failover.md has the timing argument.
 
+pub mod drain;
 mod garp;
 mod health;
 mod hooks;
@@ -61,6 +62,8 @@ pub struct FailoverConfig {
     pub witness: bool,
     /// How long a hand-over waits for a peer's campaign to win.
     pub handover_wait: Duration,
+    /// Drain before a planned release (`linux-vip` only; `--drain-ms`).
+    pub drain: Option<drain::DrainConfig>,
 }
 
 /// The outcome of one hook run.
@@ -102,6 +105,11 @@ pub struct VipStatus {
     pub lease_expiries: u64,
     /// Leadership hand-overs this node started (unhealthy or `clb failover`).
     pub handovers: u64,
+    /// Drains before a planned release (`--drain-ms`).
+    pub drains: u64,
+    /// Drains that let the VIP go with requests still open (timed out) or
+    /// could not hold new connections back (nft failed).
+    pub drains_cut: u64,
 }
 
 /// The answer to `clb failover`, from the old leader.
@@ -185,6 +193,7 @@ impl Failover {
                     claim_estimate: Duration::ZERO,
                     lease: cfg.lease,
                     lease_end: lease_end.clone(),
+                    drain: cfg.drain.is_some(),
                 })
             }
             _ => {
@@ -358,6 +367,20 @@ impl VipStatus {
             "Leadership hand-overs started by this node.",
             self.handovers,
         );
+        metric(
+            &mut out,
+            "clb_vip_drains_total",
+            "counter",
+            "Drains of open requests before a planned release.",
+            self.drains,
+        );
+        metric(
+            &mut out,
+            "clb_vip_drains_cut_total",
+            "counter",
+            "Drains that released with requests still open or could not hold new connections.",
+            self.drains_cut,
+        );
         out.push_str("# HELP clb_vip_hook_runs_total VIP hook runs by action and result.\n# TYPE clb_vip_hook_runs_total counter\n");
         for (action, result, n) in [
             ("claim", "ok", self.claims_ok),
@@ -413,6 +436,8 @@ struct HookRunner {
     lease: Duration,
     /// The end of the latest quorum lease (`CLB_LEASE_END_MS`).
     lease_end: LeaseEnd,
+    /// Drains are on: a rule a crashed clbd left is removed at start.
+    drain: bool,
 }
 
 /// The end of this node's latest quorum lease, shared by watcher and runner.
@@ -442,6 +467,11 @@ impl HookRunner {
         // here, so the first wish (release) really runs.
         let mut done_last: Option<Wish> = None;
         let mut backoff = BACKOFF_MIN;
+        if self.drain {
+            if let Err(e) = drain::clear().await {
+                tracing::error!(cause = %e, "could not remove a drain rule left by an earlier run: new connections to the VIP may be dropped here");
+            }
+        }
         loop {
             let stop_now = *stop.borrow() || stop.has_changed().is_err();
             let want = *wish.borrow_and_update();
@@ -866,6 +896,8 @@ impl Watcher {
             status: self.status.subscribe(),
             wait_release: self.cfg.hook_timeout + Duration::from_secs(1),
             wait_leader: self.cfg.handover_wait,
+            drain: self.cfg.vip.zip(self.cfg.drain.clone()),
+            counters: self.status.clone(),
         };
         self.handover = Some(tokio::spawn(ctx.run()));
     }
@@ -905,9 +937,51 @@ struct Handover {
     status: watch::Receiver<VipStatus>,
     wait_release: Duration,
     wait_leader: Duration,
+    /// The VIP and drain settings, when a planned release drains first.
+    drain: Option<(IpAddr, drain::DrainConfig)>,
+    /// Where the drain counters go.
+    counters: watch::Sender<VipStatus>,
 }
 
 impl Handover {
+    /// Holds new connections back and lets open requests finish while the
+    /// VIP is still here, so the move resets none of them.
+    async fn drain(&self) -> Option<drain::Hold> {
+        let (vip, cfg) = self.drain.as_ref()?;
+        if !self.status.borrow().held {
+            return None;
+        }
+        let outcome = drain::drain(*vip, cfg).await;
+        let cut = !matches!(&outcome, Ok((_, d)) if d.left == 0);
+        self.counters.send_modify(|s| {
+            s.drains += 1;
+            s.drains_cut += u64::from(cut);
+        });
+        match outcome {
+            Ok((hold, d)) if d.left == 0 => {
+                tracing::info!(
+                    took_ms = d.took.as_millis() as u64,
+                    waited_for = d.open,
+                    "drained: no request open, releasing the VIP"
+                );
+                Some(hold)
+            }
+            Ok((hold, d)) => {
+                tracing::warn!(
+                    took_ms = d.took.as_millis() as u64,
+                    waited_for = d.open,
+                    open = d.left,
+                    "drain timed out: releasing the VIP with requests open (--drain-ms)"
+                );
+                Some(hold)
+            }
+            Err(e) => {
+                tracing::warn!(cause = %e, "cannot hold new connections back: releasing the VIP without a drain");
+                None
+            }
+        }
+    }
+
     #[tracing::instrument(name = "handover", skip_all, fields(node = self.id))]
     async fn run(mut self) -> Result<StepDown, FailoverError> {
         let started = Instant::now();
@@ -924,6 +998,9 @@ impl Handover {
         if let Some(since) = self.liveness.leading_since(term) {
             tokio::time::sleep_until((since + window + Duration::from_millis(1)).into()).await;
         }
+        // Kept until the release is done; dropping it (also when this task
+        // is aborted) lets new connections in again.
+        let hold = self.drain().await;
         self.release_now
             .store(true, std::sync::atomic::Ordering::SeqCst);
         self.wake.notify_one();
@@ -945,6 +1022,9 @@ impl Handover {
             return Err(FailoverError::NoSuccessor(format!(
                 "the VIP release failed, so no other node may claim it yet: {why}"
             )));
+        }
+        if let Some(hold) = hold {
+            hold.end().await;
         }
         let release = self
             .status

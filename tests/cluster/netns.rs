@@ -620,6 +620,9 @@ fn answer(mut s: TcpStream, name: &str) {
             Ok(n) => got.extend_from_slice(&buf[..n]),
         }
     }
+    if got.starts_with(b"GET /slow ") {
+        std::thread::sleep(SLOW);
+    }
     let _ = write!(
         s,
         "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{name}",
@@ -649,7 +652,13 @@ pub struct ClientOpts {
     pub interval: Duration,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
+    /// `/`, or `/slow`: the backend answers after [`SLOW`], so a request
+    /// is open on the balancer almost all the time.
+    pub path: &'static str,
 }
+
+/// How long the backend takes to answer `GET /slow`.
+pub const SLOW: Duration = Duration::from_millis(300);
 
 /// Sends `GET /` to `target` from inside `ns` until `stop` or `max`.
 pub fn client(
@@ -704,7 +713,7 @@ fn one_request(target: SocketAddr, opts: ClientOpts) -> std::result::Result<Stri
         .map_err(phase("setup"))?;
     s.set_write_timeout(Some(opts.read_timeout))
         .map_err(phase("setup"))?;
-    s.write_all(b"GET / HTTP/1.0\r\nHost: vip\r\n\r\n")
+    s.write_all(format!("GET {} HTTP/1.0\r\nHost: vip\r\n\r\n", opts.path).as_bytes())
         .map_err(phase("write"))?;
     let mut text = String::new();
     s.read_to_string(&mut text).map_err(phase("read"))?;
