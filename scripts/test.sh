@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what the tests need (haproxy, iproute2,
-# nftables, chromium, gdb) when missing, then checks formatting, lints and
-# runs every test.
+# nftables, chromium, gdb, python3, curl) when missing, then checks
+# formatting, lints and runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +13,9 @@ command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || need+=(nftables)
 [ -x /usr/bin/chromium ] || need+=(chromium)
 # tests/haproxy_churn.rs reads the core of any haproxy worker that dies.
 command -v gdb >/dev/null 2>&1 || need+=(gdb)
+# tests/readme.rs runs the README's first screen: a python3 backend, curl.
+command -v python3 >/dev/null 2>&1 || need+=(python3)
+command -v curl >/dev/null 2>&1 || need+=(curl)
 if ((${#need[@]})); then
   sudo=""
   [ "$(id -u)" = 0 ] || sudo=sudo

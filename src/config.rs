@@ -95,9 +95,12 @@ pub struct Settings {
     /// Directory with haproxy.cfg.j2 overriding the built-in template
     #[arg(long, env = "CLB_TEMPLATE_DIR")]
     pub template_dir: Option<PathBuf>,
-    /// Where the rendered haproxy config goes [default: /etc/haproxy/haproxy.cfg]
+    /// Where the rendered haproxy config goes [default: /etc/haproxy/haproxy.cfg; DATA_DIR/haproxy.cfg with --haproxy supervise]
     #[arg(short = 'o', long, env = "CLB_OUTPUT")]
     pub output: Option<PathBuf>,
+    /// external: haproxy runs on its own (systemd) and clbd drives it through --haproxy-socket, --haproxy-master-socket or --reload-cmd; supervise: clbd starts haproxy as its child (sockets in DATA_DIR unless given), restarts it if it dies and stops it on shutdown [default: external]
+    #[arg(long, env = "CLB_HAPROXY")]
+    pub haproxy: Option<String>,
     /// Command that reloads haproxy after a structural change
     #[arg(long, env = "CLB_RELOAD_CMD")]
     pub reload_cmd: Option<String>,
@@ -228,6 +231,7 @@ impl Settings {
             auth_failures_per_minute,
             template_dir,
             output,
+            haproxy,
             reload_cmd,
             haproxy_socket,
             vip,
@@ -305,6 +309,8 @@ pub struct Config {
     pub output: PathBuf,
     pub reload_cmd: Option<String>,
     pub haproxy_socket: Option<PathBuf>,
+    /// `Some` with `--haproxy supervise`: clbd runs haproxy.
+    pub supervise: Option<crate::render::supervise::Supervise>,
     pub vip: Option<String>,
     pub vip_hook: Option<String>,
     pub raft: RaftSettings,
@@ -340,8 +346,72 @@ pub enum PeerAuth {
     Insecure,
 }
 
+/// `--haproxy supervise`: fills in the sockets and output clbd then owns,
+/// and refuses what cannot work with one line.
+fn supervise_defaults(
+    mut s: Settings,
+) -> Result<(Settings, Option<crate::render::supervise::Supervise>), ConfigError> {
+    match s.haproxy.as_deref().unwrap_or("external") {
+        "external" => return Ok((s, None)),
+        "supervise" => {}
+        other => {
+            return Err(invalid(
+                "haproxy",
+                format!("{other:?} is not external or supervise"),
+            ))
+        }
+    }
+    if s.role.as_deref() == Some("witness") {
+        return Err(invalid(
+            "haproxy",
+            "a witness runs no haproxy; drop --haproxy supervise",
+        ));
+    }
+    if s.reload_cmd.is_some() {
+        return Err(invalid(
+            "reload-cmd",
+            "clbd reloads the haproxy it supervises through its master socket; drop --reload-cmd",
+        ));
+    }
+    let program = crate::render::supervise::find_haproxy().ok_or_else(|| {
+        invalid(
+            "haproxy",
+            "supervise needs haproxy installed (apt-get install haproxy)",
+        )
+    })?;
+    let data_dir = s
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("clb-data"));
+    let (admin, master) = crate::render::supervise::default_sockets(&data_dir);
+    // haproxy reads a relative socket path as host:port ("missing port
+    // specification"): hand it absolute paths.
+    let absolute = |p: PathBuf| {
+        std::path::absolute(&p).map_err(|e| invalid("data-dir", format!("{}: {e}", p.display())))
+    };
+    let admin = absolute(s.haproxy_socket.take().unwrap_or(admin))?;
+    let master = absolute(s.haproxy_master_socket.take().unwrap_or(master))?;
+    let config = absolute(
+        s.output
+            .take()
+            .unwrap_or_else(|| data_dir.join("haproxy.cfg")),
+    )?;
+    s.haproxy_socket = Some(admin);
+    s.haproxy_master_socket = Some(master.clone());
+    s.output = Some(config.clone());
+    Ok((
+        s,
+        Some(crate::render::supervise::Supervise {
+            program,
+            config,
+            master_socket: master,
+        }),
+    ))
+}
+
 impl Config {
     pub fn from_settings(s: Settings) -> Result<Config, ConfigError> {
+        let (s, supervise) = supervise_defaults(s)?;
         let failover_settings = s.clone();
         let tls = tls_settings(&s)?;
         let guardrail = crate::consensus::leader::Guardrail {
@@ -488,6 +558,7 @@ impl Config {
                 .unwrap_or_else(|| PathBuf::from("/etc/haproxy/haproxy.cfg")),
             reload_cmd: s.reload_cmd,
             haproxy_socket: s.haproxy_socket,
+            supervise,
             vip: s.vip,
             vip_hook: s.vip_hook,
             raft: RaftSettings {

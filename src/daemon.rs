@@ -553,6 +553,17 @@ pub async fn run(
         };
         render::spawn(settings, input.clone(), stop_rx.clone())
     });
+    // `--haproxy supervise`: haproxy starts once the first config is in place.
+    let supervisor = match (&config.supervise, config.role) {
+        (Some(s), Role::Balancer) => match render::supervise::Supervisor::start(s.clone()) {
+            Ok(sup) => Some(sup),
+            Err(e) => {
+                tracing::error!(cause = %e, "cannot start the haproxy supervisor thread; haproxy will not run");
+                None
+            }
+        },
+        _ => None,
+    };
     // A balancer whose haproxy cannot take its config does not lead.
     match &render_status {
         Some(status) => feed_health(status.clone(), health_tx),
@@ -619,6 +630,11 @@ pub async fn run(
     };
     // The VIP is released before Raft stops, so a peer can take it over.
     failover.stopped().await;
+    // haproxy stops only after the VIP left this host, so no request to it
+    // was refused while it was still here.
+    if let Some(sup) = supervisor {
+        sup.stop().await;
+    }
     if let Ok(e) = failed_rx.try_recv() {
         // Raft is already down, and a final flush can only fail again; worse,
         // sled's drop panics when its last sync fails. Keep the database

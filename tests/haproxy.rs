@@ -450,3 +450,123 @@ async fn an_agent_stopped_with_sigterm_drains_before_unregistering() {
         "drain came before unregister: {actions:?}"
     );
 }
+
+/// The master's pid per its own `show proc`.
+async fn master_pid(socket: &std::path::Path) -> Option<i32> {
+    let text = clb::render::haproxy::exchange(socket, "show proc")
+        .await
+        .ok()?;
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let mut cols = l.split_whitespace();
+        let pid = cols.next()?.parse().ok()?;
+        (cols.next()? == "master").then_some(pid)
+    })
+}
+
+fn alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    unsafe { libc::kill(pid, 0) == 0 }
+}
+
+/// `--haproxy supervise`: clbd alone gives a balancer that forwards traffic
+/// (the README's first command), starts haproxy again when it dies, and
+/// stops it when clbd stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn supervised_haproxy_forwards_restarts_and_stops_with_clbd() {
+    let mut c = Cluster::start_with(
+        1,
+        &[
+            "--haproxy",
+            "supervise",
+            "--stats-port",
+            "0",
+            "--guardrail-share",
+            "1",
+        ],
+    )
+    .await;
+    let master = c.node(1).data_dir.join("haproxy-master.sock");
+    let port = free_port();
+    define_web(&c.node(1).client(), port).await;
+    let be = backend("a").await;
+    c.node(1)
+        .client()
+        .register("web", "a", "127.0.0.1", Some(be.port), None, None)
+        .await
+        .unwrap();
+    let through = || async {
+        let (seen, failed) = traffic(port, 5).await;
+        (failed == 0 && seen.get("a") == Some(&5)).then_some(())
+    };
+    eventually(
+        Duration::from_secs(20),
+        "traffic through the supervised haproxy",
+        through,
+    )
+    .await;
+    let first = eventually(Duration::from_secs(5), "the master's pid", || {
+        master_pid(&master)
+    })
+    .await;
+
+    // haproxy dies: clbd starts it again, and it serves the registry.
+    unsafe { libc::kill(first, libc::SIGKILL) };
+    let second = eventually(Duration::from_secs(20), "a new haproxy master", || async {
+        master_pid(&master).await.filter(|p| *p != first)
+    })
+    .await;
+    eventually(
+        Duration::from_secs(20),
+        "traffic after the restart",
+        through,
+    )
+    .await;
+    assert!(
+        c.node(1)
+            .log_text()
+            .contains("haproxy exited; starting it again"),
+        "the restart is logged"
+    );
+
+    // clbd stops: so does its haproxy, and nothing listens on the port.
+    let status = c.node_mut(1).terminate();
+    assert!(status.success(), "clbd stopped cleanly: {status:?}");
+    eventually(
+        Duration::from_secs(10),
+        "haproxy gone with clbd",
+        || async { (!alive(second)).then_some(()) },
+    )
+    .await;
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "nothing listens on the service port once clbd stopped"
+    );
+}
+
+#[test]
+fn supervise_refuses_what_cannot_work() {
+    let clbd = env!("CARGO_BIN_EXE_clbd");
+    for (args, want) in [
+        (
+            &["--haproxy", "sometimes"][..],
+            "--haproxy: \"sometimes\" is not external or supervise",
+        ),
+        (
+            &["--haproxy", "supervise", "--role", "witness"][..],
+            "--haproxy: a witness runs no haproxy",
+        ),
+        (
+            &["--haproxy", "supervise", "--reload-cmd", "true"][..],
+            "--reload-cmd: clbd reloads",
+        ),
+    ] {
+        let out = Command::new(clbd)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} must fail");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}

@@ -4,6 +4,7 @@
 //! API, or reload. A config that fails validation never goes live.
 
 pub mod haproxy;
+pub mod supervise;
 pub mod template;
 
 use std::path::{Path, PathBuf};

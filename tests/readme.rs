@@ -1,0 +1,199 @@
+//! The README's first screen, run as written: its first command (clbd on
+//! embedded defaults, running haproxy itself) and the block after it
+//! (a service, a backend, a registration, a request through haproxy).
+//! Both run inside a network namespace this test creates, so the fixed
+//! ports they name (8090, 8080, 9000, 8404) clash with nothing on the
+//! machine, and only the `cargo run ... --` prefix is replaced by the
+//! binary cargo built for this test.
+
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The ```sh blocks of a markdown text, in order.
+fn sh_blocks(md: &str) -> Vec<String> {
+    let mut blocks = Vec::new();
+    let mut current: Option<String> = None;
+    for line in md.lines() {
+        match (&mut current, line.trim_end()) {
+            (None, "```sh") => current = Some(String::new()),
+            (Some(b), "```") => {
+                blocks.push(std::mem::take(b));
+                current = None;
+            }
+            (Some(b), l) => {
+                b.push_str(l);
+                b.push('\n');
+            }
+            (None, _) => {}
+        }
+    }
+    blocks
+}
+
+/// Processes and the namespace, removed however the test ends.
+struct Lab {
+    ns: String,
+    groups: Vec<i32>,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for g in &self.groups {
+            // SAFETY: kill(2) on process groups this test created.
+            unsafe { libc::kill(-g, libc::SIGKILL) };
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
+    }
+}
+
+fn in_ns(lab: &Lab, dir: &Path, path: &str, program: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &lab.ns, program])
+        .args(args)
+        .current_dir(dir)
+        .env("PATH", path)
+        .env_remove("CLB_TOKEN_FILE")
+        .env_remove("CLB_TOKEN")
+        .env_remove("CLB_SERVER")
+        .stdin(Stdio::null())
+        .process_group(0);
+    cmd
+}
+
+fn wait(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
+    let until = Instant::now() + within;
+    while Instant::now() < until {
+        if let Ok(Some(s)) = child.try_wait() {
+            return Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+#[test]
+fn readme_first_screen_runs_as_written() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: a network namespace needs root (CI runs as root)");
+        return;
+    }
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let blocks = sh_blocks(&readme);
+    let prefix = "cargo run --release --bin clbd -- ";
+    let clbd_args: Vec<&str> = blocks[0]
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .expect("the README's first block starts clbd")
+        .split_whitespace()
+        .collect();
+    let quick = &blocks[1];
+    assert!(
+        quick.contains("clb register") && quick.contains("curl"),
+        "the README's second block registers a backend and sends a request: {quick}"
+    );
+
+    let ns = format!("clbreadme{}", std::process::id());
+    let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+    let ok = Command::new("ip").args(["netns", "add", &ns]).status();
+    assert!(ok.is_ok_and(|s| s.success()), "ip netns add {ns}");
+    let mut lab = Lab { ns, groups: vec![] };
+    let up = Command::new("ip")
+        .args(["-n", &lab.ns, "link", "set", "lo", "up"])
+        .status();
+    assert!(up.is_ok_and(|s| s.success()), "loopback up");
+
+    let dir = tempfile::tempdir().unwrap();
+    let bin = Path::new(env!("CARGO_BIN_EXE_clbd")).parent().unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let log = std::fs::File::create(dir.path().join("clbd.log")).unwrap();
+    let mut clbd = in_ns(
+        &lab,
+        dir.path(),
+        &path,
+        env!("CARGO_BIN_EXE_clbd"),
+        &clbd_args,
+    )
+    .stdout(Stdio::null())
+    .stderr(log)
+    .spawn()
+    .expect("start clbd");
+    lab.groups.push(clbd.id() as i32);
+
+    // The reader types the next block once clbd is up: its token is written
+    // and it answers.
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ready = dir.path().join("clb-data/token").exists()
+            && in_ns(&lab, dir.path(), &path, "clb", &["status"])
+                .env("CLB_TOKEN_FILE", "./clb-data/token")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+        if ready {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "clbd did not come up: {}",
+            std::fs::read_to_string(dir.path().join("clbd.log")).unwrap_or_default()
+        );
+        assert!(clbd.try_wait().unwrap().is_none(), "clbd exited");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let out_path = dir.path().join("block.out");
+    let mut block = in_ns(
+        &lab,
+        dir.path(),
+        &path,
+        "bash",
+        &["-e", "-o", "pipefail", "-c", quick],
+    )
+    .stdout(std::fs::File::create(&out_path).unwrap())
+    // A file, not a pipe: the backend the block leaves running inherits it
+    // and would hold a pipe open.
+    .stderr(std::fs::File::create(dir.path().join("block.err")).unwrap())
+    .spawn()
+    .expect("run the block");
+    lab.groups.push(block.id() as i32);
+    let status = wait(&mut block, Duration::from_secs(60));
+    let out = std::fs::read_to_string(&out_path).unwrap_or_default();
+    let err = std::fs::read_to_string(dir.path().join("block.err")).unwrap_or_default();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the README block failed ({status:?}):\n{quick}\nstdout:\n{out}\nstderr:\n{err}\nclbd:\n{}",
+        std::fs::read_to_string(dir.path().join("clbd.log")).unwrap_or_default()
+    );
+    assert!(
+        out.contains("Directory listing for /"),
+        "the request through haproxy was answered by the backend: {out}"
+    );
+    assert!(
+        out.contains("web1"),
+        "`clb members` lists the member: {out}"
+    );
+
+    // clbd stops cleanly, and takes its haproxy with it.
+    // SAFETY: a signal to the clbd this test started.
+    unsafe { libc::kill(clbd.id() as i32, libc::SIGTERM) };
+    let stopped = wait(&mut clbd, Duration::from_secs(20));
+    assert!(
+        stopped.is_some_and(|s| s.success()),
+        "clbd stops on SIGTERM: {stopped:?}"
+    );
+}
+
+#[test]
+fn sh_blocks_are_found_in_order() {
+    let md = "text\n```sh\na\nb\n```\nmore\n```\nnot sh\n```\n```sh\nc\n```\n";
+    assert_eq!(sh_blocks(md), ["a\nb\n", "c\n"]);
+}
