@@ -10,7 +10,7 @@
 //!   and moments with two VIP holders.
 //!
 //! ```text
-//! cargo bench --bench failover -- drills [--drills N] [--profiles relaxed,default,extreme] [--json FILE]
+//! cargo bench --bench failover -- drills [--drills N] [--profiles relaxed,default,fast,extreme] [--json FILE]
 //! cargo bench --bench failover -- stability [--duration SECS] [--profiles ...] [--json FILE]
 //! ```
 //!
@@ -37,7 +37,7 @@ use rand::Rng;
 use serde_json::{json, Value};
 
 const USAGE: &str = "usage: cargo bench --bench failover -- drills|stability \
-[--drills N] [--duration SECS] [--profiles relaxed,default,extreme] [--json FILE]";
+[--drills N] [--duration SECS] [--profiles relaxed,default,fast,extreme] [--json FILE]";
 const TOKEN: &str = "bench-token";
 /// Fixed ports are fine here: every address belongs to our own namespaces.
 const API_PORT: u16 = 7000;
@@ -49,7 +49,7 @@ const BACKEND_LAST: u8 = 20;
 const CLIENT_LAST: u8 = 10;
 /// clb's presets; keepalived runs beside each with an advert interval of
 /// 1 s (its default), 0.1 s and 0.01 s.
-const PROFILES: [&str; 3] = ["relaxed", "default", "extreme"];
+const PROFILES: [&str; 4] = ["relaxed", "default", "fast", "extreme"];
 /// Sampler period: overlaps shorter than this can be missed.
 const SAMPLE_EVERY: Duration = Duration::from_millis(5);
 /// How long one drill may wait for anything (election, catch-up).

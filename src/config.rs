@@ -113,13 +113,13 @@ pub struct Settings {
     /// `linux-vip:IFACE` (the VIP on that interface), or a command run as `CMD claim|release VIP NODE_ID TERM`
     #[arg(long, env = "CLB_VIP_HOOK")]
     pub vip_hook: Option<String>,
-    /// Raft heartbeat interval [default: from --timers; 10 for default]
+    /// Raft heartbeat interval [default: from --timers; 15 for default]
     #[arg(long, env = "CLB_HEARTBEAT_MS")]
     pub heartbeat_ms: Option<u64>,
-    /// Lower bound of the randomized election timeout [default: from --timers; 40 for default]
+    /// Lower bound of the randomized election timeout [default: from --timers; 60 for default]
     #[arg(long, env = "CLB_ELECTION_TIMEOUT_MIN_MS")]
     pub election_timeout_min_ms: Option<u64>,
-    /// Upper bound of the randomized election timeout [default: from --timers; 50 for default]
+    /// Upper bound of the randomized election timeout [default: from --timers; 75 for default]
     #[arg(long, env = "CLB_ELECTION_TIMEOUT_MAX_MS")]
     pub election_timeout_max_ms: Option<u64>,
     /// How long a write waits for a leader before answering 503 [default: 5000]
@@ -150,7 +150,7 @@ pub struct Settings {
     /// Auto-create services on first registration (well-known names and [service_defaults] ports) [default: true]
     #[arg(long, env = "CLB_AUTO_CREATE_SERVICES", num_args = 0..=1, default_missing_value = "true")]
     pub auto_create_services: Option<bool>,
-    /// Timer preset: default (10/40-50 ms), relaxed (25/110-150) or extreme (4/15-20); fast is default; explicit timer flags win [default: default]
+    /// Timer preset: default (15/60-75 ms), fast (10/40-50), relaxed (25/110-150) or extreme (4/15-20); explicit timer flags win [default: default]
     #[arg(long, env = "CLB_TIMERS")]
     pub timers: Option<String>,
     /// How long a quorum ack lets the leader hold the VIP; below --election-timeout-max-ms [default: 3/4 of it]
@@ -714,19 +714,19 @@ impl Timers {
     pub fn parse(name: &str) -> Result<Timers, ConfigError> {
         let (heartbeat_ms, election_timeout_min_ms, election_timeout_max_ms) = match name {
             // A survivor campaigns election_timeout_max + rand(0, max - min)
-            // after the last heartbeat (elect.rs). The default held no leader
-            // change and no VIP re-claim in 10 minutes of full write load and
-            // under follower pauses, and fails over in ~70 ms
-            // (docs/failover.md, Measured); relaxed, the default until then,
-            // leaves more room for a slow or jittery network between voters.
-            // "fast" names the default since then.
-            "default" | "fast" => (10, 40, 50),
+            // after the last heartbeat (elect.rs). fast (lease 37 ms) fails
+            // over in ~65 ms but re-claimed the VIP in some 10-minute runs
+            // under full write load on a 2-core lab (a 45 ms CPU stall of all
+            // nodes at once); the default leaves a 56 ms lease, relaxed more
+            // room for a slow or jittery network (docs/failover.md, Measured).
+            "default" => (15, 60, 75),
+            "fast" => (10, 40, 50),
             "relaxed" => (25, 110, 150),
             "extreme" => (4, 15, 20),
             other => {
                 return Err(invalid(
                     "timers",
-                    format!("{other:?} is not default, relaxed, extreme or fast"),
+                    format!("{other:?} is not default, fast, relaxed or extreme"),
                 ))
             }
         };
@@ -963,7 +963,7 @@ mod tests {
             vip("fd00::5", "linux-vip:lo")
         };
         let c = Config::from_settings(lo.clone()).unwrap();
-        assert_eq!(c.failover.lease, Duration::from_millis(37));
+        assert_eq!(c.failover.lease, Duration::from_millis(56));
         // linux-vip drains 2 s by default; 0 turns it off; exec hooks never.
         if lo.drain_ms.is_none() {
             assert_eq!(

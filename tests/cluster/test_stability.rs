@@ -3,7 +3,7 @@
 //! under writes, deposes nobody: the term stays, the leader stays, and no
 //! VIP hook runs. Every pause is longer than the election timeout, so each
 //! one makes the stopped follower campaign when it resumes. The timers
-//! (25 / 200–300 ms) are slower than the default preset's (10 / 40–50): CI
+//! (25 / 200–300 ms) are slower than the default preset's (15 / 60–75): CI
 //! runs this beside other multi-process tests on 2 cores, where a leader
 //! starved for 50 ms is a real failure, not what this test is about.
 //! `CLB_STABILITY_TIMERS=default` runs it at a preset, alone on the machine,
