@@ -38,6 +38,16 @@ pub mod render;
 /// `clbd --restore`: a backup as bounded log entries; pure.
 pub mod restore;
 
+/// Where a system program is: on PATH, or in the sbin directories (a
+/// unit's or a user's PATH may lack them; Debian puts haproxy and nft there).
+pub fn find_program(name: &str) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].map(std::path::PathBuf::from))
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
 /// The default log filter. openraft's replication logs an error for every
 /// heartbeat a peer misses; clb logs one line when a peer stops answering
 /// and one when it is back (consensus::network), and counts the rest in

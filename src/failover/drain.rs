@@ -60,14 +60,9 @@ pub fn unhold_script() -> String {
     format!("add table inet {TABLE}\ndelete table inet {TABLE}\n")
 }
 
-/// Where `nft` is, looked up on PATH and the sbin directories (a unit's or
-/// a user's PATH may lack them).
+/// Where `nft` is.
 pub fn nft_path() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
-        .map(|d| d.join("nft"))
-        .find(|p| p.is_file())
+    crate::find_program("nft")
 }
 
 async fn nft(script: &str) -> Result<(), String> {

@@ -472,6 +472,17 @@ impl HookRunner {
                 tracing::error!(cause = %e, "could not remove a drain rule left by an earlier run: new connections to the VIP may be dropped here");
             }
         }
+        // The start-up release runs first, also when leadership came while
+        // this runner was starting: a claim on a leftover address would keep
+        // it as it was (an IPv6 address someone added with DAD stays
+        // tentative for seconds, and nothing can be sent from it).
+        let first = match *wish.borrow() {
+            Wish::Hold(t, _) | Wish::Release(t) => t,
+        };
+        if self.run_once(Action::Release, first).await {
+            self.liveness.set_holding(false);
+            done_last = Some(Wish::Release(first));
+        }
         loop {
             let stop_now = *stop.borrow() || stop.has_changed().is_err();
             let want = *wish.borrow_and_update();

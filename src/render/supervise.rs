@@ -41,13 +41,9 @@ pub struct Supervisor {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-/// `haproxy` on PATH or in the sbin directories.
+/// Where `haproxy` is.
 pub fn find_haproxy() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
-        .map(|d| d.join("haproxy"))
-        .find(|p| p.is_file())
+    crate::find_program("haproxy")
 }
 
 /// The arguments haproxy is started with.

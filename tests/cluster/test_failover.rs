@@ -550,9 +550,13 @@ async fn linux_vip_moves(family: Family) {
     let text = log();
     assert!(!text.contains("advertisement failed"), "{text}");
     assert!(!text.contains("gratuitous ARP failed"), "{text}");
-    // The start-up release runs first unless leadership came before the
-    // hook runner started: the runner acts on the latest wish, and a claim
-    // needs no release before it (the address is added either way).
+    // The start-up release runs first, before any claim (a claim on the
+    // leftover address would leave an IPv6 one tentative: nothing could be
+    // sent from it).
+    let first_hook = text
+        .lines()
+        .find_map(|l| l.split("action=\"").nth(1)?.split('"').next());
+    assert_eq!(first_hook, Some("release"), "{text}");
     // SAFETY: SIGTERM to our own child (`ip netns exec` execs clbd in place).
     unsafe { libc::kill(pid, libc::SIGTERM) };
     let status = guard.0.wait().expect("wait clbd");
