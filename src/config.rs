@@ -95,10 +95,10 @@ pub struct Settings {
     /// Directory with haproxy.cfg.j2 overriding the built-in template
     #[arg(long, env = "CLB_TEMPLATE_DIR")]
     pub template_dir: Option<PathBuf>,
-    /// Where the rendered haproxy config goes [default: /etc/haproxy/haproxy.cfg; DATA_DIR/haproxy.cfg with --haproxy supervise]
+    /// Where the rendered haproxy config goes [default: /etc/haproxy/haproxy.cfg; DATA_DIR/haproxy.cfg with --haproxy supervise or auto]
     #[arg(short = 'o', long, env = "CLB_OUTPUT")]
     pub output: Option<PathBuf>,
-    /// external: haproxy runs on its own (systemd) and clbd drives it through --haproxy-socket, --haproxy-master-socket or --reload-cmd; supervise: clbd starts haproxy as its child (sockets in DATA_DIR unless given), restarts it if it dies and stops it on shutdown [default: external]
+    /// external: haproxy runs on its own (systemd) and clbd drives it through --haproxy-socket, --haproxy-master-socket or --reload-cmd; supervise: clbd starts haproxy as its child (sockets in DATA_DIR unless given), restarts it if it dies and stops it on shutdown; auto: supervise when haproxy is installed, else only write DATA_DIR/haproxy.cfg [default: external]
     #[arg(long, env = "CLB_HAPROXY")]
     pub haproxy: Option<String>,
     /// Command that reloads haproxy after a structural change
@@ -347,24 +347,28 @@ pub enum PeerAuth {
 }
 
 /// `--haproxy supervise`: fills in the sockets and output clbd then owns,
-/// and refuses what cannot work with one line.
+/// and refuses what cannot work with one line. `auto` supervises when
+/// haproxy is installed (`installed`) and otherwise only writes the config
+/// into the data dir: the README's first command works on any machine.
 fn supervise_defaults(
     mut s: Settings,
+    installed: Option<PathBuf>,
 ) -> Result<(Settings, Option<crate::render::supervise::Supervise>), ConfigError> {
-    match s.haproxy.as_deref().unwrap_or("external") {
+    let auto = match s.haproxy.as_deref().unwrap_or("external") {
         "external" => return Ok((s, None)),
-        "supervise" => {}
+        "supervise" => false,
+        "auto" => true,
         other => {
             return Err(invalid(
                 "haproxy",
-                format!("{other:?} is not external or supervise"),
+                format!("{other:?} is not external, supervise or auto"),
             ))
         }
-    }
+    };
     if s.role.as_deref() == Some("witness") {
         return Err(invalid(
             "haproxy",
-            "a witness runs no haproxy; drop --haproxy supervise",
+            "a witness runs no haproxy; drop --haproxy",
         ));
     }
     if s.reload_cmd.is_some() {
@@ -373,12 +377,21 @@ fn supervise_defaults(
             "clbd reloads the haproxy it supervises through its master socket; drop --reload-cmd",
         ));
     }
-    let program = crate::render::supervise::find_haproxy().ok_or_else(|| {
-        invalid(
+    let program = match (installed, auto) {
+        (Some(p), _) => p,
+        (None, true) => {
+            let data_dir = s
+                .data_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("clb-data"));
+            s.output.get_or_insert_with(|| data_dir.join("haproxy.cfg"));
+            return Ok((s, None));
+        }
+        (None, false) => return Err(invalid(
             "haproxy",
-            "supervise needs haproxy installed (apt-get install haproxy)",
-        )
-    })?;
+            "supervise needs haproxy installed (apt-get install haproxy), or use --haproxy auto",
+        )),
+    };
     let data_dir = s
         .data_dir
         .clone()
@@ -411,7 +424,7 @@ fn supervise_defaults(
 
 impl Config {
     pub fn from_settings(s: Settings) -> Result<Config, ConfigError> {
-        let (s, supervise) = supervise_defaults(s)?;
+        let (s, supervise) = supervise_defaults(s, crate::render::supervise::find_haproxy())?;
         let failover_settings = s.clone();
         let tls = tls_settings(&s)?;
         let guardrail = crate::consensus::leader::Guardrail {
@@ -1000,6 +1013,31 @@ mod tests {
             })
             .unwrap_or_else(|e| panic!("{preset}: {e}"));
         }
+    }
+
+    #[test]
+    fn haproxy_auto_supervises_only_where_haproxy_is_installed() {
+        let s = |mode: &str| Settings {
+            haproxy: Some(mode.into()),
+            data_dir: Some("/d".into()),
+            ..Default::default()
+        };
+        let (got, sup) = supervise_defaults(s("auto"), None).unwrap();
+        assert!(sup.is_none());
+        assert_eq!(got.output, Some(PathBuf::from("/d/haproxy.cfg")));
+        let err = supervise_defaults(s("supervise"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("--haproxy: supervise needs haproxy installed"),
+            "{err}"
+        );
+        let (got, sup) = supervise_defaults(s("auto"), Some("/usr/sbin/haproxy".into())).unwrap();
+        let sup = sup.expect("supervised");
+        assert_eq!(sup.master_socket, PathBuf::from("/d/haproxy-master.sock"));
+        assert_eq!(got.haproxy_socket, Some(PathBuf::from("/d/haproxy.sock")));
+        let (got, sup) = supervise_defaults(s("external"), None).unwrap();
+        assert!(sup.is_none() && got.output.is_none());
     }
 
     #[test]

@@ -549,7 +549,7 @@ fn supervise_refuses_what_cannot_work() {
     for (args, want) in [
         (
             &["--haproxy", "sometimes"][..],
-            "--haproxy: \"sometimes\" is not external or supervise",
+            "--haproxy: \"sometimes\" is not external, supervise or auto",
         ),
         (
             &["--haproxy", "supervise", "--role", "witness"][..],
