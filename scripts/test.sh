@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what the tests need (haproxy, iproute2,
-# nftables, chromium, gdb, python3, curl) when missing, then checks
+# nftables, chromium, gdb, python3, curl, cloud-init) when missing, then checks
 # formatting, lints and runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +16,8 @@ command -v gdb >/dev/null 2>&1 || need+=(gdb)
 # tests/readme.rs runs the README's first screen: a python3 backend, curl.
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+# tests/deploy.rs validates the cloud-init recipes with cloud-init's schema.
+command -v cloud-init >/dev/null 2>&1 || need+=(cloud-init)
 if ((${#need[@]})); then
   sudo=""
   [ "$(id -u)" = 0 ] || sudo=sudo

@@ -122,6 +122,48 @@ fn cloud_init_configs_parse_and_hold_no_secrets() {
     assert!(member.contains("clb-agent@http"));
 }
 
+/// `cloud-init schema` on a file: its exit status and what it printed.
+fn cloud_init_schema(file: &Path) -> (bool, String) {
+    let out = Command::new("cloud-init")
+        .args(["schema", "--config-file"])
+        .arg(file)
+        .output()
+        .expect("cloud-init is installed (scripts/test.sh installs it)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Every recipe is valid for cloud-init itself (Debian 12's 22.4), not only
+/// YAML: a wrong key type fails the boot silently on the instance.
+#[test]
+fn cloud_init_recipes_pass_cloud_inits_own_schema() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/cloud-init");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).expect("deploy/cloud-init") {
+        let path = entry.expect("entry").path();
+        if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+            continue;
+        }
+        let (ok, text) = cloud_init_schema(&path);
+        assert!(
+            ok && text.contains("Valid cloud-config"),
+            "{}: {text}",
+            path.display()
+        );
+        checked += 1;
+    }
+    assert_eq!(checked, 3, "balancer, witness and member recipes");
+    // The check can fail: a recipe with wrong types is refused.
+    let bad = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(bad.path(), "#cloud-config\npackages: 5\n").expect("write");
+    let (ok, text) = cloud_init_schema(bad.path());
+    assert!(!ok && text.contains("packages"), "{text}");
+}
+
 #[test]
 fn units_are_hardened_and_call_existing_flags() {
     let clbd = read("deploy/systemd/clbd.service");
