@@ -25,20 +25,32 @@ pub const FAST_TIMERS: [&str; 6] = [
     "600",
 ];
 
-/// A port that was free a moment ago (bind port 0, read it, release it),
-/// and never handed out before in this process: two calls in a row must not
-/// give the same port to an API and a peer listener.
+/// A port that was free a moment ago and never handed out before in this
+/// process (two calls in a row must not give the same port to an API and a
+/// peer listener). Taken below the kernel's ephemeral range (32768–60999 by
+/// default), not from a bind to port 0: a node restarted on its port would
+/// otherwise find it taken by another test's outgoing connection, which
+/// the kernel gives ports from that range (seen: "Address already in use"
+/// when test_wiped restarted a killed node).
 pub fn free_port() -> u16 {
     static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    loop {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
-        let port = l.local_addr().expect("local addr").port();
-        let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
-        if !given.contains(&port) {
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    // Start where the process id points, so test binaries run one after
+    // another do not walk the same ports.
+    let start = std::process::id().wrapping_mul(2_654_435_761) % SPAN;
+    for i in 0..SPAN {
+        let port = (LOW + (start + i * 7) % SPAN) as u16;
+        if given.contains(&port) {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
             given.push(port);
             return port;
         }
     }
+    panic!("no free port in {LOW}..{}", LOW + SPAN);
 }
 
 /// Polls `f` until it returns `Some`, or panics with `what` at the deadline.
