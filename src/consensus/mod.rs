@@ -995,7 +995,8 @@ const SNAPSHOT_EVERY: u64 = 5_000;
 /// at once: hosts that share CPUs (or a disk) then stall together, long
 /// enough for a leader to miss its lease (seen in the stability benchmark:
 /// three builds and a reload at once starved the lease pings for 45 ms).
-/// Each node starts a third of a period later than the one before it.
+/// Nodes 1, 2 and 3 (by id mod 3) get a head start of a third of a period
+/// apart, so their builds come a third of a period apart.
 fn spawn_compaction(raft: Raft, id: NodeId, mut applied: watch::Receiver<Arc<Applied>>) {
     tokio::spawn(async move {
         // Counted as if this many writes had been applied already.
