@@ -123,9 +123,15 @@ impl Hold {
     /// leaves none behind.
     pub async fn end(mut self) {
         self.armed = false;
-        if let Err(e) = clear().await {
-            tracing::error!(cause = %e, "could not remove the drain rule: new connections to the VIP are dropped here");
-        }
+        remove().await;
+    }
+}
+
+/// Removes the rule; a failure is logged, since nothing can be done about it
+/// here (the next start removes it again).
+async fn remove() {
+    if let Err(e) = clear().await {
+        tracing::error!(cause = %e, "could not remove the drain rule: new connections to the VIP are dropped here");
     }
 }
 
@@ -134,34 +140,15 @@ impl Drop for Hold {
         if !self.armed {
             return;
         }
-        // Drop cannot wait; a thread removes the rule. Removal is
-        // idempotent and never adds, so racing a later claim is harmless
-        // (the claim path does not depend on it).
-        std::thread::spawn(|| {
-            let done = std::process::Command::new(nft_path().unwrap_or_else(|| "nft".into()))
-                .args(["-f", "-"])
-                .stdin(std::process::Stdio::piped())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .and_then(|mut c| {
-                    use std::io::Write;
-                    if let Some(mut i) = c.stdin.take() {
-                        i.write_all(unhold_script().as_bytes())?;
-                    }
-                    c.wait_with_output()
-                });
-            match done {
-                Ok(o) if o.status.success() => tracing::debug!("drain rule removed"),
-                Ok(o) => tracing::error!(
-                    stderr = %String::from_utf8_lossy(&o.stderr).trim(),
-                    "could not remove the drain rule: new connections to the VIP are dropped here"
-                ),
-                Err(e) => {
-                    tracing::error!(cause = %e, "could not remove the drain rule: new connections to the VIP are dropped here")
-                }
-            }
-        });
+        // Drop cannot wait; the runtime the hand-over ran on removes the
+        // rule. Removal is idempotent and never adds, so racing a later
+        // claim is harmless.
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn(remove())),
+            Err(_) => tracing::error!(
+                "drain rule left in place (no runtime to remove it); the next start removes it"
+            ),
+        }
     }
 }
 
