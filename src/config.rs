@@ -346,6 +346,9 @@ pub enum PeerAuth {
     Insecure,
 }
 
+/// `--data-dir` when none is given.
+const DEFAULT_DATA_DIR: &str = "clb-data";
+
 /// `--haproxy supervise`: fills in the sockets and output clbd then owns,
 /// and refuses what cannot work with one line. `auto` supervises when
 /// haproxy is installed (`installed`) and otherwise only writes the config
@@ -377,14 +380,18 @@ fn supervise_defaults(
             "clbd reloads the haproxy it supervises through its master socket; drop --reload-cmd",
         ));
     }
+    let data_dir = s
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+    let output = s
+        .output
+        .take()
+        .unwrap_or_else(|| data_dir.join("haproxy.cfg"));
     let program = match (installed, auto) {
         (Some(p), _) => p,
         (None, true) => {
-            let data_dir = s
-                .data_dir
-                .clone()
-                .unwrap_or_else(|| PathBuf::from("clb-data"));
-            s.output.get_or_insert_with(|| data_dir.join("haproxy.cfg"));
+            s.output = Some(output);
             return Ok((s, None));
         }
         (None, false) => return Err(invalid(
@@ -392,10 +399,6 @@ fn supervise_defaults(
             "supervise needs haproxy installed (apt-get install haproxy), or use --haproxy auto",
         )),
     };
-    let data_dir = s
-        .data_dir
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("clb-data"));
     let (admin, master) = crate::render::supervise::default_sockets(&data_dir);
     // haproxy reads a relative socket path as host:port ("missing port
     // specification"): hand it absolute paths.
@@ -404,11 +407,7 @@ fn supervise_defaults(
     };
     let admin = absolute(s.haproxy_socket.take().unwrap_or(admin))?;
     let master = absolute(s.haproxy_master_socket.take().unwrap_or(master))?;
-    let config = absolute(
-        s.output
-            .take()
-            .unwrap_or_else(|| data_dir.join("haproxy.cfg")),
-    )?;
+    let config = absolute(output)?;
     s.haproxy_socket = Some(admin);
     s.haproxy_master_socket = Some(master.clone());
     s.output = Some(config.clone());
@@ -557,7 +556,9 @@ impl Config {
             listen,
             peer_listen,
             advertise: s.advertise,
-            data_dir: s.data_dir.unwrap_or_else(|| PathBuf::from("clb-data")),
+            data_dir: s
+                .data_dir
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
             peers,
             join,
             role,
