@@ -271,6 +271,19 @@ async fn run(
         let validate = !(runtime_only && settings.builtin_template);
         if !unchanged {
             let t1 = Instant::now();
+            // Recorded before the config goes live: a clbd killed between the
+            // two would otherwise come back with a config serving services
+            // its record lacks, and an empty data dir would then empty it.
+            // Services are never deleted, so the record may run ahead of a
+            // config that then fails to install.
+            let names: Vec<String> = current.registry.services.keys().cloned().collect();
+            if names != installed_services {
+                // Best effort: without it the guard only covers this process's lifetime.
+                if let Err(e) = record_services(&services_file, &names).await {
+                    tracing::warn!(cause = %e, file = %services_file.display(), "could not record installed services");
+                }
+                installed_services = names;
+            }
             if let Err(e) = install(&settings, &text, validate).await {
                 tracing::error!(cause = %e, "config not installed; the last good config keeps serving");
                 status.send_modify(|s| {
@@ -285,14 +298,6 @@ async fn run(
             written = Some(text);
             if validate && settings.validate_cmd.is_some() {
                 validated = Some(current.registry.clone());
-            }
-            let names: Vec<String> = current.registry.services.keys().cloned().collect();
-            if names != installed_services {
-                // Best effort: without it the guard only covers this process's lifetime.
-                if let Err(e) = std::fs::write(&services_file, names.join("\n")) {
-                    tracing::warn!(cause = %e, file = %services_file.display(), "could not record installed services");
-                }
-                installed_services = names;
             }
             let validate_ms = ms(t1.elapsed());
             not_before = pace(t0.elapsed());
@@ -427,6 +432,17 @@ async fn validate_installed(settings: &RenderSettings, validated: bool) -> Resul
         (Some(cmd), false) => validate(cmd, &settings.output).await,
         _ => Ok(()),
     }
+}
+
+/// Replaces the record of installed services whole (write, sync, rename),
+/// so a crash leaves the old record or the new one.
+async fn record_services(path: &Path, names: &[String]) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let tmp = sibling(path, ".tmp");
+    let mut f = tokio::fs::File::create(&tmp).await?;
+    f.write_all(names.join("\n").as_bytes()).await?;
+    f.sync_all().await?;
+    tokio::fs::rename(&tmp, path).await
 }
 
 /// Writes `text` beside the output, validates it (when `validate_it` and a

@@ -93,13 +93,31 @@ impl Mounts {
         Ok(p)
     }
 
+    /// Mounts the image through a loop device of its own. `mount -o loop`
+    /// would reuse one still bound to the image, and after an umount the
+    /// kernel keeps the old file system (read-only after a fault) for as long
+    /// as another mount namespace holds a copy of the mount: every `ip netns
+    /// exec` a concurrent test runs makes one. A new mount would get that
+    /// read-only file system back.
     fn mount_ext4(&self, name: &str) -> Result<(), String> {
         let image = self.dir.path().join(format!("{name}.img"));
         let p = self.dir.path().join(name);
-        run(
-            "mount",
-            &["-o", "loop,errors=remount-ro", &path(&image), &path(&p)],
-        )
+        let out = Command::new("losetup")
+            .args(["--find", "--show", &path(&image)])
+            .output()
+            .map_err(|e| format!("losetup: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "losetup: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let mounted = run("mount", &["-o", "errors=remount-ro", &dev, &path(&p)]);
+        // Detaching a device in use only marks it to go with its last user,
+        // the mount.
+        let _ = run("losetup", &["-d", &dev]);
+        mounted
     }
 }
 

@@ -314,7 +314,13 @@ async fn a_snapshot_restores_into_a_fresh_cluster() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transient_empty_registry_never_empties_a_serving_config() {
-    let mut c = Cluster::start_with(1, &["--stats-port", "0"]).await;
+    // The guard's record of served services must name a service before any
+    // config serving it can go live (validation is the last step before
+    // that): a clbd killed in between would otherwise come back unguarded.
+    // Killing it in that window by chance is how this was found.
+    let record_first = r#"f={}; ! grep -q w1 "$f" || grep -qx http "${f%.tmp}.services""#;
+    let mut c =
+        Cluster::start_with(1, &["--stats-port", "0", "--validate-cmd", record_first]).await;
     c.leader(Duration::from_secs(30)).await;
     let client = c.any_client();
     client
