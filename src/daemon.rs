@@ -567,7 +567,7 @@ pub async fn run(
     // A balancer whose haproxy cannot take its config does not lead.
     match &render_status {
         Some(status) => feed_health(status.clone(), health_tx),
-        // A witness never campaigns anyway; keep the sender alive.
+        // A witness has no haproxy to gate it; keep the sender alive.
         None => drop(tokio::spawn(async move {
             health_tx.closed().await;
         })),

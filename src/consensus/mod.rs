@@ -63,7 +63,7 @@ pub struct RaftSettings {
     pub heartbeat_ms: u64,
     pub election_timeout_min_ms: u64,
     pub election_timeout_max_ms: u64,
-    /// False for a witness: it votes but never campaigns.
+    /// False for a witness: it campaigns only when failover allows it.
     pub elect: bool,
     /// How long a write waits for a leader before answering 503.
     pub forward_timeout: Duration,
@@ -362,8 +362,8 @@ impl Consensus {
             .is_initialized()
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
-        // A witness never leads, and openraft's initialize starts an
-        // election: it waits for a balancer to initialize the cluster.
+        // A witness leads only as a last resort, and openraft's initialize
+        // starts an election: it waits for a balancer to initialize the cluster.
         let members = members.filter(|_| settings.elect);
         if let (false, Some(members)) = (initialized, members) {
             let nodes: BTreeMap<NodeId, BasicNode> = members

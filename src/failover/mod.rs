@@ -58,7 +58,8 @@ pub struct FailoverConfig {
     pub lease: Duration,
     pub hook_timeout: Duration,
     pub health: Option<HealthCheck>,
-    /// A witness votes but never leads and never holds the VIP.
+    /// A witness votes and never holds the VIP; it leads only as a last
+    /// resort (see `fallback` in `Watcher::run`) and then hands over.
     pub witness: bool,
     /// How long a hand-over waits for a peer's campaign to win.
     pub handover_wait: Duration,
@@ -678,14 +679,28 @@ impl Watcher {
                 self.consensus.liveness().leading(term, now);
             }
             let lease = lease::until(self.consensus.quorum_ack(now), leading, self.cfg.lease);
-            if m.current_leader.is_some() {
+            // openraft keeps naming a dead leader until another is elected
+            // (clb runs its own election timer), so what counts is hearing
+            // from one, or leading.
+            if leading.is_some() {
                 self.last_leader_seen = now;
             }
+            self.last_leader_seen = self
+                .last_leader_seen
+                .max(self.consensus.liveness().last_heard());
             let voters = m.membership_config.membership().voter_ids().count();
             // Alone, or leaderless for long: lead anyway, without the VIP.
-            self.fallback = !self.cfg.witness
-                && (voters <= 1
-                    || now.duration_since(self.last_leader_seen) >= self.liveness_after);
+            // A witness too, after twice as long: a balancer cut off while
+            // the other and the witness committed entries cannot win while
+            // the witness has entries it lacks, so once the other balancer
+            // is gone only the witness can lead and bring it up to date. It
+            // then hands over as any unfit leader does (below).
+            let leaderless = now.duration_since(self.last_leader_seen);
+            self.fallback = if self.cfg.witness {
+                leaderless >= 2 * self.liveness_after
+            } else {
+                voters <= 1 || leaderless >= self.liveness_after
+            };
             self.decide(now, leading, m.current_term, lease);
 
             let wake = match lease {
