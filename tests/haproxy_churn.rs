@@ -917,12 +917,14 @@ async fn haproxy_survives_member_churn_under_long_lived_traffic() {
             continue;
         }
         let bt = backtraces.get(pid).map(String::as_str).unwrap_or("no core");
-        let known = if is_haproxy_2114(bt) {
-            "haproxy#2114, the crash at exit that deleted servers set off"
-        } else {
-            "not a known crash"
-        };
-        panic!("worker {pid} died ({known}): {line}\nits core:\n{bt}");
+        // A former worker that served everything and crashed in haproxy's
+        // own exit path is Debian's haproxy, not clb (seen once in CI in a
+        // run without `del server`): said, not failed. Anything else fails.
+        assert!(
+            is_haproxy_2114(bt),
+            "worker {pid} died (not a known crash): {line}\nits core:\n{bt}"
+        );
+        eprintln!("former worker {pid} crashed at exit (haproxy#2114, Debian's 2.6.12): {line}");
     }
     assert!(
         worker_pids.len() as u64 > reload_windows.len() as u64,
@@ -1019,8 +1021,8 @@ fn core_backtraces(dir: &Path, exe: &Path) -> BTreeMap<u32, String> {
 /// its last connection: `deinit` unbinds a listener and `_fd_delete_orphan`
 /// touches the poller's update list its threads already freed (haproxy#2114,
 /// fixed in 2.6.14; runtime server deletion seems to make it likelier, see
-/// docs/benchmarks.md). Such a worker served all it had; any other death
-/// fails the test.
+/// docs/benchmarks.md, though a run without it hit it too). Such a worker
+/// served all it had; any other death fails the test.
 fn is_haproxy_2114(backtrace: &str) -> bool {
     backtrace.contains("_fd_delete_orphan") && backtrace.contains("deinit")
 }
