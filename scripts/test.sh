@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what the tests need (haproxy, iproute2,
-# nftables, chromium, gdb, python3, curl, cloud-init) when missing, then checks
+# nftables, chromium, gdb, python3, curl, cloud-init, and cargo-deb from
+# crates.io) when missing, then checks
 # formatting, lints and runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +26,9 @@ if ((${#need[@]})); then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
 fi
+
+# tests/packages.rs builds the Debian packages with cargo-deb.
+command -v cargo-deb >/dev/null 2>&1 || cargo install cargo-deb --version 3.8.0 --locked
 
 cargo fmt --check
 cargo clippy --all-targets --quiet -- -D warnings

@@ -107,6 +107,9 @@ pub struct Settings {
     /// haproxy admin socket for runtime API changes
     #[arg(long, env = "CLB_HAPROXY_SOCKET")]
     pub haproxy_socket: Option<PathBuf>,
+    /// Group that may use the admin socket: the built-in template renders it mode 660 with this group instead of 600 (clbd as its own user beside a haproxy run as root)
+    #[arg(long, env = "CLB_HAPROXY_SOCKET_GROUP")]
+    pub haproxy_socket_group: Option<String>,
     /// The virtual/elastic IP the leader holds
     #[arg(long, env = "CLB_VIP")]
     pub vip: Option<String>,
@@ -234,6 +237,7 @@ impl Settings {
             haproxy,
             reload_cmd,
             haproxy_socket,
+            haproxy_socket_group,
             vip,
             vip_hook,
             heartbeat_ms,
@@ -309,6 +313,8 @@ pub struct Config {
     pub output: PathBuf,
     pub reload_cmd: Option<String>,
     pub haproxy_socket: Option<PathBuf>,
+    /// A group name (validated): the admin socket is rendered 660 for it.
+    pub haproxy_socket_group: Option<String>,
     /// `Some` with `--haproxy supervise`: clbd runs haproxy.
     pub supervise: Option<crate::render::supervise::Supervise>,
     pub vip: Option<String>,
@@ -572,6 +578,15 @@ impl Config {
                 .unwrap_or_else(|| PathBuf::from("/etc/haproxy/haproxy.cfg")),
             reload_cmd: s.reload_cmd,
             haproxy_socket: s.haproxy_socket,
+            haproxy_socket_group: match s.haproxy_socket_group {
+                Some(g) if !is_group_name(&g) => {
+                    return Err(invalid(
+                        "haproxy-socket-group",
+                        format!("{g:?} is not a group name (letters, digits, _ and -, not first)"),
+                    ))
+                }
+                g => g,
+            },
             supervise,
             vip: s.vip,
             vip_hook: s.vip_hook,
@@ -905,6 +920,15 @@ fn check_host_port(flag: &'static str, addr: &str) -> Result<(), ConfigError> {
         .map_err(|e| invalid(flag, format!("{addr:?}: {}", e.reason)))
 }
 
+/// A POSIX-portable group name: it is rendered into haproxy's config, so
+/// nothing else may get through.
+fn is_group_name(g: &str) -> bool {
+    let mut chars = g.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+        && g.len() <= 32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1069,5 +1093,28 @@ mod tests {
             ..Default::default()
         })
         .starts_with("--listen"));
+        // Rendered into haproxy.cfg: nothing but a group name gets through.
+        for g in [
+            "clb\n    stats socket /tmp/x level admin",
+            "a b",
+            "-x",
+            "Clb",
+            "",
+        ] {
+            assert!(
+                bad(Settings {
+                    haproxy_socket_group: Some(g.into()),
+                    ..Default::default()
+                })
+                .starts_with("--haproxy-socket-group"),
+                "{g:?}"
+            );
+        }
+        let ok = Config::from_settings(Settings {
+            haproxy_socket_group: Some("clb".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(ok.haproxy_socket_group.as_deref(), Some("clb"));
     }
 }

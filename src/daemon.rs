@@ -317,6 +317,7 @@ pub fn node_context(config: &Config) -> NodeContext {
             .haproxy_socket
             .as_ref()
             .map(|p| p.display().to_string()),
+        haproxy_socket_group: config.haproxy_socket_group.clone(),
         bind_address: config.bind_address.clone(),
         stats_bind: "127.0.0.1".into(),
         stats_port: config.stats_port,

@@ -479,9 +479,11 @@ pub async fn install(
         // hard link + rename: `.last-good` is replaced atomically too.
         let lg_tmp = sibling(out, ".last-good.tmp");
         let _ = tokio::fs::remove_file(&lg_tmp).await;
-        tokio::fs::hard_link(out, &lg_tmp)
-            .await
-            .map_err(rename_err)?;
+        // A file clbd does not own (the packaged haproxy.cfg, root's) cannot
+        // be hard-linked under fs.protected_hardlinks: copy it that once.
+        if tokio::fs::hard_link(out, &lg_tmp).await.is_err() {
+            tokio::fs::copy(out, &lg_tmp).await.map_err(rename_err)?;
+        }
         tokio::fs::rename(&lg_tmp, sibling(out, ".last-good"))
             .await
             .map_err(rename_err)?;

@@ -50,6 +50,8 @@ pub struct NodeContext {
     pub vip: Option<String>,
     pub peers: Vec<Peer>,
     pub haproxy_socket: Option<String>,
+    /// `Some`: the admin socket is mode 660 for this group, else 600.
+    pub haproxy_socket_group: Option<String>,
     /// Address frontends bind to [default: `*`, every address, so the VIP works
     /// wherever it lands].
     pub bind_address: String,
@@ -365,6 +367,18 @@ mod tests {
         assert!(out.contains("frontend fe_http\n    bind *:80\n    mode http"));
         assert!(out.contains("frontend fe_mysql\n    bind *:3306\n    mode tcp"));
         assert!(!out.contains("stats socket"), "no socket unless configured");
+    }
+
+    #[test]
+    fn the_admin_socket_is_private_unless_a_group_is_named() {
+        let t = Template::load(None).unwrap();
+        let mut n = node();
+        n.haproxy_socket = Some("/run/haproxy/admin.sock".into());
+        let out = t.render(&registry(), &n).unwrap();
+        assert!(out.contains("stats socket /run/haproxy/admin.sock mode 600 level admin"));
+        n.haproxy_socket_group = Some("clb".into());
+        let out = t.render(&registry(), &n).unwrap();
+        assert!(out.contains("stats socket /run/haproxy/admin.sock mode 660 group clb level admin"));
     }
 
     #[test]
