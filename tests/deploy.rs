@@ -116,6 +116,31 @@ fn cloud_init_configs_parse_and_hold_no_secrets() {
             "{file}"
         );
     }
+    // Every recipe installs the packages (checked against a checksum), not
+    // files by hand, and the balancer's hook is one the package ships.
+    for file in ["balancer.yaml", "witness.yaml", "member.yaml"] {
+        let text = read(&format!("deploy/cloud-init/{file}"));
+        assert!(text.contains("apt-get install -y"), "{file}");
+        assert!(text.contains("/tmp/clb-client.deb"), "{file}");
+        assert!(text.contains("sha256sum -c -"), "{file}");
+        assert!(
+            !text.contains("tar -xzf") && !text.contains("/usr/local/bin"),
+            "{file}"
+        );
+    }
+    let balancer = read("deploy/cloud-init/balancer.yaml");
+    let s: Settings = toml::from_str(&written_file(&balancer, "/etc/clb/clbd.toml")).unwrap();
+    let hook = s.vip_hook.expect("the balancer's hook");
+    let name = hook
+        .strip_prefix("/usr/share/clb-server/hooks/")
+        .unwrap_or_else(|| panic!("{hook} is not a packaged hook"));
+    assert!(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("deploy/hooks")
+            .join(name)
+            .exists(),
+        "{hook}"
+    );
     let member = read("deploy/cloud-init/member.yaml");
     assert!(member.starts_with("#cloud-config\n"));
     assert!(written_file(&member, "/etc/clb/agent.env").contains("CLB_SERVER="));
@@ -173,7 +198,7 @@ fn units_are_hardened_and_call_existing_flags() {
         "ReadWritePaths=/var/lib/clb /etc/haproxy",
         "NoNewPrivileges=yes",
         "CapabilityBoundingSet=\n",
-        "ExecStart=/usr/local/bin/clbd --config /etc/clb/clbd.toml",
+        "ExecStart=/usr/bin/clbd --config /etc/clb/clbd.toml",
     ] {
         assert!(clbd.contains(line), "clbd.service lacks {line:?}");
     }
