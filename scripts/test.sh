@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what the tests need (haproxy, iproute2,
-# nftables, chromium, gdb, python3, curl, cloud-init, and cargo-deb from
-# crates.io) when missing, then checks
+# nftables, chromium, gdb, python3, curl, cloud-init, prometheus for promtool,
+# and cargo-deb from crates.io) when missing, then checks
 # formatting, lints and runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +19,8 @@ command -v python3 >/dev/null 2>&1 || need+=(python3)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 # tests/deploy.rs validates the cloud-init recipes with cloud-init's schema.
 command -v cloud-init >/dev/null 2>&1 || need+=(cloud-init)
+# tests/monitoring.rs checks and unit-tests the alert rules with promtool.
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 if ((${#need[@]})); then
   sudo=""
   [ "$(id -u)" = 0 ] || sudo=sudo
