@@ -71,6 +71,27 @@ fn http(
     )
 }
 
+/// Each node's API and peer address (free ports on its host) and the
+/// `--peers` value that names them.
+fn node_addrs(nodes: &[(u64, Host)]) -> (Vec<SocketAddr>, Vec<SocketAddr>, String) {
+    let port = |h: &Host| netns::free_port_in(&h.ns, h.ip).expect("free port");
+    let api = nodes
+        .iter()
+        .map(|(_, h)| SocketAddr::from((h.ip, port(h))))
+        .collect();
+    let peer: Vec<SocketAddr> = nodes
+        .iter()
+        .map(|(_, h)| SocketAddr::from((h.ip, port(h))))
+        .collect();
+    let peers = nodes
+        .iter()
+        .zip(&peer)
+        .map(|((id, _), p)| format!("{id}={p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    (api, peer, peers)
+}
+
 /// Prints the tail of each process log when the test fails (declared after
 /// the lab, so it runs before the lab's drop removes the files).
 struct LogsOnPanic(Vec<PathBuf>);
@@ -115,22 +136,9 @@ fn partition_drill_moves_the_vip_without_two_holders() {
     let vip = lab.addr(100);
 
     // clbd on every host; the balancers also run haproxy and a local backend.
-    let api_port = |h: &Host| netns::free_port_in(&h.ns, h.ip).expect("free port");
     let nodes = [(1u64, a.clone()), (2, b.clone()), (3, w.clone())];
-    let addrs: Vec<(u64, SocketAddr)> = nodes
-        .iter()
-        .map(|(id, h)| (*id, SocketAddr::from((h.ip, api_port(h)))))
-        .collect();
-    let peer_addrs: Vec<SocketAddr> = nodes
-        .iter()
-        .map(|(_, h)| SocketAddr::from((h.ip, api_port(h))))
-        .collect();
-    let peers = addrs
-        .iter()
-        .zip(&peer_addrs)
-        .map(|((id, _), p)| format!("{id}={p}"))
-        .collect::<Vec<_>>()
-        .join(",");
+    let (api, peer_addrs, peers) = node_addrs(&nodes);
+    let addrs: Vec<(u64, SocketAddr)> = nodes.iter().map(|(id, _)| *id).zip(api).collect();
     let tokens = lab.dir().join("tokens");
     std::fs::write(&tokens, format!("{TOKEN}\n")).expect("tokens");
     let secret = lab.dir().join("cluster-secret");
@@ -583,21 +591,7 @@ fn a_balancer_behind_the_witness_takes_over_once_the_witness_caught_it_up() {
     let _logs = LogsOnPanic(labels.iter().map(|l| lab.log(l)).collect());
     let mut host = |name: &str, last: u8| lab.add_host(name, last).expect("add host");
     let hosts = [(1u64, host("a", 1)), (2, host("b", 2)), (3, host("w", 3))];
-    let port = |h: &Host| netns::free_port_in(&h.ns, h.ip).expect("free port");
-    let api: Vec<SocketAddr> = hosts
-        .iter()
-        .map(|(_, h)| SocketAddr::from((h.ip, port(h))))
-        .collect();
-    let peer: Vec<SocketAddr> = hosts
-        .iter()
-        .map(|(_, h)| SocketAddr::from((h.ip, port(h))))
-        .collect();
-    let peers = hosts
-        .iter()
-        .zip(&peer)
-        .map(|((id, _), p)| format!("{id}={p}"))
-        .collect::<Vec<_>>()
-        .join(",");
+    let (api, peer, peers) = node_addrs(&hosts);
     let d = lab.dir().to_path_buf();
     std::fs::write(d.join("tokens"), format!("{TOKEN}\n")).expect("tokens");
     std::fs::write(d.join("secret"), format!("{SECRET}\n")).expect("secret");
