@@ -582,7 +582,7 @@ impl Config {
                 Some(g) if !is_group_name(&g) => {
                     return Err(invalid(
                         "haproxy-socket-group",
-                        format!("{g:?} is not a group name (letters, digits, _ and -, not first)"),
+                        format!("{g:?} is not a group name (at most 32 of a-z, 0-9, _ and -, starting with a letter or _)"),
                     ))
                 }
                 g => g,
