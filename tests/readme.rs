@@ -192,6 +192,89 @@ fn readme_first_screen_runs_as_written() {
     );
 }
 
+/// "Three nodes on one machine", as written but for the build: the binaries
+/// cargo built for this test come first on PATH. It runs in a namespace of
+/// its own with a private /tmp (its files and fixed ports clash with nothing),
+/// kills its own leader and must go on.
+#[test]
+fn readme_three_nodes_run_as_written() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: a network namespace needs root (CI runs as root)");
+        return;
+    }
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let block = sh_blocks(&readme)
+        .into_iter()
+        .find(|b| b.contains("clbd --node-id $i"))
+        .expect("the README's three-node block");
+    let build = [
+        "cargo build --release",
+        "export PATH=$PWD/target/release:$PATH",
+    ];
+    for line in build {
+        assert!(block.contains(line), "the block no longer has {line:?}");
+    }
+    let script: String = block
+        .lines()
+        .filter(|l| !build.contains(&l.trim()))
+        .map(|l| format!("{l}\n"))
+        .collect();
+
+    let ns = format!("clbreadme3n{}", std::process::id());
+    let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+    let ok = Command::new("ip").args(["netns", "add", &ns]).status();
+    assert!(ok.is_ok_and(|s| s.success()), "ip netns add {ns}");
+    let mut lab = Lab { ns, groups: vec![] };
+    let up = Command::new("ip")
+        .args(["-n", &lab.ns, "link", "set", "lo", "up"])
+        .status();
+    assert!(up.is_ok_and(|s| s.success()), "loopback up");
+    let dir = tempfile::tempdir().unwrap();
+    let bin = Path::new(env!("CARGO_BIN_EXE_clbd")).parent().unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    // `ip netns exec` gives the command a mount namespace of its own: the
+    // tmpfs on /tmp is seen by the block and its nodes only.
+    let out_path = dir.path().join("block.out");
+    let mut run = in_ns(
+        &lab,
+        dir.path(),
+        &path,
+        "bash",
+        &[
+            "-c",
+            "mount -t tmpfs clb-readme /tmp && exec bash -e -o pipefail -c \"$BLOCK\"",
+        ],
+    )
+    .env("BLOCK", &script)
+    .stdout(std::fs::File::create(&out_path).unwrap())
+    .stderr(std::fs::File::create(dir.path().join("block.err")).unwrap())
+    .spawn()
+    .expect("run the block");
+    lab.groups.push(run.id() as i32);
+    let status = wait(&mut run, Duration::from_secs(90));
+    let out = std::fs::read_to_string(&out_path).unwrap_or_default();
+    let err = std::fs::read_to_string(dir.path().join("block.err")).unwrap_or_default();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the README block failed ({status:?}):\n{script}\nstdout:\n{out}\nstderr:\n{err}"
+    );
+    // The last `clb members`, after the leader died, lists all three.
+    let last = out.rsplit("SERVICE").next().unwrap_or("");
+    for member in ["web1", "web2", "10.0.0.3"] {
+        assert!(
+            last.contains(member),
+            "{member} missing after the kill:\n{out}"
+        );
+    }
+    assert!(out.contains("registered 10.0.0.3 in http"), "{out}");
+}
+
 #[test]
 fn sh_blocks_are_found_in_order() {
     let md = "text\n```sh\na\nb\n```\nmore\n```\nnot sh\n```\n```sh\nc\n```\n";

@@ -792,9 +792,14 @@ impl Watcher {
                 tracing::warn!(reason = %health.reason, stepping_down, "not campaigning");
             }
         }
+        // What a leader handing over is told: only a node fit to lead takes
+        // leadership over. One that campaigns only as a fallback would be
+        // unfit as leader too and hand over again, so leadership would pass
+        // between unfit nodes, a gap for writes at every move.
+        let takes_over = may_lead && !stepping_down;
         self.may_campaign.send_if_modified(|c| {
-            let changed = *c != may_campaign;
-            *c = may_campaign;
+            let changed = *c != takes_over;
+            *c = takes_over;
             changed
         });
 
