@@ -239,7 +239,10 @@ fn readme_three_nodes_run_as_written() {
         std::env::var("PATH").unwrap_or_default()
     );
     // `ip netns exec` gives the command a mount namespace of its own: the
-    // tmpfs on /tmp is seen by the block and its nodes only.
+    // tmpfs on /tmp is seen by the block and its nodes only. It hides this
+    // test's own dir under /tmp, so the block runs from /: haproxy -c fails
+    // ("Impossible to get back to initial directory") in a cwd it cannot
+    // find again, and every balancer would be unfit.
     let out_path = dir.path().join("block.out");
     let mut run = in_ns(
         &lab,
@@ -248,7 +251,7 @@ fn readme_three_nodes_run_as_written() {
         "bash",
         &[
             "-c",
-            "mount -t tmpfs clb-readme /tmp && exec bash -e -o pipefail -c \"$BLOCK\"",
+            "mount -t tmpfs clb-readme /tmp && cd / && exec bash -e -o pipefail -c \"$BLOCK\"",
         ],
     )
     .env("BLOCK", &script)

@@ -565,3 +565,45 @@ async fn linux_vip_moves(family: Family) {
     let text = log();
     assert!(text.matches("action=\"release\"").count() >= 1, "{text}");
 }
+
+/// With every balancer unfit to lead (here haproxy rejects every config, so
+/// none has taken one), the registry still needs a leader: an unfit node
+/// campaigns as a fallback, and a hand-over goes only to a node fit to lead.
+/// Before, the winner handed over to the next unfit node, which did the
+/// same: leadership moved every few hundred ms and writes failed with 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_every_balancer_unfit_the_registry_keeps_a_steady_leader() {
+    // The default preset: the race that let it pass leadership on (two
+    // survivors campaigning at once, the loser still in its fallback when
+    // asked to take over) needs elections as quick as these.
+    let mut c = Cluster::start_custom(3, &["--timers", "default"], |_| {
+        vec!["--validate-cmd".into(), "false".into()]
+    })
+    .await;
+    let first = c.leader(Duration::from_secs(20)).await;
+    for n in c.nodes.values() {
+        let v = n.view().await.expect("view");
+        assert_eq!(v["vip"]["healthy"], false, "node {} is fit: {v}", n.id);
+    }
+    c.node_mut(first).kill();
+    let leader = c.leader(Duration::from_secs(20)).await;
+    assert_ne!(leader, first);
+    c.node(leader)
+        .client()
+        .register("http", "web1", "10.0.0.1", Some(8080), None, None)
+        .await
+        .expect("a write after the leader's death");
+    // Then it stays put: no term change over 3 s of watching.
+    let term = |v: &serde_json::Value| v["term"].as_u64();
+    let start = term(&c.node(leader).view().await.expect("view")).expect("term");
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < until {
+        for n in c.nodes.values().filter(|n| n.child.is_some()) {
+            if let Some(v) = n.view().await {
+                assert_eq!(v["leader"].as_u64(), Some(leader), "leadership moved: {v}");
+                assert_eq!(term(&v), Some(start), "a new term: {v}");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
