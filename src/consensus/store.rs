@@ -1866,7 +1866,7 @@ mod tests {
         }
 
         // The replaced tree is what a restart sees.
-        let mut follower = open(follower_dir.path()).unwrap();
+        let mut follower = reopen(follower_dir.path());
         let leader_registry = leader.sm.subscribe().borrow().registry.clone();
         let applied = follower.sm.subscribe().borrow().clone();
         assert_eq!(applied.registry, leader_registry);

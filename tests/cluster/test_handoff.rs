@@ -215,16 +215,28 @@ async fn claims_wait_for_the_previous_release_across_40_handoffs() {
             c.node_mut(old).spawn();
         }
         let n = c.node(old);
-        eventually(
+        // Follows the newest holder: after a kill two survivors may campaign
+        // at once, and the loser of the first round can still win the next
+        // (a second move for one failure, seen about once in 40 rounds); the
+        // order of claims and releases is checked over all runs below.
+        let (now_holder, now_term) = eventually(
             Duration::from_secs(20),
             "the old holder to follow",
             || async {
+                let (h, t) = runs(&log)
+                    .into_iter()
+                    .rev()
+                    .find(|r| r.action == "claim" && r.end && r.term >= new_term)
+                    .map(|r| (r.node, r.term))?;
                 let v = n.view().await?;
-                (v["leader"].as_u64()? == new && v["vip"]["healthy"] == true).then_some(())
+                (v["leader"].as_u64()? == h && v["vip"]["healthy"] == true).then_some((h, t))
             },
         )
         .await;
-        (old, term) = (new, new_term);
+        if now_holder != new {
+            eprintln!("round {round}: the VIP moved on from node {new} to node {now_holder}");
+        }
+        (old, term) = (now_holder, now_term);
     }
     let all = runs(&log);
     let handoffs = check_order(&all, &kills);
