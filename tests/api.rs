@@ -632,3 +632,32 @@ async fn service_defaults_from_the_config_file_and_turning_auto_create_off() {
         .unwrap_err();
     assert_eq!(err.status(), Some(404), "{err}");
 }
+
+/// A failover nobody can take over says so: not "no leader reachable with a
+/// quorum" (there is one, and it still leads).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_without_a_successor_says_the_leader_still_leads() {
+    let c = Cluster::start(1).await;
+    c.leader(Duration::from_secs(30)).await;
+    let addr = c.node(1).addr.clone();
+    let (status, v) = raw(
+        &addr,
+        Method::POST,
+        "/v1/cluster/failover",
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(status, 503, "{v}");
+    assert_eq!(
+        v["detail"]["situation"], "the leader could not hand leadership over; it still leads",
+        "{v}"
+    );
+    assert!(
+        v["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no voter took over")),
+        "{v}"
+    );
+    assert_eq!(c.leader(Duration::from_secs(5)).await, 1);
+}

@@ -27,6 +27,13 @@ pub enum ApiError {
     Conflict(String),
     #[error("{0}")]
     Consensus(#[from] ConsensusError),
+    /// The leader could not hand leadership over (no fit successor, the VIP
+    /// release failed): not a missing leader or quorum.
+    #[error("{0}")]
+    Failover(String),
+    /// This node failed at something of its own (reading its audit log).
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl ApiError {
@@ -41,6 +48,8 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Consensus(ConsensusError::Rejected(_)) => StatusCode::CONFLICT,
             ApiError::Consensus(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Failover(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -52,6 +61,12 @@ impl ApiError {
             }
             ApiError::Consensus(ConsensusError::Unknown(_)) => {
                 json!({"retryable": false, "situation": "the leader went away mid-write; the write may or may not have been applied"})
+            }
+            ApiError::Failover(_) => {
+                json!({"retryable": true, "situation": "the leader could not hand leadership over; it still leads"})
+            }
+            ApiError::Internal(_) => {
+                json!({"retryable": true, "situation": "this node failed to read its own data; another node may answer"})
             }
             _ => Value::Null,
         }

@@ -696,9 +696,7 @@ async fn audit(
             },
             limit,
         )
-        .map_err(|e| {
-            ApiError::Consensus(crate::consensus::ConsensusError::Unknown(e.to_string()))
-        })?;
+        .map_err(|e| ApiError::Internal(format!("reading the audit log: {e}")))?;
     Ok(Json(json!({"entries": entries})))
 }
 
@@ -1015,7 +1013,7 @@ async fn failover(State(state): State<AppState>, p: Principal) -> Result<Json<Va
                     .map(Json)
                     .map_err(|e| unavailable(format!("leader {l}: {e}"))),
                 Err(r) if r.busy => Err(ApiError::Conflict(r.message)),
-                Err(r) => Err(unavailable(format!("leader {l}: {}", r.message))),
+                Err(r) => Err(ApiError::Failover(format!("leader {l}: {}", r.message))),
             }
         }
         None => Err(unavailable("no leader elected".into())),
@@ -1033,7 +1031,8 @@ async fn failover_here(state: &AppState) -> Result<Value, ApiError> {
     let started = std::time::Instant::now();
     let done = state.failover.step_down().await.map_err(|e| match e {
         FailoverError::Busy => ApiError::Conflict(e.to_string()),
-        e => unavailable(e.to_string()),
+        FailoverError::NotLeader(_) => unavailable(e.to_string()),
+        e => ApiError::Failover(e.to_string()),
     })?;
     let addr = state
         .consensus
