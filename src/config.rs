@@ -318,7 +318,6 @@ pub struct Config {
     /// `Some` with `--haproxy supervise`: clbd runs haproxy.
     pub supervise: Option<crate::render::supervise::Supervise>,
     pub vip: Option<String>,
-    pub vip_hook: Option<String>,
     pub raft: RaftSettings,
     /// `None` when auto-creation is off.
     pub service_defaults: Option<crate::model::ServiceDefaults>,
@@ -589,7 +588,6 @@ impl Config {
             },
             supervise,
             vip: s.vip,
-            vip_hook: s.vip_hook,
             raft: RaftSettings {
                 heartbeat_ms,
                 election_timeout_min_ms: min,
