@@ -38,6 +38,32 @@ struct Lab {
     groups: Vec<i32>,
 }
 
+impl Lab {
+    /// A fresh namespace named `prefix` + this process's id, loopback up.
+    fn new(prefix: &str) -> Lab {
+        let ns = format!("{prefix}{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+        let ok = Command::new("ip").args(["netns", "add", &ns]).status();
+        assert!(ok.is_ok_and(|s| s.success()), "ip netns add {ns}");
+        let lab = Lab { ns, groups: vec![] };
+        let up = Command::new("ip")
+            .args(["-n", &lab.ns, "link", "set", "lo", "up"])
+            .status();
+        assert!(up.is_ok_and(|s| s.success()), "loopback up");
+        lab
+    }
+}
+
+/// PATH with the binaries cargo built for this test first.
+fn test_path() -> String {
+    let bin = Path::new(env!("CARGO_BIN_EXE_clbd")).parent().unwrap();
+    format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
 impl Drop for Lab {
     fn drop(&mut self) {
         for g in &self.groups {
@@ -96,23 +122,9 @@ fn readme_first_screen_runs_as_written() {
         "the README's second block registers a backend and sends a request: {quick}"
     );
 
-    let ns = format!("clbreadme{}", std::process::id());
-    let _ = Command::new("ip").args(["netns", "del", &ns]).output();
-    let ok = Command::new("ip").args(["netns", "add", &ns]).status();
-    assert!(ok.is_ok_and(|s| s.success()), "ip netns add {ns}");
-    let mut lab = Lab { ns, groups: vec![] };
-    let up = Command::new("ip")
-        .args(["-n", &lab.ns, "link", "set", "lo", "up"])
-        .status();
-    assert!(up.is_ok_and(|s| s.success()), "loopback up");
-
+    let mut lab = Lab::new("clbreadme");
     let dir = tempfile::tempdir().unwrap();
-    let bin = Path::new(env!("CARGO_BIN_EXE_clbd")).parent().unwrap();
-    let path = format!(
-        "{}:{}",
-        bin.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
+    let path = test_path();
     let log = std::fs::File::create(dir.path().join("clbd.log")).unwrap();
     let mut clbd = in_ns(
         &lab,
@@ -222,22 +234,9 @@ fn readme_three_nodes_run_as_written() {
         .map(|l| format!("{l}\n"))
         .collect();
 
-    let ns = format!("clbreadme3n{}", std::process::id());
-    let _ = Command::new("ip").args(["netns", "del", &ns]).output();
-    let ok = Command::new("ip").args(["netns", "add", &ns]).status();
-    assert!(ok.is_ok_and(|s| s.success()), "ip netns add {ns}");
-    let mut lab = Lab { ns, groups: vec![] };
-    let up = Command::new("ip")
-        .args(["-n", &lab.ns, "link", "set", "lo", "up"])
-        .status();
-    assert!(up.is_ok_and(|s| s.success()), "loopback up");
+    let mut lab = Lab::new("clbreadme3n");
     let dir = tempfile::tempdir().unwrap();
-    let bin = Path::new(env!("CARGO_BIN_EXE_clbd")).parent().unwrap();
-    let path = format!(
-        "{}:{}",
-        bin.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
+    let path = test_path();
     // `ip netns exec` gives the command a mount namespace of its own: the
     // tmpfs on /tmp is seen by the block and its nodes only. It hides this
     // test's own dir under /tmp, so the block runs from /: haproxy -c fails
