@@ -1,10 +1,14 @@
-//! The README's first screen, run as written: its first command (clbd on
-//! embedded defaults, running haproxy itself) and the block after it
-//! (a service, a backend, a registration, a request through haproxy).
-//! Both run inside a network namespace this test creates, so the fixed
-//! ports they name (8090, 8080, 9000, 8404) clash with nothing on the
-//! machine, and only the `cargo run ... --` prefix is replaced by the
-//! binary cargo built for this test.
+//! The docs' shell blocks, run as written. The README's first screen: its
+//! first command (clbd on embedded defaults, running haproxy itself) and the
+//! block after it (a service, a backend, a registration, a request through
+//! haproxy), and its three-node block; both inside network namespaces this
+//! test creates, so the fixed ports they name clash with nothing on the
+//! machine, and only the build (`cargo run ... --`, `cargo build`) is replaced
+//! by the binaries cargo built for this test. Then docs/operations.md's blocks
+//! that can run on one machine, against a live cluster.
+
+#[path = "cluster/harness.rs"]
+mod harness;
 
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -281,4 +285,92 @@ fn readme_three_nodes_run_as_written() {
 fn sh_blocks_are_found_in_order() {
     let md = "text\n```sh\na\nb\n```\nmore\n```\nnot sh\n```\n```sh\nc\n```\n";
     assert_eq!(sh_blocks(md), ["a\nb\n", "c\n"]);
+}
+
+/// docs/operations.md's blocks that run on one machine, as written, against
+/// a live three-node cluster: the failover drill's graceful half and the
+/// backup. (The others need AWS, systemd or packages: tests/packages.rs and
+/// tests/deploy.rs cover those parts.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_blocks_that_run_on_one_machine_run_as_written() {
+    let ops = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md"))
+        .expect("docs/operations.md");
+    let blocks = sh_blocks(&ops);
+    let find = |needle: &str| -> String {
+        blocks
+            .iter()
+            .find(|b| b.contains(needle))
+            .unwrap_or_else(|| panic!("operations.md has no block with {needle:?}"))
+            .clone()
+    };
+    let drill = find("clb failover                    # graceful");
+    let backup = find("clb snapshot save /var/backups/clb/");
+
+    let c = harness::Cluster::start_custom(3, &harness::FAST_TIMERS, |_| {
+        ["--vip", "127.0.0.79", "--vip-hook", "true"]
+            .map(String::from)
+            .to_vec()
+    })
+    .await;
+    let leader = c.leader(Duration::from_secs(20)).await;
+    let servers: Vec<String> = c.nodes.values().map(|n| n.addr.clone()).collect();
+    let run = |script: String| {
+        let servers = servers.join(",");
+        async move {
+            tokio::task::spawn_blocking(move || {
+                Command::new("bash")
+                    .args(["-e", "-o", "pipefail", "-c", &script])
+                    .env("PATH", test_path())
+                    .env("CLB_SERVER", servers)
+                    .env("CLB_TOKEN", harness::TOKEN)
+                    .env_remove("CLB_TOKEN_FILE")
+                    .stdin(Stdio::null())
+                    .output()
+                    .expect("bash")
+            })
+            .await
+            .expect("join")
+        }
+    };
+
+    let out = run(drill.clone()).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{drill}\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains(&format!("leadership moved from node {leader}")),
+        "{text}"
+    );
+    assert!(text.contains("VIP now held by node"), "{text}");
+
+    // The backup writes where the block says; a private tmpfs there keeps
+    // the machine's /var/backups untouched (root only, as CI runs).
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped the backup block: a private /var/backups needs root");
+        return;
+    }
+    let wrapped = format!(
+        "mount -t tmpfs clb-backup /var/backups && mkdir -p /var/backups/clb\n{backup}\n\
+         test -s /var/backups/clb/registry-$(date +%F).json"
+    );
+    let script = format!(
+        "exec unshare --mount bash -e -o pipefail -c {}",
+        shell_quote(&wrapped)
+    );
+    let out = run(script).await;
+    assert!(
+        out.status.success(),
+        "{backup}\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `s` as one single-quoted shell word.
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
 }
