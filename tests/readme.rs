@@ -312,7 +312,19 @@ async fn operations_blocks_that_run_on_one_machine_run_as_written() {
             .to_vec()
     })
     .await;
-    let leader = c.leader(Duration::from_secs(20)).await;
+    // "leader N holds the VIP": the drill starts from a settled cluster (a
+    // node leading just after start may still be handing over while its
+    // haproxy side takes a first config, and a failover then answers 409).
+    let leader = harness::eventually(
+        Duration::from_secs(20),
+        "a leader holding the VIP",
+        || async {
+            let l = c.leader(Duration::from_secs(20)).await;
+            let v = c.node(l).view().await?;
+            (v["vip"]["held"] == true && v["vip"]["healthy"] == true).then_some(l)
+        },
+    )
+    .await;
     let servers: Vec<String> = c.nodes.values().map(|n| n.addr.clone()).collect();
     let run = |script: String| {
         let servers = servers.join(",");
