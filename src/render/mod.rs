@@ -437,12 +437,17 @@ async fn validate_installed(settings: &RenderSettings, validated: bool) -> Resul
 /// Replaces the record of installed services whole (write, sync, rename),
 /// so a crash leaves the old record or the new one.
 async fn record_services(path: &Path, names: &[String]) -> std::io::Result<()> {
-    use tokio::io::AsyncWriteExt;
     let tmp = sibling(path, ".tmp");
-    let mut f = tokio::fs::File::create(&tmp).await?;
-    f.write_all(names.join("\n").as_bytes()).await?;
-    f.sync_all().await?;
+    write_synced(&tmp, names.join("\n").as_bytes()).await?;
     tokio::fs::rename(&tmp, path).await
+}
+
+/// Creates `path` with `bytes` and syncs it before returning.
+async fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let mut f = tokio::fs::File::create(path).await?;
+    f.write_all(bytes).await?;
+    f.sync_all().await
 }
 
 /// Writes `text` beside the output, validates it (when `validate_it` and a
@@ -459,12 +464,9 @@ pub async fn install(
         path: tmp.display().to_string(),
         source,
     };
-    {
-        use tokio::io::AsyncWriteExt;
-        let mut f = tokio::fs::File::create(&tmp).await.map_err(write_err)?;
-        f.write_all(text.as_bytes()).await.map_err(write_err)?;
-        f.sync_all().await.map_err(write_err)?;
-    }
+    write_synced(&tmp, text.as_bytes())
+        .await
+        .map_err(write_err)?;
     if let (Some(cmd), true) = (&settings.validate_cmd, validate_it) {
         if let Err(e) = validate(cmd, &tmp).await {
             let _ = tokio::fs::remove_file(&tmp).await;
