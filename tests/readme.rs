@@ -92,6 +92,29 @@ fn in_ns(lab: &Lab, dir: &Path, path: &str, program: &str, args: &[&str]) -> Com
     cmd
 }
 
+/// Runs a block (a command from `in_ns`) with its output in files under
+/// `dir`: files, not pipes, since a process the block leaves running (a
+/// backend) inherits them and would hold a pipe open. Its process group goes
+/// with the lab. The exit status (`None`: still running after `within`),
+/// stdout and stderr.
+fn run_block(
+    lab: &mut Lab,
+    dir: &Path,
+    mut block: Command,
+    within: Duration,
+) -> (Option<std::process::ExitStatus>, String, String) {
+    let (out_path, err_path) = (dir.join("block.out"), dir.join("block.err"));
+    let mut child = block
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .expect("run the block");
+    lab.groups.push(child.id() as i32);
+    let status = wait(&mut child, within);
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+    (status, read(&out_path), read(&err_path))
+}
+
 fn wait(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
     let until = Instant::now() + within;
     while Instant::now() < until {
@@ -166,24 +189,14 @@ fn readme_first_screen_runs_as_written() {
         std::thread::sleep(Duration::from_millis(100));
     }
 
-    let out_path = dir.path().join("block.out");
-    let mut block = in_ns(
+    let block = in_ns(
         &lab,
         dir.path(),
         &path,
         "bash",
         &["-e", "-o", "pipefail", "-c", quick],
-    )
-    .stdout(std::fs::File::create(&out_path).unwrap())
-    // A file, not a pipe: the backend the block leaves running inherits it
-    // and would hold a pipe open.
-    .stderr(std::fs::File::create(dir.path().join("block.err")).unwrap())
-    .spawn()
-    .expect("run the block");
-    lab.groups.push(block.id() as i32);
-    let status = wait(&mut block, Duration::from_secs(60));
-    let out = std::fs::read_to_string(&out_path).unwrap_or_default();
-    let err = std::fs::read_to_string(dir.path().join("block.err")).unwrap_or_default();
+    );
+    let (status, out, err) = run_block(&mut lab, dir.path(), block, Duration::from_secs(60));
     assert!(
         status.is_some_and(|s| s.success()),
         "the README block failed ({status:?}):\n{quick}\nstdout:\n{out}\nstderr:\n{err}\nclbd:\n{}",
@@ -246,8 +259,7 @@ fn readme_three_nodes_run_as_written() {
     // test's own dir under /tmp, so the block runs from /: haproxy -c fails
     // ("Impossible to get back to initial directory") in a cwd it cannot
     // find again, and every balancer would be unfit.
-    let out_path = dir.path().join("block.out");
-    let mut run = in_ns(
+    let mut block = in_ns(
         &lab,
         dir.path(),
         &path,
@@ -256,16 +268,9 @@ fn readme_three_nodes_run_as_written() {
             "-c",
             "mount -t tmpfs clb-readme /tmp && cd / && exec bash -e -o pipefail -c \"$BLOCK\"",
         ],
-    )
-    .env("BLOCK", &script)
-    .stdout(std::fs::File::create(&out_path).unwrap())
-    .stderr(std::fs::File::create(dir.path().join("block.err")).unwrap())
-    .spawn()
-    .expect("run the block");
-    lab.groups.push(run.id() as i32);
-    let status = wait(&mut run, Duration::from_secs(90));
-    let out = std::fs::read_to_string(&out_path).unwrap_or_default();
-    let err = std::fs::read_to_string(dir.path().join("block.err")).unwrap_or_default();
+    );
+    block.env("BLOCK", &script);
+    let (status, out, err) = run_block(&mut lab, dir.path(), block, Duration::from_secs(90));
     assert!(
         status.is_some_and(|s| s.success()),
         "the README block failed ({status:?}):\n{script}\nstdout:\n{out}\nstderr:\n{err}"
