@@ -259,9 +259,8 @@ fn validate_cmd(config: &Config) -> Option<String> {
     if let Some(cmd) = &config.validate_cmd {
         return Some(cmd.clone());
     }
-    let found = std::env::var_os("PATH")
-        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join("haproxy").is_file()));
-    if found {
+    // By name through `sh`, so it must be on PATH.
+    if crate::on_path("haproxy").is_some() {
         Some("haproxy -c -q -f {}".into())
     } else {
         tracing::warn!("haproxy is not installed: rendered configs are written unvalidated");

@@ -146,8 +146,7 @@ fn free_port() -> Result<u16, DemoError> {
 }
 
 fn haproxy_installed() -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join("haproxy").is_file()))
+    crate::on_path("haproxy").is_some()
 }
 
 /// `(unix_ms, node, action, term)` lines the hook appended.

@@ -41,9 +41,18 @@ pub mod restore;
 /// Where a system program is: on PATH, or in the sbin directories (a
 /// unit's or a user's PATH may lack them; Debian puts haproxy and nft there).
 pub fn find_program(name: &str) -> Option<std::path::PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
+    on_path(name).or_else(|| {
+        ["/usr/sbin", "/sbin"]
+            .map(|d| std::path::Path::new(d).join(name))
+            .into_iter()
+            .find(|p| p.is_file())
+    })
+}
+
+/// `name` on PATH only: for commands run by name through a shell.
+pub fn on_path(name: &str) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin"].map(std::path::PathBuf::from))
         .map(|d| d.join(name))
         .find(|p| p.is_file())
 }
