@@ -7,5 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # Stripped: the release profile keeps line tables for backtraces, which
 # would triple the packages.
-cargo deb --strip "$@"
+# One build of every binary for both packages: cargo deb builds only the
+# binaries its own package lists, so the client's would be missing.
+cargo build --release --locked --bins
+cargo deb --strip --no-build "$@"
 cargo deb --strip --no-build --variant client "$@"

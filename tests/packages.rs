@@ -177,10 +177,13 @@ fn packages_install_run_keep_a_changed_conffile_and_purge_clean() {
         .current_dir(root())
         .output()
         .expect("scripts/deb.sh");
+    // The reason is at the end, after cargo's "Compiling" lines: show that.
+    let stderr = String::from_utf8_lossy(&built.stderr);
+    let tail: Vec<&str> = stderr.lines().rev().take(20).collect();
     assert!(
         built.status.success(),
-        "scripts/deb.sh: {}",
-        String::from_utf8_lossy(&built.stderr)
+        "scripts/deb.sh failed; the end of its stderr:\n{}",
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
     );
     let debs: Vec<PathBuf> = std::fs::read_dir(root().join("target/debian"))
         .expect("target/debian")
