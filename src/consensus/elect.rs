@@ -330,6 +330,20 @@ impl Elector {
                     not_before = Instant::now() + backoff / 2 + jitter / 2;
                     continue;
                 }
+                // The round took time: this node may have voted for another
+                // candidate meanwhile (which then won) or heard a leader.
+                // Campaigning anyway would bump the term past that leader's
+                // and depose it a moment after it claimed the VIP: the
+                // second VIP move for one failure tests/cluster saw.
+                let after = metrics.borrow().clone();
+                if let Err(why) = still_campaign(
+                    (&m.vote, heard),
+                    (&after.vote, self.liveness.last_heard()),
+                    after.state,
+                ) {
+                    tracing::info!(granted, why, "pre-vote passed, but not campaigning");
+                    continue;
+                }
                 tracing::info!(
                     granted,
                     voters = voters.len(),
@@ -406,6 +420,29 @@ impl Elector {
     }
 }
 
+/// Whether a pre-vote that passed may still become an election: not when
+/// this node's vote moved during the round (it voted for another candidate,
+/// or a leader of a newer term reached it), when it heard from a leader, or
+/// when it leads. `before` and `after` are (vote, last heard) at the start
+/// and end of the round. What is left is the moment between this check and
+/// openraft's `elect()`, which openraft 0.9 gives no way to close.
+pub fn still_campaign(
+    before: (&openraft::Vote<NodeId>, Instant),
+    after: (&openraft::Vote<NodeId>, Instant),
+    state: ServerState,
+) -> Result<(), &'static str> {
+    if state == ServerState::Leader {
+        return Err("this node leads");
+    }
+    if after.0 != before.0 {
+        return Err("this node's vote changed during the pre-vote round");
+    }
+    if after.1 > before.1 {
+        return Err("a leader was heard during the pre-vote round");
+    }
+    Ok(())
+}
+
 /// Pre-vote answers so far; this node's own grant counts from the start.
 struct Tally {
     voters: usize,
@@ -465,6 +502,24 @@ mod tests {
             term,
             last_log_id: last,
         }
+    }
+
+    #[test]
+    fn a_passed_prevote_is_dropped_when_the_node_voted_or_heard_meanwhile() {
+        let t0 = Instant::now();
+        let mine = openraft::Vote::new(30, 2);
+        let follows = ServerState::Follower;
+        assert_eq!(still_campaign((&mine, t0), (&mine, t0), follows), Ok(()));
+        // It granted node 3 a vote in term 31 during the round: campaigning
+        // for 32 would depose node 3 the moment it won.
+        let voted = openraft::Vote::new(31, 3);
+        assert!(still_campaign((&mine, t0), (&voted, t0), follows).is_err());
+        let mut committed = voted;
+        committed.commit();
+        assert!(still_campaign((&mine, t0), (&committed, t0), follows).is_err());
+        let later = t0 + Duration::from_millis(5);
+        assert!(still_campaign((&mine, t0), (&mine, later), follows).is_err());
+        assert!(still_campaign((&mine, t0), (&mine, t0), ServerState::Leader).is_err());
     }
 
     #[test]
