@@ -585,11 +585,15 @@ pub async fn run(
         role: config.role,
         advertise,
         service_defaults: config.service_defaults.clone(),
+        metrics: Arc::new(api::Metrics::new(
+            &consensus,
+            render_status.clone(),
+            failover.clone(),
+        )),
         render: render_status,
         template,
         render_node: node_context(&config),
         render_input: input,
-        write_latency: Arc::default(),
         failover: failover.clone(),
     };
     let peer_app = rpc::routes(

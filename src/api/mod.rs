@@ -4,6 +4,8 @@
 
 mod authn;
 mod error;
+/// `GET /metrics`: the Prometheus exposition.
+mod metrics;
 /// The listener: accept loop, TLS with certificate reload, connection limits.
 pub mod serve;
 /// `GET /ui`: the server-rendered status page.
@@ -23,6 +25,7 @@ use serde_json::{json, Value};
 
 pub use authn::{FailureLimit, Principal, Tokens};
 pub use error::ApiError;
+pub use metrics::Metrics;
 
 use crate::auth::{self, Need, Scope, Token};
 use crate::config::Role;
@@ -52,8 +55,9 @@ pub struct AppState {
     pub render: Option<watch::Receiver<RenderStatus>>,
     pub template: Option<Arc<Template>>,
     pub render_node: NodeContext,
-    /// Write latencies as this node's clients see them.
-    pub write_latency: Arc<Histogram>,
+    /// The /metrics registry, with the write latencies as this node's
+    /// clients see them.
+    pub metrics: Arc<Metrics>,
     /// What the renderer renders from; the dry run uses the same input.
     pub render_input: watch::Receiver<RenderInput>,
     /// VIP status and graceful step-down.
@@ -88,7 +92,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/audit", get(audit))
         .route("/v1/snapshot", get(snapshot))
         .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(metrics::scrape))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .fallback(not_found)
         .layer(axum::middleware::from_fn(announced_size))
@@ -158,7 +162,7 @@ async fn write_forced(
     };
     let started = std::time::Instant::now();
     let written = state.consensus.write(proposal, by.scope.clone()).await;
-    state.write_latency.observe(started.elapsed());
+    state.metrics.observe_write(started.elapsed());
     answer(written?)
 }
 
@@ -700,62 +704,6 @@ async fn audit(
     Ok(Json(json!({"entries": entries})))
 }
 
-/// A Prometheus histogram with fixed buckets, lock-free.
-#[derive(Debug)]
-pub struct Histogram {
-    /// Upper bounds in seconds.
-    bounds: &'static [f64],
-    counts: Vec<std::sync::atomic::AtomicU64>,
-    sum_us: std::sync::atomic::AtomicU64,
-    total: std::sync::atomic::AtomicU64,
-}
-
-impl Default for Histogram {
-    fn default() -> Self {
-        const BOUNDS: &[f64] = &[
-            0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-        ];
-        Histogram {
-            bounds: BOUNDS,
-            counts: BOUNDS.iter().map(|_| Default::default()).collect(),
-            sum_us: Default::default(),
-            total: Default::default(),
-        }
-    }
-}
-
-impl Histogram {
-    pub fn observe(&self, d: std::time::Duration) {
-        use std::sync::atomic::Ordering::Relaxed;
-        let secs = d.as_secs_f64();
-        for (bound, count) in self.bounds.iter().zip(&self.counts) {
-            if secs <= *bound {
-                count.fetch_add(1, Relaxed);
-            }
-        }
-        self.sum_us.fetch_add(d.as_micros() as u64, Relaxed);
-        self.total.fetch_add(1, Relaxed);
-    }
-
-    fn prometheus(&self, name: &str, help: &str, out: &mut String) {
-        use std::sync::atomic::Ordering::Relaxed;
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} histogram\n"));
-        for (bound, count) in self.bounds.iter().zip(&self.counts) {
-            out.push_str(&format!(
-                "{name}_bucket{{le=\"{bound}\"}} {}\n",
-                count.load(Relaxed)
-            ));
-        }
-        let total = self.total.load(Relaxed);
-        out.push_str(&format!("{name}_bucket{{le=\"+Inf\"}} {total}\n"));
-        out.push_str(&format!(
-            "{name}_sum {}\n",
-            self.sum_us.load(Relaxed) as f64 / 1e6
-        ));
-        out.push_str(&format!("{name}_count {total}\n"));
-    }
-}
-
 /// The format `clb snapshot save` writes and `clbd --restore` reads.
 pub const SNAPSHOT_FORMAT: &str = "clb-snapshot-1";
 
@@ -789,197 +737,6 @@ async fn healthz(State(state): State<AppState>) -> Response {
         })),
     )
         .into_response()
-}
-
-fn render_metrics(out: &mut String, r: &RenderStatus) {
-    let counters = [
-        (
-            "clb_render_renders_total",
-            "Configs rendered, validated and installed.",
-            r.renders,
-        ),
-        (
-            "clb_render_validate_failures_total",
-            "Rendered configs haproxy rejected.",
-            r.validate_failures,
-        ),
-        (
-            "clb_render_runtime_applies_total",
-            "Changes applied through the runtime API.",
-            r.runtime_applies,
-        ),
-        ("clb_render_reloads_total", "haproxy reloads.", r.reloads),
-        (
-            "clb_render_apply_failures_total",
-            "Failed applies (runtime API or reload).",
-            r.apply_failures,
-        ),
-    ];
-    for (name, help, v) in counters {
-        out.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
-        ));
-    }
-    let gauges = [
-        (
-            "clb_render_rendered_index",
-            "Registry index of the config on disk.",
-            r.rendered_index as f64,
-        ),
-        (
-            "clb_render_applied_index",
-            "Registry index haproxy runs.",
-            r.applied_index as f64,
-        ),
-        (
-            "clb_render_ok",
-            "1 when the last render and apply succeeded.",
-            f64::from(u8::from(r.last_error.is_none())),
-        ),
-        (
-            "clb_render_last_render_seconds",
-            "Duration of the last render.",
-            r.last_render_ms / 1e3,
-        ),
-        (
-            "clb_render_last_validate_seconds",
-            "Duration of the last write and validation.",
-            r.last_validate_ms / 1e3,
-        ),
-        (
-            "clb_render_last_apply_seconds",
-            "Duration of the last apply.",
-            r.last_apply_ms / 1e3,
-        ),
-    ];
-    for (name, help, v) in gauges {
-        out.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n"
-        ));
-    }
-}
-
-async fn metrics(State(state): State<AppState>) -> Response {
-    let m = state.consensus.raft.metrics().borrow().clone();
-    let applied = state.consensus.applied();
-    let mut out = String::new();
-    let mut gauge = |name: &str, help: &str, value: String| {
-        out.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"
-        ));
-    };
-    gauge(
-        "clb_raft_term",
-        "Current Raft term.",
-        m.current_term.to_string(),
-    );
-    gauge(
-        "clb_raft_leader",
-        "Node id of the known leader, 0 when none.",
-        m.current_leader.unwrap_or(0).to_string(),
-    );
-    gauge(
-        "clb_raft_is_leader",
-        "1 when this node is the leader.",
-        u8::from(m.current_leader == Some(state.consensus.id)).to_string(),
-    );
-    gauge(
-        "clb_raft_last_log_index",
-        "Last log index on this node.",
-        m.last_log_index.unwrap_or(0).to_string(),
-    );
-    gauge(
-        "clb_raft_applied_index",
-        "Last applied log index on this node.",
-        applied.index.to_string(),
-    );
-    out.push_str(
-        "# HELP clb_members Registered members per service and state.\n# TYPE clb_members gauge\n",
-    );
-    for (name, svc) in &applied.registry.services {
-        for st in [MemberState::Active, MemberState::Drain, MemberState::Maint] {
-            let n = svc.members.values().filter(|m| m.state == st).count();
-            out.push_str(&format!(
-                "clb_members{{service=\"{name}\",state=\"{st}\"}} {n}\n"
-            ));
-        }
-    }
-    if let Some(r) = &state.render {
-        render_metrics(&mut out, &r.borrow());
-    }
-    out.push_str(&format!(
-        "# HELP clb_raft_commit_index Highest index a quorum has (the leader's view; applied index elsewhere).\n# TYPE clb_raft_commit_index gauge\nclb_raft_commit_index {}\n",
-        state.consensus.commit_index()
-    ));
-    out.push_str(&format!(
-        "# HELP clb_forwarded_requests_total Requests this node forwarded to the leader.\n# TYPE clb_forwarded_requests_total counter\nclb_forwarded_requests_total {}\n",
-        state.consensus.forwarded()
-    ));
-    peer_metrics(&mut out, &state.consensus);
-    state.write_latency.prometheus(
-        "clb_write_duration_seconds",
-        "Time from a write request to its acknowledgement, as seen by this node.",
-        &mut out,
-    );
-    out.push_str(&state.failover.status().prometheus());
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
-}
-
-/// Peers' state and the election counters: what replaces openraft's
-/// per-heartbeat error lines.
-fn peer_metrics(out: &mut String, c: &Consensus) {
-    use std::sync::atomic::Ordering::Relaxed;
-    let acks = c.acks();
-    out.push_str("# HELP clb_peer_up 1 while a peer answers this leader's appends.\n# TYPE clb_peer_up gauge\n");
-    for (peer, up) in acks.peers_up() {
-        out.push_str(&format!(
-            "clb_peer_up{{peer=\"{peer}\"}} {}\n",
-            u8::from(up)
-        ));
-    }
-    let l = c.liveness();
-    let counters = [
-        (
-            "clb_append_late_answers_total",
-            "Append answers that came after openraft stopped waiting (they still count for the lease).",
-            acks.late_answers.load(Relaxed),
-        ),
-        (
-            "clb_append_abandoned_total",
-            "Appends openraft gave up on before they were sent.",
-            acks.abandoned.load(Relaxed),
-        ),
-        (
-            "clb_prevotes_refused_total",
-            "Pre-votes this node refused as a voter.",
-            l.prevotes_refused.load(Relaxed),
-        ),
-        (
-            "clb_prevotes_granted_total",
-            "Pre-votes this node granted as a voter.",
-            l.prevotes_granted.load(Relaxed),
-        ),
-        (
-            "clb_votes_refused_total",
-            "Votes refused while the leader was alive or this node might hold the VIP.",
-            l.votes_refused.load(Relaxed),
-        ),
-        (
-            "clb_prevote_rounds_lost_total",
-            "Pre-vote rounds this node lost: it heard no leader, the others did.",
-            l.prevote_rounds_lost.load(Relaxed),
-        ),
-        (
-            "clb_elections_started_total",
-            "Elections this node started after winning a pre-vote.",
-            l.elections.load(Relaxed),
-        ),
-    ];
-    for (name, help, v) in counters {
-        out.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
-        ));
-    }
 }
 
 /// `POST /v1/cluster/failover`: the leader steps down gracefully and reports

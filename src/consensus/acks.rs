@@ -11,9 +11,10 @@
 //! the lease measured from `s` is never optimistic.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use prometheus_client::metrics::counter::Counter;
 
 use super::NodeId;
 
@@ -21,10 +22,10 @@ use super::NodeId;
 pub struct Acks {
     inner: Mutex<Inner>,
     /// Appends whose answer arrived after openraft stopped waiting.
-    pub late_answers: AtomicU64,
+    pub late_answers: Counter,
     /// Appends openraft gave up on before they were sent (their entries
     /// went with the next request).
-    pub abandoned: AtomicU64,
+    pub abandoned: Counter,
 }
 
 #[derive(Debug, Default)]
@@ -140,11 +141,11 @@ impl Acks {
     }
 
     pub fn count_late(&self) {
-        self.late_answers.fetch_add(1, Ordering::Relaxed);
+        self.late_answers.inc();
     }
 
     pub fn count_abandoned(&self) {
-        self.abandoned.fetch_add(1, Ordering::Relaxed);
+        self.abandoned.inc();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {

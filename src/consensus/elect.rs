@@ -17,11 +17,12 @@
 //! voters refuse real votes for `max` after their last heartbeat anyway: a
 //! pre-vote that passes predicts a real vote that passes.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use openraft::ServerState;
+use prometheus_client::metrics::counter::Counter;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -131,13 +132,13 @@ pub struct Liveness {
     /// A VIP claim started here and no release has finished since.
     holding: AtomicBool,
     /// Pre-votes this node refused / granted as a voter.
-    pub prevotes_refused: AtomicU64,
-    pub prevotes_granted: AtomicU64,
+    pub prevotes_refused: Counter,
+    pub prevotes_granted: Counter,
     /// Real votes this node refused while its leader (or itself) was alive.
-    pub votes_refused: AtomicU64,
+    pub votes_refused: Counter,
     /// Pre-vote rounds this node lost as a candidate, and elections it started.
-    pub prevote_rounds_lost: AtomicU64,
-    pub elections: AtomicU64,
+    pub prevote_rounds_lost: Counter,
+    pub elections: Counter,
 }
 
 #[derive(Debug)]
@@ -170,11 +171,11 @@ impl Liveness {
                 leading_since: None,
             }),
             holding: AtomicBool::new(false),
-            prevotes_refused: AtomicU64::new(0),
-            prevotes_granted: AtomicU64::new(0),
-            votes_refused: AtomicU64::new(0),
-            prevote_rounds_lost: AtomicU64::new(0),
-            elections: AtomicU64::new(0),
+            prevotes_refused: Counter::default(),
+            prevotes_granted: Counter::default(),
+            votes_refused: Counter::default(),
+            prevote_rounds_lost: Counter::default(),
+            elections: Counter::default(),
         }
     }
 
@@ -308,9 +309,7 @@ impl Elector {
             if voters.len() > 1 {
                 let (granted, refusals) = self.prevote(&m, &voters).await;
                 if granted < voters.len() / 2 + 1 {
-                    self.liveness
-                        .prevote_rounds_lost
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.liveness.prevote_rounds_lost.inc();
                     losing_streak += 1;
                     lost_at = Some(Instant::now());
                     if losing_streak == 1 {
@@ -354,7 +353,7 @@ impl Elector {
             }
             losing_streak = 0;
             lost_at = None;
-            self.liveness.elections.fetch_add(1, Ordering::Relaxed);
+            self.liveness.elections.inc();
             if self.raft.trigger().elect().await.is_err() {
                 return;
             }

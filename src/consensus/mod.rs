@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
 use openraft::{BasicNode, ChangeMembers, ServerState};
+use prometheus_client::metrics::counter::Counter;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -183,8 +184,8 @@ pub struct Consensus {
     forward_timeout: Duration,
     db: sled::Db,
     leader_state: Arc<leader::LeaderState>,
-    /// Requests this node sent on to the leader.
-    forwarded: Arc<std::sync::atomic::AtomicU64>,
+    /// Requests this node sent on to the leader (exported by /metrics).
+    forwarded: Counter,
     /// Batches writes while this node leads.
     proposer: batch::Proposer,
     /// The followers' acks (the quorum lease) and which peers answer.
@@ -410,7 +411,7 @@ impl Consensus {
             forward_timeout: settings.forward_timeout,
             db: stores.db,
             leader_state: Arc::new(leader::LeaderState::new(settings.guardrail)),
-            forwarded: Arc::default(),
+            forwarded: Counter::default(),
             acks,
             liveness,
             allow_elect: Arc::new(allow_elect),
@@ -667,8 +668,7 @@ impl Consensus {
                         .map(|n| n.addr.clone());
                     match addr {
                         Some(addr) => {
-                            self.forwarded
-                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            self.forwarded.inc();
                             self.forward(leader, &addr, &req).await
                         }
                         None => Err(LeaderError::NotLeader),
@@ -867,9 +867,10 @@ impl Consensus {
         store::read_audit(&self.db, keep, limit)
     }
 
-    /// How many requests this node forwarded to a leader.
-    pub fn forwarded(&self) -> u64 {
-        self.forwarded.load(std::sync::atomic::Ordering::Relaxed)
+    /// How many requests this node forwarded to a leader; a handle to the
+    /// counter itself, which the metrics registry holds.
+    pub fn forwarded(&self) -> &Counter {
+        &self.forwarded
     }
 
     /// The commit index as far as this node knows: on the leader the highest

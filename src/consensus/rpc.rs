@@ -219,7 +219,7 @@ async fn prevote(State(c): State<Consensus>, body: Bytes) -> Response {
         Ok(()) => &l.prevotes_granted,
         Err(_) => &l.prevotes_refused,
     };
-    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    counter.inc();
     encode(&PreVoteReply {
         granted: decision.is_ok(),
         refused: decision.err().map(str::to_string),
@@ -248,9 +248,7 @@ async fn vote(State(c): State<Consensus>, body: Bytes) -> Response {
         // openraft's leader grants votes while it leads (only followers keep
         // its refusal window), so the rules of elect.rs are applied here,
         // before openraft sees the request.
-        c.liveness()
-            .votes_refused
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        c.liveness().votes_refused.inc();
         tracing::info!(
             candidate,
             term = req.vote.leader_id.term,
