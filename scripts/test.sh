@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what the tests need (haproxy, iproute2,
-# nftables, chromium, gdb, python3, curl, cloud-init, prometheus for promtool,
-# and cargo-deb from crates.io) when missing, then checks
+# nftables, chromium, gdb, python3, curl, openssl, cloud-init, prometheus for
+# promtool, and cargo-deb from crates.io) when missing, then checks
 # formatting, lints and runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +17,8 @@ command -v gdb >/dev/null 2>&1 || need+=(gdb)
 # tests/readme.rs runs the README's first screen: a python3 backend, curl.
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+# tests/tls.rs makes its cluster's certificates with deploy/tls/clb-certs.sh.
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 # tests/deploy.rs validates the cloud-init recipes with cloud-init's schema.
 command -v cloud-init >/dev/null 2>&1 || need+=(cloud-init)
 # tests/monitoring.rs checks and unit-tests the alert rules with promtool.

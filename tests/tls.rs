@@ -395,8 +395,37 @@ async fn slow_clients_are_cut_off_and_connections_are_capped() {
 #[tokio::test]
 async fn a_three_node_cluster_forms_and_replicates_over_https() {
     let mut cluster = Cluster::empty();
-    let pki = Pki::new(cluster.dir.path());
-    pki.issue("cluster");
+    // Each node serves its own certificate, made by the script the AWS
+    // walk-through (docs/operations.md) has operators run.
+    let dir = cluster.dir.path().join("pki");
+    let made = std::process::Command::new("bash")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/tls/clb-certs.sh"))
+        .arg(&dir)
+        .args(["node1=127.0.0.1", "node2=127.0.0.1,localhost", "node3=127.0.0.1,::1"])
+        .output()
+        .expect("run deploy/tls/clb-certs.sh");
+    assert!(made.status.success(), "clb-certs.sh: {}", text(&made));
+    let key_mode = std::fs::metadata(dir.join("node1.key")).unwrap().permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&key_mode) & 0o777,
+        0o600,
+        "keys are private"
+    );
+    let pki = Pki {
+        ca_file: dir.join("ca.crt"),
+        ..Pki::new(cluster.dir.path())
+    };
+    let node_tls = |id: usize| -> Vec<String> {
+        let f = |ext: &str| dir.join(format!("node{id}.{ext}")).display().to_string();
+        vec![
+            "--tls-cert".into(),
+            f("crt"),
+            "--tls-key".into(),
+            f("key"),
+            "--tls-ca".into(),
+            pki.ca_file.display().to_string(),
+        ]
+    };
     let addrs: Vec<String> = (0..3)
         .map(|_| format!("127.0.0.1:{}", free_port()))
         .collect();
@@ -409,7 +438,7 @@ async fn a_three_node_cluster_forms_and_replicates_over_https() {
         .join(",");
     for (i, (addr, peer)) in addrs.iter().zip(&peer_addrs).enumerate() {
         let mut args = vec!["--peers".to_string(), peers.clone()];
-        args.extend(pki.args());
+        args.extend(node_tls(i + 1));
         cluster.add_node_at(
             i as u64 + 1,
             addr.clone(),
@@ -480,6 +509,23 @@ async fn a_three_node_cluster_forms_and_replicates_over_https() {
             "node {id}: {st}"
         );
     }
+    // The walk-through's check from another host: `clb status` over HTTPS
+    // against all three nodes, trusting the script's CA.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_clb"))
+        .arg("status")
+        .env("CLB_SERVER", &all)
+        .env("CLB_CA", &pki.ca_file)
+        .env("CLB_TOKEN", TOKEN)
+        .env_remove("CLB_TOKEN_FILE")
+        .env_remove("CLB_INSECURE")
+        .output()
+        .expect("run clb status");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success() && out.contains("leader") && !out.contains("unreachable"),
+        "clb status: {}",
+        text(&o)
+    );
     // TLS authenticates the server, not the caller: forged peer RPCs over
     // HTTPS are refused like over HTTP, and change nothing.
     let term = view["term"].as_u64().unwrap();
