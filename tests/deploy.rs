@@ -110,6 +110,11 @@ fn cloud_init_configs_parse_and_hold_no_secrets() {
         let s: Settings = toml::from_str(&toml_text).unwrap_or_else(|e| panic!("{file}: {e}"));
         assert_eq!(s.role.as_deref(), Some(role), "{file}");
         assert!(s.peers.is_some(), "{file}");
+        // Tokens and the cluster secret cross the VPC: both ports on TLS.
+        assert!(
+            s.tls_cert.is_some() && s.tls_key.is_some() && s.tls_ca.is_some(),
+            "{file} serves plain HTTP"
+        );
         // Secrets arrive at boot, never in user-data.
         assert!(
             text.contains("aws ssm get-parameter --with-decryption"),
@@ -143,7 +148,16 @@ fn cloud_init_configs_parse_and_hold_no_secrets() {
     );
     let member = read("deploy/cloud-init/member.yaml");
     assert!(member.starts_with("#cloud-config\n"));
-    assert!(written_file(&member, "/etc/clb/agent.env").contains("CLB_SERVER="));
+    let agent_env = written_file(&member, "/etc/clb/agent.env");
+    let servers = agent_env
+        .lines()
+        .find_map(|l| l.strip_prefix("CLB_SERVER="))
+        .expect("CLB_SERVER in agent.env");
+    assert!(
+        servers.split(',').all(|a| a.starts_with("https://")),
+        "the agent sends its token over HTTPS only: {servers}"
+    );
+    assert!(agent_env.contains("CLB_CA=/etc/clb/ca.crt"));
     assert!(member.contains("clb-agent@http"));
 }
 

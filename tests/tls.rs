@@ -399,13 +399,22 @@ async fn a_three_node_cluster_forms_and_replicates_over_https() {
     // walk-through (docs/operations.md) has operators run.
     let dir = cluster.dir.path().join("pki");
     let made = std::process::Command::new("bash")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/tls/clb-certs.sh"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/tls/clb-certs.sh"
+        ))
         .arg(&dir)
-        .args(["node1=127.0.0.1", "node2=127.0.0.1,localhost", "node3=127.0.0.1,::1"])
+        .args([
+            "node1=127.0.0.1",
+            "node2=127.0.0.1,localhost",
+            "node3=127.0.0.1,::1",
+        ])
         .output()
         .expect("run deploy/tls/clb-certs.sh");
     assert!(made.status.success(), "clb-certs.sh: {}", text(&made));
-    let key_mode = std::fs::metadata(dir.join("node1.key")).unwrap().permissions();
+    let key_mode = std::fs::metadata(dir.join("node1.key"))
+        .unwrap()
+        .permissions();
     assert_eq!(
         std::os::unix::fs::PermissionsExt::mode(&key_mode) & 0o777,
         0o600,
