@@ -1,5 +1,6 @@
-//! The Debian packages as an operator uses them (issue #15): built with
-//! cargo-deb (scripts/deb.sh), installed with apt, clbd started from the
+//! The Debian packages as an operator uses them (issue #15): built and
+//! installed by the docs' own blocks (docs/operations.md's "Build the
+//! packages", the README's "Debian packages"), clbd started from the
 //! packaged /etc/clb/clbd.toml the way its unit starts it (CI machines have
 //! no systemd: the unit's ExecStart as its User), haproxy run the way
 //! Debian's haproxy.service runs it with the packaged drop-in, a member
@@ -13,6 +14,9 @@
 //! touches (/etc/haproxy, /run/haproxy*) are the machine's, restored at the
 //! end.
 
+#[path = "common/docs.rs"]
+mod docs;
+
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -21,6 +25,25 @@ use std::time::{Duration, Instant};
 
 const SERVER: &str = "clb-server";
 const CLIENT: &str = "clb-client";
+
+/// Runs a shell block of the docs from the repository's root, as a user
+/// would paste it (stopping at the first failing command).
+fn doc_block(what: &str, script: &str) {
+    let out = Command::new("bash")
+        .args(["-e", "-o", "pipefail", "-c", script])
+        .current_dir(root())
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .output()
+        .expect("bash");
+    // The reason is at the end, after cargo's "Compiling" lines: show that.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let tail: Vec<&str> = stderr.lines().rev().take(20).collect();
+    assert!(
+        out.status.success(),
+        "{what} failed:\n{script}\nthe end of its stderr:\n{}",
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    );
+}
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -171,20 +194,19 @@ fn packages_install_run_keep_a_changed_conffile_and_purge_clean() {
         "cargo-deb is missing: cargo install cargo-deb --version 3.8.0 --locked (scripts/test.sh does)"
     );
 
-    // The README's one command that builds both packages.
-    let built = Command::new("bash")
-        .arg(root().join("scripts/deb.sh"))
-        .current_dir(root())
-        .output()
-        .expect("scripts/deb.sh");
-    // The reason is at the end, after cargo's "Compiling" lines: show that.
-    let stderr = String::from_utf8_lossy(&built.stderr);
-    let tail: Vec<&str> = stderr.lines().rev().take(20).collect();
-    assert!(
-        built.status.success(),
-        "scripts/deb.sh failed; the end of its stderr:\n{}",
-        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-    );
+    // The docs' blocks, as written: docs/operations.md's "Build the
+    // packages", then the README's, which builds and installs. The README's
+    // install names the packages by a glob, so only this build's may lie
+    // there.
+    if let Ok(dir) = std::fs::read_dir(root().join("target/debian")) {
+        for e in dir.flatten() {
+            if e.path().extension().is_some_and(|x| x == "deb") {
+                std::fs::remove_file(e.path()).expect("remove an old package");
+            }
+        }
+    }
+    let build = docs::sh_block_with("docs/operations.md", "bash scripts/deb.sh");
+    doc_block("docs/operations.md, Build the packages", &build);
     let debs: Vec<PathBuf> = std::fs::read_dir(root().join("target/debian"))
         .expect("target/debian")
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -231,8 +253,13 @@ fn packages_install_run_keep_a_changed_conffile_and_purge_clean() {
     if let Ok(text) = std::fs::read("/etc/haproxy/haproxy.cfg") {
         m.haproxy_cfg = Some((text, owner_mode("/etc/haproxy/haproxy.cfg")));
     }
-    let (server_s, client_s) = (server.display().to_string(), client.display().to_string());
-    ok("apt-get", &["install", "-y", "-q", &client_s, &server_s]);
+    let install = docs::sh_block_with("README.md", "apt-get install -y ./target/debian/");
+    doc_block("README.md, Debian packages", &install);
+    assert!(
+        known(SERVER) && known(CLIENT),
+        "the README's block installed both"
+    );
+    let server_s = server.display().to_string();
 
     // What the package set up.
     let (clb_uid, clb_gid) = uid_gid("clb");

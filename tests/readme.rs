@@ -7,6 +7,8 @@
 //! by the binaries cargo built for this test. Then docs/operations.md's blocks
 //! that can run on one machine, against a live cluster.
 
+#[path = "common/docs.rs"]
+mod docs;
 #[path = "cluster/harness.rs"]
 mod harness;
 
@@ -14,27 +16,6 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// The ```sh blocks of a markdown text, in order.
-fn sh_blocks(md: &str) -> Vec<String> {
-    let mut blocks = Vec::new();
-    let mut current: Option<String> = None;
-    for line in md.lines() {
-        match (&mut current, line.trim_end()) {
-            (None, "```sh") => current = Some(String::new()),
-            (Some(b), "```") => {
-                blocks.push(std::mem::take(b));
-                current = None;
-            }
-            (Some(b), l) => {
-                b.push_str(l);
-                b.push('\n');
-            }
-            (None, _) => {}
-        }
-    }
-    blocks
-}
 
 /// Processes and the namespace, removed however the test ends.
 struct Lab {
@@ -135,7 +116,7 @@ fn readme_first_screen_runs_as_written() {
     }
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
         .expect("README.md");
-    let blocks = sh_blocks(&readme);
+    let blocks = docs::sh_blocks(&readme);
     let prefix = "cargo run --release --bin clbd -- ";
     let clbd_args: Vec<&str> = blocks[0]
         .lines()
@@ -234,7 +215,7 @@ fn readme_three_nodes_run_as_written() {
     }
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
         .expect("README.md");
-    let block = sh_blocks(&readme)
+    let block = docs::sh_blocks(&readme)
         .into_iter()
         .find(|b| b.contains("clbd --node-id $i"))
         .expect("the README's three-node block");
@@ -286,12 +267,6 @@ fn readme_three_nodes_run_as_written() {
     assert!(out.contains("registered 10.0.0.3 in http"), "{out}");
 }
 
-#[test]
-fn sh_blocks_are_found_in_order() {
-    let md = "text\n```sh\na\nb\n```\nmore\n```\nnot sh\n```\n```sh\nc\n```\n";
-    assert_eq!(sh_blocks(md), ["a\nb\n", "c\n"]);
-}
-
 /// docs/operations.md's blocks that run on one machine, as written, against
 /// a live three-node cluster: the failover drill's graceful half and the
 /// backup. (The others need AWS, systemd or packages: tests/packages.rs and
@@ -300,7 +275,7 @@ fn sh_blocks_are_found_in_order() {
 async fn operations_blocks_that_run_on_one_machine_run_as_written() {
     let ops = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md"))
         .expect("docs/operations.md");
-    let blocks = sh_blocks(&ops);
+    let blocks = docs::sh_blocks(&ops);
     let find = |needle: &str| -> String {
         blocks
             .iter()
