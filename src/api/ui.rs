@@ -459,9 +459,9 @@ fn status_page(view: &Value, registry: &Registry, now_ms: u64) -> String {
                 render["last_error"].as_str().map(esc).unwrap_or_default(),
             );
         }
-        let _ = write!(
+        let _ = writeln!(
             out,
-            "<td id=\"haproxy-{id}\">{}</td></tr>\n",
+            "<td id=\"haproxy-{id}\">{}</td></tr>",
             haproxy_view::summary(&haproxy_view::View::of(st), now_ms)
         );
     }

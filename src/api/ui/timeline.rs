@@ -12,7 +12,7 @@ use super::{ago, esc};
 use crate::timeline::{Event, Kind, KEEP_MS};
 
 /// The strip spans the smallest of these that covers the oldest event.
-const SPANS_MIN: [u64; 5] = [10, 30, 60, 180, 360];
+const SPANS_MIN: [u64; 6] = [2, 10, 30, 60, 180, 360];
 /// Events listed under the strip, newest first.
 const LISTED: usize = 40;
 
@@ -267,7 +267,7 @@ pub fn section(nodes: &[NodeEvents], now_ms: u64) -> String {
         })
         .chain(changes.iter().map(|c| (c.at_ms, Row::Leader(c))))
         .collect();
-    rows.sort_by(|a, b| b.0.cmp(&a.0));
+    rows.sort_by_key(|r| std::cmp::Reverse(r.0));
     if rows.is_empty() {
         out.push_str("<p class=\"muted\">No events yet.</p>");
     } else {
@@ -412,7 +412,7 @@ mod tests {
             },
         ];
         let html = section(&nodes, now);
-        assert!(html.contains("last 10 min"), "{html}");
+        assert!(html.contains("last 2 min"), "{html}");
         assert!(html.contains("&lt;bad&gt; cfg") && !html.contains("<bad>"));
         let fail = html.find("data-kind=\"render\"").unwrap();
         let claim = html
