@@ -573,6 +573,24 @@ pub async fn run(
         })),
     }
 
+    // haproxy's own view, for /ui: a balancer with an admin socket.
+    let haproxy_stat = match (&render_status, &config.haproxy_socket) {
+        (Some(status), Some(socket)) => Some(render::stat::spawn(
+            socket.clone(),
+            status.clone(),
+            stop_rx.clone(),
+        )),
+        _ => None,
+    };
+    let timeline = crate::timeline::Timeline::default();
+    crate::timeline::record(
+        timeline.clone(),
+        consensus.raft.clone(),
+        failover.subscribe(),
+        render_status.clone(),
+        stop_rx.clone(),
+    );
+
     let tokens = Arc::new(tokens);
     spawn_token_reload(config.clone(), tokens.clone());
     let state = AppState {
@@ -595,6 +613,8 @@ pub async fn run(
         render_node: node_context(&config),
         render_input: input,
         failover: failover.clone(),
+        haproxy_stat,
+        timeline,
     };
     let peer_app = rpc::routes(
         consensus.clone(),

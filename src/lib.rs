@@ -37,6 +37,8 @@ pub mod model;
 pub mod render;
 /// `clbd --restore`: a backup as bounded log entries; pure.
 pub mod restore;
+/// Recent VIP, leader and render events of this node, for `/ui`.
+pub mod timeline;
 
 /// Where a system program is: on PATH, or in the sbin directories (a
 /// unit's or a user's PATH may lack them; Debian puts haproxy and nft there).

@@ -1,8 +1,11 @@
 //! `GET /ui` against a live 3-node cluster: auth answers over plain HTTP, and
-//! the real page in Debian's headless Chromium (DOM dump and a screenshot).
+//! the real page in Debian's headless Chromium (DOM dump and a screenshot),
+//! with each balancer's own haproxy and a `clb failover` on its timeline.
 //! Skipped, with a message, only when /usr/bin/chromium is missing
 //! (scripts/test.sh installs it).
 
+#[path = "common/haproxy.rs"]
+mod haproxy;
 #[path = "cluster/harness.rs"]
 mod harness;
 
@@ -10,43 +13,73 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use harness::{eventually, Cluster, TOKEN};
+use harness::{eventually, free_port, Cluster, TOKEN};
 use reqwest::redirect::Policy;
 use serde_json::{json, Value};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 
-/// A cluster of two balancers (holding a VIP through a no-op hook) and a
-/// witness, with two services whose members are in every state.
-async fn cluster_with_members() -> Cluster {
+/// A cluster of two balancers (holding a VIP through a no-op hook, each
+/// running its own haproxy) and a witness, with two services whose members
+/// are in every state. In `api`, `live` answers on a real port and `dead`
+/// points at a closed one; haproxy checks both.
+async fn cluster_with_members() -> (Cluster, haproxy::Backend) {
     let c = Cluster::start_custom(3, &harness::FAST_TIMERS, |id| {
         if id == 3 {
             vec!["--role".into(), "witness".into()]
         } else {
-            ["--vip", "127.0.0.77", "--vip-hook", "true"]
-                .map(String::from)
-                .to_vec()
+            // Each haproxy on its own loopback address, so the two can
+            // listen on the same service ports.
+            let bind = format!("127.0.0.{}", 100 + id);
+            [
+                "--vip",
+                "127.0.0.77",
+                "--vip-hook",
+                "true",
+                "--haproxy",
+                "supervise",
+                "--bind-address",
+                &bind,
+                "--stats-port",
+                "0",
+            ]
+            .map(String::from)
+            .to_vec()
         }
     })
     .await;
     c.leader(Duration::from_secs(20)).await;
     let client = c.any_client();
-    client
-        .define_service("api", json!({"port": 18081, "balance": "leastconn"}))
-        .await
-        .expect("define api");
-    for (svc, m, addr) in [
-        ("http", "web1", "10.0.0.1"),
-        ("http", "web2", "10.0.0.2"),
-        ("http", "web3", "10.0.0.3"),
-        ("http", "web4", "10.0.0.4"),
-        ("http", "web5", "10.0.0.5"),
-        ("api", "api1", "10.0.1.1"),
-        ("api", "api2", "10.0.1.2"),
-        ("api", "api3", "10.0.1.3"),
+    for (svc, body) in [
+        ("http", json!({"port": free_port(), "mode": "http"})),
+        ("api", json!({"port": free_port(), "balance": "leastconn"})),
     ] {
         client
-            .register(svc, m, addr, Some(8080), None, None)
+            .define_service(svc, body)
+            .await
+            .unwrap_or_else(|e| panic!("define {svc}: {e}"));
+    }
+    let live = haproxy::backend("live").await;
+    // A port nothing listens on: bound, then let go.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    for (svc, m, addr, port) in [
+        ("http", "web1", "10.0.0.1", 8080),
+        ("http", "web2", "10.0.0.2", 8080),
+        ("http", "web3", "10.0.0.3", 8080),
+        ("http", "web4", "10.0.0.4", 8080),
+        ("http", "web5", "10.0.0.5", 8080),
+        ("api", "api1", "10.0.1.1", 8080),
+        ("api", "api2", "10.0.1.2", 8080),
+        ("api", "api3", "10.0.1.3", 8080),
+        ("api", "live", "127.0.0.1", live.port),
+        ("api", "dead", "127.0.0.1", closed),
+    ] {
+        client
+            .register(svc, m, addr, Some(port), None, None)
             .await
             .unwrap_or_else(|e| panic!("register {svc}/{m}: {e}"));
     }
@@ -62,7 +95,16 @@ async fn cluster_with_members() -> Cluster {
             .unwrap_or_else(|e| panic!("{st} {svc}/{m}: {e}"));
     }
     c.converged(last, Duration::from_secs(10)).await;
-    c
+    (c, live)
+}
+
+/// The status page as served to a script (bearer token).
+async fn page_text(ui: &str) -> Option<String> {
+    let r = http().get(ui).bearer_auth(TOKEN).send().await.ok()?;
+    if r.status() != 200 {
+        return None;
+    }
+    r.text().await.ok()
 }
 
 /// The VIP holder node 1 reports, once there is one.
@@ -259,11 +301,33 @@ async fn status_page_shows_the_live_cluster_in_headless_chromium() {
         );
         return;
     }
-    let c = cluster_with_members().await;
+    let (c, _live) = cluster_with_members().await;
     let holder = vip_holder(&c).await;
     let ui = format!("http://{}/ui", c.node(1).addr);
     let start = sign_in_fixture(&ui).await;
     let profile = tempfile::tempdir().unwrap();
+    let balancers = [1u64, 2];
+    let cell = |svc: &str, m: &str, n: u64, status: &str| {
+        format!("id=\"hap-{svc}-{m}-{n}\" data-status=\"{status}\"")
+    };
+
+    // haproxy's checks take their own time (fall 3, 2 s apart): wait until
+    // the page, as served, shows both balancers' verdicts.
+    eventually(
+        Duration::from_secs(45),
+        "both haproxys' checks on the page",
+        || async {
+            let page = page_text(&ui).await?;
+            balancers
+                .iter()
+                .all(|&n| {
+                    page.contains(&cell("api", "live", n, "UP"))
+                        && page.contains(&cell("api", "dead", n, "DOWN"))
+                })
+                .then_some(())
+        },
+    )
+    .await;
 
     let dom = chromium(profile.path(), &["--dump-dom".into()], &start).await;
     assert!(dom.contains("id=\"nodes\""), "not the status page:\n{dom}");
@@ -291,10 +355,83 @@ async fn status_page_shows_the_live_cluster_in_headless_chromium() {
         ("api", "api1", "active"),
         ("api", "api2", "drain"),
         ("api", "api3", "active"),
+        ("api", "live", "active"),
+        ("api", "dead", "active"),
     ] {
         let row = format!("id=\"member-{svc}-{m}\" data-state=\"{st}\"");
         assert!(dom.contains(&row), "{svc}/{m} {st}:\n{dom}");
     }
+    // haproxy's own view on each balancer: the live member UP, the one on a
+    // closed port DOWN and marked as contradicting the registry (active);
+    // registry maint is haproxy's MAINT; the witness has no haproxy.
+    for n in balancers {
+        assert!(
+            dom.contains(&cell("api", "live", n, "UP")),
+            "live on {n}:\n{dom}"
+        );
+        let dead = format!("{} class=\"disagree\"", cell("api", "dead", n, "DOWN"));
+        assert!(dom.contains(&dead), "dead on {n}:\n{dom}");
+        assert!(
+            dom.contains(&cell("http", "web3", n, "MAINT")),
+            "web3 on {n}"
+        );
+    }
+    assert!(!dom.contains("id=\"hap-api-live-3\""), "a witness column");
+    assert!(dom.contains("none (witness)"), "node 3's haproxy:\n{dom}");
+    // The timeline has the holder's claim.
+    let claim = |n: u64| format!("data-kind=\"vip_claim\" data-node=\"{n}\" data-ok=\"true\"");
+    assert!(dom.contains(&claim(holder)), "claim by {holder}:\n{dom}");
+
+    // A planned failover: the timeline shows the new leader with its term,
+    // the old holder's release and the new holder's claim.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_clb"))
+        .args([
+            "--server",
+            &c.node(3).addr,
+            "--token",
+            TOKEN,
+            "--json",
+            "failover",
+        ])
+        .output()
+        .expect("run clb failover");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "clb failover: {said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let moved: Value = serde_json::from_str(&said).expect("clb --json failover");
+    let new_leader = moved["new_leader"].as_u64().expect("new_leader");
+    let new_term = moved["new_term"].as_u64().expect("new_term");
+    assert_ne!(new_leader, holder);
+    let elected =
+        format!("data-kind=\"leader\" data-leader=\"{new_leader}\" data-term=\"{new_term}\"");
+    // Of the hold that ended (every balancer also releases once at start-up).
+    let old_term = moved["term"].as_u64().expect("term");
+    // The new holder's claim is for the new term.
+    let claimed = format!("{} data-term=\"{new_term}\"", claim(new_leader));
+    let released = format!(
+        "data-kind=\"vip_release\" data-node=\"{holder}\" data-ok=\"true\" data-term=\"{old_term}\""
+    );
+    eventually(
+        Duration::from_secs(20),
+        "the failover on the page's timeline",
+        || async {
+            let page = page_text(&ui).await?;
+            (page.contains(&elected) && page.contains(&released) && page.contains(&claimed))
+                .then_some(())
+        },
+    )
+    .await;
+    let dom = chromium(profile.path(), &["--dump-dom".into()], &start).await;
+    for want in [&elected, &released, &claimed, &claim(holder)] {
+        assert!(dom.contains(want.as_str()), "{want}:\n{dom}");
+    }
+    assert!(
+        dom.contains(&format!("id=\"tl-node-{new_leader}\"")) && dom.contains("class=\"tl-vip\""),
+        "the strip draws VIP holds:\n{dom}"
+    );
 
     let shot: PathBuf = profile.path().join("ui.png");
     chromium(

@@ -62,6 +62,10 @@ pub struct AppState {
     pub render_input: watch::Receiver<RenderInput>,
     /// VIP status and graceful step-down.
     pub failover: Failover,
+    /// haproxy's own view (`show stat`); `None` without an admin socket.
+    pub haproxy_stat: Option<render::stat::Latest>,
+    /// This node's recent VIP, leader and render events.
+    pub timeline: crate::timeline::Timeline,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -436,6 +440,9 @@ pub fn node_view(state: &AppState) -> Value {
         "may_campaign": vip.may_campaign,
         "health_reason": vip.health_reason,
         "render": render,
+        // For /ui: what haproxy's checks say, and what happened lately.
+        "haproxy": state.haproxy_stat.as_ref().map(|s| json!(s.borrow().as_deref())),
+        "timeline": state.timeline.events(now_ms()),
     })
 }
 

@@ -1,6 +1,8 @@
 //! `GET /ui`: a server-rendered status page (no JavaScript; it refreshes
 //! itself every 5 s). It shows what `GET /v1/cluster` collects from every node
-//! plus this node's applied registry.
+//! plus this node's applied registry: each balancer's haproxy view of each
+//! member beside the registry's state, and a timeline of VIP holders, leader
+//! changes and renders.
 //!
 //! Auth: `Authorization: Bearer TOKEN` (scripts), or the `clb_ui` cookie that
 //! the page's own sign-in form sets (`POST /ui` with `token=...`; browsers).
@@ -8,6 +10,9 @@
 //! form was posted over HTTPS) and lasts for the browser session. Either way
 //! the token needs `read` scope, is checked by [`Principal`] (so failed
 //! attempts count towards the per-address limit) and never appears in a page.
+
+mod haproxy_view;
+mod timeline;
 
 use std::fmt::Write as _;
 
@@ -284,7 +289,19 @@ p.bad{padding:6px 10px;border-radius:6px}.err{color:#cf222e}.muted{color:#656d76
 .vip{font-size:16px}.signin{max-width:420px;margin:60px auto;background:#fff;border:1px solid #d0d7de;border-radius:6px;padding:24px}\
 .signin input{display:block;width:100%;box-sizing:border-box;margin:6px 0 12px;padding:6px}\
 footer{padding:0 24px 16px;color:#656d76;display:flex;gap:16px;align-items:center}\
-footer button{font-size:12px}";
+footer button{font-size:12px}\
+.up{background:#1a7f37}.down{background:#cf222e}.going{background:#bf8700}.nocheck{background:#6e7781}\
+td.disagree{background:#ffebe9;box-shadow:inset 3px 0 0 #cf222e}\
+.tl-row,.tl-axis{display:flex;align-items:center;gap:8px;margin:2px 0}.tl-label{flex:0 0 64px;font-weight:600}\
+.tl-track{position:relative;flex:1;height:26px;background:#f6f8fa;border:1px solid #d0d7de;border-radius:4px}\
+.tl-ticks{position:relative;flex:1;height:18px;font-size:12px;color:#656d76}.tl-ticks span{position:absolute;transform:translateX(-50%)}\
+.tl-ticks span:first-child{transform:none}.tl-ticks span:last-child{transform:translateX(-100%)}\
+.tl-vip{position:absolute;top:3px;height:11px;background:#1a7f37;border-radius:2px}\
+.tl-lead{position:absolute;top:17px;height:5px;background:#0969da;border-radius:2px}\
+.tl-mark{position:absolute;top:0;bottom:0;width:3px;margin-left:-1px}.tl-reload{background:#8250df}\
+.tl-runtime{background:#8c959f;top:18px}.tl-fail{background:#cf222e}.tl-elect{background:#0969da;width:2px;opacity:.7}\
+.tl-none{position:absolute;left:8px;top:4px}.tl-key{display:inline-block;position:static;width:14px;height:10px;margin:0 4px 0 12px;vertical-align:middle}\
+table.events{margin-top:10px}tr.err td{color:#cf222e}";
 
 fn badge(class: &str, label: &str) -> String {
     format!("<span class=\"badge {}\">{}</span>", esc(class), esc(label))
@@ -379,7 +396,7 @@ fn status_page(view: &Value, registry: &Registry, now_ms: u64) -> String {
     out.push_str(
         "<section id=\"nodes\"><h2>Nodes</h2><table><thead><tr><th>node</th><th>address</th>\
          <th>raft</th><th>role</th><th>health</th><th>applied index</th><th>haproxy config</th>\
-         <th>last apply</th><th>last error</th></tr></thead><tbody>\n",
+         <th>last apply</th><th>last error</th><th>haproxy's view</th></tr></thead><tbody>\n",
     );
     let empty = serde_json::Map::new();
     let nodes = view["nodes"].as_object().unwrap_or(&empty);
@@ -389,6 +406,7 @@ fn status_page(view: &Value, registry: &Registry, now_ms: u64) -> String {
         .filter_map(|k| Some((k.parse().ok()?, k)))
         .collect();
     ids.sort();
+    let node_ids = ids.clone();
     for (id, key) in ids {
         let st = statuses.get(key).unwrap_or(&Value::Null);
         let raft = st["state"].as_str().unwrap_or("unknown");
@@ -441,9 +459,31 @@ fn status_page(view: &Value, registry: &Registry, now_ms: u64) -> String {
                 render["last_error"].as_str().map(esc).unwrap_or_default(),
             );
         }
-        out.push_str("</tr>\n");
+        let _ = writeln!(
+            out,
+            "<td id=\"haproxy-{id}\">{}</td></tr>",
+            haproxy_view::summary(&haproxy_view::View::of(st), now_ms)
+        );
     }
     out.push_str("</tbody></table></section>\n");
+
+    let events: Vec<timeline::NodeEvents> = node_ids
+        .iter()
+        .map(|(id, key)| timeline::node_events(*id, statuses.get(*key).unwrap_or(&Value::Null)))
+        .collect();
+    out.push_str(&timeline::section(&events, now_ms));
+
+    // haproxy's view per balancer, for the services' tables.
+    let views: Vec<(u64, haproxy_view::View)> = node_ids
+        .iter()
+        .map(|(id, key)| {
+            (
+                *id,
+                haproxy_view::View::of(statuses.get(*key).unwrap_or(&Value::Null)),
+            )
+        })
+        .filter(|(_, v)| v.has_column())
+        .collect();
 
     // Services and members.
     let _ = writeln!(
@@ -453,6 +493,14 @@ fn status_page(view: &Value, registry: &Registry, now_ms: u64) -> String {
     );
     if registry.services.is_empty() {
         out.push_str("<p class=\"muted\">No services registered yet.</p>");
+    } else if views.is_empty() {
+        out.push_str("<p class=\"muted\">No balancer reports haproxy's view.</p>");
+    } else {
+        out.push_str(
+            "<p class=\"muted\">Beside each member's registry state: its status in each balancer's haproxy \
+             (from <code>show stat</code>), current sessions and errors; \
+             <span class=\"err\">≠ registry</span> marks where haproxy contradicts the registry.</p>",
+        );
     }
     for (name, svc) in &registry.services {
         let d = &svc.def;
@@ -465,20 +513,31 @@ fn status_page(view: &Value, registry: &Registry, now_ms: u64) -> String {
             esc(&serde_json::to_value(d.balance).map(|v| text(&v)).unwrap_or_default()),
             d.member_port,
         );
-        if svc.members.is_empty() {
+        // Servers haproxy has that the registry does not (removed members
+        // kept in maint until the next reload, or a stale config).
+        let extra: std::collections::BTreeSet<&String> = views
+            .iter()
+            .flat_map(|(_, v)| v.servers(name))
+            .filter(|s| !svc.members.contains_key(*s))
+            .collect();
+        if svc.members.is_empty() && extra.is_empty() {
             out.push_str("<p class=\"muted\">no members</p>");
             continue;
         }
         out.push_str(
             "<table><thead><tr><th>member</th><th>address</th><th>weight</th><th>state</th>\
-             <th>ttl</th><th>registered</th></tr></thead><tbody>",
+             <th>ttl</th><th>registered</th>",
         );
+        for (id, v) in &views {
+            out.push_str(&haproxy_view::header(*id, v, now_ms));
+        }
+        out.push_str("</tr></thead><tbody>");
         for (m_name, m) in &svc.members {
             let st = state_class(m.state);
             let _ = write!(
                 out,
                 "<tr id=\"member-{0}-{1}\" data-state=\"{2}\"><td><b>{1}</b></td><td><code>{3}:{4}</code></td>\
-                 <td>{5}</td><td>{6}</td><td>{7}</td><td>{8}</td></tr>",
+                 <td>{5}</td><td>{6}</td><td>{7}</td><td>{8}</td>",
                 esc(name),
                 esc(m_name),
                 st,
@@ -489,6 +548,23 @@ fn status_page(view: &Value, registry: &Registry, now_ms: u64) -> String {
                 m.ttl_s.map_or("—".into(), |t| format!("{t} s")),
                 esc(&ago(now_ms, Some(m.registered_at_ms))),
             );
+            for (id, v) in &views {
+                out.push_str(&haproxy_view::cell(name, m_name, Some(m.state), *id, v));
+            }
+            out.push_str("</tr>");
+        }
+        for s_name in extra {
+            let _ = write!(
+                out,
+                "<tr id=\"extra-{0}-{1}\" data-state=\"none\"><td><b>{1}</b></td>\
+                 <td colspan=\"5\" class=\"muted\">in haproxy, not in the registry</td>",
+                esc(name),
+                esc(s_name),
+            );
+            for (id, v) in &views {
+                out.push_str(&haproxy_view::cell(name, s_name, None, *id, v));
+            }
+            out.push_str("</tr>");
         }
         out.push_str("</tbody></table>\n");
     }
@@ -549,5 +625,72 @@ mod tests {
         assert!(page.contains("node 1</b>"));
         assert!(page.contains("id=\"vip-holder\">node 1"));
         assert!(page.contains("unreachable"));
+    }
+
+    /// Two balancers' haproxy, a witness and a timeline on one page.
+    #[test]
+    fn page_puts_haproxy_beside_the_registry() {
+        use crate::model::{Command, MemberSpec, ServiceDef};
+        let mut registry = Registry::default();
+        for m in ["web1", "web2"] {
+            registry.apply(&Command::Register {
+                service: "http".into(),
+                member: m.into(),
+                spec: MemberSpec {
+                    address: "10.0.0.1".into(),
+                    port: Some(80),
+                    weight: None,
+                    ttl_s: None,
+                },
+                create: ServiceDef::well_known("http"),
+                at_ms: 1,
+            });
+        }
+        let stat = |web2: &str| {
+            serde_json::json!({"at_ms": 9_000, "backends": {"be_http": {"status": "UP", "scur": 1,
+                "servers": {"web1": {"status": "UP", "scur": 4, "econ": 1},
+                            "web2": {"status": web2, "check": "L4CON", "check_detail": "Connection refused"},
+                            "<gone>": {"status": "MAINT"}}}}})
+        };
+        let view = serde_json::json!({
+            "node_id": 1, "leader": 1, "voters": [1, 2, 3], "vip_holder": 1,
+            "nodes": {"1": "a:1", "2": "a:2", "3": "a:3"},
+            "node_status": {
+                "1": {"role": "balancer", "vip_held": true, "haproxy": stat("DOWN"), "timeline": [
+                    {"at_ms": 2_000, "kind": "leader", "term": 2, "leader": 1},
+                    {"at_ms": 3_000, "kind": "vip_claim", "term": 2},
+                    {"at_ms": 4_000, "kind": "render", "how": "reload", "index": 5}]},
+                "2": {"role": "balancer", "haproxy": stat("UP"),
+                      "timeline": [{"at_ms": 2_500, "kind": "leader", "term": 2, "leader": 1}]},
+                "3": {"role": "witness", "haproxy": null, "timeline": []}
+            }
+        });
+        let page = status_page(&view, &registry, 10_000);
+        // Node 1's haproxy finds web2 down although the registry has it
+        // active; node 2's finds it up.
+        let cell = |m: &str, n: u64| {
+            let at = page.find(&format!("id=\"hap-http-{m}-{n}\"")).expect(m);
+            &page[at..at + page[at..].find("</td>").unwrap()]
+        };
+        assert!(
+            cell("web2", 1).contains("data-status=\"DOWN\" class=\"disagree\""),
+            "{page}"
+        );
+        assert!(cell("web2", 2).starts_with("id=\"hap-http-web2-2\" data-status=\"UP\" title"));
+        assert!(cell("web1", 1).contains("4 sess") && cell("web1", 1).contains("1 err"));
+        assert!(
+            !page.contains("hap-http-web1-3"),
+            "a witness gets no column"
+        );
+        assert!(page.contains("none (witness)"));
+        // A server the registry lacks gets a row, escaped.
+        assert!(page.contains("id=\"extra-http-&lt;gone&gt;\""));
+        assert!(!page.contains("<gone>"));
+        // One leader change though two nodes saw it; the claim and the reload.
+        assert_eq!(page.matches("data-kind=\"leader\"").count(), 1);
+        assert!(page.contains("seen by node 1, 2"));
+        assert!(page.contains("data-kind=\"vip_claim\" data-node=\"1\""));
+        assert!(page.contains("haproxy reloaded (index 5)"));
+        assert!(page.contains("class=\"tl-vip\""));
     }
 }

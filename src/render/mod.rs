@@ -4,6 +4,7 @@
 //! API, or reload. A config that fails validation never goes live.
 
 pub mod haproxy;
+pub mod stat;
 pub mod supervise;
 pub mod template;
 
