@@ -213,12 +213,7 @@ fn readme_three_nodes_run_as_written() {
         eprintln!("skipped: a network namespace needs root (CI runs as root)");
         return;
     }
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
-        .expect("README.md");
-    let block = docs::sh_blocks(&readme)
-        .into_iter()
-        .find(|b| b.contains("clbd --node-id $i"))
-        .expect("the README's three-node block");
+    let block = docs::sh_block_with("README.md", "clbd --node-id $i");
     let build = [
         "cargo build --release",
         "export PATH=$PWD/target/release:$PATH",
@@ -269,20 +264,13 @@ fn readme_three_nodes_run_as_written() {
 
 /// docs/operations.md's blocks that run on one machine, as written, against
 /// a live three-node cluster: the failover drill's graceful half and the
-/// backup. (The others need AWS, systemd or packages: tests/packages.rs and
-/// tests/deploy.rs cover those parts.)
+/// backup. (tests/packages.rs runs "Build the packages"; tests/tls.rs the
+/// certificates and `clb status` of the AWS walk-through on loopback; the
+/// rest needs AWS, systemd or several hosts: the rolling upgrade, the
+/// data-dir recovery, the hard kill and the walk-through's `aws` steps.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operations_blocks_that_run_on_one_machine_run_as_written() {
-    let ops = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md"))
-        .expect("docs/operations.md");
-    let blocks = docs::sh_blocks(&ops);
-    let find = |needle: &str| -> String {
-        blocks
-            .iter()
-            .find(|b| b.contains(needle))
-            .unwrap_or_else(|| panic!("operations.md has no block with {needle:?}"))
-            .clone()
-    };
+    let find = |needle: &str| docs::sh_block_with("docs/operations.md", needle);
     let drill = find("clb failover                    # graceful");
     let backup = find("clb snapshot save /var/backups/clb/");
 
