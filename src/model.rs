@@ -1033,24 +1033,29 @@ fn not_found_member(service: &str, member: &str) -> Response {
     }
 }
 
+/// A registration of `member` at `address`:8080 in `service` (created as
+/// http), for the unit tests of this and other modules.
+#[cfg(test)]
+pub(crate) fn register_for_test(service: &str, member: &str, address: &str) -> Command {
+    Command::Register {
+        service: service.into(),
+        member: member.into(),
+        spec: MemberSpec {
+            address: address.into(),
+            port: Some(8080),
+            weight: None,
+            ttl_s: None,
+        },
+        create: ServiceDef::well_known("http"),
+        at_ms: 7,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn reg(service: &str, member: &str, address: &str) -> Command {
-        Command::Register {
-            service: service.into(),
-            member: member.into(),
-            spec: MemberSpec {
-                address: address.into(),
-                port: Some(8080),
-                weight: None,
-                ttl_s: None,
-            },
-            create: ServiceDef::well_known("http"),
-            at_ms: 7,
-        }
-    }
+    use super::register_for_test as reg;
 
     #[test]
     fn names_accept_the_documented_set_only() {

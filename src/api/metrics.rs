@@ -470,7 +470,7 @@ mod tests {
     use crate::consensus::acks::Acks;
     use crate::consensus::elect::Liveness;
     use crate::failover::{Action, HookOutcome};
-    use crate::model::{Command, MemberSpec, ServiceDef};
+    use crate::model::Command;
 
     /// Every family /metrics exports and its type: the names the rules,
     /// the dashboard and the docs rely on.
@@ -571,18 +571,7 @@ mod tests {
     }
 
     fn member(service: &str, member: &str) -> Command {
-        Command::Register {
-            service: service.into(),
-            member: member.into(),
-            spec: MemberSpec {
-                address: "10.0.0.1".into(),
-                port: Some(8080),
-                weight: None,
-                ttl_s: None,
-            },
-            create: ServiceDef::well_known("http"),
-            at_ms: 7,
-        }
+        model::register_for_test(service, member, "10.0.0.1")
     }
 
     #[test]
