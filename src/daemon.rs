@@ -235,7 +235,7 @@ async fn propose_restore(
     let proposal = Proposal {
         cmd,
         by: "restore".into(),
-        at_ms: api::now_ms(),
+        at_ms: crate::clock::now_ms(),
         force: true,
     };
     // The write waits for a leader for the forward timeout; retry a few times.

@@ -21,6 +21,8 @@ pub mod auth;
 pub mod cli;
 /// Typed HTTP client for the API.
 pub mod client;
+/// Wall-clock milliseconds; a leaf.
+pub mod clock;
 /// Settings from flags, env and file.
 pub mod config;
 /// Raft types, sled storage, peer transport.

@@ -451,7 +451,7 @@ impl Consensus {
                             member: member.clone(),
                         },
                         by: "ttl".into(),
-                        at_ms: crate::api::now_ms(),
+                        at_ms: crate::clock::now_ms(),
                         force: false,
                     };
                     let req = LeaderRequest::Write {

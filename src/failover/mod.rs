@@ -16,7 +16,7 @@ mod lease;
 mod netlink;
 
 use std::net::IpAddr;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use openraft::ServerState;
 use serde::Serialize;
@@ -26,6 +26,7 @@ use tokio::task::JoinHandle;
 pub use health::{health_input, Health, HealthCheck, HealthSender};
 pub use hooks::{Action, Hook, HookCall, HookError};
 
+use crate::clock::now_ms;
 use crate::consensus::network::PeerClient;
 use crate::consensus::rpc::CampaignRequest;
 use crate::consensus::{Consensus, NodeId, Raft};
@@ -310,13 +311,6 @@ impl Failover {
     }
 }
 
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// Resolves when `stop` is true or its sender is gone.
 async fn stopping(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
@@ -348,7 +342,7 @@ type LeaseEnd = std::sync::Arc<std::sync::Mutex<Option<Instant>>>;
 /// Unix milliseconds of a monotonic instant.
 fn wall_ms(at: Instant) -> u64 {
     let now = Instant::now();
-    let wall = unix_ms();
+    let wall = now_ms();
     if at >= now {
         wall + at.duration_since(now).as_millis() as u64
     } else {
@@ -484,7 +478,7 @@ impl HookRunner {
             ok: result.is_ok(),
             error: result.as_ref().err().map(|e| e.to_string()),
             note: result.as_ref().ok().cloned().flatten(),
-            at_ms: unix_ms(),
+            at_ms: now_ms(),
             took_ms,
         };
         match &result {
