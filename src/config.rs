@@ -691,7 +691,7 @@ fn tls_settings(s: &Settings) -> Result<Option<TlsSettings>, ConfigError> {
         return Err(invalid(flag, e.to_string()));
     }
     if let Some(ca) = &s.tls_ca {
-        crate::consensus::network::load_ca(ca).map_err(|e| invalid("tls-ca", e.to_string()))?;
+        crate::pem::load_ca(ca).map_err(|e| invalid("tls-ca", e.to_string()))?;
     }
     Ok(Some(tls))
 }

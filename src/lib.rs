@@ -35,6 +35,8 @@ pub mod demo;
 pub mod failover;
 /// Registry, commands and validation; pure.
 pub mod model;
+/// CA certificates from PEM files; a leaf.
+pub mod pem;
 /// haproxy.cfg rendering, validation and apply.
 pub mod render;
 /// `clbd --restore`: a backup as bounded log entries; pure.
