@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{validate_name, InvalidField};
+use crate::names::{validate_name, InvalidField};
 
 /// What a token may do.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

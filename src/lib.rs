@@ -35,6 +35,8 @@ pub mod demo;
 pub mod failover;
 /// Registry, commands and validation; pure.
 pub mod model;
+/// The name rule and the validation error; a leaf.
+pub mod names;
 /// CA certificates from PEM files; a leaf.
 pub mod pem;
 /// haproxy.cfg rendering, validation and apply.
