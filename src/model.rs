@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 // In a leaf so that `auth`, below this module, can validate names too.
 pub use crate::names::{validate_name, InvalidField, MAX_NAME_LEN};
 
+use crate::auth::{Need, Scope};
+
 /// haproxy's own weight range.
 pub const MAX_WEIGHT: u16 = 256;
 /// Weight a member gets when the request does not name one.
@@ -623,6 +625,29 @@ impl Command {
         }
         Ok(())
     }
+
+    /// Whether a caller with `scope` may have this command written: the
+    /// check the leader repeats for every command, whichever node took the
+    /// request. (Here, not in `auth`: auth sits below model.)
+    pub fn allowed_by(&self, scope: &Scope) -> bool {
+        match self {
+            Command::Register {
+                service, member, ..
+            }
+            | Command::Unregister { service, member }
+            | Command::SetMemberState {
+                service, member, ..
+            } => scope.allows(Need::Member { service, member }),
+            Command::DefineService { .. }
+            | Command::CreateToken { .. }
+            | Command::RevokeToken { .. }
+            | Command::Restore { .. }
+            | Command::RestoreChunk { .. }
+            | Command::RestoreCommit { .. } => scope.allows(Need::Admin),
+            // The leader builds batches; nobody may send one.
+            Command::Batch(_) => false,
+        }
+    }
 }
 
 /// A token record: its free-text fields are short and printable, and its
@@ -987,6 +1012,22 @@ fn not_found_member(service: &str, member: &str) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_leader_checks_each_command_against_the_scope() {
+        let unreg = |svc: &str| Command::Unregister {
+            service: svc.into(),
+            member: "web-1".into(),
+        };
+        let web: Scope = "register:web:web-*".parse().unwrap();
+        assert!(unreg("web").allowed_by(&web));
+        assert!(!unreg("db").allowed_by(&web));
+        assert!(!Command::RevokeToken { id: "x".into() }.allowed_by(&web));
+        assert!(Command::RevokeToken { id: "x".into() }.allowed_by(&Scope::Admin));
+        assert!(!unreg("web").allowed_by(&Scope::Read));
+        // Batches are the leader's own; no caller may send one.
+        assert!(!Command::Batch(vec![]).allowed_by(&Scope::Admin));
+    }
 
     fn reg(service: &str, member: &str, address: &str) -> Command {
         Command::Register {

@@ -745,7 +745,7 @@ impl Consensus {
                 if let Err(e) = proposal.cmd.validate() {
                     return Err(LeaderError::Rejected(format!("invalid command: {e}")));
                 }
-                if !scope.allows_command(&proposal.cmd) {
+                if !proposal.cmd.allowed_by(&scope) {
                     return Err(LeaderError::Rejected(format!(
                         "scope {scope} does not allow this command"
                     )));
