@@ -28,8 +28,7 @@ pub use metrics::Metrics;
 
 use crate::auth::{self, Need, Scope, Token};
 use crate::clock::now_ms;
-use crate::config::Role;
-use crate::consensus::{Consensus, NodeId, Written};
+use crate::consensus::{Consensus, NodeId, Role, Written};
 use crate::failover::Failover;
 use crate::model::{
     self, Balance, Check, Command, MemberSpec, MemberState, Mode, Proposal, Registry,

@@ -58,6 +58,16 @@ pub enum Bootstrap {
     Join,
 }
 
+/// What a node is for: a balancer renders haproxy and may hold the VIP; a
+/// witness only votes and stores, and leads only when no balancer can.
+/// (Here, below api and config, which both use it.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Balancer,
+    Witness,
+}
+
 /// Timers and role for the Raft instance.
 #[derive(Debug, Clone)]
 pub struct RaftSettings {
