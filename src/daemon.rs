@@ -514,7 +514,7 @@ pub async fn run(
 
     let (health_tx, health_rx) = failover::health_input();
     let failover = Failover::start(
-        &consensus,
+        consensus.leadership(),
         config.failover.clone(),
         health_rx,
         stop_rx.clone(),

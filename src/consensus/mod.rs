@@ -177,6 +177,55 @@ pub enum LeaderError {
     Failed(String),
 }
 
+/// The part of the Raft node failover uses: who leads, the quorum lease,
+/// the VIP state the vote rules read, the election gate, and the peer
+/// client for hand-overs. Not the registry: failover never writes or reads it.
+#[derive(Clone)]
+pub struct Leadership {
+    pub raft: Raft,
+    pub id: NodeId,
+    /// This node's own peer client: the cluster's scheme, CA and secret.
+    pub peers: PeerClient,
+    /// When a leader was last heard, VIP holding, hand-over target.
+    pub liveness: Arc<elect::Liveness>,
+    acks: Arc<acks::Acks>,
+    allow_elect: Arc<watch::Sender<bool>>,
+}
+
+impl Leadership {
+    /// Lets the election timer campaign, or stops it (a witness, an
+    /// unhealthy balancer, a node handing leadership over).
+    pub fn allow_elect(&self, allowed: bool) {
+        self.allow_elect.send_if_modified(|a| {
+            let changed = *a != allowed;
+            *a = allowed;
+            changed
+        });
+    }
+
+    /// The instant from which a quorum is known to follow this node as
+    /// leader of the current term, if it leads.
+    pub fn quorum_ack(&self, now: Instant) -> Option<(u64, Instant)> {
+        quorum_ack(&self.raft, &self.acks, self.id, now)
+    }
+
+    /// Each follower's latest ack age in the current term (for a log line).
+    pub fn ack_ages(&self, now: Instant) -> String {
+        let term = self.raft.metrics().borrow().current_term;
+        self.acks.ages(term, now)
+    }
+}
+
+fn quorum_ack(raft: &Raft, acks: &acks::Acks, id: NodeId, now: Instant) -> Option<(u64, Instant)> {
+    let m = raft.metrics().borrow().clone();
+    if m.state != ServerState::Leader {
+        return None;
+    }
+    let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
+    acks.quorum_ack(m.current_term, &voters, id, now)
+        .map(|at| (m.current_term, at))
+}
+
 /// An acknowledged write: durable on a quorum and applied on the leader.
 #[derive(Debug, Clone)]
 pub struct Written {
@@ -502,33 +551,21 @@ impl Consensus {
         &self.liveness
     }
 
-    /// Lets the election timer campaign, or stops it (a witness, an
-    /// unhealthy balancer, a node handing leadership over).
-    pub fn allow_elect(&self, allowed: bool) {
-        self.allow_elect.send_if_modified(|a| {
-            let changed = *a != allowed;
-            *a = allowed;
-            changed
-        });
-    }
-
-    /// The instant from which a quorum is known to follow this node as
-    /// leader of the current term, if it leads.
-    pub fn quorum_ack(&self, now: Instant) -> Option<(u64, Instant)> {
-        let m = self.raft.metrics().borrow().clone();
-        if m.state != ServerState::Leader {
-            return None;
+    /// What failover needs of this node (see [`Leadership`]).
+    pub fn leadership(&self) -> Leadership {
+        Leadership {
+            raft: self.raft.clone(),
+            id: self.id,
+            peers: self.peers.clone(),
+            liveness: self.liveness.clone(),
+            acks: self.acks.clone(),
+            allow_elect: self.allow_elect.clone(),
         }
-        let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
-        self.acks
-            .quorum_ack(m.current_term, &voters, self.id, now)
-            .map(|at| (m.current_term, at))
     }
 
-    /// Each follower's latest ack age in the current term (for a log line).
-    pub fn ack_ages(&self, now: Instant) -> String {
-        let term = self.raft.metrics().borrow().current_term;
-        self.acks.ages(term, now)
+    /// See [`Leadership::quorum_ack`].
+    pub fn quorum_ack(&self, now: Instant) -> Option<(u64, Instant)> {
+        quorum_ack(&self.raft, &self.acks, self.id, now)
     }
 
     /// How long this node refuses votes after hearing from its leader.

@@ -29,7 +29,7 @@ pub use hooks::{Action, Hook, HookCall, HookError};
 use crate::clock::now_ms;
 use crate::consensus::network::PeerClient;
 use crate::consensus::rpc::CampaignRequest;
-use crate::consensus::{Consensus, NodeId, Raft};
+use crate::consensus::{Leadership, NodeId, Raft};
 
 /// First and largest pause between retries of a failed hook.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -151,10 +151,11 @@ enum Wish {
 
 impl Failover {
     /// Starts the watcher (and the hook runner when a VIP is configured).
-    /// `external` is the daemon's health input; `stop` flips to true on
-    /// shutdown, after which a held VIP is released.
+    /// `leadership` is all it takes of the Raft node; `external` is the
+    /// daemon's health input; `stop` flips to true on shutdown, after which
+    /// a held VIP is released.
     pub fn start(
-        consensus: &Consensus,
+        leadership: Leadership,
         cfg: FailoverConfig,
         external: watch::Receiver<Health>,
         stop: watch::Receiver<bool>,
@@ -168,12 +169,12 @@ impl Failover {
         };
         let (status_tx, status) = watch::channel(initial);
         let (campaign_tx, may_campaign) = watch::channel(!cfg.witness);
-        let term = consensus.raft.metrics().borrow().current_term;
+        let term = leadership.raft.metrics().borrow().current_term;
         let (wish_tx, wish_rx) = watch::channel(Wish::Release(term));
         let (done_tx, hooks_done) = watch::channel(false);
         let (cmd_tx, cmd_rx) = mpsc::channel(4);
 
-        let liveness = consensus.liveness().clone();
+        let liveness = leadership.liveness.clone();
         let lease_end = LeaseEnd::default();
         let runner = match (cfg.vip, cfg.hook.clone(), cfg.witness) {
             (Some(vip), Some(hook), false) => {
@@ -188,7 +189,7 @@ impl Failover {
                         .unwrap_or_default(),
                     hook,
                     vip,
-                    node: consensus.id,
+                    node: leadership.id,
                     timeout: cfg.hook_timeout,
                     status: status_tx.clone(),
                     liveness: liveness.clone(),
@@ -208,9 +209,9 @@ impl Failover {
             .clone()
             .map(|check| health::spawn_check(check, stop.clone()));
         let watcher = Watcher {
-            raft: consensus.raft.clone(),
-            id: consensus.id,
-            consensus: consensus.clone(),
+            raft: leadership.raft.clone(),
+            id: leadership.id,
+            leadership: leadership.clone(),
             tick: (cfg.lease / 4).max(Duration::from_millis(1)),
             cfg: cfg.clone(),
             wish: wish_tx,
@@ -223,7 +224,7 @@ impl Failover {
             reply: None,
             next_handover: Instant::now(),
             last_leader_seen: Instant::now(),
-            liveness_after: Duration::from_millis(3 * consensus.raft.config().election_timeout_max),
+            liveness_after: Duration::from_millis(3 * leadership.raft.config().election_timeout_max),
             fallback: false,
             lease_end,
             handing_over: Default::default(),
@@ -527,7 +528,8 @@ enum Event {
 struct Watcher {
     raft: Raft,
     id: NodeId,
-    consensus: Consensus,
+    /// Leadership, the quorum lease, the election gate: all it needs of Raft.
+    leadership: Leadership,
     cfg: FailoverConfig,
     /// How often the watcher looks at the clock and the metrics.
     tick: Duration,
@@ -571,9 +573,9 @@ impl Watcher {
             let leading = (m.state == ServerState::Leader && m.current_leader == Some(self.id))
                 .then_some(m.current_term);
             if let Some(term) = leading {
-                self.consensus.liveness().leading(term, now);
+                self.leadership.liveness.leading(term, now);
             }
-            let lease = lease::until(self.consensus.quorum_ack(now), leading, self.cfg.lease);
+            let lease = lease::until(self.leadership.quorum_ack(now), leading, self.cfg.lease);
             // openraft keeps naming a dead leader until another is elected
             // (clb runs its own election timer), so what counts is hearing
             // from one, or leading.
@@ -582,7 +584,7 @@ impl Watcher {
             }
             self.last_leader_seen = self
                 .last_leader_seen
-                .max(self.consensus.liveness().last_heard());
+                .max(self.leadership.liveness.last_heard());
             let voters = m.membership_config.membership().voter_ids().count();
             // Alone, or leaderless for long: lead anyway, without the VIP.
             // A witness too, after twice as long: a balancer cut off while
@@ -681,7 +683,7 @@ impl Watcher {
         let may_lead = !self.cfg.witness && health.ok;
         let may_campaign = (may_lead || self.fallback) && !stepping_down;
         if self.elect_enabled != Some(may_campaign) {
-            self.consensus.allow_elect(may_campaign);
+            self.leadership.allow_elect(may_campaign);
             self.elect_enabled = Some(may_campaign);
             if !may_campaign && !self.cfg.witness {
                 tracing::warn!(reason = %health.reason, stepping_down, "not campaigning");
@@ -726,7 +728,7 @@ impl Watcher {
                 Wish::Release(_) if expired => {
                     tracing::warn!(
                         term,
-                        acks = %self.consensus.ack_ages(now),
+                        acks = %self.leadership.ack_ages(now),
                         "quorum lease expired: releasing the VIP"
                     )
                 }
@@ -804,7 +806,7 @@ impl Watcher {
         // Release at once, without waiting for the next tick.
         let term = self.raft.metrics().borrow().current_term;
         let now = Instant::now();
-        let lease = lease::until(self.consensus.quorum_ack(now), leading, self.cfg.lease);
+        let lease = lease::until(self.leadership.quorum_ack(now), leading, self.cfg.lease);
         self.decide(now, leading, term, lease);
     }
 
@@ -817,8 +819,8 @@ impl Watcher {
             wake: self.wake.clone(),
             raft: self.raft.clone(),
             id: self.id,
-            peers: self.consensus.peer_client().clone(),
-            liveness: self.consensus.liveness().clone(),
+            peers: self.leadership.peers.clone(),
+            liveness: self.leadership.liveness.clone(),
             status: self.status.subscribe(),
             wait_release: self.cfg.hook_timeout + Duration::from_secs(1),
             wait_leader: self.cfg.handover_wait,
