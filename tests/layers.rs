@@ -69,8 +69,14 @@ fn a_climbing_import_fails_the_check() {
             "consensus/net.rs",
             "use super::t;\nuse crate::render::x;\nuse crate::Server;\n",
         ),
-        file("render/mod.rs", "use super::model::Registry;\nuse super::*;\n"),
-        file("api/mod.rs", "use crate::consensus::t;\nuse crate::model;\n"),
+        file(
+            "render/mod.rs",
+            "use super::model::Registry;\nuse super::*;\n",
+        ),
+        file(
+            "api/mod.rs",
+            "use crate::consensus::t;\nuse crate::model;\n",
+        ),
         file("stray.rs", "use crate::model;\n"),
     ];
     let found = violations(layers, &files);

@@ -224,7 +224,9 @@ impl Failover {
             reply: None,
             next_handover: Instant::now(),
             last_leader_seen: Instant::now(),
-            liveness_after: Duration::from_millis(3 * leadership.raft.config().election_timeout_max),
+            liveness_after: Duration::from_millis(
+                3 * leadership.raft.config().election_timeout_max,
+            ),
             fallback: false,
             lease_end,
             handing_over: Default::default(),
