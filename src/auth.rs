@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{validate_name, InvalidField};
+use crate::names::{validate_name, InvalidField};
 
 /// What a token may do.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -123,31 +123,6 @@ impl Scope {
     }
 }
 
-impl Scope {
-    /// Whether a caller with this scope may have `cmd` written: the check
-    /// the leader repeats for every command, whichever node took the request.
-    pub fn allows_command(&self, cmd: &crate::model::Command) -> bool {
-        use crate::model::Command;
-        match cmd {
-            Command::Register {
-                service, member, ..
-            }
-            | Command::Unregister { service, member }
-            | Command::SetMemberState {
-                service, member, ..
-            } => self.allows(Need::Member { service, member }),
-            Command::DefineService { .. }
-            | Command::CreateToken { .. }
-            | Command::RevokeToken { .. }
-            | Command::Restore { .. }
-            | Command::RestoreChunk { .. }
-            | Command::RestoreCommit { .. } => self.allows(Need::Admin),
-            // The leader builds batches; nobody may send one.
-            Command::Batch(_) => false,
-        }
-    }
-}
-
 /// `*` matches any run of characters; everything else matches itself.
 pub fn glob_match(pattern: &str, text: &str) -> bool {
     let parts: Vec<&str> = pattern.split('*').collect();
@@ -242,23 +217,6 @@ pub fn parse_ttl(text: &str) -> Result<u64, InvalidField> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_leader_checks_each_command_against_the_scope() {
-        use crate::model::Command;
-        let unreg = |svc: &str| Command::Unregister {
-            service: svc.into(),
-            member: "web-1".into(),
-        };
-        let web: Scope = "register:web:web-*".parse().unwrap();
-        assert!(web.allows_command(&unreg("web")));
-        assert!(!web.allows_command(&unreg("db")));
-        assert!(!web.allows_command(&Command::RevokeToken { id: "x".into() }));
-        assert!(Scope::Admin.allows_command(&Command::RevokeToken { id: "x".into() }));
-        assert!(!Scope::Read.allows_command(&unreg("web")));
-        // Batches are the leader's own; no caller may send one.
-        assert!(!Scope::Admin.allows_command(&Command::Batch(vec![])));
-    }
 
     #[test]
     fn scopes_parse_and_print() {

@@ -449,7 +449,7 @@ pub async fn run(cli: Cli) -> Result<String, Failure> {
                     Ok(ms) => ms,
                     Err(_) => {
                         let ago = crate::auth::parse_ttl(&since)?;
-                        crate::api::now_ms().saturating_sub(ago * 1_000)
+                        crate::clock::now_ms().saturating_sub(ago * 1_000)
                     }
                 };
                 path.push_str(&format!("&since={ms}"));

@@ -142,8 +142,8 @@ impl Client {
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(30));
         if let Some(ca) = &options.ca {
-            let certs = crate::consensus::network::load_ca(ca)
-                .map_err(|e| ClientError::Usage(format!("--ca: {e}")))?;
+            let certs =
+                crate::pem::load_ca(ca).map_err(|e| ClientError::Usage(format!("--ca: {e}")))?;
             builder = builder.tls_built_in_root_certs(false);
             for cert in certs {
                 builder = builder.add_root_certificate(cert);

@@ -11,6 +11,8 @@ use serde::Deserialize;
 use crate::api::serve::{Limits, TlsSettings};
 use crate::consensus::network::PeerTls;
 use crate::consensus::{Bootstrap, NodeId, RaftSettings};
+// Role lives in consensus, below api, which reports it; this path stays.
+pub use crate::consensus::Role;
 use crate::failover::{FailoverConfig, HealthCheck, Hook};
 
 #[derive(Debug, thiserror::Error)]
@@ -281,13 +283,6 @@ impl Settings {
             source,
         })
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    Balancer,
-    Witness,
 }
 
 /// Validated daemon configuration.
@@ -691,7 +686,7 @@ fn tls_settings(s: &Settings) -> Result<Option<TlsSettings>, ConfigError> {
         return Err(invalid(flag, e.to_string()));
     }
     if let Some(ca) = &s.tls_ca {
-        crate::consensus::network::load_ca(ca).map_err(|e| invalid("tls-ca", e.to_string()))?;
+        crate::pem::load_ca(ca).map_err(|e| invalid("tls-ca", e.to_string()))?;
     }
     Ok(Some(tls))
 }

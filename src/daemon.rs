@@ -235,7 +235,7 @@ async fn propose_restore(
     let proposal = Proposal {
         cmd,
         by: "restore".into(),
-        at_ms: api::now_ms(),
+        at_ms: crate::clock::now_ms(),
         force: true,
     };
     // The write waits for a leader for the forward timeout; retry a few times.
@@ -514,7 +514,7 @@ pub async fn run(
 
     let (health_tx, health_rx) = failover::health_input();
     let failover = Failover::start(
-        &consensus,
+        consensus.leadership(),
         config.failover.clone(),
         health_rx,
         stop_rx.clone(),

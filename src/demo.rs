@@ -13,11 +13,12 @@ use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
 use crate::client::Client;
+use crate::clock::now_ms;
 
 /// The address the demo's hook pretends to move (TEST-NET-1).
 const VIP: &str = "192.0.2.10";
@@ -131,13 +132,6 @@ impl Drop for Lab {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 fn free_port() -> Result<u16, DemoError> {
@@ -268,7 +262,7 @@ pub async fn run(opts: DemoOptions) -> Result<String, DemoError> {
         )?;
     }
 
-    let t0 = unix_ms();
+    let t0 = now_ms();
     let mut events: Vec<Event> = Vec::new();
     let note = |events: &mut Vec<Event>, at_ms: u64, text: String| {
         events.push(Event { at_ms, text });
@@ -325,7 +319,7 @@ pub async fn run(opts: DemoOptions) -> Result<String, DemoError> {
     }
     note(
         &mut events,
-        unix_ms(),
+        now_ms(),
         format!(
             "started balancers 1 and 2 and witness 3 on {}",
             addrs
@@ -375,7 +369,7 @@ pub async fn run(opts: DemoOptions) -> Result<String, DemoError> {
         .ok_or_else(|| lab.timeout("a leader all nodes agree on"))?;
     note(
         &mut events,
-        unix_ms(),
+        now_ms(),
         format!("node {leader} seen as leader by all nodes (term {term})"),
     );
 
@@ -405,7 +399,7 @@ pub async fn run(opts: DemoOptions) -> Result<String, DemoError> {
     }
     note(
         &mut events,
-        unix_ms(),
+        now_ms(),
         format!("registered backends a and b in service web (port {svc_port})"),
     );
 
@@ -434,12 +428,12 @@ pub async fn run(opts: DemoOptions) -> Result<String, DemoError> {
         .ok_or_else(|| lab.timeout("an answer through haproxy"))?;
         note(
             &mut events,
-            unix_ms(),
+            now_ms(),
             format!("request through haproxy: {answer:?}"),
         );
     }
 
-    let killed_at = unix_ms();
+    let killed_at = now_ms();
     lab.kill(&format!("node{leader}"));
     lab.kill(&format!("haproxy{leader}"));
     note(
@@ -453,7 +447,7 @@ pub async fn run(opts: DemoOptions) -> Result<String, DemoError> {
         .ok_or_else(|| lab.timeout("a new leader"))?;
     note(
         &mut events,
-        unix_ms(),
+        now_ms(),
         format!("node {next} seen as the new leader (term {next_term})"),
     );
     let second = poll(|| claim(next, killed_at))
@@ -473,7 +467,7 @@ pub async fn run(opts: DemoOptions) -> Result<String, DemoError> {
         .ok_or_else(|| lab.timeout("an answer through the surviving haproxy"))?;
         note(
             &mut events,
-            unix_ms(),
+            now_ms(),
             format!("request through the surviving haproxy: {answer:?}"),
         );
     }

@@ -1,15 +1,40 @@
 //! clb: control plane for redundant haproxy balancers behind one elastic IP.
 //!
-//! ```text
-//! api (axum) ─► consensus (openraft, sled) ─► watch<Applied> ─► render, failover, reads
-//! ```
+//! # Components, lowest layer first
 //!
-//! - [`model`]: registry, commands, validation; pure and deterministic.
-//! - [`consensus`]: Raft types, sled storage, peer transport, write forwarding.
-//! - [`api`]: HTTP API v1 and its JSON errors.
-//! - [`failover`]: the leader holds the VIP (lease, hooks, health-gated leadership).
-//! - [`daemon`]: wiring, start-up and shutdown order.
-//! - [`client`], [`cli`]: the typed HTTP client and the `clb` command line.
+//! A module uses only the modules of the lines above its own (never its
+//! line or below), so each can be read, and tested, without those that use
+//! it. `tests/layers.rs` fails on an import that climbs.
+//!
+//! - [`clock`], [`names`], [`pem`]: leaves. Wall-clock ms; the name rule and
+//!   [`InvalidField`](names::InvalidField); CA certificates from PEM files.
+//! - [`auth`]: token scopes, secrets and their hashes; pure.
+//! - [`model`]: the registry, the commands that change it, and validation;
+//!   pure and deterministic.
+//! - [`restore`]: a backup as bounded log entries; pure.
+//! - [`consensus`], [`render`]: Raft (openraft types, sled storage, peer
+//!   transport, write forwarding, vote rules); haproxy.cfg from the
+//!   registry (template, `haproxy -c`, install, runtime API, reload).
+//! - [`failover`]: the leader holds the VIP (quorum lease, hooks, health
+//!   gate, hand-over); it takes [`consensus::Leadership`], not the registry.
+//! - [`timeline`]: recent VIP, leader and render events of this node.
+//! - [`api`]: HTTP API v1, token checks, `/ui`, `/metrics`, the serve loop.
+//! - [`client`], [`config`]: the typed HTTP client; `clbd` settings.
+//! - [`daemon`], [`agent`], [`demo`]: `clbd`'s wiring and shutdown order;
+//!   `clb agent`; `clb demo`.
+//! - [`cli`]: the `clb` command line.
+//!
+//! # The path of a registration
+//!
+//! ```text
+//! clb register, clb_register ─► cli ─► client ──HTTP──► api: token, scope, validate
+//!   ─► consensus::Consensus::write ─► the leader (forwarded over /raft/leader
+//!      from a follower): validate again, Command::allowed_by, batch ─► Raft log
+//!   ─► committed on a quorum ─► consensus::store applies it on every node
+//!      (model::Registry::apply) ─► watch<Applied>
+//!   ─► render: template ─► haproxy -c ─► install ─► runtime API or reload
+//! failover watches Raft: the leader with a quorum lease claims the VIP by a hook
+//! ```
 
 /// `clb agent`: keeps a member registered, drains it on shutdown.
 pub mod agent;
@@ -21,6 +46,8 @@ pub mod auth;
 pub mod cli;
 /// Typed HTTP client for the API.
 pub mod client;
+/// Wall-clock milliseconds; a leaf.
+pub mod clock;
 /// Settings from flags, env and file.
 pub mod config;
 /// Raft types, sled storage, peer transport.
@@ -33,12 +60,22 @@ pub mod demo;
 pub mod failover;
 /// Registry, commands and validation; pure.
 pub mod model;
+/// The name rule and the validation error; a leaf.
+pub mod names;
+/// CA certificates from PEM files; a leaf.
+pub mod pem;
 /// haproxy.cfg rendering, validation and apply.
 pub mod render;
 /// `clbd --restore`: a backup as bounded log entries; pure.
 pub mod restore;
 /// Recent VIP, leader and render events of this node, for `/ui`.
 pub mod timeline;
+
+// The surface the binaries and an embedding program need.
+pub use client::{Client, ClientError, ClientOptions};
+pub use config::{Config, Settings};
+pub use consensus::{NodeId, Role};
+pub use daemon::{DaemonError, Listeners};
 
 /// Where a system program is: on PATH, or in the sbin directories (a
 /// unit's or a user's PATH may lack them; Debian puts haproxy and nft there).

@@ -1,8 +1,7 @@
 //! `clbd`: the clb daemon.
 
 use clap::Parser;
-use clb::config::{Config, Settings};
-use clb::daemon::DaemonError;
+use clb::{Config, DaemonError, Settings};
 
 #[derive(Parser)]
 #[command(
@@ -40,7 +39,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = Config::from_settings(cli.settings.or(file))?;
     clb::init_tracing(Some(config.node_id));
     raise_fd_limit();
-    let listeners = clb::daemon::Listeners::bind(&config).await?;
+    let listeners = clb::Listeners::bind(&config).await?;
     clb::daemon::run(config, listeners, clb::shutdown_signal()).await?;
     Ok(())
 }

@@ -11,62 +11,15 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-/// Largest accepted name: one leading character plus 62 more.
-pub const MAX_NAME_LEN: usize = 63;
+// In a leaf so that `auth`, below this module, can validate names too.
+pub use crate::names::{validate_name, InvalidField, MAX_NAME_LEN};
+
+use crate::auth::{Need, Scope};
+
 /// haproxy's own weight range.
 pub const MAX_WEIGHT: u16 = 256;
 /// Weight a member gets when the request does not name one.
 pub const DEFAULT_WEIGHT: u16 = 100;
-
-/// A value that failed validation, with the field it came from.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid {field}: {reason}")]
-pub struct InvalidField {
-    pub field: &'static str,
-    pub reason: String,
-}
-
-impl InvalidField {
-    fn new(field: &'static str, reason: impl Into<String>) -> Self {
-        Self {
-            field,
-            reason: reason.into(),
-        }
-    }
-}
-
-/// Service and member names: `[A-Za-z0-9][A-Za-z0-9._-]{0,62}`.
-///
-/// They appear in haproxy.cfg as proxy and server names and in URL paths, so
-/// nothing outside this set may pass (no space, newline, `#`, quote or `/`).
-pub fn validate_name(field: &'static str, name: &str) -> Result<(), InvalidField> {
-    let bytes = name.as_bytes();
-    if bytes.is_empty() {
-        return Err(InvalidField::new(field, "must not be empty"));
-    }
-    if bytes.len() > MAX_NAME_LEN {
-        return Err(InvalidField::new(
-            field,
-            format!("longer than {MAX_NAME_LEN} characters"),
-        ));
-    }
-    if !bytes[0].is_ascii_alphanumeric() {
-        return Err(InvalidField::new(
-            field,
-            "must start with a letter or digit",
-        ));
-    }
-    if let Some(bad) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-    {
-        return Err(InvalidField::new(
-            field,
-            format!("character {bad:?} not allowed; use A-Z a-z 0-9 . _ -"),
-        ));
-    }
-    Ok(())
-}
 
 /// An IP literal or a DNS hostname (RFC 1123 labels, at most 253 characters).
 pub fn validate_address(address: &str) -> Result<(), InvalidField> {
@@ -672,6 +625,29 @@ impl Command {
         }
         Ok(())
     }
+
+    /// Whether a caller with `scope` may have this command written: the
+    /// check the leader repeats for every command, whichever node took the
+    /// request. (Here, not in `auth`: auth sits below model.)
+    pub fn allowed_by(&self, scope: &Scope) -> bool {
+        match self {
+            Command::Register {
+                service, member, ..
+            }
+            | Command::Unregister { service, member }
+            | Command::SetMemberState {
+                service, member, ..
+            } => scope.allows(Need::Member { service, member }),
+            Command::DefineService { .. }
+            | Command::CreateToken { .. }
+            | Command::RevokeToken { .. }
+            | Command::Restore { .. }
+            | Command::RestoreChunk { .. }
+            | Command::RestoreCommit { .. } => scope.allows(Need::Admin),
+            // The leader builds batches; nobody may send one.
+            Command::Batch(_) => false,
+        }
+    }
 }
 
 /// A token record: its free-text fields are short and printable, and its
@@ -1056,6 +1032,22 @@ mod tests {
     use super::*;
 
     use super::register_for_test as reg;
+
+    #[test]
+    fn the_leader_checks_each_command_against_the_scope() {
+        let unreg = |svc: &str| Command::Unregister {
+            service: svc.into(),
+            member: "web-1".into(),
+        };
+        let web: Scope = "register:web:web-*".parse().unwrap();
+        assert!(unreg("web").allowed_by(&web));
+        assert!(!unreg("db").allowed_by(&web));
+        assert!(!Command::RevokeToken { id: "x".into() }.allowed_by(&web));
+        assert!(Command::RevokeToken { id: "x".into() }.allowed_by(&Scope::Admin));
+        assert!(!unreg("web").allowed_by(&Scope::Read));
+        // Batches are the leader's own; no caller may send one.
+        assert!(!Command::Batch(vec![]).allowed_by(&Scope::Admin));
+    }
 
     #[test]
     fn names_accept_the_documented_set_only() {

@@ -118,7 +118,7 @@ pub struct Timeline(Arc<Mutex<VecDeque<Event>>>);
 
 impl Timeline {
     pub fn push(&self, e: Event) {
-        self.push_at(e, crate::api::now_ms());
+        self.push_at(e, crate::clock::now_ms());
     }
 
     /// [`Timeline::push`] with the clock given (tests).
@@ -305,7 +305,7 @@ pub fn record(
                     let m = metrics.borrow_and_update();
                     (m.current_term, m.current_leader)
                 };
-                if let Some(e) = leader_event(&mut seen, term, leader, crate::api::now_ms()) {
+                if let Some(e) = leader_event(&mut seen, term, leader, crate::clock::now_ms()) {
                     timeline.push(e);
                 }
                 if metrics.changed().await.is_err() {
@@ -333,7 +333,7 @@ async fn follow<T: Clone + Send + Sync + 'static>(
     let mut prev = rx.borrow_and_update().clone();
     while rx.changed().await.is_ok() {
         let cur = rx.borrow_and_update().clone();
-        for e in diff(&prev, &cur, crate::api::now_ms()) {
+        for e in diff(&prev, &cur, crate::clock::now_ms()) {
             timeline.push(e);
         }
         prev = cur;

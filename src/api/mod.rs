@@ -12,7 +12,6 @@ pub mod serve;
 mod ui;
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
@@ -28,8 +27,8 @@ pub use error::ApiError;
 pub use metrics::Metrics;
 
 use crate::auth::{self, Need, Scope, Token};
-use crate::config::Role;
-use crate::consensus::{Consensus, NodeId, Written};
+use crate::clock::now_ms;
+use crate::consensus::{Consensus, NodeId, Role, Written};
 use crate::failover::Failover;
 use crate::model::{
     self, Balance, Check, Command, MemberSpec, MemberState, Mode, Proposal, Registry,
@@ -123,14 +122,6 @@ async fn announced_size(req: axum::extract::Request, next: axum::middleware::Nex
 
 async fn not_found() -> ApiError {
     ApiError::NotFound("route".into())
-}
-
-/// Wall-clock milliseconds, as stamped into proposals.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Turns a replicated outcome into the HTTP answer.

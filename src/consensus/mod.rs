@@ -58,6 +58,16 @@ pub enum Bootstrap {
     Join,
 }
 
+/// What a node is for: a balancer renders haproxy and may hold the VIP; a
+/// witness only votes and stores, and leads only when no balancer can.
+/// (Here, below api and config, which both use it.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Balancer,
+    Witness,
+}
+
 /// Timers and role for the Raft instance.
 #[derive(Debug, Clone)]
 pub struct RaftSettings {
@@ -165,6 +175,55 @@ pub enum LeaderError {
     NoQuorum(String),
     Rejected(String),
     Failed(String),
+}
+
+/// The part of the Raft node failover uses: who leads, the quorum lease,
+/// the VIP state the vote rules read, the election gate, and the peer
+/// client for hand-overs. Not the registry: failover never writes or reads it.
+#[derive(Clone)]
+pub struct Leadership {
+    pub raft: Raft,
+    pub id: NodeId,
+    /// This node's own peer client: the cluster's scheme, CA and secret.
+    pub peers: PeerClient,
+    /// When a leader was last heard, VIP holding, hand-over target.
+    pub liveness: Arc<elect::Liveness>,
+    acks: Arc<acks::Acks>,
+    allow_elect: Arc<watch::Sender<bool>>,
+}
+
+impl Leadership {
+    /// Lets the election timer campaign, or stops it (a witness, an
+    /// unhealthy balancer, a node handing leadership over).
+    pub fn allow_elect(&self, allowed: bool) {
+        self.allow_elect.send_if_modified(|a| {
+            let changed = *a != allowed;
+            *a = allowed;
+            changed
+        });
+    }
+
+    /// The instant from which a quorum is known to follow this node as
+    /// leader of the current term, if it leads.
+    pub fn quorum_ack(&self, now: Instant) -> Option<(u64, Instant)> {
+        quorum_ack(&self.raft, &self.acks, self.id, now)
+    }
+
+    /// Each follower's latest ack age in the current term (for a log line).
+    pub fn ack_ages(&self, now: Instant) -> String {
+        let term = self.raft.metrics().borrow().current_term;
+        self.acks.ages(term, now)
+    }
+}
+
+fn quorum_ack(raft: &Raft, acks: &acks::Acks, id: NodeId, now: Instant) -> Option<(u64, Instant)> {
+    let m = raft.metrics().borrow().clone();
+    if m.state != ServerState::Leader {
+        return None;
+    }
+    let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
+    acks.quorum_ack(m.current_term, &voters, id, now)
+        .map(|at| (m.current_term, at))
 }
 
 /// An acknowledged write: durable on a quorum and applied on the leader.
@@ -451,7 +510,7 @@ impl Consensus {
                             member: member.clone(),
                         },
                         by: "ttl".into(),
-                        at_ms: crate::api::now_ms(),
+                        at_ms: crate::clock::now_ms(),
                         force: false,
                     };
                     let req = LeaderRequest::Write {
@@ -492,33 +551,21 @@ impl Consensus {
         &self.liveness
     }
 
-    /// Lets the election timer campaign, or stops it (a witness, an
-    /// unhealthy balancer, a node handing leadership over).
-    pub fn allow_elect(&self, allowed: bool) {
-        self.allow_elect.send_if_modified(|a| {
-            let changed = *a != allowed;
-            *a = allowed;
-            changed
-        });
-    }
-
-    /// The instant from which a quorum is known to follow this node as
-    /// leader of the current term, if it leads.
-    pub fn quorum_ack(&self, now: Instant) -> Option<(u64, Instant)> {
-        let m = self.raft.metrics().borrow().clone();
-        if m.state != ServerState::Leader {
-            return None;
+    /// What failover needs of this node (see [`Leadership`]).
+    pub fn leadership(&self) -> Leadership {
+        Leadership {
+            raft: self.raft.clone(),
+            id: self.id,
+            peers: self.peers.clone(),
+            liveness: self.liveness.clone(),
+            acks: self.acks.clone(),
+            allow_elect: self.allow_elect.clone(),
         }
-        let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
-        self.acks
-            .quorum_ack(m.current_term, &voters, self.id, now)
-            .map(|at| (m.current_term, at))
     }
 
-    /// Each follower's latest ack age in the current term (for a log line).
-    pub fn ack_ages(&self, now: Instant) -> String {
-        let term = self.raft.metrics().borrow().current_term;
-        self.acks.ages(term, now)
+    /// See [`Leadership::quorum_ack`].
+    pub fn quorum_ack(&self, now: Instant) -> Option<(u64, Instant)> {
+        quorum_ack(&self.raft, &self.acks, self.id, now)
     }
 
     /// How long this node refuses votes after hearing from its leader.
@@ -745,7 +792,7 @@ impl Consensus {
                 if let Err(e) = proposal.cmd.validate() {
                     return Err(LeaderError::Rejected(format!("invalid command: {e}")));
                 }
-                if !scope.allows_command(&proposal.cmd) {
+                if !proposal.cmd.allowed_by(&scope) {
                     return Err(LeaderError::Rejected(format!(
                         "scope {scope} does not allow this command"
                     )));

@@ -23,6 +23,7 @@ use serde::Serialize;
 use super::acks::Acks;
 use super::incarnation::{Incarnations, FROM_HEADER};
 use super::{NodeId, TypeConfig};
+use crate::pem::{load_ca, CaError};
 
 /// Header naming the cluster a peer request belongs to.
 pub const CLUSTER_HEADER: &str = "x-clb-cluster";
@@ -84,18 +85,8 @@ pub struct PeerTls {
 /// Why the HTTPS peer client could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum PeerTlsError {
-    #[error("read CA file {path}: {source}")]
-    ReadCa {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("CA file {path}: {source}")]
-    ParseCa {
-        path: String,
-        source: reqwest::Error,
-    },
-    #[error("CA file {path}: no PEM certificate found")]
-    NoCa { path: String },
+    #[error(transparent)]
+    Ca(#[from] CaError),
     #[error("build the HTTPS client: {0}")]
     Build(reqwest::Error),
 }
@@ -142,24 +133,6 @@ fn https_client(
         }
     }
     b.build()
-}
-
-/// CA certificates from a PEM file, refusing a file with none.
-pub fn load_ca(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, PeerTlsError> {
-    let shown = || path.display().to_string();
-    let pem = std::fs::read(path).map_err(|source| PeerTlsError::ReadCa {
-        path: shown(),
-        source,
-    })?;
-    let certs =
-        reqwest::Certificate::from_pem_bundle(&pem).map_err(|source| PeerTlsError::ParseCa {
-            path: shown(),
-            source,
-        })?;
-    if certs.is_empty() {
-        return Err(PeerTlsError::NoCa { path: shown() });
-    }
-    Ok(certs)
 }
 
 impl PeerClient {

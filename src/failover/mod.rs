@@ -16,7 +16,7 @@ mod lease;
 mod netlink;
 
 use std::net::IpAddr;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use openraft::ServerState;
 use serde::Serialize;
@@ -26,9 +26,10 @@ use tokio::task::JoinHandle;
 pub use health::{health_input, Health, HealthCheck, HealthSender};
 pub use hooks::{Action, Hook, HookCall, HookError};
 
+use crate::clock::now_ms;
 use crate::consensus::network::PeerClient;
 use crate::consensus::rpc::CampaignRequest;
-use crate::consensus::{Consensus, NodeId, Raft};
+use crate::consensus::{Leadership, NodeId, Raft};
 
 /// First and largest pause between retries of a failed hook.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -150,10 +151,11 @@ enum Wish {
 
 impl Failover {
     /// Starts the watcher (and the hook runner when a VIP is configured).
-    /// `external` is the daemon's health input; `stop` flips to true on
-    /// shutdown, after which a held VIP is released.
+    /// `leadership` is all it takes of the Raft node; `external` is the
+    /// daemon's health input; `stop` flips to true on shutdown, after which
+    /// a held VIP is released.
     pub fn start(
-        consensus: &Consensus,
+        leadership: Leadership,
         cfg: FailoverConfig,
         external: watch::Receiver<Health>,
         stop: watch::Receiver<bool>,
@@ -167,12 +169,12 @@ impl Failover {
         };
         let (status_tx, status) = watch::channel(initial);
         let (campaign_tx, may_campaign) = watch::channel(!cfg.witness);
-        let term = consensus.raft.metrics().borrow().current_term;
+        let term = leadership.raft.metrics().borrow().current_term;
         let (wish_tx, wish_rx) = watch::channel(Wish::Release(term));
         let (done_tx, hooks_done) = watch::channel(false);
         let (cmd_tx, cmd_rx) = mpsc::channel(4);
 
-        let liveness = consensus.liveness().clone();
+        let liveness = leadership.liveness.clone();
         let lease_end = LeaseEnd::default();
         let runner = match (cfg.vip, cfg.hook.clone(), cfg.witness) {
             (Some(vip), Some(hook), false) => {
@@ -187,7 +189,7 @@ impl Failover {
                         .unwrap_or_default(),
                     hook,
                     vip,
-                    node: consensus.id,
+                    node: leadership.id,
                     timeout: cfg.hook_timeout,
                     status: status_tx.clone(),
                     liveness: liveness.clone(),
@@ -207,9 +209,9 @@ impl Failover {
             .clone()
             .map(|check| health::spawn_check(check, stop.clone()));
         let watcher = Watcher {
-            raft: consensus.raft.clone(),
-            id: consensus.id,
-            consensus: consensus.clone(),
+            raft: leadership.raft.clone(),
+            id: leadership.id,
+            leadership: leadership.clone(),
             tick: (cfg.lease / 4).max(Duration::from_millis(1)),
             cfg: cfg.clone(),
             wish: wish_tx,
@@ -222,7 +224,9 @@ impl Failover {
             reply: None,
             next_handover: Instant::now(),
             last_leader_seen: Instant::now(),
-            liveness_after: Duration::from_millis(3 * consensus.raft.config().election_timeout_max),
+            liveness_after: Duration::from_millis(
+                3 * leadership.raft.config().election_timeout_max,
+            ),
             fallback: false,
             lease_end,
             handing_over: Default::default(),
@@ -310,13 +314,6 @@ impl Failover {
     }
 }
 
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// Resolves when `stop` is true or its sender is gone.
 async fn stopping(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
@@ -348,7 +345,7 @@ type LeaseEnd = std::sync::Arc<std::sync::Mutex<Option<Instant>>>;
 /// Unix milliseconds of a monotonic instant.
 fn wall_ms(at: Instant) -> u64 {
     let now = Instant::now();
-    let wall = unix_ms();
+    let wall = now_ms();
     if at >= now {
         wall + at.duration_since(now).as_millis() as u64
     } else {
@@ -484,7 +481,7 @@ impl HookRunner {
             ok: result.is_ok(),
             error: result.as_ref().err().map(|e| e.to_string()),
             note: result.as_ref().ok().cloned().flatten(),
-            at_ms: unix_ms(),
+            at_ms: now_ms(),
             took_ms,
         };
         match &result {
@@ -533,7 +530,8 @@ enum Event {
 struct Watcher {
     raft: Raft,
     id: NodeId,
-    consensus: Consensus,
+    /// Leadership, the quorum lease, the election gate: all it needs of Raft.
+    leadership: Leadership,
     cfg: FailoverConfig,
     /// How often the watcher looks at the clock and the metrics.
     tick: Duration,
@@ -577,9 +575,9 @@ impl Watcher {
             let leading = (m.state == ServerState::Leader && m.current_leader == Some(self.id))
                 .then_some(m.current_term);
             if let Some(term) = leading {
-                self.consensus.liveness().leading(term, now);
+                self.leadership.liveness.leading(term, now);
             }
-            let lease = lease::until(self.consensus.quorum_ack(now), leading, self.cfg.lease);
+            let lease = lease::until(self.leadership.quorum_ack(now), leading, self.cfg.lease);
             // openraft keeps naming a dead leader until another is elected
             // (clb runs its own election timer), so what counts is hearing
             // from one, or leading.
@@ -588,7 +586,7 @@ impl Watcher {
             }
             self.last_leader_seen = self
                 .last_leader_seen
-                .max(self.consensus.liveness().last_heard());
+                .max(self.leadership.liveness.last_heard());
             let voters = m.membership_config.membership().voter_ids().count();
             // Alone, or leaderless for long: lead anyway, without the VIP.
             // A witness too, after twice as long: a balancer cut off while
@@ -687,7 +685,7 @@ impl Watcher {
         let may_lead = !self.cfg.witness && health.ok;
         let may_campaign = (may_lead || self.fallback) && !stepping_down;
         if self.elect_enabled != Some(may_campaign) {
-            self.consensus.allow_elect(may_campaign);
+            self.leadership.allow_elect(may_campaign);
             self.elect_enabled = Some(may_campaign);
             if !may_campaign && !self.cfg.witness {
                 tracing::warn!(reason = %health.reason, stepping_down, "not campaigning");
@@ -732,7 +730,7 @@ impl Watcher {
                 Wish::Release(_) if expired => {
                     tracing::warn!(
                         term,
-                        acks = %self.consensus.ack_ages(now),
+                        acks = %self.leadership.ack_ages(now),
                         "quorum lease expired: releasing the VIP"
                     )
                 }
@@ -810,7 +808,7 @@ impl Watcher {
         // Release at once, without waiting for the next tick.
         let term = self.raft.metrics().borrow().current_term;
         let now = Instant::now();
-        let lease = lease::until(self.consensus.quorum_ack(now), leading, self.cfg.lease);
+        let lease = lease::until(self.leadership.quorum_ack(now), leading, self.cfg.lease);
         self.decide(now, leading, term, lease);
     }
 
@@ -823,8 +821,8 @@ impl Watcher {
             wake: self.wake.clone(),
             raft: self.raft.clone(),
             id: self.id,
-            peers: self.consensus.peer_client().clone(),
-            liveness: self.consensus.liveness().clone(),
+            peers: self.leadership.peers.clone(),
+            liveness: self.leadership.liveness.clone(),
             status: self.status.subscribe(),
             wait_release: self.cfg.hook_timeout + Duration::from_secs(1),
             wait_leader: self.cfg.handover_wait,

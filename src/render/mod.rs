@@ -10,11 +10,12 @@ pub mod template;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::sync::watch;
 
+use crate::clock::now_ms;
 use crate::model::Registry;
 use haproxy::Plan;
 
@@ -84,13 +85,6 @@ pub struct RenderStatus {
     pub last_apply_ms: f64,
     /// False when rendered files are written without validation (no haproxy).
     pub validating: bool,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 #[derive(Debug, thiserror::Error)]
