@@ -16,7 +16,8 @@ use crate::consensus::{rpc, Consensus, ConsensusError, StartError, Written};
 use crate::failover::{self, Failover};
 use crate::model::{Command, Proposal, Registry, Response};
 use crate::render::{
-    self, NodeContext, Peer, RenderInput, RenderSettings, RenderStatus, Template, TemplateError,
+    self, ApplyOutcome, NodeContext, Peer, RenderInput, RenderSettings, RenderStatus, Template,
+    TemplateError,
 };
 use crate::restore::Plan;
 
@@ -276,9 +277,9 @@ fn validate_cmd(config: &Config) -> Option<String> {
 /// (seen in the failover drills: campaigning 100 ms after start, haproxy
 /// answering a second later).
 fn render_health(s: &RenderStatus) -> failover::Health {
-    match s.last_apply.as_deref() {
+    match s.last_apply {
         None => failover::Health::unhealthy("haproxy has not taken a configuration yet"),
-        Some("failed") => failover::Health::unhealthy(
+        Some(ApplyOutcome::Failed) => failover::Health::unhealthy(
             s.last_error
                 .clone()
                 .unwrap_or_else(|| "haproxy apply failed".into()),
@@ -793,12 +794,16 @@ mod tests {
     fn a_balancer_is_unfit_until_haproxy_took_a_configuration() {
         let mut s = RenderStatus::default();
         assert!(!render_health(&s).ok, "before the first apply");
-        s.last_apply = Some("failed".into());
+        s.last_apply = Some(ApplyOutcome::Failed);
         s.last_error = Some("apply: connect: refused".into());
         assert_eq!(render_health(&s).reason, "apply: connect: refused");
-        for how in ["reload", "runtime", "written"] {
-            s.last_apply = Some(how.into());
-            assert!(render_health(&s).ok, "{how}");
+        for how in [
+            ApplyOutcome::Reload,
+            ApplyOutcome::Runtime,
+            ApplyOutcome::Written,
+        ] {
+            s.last_apply = Some(how);
+            assert!(render_health(&s).ok, "{how:?}");
         }
     }
 

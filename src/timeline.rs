@@ -15,7 +15,7 @@ use tokio::sync::watch;
 
 use crate::consensus::{NodeId, Raft};
 use crate::failover::{Action, VipStatus};
-use crate::render::RenderStatus;
+use crate::render::{ApplyOutcome, RenderStatus};
 
 /// Events older than this are dropped (6 hours).
 pub const KEEP_MS: u64 = 6 * 3_600 * 1_000;
@@ -58,7 +58,9 @@ pub struct Event {
     pub term: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leader: Option<NodeId>,
-    /// Renders: `runtime`, `reload`, `validate`, `apply` or `render`.
+    /// Renders: `runtime` or `reload` (an [`ApplyOutcome`] that went live),
+    /// or the stage that failed: `validate`, `apply` or `render`. Text, since
+    /// it mixes the two and crosses to peers as such.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub how: Option<String>,
     /// Renders: the registry index that went live.
@@ -99,8 +101,9 @@ impl Event {
     /// Whether `next` only repeats this entry: a runtime apply, or the same
     /// failure again, soon after.
     fn absorbs(&self, next: &Event) -> bool {
-        let repeatable =
-            !self.ok || (self.kind == Kind::Render && self.how.as_deref() == Some("runtime"));
+        let repeatable = !self.ok
+            || (self.kind == Kind::Render
+                && self.how.as_deref() == Some(ApplyOutcome::Runtime.as_str()));
         repeatable
             && self.kind == next.kind
             && self.ok == next.ok
@@ -269,12 +272,17 @@ pub fn render_events(prev: &RenderStatus, cur: &RenderStatus, now_ms: u64) -> Ve
         at,
     );
     went(
-        "runtime",
+        ApplyOutcome::Runtime.as_str(),
         true,
         cur.runtime_applies.saturating_sub(prev.runtime_applies),
         at,
     );
-    went("reload", true, cur.reloads.saturating_sub(prev.reloads), at);
+    went(
+        ApplyOutcome::Reload.as_str(),
+        true,
+        cur.reloads.saturating_sub(prev.reloads),
+        at,
+    );
     // A template error (or a registry still catching up) counts nowhere
     // but is the new last error.
     if !failed && cur.last_error.is_some() && cur.last_error != prev.last_error {

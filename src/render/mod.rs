@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::clock::now_ms;
@@ -63,6 +63,33 @@ pub struct RenderSettings {
     pub builtin_template: bool,
 }
 
+/// How the last apply ended. Serialized lowercase (`"runtime"`), the form
+/// `last_apply` has always had in `/v1/node`, `/v1/cluster` and peers' views.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApplyOutcome {
+    /// Member changes went live through haproxy's runtime API.
+    Runtime,
+    /// haproxy reloaded the file.
+    Reload,
+    /// Written only: no haproxy control is configured.
+    Written,
+    /// haproxy could not be reached or the reload failed.
+    Failed,
+}
+
+impl ApplyOutcome {
+    /// The serialized name, for text that carries it (the timeline's `how`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApplyOutcome::Runtime => "runtime",
+            ApplyOutcome::Reload => "reload",
+            ApplyOutcome::Written => "written",
+            ApplyOutcome::Failed => "failed",
+        }
+    }
+}
+
 /// This node's render and apply state, for `/v1/cluster` and `/metrics`.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct RenderStatus {
@@ -73,8 +100,7 @@ pub struct RenderStatus {
     /// The last render, validation or apply error; `None` once one succeeds.
     pub last_error: Option<String>,
     pub last_apply_at_ms: Option<u64>,
-    /// `runtime`, `reload`, `written` (no haproxy control configured) or `failed`.
-    pub last_apply: Option<String>,
+    pub last_apply: Option<ApplyOutcome>,
     pub renders: u64,
     pub validate_failures: u64,
     pub runtime_applies: u64,
@@ -307,7 +333,7 @@ async fn run(
         let can_reload = settings.reload_cmd.is_some() || settings.master_socket.is_some();
         let t2 = Instant::now();
         let outcome = match plan {
-            Plan::Nothing => Ok("runtime"),
+            Plan::Nothing => Ok(ApplyOutcome::Runtime),
             Plan::Runtime(ops) => {
                 let Some(rt) = &runtime else {
                     unreachable!("a runtime plan is only made with a runtime (above)")
@@ -317,7 +343,7 @@ async fn run(
                 // bound a reload drops them.
                 let crowded = applied.is_ok() && rt.retired().await >= haproxy::RETIRED_RELOAD_AT;
                 match applied {
-                    Ok(()) if !(can_reload && crowded) => Ok("runtime"),
+                    Ok(()) if !(can_reload && crowded) => Ok(ApplyOutcome::Runtime),
                     Err(e) if !can_reload => Err(e.to_string()),
                     other => {
                         match other {
@@ -334,7 +360,7 @@ async fn run(
                             Ok(()) => {
                                 reload(&settings, runtime.as_ref(), &mut last_reload, &mut shutdown)
                                     .await
-                                    .map(|_| "reload")
+                                    .map(|_| ApplyOutcome::Reload)
                             }
                             Err(e) => Err(e.to_string()),
                         }
@@ -344,9 +370,9 @@ async fn run(
             Plan::Reload if can_reload => {
                 reload(&settings, runtime.as_ref(), &mut last_reload, &mut shutdown)
                     .await
-                    .map(|_| "reload")
+                    .map(|_| ApplyOutcome::Reload)
             }
-            Plan::Reload => Ok("written"),
+            Plan::Reload => Ok(ApplyOutcome::Written),
         };
         let apply_ms = ms(t2.elapsed());
         match outcome {
@@ -356,17 +382,17 @@ async fn run(
                 }
                 failing = false;
                 retry = FIRST_RETRY;
-                live = (how != "written").then(|| current.registry.clone());
+                live = (how != ApplyOutcome::Written).then(|| current.registry.clone());
                 status.send_modify(|s| {
                     s.applied_index = current.index;
                     s.last_error = None;
-                    s.last_apply = Some(how.into());
+                    s.last_apply = Some(how);
                     s.last_apply_at_ms = Some(now_ms());
                     s.last_apply_ms = apply_ms;
                     match how {
-                        "reload" => s.reloads += 1,
-                        "runtime" => s.runtime_applies += 1,
-                        _ => {}
+                        ApplyOutcome::Reload => s.reloads += 1,
+                        ApplyOutcome::Runtime => s.runtime_applies += 1,
+                        ApplyOutcome::Written | ApplyOutcome::Failed => {}
                     }
                 });
             }
@@ -379,7 +405,7 @@ async fn run(
                 live = None;
                 status.send_modify(|s| {
                     s.last_error = Some(format!("apply: {e}"));
-                    s.last_apply = Some("failed".into());
+                    s.last_apply = Some(ApplyOutcome::Failed);
                     s.last_apply_at_ms = Some(now_ms());
                     s.apply_failures += 1;
                 });
@@ -522,4 +548,34 @@ async fn validate(cmd: &str, file: &Path) -> Result<(), RenderError> {
     }
     let msg: String = msg.lines().take(6).collect::<Vec<_>>().join(" | ");
     Err(RenderError::Invalid(format!("{}: {msg}", out.status)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `last_apply` keeps the JSON it had as a string, and `as_str` agrees with it.
+    #[test]
+    fn apply_outcomes_serialize_as_before() {
+        use ApplyOutcome::*;
+        for (how, text) in [
+            (Runtime, "runtime"),
+            (Reload, "reload"),
+            (Written, "written"),
+            (Failed, "failed"),
+        ] {
+            assert_eq!(serde_json::to_value(how).unwrap(), text);
+            assert_eq!(how.as_str(), text);
+            let back: ApplyOutcome = serde_json::from_value(text.into()).unwrap();
+            assert_eq!(back, how);
+        }
+        let s = RenderStatus {
+            last_apply: Some(Runtime),
+            ..Default::default()
+        };
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["last_apply"], "runtime");
+        let none = serde_json::to_value(RenderStatus::default()).unwrap();
+        assert!(none["last_apply"].is_null());
+    }
 }
