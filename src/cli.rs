@@ -1,7 +1,7 @@
 //! The `clb` command line: clap definitions, calls through [`Client`], and
 //! output as readable tables or `--json`. Exit codes are stable for scripts.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
@@ -281,14 +281,12 @@ pub async fn run(cli: Cli) -> Result<String, Failure> {
         ca: cli.ca.clone(),
         insecure: cli.insecure,
     };
+    // Built before dispatching: a bad --server, --ca or token file fails
+    // every command alike, even those that send nothing (gen-secret, demo).
     let client = Client::with_options(&cli.server, token, options)?;
-    let json_out = cli.json;
-    let done = |index: u64, what: String| {
-        if json_out {
-            json!({"index": index}).to_string()
-        } else {
-            format!("{what} (index {index})")
-        }
+    let ctx = Ctx {
+        client,
+        json: cli.json,
     };
     match cli.command {
         Command::Register {
@@ -298,34 +296,24 @@ pub async fn run(cli: Cli) -> Result<String, Failure> {
             port,
             weight,
             ttl,
-        } => {
-            validate_member(&service, &member)?;
-            let i = client
-                .register(&service, &member, &address, port, weight, ttl)
-                .await?;
-            Ok(done(i, format!("registered {member} in {service}")))
-        }
+        } => register(&ctx, &service, &member, &address, port, weight, ttl).await,
         Command::Unregister {
             service,
             member,
             force,
-        } => {
-            validate_member(&service, &member)?;
-            let i = client.unregister_forced(&service, &member, force).await?;
-            Ok(done(i, format!("unregistered {member} from {service}")))
-        }
+        } => unregister(&ctx, &service, &member, force).await,
         Command::Drain {
             service,
             member,
             force,
-        } => set_state(&client, &service, &member, "drain", force, done).await,
+        } => set_state(&ctx, &service, &member, "drain", force).await,
         Command::Maint {
             service,
             member,
             force,
-        } => set_state(&client, &service, &member, "maint", force, done).await,
+        } => set_state(&ctx, &service, &member, "maint", force).await,
         Command::Ready { service, member } => {
-            set_state(&client, &service, &member, "active", false, done).await
+            set_state(&ctx, &service, &member, "active", false).await
         }
         Command::Agent {
             service,
@@ -336,14 +324,6 @@ pub async fn run(cli: Cli) -> Result<String, Failure> {
             ttl,
             drain_timeout,
         } => {
-            validate_member(&service, &member)?;
-            model::validate_address(&address)?;
-            if ttl == 0 {
-                return Err(Failure {
-                    code: exit::USAGE,
-                    message: "--ttl must be at least 1".into(),
-                });
-            }
             let cfg = crate::agent::AgentConfig {
                 service,
                 member,
@@ -353,53 +333,13 @@ pub async fn run(cli: Cli) -> Result<String, Failure> {
                 ttl_s: ttl,
                 drain_timeout: std::time::Duration::from_secs(drain_timeout),
             };
-            match crate::agent::run(&client, &cfg, crate::shutdown_signal()).await {
-                crate::agent::AgentExit::Unregistered => {
-                    Ok("agent stopped: drained and unregistered".into())
-                }
-                crate::agent::AgentExit::LeftToTtl(why) => Err(Failure {
-                    code: exit::FAILED,
-                    message: format!(
-                        "agent stopped without unregistering ({why}); the TTL removes the member"
-                    ),
-                }),
-            }
+            agent(&ctx.client, &cfg).await
         }
-        Command::Snapshot(SnapshotCmd::Save { file }) => {
-            let v = client
-                .request(reqwest::Method::GET, "/v1/snapshot", None)
-                .await?;
-            let text = serde_json::to_string_pretty(&v).map_err(|e| Failure {
-                code: exit::FAILED,
-                message: e.to_string(),
-            })?;
-            std::fs::write(&file, text).map_err(|e| Failure {
-                code: exit::FAILED,
-                message: format!("write {}: {e}", file.display()),
-            })?;
-            Ok(format!(
-                "saved the registry at index {} to {}",
-                v["index"],
-                file.display()
-            ))
-        }
+        Command::Snapshot(SnapshotCmd::Save { file }) => snapshot_save(&ctx.client, &file).await,
         Command::Members {
             service,
             consistent,
-        } => {
-            if let Some(s) = &service {
-                model::validate_name("service", s)?;
-            }
-            let v = client.services(service.as_deref(), consistent).await?;
-            if json_out {
-                return Ok(v.to_string());
-            }
-            let services = match &service {
-                Some(s) => json!({ s.as_str(): v["definition"].clone() }),
-                None => v["services"].clone(),
-            };
-            Ok(members_table(&services, v["index"].as_u64().unwrap_or(0)))
-        }
+        } => members(&ctx, service.as_deref(), consistent).await,
         Command::Service(ServiceCmd::Set {
             service,
             port,
@@ -407,113 +347,270 @@ pub async fn run(cli: Cli) -> Result<String, Failure> {
             mode,
             balance,
             check,
-        }) => {
-            model::validate_name("service", &service)?;
-            let mut def = json!({"port": port});
-            if let Some(p) = member_port {
-                def["member_port"] = json!(p);
-            }
-            if let Some(m) = mode {
-                def["mode"] = json!(m);
-            }
-            if let Some(b) = balance {
-                def["balance"] = json!(b);
-            }
-            if let Some(c) = check {
-                def["check"] = parse_check(&c)?;
-            }
-            let i = client.define_service(&service, def).await?;
-            Ok(done(i, format!("service {service} defined")))
-        }
-        Command::Status => {
-            let v = client.cluster().await?;
-            if json_out {
-                return Ok(v.to_string());
-            }
-            Ok(status_table(&v))
-        }
-        Command::Render => Ok(client.render().await?.trim_end().to_string()),
-        Command::Token(cmd) => token_cmd(&client, cmd, json_out).await,
+        }) => service_set(&ctx, &service, port, member_port, mode, balance, check).await,
+        Command::Status => status(&ctx).await,
+        Command::Render => render(&ctx.client).await,
+        Command::Token(cmd) => token_cmd(&ctx, cmd).await,
         Command::Audit {
             service,
             since,
             limit,
-        } => {
-            let mut path = format!("/v1/audit?limit={limit}");
-            if let Some(s) = &service {
-                model::validate_name("service", s)?;
-                path.push_str(&format!("&service={s}"));
-            }
-            if let Some(since) = since {
-                let ms = match since.parse::<u64>() {
-                    Ok(ms) => ms,
-                    Err(_) => {
-                        let ago = crate::auth::parse_ttl(&since)?;
-                        crate::clock::now_ms().saturating_sub(ago * 1_000)
-                    }
-                };
-                path.push_str(&format!("&since={ms}"));
-            }
-            let v = client.request(reqwest::Method::GET, &path, None).await?;
-            if json_out {
-                return Ok(v.to_string());
-            }
-            let rows: Vec<Vec<String>> = v["entries"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .map(|e| {
-                            vec![
-                                e["index"].to_string(),
-                                e["at_ms"].to_string(),
-                                e["by"].as_str().unwrap_or("").to_string(),
-                                e["action"].as_str().unwrap_or("").to_string(),
-                                e["service"].as_str().unwrap_or("-").to_string(),
-                                e["member"].as_str().unwrap_or("-").to_string(),
-                                e["detail"].as_str().unwrap_or("").to_string(),
-                            ]
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            Ok(table(
-                &[
-                    "INDEX", "AT_MS", "BY", "ACTION", "SERVICE", "MEMBER", "DETAIL",
-                ],
-                &rows,
-            ))
-        }
+        } => audit(&ctx, service.as_deref(), since.as_deref(), limit).await,
         Command::Cluster(ClusterCmd::Add { id, addr, learner }) => {
-            let i = client.add_node(id, &addr, learner).await?;
-            let role = if learner { "learner" } else { "voter" };
-            Ok(done(i, format!("node {id} added as {role}")))
+            cluster_add(&ctx, id, &addr, learner).await
         }
-        Command::Failover => {
-            let v = client
-                .request(reqwest::Method::POST, "/v1/cluster/failover", None)
-                .await?;
-            if json_out {
-                return Ok(v.to_string());
-            }
-            Ok(failover_text(&v))
-        }
+        Command::Failover => failover(&ctx).await,
         Command::GenSecret => Ok(crate::auth::new_cluster_secret()),
-        Command::Demo { no_haproxy, keep } => {
-            let opts = crate::demo::DemoOptions { no_haproxy, keep };
-            crate::demo::run(opts).await.map_err(|e| Failure {
-                code: exit::FAILED,
-                message: format!("demo: {e}"),
-            })
+        Command::Demo { no_haproxy, keep } => demo(no_haproxy, keep).await,
+        Command::Cluster(ClusterCmd::Remove { id }) => cluster_remove(&ctx, id).await,
+    }
+}
+
+/// What the commands share: the client, and whether to print JSON.
+struct Ctx {
+    client: Client,
+    json: bool,
+}
+
+impl Ctx {
+    /// What a write prints: its index, as JSON or after `what`.
+    fn done(&self, index: u64, what: String) -> String {
+        if self.json {
+            json!({"index": index}).to_string()
+        } else {
+            format!("{what} (index {index})")
         }
-        Command::Cluster(ClusterCmd::Remove { id }) => {
-            let i = client.remove_node(id).await?;
-            Ok(done(i, format!("node {id} removed")))
+    }
+
+    /// `v` itself under `--json`, else `text(&v)`.
+    fn show(&self, v: Value, text: impl FnOnce(&Value) -> String) -> String {
+        if self.json {
+            v.to_string()
+        } else {
+            text(&v)
         }
     }
 }
 
-async fn token_cmd(client: &Client, cmd: TokenCmd, json_out: bool) -> Result<String, Failure> {
+async fn register(
+    ctx: &Ctx,
+    service: &str,
+    member: &str,
+    address: &str,
+    port: Option<u16>,
+    weight: Option<u16>,
+    ttl: Option<u32>,
+) -> Result<String, Failure> {
+    validate_member(service, member)?;
+    let i = ctx
+        .client
+        .register(service, member, address, port, weight, ttl)
+        .await?;
+    Ok(ctx.done(i, format!("registered {member} in {service}")))
+}
+
+async fn unregister(
+    ctx: &Ctx,
+    service: &str,
+    member: &str,
+    force: bool,
+) -> Result<String, Failure> {
+    validate_member(service, member)?;
+    let i = ctx.client.unregister_forced(service, member, force).await?;
+    Ok(ctx.done(i, format!("unregistered {member} from {service}")))
+}
+
+async fn set_state(
+    ctx: &Ctx,
+    service: &str,
+    member: &str,
+    state: &str,
+    force: bool,
+) -> Result<String, Failure> {
+    validate_member(service, member)?;
+    let i = ctx
+        .client
+        .set_state_forced(service, member, state, force)
+        .await?;
+    Ok(ctx.done(i, format!("{member} of {service} is now {state}")))
+}
+
+async fn agent(client: &Client, cfg: &crate::agent::AgentConfig) -> Result<String, Failure> {
+    validate_member(&cfg.service, &cfg.member)?;
+    model::validate_address(&cfg.address)?;
+    if cfg.ttl_s == 0 {
+        return Err(Failure {
+            code: exit::USAGE,
+            message: "--ttl must be at least 1".into(),
+        });
+    }
+    match crate::agent::run(client, cfg, crate::shutdown_signal()).await {
+        crate::agent::AgentExit::Unregistered => {
+            Ok("agent stopped: drained and unregistered".into())
+        }
+        crate::agent::AgentExit::LeftToTtl(why) => Err(Failure {
+            code: exit::FAILED,
+            message: format!(
+                "agent stopped without unregistering ({why}); the TTL removes the member"
+            ),
+        }),
+    }
+}
+
+async fn snapshot_save(client: &Client, file: &Path) -> Result<String, Failure> {
+    let v = client
+        .request(reqwest::Method::GET, "/v1/snapshot", None)
+        .await?;
+    let text = serde_json::to_string_pretty(&v).map_err(|e| Failure {
+        code: exit::FAILED,
+        message: e.to_string(),
+    })?;
+    std::fs::write(file, text).map_err(|e| Failure {
+        code: exit::FAILED,
+        message: format!("write {}: {e}", file.display()),
+    })?;
+    Ok(format!(
+        "saved the registry at index {} to {}",
+        v["index"],
+        file.display()
+    ))
+}
+
+async fn members(ctx: &Ctx, service: Option<&str>, consistent: bool) -> Result<String, Failure> {
+    if let Some(s) = service {
+        model::validate_name("service", s)?;
+    }
+    let v = ctx.client.services(service, consistent).await?;
+    Ok(ctx.show(v, |v| {
+        let services = match service {
+            Some(s) => json!({ s: v["definition"].clone() }),
+            None => v["services"].clone(),
+        };
+        members_table(&services, v["index"].as_u64().unwrap_or(0))
+    }))
+}
+
+async fn service_set(
+    ctx: &Ctx,
+    service: &str,
+    port: u16,
+    member_port: Option<u16>,
+    mode: Option<String>,
+    balance: Option<String>,
+    check: Option<String>,
+) -> Result<String, Failure> {
+    model::validate_name("service", service)?;
+    let mut def = json!({"port": port});
+    if let Some(p) = member_port {
+        def["member_port"] = json!(p);
+    }
+    if let Some(m) = mode {
+        def["mode"] = json!(m);
+    }
+    if let Some(b) = balance {
+        def["balance"] = json!(b);
+    }
+    if let Some(c) = check {
+        def["check"] = parse_check(&c)?;
+    }
+    let i = ctx.client.define_service(service, def).await?;
+    Ok(ctx.done(i, format!("service {service} defined")))
+}
+
+async fn status(ctx: &Ctx) -> Result<String, Failure> {
+    let v = ctx.client.cluster().await?;
+    Ok(ctx.show(v, status_table))
+}
+
+async fn render(client: &Client) -> Result<String, Failure> {
+    Ok(client.render().await?.trim_end().to_string())
+}
+
+async fn audit(
+    ctx: &Ctx,
+    service: Option<&str>,
+    since: Option<&str>,
+    limit: usize,
+) -> Result<String, Failure> {
+    let mut path = format!("/v1/audit?limit={limit}");
+    if let Some(s) = service {
+        model::validate_name("service", s)?;
+        path.push_str(&format!("&service={s}"));
+    }
+    if let Some(since) = since {
+        let ms = match since.parse::<u64>() {
+            Ok(ms) => ms,
+            Err(_) => {
+                let ago = crate::auth::parse_ttl(since)?;
+                crate::clock::now_ms().saturating_sub(ago * 1_000)
+            }
+        };
+        path.push_str(&format!("&since={ms}"));
+    }
+    let v = ctx
+        .client
+        .request(reqwest::Method::GET, &path, None)
+        .await?;
+    Ok(ctx.show(v, audit_table))
+}
+
+fn audit_table(v: &Value) -> String {
+    let rows: Vec<Vec<String>> = v["entries"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|e| {
+                    vec![
+                        e["index"].to_string(),
+                        e["at_ms"].to_string(),
+                        e["by"].as_str().unwrap_or("").to_string(),
+                        e["action"].as_str().unwrap_or("").to_string(),
+                        e["service"].as_str().unwrap_or("-").to_string(),
+                        e["member"].as_str().unwrap_or("-").to_string(),
+                        e["detail"].as_str().unwrap_or("").to_string(),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    table(
+        &[
+            "INDEX", "AT_MS", "BY", "ACTION", "SERVICE", "MEMBER", "DETAIL",
+        ],
+        &rows,
+    )
+}
+
+async fn cluster_add(ctx: &Ctx, id: u64, addr: &str, learner: bool) -> Result<String, Failure> {
+    let i = ctx.client.add_node(id, addr, learner).await?;
+    let role = if learner { "learner" } else { "voter" };
+    Ok(ctx.done(i, format!("node {id} added as {role}")))
+}
+
+async fn cluster_remove(ctx: &Ctx, id: u64) -> Result<String, Failure> {
+    let i = ctx.client.remove_node(id).await?;
+    Ok(ctx.done(i, format!("node {id} removed")))
+}
+
+async fn failover(ctx: &Ctx) -> Result<String, Failure> {
+    let v = ctx
+        .client
+        .request(reqwest::Method::POST, "/v1/cluster/failover", None)
+        .await?;
+    Ok(ctx.show(v, failover_text))
+}
+
+async fn demo(no_haproxy: bool, keep: bool) -> Result<String, Failure> {
+    let opts = crate::demo::DemoOptions { no_haproxy, keep };
+    crate::demo::run(opts).await.map_err(|e| Failure {
+        code: exit::FAILED,
+        message: format!("demo: {e}"),
+    })
+}
+
+async fn token_cmd(ctx: &Ctx, cmd: TokenCmd) -> Result<String, Failure> {
     use reqwest::Method;
+    let (client, json_out) = (&ctx.client, ctx.json);
     match cmd {
         TokenCmd::Create { scope, ttl, name } => {
             let mut body = json!({"scope": scope});
@@ -569,21 +666,6 @@ async fn token_cmd(client: &Client, cmd: TokenCmd, json_out: bool) -> Result<Str
             Ok(format!("token {id} revoked (index {})", v["index"]))
         }
     }
-}
-
-async fn set_state(
-    client: &Client,
-    service: &str,
-    member: &str,
-    state: &str,
-    force: bool,
-    done: impl Fn(u64, String) -> String,
-) -> Result<String, Failure> {
-    validate_member(service, member)?;
-    let i = client
-        .set_state_forced(service, member, state, force)
-        .await?;
-    Ok(done(i, format!("{member} of {service} is now {state}")))
 }
 
 /// Checks names locally, so a bad one fails with exit code 6 before any request.
