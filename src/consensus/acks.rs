@@ -32,8 +32,8 @@ pub struct Acks {
 struct Inner {
     /// Per follower: the leader term and send instant of its latest ack.
     acked: HashMap<NodeId, (u64, Instant)>,
-    /// Per peer: answering or not, as last seen.
-    up: HashMap<NodeId, bool>,
+    /// Per peer: answering or not, and when its latest answer arrived.
+    up: HashMap<NodeId, (bool, Option<Instant>)>,
     /// Per follower: the vote-refusal window (its election_timeout_max) it
     /// last reported with a lease ping.
     windows: HashMap<NodeId, Duration>,
@@ -124,18 +124,36 @@ impl Acks {
         v.join(", ")
     }
 
-    /// Records whether `peer` answered; returns the previous state when it
-    /// changed (`None` on the first report), so the caller logs transitions
-    /// only: one line when a peer goes, one when it is back.
-    pub fn answered(&self, peer: NodeId, up: bool) -> Option<Option<bool>> {
+    /// Records whether a call to `peer` sent at `sent` was answered (at
+    /// `now`); returns the previous state when it changed (`None` on the
+    /// first report), so the caller logs transitions only: one line when a
+    /// peer goes, one when it is back. A failed call counts only if nothing
+    /// at all was answered while it waited: a call queued during a pause that
+    /// times out just after the peer resumed, or one slow answer among quick
+    /// ones, is not a peer that stopped answering.
+    pub fn answered(
+        &self,
+        peer: NodeId,
+        up: bool,
+        sent: Instant,
+        now: Instant,
+    ) -> Option<Option<bool>> {
         let mut g = self.lock();
-        let before = g.up.insert(peer, up);
+        let before = g.up.get(&peer).copied();
+        let last_answer = before.and_then(|(_, t)| t);
+        if !up && last_answer.is_some_and(|t| t >= sent) {
+            return None;
+        }
+        let last_answer = if up { Some(now) } else { last_answer };
+        g.up.insert(peer, (up, last_answer));
+        let before = before.map(|(u, _)| u);
         (before != Some(up)).then_some(before)
     }
 
     /// Every peer's last known state, for `clb_peer_up`.
     pub fn peers_up(&self) -> Vec<(NodeId, bool)> {
-        let mut v: Vec<(NodeId, bool)> = self.lock().up.iter().map(|(k, u)| (*k, *u)).collect();
+        let mut v: Vec<(NodeId, bool)> =
+            self.lock().up.iter().map(|(k, (u, _))| (*k, *u)).collect();
         v.sort_unstable();
         v
     }
@@ -208,11 +226,34 @@ mod tests {
     #[test]
     fn peer_state_changes_are_reported_once() {
         let a = Acks::default();
-        assert_eq!(a.answered(2, true), Some(None));
-        assert_eq!(a.answered(2, true), None);
-        assert_eq!(a.answered(2, false), Some(Some(true)));
-        assert_eq!(a.answered(2, false), None);
-        assert_eq!(a.answered(2, true), Some(Some(false)));
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        // (sent, answered or timed out at): calls take 5 ms, timeouts 300.
+        assert_eq!(a.answered(2, true, at(0), at(5)), Some(None));
+        assert_eq!(a.answered(2, true, at(10), at(15)), None);
+        assert_eq!(a.answered(2, false, at(20), at(320)), Some(Some(true)));
+        assert_eq!(a.answered(2, false, at(330), at(630)), None);
+        assert_eq!(a.answered(2, true, at(640), at(645)), Some(Some(false)));
         assert_eq!(a.peers_up(), vec![(2, true)]);
+    }
+
+    #[test]
+    fn a_timeout_while_the_peer_answered_other_calls_changes_nothing() {
+        let a = Acks::default();
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        a.answered(3, true, at(0), at(5));
+        // Paused from 50 to 700: the call sent at 100 times out; the one
+        // sent at 500 is answered when the peer resumes at 700; the call
+        // sent at 450, queued during the pause, times out at 750.
+        assert_eq!(a.answered(3, false, at(100), at(400)), Some(Some(true)));
+        assert_eq!(a.answered(3, true, at(500), at(700)), Some(Some(false)));
+        assert_eq!(a.answered(3, false, at(450), at(750)), None);
+        // One slow call among quick ones: still answering.
+        assert_eq!(a.answered(3, true, at(800), at(805)), None);
+        assert_eq!(a.answered(3, false, at(760), at(1060)), None);
+        assert_eq!(a.peers_up(), vec![(3, true)]);
+        // A call that waited its whole timeout with no answer at all is news.
+        assert_eq!(a.answered(3, false, at(900), at(1200)), Some(Some(true)));
     }
 }

@@ -498,14 +498,14 @@ impl Peer {
                     .await;
             match &answer {
                 Ok(Ok(resp)) => {
-                    peer_answered(&acks, target, None);
+                    peer_answered(&acks, target, sent, None);
                     // Success or a log conflict: the follower took our vote.
                     if !matches!(resp, AppendEntriesResponse::HigherVote(_)) {
                         acks.acked(target, term, sent);
                     }
                 }
-                Ok(Err(_)) => peer_answered(&acks, target, None),
-                Err(e) => peer_answered(&acks, target, Some(e)),
+                Ok(Err(_)) => peer_answered(&acks, target, sent, None),
+                Err(e) => peer_answered(&acks, target, sent, Some(e)),
             }
             if tx.send(answer).is_err() {
                 acks.count_late();
@@ -524,8 +524,11 @@ impl Peer {
 
 /// Logs a peer going away or coming back, once per change (openraft's own
 /// per-request replication errors are filtered out of the default log).
-fn peer_answered(acks: &Acks, peer: NodeId, failed: Option<&CallError>) {
-    match (acks.answered(peer, failed.is_none()), failed) {
+fn peer_answered(acks: &Acks, peer: NodeId, sent: Instant, failed: Option<&CallError>) {
+    match (
+        acks.answered(peer, failed.is_none(), sent, Instant::now()),
+        failed,
+    ) {
         (Some(Some(true) | None), Some(e)) => {
             tracing::warn!(peer, cause = %e, "peer stopped answering")
         }

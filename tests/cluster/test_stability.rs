@@ -163,6 +163,7 @@ async fn follower_pauses_depose_nobody(under_writes: bool) {
         .filter(|l| l.contains("peer answers again"))
         .count();
     let pauses = PAUSES_MS.len() * EACH;
+    eprintln!("peer log lines: {went} went, {back} back");
     assert!(
         went <= pauses + 5 && back <= pauses + 5,
         "{went} WARN, {back} INFO for {pauses} pauses"
