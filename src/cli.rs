@@ -4,10 +4,14 @@
 use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
-use serde_json::{json, Value};
+use serde::Serialize;
 
 use crate::client::{Client, ClientError, ClientOptions};
 use crate::model;
+use crate::views::{
+    Audit, AuditQuery, ClusterView, FailoverView, NodeStatus, ServiceBody, ServiceView, TokenBody,
+    Written,
+};
 
 /// Exit codes: 0 success; these otherwise (2 is clap's usage error).
 pub mod exit {
@@ -376,20 +380,26 @@ impl Ctx {
     /// What a write prints: its index, as JSON or after `what`.
     fn done(&self, index: u64, what: String) -> String {
         if self.json {
-            json!({"index": index}).to_string()
+            to_json(&Written { index })
         } else {
             format!("{what} (index {index})")
         }
     }
 
     /// `v` itself under `--json`, else `text(&v)`.
-    fn show(&self, v: Value, text: impl FnOnce(&Value) -> String) -> String {
+    fn show<T: Serialize>(&self, v: T, text: impl FnOnce(&T) -> String) -> String {
         if self.json {
-            v.to_string()
+            to_json(&v)
         } else {
             text(&v)
         }
     }
+}
+
+/// An answer as the API sent it (`--json`); it came from JSON, so it goes
+/// back to JSON.
+fn to_json(v: &impl Serialize) -> String {
+    serde_json::to_string(v).unwrap_or_default()
 }
 
 async fn register(
@@ -458,9 +468,7 @@ async fn agent(client: &Client, cfg: &crate::agent::AgentConfig) -> Result<Strin
 }
 
 async fn snapshot_save(client: &Client, file: &Path) -> Result<String, Failure> {
-    let v = client
-        .request(reqwest::Method::GET, "/v1/snapshot", None)
-        .await?;
+    let v = client.snapshot().await?;
     let text = serde_json::to_string_pretty(&v).map_err(|e| Failure {
         code: exit::FAILED,
         message: e.to_string(),
@@ -471,7 +479,7 @@ async fn snapshot_save(client: &Client, file: &Path) -> Result<String, Failure> 
     })?;
     Ok(format!(
         "saved the registry at index {} to {}",
-        v["index"],
+        v.index,
         file.display()
     ))
 }
@@ -480,13 +488,15 @@ async fn members(ctx: &Ctx, service: Option<&str>, consistent: bool) -> Result<S
     if let Some(s) = service {
         model::validate_name("service", s)?;
     }
-    let v = ctx.client.services(service, consistent).await?;
+    if let Some(s) = service {
+        let v = ctx.client.service(s, consistent).await?;
+        return Ok(ctx.show(v, |v| {
+            members_table([(v.service.as_str(), &v.definition)], v.index)
+        }));
+    }
+    let v = ctx.client.services(consistent).await?;
     Ok(ctx.show(v, |v| {
-        let services = match service {
-            Some(s) => json!({ s: v["definition"].clone() }),
-            None => v["services"].clone(),
-        };
-        members_table(&services, v["index"].as_u64().unwrap_or(0))
+        members_table(v.services.iter().map(|(n, s)| (n.as_str(), s)), v.index)
     }))
 }
 
@@ -500,20 +510,15 @@ async fn service_set(
     check: Option<String>,
 ) -> Result<String, Failure> {
     model::validate_name("service", service)?;
-    let mut def = json!({"port": port});
-    if let Some(p) = member_port {
-        def["member_port"] = json!(p);
-    }
-    if let Some(m) = mode {
-        def["mode"] = json!(m);
-    }
-    if let Some(b) = balance {
-        def["balance"] = json!(b);
-    }
-    if let Some(c) = check {
-        def["check"] = parse_check(&c)?;
-    }
-    let i = ctx.client.define_service(service, def).await?;
+    let def = ServiceBody {
+        port: port.into(),
+        member_port: member_port.map(u32::from),
+        mode: mode.map(|m| parse_word("--mode", &m)).transpose()?,
+        balance: balance.map(|b| parse_word("--balance", &b)).transpose()?,
+        check: check.map(|c| parse_check(&c)).transpose()?,
+        server: None,
+    };
+    let i = ctx.client.define_service(service, &def).await?;
     Ok(ctx.done(i, format!("service {service} defined")))
 }
 
@@ -532,47 +537,43 @@ async fn audit(
     since: Option<&str>,
     limit: usize,
 ) -> Result<String, Failure> {
-    let mut path = format!("/v1/audit?limit={limit}");
+    let mut q = AuditQuery {
+        limit: Some(limit),
+        ..Default::default()
+    };
     if let Some(s) = service {
         model::validate_name("service", s)?;
-        path.push_str(&format!("&service={s}"));
+        q.service = Some(s.to_string());
     }
     if let Some(since) = since {
-        let ms = match since.parse::<u64>() {
+        q.since = Some(match since.parse::<u64>() {
             Ok(ms) => ms,
             Err(_) => {
                 let ago = crate::auth::parse_ttl(since)?;
                 crate::clock::now_ms().saturating_sub(ago * 1_000)
             }
-        };
-        path.push_str(&format!("&since={ms}"));
+        });
     }
-    let v = ctx
-        .client
-        .request(reqwest::Method::GET, &path, None)
-        .await?;
+    let v = ctx.client.audit(&q).await?;
     Ok(ctx.show(v, audit_table))
 }
 
-fn audit_table(v: &Value) -> String {
-    let rows: Vec<Vec<String>> = v["entries"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|e| {
-                    vec![
-                        e["index"].to_string(),
-                        e["at_ms"].to_string(),
-                        e["by"].as_str().unwrap_or("").to_string(),
-                        e["action"].as_str().unwrap_or("").to_string(),
-                        e["service"].as_str().unwrap_or("-").to_string(),
-                        e["member"].as_str().unwrap_or("-").to_string(),
-                        e["detail"].as_str().unwrap_or("").to_string(),
-                    ]
-                })
-                .collect()
+fn audit_table(v: &Audit) -> String {
+    let rows: Vec<Vec<String>> = v
+        .entries
+        .iter()
+        .map(|e| {
+            vec![
+                e.index.to_string(),
+                e.at_ms.to_string(),
+                e.by.clone(),
+                e.action.clone(),
+                e.service.clone().unwrap_or_else(|| "-".into()),
+                e.member.clone().unwrap_or_else(|| "-".into()),
+                e.detail.clone(),
+            ]
         })
-        .unwrap_or_default();
+        .collect();
     table(
         &[
             "INDEX", "AT_MS", "BY", "ACTION", "SERVICE", "MEMBER", "DETAIL",
@@ -593,10 +594,7 @@ async fn cluster_remove(ctx: &Ctx, id: u64) -> Result<String, Failure> {
 }
 
 async fn failover(ctx: &Ctx) -> Result<String, Failure> {
-    let v = ctx
-        .client
-        .request(reqwest::Method::POST, "/v1/cluster/failover", None)
-        .await?;
+    let v = ctx.client.failover().await?;
     Ok(ctx.show(v, failover_text))
 }
 
@@ -609,61 +607,40 @@ async fn demo(no_haproxy: bool, keep: bool) -> Result<String, Failure> {
 }
 
 async fn token_cmd(ctx: &Ctx, cmd: TokenCmd) -> Result<String, Failure> {
-    use reqwest::Method;
-    let (client, json_out) = (&ctx.client, ctx.json);
+    let client = &ctx.client;
     match cmd {
         TokenCmd::Create { scope, ttl, name } => {
-            let mut body = json!({"scope": scope});
-            if let Some(t) = ttl {
-                body["ttl"] = json!(t);
-            }
-            if let Some(n) = name {
-                body["name"] = json!(n);
-            }
-            let v = client
-                .request(Method::POST, "/v1/tokens", Some(body))
-                .await?;
-            if json_out {
-                return Ok(v.to_string());
-            }
-            Ok(format!(
-                "token {} ({}) created; its secret, shown only now:\n{}",
-                v["id"].as_str().unwrap_or(""),
-                v["scope"].as_str().unwrap_or(""),
-                v["secret"].as_str().unwrap_or("")
-            ))
+            let body = TokenBody { scope, ttl, name };
+            let v = client.create_token(&body).await?;
+            Ok(ctx.show(v, |v| {
+                format!(
+                    "token {} ({}) created; its secret, shown only now:\n{}",
+                    v.id, v.scope, v.secret
+                )
+            }))
         }
         TokenCmd::List => {
-            let v = client.request(Method::GET, "/v1/tokens", None).await?;
-            if json_out {
-                return Ok(v.to_string());
-            }
-            let rows: Vec<Vec<String>> = v["tokens"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .map(|t| {
-                            vec![
-                                t["id"].as_str().unwrap_or("").to_string(),
-                                t["name"].as_str().unwrap_or("").to_string(),
-                                t["scope"].as_str().unwrap_or("").to_string(),
-                                t["expires_at_ms"].to_string(),
-                            ]
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            Ok(table(&["ID", "NAME", "SCOPE", "EXPIRES_AT_MS"], &rows))
+            let v = client.tokens().await?;
+            Ok(ctx.show(v, |v| {
+                let rows: Vec<Vec<String>> = v
+                    .tokens
+                    .iter()
+                    .map(|t| {
+                        vec![
+                            t.id.clone(),
+                            t.name.clone(),
+                            t.scope.clone(),
+                            t.expires_at_ms.map_or("null".into(), |e| e.to_string()),
+                        ]
+                    })
+                    .collect();
+                table(&["ID", "NAME", "SCOPE", "EXPIRES_AT_MS"], &rows)
+            }))
         }
         TokenCmd::Revoke { id } => {
             model::validate_name("id", &id)?;
-            let v = client
-                .request(Method::DELETE, &format!("/v1/tokens/{id}"), None)
-                .await?;
-            if json_out {
-                return Ok(v.to_string());
-            }
-            Ok(format!("token {id} revoked (index {})", v["index"]))
+            let i = client.revoke_token(&id).await?;
+            Ok(ctx.done(i, format!("token {id} revoked")))
         }
     }
 }
@@ -675,17 +652,26 @@ fn validate_member(service: &str, member: &str) -> Result<(), Failure> {
     Ok(())
 }
 
-fn parse_check(text: &str) -> Result<Value, Failure> {
+fn parse_check(text: &str) -> Result<model::Check, Failure> {
     match text {
-        "none" | "tcp" => Ok(json!(text)),
+        "none" => Ok(model::Check::None),
+        "tcp" => Ok(model::Check::Tcp),
         _ => match text.strip_prefix("http:") {
-            Some(path) => Ok(json!({"http": {"path": path}})),
+            Some(path) => Ok(model::Check::Http { path: path.into() }),
             None => Err(Failure {
                 code: exit::USAGE,
                 message: format!("--check {text:?}: use none, tcp or http:/PATH"),
             }),
         },
     }
+}
+
+/// A one-word setting (`--mode http`) by the name the API uses for it.
+fn parse_word<T: serde::de::DeserializeOwned>(flag: &str, text: &str) -> Result<T, Failure> {
+    serde_json::from_value(serde_json::Value::String(text.to_string())).map_err(|e| Failure {
+        code: exit::USAGE,
+        message: format!("{flag} {text:?}: {e}"),
+    })
 }
 
 /// Left-aligned columns, two spaces apart.
@@ -712,21 +698,20 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out.join("\n")
 }
 
-fn members_table(services: &Value, index: u64) -> String {
+fn members_table<'a>(
+    services: impl IntoIterator<Item = (&'a str, &'a ServiceView)>,
+    index: u64,
+) -> String {
     let mut rows = Vec::new();
-    if let Some(map) = services.as_object() {
-        for (name, svc) in map {
-            if let Some(members) = svc["members"].as_object() {
-                for (member, m) in members {
-                    rows.push(vec![
-                        name.clone(),
-                        member.clone(),
-                        format!("{}:{}", m["address"].as_str().unwrap_or(""), m["port"]),
-                        m["weight"].to_string(),
-                        m["state"].as_str().unwrap_or("").to_string(),
-                    ]);
-                }
-            }
+    for (name, svc) in services {
+        for (member, m) in &svc.members {
+            rows.push(vec![
+                name.to_string(),
+                member.clone(),
+                format!("{}:{}", m.address, m.port),
+                m.weight.to_string(),
+                m.state.to_string(),
+            ]);
         }
     }
     format!(
@@ -736,66 +721,60 @@ fn members_table(services: &Value, index: u64) -> String {
     )
 }
 
-fn status_table(v: &Value) -> String {
-    let leader = v["leader"].as_u64();
-    let voters: Vec<u64> = v["voters"]
-        .as_array()
-        .map(|a| a.iter().filter_map(Value::as_u64).collect())
-        .unwrap_or_default();
+fn status_table(v: &ClusterView) -> String {
     let mut rows = Vec::new();
-    if let Some(nodes) = v["nodes"].as_object() {
-        for (id, addr) in nodes {
-            let idn: u64 = id.parse().unwrap_or(0);
-            let role = if Some(idn) == leader {
-                "leader"
-            } else if voters.contains(&idn) {
-                "voter"
-            } else {
-                "learner"
-            };
-            let st = &v["node_status"][id.as_str()];
-            let render = &st["render"];
-            let (applied, haproxy, error) = if st.get("error").is_some() {
-                (
-                    "-".to_string(),
-                    "-".to_string(),
-                    st["error"].as_str().unwrap_or("").to_string(),
-                )
-            } else if render.is_null() {
-                (
-                    st["applied_index"].to_string(),
-                    "none (witness)".into(),
-                    String::new(),
-                )
-            } else {
-                (
-                    st["applied_index"].to_string(),
-                    format!(
-                        "{} @{}",
-                        render["last_apply"].as_str().unwrap_or("pending"),
-                        render["applied_index"]
+    for (&id, addr) in &v.nodes {
+        let raft = if Some(id) == v.leader {
+            "leader"
+        } else if v.voters.contains(&id) {
+            "voter"
+        } else {
+            "learner"
+        };
+        let (role, applied, haproxy, error) = match v.node_status.get(&id) {
+            Some(NodeStatus::Up(st)) => {
+                let role = st.role.map_or("?".into(), |r| role_name(r).to_string());
+                match &st.render {
+                    None => (
+                        role,
+                        st.applied_index.to_string(),
+                        "none (witness)".to_string(),
+                        String::new(),
                     ),
-                    render["last_error"].as_str().unwrap_or("").to_string(),
-                )
-            };
-            rows.push(vec![
-                id.clone(),
-                addr.as_str().unwrap_or("").to_string(),
-                role.to_string(),
-                st["role"].as_str().unwrap_or("?").to_string(),
-                applied,
-                haproxy,
-                error,
-            ]);
-        }
+                    Some(r) => (
+                        role,
+                        st.applied_index.to_string(),
+                        format!(
+                            "{} @{}",
+                            r.last_apply.map_or("pending", |a| a.as_str()),
+                            r.applied_index
+                        ),
+                        r.last_error.clone().unwrap_or_default(),
+                    ),
+                }
+            }
+            Some(NodeStatus::Unreachable { error }) => {
+                ("?".into(), "-".into(), "-".into(), error.clone())
+            }
+            None => ("?".into(), "-".into(), "-".into(), "no status".into()),
+        };
+        rows.push(vec![
+            id.to_string(),
+            addr.clone(),
+            raft.to_string(),
+            role,
+            applied,
+            haproxy,
+            error,
+        ]);
     }
     format!(
         "node {} ({}), term {}, applied index {}, {} members\n{}",
-        v["node_id"],
-        v["role"].as_str().unwrap_or(""),
-        v["term"],
-        v["applied_index"],
-        v["members"],
+        v.node_id,
+        v.role.map_or("", role_name),
+        v.term,
+        v.applied_index,
+        v.members,
         table(
             &["ID", "ADDRESS", "RAFT", "ROLE", "APPLIED", "HAPROXY", "ERROR"],
             &rows
@@ -803,20 +782,27 @@ fn status_table(v: &Value) -> String {
     )
 }
 
-fn failover_text(v: &Value) -> String {
+fn role_name(r: crate::Role) -> &'static str {
+    match r {
+        crate::Role::Balancer => "balancer",
+        crate::Role::Witness => "witness",
+    }
+}
+
+fn failover_text(v: &FailoverView) -> String {
     let mut out = format!(
         "leadership moved from node {} (term {}) to node {} (term {}) in {} ms",
-        v["from"], v["term"], v["new_leader"], v["new_term"], v["leader_took_ms"]
+        v.from, v.term, v.new_leader, v.new_term, v.leader_took_ms
     );
-    match (v["vip_configured"].as_bool(), v["vip_holder"].as_u64()) {
-        (Some(false), _) => out.push_str("\nno VIP configured"),
+    match (v.vip_configured, v.vip_holder) {
+        (false, _) => out.push_str("\nno VIP configured"),
         (_, Some(holder)) => out.push_str(&format!(
             "\nVIP now held by node {holder}, {} ms after the request",
-            v["vip_took_ms"]
+            v.vip_took_ms.unwrap_or(0)
         )),
         _ => out.push_str("\nthe new leader has not reported holding the VIP yet (see clb status)"),
     }
-    if let Some(e) = v["release"]["error"].as_str() {
+    if let Some(e) = v.release.as_ref().and_then(|r| r.error.as_deref()) {
         out.push_str(&format!(
             "\nwarning: the old leader's release hook failed: {e}"
         ));
@@ -871,11 +857,22 @@ mod tests {
 
     #[test]
     fn check_syntax() {
-        assert_eq!(parse_check("tcp").unwrap(), json!("tcp"));
+        assert_eq!(parse_check("tcp").unwrap(), model::Check::Tcp);
         assert_eq!(
             parse_check("http:/health").unwrap(),
-            json!({"http": {"path": "/health"}})
+            model::Check::Http {
+                path: "/health".into()
+            }
         );
         assert_eq!(parse_check("ping").unwrap_err().code, exit::USAGE);
+        let mode: model::Mode = parse_word("--mode", "tcp").unwrap();
+        assert_eq!(mode, model::Mode::Tcp);
+        let bad = parse_word::<model::Mode>("--mode", "udp").unwrap_err();
+        assert_eq!(bad.code, exit::USAGE);
+        assert!(
+            bad.message.starts_with("--mode \"udp\": unknown variant"),
+            "{}",
+            bad.message
+        );
     }
 }

@@ -6,7 +6,14 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
-use serde_json::{json, Value};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::views::{
+    AddNodeBody, Audit, AuditQuery, Backup, ClusterView, ErrorBody, ErrorDetail, FailoverView,
+    Healthz, NodeView, OneServiceView, RegisterBody, ServiceBody, ServicesView, StateBody,
+    TokenBody, TokenCreated, Tokens, Written,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -15,7 +22,7 @@ pub enum ClientError {
     Api {
         status: u16,
         message: String,
-        detail: Value,
+        detail: Option<ErrorDetail>,
     },
     /// No server answered.
     #[error("no server reachable: {0}")]
@@ -166,7 +173,7 @@ impl Client {
         &self,
         method: Method,
         path: &str,
-        body: Option<&Value>,
+        body: Option<&(impl Serialize + ?Sized)>,
     ) -> Result<(&str, String), ClientError> {
         let mut failures = Vec::new();
         for server in &self.servers {
@@ -192,38 +199,51 @@ impl Client {
             if status.is_success() {
                 return Ok((server, text));
             }
-            let value: Value = serde_json::from_str(&text).map_err(|e| ClientError::Decode {
-                server: server.clone(),
-                reason: format!("{e}: {}", text.chars().take(200).collect::<String>()),
-            })?;
+            let answer: ErrorBody =
+                serde_json::from_str(&text).map_err(|e| ClientError::Decode {
+                    server: server.clone(),
+                    reason: format!("{e}: {}", text.chars().take(200).collect::<String>()),
+                })?;
             // A node with no leader answers 503; another node may do better.
             if status == StatusCode::SERVICE_UNAVAILABLE
                 && server != self.servers.last().unwrap_or(server)
             {
-                failures.push(format!("{server}: {}", value["error"]));
+                failures.push(format!("{server}: {:?}", answer.error));
                 continue;
             }
             return Err(ClientError::Api {
                 status: status.as_u16(),
-                message: value["error"].as_str().unwrap_or("").to_string(),
-                detail: value["detail"].clone(),
+                message: answer.error,
+                detail: answer.detail,
             });
         }
         Err(ClientError::Unreachable(failures.join("; ")))
     }
 
-    /// Sends one JSON request to the first server that answers.
-    pub async fn request(
+    /// Sends one JSON request to the first server that answers and decodes
+    /// its answer: the typed methods below, and a way to reach a path they
+    /// do not cover.
+    pub async fn request<T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
-        body: Option<Value>,
-    ) -> Result<Value, ClientError> {
-        let (server, text) = self.send(method, path, body.as_ref()).await?;
+        body: Option<&(impl Serialize + ?Sized)>,
+    ) -> Result<T, ClientError> {
+        let (server, text) = self.send(method, path, body).await?;
         serde_json::from_str(&text).map_err(|e| ClientError::Decode {
             server: server.to_string(),
             reason: format!("{e}: {}", text.chars().take(200).collect::<String>()),
         })
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.request(Method::GET, path, None::<&()>).await
+    }
+
+    /// A write without a body; its log index.
+    async fn write(&self, method: Method, path: &str) -> Result<u64, ClientError> {
+        let w: Written = self.request(method, path, None::<&()>).await?;
+        Ok(w.index)
     }
 
     pub async fn register(
@@ -235,20 +255,16 @@ impl Client {
         weight: Option<u16>,
         ttl_s: Option<u32>,
     ) -> Result<u64, ClientError> {
-        let mut body = json!({"address": address});
-        if let Some(p) = port {
-            body["port"] = json!(p);
-        }
-        if let Some(w) = weight {
-            body["weight"] = json!(w);
-        }
-        if let Some(t) = ttl_s {
-            body["ttl_s"] = json!(t);
-        }
-        let v = self
-            .request(Method::PUT, &member_path(service, member), Some(body))
+        let body = RegisterBody {
+            address: address.to_string(),
+            port: port.map(u32::from),
+            weight: weight.map(u32::from),
+            ttl_s,
+        };
+        let w: Written = self
+            .request(Method::PUT, &member_path(service, member), Some(&body))
             .await?;
-        Ok(index_of(&v))
+        Ok(w.index)
     }
 
     pub async fn unregister(&self, service: &str, member: &str) -> Result<u64, ClientError> {
@@ -266,8 +282,7 @@ impl Client {
         if force {
             path.push_str("?force=true");
         }
-        let v = self.request(Method::DELETE, &path, None).await?;
-        Ok(index_of(&v))
+        self.write(Method::DELETE, &path).await
     }
 
     pub async fn set_state(
@@ -290,71 +305,134 @@ impl Client {
         if force {
             path.push_str("?force=true");
         }
-        let v = self
-            .request(Method::PUT, &path, Some(json!({"state": state})))
-            .await?;
-        Ok(index_of(&v))
+        let body = StateBody {
+            state: state.to_string(),
+        };
+        let w: Written = self.request(Method::PUT, &path, Some(&body)).await?;
+        Ok(w.index)
     }
 
     /// Renews a TTL member on the leader; `Ok(false)` when it is gone.
     pub async fn renew(&self, service: &str, member: &str) -> Result<bool, ClientError> {
         let path = format!("{}/renew", member_path(service, member));
-        match self.request(Method::PUT, &path, None).await {
+        match self.send(Method::PUT, &path, None::<&()>).await {
             Ok(_) => Ok(true),
             Err(e) if e.status() == Some(404) => Ok(false),
             Err(e) => Err(e),
         }
     }
 
-    pub async fn define_service(&self, service: &str, def: Value) -> Result<u64, ClientError> {
+    pub async fn define_service(
+        &self,
+        service: &str,
+        def: &ServiceBody,
+    ) -> Result<u64, ClientError> {
         let path = format!("/v1/services/{}", enc(service));
-        let v = self.request(Method::PUT, &path, Some(def)).await?;
-        Ok(index_of(&v))
+        let w: Written = self.request(Method::PUT, &path, Some(def)).await?;
+        Ok(w.index)
     }
 
-    /// All services, or one (`{"index", "service", "definition"}`).
-    pub async fn services(
+    /// Every service; `consistent`: after a read barrier on the leader.
+    pub async fn services(&self, consistent: bool) -> Result<ServicesView, ClientError> {
+        self.get(&with_consistent("/v1/services".into(), consistent))
+            .await
+    }
+
+    /// One service.
+    pub async fn service(
         &self,
-        service: Option<&str>,
+        service: &str,
         consistent: bool,
-    ) -> Result<Value, ClientError> {
-        let mut path = match service {
-            Some(s) => format!("/v1/services/{}", enc(s)),
-            None => "/v1/services".to_string(),
-        };
-        if consistent {
-            path.push_str("?consistent=true");
-        }
-        self.request(Method::GET, &path, None).await
+    ) -> Result<OneServiceView, ClientError> {
+        let path = format!("/v1/services/{}", enc(service));
+        self.get(&with_consistent(path, consistent)).await
     }
 
     /// The config the node would render now (a dry run), as text.
     pub async fn render(&self) -> Result<String, ClientError> {
-        Ok(self.send(Method::GET, "/v1/render", None).await?.1)
+        Ok(self.send(Method::GET, "/v1/render", None::<&()>).await?.1)
     }
 
-    pub async fn cluster(&self) -> Result<Value, ClientError> {
-        self.request(Method::GET, "/v1/cluster", None).await
+    pub async fn cluster(&self) -> Result<ClusterView, ClientError> {
+        self.get("/v1/cluster").await
+    }
+
+    /// The answering node's own state.
+    pub async fn node(&self) -> Result<NodeView, ClientError> {
+        self.get("/v1/node").await
+    }
+
+    /// `/healthz`: answers 503 while Raft has stopped on that node.
+    pub async fn healthz(&self) -> Result<Healthz, ClientError> {
+        self.get("/healthz").await
     }
 
     pub async fn add_node(&self, id: u64, addr: &str, learner: bool) -> Result<u64, ClientError> {
-        let body = json!({"id": id, "addr": addr, "learner": learner});
-        let v = self
-            .request(Method::POST, "/v1/cluster/nodes", Some(body))
+        let body = AddNodeBody {
+            id,
+            addr: addr.to_string(),
+            learner,
+        };
+        let w: Written = self
+            .request(Method::POST, "/v1/cluster/nodes", Some(&body))
             .await?;
-        Ok(index_of(&v))
+        Ok(w.index)
     }
 
     pub async fn remove_node(&self, id: u64) -> Result<u64, ClientError> {
-        let v = self
-            .request(Method::DELETE, &format!("/v1/cluster/nodes/{id}"), None)
-            .await?;
-        Ok(index_of(&v))
+        self.write(Method::DELETE, &format!("/v1/cluster/nodes/{id}"))
+            .await
+    }
+
+    /// The leader steps down; where leadership and the VIP went.
+    pub async fn failover(&self) -> Result<FailoverView, ClientError> {
+        self.request(Method::POST, "/v1/cluster/failover", None::<&()>)
+            .await
+    }
+
+    /// A linearizable backup (`clb snapshot save`).
+    pub async fn snapshot(&self) -> Result<Backup, ClientError> {
+        self.get("/v1/snapshot").await
+    }
+
+    /// Accepted writes, oldest first.
+    pub async fn audit(&self, q: &AuditQuery) -> Result<Audit, ClientError> {
+        let mut params = Vec::new();
+        if let Some(s) = &q.service {
+            params.push(format!("service={}", enc(s)));
+        }
+        if let Some(t) = q.since {
+            params.push(format!("since={t}"));
+        }
+        if let Some(l) = q.limit {
+            params.push(format!("limit={l}"));
+        }
+        let mut path = "/v1/audit".to_string();
+        if !params.is_empty() {
+            path = format!("{path}?{}", params.join("&"));
+        }
+        self.get(&path).await
+    }
+
+    pub async fn tokens(&self) -> Result<Tokens, ClientError> {
+        self.get("/v1/tokens").await
+    }
+
+    pub async fn create_token(&self, body: &TokenBody) -> Result<TokenCreated, ClientError> {
+        self.request(Method::POST, "/v1/tokens", Some(body)).await
+    }
+
+    pub async fn revoke_token(&self, id: &str) -> Result<u64, ClientError> {
+        self.write(Method::DELETE, &format!("/v1/tokens/{}", enc(id)))
+            .await
     }
 }
 
-fn index_of(v: &Value) -> u64 {
-    v["index"].as_u64().unwrap_or(0)
+fn with_consistent(mut path: String, consistent: bool) -> String {
+    if consistent {
+        path.push_str("?consistent=true");
+    }
+    path
 }
 
 fn member_path(service: &str, member: &str) -> String {

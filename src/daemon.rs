@@ -14,12 +14,13 @@ use crate::api::{self, AppState, FailureLimit, Tokens};
 use crate::config::{Config, Role};
 use crate::consensus::{rpc, Consensus, ConsensusError, StartError, Written};
 use crate::failover::{self, Failover};
-use crate::model::{Command, Proposal, Registry, Response};
+use crate::model::{Command, Proposal, Response};
 use crate::render::{
     self, ApplyOutcome, NodeContext, Peer, RenderInput, RenderSettings, RenderStatus, Template,
     TemplateError,
 };
 use crate::restore::Plan;
+use crate::views;
 
 /// How long in-flight requests get after SIGTERM before the server stops anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -162,13 +163,17 @@ fn read_restore(path: &Path) -> Result<Plan, DaemonError> {
         reason,
     };
     let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
-    if v["format"] != api::SNAPSHOT_FORMAT {
-        return Err(err(format!("not a {} file", api::SNAPSHOT_FORMAT)));
+    // The format tag first, so another JSON file gets that one-line reason.
+    #[derive(serde::Deserialize)]
+    struct Tag {
+        format: Option<String>,
     }
-    let registry: Registry =
-        serde_json::from_value(v["registry"].clone()).map_err(|e| err(e.to_string()))?;
-    let plan = Plan::new(registry);
+    let tag: Tag = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+    if tag.format.as_deref() != Some(views::BACKUP_FORMAT) {
+        return Err(err(format!("not a {} file", views::BACKUP_FORMAT)));
+    }
+    let backup: views::Backup = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+    let plan = Plan::new(backup.registry);
     // Everything must pass today's validation before anything is written.
     for cmd in plan.commands() {
         cmd.validate().map_err(|e| err(e.to_string()))?;

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use crate::views::{ClusterView, ServiceBody};
 
 use crate::client::Client;
 use crate::clock::now_ms;
@@ -176,7 +176,7 @@ where
 }
 
 /// `GET /v1/cluster` on one node, bounded.
-async fn view(client: &Client) -> Option<Value> {
+async fn view(client: &Client) -> Option<ClusterView> {
     tokio::time::timeout(Duration::from_secs(2), client.cluster())
         .await
         .ok()?
@@ -354,7 +354,7 @@ pub async fn run(opts: DemoOptions) -> Result<String, DemoError> {
             let mut seen: Option<(u64, u64)> = None;
             for (id, c) in clients.iter().filter(|(id, _)| alive.contains(id)) {
                 let v = view(c).await?;
-                let l = (v["leader"].as_u64()?, v["term"].as_u64()?);
+                let l = (v.leader?, v.term);
                 if seen.is_some_and(|s| s.0 != l.0) {
                     return None;
                 }
@@ -382,11 +382,13 @@ pub async fn run(opts: DemoOptions) -> Result<String, DemoError> {
         Some(token.clone()),
     )?;
     let svc_port = free_port()?;
-    any.define_service(
-        "web",
-        json!({"port": svc_port, "mode": "http", "check": "none"}),
-    )
-    .await?;
+    let web = ServiceBody {
+        port: svc_port.into(),
+        mode: Some(crate::model::Mode::Http),
+        check: Some(crate::model::Check::None),
+        ..Default::default()
+    };
+    any.define_service("web", &web).await?;
     for name in ["a", "b"] {
         let port = backend(if name == "a" {
             "backend a"

@@ -18,6 +18,8 @@
 //! - [`failover`]: the leader holds the VIP (quorum lease, hooks, health
 //!   gate, hand-over); it takes [`consensus::Leadership`], not the registry.
 //! - [`timeline`]: recent VIP, leader and render events of this node.
+//! - [`views`]: the JSON contract of API v1, typed: what the API answers,
+//!   the client returns and the CLI, `/ui` and the tests read.
 //! - [`api`]: HTTP API v1, token checks, `/ui`, `/metrics`, the serve loop.
 //! - [`client`], [`config`]: the typed HTTP client; `clbd` settings.
 //! - [`daemon`], [`agent`], [`demo`]: `clbd`'s wiring and shutdown order;
@@ -70,6 +72,8 @@ pub mod render;
 pub mod restore;
 /// Recent VIP, leader and render events of this node, for `/ui`.
 pub mod timeline;
+/// The JSON contract of API v1: request bodies and answers, defined once.
+pub mod views;
 
 // The surface the binaries and an embedding program need.
 pub use client::{Client, ClientError, ClientOptions};

@@ -18,6 +18,7 @@ const LAYERS: &[&[&str]] = &[
     &["consensus", "render"],
     &["failover"],
     &["timeline"],
+    &["views"],
     &["api"],
     &["client", "config"],
     &["agent", "daemon", "demo"],

@@ -1,10 +1,10 @@
 //! API errors: every refusal is JSON `{"error": "...", "detail": ...}`.
 
+use crate::views::{ErrorBody, ErrorDetail};
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::{json, Value};
 
 use crate::consensus::ConsensusError;
 use crate::model::InvalidField;
@@ -53,30 +53,43 @@ impl ApiError {
         }
     }
 
-    fn detail(&self) -> Value {
-        match self {
-            ApiError::Invalid(f) => json!({"field": f.field, "reason": f.reason}),
+    fn detail(&self) -> Option<ErrorDetail> {
+        let situation = |retryable, situation: &str| ErrorDetail::Situation {
+            retryable,
+            situation: situation.into(),
+        };
+        Some(match self {
+            ApiError::Invalid(f) => ErrorDetail::Field {
+                field: f.field.into(),
+                reason: f.reason.clone(),
+            },
             ApiError::Consensus(ConsensusError::Unavailable(_)) => {
-                json!({"retryable": true, "situation": "no leader reachable with a quorum"})
+                situation(true, "no leader reachable with a quorum")
             }
-            ApiError::Consensus(ConsensusError::Unknown(_)) => {
-                json!({"retryable": false, "situation": "the leader went away mid-write; the write may or may not have been applied"})
-            }
-            ApiError::Failover(_) => {
-                json!({"retryable": true, "situation": "the leader could not hand leadership over; it still leads"})
-            }
-            ApiError::Internal(_) => {
-                json!({"retryable": true, "situation": "this node failed to read its own data; another node may answer"})
-            }
-            _ => Value::Null,
-        }
+            ApiError::Consensus(ConsensusError::Unknown(_)) => situation(
+                false,
+                "the leader went away mid-write; the write may or may not have been applied",
+            ),
+            ApiError::Failover(_) => situation(
+                true,
+                "the leader could not hand leadership over; it still leads",
+            ),
+            ApiError::Internal(_) => situation(
+                true,
+                "this node failed to read its own data; another node may answer",
+            ),
+            _ => return None,
+        })
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        let body = Json(json!({"error": self.to_string(), "detail": self.detail()}));
+        let body = Json(ErrorBody {
+            error: self.to_string(),
+            detail: self.detail(),
+        });
         if status == StatusCode::UNAUTHORIZED {
             return (
                 status,

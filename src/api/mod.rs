@@ -20,7 +20,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
-use serde_json::{json, Value};
 
 pub use authn::{FailureLimit, Principal, Tokens};
 pub use error::ApiError;
@@ -31,10 +30,14 @@ use crate::clock::now_ms;
 use crate::consensus::{Consensus, NodeId, Role, Written};
 use crate::failover::Failover;
 use crate::model::{
-    self, Balance, Check, Command, MemberSpec, MemberState, Mode, Proposal, Registry,
-    Response as Outcome, ServiceDef,
+    self, Command, MemberSpec, MemberState, Proposal, Registry, Response as Outcome, ServiceDef,
 };
 use crate::render::{self, NodeContext, RenderInput, RenderStatus, Template};
+use crate::views::{
+    self, AddNodeBody, Audit, AuditQuery, Backup, ClusterView, FailoverView, Healthz, NodeStatus,
+    NodeView, OneServiceView, RegisterBody, Renewed, ServiceBody, ServiceView, ServicesView,
+    StateBody, TokenBody, TokenCreated, TokenInfo, Tokens as TokenList, BACKUP_FORMAT,
+};
 use tokio::sync::watch;
 
 /// Client request bodies are small; anything larger is a mistake or an attack.
@@ -125,9 +128,9 @@ async fn not_found() -> ApiError {
 }
 
 /// Turns a replicated outcome into the HTTP answer.
-fn answer(w: Written) -> Result<Json<Value>, ApiError> {
+fn answer(w: Written) -> Result<Json<views::Written>, ApiError> {
     match w.response {
-        Outcome::Done => Ok(Json(json!({"index": w.index}))),
+        Outcome::Done => Ok(Json(views::Written { index: w.index })),
         Outcome::NotFound { what } => Err(ApiError::NotFound(what)),
         Outcome::Rejected { reason } => Err(ApiError::Conflict(reason)),
         // Consensus answers each batched proposal with its own response.
@@ -137,7 +140,11 @@ fn answer(w: Written) -> Result<Json<Value>, ApiError> {
     }
 }
 
-async fn write(state: &AppState, by: &Principal, cmd: Command) -> Result<Json<Value>, ApiError> {
+async fn write(
+    state: &AppState,
+    by: &Principal,
+    cmd: Command,
+) -> Result<Json<views::Written>, ApiError> {
     write_forced(state, by, cmd, false).await
 }
 
@@ -147,7 +154,7 @@ async fn write_forced(
     by: &Principal,
     cmd: Command,
     force: bool,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<views::Written>, ApiError> {
     cmd.validate()?;
     let proposal = Proposal {
         cmd,
@@ -161,21 +168,12 @@ async fn write_forced(
     answer(written?)
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RegisterBody {
-    address: String,
-    port: Option<u32>,
-    weight: Option<u32>,
-    ttl_s: Option<u32>,
-}
-
 async fn register(
     State(state): State<AppState>,
     p: Principal,
     path: Result<Path<(String, String)>, PathRejection>,
     body: Result<Json<RegisterBody>, JsonRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<views::Written>, ApiError> {
     let Path((service, member)) = path?;
     p.require(Need::Member {
         service: &service,
@@ -217,7 +215,7 @@ async fn unregister(
     p: Principal,
     path: Result<Path<(String, String)>, PathRejection>,
     force: Result<Query<ForceParams>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<views::Written>, ApiError> {
     let Query(force) = force?;
     let Path((service, member)) = path?;
     p.require(Need::Member {
@@ -238,7 +236,7 @@ async fn renew(
     State(state): State<AppState>,
     p: Principal,
     path: Result<Path<(String, String)>, PathRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Renewed>, ApiError> {
     let Path((service, member)) = path?;
     model::validate_name("service", &service)?;
     model::validate_name("member", &member)?;
@@ -247,18 +245,12 @@ async fn renew(
         member: &member,
     })?;
     if state.consensus.renew(&service, &member).await? {
-        Ok(Json(json!({"renewed": true})))
+        Ok(Json(Renewed { renewed: true }))
     } else {
         Err(ApiError::NotFound(format!(
             "member {member} of service {service}"
         )))
     }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct StateBody {
-    state: String,
 }
 
 async fn set_member_state(
@@ -267,7 +259,7 @@ async fn set_member_state(
     path: Result<Path<(String, String)>, PathRejection>,
     force: Result<Query<ForceParams>, QueryRejection>,
     body: Result<Json<StateBody>, JsonRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<views::Written>, ApiError> {
     let Query(force) = force?;
     let Path((service, member)) = path?;
     p.require(Need::Member {
@@ -284,23 +276,12 @@ async fn set_member_state(
     write_forced(&state, &p, cmd, force.force.unwrap_or(false)).await
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ServiceBody {
-    port: u32,
-    member_port: Option<u32>,
-    mode: Option<Mode>,
-    balance: Option<Balance>,
-    check: Option<Check>,
-    server: Option<model::ServerOptions>,
-}
-
 async fn define_service(
     State(state): State<AppState>,
     p: Principal,
     path: Result<Path<String>, PathRejection>,
     body: Result<Json<ServiceBody>, JsonRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<views::Written>, ApiError> {
     let Path(service) = path?;
     p.require(Need::Admin)?;
     let Json(body) = body?;
@@ -338,25 +319,26 @@ async fn read_registry(
     Ok((applied.index, applied.registry.clone()))
 }
 
-fn service_json(svc: &model::Service) -> Value {
-    let mut v = serde_json::to_value(&svc.def).unwrap_or(Value::Null);
-    v["members"] = serde_json::to_value(&svc.members).unwrap_or(Value::Null);
-    v
+fn service_view(svc: &model::Service) -> ServiceView {
+    ServiceView {
+        def: svc.def.clone(),
+        members: svc.members.clone(),
+    }
 }
 
 async fn list_services(
     State(state): State<AppState>,
     p: Principal,
     params: Result<Query<ReadParams>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ServicesView>, ApiError> {
     p.require(Need::Read)?;
     let (index, reg) = read_registry(&state, params).await?;
-    let services: serde_json::Map<String, Value> = reg
+    let services = reg
         .services
         .iter()
-        .map(|(name, svc)| (name.clone(), service_json(svc)))
+        .map(|(name, svc)| (name.clone(), service_view(svc)))
         .collect();
-    Ok(Json(json!({"index": index, "services": services})))
+    Ok(Json(ServicesView { index, services }))
 }
 
 async fn get_service(
@@ -364,7 +346,7 @@ async fn get_service(
     p: Principal,
     path: Result<Path<String>, PathRejection>,
     params: Result<Query<ReadParams>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<OneServiceView>, ApiError> {
     let Path(service) = path?;
     p.require(Need::Read)?;
     model::validate_name("service", &service)?;
@@ -373,77 +355,77 @@ async fn get_service(
         .services
         .get(&service)
         .ok_or_else(|| ApiError::NotFound(format!("service {service}")))?;
-    Ok(Json(
-        json!({"index": index, "service": service, "definition": service_json(svc)}),
-    ))
+    Ok(Json(OneServiceView {
+        index,
+        definition: service_view(svc),
+        service,
+    }))
 }
 
-/// This node's view of the cluster.
-pub fn cluster_view(state: &AppState) -> Value {
+/// This node's view of the cluster (without the other nodes' status).
+pub fn cluster_view(state: &AppState) -> ClusterView {
     let m = state.consensus.raft.metrics().borrow().clone();
     let membership = m.membership_config.membership();
-    let voters: Vec<NodeId> = membership.voter_ids().collect();
-    let learners: Vec<NodeId> = membership.learner_ids().collect();
-    let nodes: serde_json::Map<String, Value> = membership
-        .nodes()
-        .map(|(id, n)| (id.to_string(), json!(n.addr)))
-        .collect();
     let applied = state.consensus.applied();
-    json!({
-        "node_id": state.consensus.id,
-        "role": state.role,
-        "advertise": state.advertise,
-        "cluster_id": state.consensus.cluster_id(),
-        "state": format!("{:?}", m.state).to_lowercase(),
-        "leader": m.current_leader,
-        "term": m.current_term,
-        "voters": voters,
-        "learners": learners,
-        "nodes": nodes,
-        "applied_index": applied.index,
-        "last_log_index": m.last_log_index,
-        "millis_since_quorum_ack": m.millis_since_quorum_ack,
-        "members": applied.registry.member_count(),
-        "vip_holder": state.failover.holder(state.consensus.id, m.current_leader),
-        "vip": state.failover.status(),
-    })
+    ClusterView {
+        node_id: state.consensus.id,
+        role: Some(state.role),
+        advertise: state.advertise.clone(),
+        cluster_id: state.consensus.cluster_id(),
+        state: m.state.into(),
+        leader: m.current_leader,
+        term: m.current_term,
+        voters: membership.voter_ids().collect(),
+        learners: membership.learner_ids().collect(),
+        nodes: membership
+            .nodes()
+            .map(|(id, n)| (*id, n.addr.clone()))
+            .collect(),
+        applied_index: applied.index,
+        last_log_index: m.last_log_index,
+        millis_since_quorum_ack: m.millis_since_quorum_ack,
+        members: applied.registry.member_count(),
+        vip_holder: state.failover.holder(state.consensus.id, m.current_leader),
+        vip: state.failover.status(),
+        node_status: Default::default(),
+    }
 }
 
 /// This node's own state: what `/v1/cluster` collects from every node.
-pub fn node_view(state: &AppState) -> Value {
+pub fn node_view(state: &AppState) -> NodeView {
     let m = state.consensus.raft.metrics().borrow().clone();
     let vip = state.failover.status();
-    let render = state
-        .render
-        .as_ref()
-        .map(|r| serde_json::to_value(&*r.borrow()).unwrap_or(Value::Null));
-    json!({
-        "node_id": state.consensus.id,
-        "role": state.role,
-        "advertise": state.advertise,
-        "state": format!("{:?}", m.state).to_lowercase(),
-        "term": m.current_term,
-        "leader": m.current_leader,
-        "applied_index": state.consensus.applied().index,
-        "vip_held": vip.held,
-        // Whether this node would take over now: false on a witness and
-        // while its health gate fails (haproxy not yet running its config).
-        "may_campaign": vip.may_campaign,
-        "health_reason": vip.health_reason,
-        "render": render,
-        // For /ui: what haproxy's checks say, and what happened lately.
-        "haproxy": state.haproxy_stat.as_ref().map(|s| json!(s.borrow().as_deref())),
-        "timeline": state.timeline.events(now_ms()),
-    })
+    NodeView {
+        node_id: state.consensus.id,
+        role: Some(state.role),
+        advertise: state.advertise.clone(),
+        state: m.state.into(),
+        term: m.current_term,
+        leader: m.current_leader,
+        applied_index: state.consensus.applied().index,
+        vip_held: vip.held,
+        healthy: vip.healthy,
+        may_campaign: vip.may_campaign,
+        health_reason: vip.health_reason,
+        render: state.render.as_ref().map(|r| r.borrow().clone()),
+        haproxy: state.haproxy_stat.as_ref().and_then(|s| s.borrow().clone()),
+        timeline: state.timeline.events(now_ms()),
+    }
 }
 
-async fn node_status(State(state): State<AppState>, p: Principal) -> Result<Json<Value>, ApiError> {
+async fn node_status(
+    State(state): State<AppState>,
+    p: Principal,
+) -> Result<Json<NodeView>, ApiError> {
     p.require(Need::Read)?;
     Ok(Json(node_view(&state)))
 }
 
 /// The cluster as this node sees it, plus every node's own status.
-async fn cluster(State(state): State<AppState>, p: Principal) -> Result<Json<Value>, ApiError> {
+async fn cluster(
+    State(state): State<AppState>,
+    p: Principal,
+) -> Result<Json<ClusterView>, ApiError> {
     p.require(Need::Read)?;
     Ok(Json(collect_cluster(&state).await))
 }
@@ -453,7 +435,7 @@ const NODE_STATUS_TIMEOUT: std::time::Duration = std::time::Duration::from_milli
 
 /// Another node's [`node_view`], over its peer listener (the caller's
 /// read scope was checked here).
-async fn fetch_node_view(state: &AppState, addr: &str) -> Result<Value, String> {
+async fn fetch_node_view(state: &AppState, addr: &str) -> Result<NodeView, String> {
     let text: String = state
         .consensus
         .peer_client()
@@ -463,34 +445,25 @@ async fn fetch_node_view(state: &AppState, addr: &str) -> Result<Value, String> 
     serde_json::from_str(&text).map_err(|e| format!("bad status from {addr}: {e}"))
 }
 
-/// [`cluster_view`] plus `node_status`: every node's [`node_view`]
-/// (unreachable nodes say so); what `/v1/cluster` and `/ui` show.
-async fn collect_cluster(state: &AppState) -> Value {
+/// [`cluster_view`] plus every node's [`node_view`] (unreachable nodes say
+/// so); what `/v1/cluster` and `/ui` show.
+async fn collect_cluster(state: &AppState) -> ClusterView {
     let mut view = cluster_view(state);
-    let nodes: Vec<(String, String)> = view["nodes"]
-        .as_object()
-        .map(|m| {
-            m.iter()
-                .map(|(id, a)| (id.clone(), a.as_str().unwrap_or("").to_string()))
-                .collect()
-        })
-        .unwrap_or_default();
-    let me = &state.consensus.id.to_string();
-    let fetches = nodes.into_iter().map(|(id, addr)| async move {
-        let me = me.as_str();
+    let me = state.consensus.id;
+    let fetches = view.nodes.iter().map(|(&id, addr)| async move {
         if id == me {
-            return (id, node_view(state));
+            return (id, NodeStatus::Up(Box::new(node_view(state))));
         }
-        let v = fetch_node_view(state, &addr)
-            .await
-            .unwrap_or_else(|e| json!({"error": format!("unreachable: {e}")}));
-        (id, v)
+        let status = match fetch_node_view(state, addr).await {
+            Ok(v) => NodeStatus::Up(Box::new(v)),
+            Err(e) => NodeStatus::Unreachable {
+                error: format!("unreachable: {e}"),
+            },
+        };
+        (id, status)
     });
-    let statuses: serde_json::Map<String, Value> = futures::future::join_all(fetches)
-        .await
-        .into_iter()
-        .collect();
-    view["node_status"] = Value::Object(statuses);
+    let statuses = futures::future::join_all(fetches).await;
+    view.node_status = statuses.into_iter().collect();
     view
 }
 
@@ -505,7 +478,8 @@ pub fn peer_routes(state: AppState) -> Router {
 }
 
 async fn peer_node(State(state): State<AppState>) -> Response {
-    crate::consensus::rpc::encode(&node_view(&state).to_string())
+    let text = serde_json::to_string(&node_view(&state)).unwrap_or_default();
+    crate::consensus::rpc::encode(&text)
 }
 
 /// A failover refusal as it crosses to the node that took the request.
@@ -518,7 +492,7 @@ struct FailoverRefusal {
 
 async fn peer_failover(State(state): State<AppState>) -> Response {
     let answer: Result<String, FailoverRefusal> = match failover_here(&state).await {
-        Ok(v) => Ok(v.to_string()),
+        Ok(v) => Ok(serde_json::to_string(&v).unwrap_or_default()),
         Err(e) => Err(FailoverRefusal {
             busy: matches!(e, ApiError::Conflict(_)),
             message: e.to_string(),
@@ -539,20 +513,11 @@ async fn dry_run(State(state): State<AppState>, p: Principal) -> Result<Response
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AddNodeBody {
-    id: NodeId,
-    addr: String,
-    #[serde(default)]
-    learner: bool,
-}
-
 async fn add_node(
     State(state): State<AppState>,
     p: Principal,
     body: Result<Json<AddNodeBody>, JsonRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<views::Written>, ApiError> {
     p.require(Need::Admin)?;
     let Json(body) = body?;
     if body.id == 0 {
@@ -567,34 +532,25 @@ async fn add_node(
         .consensus
         .add_node(body.id, body.addr, body.learner)
         .await?;
-    Ok(Json(json!({"index": index})))
+    Ok(Json(views::Written { index }))
 }
 
 async fn remove_node(
     State(state): State<AppState>,
     p: Principal,
     path: Result<Path<NodeId>, PathRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<views::Written>, ApiError> {
     let Path(id) = path?;
     p.require(Need::Admin)?;
     let index = state.consensus.remove_node(id).await?;
-    Ok(Json(json!({"index": index})))
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TokenBody {
-    scope: String,
-    /// `90d`, `12h`, `30m`, `45s`; none: no expiry.
-    ttl: Option<String>,
-    name: Option<String>,
+    Ok(Json(views::Written { index }))
 }
 
 async fn create_token(
     State(state): State<AppState>,
     p: Principal,
     body: Result<Json<TokenBody>, JsonRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<TokenCreated>, ApiError> {
     p.require(Need::Admin)?;
     let Json(body) = body?;
     let scope: Scope = body.scope.parse()?;
@@ -625,61 +581,56 @@ async fn create_token(
     )
     .await?;
     // The secret is shown once; only its hash is stored.
-    Ok(Json(json!({
-        "index": written["index"],
-        "id": id,
-        "secret": secret,
-        "name": name,
-        "scope": scope.to_string(),
-        "expires_at_ms": expires_at_ms,
-    })))
+    Ok(Json(TokenCreated {
+        index: written.index,
+        id,
+        secret,
+        name,
+        scope: scope.to_string(),
+        expires_at_ms,
+    }))
 }
 
-async fn list_tokens(State(state): State<AppState>, p: Principal) -> Result<Json<Value>, ApiError> {
+async fn list_tokens(
+    State(state): State<AppState>,
+    p: Principal,
+) -> Result<Json<TokenList>, ApiError> {
     p.require(Need::Admin)?;
     let applied = state.consensus.applied();
-    let tokens: Vec<Value> = applied
+    let tokens = applied
         .registry
         .tokens
         .iter()
-        .map(|(id, t)| {
-            json!({
-                "id": id,
-                "name": t.name,
-                "scope": t.scope.to_string(),
-                "created_at_ms": t.created_at_ms,
-                "created_by": t.created_by,
-                "expires_at_ms": t.expires_at_ms,
-            })
+        .map(|(id, t)| TokenInfo {
+            id: id.clone(),
+            name: t.name.clone(),
+            scope: t.scope.to_string(),
+            created_at_ms: t.created_at_ms,
+            created_by: t.created_by.clone(),
+            expires_at_ms: t.expires_at_ms,
         })
         .collect();
-    Ok(Json(json!({"index": applied.index, "tokens": tokens})))
+    Ok(Json(TokenList {
+        index: applied.index,
+        tokens,
+    }))
 }
 
 async fn revoke_token(
     State(state): State<AppState>,
     p: Principal,
     path: Result<Path<String>, PathRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<views::Written>, ApiError> {
     p.require(Need::Admin)?;
     let Path(id) = path?;
     write(&state, &p, Command::RevokeToken { id }).await
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AuditParams {
-    service: Option<String>,
-    /// Milliseconds since the Unix epoch.
-    since: Option<u64>,
-    limit: Option<usize>,
-}
-
 async fn audit(
     State(state): State<AppState>,
     p: Principal,
-    params: Result<Query<AuditParams>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+    params: Result<Query<AuditQuery>, QueryRejection>,
+) -> Result<Json<Audit>, ApiError> {
     p.require(Need::Read)?;
     let Query(q) = params?;
     if let Some(s) = &q.service {
@@ -699,22 +650,19 @@ async fn audit(
             limit,
         )
         .map_err(|e| ApiError::Internal(format!("reading the audit log: {e}")))?;
-    Ok(Json(json!({"entries": entries})))
+    Ok(Json(Audit { entries }))
 }
 
-/// The format `clb snapshot save` writes and `clbd --restore` reads.
-pub const SNAPSHOT_FORMAT: &str = "clb-snapshot-1";
-
 /// A linearizable copy of the registry and tokens (hashes only), for backups.
-async fn snapshot(State(state): State<AppState>, p: Principal) -> Result<Json<Value>, ApiError> {
+async fn snapshot(State(state): State<AppState>, p: Principal) -> Result<Json<Backup>, ApiError> {
     p.require(Need::Admin)?;
     let index = state.consensus.read_barrier().await?;
     let applied = state.consensus.applied();
-    Ok(Json(json!({
-        "format": SNAPSHOT_FORMAT,
-        "index": index.max(applied.index),
-        "registry": &*applied.registry,
-    })))
+    Ok(Json(Backup {
+        format: BACKUP_FORMAT.into(),
+        index: index.max(applied.index),
+        registry: (*applied.registry).clone(),
+    }))
 }
 
 async fn healthz(State(state): State<AppState>) -> Response {
@@ -727,12 +675,12 @@ async fn healthz(State(state): State<AppState>) -> Response {
     };
     (
         status,
-        Json(json!({
-            "ok": ok,
-            "node_id": state.consensus.id,
-            "leader": m.current_leader,
-            "vip_held": state.failover.status().held,
-        })),
+        Json(Healthz {
+            ok,
+            node_id: state.consensus.id,
+            leader: m.current_leader,
+            vip_held: state.failover.status().held,
+        }),
     )
         .into_response()
 }
@@ -740,7 +688,10 @@ async fn healthz(State(state): State<AppState>) -> Response {
 /// `POST /v1/cluster/failover`: the leader steps down gracefully and reports
 /// where leadership and the VIP went; a follower forwards to the leader over
 /// the peer listener.
-async fn failover(State(state): State<AppState>, p: Principal) -> Result<Json<Value>, ApiError> {
+async fn failover(
+    State(state): State<AppState>,
+    p: Principal,
+) -> Result<Json<FailoverView>, ApiError> {
     p.require(Need::Admin)?;
     let m = state.consensus.raft.metrics().borrow().clone();
     match m.current_leader {
@@ -781,7 +732,7 @@ fn unavailable(why: String) -> ApiError {
 
 /// The hand-over on this node, which leads: step down, then follow the VIP
 /// to the new leader.
-async fn failover_here(state: &AppState) -> Result<Value, ApiError> {
+async fn failover_here(state: &AppState) -> Result<FailoverView, ApiError> {
     use crate::failover::FailoverError;
     let started = std::time::Instant::now();
     let done = state.failover.step_down().await.map_err(|e| match e {
@@ -806,24 +757,23 @@ async fn failover_here(state: &AppState) -> Result<Value, ApiError> {
         while std::time::Instant::now() < deadline {
             let held = fetch_node_view(state, &addr)
                 .await
-                .ok()
-                .and_then(|v| v["vip_held"].as_bool());
-            if held == Some(true) {
+                .is_ok_and(|v| v.vip_held);
+            if held {
                 vip_holder = Some(done.new_leader);
                 break;
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
     }
-    Ok(json!({
-        "from": done.from,
-        "term": done.term,
-        "new_leader": done.new_leader,
-        "new_term": done.new_term,
-        "leader_took_ms": done.took_ms,
-        "vip_configured": vip_configured,
-        "vip_holder": vip_holder,
-        "vip_took_ms": vip_holder.map(|_| started.elapsed().as_millis() as u64),
-        "release": done.release,
-    }))
+    Ok(FailoverView {
+        from: done.from,
+        term: done.term,
+        new_leader: done.new_leader,
+        new_term: done.new_term,
+        leader_took_ms: done.took_ms,
+        vip_configured,
+        vip_holder,
+        vip_took_ms: vip_holder.map(|_| started.elapsed().as_millis() as u64),
+        release: done.release,
+    })
 }

@@ -26,7 +26,6 @@ use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -418,10 +417,10 @@ impl Connection {
 
 /// 408 in the API's error shape.
 fn timed_out(limit: Duration) -> Response {
-    let body = json!({
-        "error": format!("request took longer than {} ms", limit.as_millis()),
-        "detail": null,
-    });
+    let body = crate::views::ErrorBody {
+        error: format!("request took longer than {} ms", limit.as_millis()),
+        detail: None,
+    };
     (StatusCode::REQUEST_TIMEOUT, Json(body)).into_response()
 }
 
@@ -809,9 +808,9 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(r.status(), 408);
-        let v: serde_json::Value = r.json().await.unwrap();
-        assert!(v["error"].as_str().unwrap().contains("100 ms"), "{v}");
-        assert!(v["detail"].is_null());
+        let v: crate::views::ErrorBody = r.json().await.unwrap();
+        assert!(v.error.contains("100 ms"), "{v:?}");
+        assert_eq!(v.detail, None);
     }
 
     #[tokio::test]

@@ -23,11 +23,11 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Form;
 use serde::Deserialize;
-use serde_json::Value;
 
 use super::{ApiError, AppState, Principal};
 use crate::auth::Need;
 use crate::model::{MemberState, Registry};
+use crate::views::{ClusterView, NodeStatus};
 
 const COOKIE: &str = "clb_ui";
 
@@ -239,13 +239,9 @@ pub fn esc(s: &str) -> String {
     out
 }
 
-/// A JSON value as plain text (strings unquoted), escaped; `—` for null.
-fn text(v: &Value) -> String {
-    match v {
-        Value::Null => "—".into(),
-        Value::String(s) => esc(s),
-        v => esc(&v.to_string()),
-    }
+/// A value that may be missing, escaped; `—` for none.
+fn text(v: Option<impl std::fmt::Display>) -> String {
+    v.map_or("—".into(), |v| esc(&v.to_string()))
 }
 
 fn ago(now_ms: u64, at_ms: Option<u64>) -> String {
@@ -308,26 +304,36 @@ fn badge(class: &str, label: &str) -> String {
 }
 
 /// A node's health as (label, css class, detail) from its own status.
-fn health(status: &Value) -> (&'static str, &'static str, String) {
-    if let Some(e) = status.get("error") {
-        return ("unreachable", "unreachable", text(e));
+fn health(status: Option<&NodeStatus>) -> (&'static str, &'static str, String) {
+    let st = match status {
+        Some(NodeStatus::Up(st)) => st,
+        Some(NodeStatus::Unreachable { error }) => {
+            return ("unreachable", "unreachable", esc(error))
+        }
+        None => return ("unreachable", "unreachable", "no status".into()),
+    };
+    if !st.healthy {
+        return ("unhealthy", "bad", esc(&st.health_reason));
     }
-    let healthy = status["healthy"]
-        .as_bool()
-        .or_else(|| status["health"]["healthy"].as_bool())
-        .or_else(|| status["vip"]["healthy"].as_bool());
-    let reason = status["health_reason"]
-        .as_str()
-        .or_else(|| status["health"]["reason"].as_str())
-        .or_else(|| status["vip"]["health_reason"].as_str())
-        .unwrap_or("");
-    if healthy == Some(false) {
-        return ("unhealthy", "bad", esc(reason));
-    }
-    if let Some(e) = status["render"]["last_error"].as_str() {
+    if let Some(e) = st.render.as_ref().and_then(|r| r.last_error.as_deref()) {
         return ("haproxy error", "warn", esc(e));
     }
-    ("ok", "ok", esc(reason))
+    ("ok", "ok", esc(&st.health_reason))
+}
+
+fn role_name(r: crate::Role) -> &'static str {
+    match r {
+        crate::Role::Balancer => "balancer",
+        crate::Role::Witness => "witness",
+    }
+}
+
+/// A one-word setting by the name the API gives it (`http`, `roundrobin`).
+fn word(v: &impl serde::Serialize) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => String::new(),
+    }
 }
 
 fn state_class(state: MemberState) -> &'static str {
@@ -340,19 +346,19 @@ fn state_class(state: MemberState) -> &'static str {
 
 /// The whole page: `view` is what `/v1/cluster` answers, `registry` the
 /// applied registry of this node.
-fn status_page(view: &Value, registry: &Registry, now_ms: u64) -> String {
+fn status_page(view: &ClusterView, registry: &Registry, now_ms: u64) -> String {
     let mut out = head("clb status", true);
-    let me = view["node_id"].as_u64().unwrap_or(0);
-    let holder = view["vip_holder"].as_u64();
-    let vip = view["vip"]["vip"].as_str();
+    let me = view.node_id;
+    let holder = view.vip_holder;
+    let vip = view.vip.vip.as_deref();
     let _ = write!(
         out,
         "<header><h1>clb</h1><span>cluster <b>{}</b></span><span>leader <b id=\"leader\">{}</b></span>\
          <span>term <b>{}</b></span><span>applied index <b>{}</b></span><span>served by node <b>{me}</b></span></header>\n<main>\n",
-        text(&view["cluster_id"]),
-        view["leader"].as_u64().map_or("none".into(), |l| format!("node {l}")),
-        text(&view["term"]),
-        text(&view["applied_index"]),
+        esc(&view.cluster_id),
+        view.leader.map_or("none".into(), |l| format!("node {l}")),
+        view.term,
+        view.applied_index,
     );
 
     // Who holds the VIP.
@@ -377,46 +383,35 @@ fn status_page(view: &Value, registry: &Registry, now_ms: u64) -> String {
         }
     }
     out.push_str("</p>");
-    if let Some(err) = view["vip"]["last_error"].as_object() {
+    if let Some(err) = &view.vip.last_error {
         let _ = write!(
             out,
             "<p class=\"muted\">last hook failure on node {me}: {} (term {}) <span class=\"err\">{}</span></p>",
-            text(&err.get("action").cloned().unwrap_or(Value::Null)),
-            text(&err.get("term").cloned().unwrap_or(Value::Null)),
-            text(&err.get("error").cloned().unwrap_or(Value::Null)),
+            err.action.as_str(),
+            err.term,
+            text(err.error.as_deref()),
         );
     }
     out.push_str("</section>\n");
 
     // Nodes: Raft, health, render and haproxy state.
-    let voters: Vec<u64> = view["voters"]
-        .as_array()
-        .map(|v| v.iter().filter_map(Value::as_u64).collect())
-        .unwrap_or_default();
     out.push_str(
         "<section id=\"nodes\"><h2>Nodes</h2><table><thead><tr><th>node</th><th>address</th>\
          <th>raft</th><th>role</th><th>health</th><th>applied index</th><th>haproxy config</th>\
          <th>last apply</th><th>last error</th><th>haproxy's view</th></tr></thead><tbody>\n",
     );
-    let empty = serde_json::Map::new();
-    let nodes = view["nodes"].as_object().unwrap_or(&empty);
-    let statuses = view["node_status"].as_object().unwrap_or(&empty);
-    let mut ids: Vec<(u64, &String)> = nodes
-        .keys()
-        .filter_map(|k| Some((k.parse().ok()?, k)))
-        .collect();
-    ids.sort();
-    let node_ids = ids.clone();
-    for (id, key) in ids {
-        let st = statuses.get(key).unwrap_or(&Value::Null);
-        let raft = st["state"].as_str().unwrap_or("unknown");
-        let membership = if voters.contains(&id) {
+    let node_ids: Vec<u64> = view.nodes.keys().copied().collect();
+    for (&id, addr) in &view.nodes {
+        let status = view.node_status.get(&id);
+        let st = view.node(id);
+        let raft = st.map_or("unknown", |s| s.state.as_str());
+        let membership = if view.voters.contains(&id) {
             "voter"
         } else {
             "learner"
         };
-        let (h_label, h_class, h_detail) = health(st);
-        let role = st["role"].as_str().unwrap_or("—");
+        let (h_label, h_class, h_detail) = health(status);
+        let role = st.and_then(|s| s.role).map_or("—", role_name);
         let vip_mark = if holder == Some(id) {
             format!(" {}", badge("ok", "VIP"))
         } else {
@@ -432,32 +427,33 @@ fn status_page(view: &Value, registry: &Registry, now_ms: u64) -> String {
             "<tr id=\"node-{id}\"><td><b>node {id}</b>{vip_mark}{here}</td><td><code>{}</code></td>\
              <td>{} <span class=\"muted\">{membership}</span></td><td>{}</td><td>{} <span class=\"muted\">{h_detail}</span></td>\
              <td>{}</td>",
-            text(&nodes[key.as_str()]),
+            esc(addr),
             badge(raft, raft),
             esc(role),
             badge(h_class, h_label),
-            text(&st["applied_index"]),
+            text(st.map(|s| s.applied_index)),
         );
-        let render = &st["render"];
-        if st.get("error").is_some() {
-            out.push_str("<td colspan=\"3\" class=\"muted\">no answer</td>");
-        } else if render.is_null() {
-            out.push_str("<td colspan=\"3\" class=\"muted\">renders nothing (witness)</td>");
-        } else {
-            let validated = if render["validating"].as_bool() == Some(false) {
-                " <span class=\"muted\">(unvalidated: no haproxy)</span>"
-            } else {
-                ""
-            };
-            let _ = write!(
-                out,
-                "<td>rendered {} · running {}{validated}</td><td>{} <span class=\"muted\">{}</span></td><td class=\"err\">{}</td>",
-                text(&render["rendered_index"]),
-                text(&render["applied_index"]),
-                text(&render["last_apply"]),
-                esc(&ago(now_ms, render["last_apply_at_ms"].as_u64())),
-                render["last_error"].as_str().map(esc).unwrap_or_default(),
-            );
+        match st.map(|s| &s.render) {
+            None => out.push_str("<td colspan=\"3\" class=\"muted\">no answer</td>"),
+            Some(None) => {
+                out.push_str("<td colspan=\"3\" class=\"muted\">renders nothing (witness)</td>")
+            }
+            Some(Some(render)) => {
+                let validated = if !render.validating {
+                    " <span class=\"muted\">(unvalidated: no haproxy)</span>"
+                } else {
+                    ""
+                };
+                let _ = write!(
+                    out,
+                    "<td>rendered {} · running {}{validated}</td><td>{} <span class=\"muted\">{}</span></td><td class=\"err\">{}</td>",
+                    render.rendered_index,
+                    render.applied_index,
+                    text(render.last_apply.map(|a| a.as_str())),
+                    esc(&ago(now_ms, render.last_apply_at_ms)),
+                    render.last_error.as_deref().map(esc).unwrap_or_default(),
+                );
+            }
         }
         let _ = writeln!(
             out,
@@ -469,19 +465,14 @@ fn status_page(view: &Value, registry: &Registry, now_ms: u64) -> String {
 
     let events: Vec<timeline::NodeEvents> = node_ids
         .iter()
-        .map(|(id, key)| timeline::node_events(*id, statuses.get(*key).unwrap_or(&Value::Null)))
+        .map(|&id| timeline::node_events(id, view.node(id)))
         .collect();
     out.push_str(&timeline::section(&events, now_ms));
 
     // haproxy's view per balancer, for the services' tables.
     let views: Vec<(u64, haproxy_view::View)> = node_ids
         .iter()
-        .map(|(id, key)| {
-            (
-                *id,
-                haproxy_view::View::of(statuses.get(*key).unwrap_or(&Value::Null)),
-            )
-        })
+        .map(|&id| (id, haproxy_view::View::of(view.node(id))))
         .filter(|(_, v)| v.has_column())
         .collect();
 
@@ -509,8 +500,8 @@ fn status_page(view: &Value, registry: &Registry, now_ms: u64) -> String {
             "<h3 id=\"service-{0}\">{0} <span class=\"muted\">frontend :{1} · {2} · {3} · members :{4}</span></h3>",
             esc(name),
             d.port,
-            esc(&serde_json::to_value(d.mode).map(|v| text(&v)).unwrap_or_default()),
-            esc(&serde_json::to_value(d.balance).map(|v| text(&v)).unwrap_or_default()),
+            esc(&word(&d.mode)),
+            esc(&word(&d.balance)),
             d.member_port,
         );
         // Servers haproxy has that the registry does not (removed members
@@ -587,8 +578,8 @@ mod tests {
             esc("<a href=\"x\">'&'</a>"),
             "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;"
         );
-        assert_eq!(text(&serde_json::json!("<b>")), "&lt;b&gt;");
-        assert_eq!(text(&Value::Null), "—");
+        assert_eq!(text(Some("<b>")), "&lt;b&gt;");
+        assert_eq!(text(None::<u64>), "—");
     }
 
     #[test]
@@ -617,6 +608,7 @@ mod tests {
                 "2": {"error": "unreachable: <refused>"}
             }
         });
+        let view: ClusterView = serde_json::from_value(view).unwrap();
         let page = status_page(&view, &Registry::default(), 0);
         assert!(!page.contains("<script>"));
         assert!(!page.contains("<i>"));
@@ -665,6 +657,7 @@ mod tests {
                 "3": {"role": "witness", "haproxy": null, "timeline": []}
             }
         });
+        let view: ClusterView = serde_json::from_value(view).unwrap();
         let page = status_page(&view, &registry, 10_000);
         // Node 1's haproxy finds web2 down although the registry has it
         // active; node 2's finds it up.

@@ -61,7 +61,7 @@ pub enum Bootstrap {
 /// What a node is for: a balancer renders haproxy and may hold the VIP; a
 /// witness only votes and stores, and leads only when no balancer can.
 /// (Here, below api and config, which both use it.)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Balancer,

@@ -69,7 +69,7 @@ pub struct FailoverConfig {
 }
 
 /// The outcome of one hook run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct HookOutcome {
     pub action: Action,
     pub term: u64,
@@ -83,7 +83,8 @@ pub struct HookOutcome {
 }
 
 /// This node's VIP state, for `GET /v1/cluster` and `/metrics`.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct VipStatus {
     pub vip: Option<String>,
     /// The last hook run that succeeded was a claim, and it is still wanted.

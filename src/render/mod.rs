@@ -91,7 +91,8 @@ impl ApplyOutcome {
 }
 
 /// This node's render and apply state, for `/v1/cluster` and `/metrics`.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct RenderStatus {
     /// Registry index of the config on disk.
     pub rendered_index: u64,

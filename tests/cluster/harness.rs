@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clb::client::{Client, ClientOptions};
-use serde_json::Value;
+use clb::views::{ClusterView, ServicesView};
 
 pub const TOKEN: &str = "test-admin-token";
 
@@ -153,13 +153,13 @@ impl Node {
         matches!(reqwest::get(url).await, Ok(r) if r.status().is_success())
     }
 
-    pub async fn view(&self) -> Option<Value> {
+    pub async fn view(&self) -> Option<ClusterView> {
         self.client().cluster().await.ok()
     }
 
     /// Local (not linearizable) registry of this node.
-    pub async fn services(&self) -> Option<Value> {
-        self.client().services(None, false).await.ok()
+    pub async fn services(&self) -> Option<ServicesView> {
+        self.client().services(false).await.ok()
     }
 }
 
@@ -375,7 +375,7 @@ impl Cluster {
             let mut seen = None;
             for n in self.nodes.values().filter(|n| n.child.is_some()) {
                 let v = n.view().await?;
-                let l = v["leader"].as_u64()?;
+                let l = v.leader?;
                 if seen.is_some_and(|s| s != l) {
                     return None;
                 }
@@ -402,7 +402,7 @@ impl Cluster {
                 &format!("node {} to apply {index}", n.id),
                 || async {
                     let v = n.view().await?;
-                    (v["applied_index"].as_u64()? >= index).then_some(())
+                    (v.applied_index >= index).then_some(())
                 },
             )
             .await;

@@ -8,12 +8,12 @@
 
 use std::fmt::Write as _;
 
-use serde_json::Value;
-
 use super::{ago, badge, esc};
+use crate::consensus::Role;
 use crate::model::MemberState;
 use crate::render::haproxy::backend_name;
 use crate::render::stat::{Backend, Server, Snapshot, MAX_SERVERS};
+use crate::views::NodeView;
 
 /// What one node can tell about its haproxy.
 pub enum View {
@@ -31,29 +31,23 @@ pub enum View {
 }
 
 impl View {
-    /// From a node's `node_view` (or the error that stands for it).
-    pub fn of(status: &Value) -> View {
-        if status.get("error").is_some() {
+    /// From a node's `node_view` (`None`: it did not answer).
+    pub fn of(status: Option<&NodeView>) -> View {
+        let Some(status) = status else {
             return View::NoAnswer;
-        }
-        if status["role"].as_str() == Some("witness") {
+        };
+        if status.role == Some(Role::Witness) {
             return View::Witness;
         }
-        let v = &status["haproxy"];
-        if v.is_null() {
+        let Some(s) = &status.haproxy else {
             return View::NoSocket;
-        }
-        match serde_json::from_value::<Snapshot>(v.clone()) {
-            Ok(Snapshot {
-                at_ms,
-                error: Some(error),
-                ..
-            }) => View::Failed { at_ms, error },
-            Ok(s) => View::Seen(s),
-            Err(e) => View::Failed {
-                at_ms: 0,
-                error: format!("unreadable haproxy view: {e}"),
+        };
+        match &s.error {
+            Some(error) => View::Failed {
+                at_ms: s.at_ms,
+                error: error.clone(),
             },
+            None => View::Seen((**s).clone()),
         }
     }
 

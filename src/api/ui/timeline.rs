@@ -6,10 +6,9 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use serde_json::Value;
-
 use super::{ago, esc};
 use crate::timeline::{Event, Kind, KEEP_MS};
+use crate::views::NodeView;
 
 /// The strip spans the smallest of these that covers the oldest event.
 const SPANS_MIN: [u64; 6] = [2, 10, 30, 60, 180, 360];
@@ -25,18 +24,12 @@ pub struct NodeEvents {
     pub holds_vip: bool,
 }
 
-/// Reads a node's events from its `node_view`.
-pub fn node_events(id: u64, status: &Value) -> NodeEvents {
-    let events = if status.get("error").is_some() {
-        None
-    } else {
-        // A clbd from before the timeline has none; that is not an error.
-        Some(serde_json::from_value(status["timeline"].clone()).unwrap_or_default())
-    };
+/// A node's events from its `node_view` (`None`: it did not answer).
+pub fn node_events(id: u64, status: Option<&NodeView>) -> NodeEvents {
     NodeEvents {
         id,
-        events,
-        holds_vip: status["vip_held"].as_bool() == Some(true),
+        events: status.map(|s| s.timeline.clone()),
+        holds_vip: status.is_some_and(|s| s.vip_held),
     }
 }
 
