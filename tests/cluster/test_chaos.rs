@@ -16,10 +16,13 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use clb::views::{
+    ErrorBody, ErrorDetail, OneServiceView, RegisterBody, ServiceBody, ServiceView, ServicesView,
+    Written,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use reqwest::Method;
-use serde_json::{json, Value};
 
 use crate::harness::{
     eventually, free_port, hook_events, peer_addr_for, vip_hook, Cluster, HookEvent, FAST_TIMERS,
@@ -173,7 +176,8 @@ impl Shared {
 }
 
 enum Reply {
-    Status(u16, Value),
+    /// The status and the text of the body.
+    Status(u16, String),
     NotSent(String),
     Lost(String),
 }
@@ -183,7 +187,7 @@ async fn send(
     addr: &str,
     method: Method,
     path: &str,
-    body: Option<Value>,
+    body: Option<RegisterBody>,
 ) -> Reply {
     let mut req = http
         .request(method, format!("http://{addr}{path}"))
@@ -195,9 +199,7 @@ async fn send(
         Ok(resp) => {
             let status = resp.status().as_u16();
             match resp.text().await {
-                Ok(text) => {
-                    Reply::Status(status, serde_json::from_str(&text).unwrap_or(Value::Null))
-                }
+                Ok(text) => Reply::Status(status, text),
                 Err(e) => Reply::Lost(format!("{status}, body lost: {e}")),
             }
         }
@@ -211,41 +213,57 @@ fn classify_write(reply: Reply, is_del: bool) -> Answer {
     match reply {
         Reply::NotSent(why) => Answer::NotApplied(why),
         Reply::Lost(why) => Answer::Unknown(why),
-        Reply::Status(200, v) => match v["index"].as_u64() {
-            Some(index) => Answer::Ok { index },
-            None => Answer::Unexpected(format!("200 without index: {v}")),
+        Reply::Status(200, text) => match serde_json::from_str::<Written>(&text) {
+            Ok(w) => Answer::Ok { index: w.index },
+            Err(_) => Answer::Unexpected(format!("200 without index: {text}")),
         },
         Reply::Status(404, _) if is_del => Answer::NotFound,
-        Reply::Status(503, v) if v["detail"]["retryable"] == false => {
-            Answer::Unknown(v["error"].to_string())
+        Reply::Status(503, text) => {
+            let e = error_of(&text);
+            match e.detail {
+                Some(ErrorDetail::Situation {
+                    retryable: false, ..
+                }) => Answer::Unknown(e.error),
+                _ => Answer::NotApplied(e.error),
+            }
         }
-        Reply::Status(503, v) => Answer::NotApplied(v["error"].to_string()),
         // The guardrail refuses before proposing; --guardrail-share 1 should
         // make this impossible, and it writes nothing either way.
-        Reply::Status(409, v) => Answer::NotApplied(format!("409 {}", v["error"])),
+        Reply::Status(409, text) => Answer::NotApplied(format!("409 {}", error_of(&text).error)),
         // The server's request timeout fired: the write may still commit.
-        Reply::Status(408, v) => Answer::Unknown(format!("408 {}", v["error"])),
-        Reply::Status(s, v) => Answer::Unexpected(format!("{s} {v}")),
+        Reply::Status(408, text) => Answer::Unknown(format!("408 {}", error_of(&text).error)),
+        Reply::Status(s, text) => Answer::Unexpected(format!("{s} {text}")),
     }
 }
 
-fn members_of(definition: &Value) -> Option<BTreeMap<String, u32>> {
-    definition["members"]
-        .as_object()?
+/// The error of a 4xx or 5xx answer; its whole text when it is not one.
+fn error_of(text: &str) -> ErrorBody {
+    serde_json::from_str(text).unwrap_or_else(|_| ErrorBody {
+        error: text.to_string(),
+        detail: None,
+    })
+}
+
+fn members_of(definition: &ServiceView) -> BTreeMap<String, u32> {
+    definition
+        .members
         .iter()
-        .map(|(name, m)| Some((name.clone(), m["port"].as_u64()? as u32)))
+        .map(|(name, m)| (name.clone(), u32::from(m.port)))
         .collect()
 }
 
 fn classify_read(reply: Reply) -> Answer {
     match reply {
         Reply::NotSent(why) | Reply::Lost(why) => Answer::NotApplied(why),
-        Reply::Status(200, v) => match (v["index"].as_u64(), members_of(&v["definition"])) {
-            (Some(index), Some(members)) => Answer::Read { index, members },
-            _ => Answer::Unexpected(format!("bad read answer: {v}")),
+        Reply::Status(200, text) => match serde_json::from_str::<OneServiceView>(&text) {
+            Ok(v) => Answer::Read {
+                index: v.index,
+                members: members_of(&v.definition),
+            },
+            Err(_) => Answer::Unexpected(format!("bad read answer: {text}")),
         },
-        Reply::Status(503 | 408, v) => Answer::NotApplied(v["error"].to_string()),
-        Reply::Status(s, v) => Answer::Unexpected(format!("{s} {v}")),
+        Reply::Status(503 | 408, text) => Answer::NotApplied(error_of(&text).error),
+        Reply::Status(s, text) => Answer::Unexpected(format!("{s} {text}")),
     }
 }
 
@@ -305,7 +323,11 @@ async fn client_loop(shared: Arc<Shared>, client: usize, seed: u64) {
             let (kind, method, body) = if rng.gen_bool(0.55) {
                 // A unique value per register tells which write a read saw.
                 let v = shared.next_value.fetch_add(1, Ordering::Relaxed);
-                let body = json!({"address": "10.0.0.1", "port": v});
+                let body = RegisterBody {
+                    address: "10.0.0.1".into(),
+                    port: Some(v),
+                    ..Default::default()
+                };
                 (Kind::Put(v), Method::PUT, Some(body))
             } else {
                 (Kind::Del, Method::DELETE, None)
@@ -838,7 +860,13 @@ async fn chaos(net: Option<Net>) {
     };
     c.leader(Duration::from_secs(30)).await;
     c.any_client()
-        .define_service(SERVICE, json!({"port": free_port()}))
+        .define_service(
+            SERVICE,
+            &ServiceBody {
+                port: free_port().into(),
+                ..Default::default()
+            },
+        )
         .await
         .expect("define the service");
 
@@ -968,7 +996,11 @@ async fn chaos(net: Option<Net>) {
                 )
                 .await
                 {
-                    Reply::Status(200, v) => all.push(v["services"].clone()),
+                    Reply::Status(200, text) => {
+                        let v: ServicesView =
+                            serde_json::from_str(&text).expect("a services answer");
+                        all.push(v.services);
+                    }
                     _ => return None,
                 }
             }
@@ -976,7 +1008,7 @@ async fn chaos(net: Option<Net>) {
         },
     )
     .await;
-    let registered = members_of(&services[SERVICE]).unwrap_or_default();
+    let registered = services.get(SERVICE).map(members_of).unwrap_or_default();
     if &registered != final_members {
         problems.push(format!(
             "registry {registered:?} differs from the final reads {final_members:?}"
@@ -1013,16 +1045,9 @@ async fn chaos(net: Option<Net>) {
         problems.push("rendered configs differ between nodes".into());
     }
     for n in c.nodes.values() {
-        let v = n
-            .client()
-            .request(Method::GET, "/v1/node", None)
-            .await
-            .expect("node status");
-        if !v["render"]["last_error"].is_null() {
-            problems.push(format!(
-                "node {} render error: {}",
-                n.id, v["render"]["last_error"]
-            ));
+        let v = n.client().node().await.expect("node status");
+        if let Some(e) = v.render.as_ref().and_then(|r| r.last_error.as_ref()) {
+            problems.push(format!("node {} render error: {e:?}", n.id));
         }
     }
 

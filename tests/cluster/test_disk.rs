@@ -14,7 +14,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use openraft::storage::RaftLogStorage;
-use serde_json::Value;
 
 use crate::harness::{eventually, hook_events, vip_hook, Cluster, Node, TOKEN};
 
@@ -282,21 +281,22 @@ async fn caught_up(c: &Cluster, acked: &[(String, u64)]) {
     c.converged(last, Duration::from_secs(30)).await;
     // Nodes may still apply entries past `last` (a write whose outcome was
     // unknown): compare once they agree.
-    let registries: Vec<Value> = eventually(
+    let registries = eventually(
         Duration::from_secs(10),
         "identical registries on every node",
         || async {
             let mut all = Vec::new();
             for n in c.nodes.values() {
-                all.push(n.services().await?["services"].clone());
+                all.push(n.services().await?.services);
             }
             all.windows(2).all(|w| w[0] == w[1]).then_some(all)
         },
     )
     .await;
-    let members: BTreeSet<&str> = registries[0]["http"]["members"]
-        .as_object()
+    let members: BTreeSet<&str> = registries[0]
+        .get("http")
         .expect("http members")
+        .members
         .keys()
         .map(String::as_str)
         .collect();
@@ -329,7 +329,7 @@ async fn restart_and_catch_up(c: &mut Cluster, victim: u64, since: Instant) -> D
 }
 
 async fn applied(node: &Node) -> Option<u64> {
-    node.view().await?["applied_index"].as_u64()
+    Some(node.view().await?.applied_index)
 }
 
 /// The one line that says why the node stopped, with one of `causes`.
@@ -486,7 +486,7 @@ async fn a_leader_whose_disk_fills_releases_the_vip_and_a_new_leader_loses_nothi
     eventually(
         Duration::from_secs(10),
         "the leader to hold the VIP",
-        || async { (c.node(victim).view().await?["vip"]["held"] == true).then_some(()) },
+        || async { c.node(victim).view().await?.vip.held.then_some(()) },
     )
     .await;
     full_disk(&mut c, victim).await;

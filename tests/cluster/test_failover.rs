@@ -4,6 +4,8 @@
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use clb::views::RaftState;
+
 use crate::harness::{eventually, hook_events, vip_hook, Cluster, HookEvent as Event};
 
 /// Quick but not twitchy on a loaded 2-core CI machine. openraft 0.9 waits
@@ -55,9 +57,7 @@ fn args(script: &Path, witness: Option<u64>, extra: Vec<String>) -> impl Fn(u64)
 async fn holds(c: &Cluster, node: u64, within: Duration) -> u64 {
     eventually(within, &format!("node {node} to hold the VIP"), || async {
         let v = c.node(node).view().await?;
-        (v["vip"]["held"] == true)
-            .then(|| v["vip"]["held_term"].as_u64())
-            .flatten()
+        v.vip.held_term.filter(|_| v.vip.held)
     })
     .await
 }
@@ -128,9 +128,9 @@ async fn voters_with_a_shorter_election_timeout_give_the_leader_no_lease() {
         .await
         .expect("a write through the leader");
     let v = c.node(1).view().await.expect("view");
-    assert_eq!(v["state"], "leader", "{v}");
-    assert_eq!(v["vip"]["held"], false, "{v}");
-    assert_eq!(v["vip"]["claims_ok"], 0, "{v}");
+    assert_eq!(v.state, RaftState::Leader, "{v:?}");
+    assert!(!v.vip.held, "{v:?}");
+    assert_eq!(v.vip.claims_ok, 0, "{v:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -175,10 +175,10 @@ async fn sigkill_leader_new_claim_within_a_second_and_witness_never_holds() {
         "witness ran a VIP hook: {ev:?}"
     );
     let w = c.node(3).view().await.expect("witness view");
-    assert_eq!(w["vip"]["held"], false);
-    assert_eq!(w["vip"]["claims_ok"], 0);
-    assert_eq!(w["vip"]["may_campaign"], false);
-    assert_eq!(w["vip_holder"], new);
+    assert!(!w.vip.held);
+    assert_eq!(w.vip.claims_ok, 0);
+    assert!(!w.vip.may_campaign);
+    assert_eq!(w.vip_holder, Some(new));
     // ... and renders nothing: no config file, no render status, while the
     // balancers rendered theirs.
     assert!(
@@ -189,7 +189,10 @@ async fn sigkill_leader_new_claim_within_a_second_and_witness_never_holds() {
         "the witness rendered a config"
     );
     let status = c.node(3).client().cluster().await.expect("cluster view");
-    assert!(status["node_status"]["3"]["render"].is_null(), "{status}");
+    assert!(
+        status.node(3).and_then(|n| n.render.as_ref()).is_none(),
+        "{status:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -238,11 +241,7 @@ async fn sigstop_leader_others_claim_and_it_releases_first_on_sigcont() {
         (first.at_ns - resumed_at) / 1_000_000
     );
     let v = c.node(old).view().await.expect("old leader view");
-    assert!(
-        v["vip"]["lease_expiries"].as_u64().unwrap_or(0) >= 1,
-        "{}",
-        v["vip"]
-    );
+    assert!(v.vip.lease_expiries >= 1, "{:?}", v.vip);
     // On a loaded machine the resumed node may win a later election (openraft
     // 0.9 has no pre-vote); then it claims again, but only with a newer term,
     // never with the stale one it held before the stop.
@@ -300,12 +299,12 @@ async fn unhealthy_leader_hands_over_and_clb_failover_moves_the_vip() {
         Duration::from_secs(10),
         "a healthy leader holding the VIP",
         || async {
-            let l = c.node(1).view().await?["leader"].as_u64()?;
+            let l = c.node(1).view().await?.leader?;
             if l == old {
                 return None;
             }
             let v = c.node(l).view().await?;
-            (v["vip"]["held"] == true).then_some(l)
+            v.vip.held.then_some(l)
         },
     )
     .await;
@@ -314,12 +313,9 @@ async fn unhealthy_leader_hands_over_and_clb_failover_moves_the_vip() {
         (now_ns() - sick_at) / 1_000_000
     );
     let v = c.node(old).view().await.expect("old leader view");
-    assert_eq!(v["vip"]["healthy"], false);
-    assert_eq!(v["vip"]["held"], false);
-    assert!(v["vip"]["health_reason"]
-        .as_str()
-        .unwrap_or("")
-        .contains("--health-cmd"));
+    assert!(!v.vip.healthy);
+    assert!(!v.vip.held);
+    assert!(v.vip.health_reason.contains("--health-cmd"));
     let ev = hook_events(&log);
     let release = ev
         .iter()
@@ -338,12 +334,12 @@ async fn unhealthy_leader_hands_over_and_clb_failover_moves_the_vip() {
         "the old leader healthy again",
         || async {
             let v = c.node(old).view().await?;
-            (v["vip"]["healthy"] == true).then_some(())
+            v.vip.healthy.then_some(())
         },
     )
     .await;
     for _ in 0..10 {
-        assert_eq!(c.node(old).view().await.expect("view")["leader"], new);
+        assert_eq!(c.node(old).view().await.expect("view").leader, Some(new));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
@@ -352,15 +348,15 @@ async fn unhealthy_leader_hands_over_and_clb_failover_moves_the_vip() {
     let answer = c
         .node(follower)
         .client()
-        .request(reqwest::Method::POST, "/v1/cluster/failover", None)
+        .failover()
         .await
         .expect("failover");
-    eprintln!("clb failover: {answer}");
-    assert_eq!(answer["from"], new);
-    let moved_to = answer["new_leader"].as_u64().expect("new leader");
+    eprintln!("clb failover: {answer:?}");
+    assert_eq!(answer.from, new);
+    let moved_to = answer.new_leader;
     assert_ne!(moved_to, new);
-    assert_eq!(answer["vip_holder"], moved_to);
-    assert!(answer["vip_took_ms"].as_u64().expect("vip took") < 5_000);
+    assert_eq!(answer.vip_holder, Some(moved_to));
+    assert!(answer.vip_took_ms.expect("vip took") < 5_000);
     let ev = hook_events(&log);
     let release = ev
         .iter()
@@ -583,7 +579,7 @@ async fn with_every_balancer_unfit_the_registry_keeps_a_steady_leader() {
     let first = c.leader(Duration::from_secs(20)).await;
     for n in c.nodes.values() {
         let v = n.view().await.expect("view");
-        assert_eq!(v["vip"]["healthy"], false, "node {} is fit: {v}", n.id);
+        assert!(!v.vip.healthy, "node {} is fit: {v:?}", n.id);
     }
     c.node_mut(first).kill();
     let leader = c.leader(Duration::from_secs(20)).await;
@@ -594,14 +590,13 @@ async fn with_every_balancer_unfit_the_registry_keeps_a_steady_leader() {
         .await
         .expect("a write after the leader's death");
     // Then it stays put: no term change over 3 s of watching.
-    let term = |v: &serde_json::Value| v["term"].as_u64();
-    let start = term(&c.node(leader).view().await.expect("view")).expect("term");
+    let start = c.node(leader).view().await.expect("view").term;
     let until = std::time::Instant::now() + Duration::from_secs(3);
     while std::time::Instant::now() < until {
         for n in c.nodes.values().filter(|n| n.child.is_some()) {
             if let Some(v) = n.view().await {
-                assert_eq!(v["leader"].as_u64(), Some(leader), "leadership moved: {v}");
-                assert_eq!(term(&v), Some(start), "a new term: {v}");
+                assert_eq!(v.leader, Some(leader), "leadership moved: {v:?}");
+                assert_eq!(v.term, start, "a new term: {v:?}");
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -5,13 +5,16 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::harness::{eventually, Cluster};
-use serde_json::Value;
+use clb::client::ClientError;
+use clb::views::{ErrorDetail, ServicesView};
 
-fn member_names(services: &Value, service: &str) -> BTreeSet<String> {
-    services["services"][service]["members"]
-        .as_object()
-        .map(|m| m.keys().cloned().collect())
+use crate::harness::{eventually, Cluster};
+
+fn member_names(services: &ServicesView, service: &str) -> BTreeSet<String> {
+    services
+        .services
+        .get(service)
+        .map(|s| s.members.keys().cloned().collect())
         .unwrap_or_default()
 }
 
@@ -21,7 +24,7 @@ async fn three_nodes_form_and_a_write_to_a_follower_reaches_all() {
     let leader = c.leader(Duration::from_secs(10)).await;
     let follower = c.followers(leader)[0];
     let v = c.node(leader).view().await.expect("view");
-    assert_eq!(v["voters"], serde_json::json!([1, 2, 3]));
+    assert_eq!(v.voters, [1, 2, 3]);
 
     let index = c
         .node(follower)
@@ -33,13 +36,12 @@ async fn three_nodes_form_and_a_write_to_a_follower_reaches_all() {
     for n in c.nodes.values() {
         let m = eventually(Duration::from_secs(5), "member on every node", || async {
             let s = n.services().await?;
-            let m = s["services"]["http"]["members"]["web1"].clone();
-            (!m.is_null()).then_some(m)
+            s.services.get("http")?.members.get("web1").cloned()
         })
         .await;
-        assert_eq!(m["address"], "10.0.0.1");
-        assert_eq!(m["port"], 8080);
-        assert_eq!(m["weight"], 10);
+        assert_eq!(m.address, "10.0.0.1");
+        assert_eq!(m.port, 8080);
+        assert_eq!(m.weight, 10);
     }
     // The follower counted the write it forwarded.
     let m = reqwest::get(format!("http://{}/metrics", c.node(follower).addr))
@@ -53,11 +55,14 @@ async fn three_nodes_form_and_a_write_to_a_follower_reaches_all() {
     let s = c
         .node(follower)
         .client()
-        .services(Some("http"), true)
+        .service("http", true)
         .await
         .expect("consistent read");
-    assert!(s["index"].as_u64().unwrap() >= index);
-    assert_eq!(s["definition"]["members"]["web1"]["address"], "10.0.0.1");
+    assert!(s.index >= index);
+    assert_eq!(
+        s.definition.members.get("web1").map(|m| m.address.as_str()),
+        Some("10.0.0.1")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -212,14 +217,23 @@ async fn without_a_quorum_a_write_answers_503_naming_the_situation() {
         .unwrap_err();
     let waited = started.elapsed();
     match &err {
-        clb::client::ClientError::Api {
+        ClientError::Api {
             status,
             message,
             detail,
         } => {
             assert_eq!(*status, 503, "{err}");
             assert!(message.contains("gave up after"), "{message}");
-            assert_eq!(detail["retryable"], true);
+            assert!(
+                matches!(
+                    detail,
+                    Some(ErrorDetail::Situation {
+                        retryable: true,
+                        ..
+                    })
+                ),
+                "{detail:?}"
+            );
         }
         other => panic!("expected a 503, got {other}"),
     }
@@ -227,7 +241,7 @@ async fn without_a_quorum_a_write_answers_503_naming_the_situation() {
         waited >= Duration::from_millis(900),
         "retried for the forward timeout, not {waited:?}"
     );
-    // Local reads still answer, with the node's applied index.
-    let s = lonely.services().await.expect("local read");
-    assert!(s["index"].as_u64().is_some());
+    // Local reads still answer, with the node's applied index (`index` is
+    // not optional: an answer without it does not parse).
+    lonely.services().await.expect("local read");
 }

@@ -190,10 +190,7 @@ async fn claims_wait_for_the_previous_release_across_40_handoffs() {
                 // at that very moment (a retryable 503).
                 let client = c.node(if old == 1 { 2 } else { 1 }).client();
                 eventually(Duration::from_secs(10), "clb failover", || async {
-                    let r = client
-                        .request(reqwest::Method::POST, "/v1/cluster/failover", None)
-                        .await;
-                    match r {
+                    match client.failover().await {
                         Ok(_) => Some(()),
                         Err(clb::client::ClientError::Api { status: 503, .. }) => None,
                         Err(e) => panic!("clb failover: {e:?}"),
@@ -229,7 +226,7 @@ async fn claims_wait_for_the_previous_release_across_40_handoffs() {
                     .find(|r| r.action == "claim" && r.end && r.term >= new_term)
                     .map(|r| (r.node, r.term))?;
                 let v = n.view().await?;
-                (v["leader"].as_u64()? == h && v["vip"]["healthy"] == true).then_some((h, t))
+                (v.leader? == h && v.vip.healthy).then_some((h, t))
             },
         )
         .await;

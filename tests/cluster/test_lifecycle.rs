@@ -3,6 +3,9 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use clb::model::Mode;
+use clb::views::{AuditQuery, ServiceBody, ServicesView, TokenBody};
+
 use crate::harness::{eventually, free_port, Cluster, TOKEN};
 
 /// `clb agent` as a child process, killed on drop.
@@ -55,6 +58,13 @@ fn servers(c: &Cluster) -> String {
         .join(",")
 }
 
+/// Whether `service` in `s` has `member`.
+fn has_member(s: &ServicesView, service: &str, member: &str) -> bool {
+    s.services
+        .get(service)
+        .is_some_and(|svc| svc.members.contains_key(member))
+}
+
 fn in_config(c: &Cluster, id: u64, member: &str) -> bool {
     std::fs::read_to_string(c.dir.path().join(format!("haproxy{id}.cfg")))
         .map(|t| t.contains(&format!("server {member} ")))
@@ -89,15 +99,19 @@ async fn a_killed_agents_member_leaves_every_config_after_its_ttl() {
         killed.elapsed() >= Duration::from_secs(1),
         "removed before its TTL could run out"
     );
-    let (_, audit) = {
-        let v = c
-            .any_client()
-            .request(reqwest::Method::GET, "/v1/audit?service=http", None)
-            .await
-            .unwrap();
-        ((), v)
-    };
-    assert_eq!(audit["entries"][0]["by"], "ttl", "{audit}");
+    let audit = c
+        .any_client()
+        .audit(&AuditQuery {
+            service: Some("http".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        audit.entries.first().map(|e| e.by.as_str()),
+        Some("ttl"),
+        "{audit:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -108,7 +122,7 @@ async fn a_leader_change_does_not_expire_members_that_keep_renewing() {
     let follower = c.followers(leader)[0];
     eventually(Duration::from_secs(10), "registered", || async {
         let s = c.node(follower).services().await?;
-        (!s["services"]["http"]["members"]["r1"].is_null()).then_some(())
+        has_member(&s, "http", "r1").then_some(())
     })
     .await;
     c.node_mut(leader).kill();
@@ -118,7 +132,7 @@ async fn a_leader_change_does_not_expire_members_that_keep_renewing() {
     while Instant::now() < until {
         let s = c.node(follower).services().await.expect("read");
         assert!(
-            !s["services"]["http"]["members"]["r1"].is_null(),
+            has_member(&s, "http", "r1"),
             "a renewing member expired after the leader change"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -139,7 +153,7 @@ async fn the_guardrail_refuses_a_mass_removal_unless_forced() {
     for i in 0..5 {
         client.unregister("http", &format!("m{i}")).await.unwrap();
     }
-    let before = client.services(Some("http"), true).await.unwrap();
+    let before = client.service("http", true).await.unwrap();
     let err = client.unregister("http", "m5").await.unwrap_err();
     assert_eq!(err.status(), Some(409), "{err}");
     assert!(
@@ -155,9 +169,9 @@ async fn the_guardrail_refuses_a_mass_removal_unless_forced() {
             .status(),
         Some(409)
     );
-    let after = client.services(Some("http"), true).await.unwrap();
+    let after = client.service("http", true).await.unwrap();
     assert_eq!(
-        before["definition"], after["definition"],
+        before.definition, after.definition,
         "a refused removal changed the registry"
     );
     // The CLI says so with exit code 6, and --force overrides.
@@ -221,7 +235,14 @@ async fn a_snapshot_restores_into_a_fresh_cluster() {
     c.leader(Duration::from_secs(10)).await;
     let client = c.any_client();
     client
-        .define_service("api", serde_json::json!({"port": 8443, "mode": "tcp"}))
+        .define_service(
+            "api",
+            &ServiceBody {
+                port: 8443,
+                mode: Some(Mode::Tcp),
+                ..Default::default()
+            },
+        )
         .await
         .unwrap();
     for i in 0..20 {
@@ -239,11 +260,10 @@ async fn a_snapshot_restores_into_a_fresh_cluster() {
     }
     client.set_state("api", "m3", "maint").await.unwrap();
     let token = client
-        .request(
-            reqwest::Method::POST,
-            "/v1/tokens",
-            Some(serde_json::json!({"scope": "read"})),
-        )
+        .create_token(&TokenBody {
+            scope: "read".into(),
+            ..Default::default()
+        })
         .await
         .unwrap();
     let file = c.dir.path().join("backup.json");
@@ -258,39 +278,37 @@ async fn a_snapshot_restores_into_a_fresh_cluster() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let original = client.services(None, true).await.unwrap();
+    let original = client.services(true).await.unwrap();
 
     // A fresh 3-node cluster, every node given the backup; it is applied once.
     let fresh = Cluster::start_with(3, &["--restore", file.to_str().unwrap()]).await;
     fresh.leader(Duration::from_secs(10)).await;
     let restored = eventually(Duration::from_secs(15), "the registry restored", || async {
-        let v = fresh.any_client().services(None, true).await.ok()?;
-        (v["services"]["api"]["members"].as_object()?.len() == 20).then_some(v)
+        let v = fresh.any_client().services(true).await.ok()?;
+        (v.services.get("api")?.members.len() == 20).then_some(v)
     })
     .await;
-    assert_eq!(restored["services"], original["services"]);
+    assert_eq!(restored.services, original.services);
     // The token made before the backup works on the new cluster.
-    let secret = token["secret"].as_str().unwrap();
-    let reader = clb::client::Client::new(&fresh.node(2).addr, Some(secret.into())).unwrap();
+    let reader = clb::client::Client::new(&fresh.node(2).addr, Some(token.secret)).unwrap();
     eventually(
         Duration::from_secs(5),
         "the restored token works",
-        || async { reader.services(None, false).await.ok() },
+        || async { reader.services(false).await.ok() },
     )
     .await;
     // Every node was given the file, and the restore happened exactly once.
     let audit = fresh
         .any_client()
-        .request(reqwest::Method::GET, "/v1/audit", None)
+        .audit(&AuditQuery::default())
         .await
         .unwrap();
-    let restores = audit["entries"]
-        .as_array()
-        .unwrap()
+    let restores = audit
+        .entries
         .iter()
-        .filter(|e| e["action"] == "restore")
+        .filter(|e| e.action == "restore")
         .count();
-    assert_eq!(restores, 1, "{audit}");
+    assert_eq!(restores, 1, "{audit:?}");
     // A broken backup stops start-up with a one-line reason.
     std::fs::write(&file, "{\"format\": \"something-else\"}").unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_clbd"))
@@ -343,9 +361,7 @@ async fn a_transient_empty_registry_never_empties_a_serving_config() {
         "the guard reports why it waits",
         || async {
             let v = n.client().cluster().await.ok()?;
-            let err = v["node_status"]["1"]["render"]["last_error"]
-                .as_str()?
-                .to_string();
+            let err = v.node(1)?.render.as_ref()?.last_error.clone()?;
             err.contains("lacks services").then_some(err)
         },
     )

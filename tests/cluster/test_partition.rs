@@ -19,6 +19,10 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use clb::model::{Check, Mode};
+use clb::views::{ClusterView, OneServiceView, RegisterBody, ServiceBody};
+use serde::Serialize;
+
 use crate::harness::{SECRET, TOKEN};
 use crate::netns::{self, longest_gap, served_since, Host, Lab, Sample};
 
@@ -69,6 +73,17 @@ fn http(
         body,
         Duration::from_secs(2),
     )
+}
+
+/// `/v1/cluster` as the node at `addr` in `ns` answers it.
+fn cluster_view(ns: &str, addr: SocketAddr) -> Option<ClusterView> {
+    let (_, body) = http(ns, addr, "GET", "/v1/cluster", None)?;
+    serde_json::from_str(&body).ok()
+}
+
+/// A request body as the API takes it.
+fn body_of(body: &impl Serialize) -> String {
+    serde_json::to_string(body).expect("a request body")
 }
 
 /// Each node's API and peer address (free ports on its host) and the
@@ -220,11 +235,20 @@ fn partition_drill_moves_the_vip_without_two_holders() {
     let api_a = addrs[0].1;
     let svc_port = netns::free_port_in(&a.ns, a.ip).expect("free port");
     wait_for(Duration::from_secs(20), "the service defined", || {
-        let body = format!(r#"{{"port": {svc_port}, "mode": "http", "check": "none"}}"#);
+        let body = body_of(&ServiceBody {
+            port: svc_port.into(),
+            mode: Some(Mode::Http),
+            check: Some(Check::None),
+            ..Default::default()
+        });
         let r = http(&a.ns, api_a, "PUT", "/v1/services/web", Some(&body))?;
         (r.0 == 200).then_some(())
     });
-    let body = format!(r#"{{"address": "127.0.0.1", "port": {backend_port}}}"#);
+    let body = body_of(&RegisterBody {
+        address: "127.0.0.1".into(),
+        port: Some(backend_port.into()),
+        ..Default::default()
+    });
     let r = http(
         &a.ns,
         api_a,
@@ -349,11 +373,7 @@ fn partition_drill_moves_the_vip_without_two_holders() {
         wait_for(
             Duration::from_secs(20),
             "the restarted node to follow",
-            || {
-                let (_, body) = http(&h.ns, api, "GET", "/v1/cluster", None)?;
-                let v: serde_json::Value = serde_json::from_str(&body).ok()?;
-                v["leader"].as_u64().map(|_| ())
-            },
+            || cluster_view(&h.ns, api)?.leader.map(|_| ()),
         );
         let since = Instant::now();
         wait_for(Duration::from_secs(20), "traffic after the restart", || {
@@ -454,10 +474,9 @@ fn partition_drill_moves_the_vip_without_two_holders() {
         Duration::from_secs(10),
         "the witness back in the cluster",
         || {
-            let (_, body) = http(&w.ns, api_w, "GET", "/v1/cluster", None)?;
-            let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+            let v = cluster_view(&w.ns, api_w)?;
             let want = if first.name == "a" { 1 } else { 2 };
-            (v["leader"] == want).then_some(())
+            (v.leader == Some(want)).then_some(())
         },
     );
 
@@ -497,9 +516,8 @@ fn partition_drill_moves_the_vip_without_two_holders() {
         Duration::from_secs(15),
         "the old leader rejoined as a follower",
         || {
-            let (_, body) = http(&old.ns, old_api, "GET", "/v1/cluster", None)?;
-            let v: serde_json::Value = serde_json::from_str(&body).ok()?;
-            (v["leader"] == other_id && v["vip"]["held"] == false).then_some(())
+            let v = cluster_view(&old.ns, old_api)?;
+            (v.leader == Some(other_id) && !v.vip.held).then_some(())
         },
     );
 
@@ -641,11 +659,7 @@ fn a_balancer_behind_the_witness_takes_over_once_the_witness_caught_it_up() {
         )
         .expect("spawn clbd");
     }
-    let leader_of = |i: usize| -> Option<u64> {
-        let (_, body) = http(&hosts[i].1.ns, api[i], "GET", "/v1/cluster", None)?;
-        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
-        v["leader"].as_u64()
-    };
+    let leader_of = |i: usize| -> Option<u64> { cluster_view(&hosts[i].1.ns, api[i])?.leader };
     let first = wait_for(Duration::from_secs(20), "a leader", || {
         leader_of(0).filter(|&l| l != 3 && leader_of(1) == Some(l))
     });
@@ -661,10 +675,14 @@ fn a_balancer_behind_the_witness_takes_over_once_the_witness_caught_it_up() {
     // what it then misses.
     lab.set_link(&hosts[lag].1, false).expect("unplug");
     for n in 0..5 {
-        let body = r#"{"address":"10.9.9.9","port":80}"#;
+        let body = body_of(&RegisterBody {
+            address: "10.9.9.9".into(),
+            port: Some(80),
+            ..Default::default()
+        });
         let path = format!("/v1/services/web/members/m{n}");
         wait_for(Duration::from_secs(10), "an acknowledged write", || {
-            let (status, _) = http(&hosts[lead].1.ns, api[lead], "PUT", &path, Some(body))?;
+            let (status, _) = http(&hosts[lead].1.ns, api[lead], "PUT", &path, Some(&body))?;
             (status == 200).then_some(())
         });
     }
@@ -688,10 +706,10 @@ fn a_balancer_behind_the_witness_takes_over_once_the_witness_caught_it_up() {
     // It leads with every acknowledged write.
     let (_, body) = http(&hosts[lag].1.ns, api[lag], "GET", "/v1/services/web", None)
         .expect("the survivor answers");
-    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let v: OneServiceView = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
     for n in 0..5 {
         assert!(
-            !v["definition"]["members"][format!("m{n}")].is_null(),
+            v.definition.members.contains_key(&format!("m{n}")),
             "m{n} lost: {body}"
         );
     }

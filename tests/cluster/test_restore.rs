@@ -9,45 +9,60 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use clb::auth::{Scope, Token};
 use clb::consensus::store::MAX_VALUE;
-use serde_json::{json, Value};
+use clb::model::{
+    Balance, Check, Member, MemberState, Members, Mode, Registry, ServerOptions, Service,
+    ServiceDef,
+};
+use clb::views::{AuditQuery, Backup, BACKUP_FORMAT};
 
 use crate::harness::{eventually, Cluster, Node};
 
 /// Writes a `clb snapshot save` file: `per_service` members in each of
 /// `services`, and one token.
 fn write_backup(path: &Path, services: &[&str], per_service: usize) {
-    let mut all = serde_json::Map::new();
+    let mut registry = Registry::default();
     for (n, name) in services.iter().enumerate() {
-        let members: serde_json::Map<String, Value> = (0..per_service)
+        let members: Members = (0..per_service)
             .map(|i| {
-                let member = json!({
-                    "address": format!("10.{n}.{}.{}", i >> 8, i & 255),
-                    "port": 8080,
-                    "weight": 100,
-                    "state": "active",
-                    "registered_at_ms": 1_700_000_000_000u64 + i as u64,
-                    "ttl_s": null,
-                });
+                let member = Member {
+                    address: format!("10.{n}.{}.{}", i >> 8, i & 255),
+                    port: 8080,
+                    weight: 100,
+                    state: MemberState::Active,
+                    registered_at_ms: 1_700_000_000_000u64 + i as u64,
+                    ttl_s: None,
+                };
                 (format!("m{i:06}"), member)
             })
             .collect();
-        let def = json!({"port": 8000 + n, "member_port": 8080, "mode": "http"});
-        all.insert(name.to_string(), json!({"def": def, "members": members}));
+        let def = ServiceDef {
+            port: 8000 + n as u16,
+            member_port: 8080,
+            mode: Mode::Http,
+            balance: Balance::default(),
+            check: Check::default(),
+            server: ServerOptions::default(),
+        };
+        registry
+            .services
+            .insert(name.to_string(), Arc::new(Service { def, members }));
     }
-    let token = json!({
-        "name": "restored",
-        "scope": "read",
-        "hash": "00".repeat(32),
-        "created_at_ms": 1,
-        "expires_at_ms": null,
-        "created_by": "test",
-    });
-    let backup = json!({
-        "format": "clb-snapshot-1",
-        "index": 1,
-        "registry": {"services": all, "tokens": {"0123456789abcdef": token}},
-    });
+    let token = Token {
+        name: "restored".into(),
+        scope: Scope::Read,
+        hash: "00".repeat(32),
+        created_at_ms: 1,
+        expires_at_ms: None,
+        created_by: "test".into(),
+    };
+    registry.tokens.insert("0123456789abcdef".into(), token);
+    let backup = Backup {
+        format: BACKUP_FORMAT.into(),
+        index: 1,
+        registry,
+    };
     std::fs::write(path, serde_json::to_vec(&backup).unwrap()).unwrap();
 }
 
@@ -84,8 +99,8 @@ const TIMERS: [&str; 6] = [
     "3000",
 ];
 
-async fn members(node: &Node) -> Option<u64> {
-    node.view().await?["members"].as_u64()
+async fn members(node: &Node) -> Option<usize> {
+    Some(node.view().await?.members)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -121,9 +136,7 @@ async fn a_restore_and_the_snapshot_after_it_leave_nothing_in_sleds_blobs() {
     eprintln!("restored on every node after {} ms", restored.as_millis());
     // A restore counts as that many writes: every node snapshots after it.
     let leader = c.leader(Duration::from_secs(10)).await;
-    let commit = c.node(leader).view().await.unwrap()["applied_index"]
-        .as_u64()
-        .unwrap();
+    let commit = c.node(leader).view().await.unwrap().applied_index;
     for node in c.nodes.values() {
         eventually(
             Duration::from_secs(60),
@@ -152,17 +165,19 @@ async fn a_restore_and_the_snapshot_after_it_leave_nothing_in_sleds_blobs() {
 
     // One audit record for the restore, none for its parts.
     let audit = client
-        .request(reqwest::Method::GET, "/v1/audit?limit=10000", None)
+        .audit(&AuditQuery {
+            limit: Some(10_000),
+            ..Default::default()
+        })
         .await
         .unwrap();
-    let actions: Vec<&str> = audit["entries"]
-        .as_array()
-        .unwrap()
+    let actions: Vec<&str> = audit
+        .entries
         .iter()
-        .filter_map(|e| e["action"].as_str())
+        .map(|e| e.action.as_str())
         .filter(|a| a.starts_with("restore"))
         .collect();
-    assert_eq!(actions, ["restore"], "{audit}");
+    assert_eq!(actions, ["restore"], "{audit:?}");
 
     for node in c.nodes.values_mut() {
         assert!(node.terminate().success());
@@ -258,12 +273,7 @@ async fn a_restore_killed_at_any_point_leaves_the_empty_registry_or_the_whole_ba
         let (seen, stop) = (seen.clone(), stop.clone());
         async move {
             while !stop.load(Ordering::Relaxed) {
-                if let Some(n) = client
-                    .cluster()
-                    .await
-                    .ok()
-                    .and_then(|v| v["members"].as_u64())
-                {
+                if let Some(n) = client.cluster().await.ok().map(|v| v.members as u64) {
                     seen.lock().unwrap().insert(n);
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -283,9 +293,9 @@ async fn a_restore_killed_at_any_point_leaves_the_empty_registry_or_the_whole_ba
             || async {
                 let v = node.view().await?;
                 let reached = if point == u64::MAX {
-                    v["members"].as_u64()? == MEMBERS
+                    v.members as u64 == MEMBERS
                 } else {
-                    v["applied_index"].as_u64()? >= point
+                    v.applied_index >= point
                 };
                 reached.then_some(())
             },
@@ -309,11 +319,7 @@ async fn a_restore_killed_at_any_point_leaves_the_empty_registry_or_the_whole_ba
             };
             eprintln!("killing as {seen} appeared");
         }
-        let at = c
-            .node(1)
-            .view()
-            .await
-            .and_then(|v| v["applied_index"].as_u64());
+        let at = c.node(1).view().await.map(|v| v.applied_index);
         let at = at.expect("applied index");
         let node = c.node_mut(1);
         node.kill();
@@ -331,8 +337,7 @@ async fn a_restore_killed_at_any_point_leaves_the_empty_registry_or_the_whole_ba
             &format!("the node to apply up to {at} again"),
             || async {
                 let v = node.view().await?;
-                let applied = v["applied_index"].as_u64()?;
-                (applied >= at).then_some(v["members"].as_u64()?)
+                (v.applied_index >= at).then_some(v.members as u64)
             },
         )
         .await;
@@ -368,18 +373,13 @@ async fn a_restore_killed_at_any_point_leaves_the_empty_registry_or_the_whole_ba
     watcher.await.unwrap();
     let seen = seen.lock().unwrap().clone();
     assert_eq!(seen, BTreeSet::from([0, MEMBERS]), "registry sizes seen");
-    let audit = node
-        .client()
-        .request(reqwest::Method::GET, "/v1/audit", None)
-        .await
-        .unwrap();
-    let restores = audit["entries"]
-        .as_array()
-        .unwrap()
+    let audit = node.client().audit(&AuditQuery::default()).await.unwrap();
+    let restores = audit
+        .entries
         .iter()
-        .filter(|e| e["action"] == "restore")
+        .filter(|e| e.action == "restore")
         .count();
-    assert_eq!(restores, 1, "{audit}");
+    assert_eq!(restores, 1, "{audit:?}");
     let text = node.log_text();
     assert!(!text.contains("panicked"), "{text}");
     assert_eq!(blobs(&node.data_dir), Vec::<String>::new());

@@ -60,13 +60,11 @@ async fn follower_pauses_depose_nobody(under_writes: bool) {
         "the leader to hold the VIP",
         || async {
             let v = c.node(leader).view().await?;
-            (v["vip"]["held"] == true).then_some(())
+            v.vip.held.then_some(())
         },
     )
     .await;
-    let term = c.node(leader).view().await.expect("view")["term"]
-        .as_u64()
-        .unwrap();
+    let term = c.node(leader).view().await.expect("view").term;
     let hooks_before = hook_events(&log).len();
 
     // Writes through the leader for the whole run, bounded in count.
@@ -103,15 +101,19 @@ async fn follower_pauses_depose_nobody(under_writes: bool) {
             tokio::time::sleep(Duration::from_millis(pause)).await;
             f.signal(libc::SIGCONT);
             // It catches up with the leader before the next pause.
-            let target = c.node(leader).view().await.expect("leader view")["last_log_index"]
-                .as_u64()
+            let target = c
+                .node(leader)
+                .view()
+                .await
+                .expect("leader view")
+                .last_log_index
                 .unwrap_or(0);
             eventually(
                 Duration::from_secs(10),
                 "the follower to catch up",
                 || async {
                     let v = f.view().await?;
-                    (v["applied_index"].as_u64()? >= target).then_some(())
+                    (v.applied_index >= target).then_some(())
                 },
             )
             .await;
@@ -125,12 +127,11 @@ async fn follower_pauses_depose_nobody(under_writes: bool) {
     for node in c.nodes.values() {
         let v = node.view().await.expect("view");
         assert_eq!(
-            v["term"].as_u64(),
-            Some(term),
+            v.term, term,
             "node {}: the term moved: a follower's pause started an election",
             node.id
         );
-        assert_eq!(v["leader"].as_u64(), Some(leader), "node {}", node.id);
+        assert_eq!(v.leader, Some(leader), "node {}", node.id);
     }
     let runs = hook_events(&log);
     assert_eq!(

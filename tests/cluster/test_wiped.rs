@@ -12,19 +12,15 @@ use std::collections::BTreeSet;
 use std::process::Command;
 use std::time::Duration;
 
+use clb::views::RaftState;
+
 use crate::harness::{eventually, Cluster, TOKEN};
 
 const WRITES: usize = 20;
 
 async fn members(c: &Cluster, id: u64) -> Option<BTreeSet<String>> {
     let s = c.node(id).services().await?;
-    Some(
-        s["services"]["http"]["members"]
-            .as_object()?
-            .keys()
-            .cloned()
-            .collect(),
-    )
+    Some(s.services.get("http")?.members.keys().cloned().collect())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -83,7 +79,8 @@ async fn a_wiped_voter_neither_votes_nor_loses_acknowledged_writes() {
     while std::time::Instant::now() < deadline {
         if let Some(v) = c.node(f).view().await {
             assert_ne!(
-                v["state"], "leader",
+                v.state,
+                RaftState::Leader,
                 "F was elected with the vote of a node that lost its data"
             );
         }
@@ -103,7 +100,7 @@ async fn a_wiped_voter_neither_votes_nor_loses_acknowledged_writes() {
         || async {
             let l = c.nodes.get(&leader)?;
             let v = l.view().await?;
-            v["leader"].as_u64()?;
+            v.leader?;
             members(&c, leader).await
         },
     )
