@@ -4,7 +4,7 @@
 //! Pure: no Raft, no HTTP, no files. `Registry::apply` is the only way state
 //! changes, and it is deterministic so every node computes the same registry.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -1009,6 +1009,82 @@ fn not_found_member(service: &str, member: &str) -> Response {
     }
 }
 
+/// The registry keys commands may have changed: what the store rewrites
+/// after applying them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Touched {
+    pub services: BTreeSet<String>,
+    pub members: BTreeSet<(String, String)>,
+    pub tokens: BTreeSet<String>,
+}
+
+impl Touched {
+    /// Every key of `registry`.
+    pub fn registry(&mut self, registry: &Registry) {
+        for (name, svc) in &registry.services {
+            self.services.insert(name.clone());
+            for member in svc.members.keys() {
+                self.members.insert((name.clone(), member.clone()));
+            }
+        }
+        self.tokens.extend(registry.tokens.keys().cloned());
+    }
+
+    pub fn extend(&mut self, other: Touched) {
+        self.services.extend(other.services);
+        self.members.extend(other.members);
+        self.tokens.extend(other.tokens);
+    }
+
+    /// Keys in all.
+    pub fn len(&self) -> usize {
+        self.services.len() + self.members.len() + self.tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Command {
+    /// Adds the keys this command may change to `live` (the registry) and
+    /// `staged` (the backup being staged). Beside [`Registry::apply`] so a
+    /// new command gets both arms; a test checks one against the other.
+    pub fn touches(&self, live: &mut Touched, staged: &mut Touched) {
+        match self {
+            Command::Register {
+                service, member, ..
+            } => {
+                // May create the service.
+                live.services.insert(service.clone());
+                live.members.insert((service.clone(), member.clone()));
+            }
+            Command::Unregister { service, member }
+            | Command::SetMemberState {
+                service, member, ..
+            } => {
+                live.members.insert((service.clone(), member.clone()));
+            }
+            Command::DefineService { service, .. } => {
+                live.services.insert(service.clone());
+            }
+            Command::CreateToken { id, .. } | Command::RevokeToken { id } => {
+                live.tokens.insert(id.clone());
+            }
+            // Everything it names is written (refused when not empty).
+            Command::Restore { registry } => live.registry(registry),
+            Command::RestoreChunk { part, .. } => staged.registry(part),
+            // What it makes live was staged already.
+            Command::RestoreCommit { .. } => {}
+            Command::Batch(proposals) => {
+                for p in proposals {
+                    p.cmd.touches(live, staged);
+                }
+            }
+        }
+    }
+}
+
 /// A registration of `member` at `address`:8080 in `service` (created as
 /// http), for the unit tests of this and other modules.
 #[cfg(test)]
@@ -1392,6 +1468,124 @@ mod tests {
         assert_eq!(bad.validate().unwrap_err().field, "address");
         let none = Command::RestoreCommit { id: 1, chunks: 0 };
         assert_eq!(none.validate().unwrap_err().field, "chunks");
+    }
+
+    /// The keys whose stored value differs between `a` and `b`.
+    fn changed(a: &Registry, b: &Registry) -> Touched {
+        let mut t = Touched::default();
+        let names: BTreeSet<&String> = a.services.keys().chain(b.services.keys()).collect();
+        for name in names {
+            let (sa, sb) = (a.services.get(name), b.services.get(name));
+            if sa.map(|s| &s.def) != sb.map(|s| &s.def) {
+                t.services.insert(name.clone());
+            }
+            let empty = Members::new();
+            let ma = sa.map_or(&empty, |s| &s.members);
+            let mb = sb.map_or(&empty, |s| &s.members);
+            for m in ma.keys().chain(mb.keys()) {
+                if ma.get(m) != mb.get(m) {
+                    t.members.insert((name.clone(), m.clone()));
+                }
+            }
+        }
+        for id in a.tokens.keys().chain(b.tokens.keys()) {
+            if a.tokens.get(id) != b.tokens.get(id) {
+                t.tokens.insert(id.clone());
+            }
+        }
+        t
+    }
+
+    fn covers(touched: &Touched, changed: &Touched) -> bool {
+        changed.services.is_subset(&touched.services)
+            && changed.members.is_subset(&touched.members)
+            && changed.tokens.is_subset(&touched.tokens)
+    }
+
+    /// The store rewrites only the keys `touches` names: every key `apply`
+    /// changes must be among them, for every kind of command.
+    #[test]
+    fn touches_names_every_key_apply_changes() {
+        let token = crate::auth::Token {
+            name: "ci".into(),
+            scope: Scope::Read,
+            hash: "00".repeat(32),
+            created_at_ms: 1,
+            expires_at_ms: None,
+            created_by: "test".into(),
+        };
+        let mut backup = Registry::default();
+        backup.apply(&reg("db", "d1", "10.0.0.9"));
+        let mut web_def = ServiceDef::well_known("http").unwrap();
+        web_def.port = 8081;
+        let cmds = vec![
+            reg("http", "a", "10.0.0.1"),
+            reg("http", "b", "10.0.0.2"),
+            Command::SetMemberState {
+                service: "http".into(),
+                member: "a".into(),
+                state: MemberState::Drain,
+            },
+            Command::DefineService {
+                service: "web".into(),
+                def: web_def,
+            },
+            Command::CreateToken {
+                id: "t1".into(),
+                token,
+            },
+            Command::Batch(vec![
+                proposal(reg("http", "c", "10.0.0.3")),
+                proposal(Command::RevokeToken { id: "t1".into() }),
+            ]),
+            Command::Unregister {
+                service: "http".into(),
+                member: "b".into(),
+            },
+        ];
+        let mut r = Registry::default();
+        for cmd in &cmds {
+            let before = r.clone();
+            let done = match r.apply(cmd) {
+                Response::Batch(each) => each.iter().all(|e| *e == Response::Done),
+                one => one == Response::Done,
+            };
+            assert!(done, "{cmd:?}");
+            let (mut live, mut staged) = (Touched::default(), Touched::default());
+            cmd.touches(&mut live, &mut staged);
+            let diff = changed(&before, &r);
+            assert!(!diff.is_empty(), "{cmd:?} changed nothing: a weak test");
+            assert!(covers(&live, &diff), "{cmd:?}: {diff:?} not in {live:?}");
+        }
+
+        // A whole restore into an empty registry.
+        let mut r = Registry::default();
+        let restore = Command::Restore {
+            registry: Box::new(backup.clone()),
+        };
+        assert_eq!(r.apply(&restore), Response::Done);
+        let (mut live, mut staged) = (Touched::default(), Touched::default());
+        restore.touches(&mut live, &mut staged);
+        assert!(covers(&live, &changed(&Registry::default(), &r)));
+
+        // In parts: each part's keys are staged; the commit makes live only
+        // keys the parts staged.
+        let mut r = Registry::default();
+        let (mut live, mut staged) = (Touched::default(), Touched::default());
+        let chunk = Command::RestoreChunk {
+            id: 3,
+            seq: 0,
+            part: Box::new(backup.clone()),
+        };
+        assert_eq!(r.apply(&chunk), Response::Done);
+        chunk.touches(&mut live, &mut staged);
+        let staged_now = r.restoring.as_ref().unwrap().registry.clone();
+        assert!(covers(&staged, &changed(&Registry::default(), &staged_now)));
+        let commit = Command::RestoreCommit { id: 3, chunks: 1 };
+        assert_eq!(r.apply(&commit), Response::Done);
+        commit.touches(&mut live, &mut staged);
+        assert!(live.is_empty());
+        assert!(covers(&staged, &changed(&Registry::default(), &r)));
     }
 
     fn proposal(cmd: Command) -> Proposal {

@@ -39,6 +39,7 @@ use super::{LogId, NodeId, StorageError, TypeConfig};
 use crate::auth::Token;
 use crate::model::{
     AuditEntry, Command, Member, Members, Registry, Response, Service, ServiceDef, StagedRestore,
+    Touched,
 };
 
 /// How many audit records the replicated history keeps (the newest).
@@ -878,69 +879,6 @@ fn remove_prefix(tree: &sled::Tree, prefix: &str) -> Result<(), sled::Error> {
     }
 }
 
-/// The registry keys an apply may have changed.
-#[derive(Default)]
-struct Touched {
-    services: BTreeSet<String>,
-    members: BTreeSet<(String, String)>,
-    tokens: BTreeSet<String>,
-}
-
-impl Touched {
-    /// Every key of `registry`.
-    fn registry(&mut self, registry: &Registry) {
-        for (name, svc) in &registry.services {
-            self.services.insert(name.clone());
-            for member in svc.members.keys() {
-                self.members.insert((name.clone(), member.clone()));
-            }
-        }
-        self.tokens.extend(registry.tokens.keys().cloned());
-    }
-
-    fn extend(&mut self, other: Touched) {
-        self.services.extend(other.services);
-        self.members.extend(other.members);
-        self.tokens.extend(other.tokens);
-    }
-}
-
-/// Adds the keys `cmd` may change to `live` (the registry) and `staged` (the
-/// backup being staged).
-fn touch(cmd: &Command, live: &mut Touched, staged: &mut Touched) {
-    match cmd {
-        Command::Register {
-            service, member, ..
-        } => {
-            // May create the service.
-            live.services.insert(service.clone());
-            live.members.insert((service.clone(), member.clone()));
-        }
-        Command::Unregister { service, member }
-        | Command::SetMemberState {
-            service, member, ..
-        } => {
-            live.members.insert((service.clone(), member.clone()));
-        }
-        Command::DefineService { service, .. } => {
-            live.services.insert(service.clone());
-        }
-        Command::CreateToken { id, .. } | Command::RevokeToken { id } => {
-            live.tokens.insert(id.clone());
-        }
-        // Everything it names is written (refused when not empty).
-        Command::Restore { registry } => live.registry(registry),
-        Command::RestoreChunk { part, .. } => staged.registry(part),
-        // What it makes live was staged already.
-        Command::RestoreCommit { .. } => {}
-        Command::Batch(proposals) => {
-            for p in proposals {
-                touch(&p.cmd, live, staged);
-            }
-        }
-    }
-}
-
 /// The id of the last backup `cmd` committed, given its response.
 fn committed_restore(cmd: &Command, response: &Response) -> Option<u64> {
     match (cmd, response) {
@@ -1148,7 +1086,7 @@ impl Pending {
                     Command::Batch(each) => each.len() as u64,
                     _ => 1,
                 };
-                touch(&proposal.cmd, &mut self.touched, &mut self.staged);
+                proposal.cmd.touches(&mut self.touched, &mut self.staged);
                 let response = self.registry.apply(&proposal.cmd);
                 if let Some(id) = committed_restore(&proposal.cmd, &response) {
                     self.committed = Some(id);
