@@ -8,6 +8,8 @@
 //! leadership: an unhealthy leader releases and hands leadership to a healthy
 //! voter through `/raft/campaign`. docs/failover.md has the timing argument.
 
+mod decide;
+use decide::{decide, Running, Wish, World};
 pub mod drain;
 mod garp;
 mod health;
@@ -139,15 +141,6 @@ pub struct Failover {
     commands: mpsc::Sender<Cmd>,
     hooks_done: watch::Receiver<bool>,
     hook_timeout: Duration,
-}
-
-/// What the watcher asks of the hook runner.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Wish {
-    /// Hold the VIP for this term; the lease ends at the instant given, and
-    /// a claim that could return after it is not started.
-    Hold(u64, Instant),
-    Release(u64),
 }
 
 impl Failover {
@@ -668,7 +661,8 @@ impl Watcher {
         h
     }
 
-    /// Sets the wish, the campaign gate and hand-overs from the current view.
+    /// Sets the wish, the campaign gate and hand-overs from the current
+    /// view: gathers the [`World`], lets [`decide`] choose, carries it out.
     fn decide(
         &mut self,
         now: Instant,
@@ -676,59 +670,51 @@ impl Watcher {
         term: u64,
         lease: Option<(u64, Instant)>,
     ) {
+        use std::sync::atomic::Ordering::SeqCst;
         let health = self.health();
-        let stepping_down = self.handover.is_some();
-        // A hand-over first waits until openraft would let this node's vote
-        // go (below); the VIP stays until then, so the gap is only the
-        // release, one election and the claim.
-        let releasing =
-            stepping_down && self.handing_over.load(std::sync::atomic::Ordering::SeqCst);
-        let may_lead = !self.cfg.witness && health.ok;
-        let may_campaign = (may_lead || self.fallback) && !stepping_down;
-        if self.elect_enabled != Some(may_campaign) {
-            self.leadership.allow_elect(may_campaign);
-            self.elect_enabled = Some(may_campaign);
-            if !may_campaign && !self.cfg.witness {
+        let before = *self.wish.borrow();
+        let world = World {
+            now,
+            leading,
+            term,
+            lease,
+            vip_configured: self.cfg.vip.is_some(),
+            witness: self.cfg.witness,
+            healthy: health.ok,
+            fallback: self.fallback,
+            handover: self.handover.as_ref().map(|_| Running {
+                operator: self.reply.is_some(),
+                released: self.handing_over.load(SeqCst),
+            }),
+            before,
+            handover_due: now >= self.next_handover,
+        };
+        let d = decide(&world);
+        let stepping_down = world.handover.is_some();
+
+        if self.elect_enabled != Some(d.may_campaign) {
+            self.leadership.allow_elect(d.may_campaign);
+            self.elect_enabled = Some(d.may_campaign);
+            if !d.may_campaign && !self.cfg.witness {
                 tracing::warn!(reason = %health.reason, stepping_down, "not campaigning");
             }
         }
-        // What a leader handing over is told: only a node fit to lead takes
-        // leadership over. One that campaigns only as a fallback would be
-        // unfit as leader too and hand over again, so leadership would pass
-        // between unfit nodes, a gap for writes at every move.
-        let takes_over = may_lead && !stepping_down;
         self.may_campaign.send_if_modified(|c| {
-            let changed = *c != takes_over;
-            *c = takes_over;
+            let changed = *c != d.takes_over;
+            *c = d.takes_over;
             changed
         });
-
-        let valid = lease.filter(|(_, until)| now < *until);
-        if let Some((_, until)) = valid {
+        if let Some((_, until)) = lease.filter(|(_, until)| now < *until) {
             *self.lease_end.lock().unwrap_or_else(|p| p.into_inner()) = Some(until);
         }
-        let lease_term = valid.map(|(t, _)| t);
-        let wants = self.cfg.vip.is_some()
-            && may_lead
-            && !releasing
-            && leading.is_some()
-            && lease_term == leading;
-        let wish = match (wants, valid) {
-            (true, Some((t, until))) => Wish::Hold(t, until),
-            _ => Wish::Release(term),
-        };
-        let before = *self.wish.borrow();
-        let expired = matches!(before, Wish::Hold(..))
-            && matches!(wish, Wish::Release(_))
-            && leading.is_some()
-            && lease_term.is_none();
+        let wish = d.wish;
         if before != wish {
             match wish {
                 Wish::Hold(t, _) if !matches!(before, Wish::Hold(h, _) if h == t) => {
                     tracing::info!(term = t, "leader with a quorum lease: claiming the VIP")
                 }
                 Wish::Hold(..) => {}
-                Wish::Release(_) if expired => {
+                Wish::Release(_) if d.expired => {
                     tracing::warn!(
                         term,
                         acks = %self.leadership.ack_ages(now),
@@ -752,37 +738,25 @@ impl Watcher {
             let changed = s.wanted != new_wanted
                 || s.healthy != health.ok
                 || s.health_reason != health.reason
-                || s.may_campaign != may_campaign
-                || expired;
+                || s.may_campaign != d.may_campaign
+                || d.expired;
             s.wanted = new_wanted;
             s.healthy = health.ok;
             s.health_reason = health.reason.clone();
-            s.may_campaign = may_campaign;
-            if expired {
+            s.may_campaign = d.may_campaign;
+            if d.expired {
                 s.lease_expiries += 1;
             }
             changed
         });
 
-        // A hand-over started because this node was unfit is called off if
-        // it is fit again before it let the VIP go (haproxy came up while
-        // the hand-over waited): the VIP would otherwise move for nothing.
-        // One an operator asked for (`clb failover`, SIGTERM) goes on.
-        let released = self.handing_over.load(std::sync::atomic::Ordering::SeqCst);
-        if may_lead && self.reply.is_none() && !released {
+        if d.call_off_handover {
             if let Some(h) = self.handover.take() {
                 h.abort();
                 tracing::info!("fit to lead again: hand-over called off");
             }
         }
-        // An unfit leader hands over, retrying at most once per hand-over wait.
-        let alone = self.fallback && !health.ok;
-        if leading.is_some()
-            && !may_lead
-            && !alone
-            && self.handover.is_none()
-            && now >= self.next_handover
-        {
+        if d.start_handover {
             tracing::warn!(reason = %health.reason, witness = self.cfg.witness, "unfit to lead: handing leadership over");
             self.next_handover = now + self.cfg.handover_wait;
             self.spawn_handover();
