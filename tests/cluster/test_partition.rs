@@ -75,9 +75,11 @@ fn http(
     )
 }
 
-/// `/v1/cluster` as the node at `addr` in `ns` answers it.
+/// `/v1/cluster` as the node at `addr` in `ns` answers it. Only a 200: the
+/// view takes defaults for missing fields, so an error body would parse.
 fn cluster_view(ns: &str, addr: SocketAddr) -> Option<ClusterView> {
-    let (_, body) = http(ns, addr, "GET", "/v1/cluster", None)?;
+    let (status, body) = http(ns, addr, "GET", "/v1/cluster", None)?;
+    (status == 200).then_some(())?;
     serde_json::from_str(&body).ok()
 }
 
