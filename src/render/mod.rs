@@ -162,36 +162,14 @@ async fn run(
     mut shutdown: watch::Receiver<bool>,
     status: watch::Sender<RenderStatus>,
 ) {
-    let mut written: Option<String> = None;
-    // Services are never deleted, so a registry with fewer services than the
-    // last installed config is transient (a node catching up after a restart
-    // or a fresh data dir): it must not empty a serving balancer.
-    let services_file = sibling(&settings.output, ".services");
-    let mut installed_services: Vec<String> = std::fs::read_to_string(&services_file)
-        .map(|t| t.lines().map(str::to_string).collect())
-        .unwrap_or_default();
-    // The registry haproxy runs; `None` until our first reload, since we do
-    // not know what a running haproxy loaded before we started.
-    let mut live: Option<Arc<Registry>> = None;
-    // The registry of the last file the validate command accepted.
-    let mut validated: Option<Arc<Registry>> = None;
-    let mut last_reload: Option<Instant> = None;
-    // Member changes through the admin socket, and servers being removed.
-    let runtime = settings.haproxy_socket.clone().map(haproxy::Runtime::new);
-    // After a failed apply: the wait before the next try, doubling to 1 s.
-    // It starts short because the usual failure is a haproxy that is still
-    // starting beside a restarted clbd, and the node may not lead until
-    // haproxy runs its configuration (failover's health gate).
-    let mut retry = FIRST_RETRY;
-    let mut failing = false;
-    // When the next pass may start (see PACE).
-    let mut not_before: Option<Instant> = None;
+    let coalesce = settings.coalesce;
+    let mut r = Renderer::new(settings, status);
     input.mark_changed();
     loop {
         let wake = async {
-            if failing {
-                tokio::time::sleep(retry).await;
-                retry = (retry * 2).min(MAX_RETRY);
+            if r.failing {
+                tokio::time::sleep(r.retry).await;
+                r.retry = (r.retry * 2).min(MAX_RETRY);
             } else {
                 let _ = input.changed().await;
             }
@@ -204,73 +182,94 @@ async fn run(
             return;
         }
         // Let a burst of writes land, then render only the latest.
-        if !settings.coalesce.is_zero() {
-            tokio::time::sleep(settings.coalesce).await;
+        if !coalesce.is_zero() {
+            tokio::time::sleep(coalesce).await;
         }
-        if let Some(at) = not_before.take() {
+        if let Some(at) = r.not_before.take() {
             tokio::select! {
                 _ = tokio::time::sleep_until(at.into()) => {}
                 _ = shutdown.wait_for(|s| *s) => return,
             }
         }
         let current = input.borrow_and_update().clone();
-        let missing: Vec<&String> = installed_services
-            .iter()
-            .filter(|s| !current.registry.services.contains_key(*s))
-            .collect();
-        if !missing.is_empty() {
-            let msg = format!(
-                "registry at index {} lacks services the installed config serves ({}); waiting to catch up before rendering",
-                current.index,
-                missing.iter().take(5).map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
-            );
+        r.pass(current, &mut shutdown).await;
+    }
+}
+
+/// The render pipeline's state between passes: what is written, validated
+/// and live, and the pacing and retry of the next pass.
+struct Renderer {
+    settings: RenderSettings,
+    status: watch::Sender<RenderStatus>,
+    /// The text of the file last installed.
+    written: Option<String>,
+    /// Services are never deleted, so a registry with fewer services than
+    /// the last installed config is transient (a node catching up after a
+    /// restart or a fresh data dir): it must not empty a serving balancer.
+    services_file: PathBuf,
+    installed_services: Vec<String>,
+    /// The registry haproxy runs; `None` until our first reload, since we
+    /// do not know what a running haproxy loaded before we started.
+    live: Option<Arc<Registry>>,
+    /// The registry of the last file the validate command accepted.
+    validated: Option<Arc<Registry>>,
+    last_reload: Option<Instant>,
+    /// Member changes through the admin socket, and servers being removed.
+    runtime: Option<haproxy::Runtime>,
+    /// After a failed apply: the wait before the next try, doubling to 1 s.
+    /// It starts short because the usual failure is a haproxy that is still
+    /// starting beside a restarted clbd, and the node may not lead until
+    /// haproxy runs its configuration (failover's health gate).
+    retry: Duration,
+    failing: bool,
+    /// When the next pass may start (see PACE).
+    not_before: Option<Instant>,
+}
+
+impl Renderer {
+    fn new(settings: RenderSettings, status: watch::Sender<RenderStatus>) -> Self {
+        let services_file = sibling(&settings.output, ".services");
+        let installed_services = std::fs::read_to_string(&services_file)
+            .map(|t| t.lines().map(str::to_string).collect())
+            .unwrap_or_default();
+        let runtime = settings.haproxy_socket.clone().map(haproxy::Runtime::new);
+        Renderer {
+            settings,
+            status,
+            written: None,
+            services_file,
+            installed_services,
+            live: None,
+            validated: None,
+            last_reload: None,
+            runtime,
+            retry: FIRST_RETRY,
+            failing: false,
+            not_before: None,
+        }
+    }
+
+    /// One pass: render `current`, install it if it changed, apply it.
+    async fn pass(&mut self, current: RenderInput, shutdown: &mut watch::Receiver<bool>) {
+        if let Some(msg) = self.catching_up(&current) {
             tracing::warn!("{msg}");
-            status.send_modify(|s| s.last_error = Some(msg));
-            failing = false;
-            continue;
+            self.status.send_modify(|s| s.last_error = Some(msg));
+            self.failing = false;
+            return;
         }
         let t0 = Instant::now();
-        let pace = |busy: Duration| Some(Instant::now() + (busy * PACE).min(MAX_PACE_WAIT));
-        // Off the async workers: at 100k members a render takes tens of ms,
-        // which would stall the Raft and API tasks sharing those threads.
-        let job = (
-            settings.template.clone(),
-            settings.node.clone(),
-            current.clone(),
-        );
-        let rendered = tokio::task::spawn_blocking(move || render_text(&job.0, &job.1, &job.2))
-            .await
-            .unwrap_or_else(|e| Err(TemplateError::Task(e.to_string())));
-        let text = match rendered {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::error!(cause = %e, "render failed; the last good config keeps serving");
-                status.send_modify(|s| s.last_error = Some(e.to_string()));
-                failing = false;
-                continue;
-            }
+        let Some(text) = self.render(&current).await else {
+            return;
         };
         let render_ms = ms(t0.elapsed());
-        let unchanged = written.as_deref() == Some(text.as_str());
-        not_before = pace(t0.elapsed());
-        if unchanged && !failing {
-            let live_now = live.as_ref().is_some_and(|l| **l == *current.registry);
-            status.send_modify(|s| {
-                s.rendered_index = current.index;
-                if live_now {
-                    s.applied_index = current.index;
-                }
-            });
-            if let Some(l) = &mut live {
-                // Same text, so haproxy already runs this; keep the newest registry for diffs.
-                if **l == *current.registry {
-                    *l = current.registry.clone();
-                }
-            }
-            continue;
+        let unchanged = self.written.as_deref() == Some(text.as_str());
+        self.not_before = pace(t0.elapsed());
+        if unchanged && !self.failing {
+            self.same_text(&current);
+            return;
         }
         // Apply: runtime API when only members changed, else a reload.
-        let plan = match (&live, &runtime) {
+        let plan = match (&self.live, &self.runtime) {
             (Some(l), Some(_)) => haproxy::plan(l, &current.registry),
             _ => Plan::Reload,
         };
@@ -289,55 +288,134 @@ async fn run(
             )
         };
         let runtime_only = matches!(plan, Plan::Runtime(_) | Plan::Nothing)
-            || validated.as_deref().is_some_and(member_only);
-        let validate = !(runtime_only && settings.builtin_template);
+            || self.validated.as_deref().is_some_and(member_only);
+        let validate = !(runtime_only && self.settings.builtin_template);
         if !unchanged {
             let t1 = Instant::now();
-            // Recorded before the config goes live: a clbd killed between the
-            // two would otherwise come back with a config serving services
-            // its record lacks, and an empty data dir would then empty it.
-            // Services are never deleted, so the record may run ahead of a
-            // config that then fails to install.
-            let names: Vec<String> = current.registry.services.keys().cloned().collect();
-            if names != installed_services {
-                // Best effort: without it the guard only covers this process's lifetime.
-                if let Err(e) = record_services(&services_file, &names).await {
-                    tracing::warn!(cause = %e, file = %services_file.display(), "could not record installed services");
-                }
-                installed_services = names;
-            }
-            if let Err(e) = install(&settings, &text, validate).await {
-                tracing::error!(cause = %e, "config not installed; the last good config keeps serving");
-                status.send_modify(|s| {
-                    s.last_error = Some(e.to_string());
-                    if matches!(e, RenderError::Invalid(_)) {
-                        s.validate_failures += 1;
-                    }
-                });
-                failing = false;
-                continue;
-            }
-            written = Some(text);
-            if validate && settings.validate_cmd.is_some() {
-                validated = Some(current.registry.clone());
+            if !self.install(&current, text, validate).await {
+                return;
             }
             let validate_ms = ms(t1.elapsed());
-            not_before = pace(t0.elapsed());
-            status.send_modify(|s| {
+            self.not_before = pace(t0.elapsed());
+            self.status.send_modify(|s| {
                 s.rendered_index = current.index;
                 s.renders += 1;
                 s.last_render_ms = render_ms;
                 s.last_validate_ms = validate_ms;
             });
         }
-
-        let can_reload = settings.reload_cmd.is_some() || settings.master_socket.is_some();
         let t2 = Instant::now();
-        let outcome = match plan {
+        let outcome = self.apply(plan, validate, shutdown).await;
+        self.record(&current, outcome, ms(t2.elapsed()));
+    }
+
+    /// Why `current` must not be rendered yet: it lacks services the
+    /// installed config serves.
+    fn catching_up(&self, current: &RenderInput) -> Option<String> {
+        let missing: Vec<&String> = self
+            .installed_services
+            .iter()
+            .filter(|s| !current.registry.services.contains_key(*s))
+            .collect();
+        (!missing.is_empty()).then(|| {
+            format!(
+                "registry at index {} lacks services the installed config serves ({}); waiting to catch up before rendering",
+                current.index,
+                missing.iter().take(5).map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+            )
+        })
+    }
+
+    /// The config text, or `None` after reporting why there is none.
+    async fn render(&mut self, current: &RenderInput) -> Option<String> {
+        // Off the async workers: at 100k members a render takes tens of ms,
+        // which would stall the Raft and API tasks sharing those threads.
+        let job = (
+            self.settings.template.clone(),
+            self.settings.node.clone(),
+            current.clone(),
+        );
+        let rendered = tokio::task::spawn_blocking(move || render_text(&job.0, &job.1, &job.2))
+            .await
+            .unwrap_or_else(|e| Err(TemplateError::Task(e.to_string())));
+        match rendered {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::error!(cause = %e, "render failed; the last good config keeps serving");
+                self.status
+                    .send_modify(|s| s.last_error = Some(e.to_string()));
+                self.failing = false;
+                None
+            }
+        }
+    }
+
+    /// The text is what haproxy already has (or was given): only indexes move.
+    fn same_text(&mut self, current: &RenderInput) {
+        let live_now = self.live.as_ref().is_some_and(|l| **l == *current.registry);
+        self.status.send_modify(|s| {
+            s.rendered_index = current.index;
+            if live_now {
+                s.applied_index = current.index;
+            }
+        });
+        if let Some(l) = &mut self.live {
+            // Same text, so haproxy already runs this; keep the newest registry for diffs.
+            if **l == *current.registry {
+                *l = current.registry.clone();
+            }
+        }
+    }
+
+    /// Records the services, then validates (when `validate`) and installs
+    /// `text`; false after reporting a failure.
+    async fn install(&mut self, current: &RenderInput, text: String, validate: bool) -> bool {
+        // Recorded before the config goes live: a clbd killed between the
+        // two would otherwise come back with a config serving services its
+        // record lacks, and an empty data dir would then empty it. Services
+        // are never deleted, so the record may run ahead of a config that
+        // then fails to install.
+        let names: Vec<String> = current.registry.services.keys().cloned().collect();
+        if names != self.installed_services {
+            // Best effort: without it the guard only covers this process's lifetime.
+            if let Err(e) = record_services(&self.services_file, &names).await {
+                tracing::warn!(cause = %e, file = %self.services_file.display(), "could not record installed services");
+            }
+            self.installed_services = names;
+        }
+        if let Err(e) = install(&self.settings, &text, validate).await {
+            tracing::error!(cause = %e, "config not installed; the last good config keeps serving");
+            self.status.send_modify(|s| {
+                s.last_error = Some(e.to_string());
+                if matches!(e, RenderError::Invalid(_)) {
+                    s.validate_failures += 1;
+                }
+            });
+            self.failing = false;
+            return false;
+        }
+        self.written = Some(text);
+        if validate && self.settings.validate_cmd.is_some() {
+            self.validated = Some(current.registry.clone());
+        }
+        true
+    }
+
+    /// Makes haproxy run the installed file: through the runtime API, a
+    /// reload, or not at all (no haproxy control configured).
+    async fn apply(
+        &mut self,
+        plan: Plan,
+        validated: bool,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<ApplyOutcome, String> {
+        let can_reload =
+            self.settings.reload_cmd.is_some() || self.settings.master_socket.is_some();
+        match plan {
             Plan::Nothing => Ok(ApplyOutcome::Runtime),
             Plan::Runtime(ops) => {
-                let Some(rt) = &runtime else {
-                    unreachable!("a runtime plan is only made with a runtime (above)")
+                let Some(rt) = &self.runtime else {
+                    unreachable!("a runtime plan is only made with a runtime (pass)")
                 };
                 let applied = rt.apply(&ops).await;
                 // Removed servers stay in maint (haproxy.rs, Runtime); past a
@@ -356,35 +434,49 @@ async fn run(
                                 tracing::warn!(cause = %e, "runtime API change failed; reloading instead")
                             }
                         }
-                        // The file may have skipped validation (above): check it first.
-                        match validate_installed(&settings, validate).await {
-                            Ok(()) => {
-                                reload(&settings, runtime.as_ref(), &mut last_reload, &mut shutdown)
-                                    .await
-                                    .map(|_| ApplyOutcome::Reload)
-                            }
-                            Err(e) => Err(e.to_string()),
-                        }
+                        // The file may have skipped validation (pass): check it first.
+                        validate_installed(&self.settings, validated)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        self.reload(shutdown).await
                     }
                 }
             }
-            Plan::Reload if can_reload => {
-                reload(&settings, runtime.as_ref(), &mut last_reload, &mut shutdown)
-                    .await
-                    .map(|_| ApplyOutcome::Reload)
-            }
+            Plan::Reload if can_reload => self.reload(shutdown).await,
             Plan::Reload => Ok(ApplyOutcome::Written),
-        };
-        let apply_ms = ms(t2.elapsed());
+        }
+    }
+
+    async fn reload(
+        &mut self,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<ApplyOutcome, String> {
+        reload(
+            &self.settings,
+            self.runtime.as_ref(),
+            &mut self.last_reload,
+            shutdown,
+        )
+        .await
+        .map(|_| ApplyOutcome::Reload)
+    }
+
+    /// What the apply did, for the status and the next pass.
+    fn record(
+        &mut self,
+        current: &RenderInput,
+        outcome: Result<ApplyOutcome, String>,
+        apply_ms: f64,
+    ) {
         match outcome {
             Ok(how) => {
-                if failing {
+                if self.failing {
                     tracing::info!("haproxy caught up");
                 }
-                failing = false;
-                retry = FIRST_RETRY;
-                live = (how != ApplyOutcome::Written).then(|| current.registry.clone());
-                status.send_modify(|s| {
+                self.failing = false;
+                self.retry = FIRST_RETRY;
+                self.live = (how != ApplyOutcome::Written).then(|| current.registry.clone());
+                self.status.send_modify(|s| {
                     s.applied_index = current.index;
                     s.last_error = None;
                     s.last_apply = Some(how);
@@ -398,13 +490,13 @@ async fn run(
                 });
             }
             Err(e) => {
-                if !failing {
+                if !self.failing {
                     tracing::error!(cause = %e, "apply failed; the file is written and will be applied when haproxy answers");
                 }
-                failing = true;
+                self.failing = true;
                 // Unknown state: the next success must be a full reload.
-                live = None;
-                status.send_modify(|s| {
+                self.live = None;
+                self.status.send_modify(|s| {
                     s.last_error = Some(format!("apply: {e}"));
                     s.last_apply = Some(ApplyOutcome::Failed);
                     s.last_apply_at_ms = Some(now_ms());
@@ -413,6 +505,12 @@ async fn run(
             }
         }
     }
+}
+
+/// When the next pass may start, after one that kept this task busy for
+/// `busy` (see PACE).
+fn pace(busy: Duration) -> Option<Instant> {
+    Some(Instant::now() + (busy * PACE).min(MAX_PACE_WAIT))
 }
 
 fn ms(d: Duration) -> f64 {
