@@ -144,31 +144,43 @@ impl From<openraft::ServerState> for RaftState {
 }
 
 /// One node's own state (`/raft/node`): what `/v1/cluster` collects from
-/// every node.
+/// every node. Only `node_id` is required, so an error body never reads as
+/// a view.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
 pub struct NodeView {
     pub node_id: NodeId,
+    #[serde(default)]
     pub role: Option<Role>,
+    #[serde(default)]
     pub advertise: String,
+    #[serde(default)]
     pub state: RaftState,
+    #[serde(default)]
     pub term: u64,
+    #[serde(default)]
     pub leader: Option<NodeId>,
+    #[serde(default)]
     pub applied_index: u64,
+    #[serde(default)]
     pub vip_held: bool,
     /// Its health gate passes (`--health-cmd`, haproxy running its config).
     #[serde(default = "yes")]
     pub healthy: bool,
     /// Whether this node would take over now: false on a witness and while
     /// its health gate fails (haproxy not yet running its config).
+    #[serde(default)]
     pub may_campaign: bool,
+    #[serde(default)]
     pub health_reason: String,
     /// `None` on a witness.
+    #[serde(default)]
     pub render: Option<RenderStatus>,
     /// What haproxy's checks say (`None` on a witness or before the first
     /// poll).
+    #[serde(default)]
     pub haproxy: Option<Arc<stat::Snapshot>>,
     /// What happened here lately, oldest first.
+    #[serde(default)]
     pub timeline: Vec<Event>,
 }
 
@@ -197,31 +209,46 @@ impl NodeStatus {
 }
 
 /// `GET /v1/cluster`: the cluster as the answering node sees it, and every
-/// node's own [`NodeView`].
+/// node's own [`NodeView`]. Only `node_id` is required, as in [`NodeView`].
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
 pub struct ClusterView {
     /// The node that answered.
     pub node_id: NodeId,
+    #[serde(default)]
     pub role: Option<Role>,
+    #[serde(default)]
     pub advertise: String,
+    #[serde(default)]
     pub cluster_id: String,
+    #[serde(default)]
     pub state: RaftState,
+    #[serde(default)]
     pub leader: Option<NodeId>,
+    #[serde(default)]
     pub term: u64,
+    #[serde(default)]
     pub voters: Vec<NodeId>,
+    #[serde(default)]
     pub learners: Vec<NodeId>,
     /// Peer address of every member of the configuration.
+    #[serde(default)]
     pub nodes: BTreeMap<NodeId, String>,
+    #[serde(default)]
     pub applied_index: u64,
+    #[serde(default)]
     pub last_log_index: Option<u64>,
+    #[serde(default)]
     pub millis_since_quorum_ack: Option<u64>,
     /// Members in the registry.
-    pub members: usize,
+    #[serde(default)]
+    pub members: u64,
     /// The node this one believes holds the VIP.
+    #[serde(default)]
     pub vip_holder: Option<NodeId>,
     /// This node's VIP state.
+    #[serde(default)]
     pub vip: VipStatus,
+    #[serde(default)]
     pub node_status: BTreeMap<NodeId, NodeStatus>,
 }
 
@@ -350,6 +377,22 @@ pub struct ErrorBody {
     pub detail: Option<ErrorDetail>,
 }
 
+impl ErrorBody {
+    /// Whether trying again may succeed; `None` when the answer does not say.
+    pub fn retryable(&self) -> Option<bool> {
+        self.detail.as_ref().and_then(ErrorDetail::retryable)
+    }
+}
+
+impl ErrorDetail {
+    pub fn retryable(&self) -> Option<bool> {
+        match self {
+            ErrorDetail::Situation { retryable, .. } => Some(*retryable),
+            ErrorDetail::Field { .. } => None,
+        }
+    }
+}
+
 /// What was wrong, for a program to act on.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -373,6 +416,9 @@ mod tests {
                 error: "unreachable: refused".into()
             }
         );
+        // An error body is not a view.
+        assert!(serde_json::from_str::<ClusterView>(r#"{"error": "x", "detail": null}"#).is_err());
+        assert!(serde_json::from_str::<NodeView>(r#"{"error": "x"}"#).is_err());
         // A peer that knows fewer fields, and a Raft state this one does not.
         let s: NodeStatus =
             serde_json::from_str(r#"{"node_id": 3, "state": "observer", "term": 7}"#).unwrap();

@@ -384,7 +384,7 @@ pub fn cluster_view(state: &AppState) -> ClusterView {
         applied_index: applied.index,
         last_log_index: m.last_log_index,
         millis_since_quorum_ack: m.millis_since_quorum_ack,
-        members: applied.registry.member_count(),
+        members: applied.registry.member_count() as u64,
         vip_holder: state.failover.holder(state.consensus.id, m.current_leader),
         vip: state.failover.status(),
         node_status: Default::default(),

@@ -273,7 +273,7 @@ async fn a_restore_killed_at_any_point_leaves_the_empty_registry_or_the_whole_ba
         let (seen, stop) = (seen.clone(), stop.clone());
         async move {
             while !stop.load(Ordering::Relaxed) {
-                if let Some(n) = client.cluster().await.ok().map(|v| v.members as u64) {
+                if let Some(n) = client.cluster().await.ok().map(|v| v.members) {
                     seen.lock().unwrap().insert(n);
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -293,7 +293,7 @@ async fn a_restore_killed_at_any_point_leaves_the_empty_registry_or_the_whole_ba
             || async {
                 let v = node.view().await?;
                 let reached = if point == u64::MAX {
-                    v.members as u64 == MEMBERS
+                    v.members == MEMBERS
                 } else {
                     v.applied_index >= point
                 };
@@ -337,7 +337,7 @@ async fn a_restore_killed_at_any_point_leaves_the_empty_registry_or_the_whole_ba
             &format!("the node to apply up to {at} again"),
             || async {
                 let v = node.view().await?;
-                (v.applied_index >= at).then_some(v.members as u64)
+                (v.applied_index >= at).then_some(v.members)
             },
         )
         .await;
