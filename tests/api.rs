@@ -7,17 +7,24 @@ mod harness;
 use std::process::Command;
 use std::time::Duration;
 
+use clb::model::{Balance, MemberState};
+use clb::views::{
+    ClusterView, ErrorBody, ErrorDetail, Healthz, OneServiceView, ServiceView, ServicesView,
+    Written,
+};
 use harness::{eventually, free_port, Cluster, TOKEN};
 use reqwest::Method;
-use serde_json::{json, Value};
+use serde::de::DeserializeOwned;
+use std::collections::BTreeMap;
 
+/// One request as sent, bytes and all; the status and the body's text.
 async fn raw(
     addr: &str,
     method: Method,
     path: &str,
     token: Option<&str>,
     body: Option<Vec<u8>>,
-) -> (u16, Value) {
+) -> (u16, String) {
     let mut req = reqwest::Client::new().request(method, format!("http://{addr}{path}"));
     if let Some(t) = token {
         req = req.bearer_auth(t);
@@ -28,8 +35,13 @@ async fn raw(
     let resp = req.send().await.expect("send");
     let status = resp.status().as_u16();
     let text = resp.text().await.expect("body");
-    let v = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text:?}"));
-    (status, v)
+    (status, text)
+}
+
+/// An answer read as the view `T`.
+fn parse<T: DeserializeOwned>(text: &str) -> T {
+    serde_json::from_str(text)
+        .unwrap_or_else(|e| panic!("not a {}: {e}: {text:?}", std::any::type_name::<T>()))
 }
 
 /// method, path, token, body, expected status, a word the error must contain.
@@ -43,12 +55,14 @@ type Case<'a> = (
 );
 
 /// The applied index and the whole registry: what "nothing changed" compares.
-async fn snapshot(addr: &str) -> (u64, Value) {
+async fn snapshot(addr: &str) -> (u64, BTreeMap<String, ServiceView>) {
     let (_, cluster) = raw(addr, Method::GET, "/v1/cluster", Some(TOKEN), None).await;
     let (_, services) = raw(addr, Method::GET, "/v1/services", Some(TOKEN), None).await;
+    let cluster: ClusterView = parse(&cluster);
+    let services: ServicesView = parse(&services);
     (
-        cluster["last_log_index"].as_u64().unwrap(),
-        services["services"].clone(),
+        cluster.last_log_index.expect("last_log_index"),
+        services.services,
     )
 }
 
@@ -315,16 +329,13 @@ async fn bad_input_is_refused_with_json_naming_the_field_and_changes_nothing() {
         ),
     ];
     for (method, path, token, body, want, needle) in cases {
-        let (status, v) = raw(&addr, method.clone(), &path, token, body).await;
-        assert_eq!(status, want, "{method} {path}: {v}");
-        let text = v.to_string();
-        assert!(
-            v["error"].is_string(),
-            "{method} {path}: no error field in {v}"
-        );
+        let (status, text) = raw(&addr, method.clone(), &path, token, body).await;
+        assert_eq!(status, want, "{method} {path}: {text}");
+        let _: ErrorBody = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{method} {path}: no error field in {text}: {e}"));
         assert!(
             text.contains(needle),
-            "{method} {path}: {v} should mention {needle:?}"
+            "{method} {path}: {text} should mention {needle:?}"
         );
     }
     assert_eq!(
@@ -350,7 +361,7 @@ async fn the_api_does_what_the_table_says() {
     )
     .await;
     assert_eq!(s, 200, "{v}");
-    let first = v["index"].as_u64().unwrap();
+    let first = parse::<Written>(&v).index;
     let (s, v) = raw(
         &addr,
         Method::PUT,
@@ -360,7 +371,7 @@ async fn the_api_does_what_the_table_says() {
     )
     .await;
     assert_eq!(s, 200, "{v}");
-    assert!(v["index"].as_u64().unwrap() > first);
+    assert!(parse::<Written>(&v).index > first);
     let (_, v) = raw(
         &addr,
         Method::GET,
@@ -369,10 +380,11 @@ async fn the_api_does_what_the_table_says() {
         None,
     )
     .await;
-    let m = &v["definition"]["members"]["m1"];
-    assert_eq!(m["port"], 9000, "member port defaults to the service's");
-    assert_eq!(m["ttl_s"], 30);
-    assert_eq!(v["definition"]["balance"], "leastconn");
+    let v: OneServiceView = parse(&v);
+    let m = &v.definition.members["m1"];
+    assert_eq!(m.port, 9000, "member port defaults to the service's");
+    assert_eq!(m.ttl_s, Some(30));
+    assert_eq!(v.definition.def.balance, Balance::Leastconn);
     let (s, _) = raw(
         &addr,
         Method::PUT,
@@ -383,7 +395,8 @@ async fn the_api_does_what_the_table_says() {
     .await;
     assert_eq!(s, 200);
     let (_, v) = raw(&addr, Method::GET, "/v1/services", Some(TOKEN), None).await;
-    assert_eq!(v["services"]["api"]["members"]["m1"]["state"], "drain");
+    let v: ServicesView = parse(&v);
+    assert_eq!(v.services["api"].members["m1"].state, MemberState::Drain);
     let (s, _) = raw(
         &addr,
         Method::DELETE,
@@ -403,7 +416,7 @@ async fn the_api_does_what_the_table_says() {
     .await;
     assert_eq!(s, 404, "a second delete finds nothing");
     let (s, v) = raw(&addr, Method::GET, "/healthz", None, None).await;
-    assert_eq!((s, v["ok"].clone()), (200, json!(true)));
+    assert_eq!((s, parse::<Healthz>(&v).ok), (200, true));
     let metrics = reqwest::get(format!("http://{addr}/metrics"))
         .await
         .unwrap()
@@ -471,8 +484,8 @@ async fn cli_and_2010_commands_work_and_exit_codes_are_trustworthy() {
     assert!(out.contains("registered web1"), "{out}");
     let (code, out, _) = run(clb, &["members", "--json"], &server, t);
     assert_eq!(code, 0);
-    let v: Value = serde_json::from_str(&out).expect("--json prints JSON");
-    assert_eq!(v["services"]["http"]["members"]["web1"]["port"], 8080);
+    let v: ServicesView = serde_json::from_str(&out).expect("--json prints the services view");
+    assert_eq!(v.services["http"].members["web1"].port, 8080);
     let (code, out, _) = run(clb, &["members"], &server, t);
     assert_eq!(code, 0);
     assert!(out.lines().next().unwrap().starts_with("SERVICE"), "{out}");
@@ -517,26 +530,16 @@ async fn cli_and_2010_commands_work_and_exit_codes_are_trustworthy() {
     let unreg = env!("CARGO_BIN_EXE_clb_unregister");
     let (code, _, err) = run(reg, &[TOKEN, "10.0.0.9", "http"], &server, None);
     assert_eq!(code, 0, "{err}");
-    let v = c
-        .node(1)
-        .client()
-        .services(Some("http"), false)
-        .await
-        .unwrap();
-    assert_eq!(v["definition"]["members"]["10.0.0.9"]["port"], 80);
+    let v = c.node(1).client().service("http", false).await.unwrap();
+    assert_eq!(v.definition.members["10.0.0.9"].port, 80);
     assert_eq!(
         run(reg, &["wrong-password", "10.0.0.9", "http"], &server, None).0,
         4
     );
     assert_eq!(run(reg, &[TOKEN, "10.0.0.9"], &server, None).0, 2);
     assert_eq!(run(unreg, &[TOKEN, "10.0.0.9", "http"], &server, None).0, 0);
-    let v = c
-        .node(1)
-        .client()
-        .services(Some("http"), false)
-        .await
-        .unwrap();
-    assert!(v["definition"]["members"]["10.0.0.9"].is_null());
+    let v = c.node(1).client().service("http", false).await.unwrap();
+    assert!(!v.definition.members.contains_key("10.0.0.9"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -617,10 +620,10 @@ async fn service_defaults_from_the_config_file_and_turning_auto_create_off() {
         .register("myapp", "a", "10.0.0.1", None, None, None)
         .await
         .expect("myapp is created from [service_defaults]");
-    let v = client.services(Some("myapp"), false).await.unwrap();
-    assert_eq!(v["definition"]["port"], 8081);
-    assert_eq!(v["definition"]["balance"], "leastconn");
-    assert_eq!(v["definition"]["members"]["a"]["port"], 8081);
+    let v = client.service("myapp", false).await.unwrap();
+    assert_eq!(v.definition.def.port, 8081);
+    assert_eq!(v.definition.def.balance, Balance::Leastconn);
+    assert_eq!(v.definition.members["a"].port, 8081);
 
     let off = Cluster::start_with(1, &["--auto-create-services", "false"]).await;
     off.leader(Duration::from_secs(10)).await;
@@ -649,15 +652,15 @@ async fn a_failover_without_a_successor_says_the_leader_still_leads() {
     )
     .await;
     assert_eq!(status, 503, "{v}");
-    assert_eq!(
-        v["detail"]["situation"], "the leader could not hand leadership over; it still leads",
-        "{v}"
-    );
+    let e: ErrorBody = parse(&v);
     assert!(
-        v["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("no voter took over")),
+        matches!(
+            &e.detail,
+            Some(ErrorDetail::Situation { situation, .. })
+                if situation == "the leader could not hand leadership over; it still leads"
+        ),
         "{v}"
     );
+    assert!(e.error.contains("no voter took over"), "{v}");
     assert_eq!(c.leader(Duration::from_secs(5)).await, 1);
 }

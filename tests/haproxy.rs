@@ -11,9 +11,11 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use clb::model::Check;
+use clb::render::ApplyOutcome;
+use clb::views::{AuditQuery, ServiceBody};
 use common::{backend, define_svc, define_web, traffic, Balancer, Haproxy};
 use harness::{eventually, free_port, Cluster};
-use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_reach_haproxy_through_the_runtime_api() {
@@ -31,10 +33,11 @@ async fn members_reach_haproxy_through_the_runtime_api() {
     }
     let status = b.applied().await;
     assert_eq!(
-        status["last_apply"], "runtime",
-        "member adds need no reload: {status}"
+        status.last_apply,
+        Some(ApplyOutcome::Runtime),
+        "member adds need no reload: {status:?}"
     );
-    let reloads = status["reloads"].as_u64().unwrap();
+    let reloads = status.reloads;
     let (seen, failed) = traffic(port, 40).await;
     assert_eq!(failed, 0);
     assert!(
@@ -76,11 +79,7 @@ async fn members_reach_haproxy_through_the_runtime_api() {
     let status = b.applied().await;
     let (seen, _) = traffic(port, 40).await;
     assert!(seen.get("a").copied().unwrap_or(0) > 0, "{seen:?}");
-    assert_eq!(
-        status["reloads"].as_u64().unwrap(),
-        reloads,
-        "member changes never reloaded"
-    );
+    assert_eq!(status.reloads, reloads, "member changes never reloaded");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -94,7 +93,7 @@ async fn a_structural_change_reloads_without_failing_a_request() {
         .register("web", "a", "127.0.0.1", Some(be.port), None, None)
         .await
         .unwrap();
-    let reloads = b.applied().await["reloads"].as_u64().unwrap();
+    let reloads = b.applied().await.reloads;
 
     // A client loop runs while three new services (structural) force reloads.
     let load = tokio::spawn(traffic(port, 400));
@@ -105,8 +104,8 @@ async fn a_structural_change_reloads_without_failing_a_request() {
         .await;
         define_svc(&b.client(), &format!("extra{i}")).await;
         eventually(Duration::from_secs(10), "reload done", || async {
-            let r = b.render_status().await;
-            (r["reloads"].as_u64()? > reloads + i).then_some(())
+            let r = b.render_status().await?;
+            (r.reloads > reloads + i).then_some(())
         })
         .await;
     }
@@ -142,15 +141,15 @@ async fn a_config_haproxy_rejects_never_goes_live() {
         Duration::from_secs(10),
         "the validation error is reported",
         || async {
-            let r = b.render_status().await;
-            r["last_error"]
-                .as_str()
+            let r = b.render_status().await?;
+            r.last_error
+                .as_deref()
                 .is_some_and(|e| e.contains("rejected"))
                 .then_some(r)
         },
     )
     .await;
-    assert!(status["validate_failures"].as_u64().unwrap() >= 1);
+    assert!(status.validate_failures >= 1);
     assert_eq!(
         std::fs::read_to_string(&b.cfg).unwrap(),
         good,
@@ -193,17 +192,17 @@ async fn without_haproxy_the_file_is_still_written_and_applied_later() {
     })
     .await;
     let status = eventually(Duration::from_secs(10), "apply error reported", || async {
-        let r = b.render_status().await;
-        r["last_error"]
-            .as_str()
+        let r = b.render_status().await?;
+        r.last_error
+            .as_deref()
             .is_some_and(|e| e.starts_with("apply"))
             .then_some(r)
     })
     .await;
-    assert_eq!(status["last_apply"], "failed");
+    assert_eq!(status.last_apply, Some(ApplyOutcome::Failed));
     let _haproxy = Haproxy::start(&b.cfg, &b.master);
     let status = b.applied().await;
-    assert_eq!(status["last_apply"], "reload", "{status}");
+    assert_eq!(status.last_apply, Some(ApplyOutcome::Reload), "{status:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -235,7 +234,13 @@ async fn three_nodes_render_byte_identical_configs() {
     client
         .define_service(
             "web",
-            json!({"port": free_port(), "check": {"http": {"path": "/health"}}}),
+            &ServiceBody {
+                port: free_port().into(),
+                check: Some(Check::Http {
+                    path: "/health".into(),
+                }),
+                ..Default::default()
+            },
         )
         .await
         .unwrap();
@@ -262,8 +267,8 @@ async fn three_nodes_render_byte_identical_configs() {
             let mut out = Vec::new();
             for n in c.nodes.values() {
                 let v = n.client().cluster().await.ok()?;
-                let r = &v["node_status"][n.id.to_string()]["render"];
-                if r["rendered_index"].as_u64()? < index {
+                let r = v.node(n.id)?.render.as_ref()?;
+                if r.rendered_index < index {
                     return None;
                 }
                 out.push(
@@ -286,11 +291,11 @@ async fn three_nodes_render_byte_identical_configs() {
     assert_eq!(files[1], files[2]);
     // One node's /v1/cluster shows every node's render state; so does `clb status`.
     let v = c.node(1).client().cluster().await.unwrap();
-    for id in ["1", "2", "3"] {
-        let r = &v["node_status"][id]["render"];
+    for id in [1, 2, 3] {
+        let r = v.node(id).and_then(|n| n.render.as_ref());
         assert!(
-            r["rendered_index"].as_u64().unwrap() >= index,
-            "node {id}: {r}"
+            r.is_some_and(|r| r.rendered_index >= index),
+            "node {id}: {r:?}"
         );
     }
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_clb"))
@@ -342,18 +347,11 @@ async fn a_balancer_whose_haproxy_is_down_does_not_lead() {
         || async {
             // First "has not taken a configuration yet", then the apply error.
             let v = n1.client().cluster().await.ok()?;
-            let reason = v["vip"]["health_reason"].as_str().unwrap_or("");
-            (v["vip"]["healthy"] == false && reason.contains("apply")).then_some(v)
+            (!v.vip.healthy && v.vip.health_reason.contains("apply")).then_some(v)
         },
     )
     .await;
-    assert!(
-        v["vip"]["health_reason"]
-            .as_str()
-            .unwrap()
-            .contains("apply"),
-        "{v}"
-    );
+    assert!(v.vip.health_reason.contains("apply"), "{v:?}");
     // Whoever led at formation, a healthy balancer leads now.
     let leader = eventually(Duration::from_secs(10), "a healthy leader", || async {
         let l = c.leader(Duration::from_secs(5)).await;
@@ -429,21 +427,17 @@ async fn an_agent_stopped_with_sigterm_drains_before_unregistering() {
     );
     let (seen, failed) = load.await.unwrap();
     assert_eq!(failed, 0, "requests failed while the member left: {seen:?}");
-    let v = b.client().services(Some("web"), false).await.unwrap();
-    assert!(v["definition"]["members"]["leaving"].is_null());
-    let (_, audit) = (
-        (),
-        b.client()
-            .request(reqwest::Method::GET, "/v1/audit?service=web", None)
-            .await
-            .unwrap(),
-    );
-    let actions: Vec<&str> = audit["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["action"].as_str().unwrap())
-        .collect();
+    let v = b.client().service("web", false).await.unwrap();
+    assert!(!v.definition.members.contains_key("leaving"));
+    let audit = b
+        .client()
+        .audit(&AuditQuery {
+            service: Some("web".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let actions: Vec<&str> = audit.entries.iter().map(|e| e.action.as_str()).collect();
     assert_eq!(
         &actions[..2],
         ["unregister", "set-state"],

@@ -25,10 +25,11 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use clb::model::{Check, Mode, ServerOptions};
 use clb::render::haproxy::exchange;
+use clb::views::ServiceBody;
 use common::Balancer;
 use harness::{eventually, free_port};
-use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -558,7 +559,16 @@ async fn haproxy_survives_member_churn_under_long_lived_traffic() {
         .define_service(
             "web",
             // Health checks too: `del server` must stop a dynamic server's check task.
-            json!({"port": port, "mode": "http", "check": "tcp", "server": {"check_inter_ms": 200}}),
+            &ServiceBody {
+                port: port.into(),
+                mode: Some(Mode::Http),
+                check: Some(Check::Tcp),
+                server: Some(ServerOptions {
+                    check_inter_ms: Some(200),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
         )
         .await
         .unwrap();
@@ -587,7 +597,7 @@ async fn haproxy_survives_member_churn_under_long_lived_traffic() {
     }
     let churn = Arc::new(churn);
     let status0 = b.applied().await;
-    let reloads0 = status0["reloads"].as_u64().unwrap();
+    let reloads0 = status0.reloads;
     let procs0 = eventually(Duration::from_secs(10), "haproxy's master CLI", || {
         show_proc(&b.master)
     })
@@ -690,22 +700,29 @@ async fn haproxy_survives_member_churn_under_long_lived_traffic() {
             let mut n = 0u64;
             while t0.elapsed() + reload_every < run && n < 100 {
                 tokio::time::sleep_until((t0 + reload_every * (n as u32 + 1)).into()).await;
-                let before = node.cluster().await.unwrap()["node_status"]["1"]["render"]["reloads"]
-                    .as_u64()
-                    .unwrap();
+                let view = node.cluster().await.unwrap();
+                let before = view
+                    .node(1)
+                    .and_then(|n| n.render.as_ref())
+                    .expect("node 1's render status")
+                    .reloads;
                 let start = Instant::now();
                 client
                     .define_service(
                         &format!("extra{n}"),
-                        json!({"port": free_port(), "check": "tcp"}),
+                        &ServiceBody {
+                            port: free_port().into(),
+                            check: Some(Check::Tcp),
+                            ..Default::default()
+                        },
                     )
                     .await
                     .unwrap();
                 let deadline = Instant::now() + Duration::from_secs(30);
                 loop {
                     let v = node.cluster().await.ok();
-                    let r = v.map(|v| v["node_status"]["1"]["render"].clone());
-                    if r.as_ref().and_then(|r| r["reloads"].as_u64()) > Some(before) {
+                    let r = v.and_then(|v| v.node(1)?.render.clone());
+                    if r.as_ref().map(|r| r.reloads) > Some(before) {
                         break;
                     }
                     assert!(
@@ -959,7 +976,7 @@ async fn haproxy_survives_member_churn_under_long_lived_traffic() {
         removed_under.len()
     );
     assert_eq!(
-        status["reloads"].as_u64().unwrap() - reloads0,
+        status.reloads - reloads0,
         reload_windows.len() as u64,
         "only structural changes reloaded"
     );

@@ -26,15 +26,11 @@ struct Footprint {
 
 async fn footprint(node: &harness::Node) -> Footprint {
     let v = node.view().await.expect("view");
-    let tokens = node
-        .client()
-        .request(reqwest::Method::GET, "/v1/tokens", None)
-        .await
-        .expect("tokens");
+    let tokens = node.client().tokens().await.expect("tokens");
     Footprint {
-        term: v["term"].as_u64().unwrap(),
-        last_log_index: v["last_log_index"].as_u64().unwrap(),
-        tokens: tokens["tokens"].as_array().unwrap().len(),
+        term: v.term,
+        last_log_index: v.last_log_index.expect("last_log_index"),
+        tokens: tokens.tokens.len(),
     }
 }
 
@@ -48,10 +44,7 @@ async fn attack_and_check(c: &Cluster, wrong: &[&str]) {
         before.push(footprint(n).await);
     }
     for n in c.nodes.values() {
-        let cluster_id = n.view().await.unwrap()["cluster_id"]
-            .as_str()
-            .unwrap()
-            .to_string();
+        let cluster_id = n.view().await.unwrap().cluster_id;
         forge::assert_all_refused(
             &http,
             &format!("http://{}", n.peer_addr),
@@ -128,10 +121,7 @@ async fn a_cluster_refuses_forged_rpcs_and_its_leader_refuses_invalid_commands()
     // validates what it appends: invalid values, a scope that does not
     // allow the command, and a batch only the leader may build.
     let l = c.node(leader);
-    let cluster_id = l.view().await.unwrap()["cluster_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let cluster_id = l.view().await.unwrap().cluster_id;
     let before = footprint(l).await;
     let proposal = |cmd| Proposal {
         cmd,

@@ -289,7 +289,7 @@ async fn operations_blocks_that_run_on_one_machine_run_as_written() {
         || async {
             let l = c.leader(Duration::from_secs(20)).await;
             let v = c.node(l).view().await?;
-            (v["vip"]["held"] == true && v["vip"]["healthy"] == true).then_some(l)
+            (v.vip.held && v.vip.healthy).then_some(l)
         },
     )
     .await;

@@ -7,40 +7,93 @@ mod harness;
 
 use std::time::{Duration, Instant};
 
+use clb::model::Check;
+use clb::views::{
+    Audit, ClusterView, ErrorBody, OneServiceView, RegisterBody, ServiceBody, StateBody, TokenBody,
+    TokenCreated, Written,
+};
 use harness::{eventually, Cluster, TOKEN};
 use reqwest::Method;
-use serde_json::{json, Value};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 
+/// A request body as it goes on the wire: JSON text.
+fn wire(body: impl Serialize) -> String {
+    serde_json::to_string(&body).expect("a request body")
+}
+
+/// `PUT .../members/{member}`.
+fn member_body(address: &str, port: Option<u32>) -> String {
+    wire(RegisterBody {
+        address: address.into(),
+        port,
+        ..Default::default()
+    })
+}
+
+/// `PUT /v1/services/{service}`.
+fn service_body(port: u32) -> String {
+    wire(ServiceBody {
+        port,
+        ..Default::default()
+    })
+}
+
+/// `POST /v1/tokens`.
+fn token_body(scope: &str) -> String {
+    wire(TokenBody {
+        scope: scope.into(),
+        ..Default::default()
+    })
+}
+
+/// One request; the status and the body's text.
 async fn call(
     addr: &str,
     token: &str,
     method: Method,
     path: &str,
-    body: Option<Value>,
-) -> (u16, Value) {
+    body: Option<String>,
+) -> (u16, String) {
     let mut req = reqwest::Client::new()
         .request(method, format!("http://{addr}{path}"))
         .bearer_auth(token);
     if let Some(b) = body {
-        req = req.json(&b);
+        req = req.header("content-type", "application/json").body(b);
     }
     let resp = req.send().await.expect("send");
     let status = resp.status().as_u16();
-    let v = resp.json().await.unwrap_or(Value::Null);
-    (status, v)
+    let text = resp.text().await.unwrap_or_default();
+    (status, text)
+}
+
+/// An answer read as the view `T`.
+fn parse<T: DeserializeOwned>(text: &str) -> T {
+    serde_json::from_str(text)
+        .unwrap_or_else(|e| panic!("not a {}: {e}: {text:?}", std::any::type_name::<T>()))
+}
+
+/// The error message of a refusal.
+fn error(text: &str) -> String {
+    parse::<ErrorBody>(text).error
+}
+
+/// The log's last index, as node `addr` sees it.
+async fn last_log_index(addr: &str) -> Option<u64> {
+    let (_, v) = call(addr, TOKEN, Method::GET, "/v1/cluster", None).await;
+    parse::<ClusterView>(&v).last_log_index
 }
 
 async fn create_token(addr: &str, scope: &str, ttl: Option<&str>) -> (String, String) {
-    let mut body = json!({"scope": scope, "name": format!("test {scope}")});
-    if let Some(t) = ttl {
-        body["ttl"] = json!(t);
-    }
-    let (s, v) = call(addr, TOKEN, Method::POST, "/v1/tokens", Some(body)).await;
+    let body = TokenBody {
+        scope: scope.into(),
+        ttl: ttl.map(String::from),
+        name: Some(format!("test {scope}")),
+    };
+    let (s, v) = call(addr, TOKEN, Method::POST, "/v1/tokens", Some(wire(body))).await;
     assert_eq!(s, 200, "{v}");
-    (
-        v["id"].as_str().unwrap().into(),
-        v["secret"].as_str().unwrap().into(),
-    )
+    let created: TokenCreated = parse(&v);
+    (created.id, created.secret)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -54,13 +107,13 @@ async fn each_scope_allows_exactly_what_it_should() {
     let (_, api) = create_token(&addr, "register:web:api-*", None).await;
     let (_, any) = create_token(&addr, "register:*", None).await;
     let member = |svc: &str, m: &str| format!("/v1/services/{svc}/members/{m}");
-    let reg = json!({"address": "10.0.0.1", "port": 80});
+    let reg = member_body("10.0.0.1", Some(80));
     call(
         &addr,
         TOKEN,
         Method::PUT,
         "/v1/services/web",
-        Some(json!({"port": 8080})),
+        Some(service_body(8080)),
     )
     .await;
     call(
@@ -68,12 +121,12 @@ async fn each_scope_allows_exactly_what_it_should() {
         TOKEN,
         Method::PUT,
         "/v1/services/db",
-        Some(json!({"port": 5432})),
+        Some(service_body(5432)),
     )
     .await;
 
     // (token, method, path, body, expected status)
-    let cases: Vec<(&str, Method, String, Option<Value>, u16)> = vec![
+    let cases: Vec<(&str, Method, String, Option<String>, u16)> = vec![
         (
             &admin,
             Method::PUT,
@@ -97,7 +150,7 @@ async fn each_scope_allows_exactly_what_it_should() {
             &read,
             Method::PUT,
             "/v1/services/x".into(),
-            Some(json!({"port": 9})),
+            Some(service_body(9)),
             403,
         ),
         (&read, Method::GET, "/v1/tokens".into(), None, 403),
@@ -112,7 +165,9 @@ async fn each_scope_allows_exactly_what_it_should() {
             &web,
             Method::PUT,
             format!("{}/state", member("web", "w1")),
-            Some(json!({"state": "drain"})),
+            Some(wire(StateBody {
+                state: "drain".into(),
+            })),
             200,
         ),
         (&web, Method::DELETE, member("web", "w1"), None, 200),
@@ -128,14 +183,14 @@ async fn each_scope_allows_exactly_what_it_should() {
             &web,
             Method::PUT,
             "/v1/services/web".into(),
-            Some(json!({"port": 8080})),
+            Some(service_body(8080)),
             403,
         ),
         (
             &web,
             Method::POST,
             "/v1/tokens".into(),
-            Some(json!({"scope": "admin"})),
+            Some(token_body("admin")),
             403,
         ),
         (
@@ -179,12 +234,13 @@ async fn each_scope_allows_exactly_what_it_should() {
         let (status, v) = call(&addr, token, method.clone(), &path, body).await;
         assert_eq!(status, want, "{method} {path} with {}: {v}", &token[..12]);
         if want == 403 {
-            assert!(v["error"].as_str().unwrap().contains("scope"), "{v}");
+            assert!(error(&v).contains("scope"), "{v}");
         }
     }
     // A refused request wrote nothing: w1 in db does not exist.
     let (_, v) = call(&addr, TOKEN, Method::GET, "/v1/services/db", None).await;
-    assert!(v["definition"]["members"]["w1"].is_null());
+    let v: OneServiceView = parse(&v);
+    assert!(!v.definition.members.contains_key("w1"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -193,7 +249,7 @@ async fn a_revoked_token_is_refused_on_every_node_within_a_second() {
     c.leader(Duration::from_secs(10)).await;
     let leader_addr = c.node(1).addr.clone();
     let (id, secret) = create_token(&leader_addr, "register:web", None).await;
-    let body = json!({"address": "10.0.0.1", "port": 80});
+    let body = member_body("10.0.0.1", Some(80));
     for n in c.nodes.values() {
         let s = eventually(
             Duration::from_secs(5),
@@ -243,8 +299,7 @@ async fn a_revoked_token_is_refused_on_every_node_within_a_second() {
     }
     assert!(revoked_at.elapsed() < Duration::from_secs(1));
     // Listing never shows secrets or hashes.
-    let (_, v) = call(&leader_addr, TOKEN, Method::GET, "/v1/tokens", None).await;
-    let text = v.to_string();
+    let (_, text) = call(&leader_addr, TOKEN, Method::GET, "/v1/tokens", None).await;
     assert!(
         !text.contains(&secret[20..]) && !text.contains("hash"),
         "{text}"
@@ -267,7 +322,7 @@ async fn expired_tokens_and_the_legacy_password() {
         (s == 401).then_some(v)
     })
     .await;
-    assert!(v["error"].as_str().unwrap().contains("expired"), "{v}");
+    assert!(error(&v).contains("expired"), "{v}");
 
     // The 2010 password registers (scope register:*) and can do nothing else.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_clb_register"))
@@ -287,15 +342,21 @@ async fn expired_tokens_and_the_legacy_password() {
         "my-clb-password",
         Method::POST,
         "/v1/tokens",
-        Some(json!({"scope": "admin"})),
+        Some(token_body("admin")),
     )
     .await;
     assert_eq!(s, 403);
     let (_, v) = call(&addr, TOKEN, Method::GET, "/v1/audit?service=http", None).await;
-    let e = &v["entries"][0];
+    let audit: Audit = parse(&v);
+    let e = audit.entries.first();
     assert_eq!(
-        (e["by"].as_str(), e["action"].as_str(), e["member"].as_str()),
-        (Some("legacy"), Some("register"), Some("10.0.0.7"))
+        (
+            e.map(|e| e.by.as_str()),
+            e.map(|e| e.action.as_str()),
+            e.and_then(|e| e.member.as_deref())
+        ),
+        (Some("legacy"), Some("register"), Some("10.0.0.7")),
+        "{v}"
     );
 }
 
@@ -322,8 +383,8 @@ async fn failed_authentication_is_rate_limited_with_retry_after() {
         .parse()
         .unwrap();
     assert!((1..=60).contains(&retry), "{retry}");
-    let v: Value = r.json().await.unwrap();
-    assert!(v["error"].as_str().unwrap().contains("retry in"), "{v}");
+    let v: ErrorBody = r.json().await.unwrap();
+    assert!(v.error.contains("retry in"), "{v:?}");
     // While blocked, even the right token waits.
     let r = http.get(&url).bearer_auth(TOKEN).send().await.unwrap();
     assert_eq!(r.status(), 429);
@@ -340,7 +401,7 @@ async fn the_audit_history_names_who_did_what_on_every_node() {
         TOKEN,
         Method::PUT,
         "/v1/services/web",
-        Some(json!({"port": 8080})),
+        Some(service_body(8080)),
     )
     .await;
     let (s, v) = call(
@@ -348,11 +409,11 @@ async fn the_audit_history_names_who_did_what_on_every_node() {
         &web,
         Method::PUT,
         "/v1/services/web/members/w1",
-        Some(json!({"address": "10.0.0.1"})),
+        Some(member_body("10.0.0.1", None)),
     )
     .await;
     assert_eq!(s, 200, "{v}");
-    let index = v["index"].as_u64().unwrap();
+    let index = parse::<Written>(&v).index;
     call(
         &addr,
         &web,
@@ -373,10 +434,11 @@ async fn the_audit_history_names_who_did_what_on_every_node() {
     c.converged(index + 1, Duration::from_secs(5)).await;
     for n in c.nodes.values() {
         let (_, v) = call(&n.addr, TOKEN, Method::GET, "/v1/audit?service=web", None).await;
-        let entries = v["entries"].as_array().unwrap();
-        let actions: Vec<(&str, &str)> = entries
+        let audit: Audit = parse(&v);
+        let actions: Vec<(&str, &str)> = audit
+            .entries
             .iter()
-            .map(|e| (e["action"].as_str().unwrap(), e["by"].as_str().unwrap()))
+            .map(|e| (e.action.as_str(), e.by.as_str()))
             .collect();
         assert_eq!(
             actions,
@@ -415,8 +477,7 @@ async fn attack_strings_are_refused_in_every_field_that_reaches_haproxy() {
     let c = Cluster::start(1).await;
     c.leader(Duration::from_secs(10)).await;
     let addr = c.node(1).addr.clone();
-    let before =
-        call(&addr, TOKEN, Method::GET, "/v1/cluster", None).await.1["last_log_index"].clone();
+    let before = last_log_index(&addr).await;
     let long = "a".repeat(10_000);
     let attacks = [
         "a\nserver evil 6.6.6.6:80",
@@ -448,11 +509,11 @@ async fn attack_strings_are_refused_in_every_field_that_reaches_haproxy() {
                 TOKEN,
                 Method::PUT,
                 &path,
-                Some(json!({"address": "10.0.0.1"})),
+                Some(member_body("10.0.0.1", None)),
             )
             .await;
             assert!(s == 400 || s == 404, "{attack:?} in {path}: {s} {v}");
-            assert!(v["error"].is_string(), "{v}");
+            error(&v);
         }
         // address, check path, service definition name
         let (s, v) = call(
@@ -460,7 +521,7 @@ async fn attack_strings_are_refused_in_every_field_that_reaches_haproxy() {
             TOKEN,
             Method::PUT,
             "/v1/services/http/members/m",
-            Some(json!({"address": attack})),
+            Some(member_body(attack, None)),
         )
         .await;
         assert_eq!(s, 400, "address {attack:?}: {v}");
@@ -471,7 +532,13 @@ async fn attack_strings_are_refused_in_every_field_that_reaches_haproxy() {
                 TOKEN,
                 Method::PUT,
                 "/v1/services/web",
-                Some(json!({"port": 81, "check": {"http": {"path": format!("/{attack}")}}})),
+                Some(wire(ServiceBody {
+                    port: 81,
+                    check: Some(Check::Http {
+                        path: format!("/{attack}"),
+                    }),
+                    ..Default::default()
+                })),
             )
             .await;
             assert_eq!(s, 400, "check path {attack:?}: {v}");
@@ -481,13 +548,12 @@ async fn attack_strings_are_refused_in_every_field_that_reaches_haproxy() {
             TOKEN,
             Method::POST,
             "/v1/tokens",
-            Some(json!({"scope": format!("register:{attack}")})),
+            Some(token_body(&format!("register:{attack}"))),
         )
         .await;
         assert_eq!(s, 400, "scope {attack:?}: {v}");
     }
-    let after =
-        call(&addr, TOKEN, Method::GET, "/v1/cluster", None).await.1["last_log_index"].clone();
+    let after = last_log_index(&addr).await;
     assert_eq!(before, after, "a refused request wrote to the log");
 }
 
@@ -512,11 +578,8 @@ async fn authorization_headers_are_read_strictly() {
             .await
             .unwrap();
         assert_eq!(r.status(), 400, "{pair:?}");
-        let v: Value = r.json().await.unwrap();
-        assert!(
-            v["error"].as_str().unwrap().contains("more than one"),
-            "{v}"
-        );
+        let v: ErrorBody = r.json().await.unwrap();
+        assert!(v.error.contains("more than one"), "{v:?}");
     }
     for scheme in ["bearer", "BEARER", "Bearer"] {
         let r = http

@@ -14,10 +14,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clb::client::{Client, ClientOptions};
+use clb::views::{OneServiceView, ServiceBody};
 use harness::{eventually, free_port, peer_addr_for, Cluster, TOKEN};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 use rustls_pki_types::{CertificateDer, ServerName};
-use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -107,12 +107,7 @@ async fn https_healthy(pki: &Pki, addr: &str) {
     let client = pki.client(&format!("https://{addr}"));
     eventually(Duration::from_secs(20), "node healthy over HTTPS", || {
         let client = client.clone();
-        async move {
-            client
-                .request(reqwest::Method::GET, "/healthz", None)
-                .await
-                .ok()
-        }
+        async move { client.healthz().await.ok() }
     })
     .await;
 }
@@ -193,10 +188,10 @@ async fn the_api_works_over_https_with_the_cli_and_refuses_unverified_or_plain()
     assert!(o.status.success(), "{}", text(&o));
     let o = clb(&[&base[..], &["--json", "members", "web"]].concat());
     assert!(o.status.success(), "{}", text(&o));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    let v: OneServiceView = serde_json::from_slice(&o.stdout).expect("json");
     assert_eq!(
-        v["definition"]["members"]["a1"]["address"],
-        json!("10.0.0.5")
+        v.definition.members.get("a1").map(|m| m.address.as_str()),
+        Some("10.0.0.5")
     );
 
     // Without the CA the server's certificate does not verify.
@@ -471,9 +466,11 @@ async fn a_three_node_cluster_forms_and_replicates_over_https() {
         || {
             let any = any.clone();
             async move {
-                any.define_service("web", json!({"port": 8080}))
-                    .await
-                    .ok()?;
+                let web = ServiceBody {
+                    port: 8080,
+                    ..Default::default()
+                };
+                any.define_service("web", &web).await.ok()?;
                 any.register("web", "a1", "10.0.0.5", Some(80), None, None)
                     .await
                     .ok()
@@ -489,8 +486,8 @@ async fn a_three_node_cluster_forms_and_replicates_over_https() {
             || {
                 let client = client.clone();
                 async move {
-                    let v = client.services(Some("web"), false).await.ok()?;
-                    v["definition"]["members"].get("a1").map(|_| ())
+                    let v = client.service("web", false).await.ok()?;
+                    v.definition.members.get("a1").map(|_| ())
                 }
             },
         )
@@ -498,7 +495,7 @@ async fn a_three_node_cluster_forms_and_replicates_over_https() {
     }
     let leaders: Vec<Option<u64>> = futures::future::join_all(addrs.iter().map(|a| {
         let client = pki.client(&format!("https://{a}"));
-        async move { client.cluster().await.ok()?["leader"].as_u64() }
+        async move { client.cluster().await.ok()?.leader }
     }))
     .await;
     assert!(
@@ -511,11 +508,11 @@ async fn a_three_node_cluster_forms_and_replicates_over_https() {
         .cluster()
         .await
         .unwrap();
-    for id in ["1", "2", "3"] {
-        let st = &view["node_status"][id];
+    for id in [1, 2, 3] {
+        let st = view.node_status.get(&id);
         assert!(
-            st.get("error").is_none() && st["node_id"].is_u64(),
-            "node {id}: {st}"
+            st.and_then(|s| s.up()).is_some_and(|n| n.node_id == id),
+            "node {id}: {st:?}"
         );
     }
     // The walk-through's check from another host: `clb status` over HTTPS
@@ -537,9 +534,9 @@ async fn a_three_node_cluster_forms_and_replicates_over_https() {
     );
     // TLS authenticates the server, not the caller: forged peer RPCs over
     // HTTPS are refused like over HTTP, and change nothing.
-    let term = view["term"].as_u64().unwrap();
-    let last = view["last_log_index"].as_u64().unwrap();
-    let cluster_id = view["cluster_id"].as_str().unwrap().to_string();
+    let term = view.term;
+    let last = view.last_log_index.expect("last_log_index");
+    let cluster_id = view.cluster_id.clone();
     let ca = reqwest::Certificate::from_pem(&std::fs::read(&pki.ca_file).unwrap()).unwrap();
     let https = reqwest::Client::builder()
         .add_root_certificate(ca)
@@ -559,6 +556,6 @@ async fn a_three_node_cluster_forms_and_replicates_over_https() {
         .cluster()
         .await
         .unwrap();
-    assert_eq!(after["term"].as_u64(), Some(term));
-    assert_eq!(after["last_log_index"].as_u64(), Some(last));
+    assert_eq!(after.term, term);
+    assert_eq!(after.last_log_index, Some(last));
 }

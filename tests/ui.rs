@@ -13,9 +13,10 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use clb::model::{Balance, Mode};
+use clb::views::{FailoverView, ServiceBody, TokenBody};
 use harness::{eventually, free_port, Cluster, TOKEN};
 use reqwest::redirect::Policy;
-use serde_json::{json, Value};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 
@@ -51,11 +52,25 @@ async fn cluster_with_members() -> (Cluster, haproxy::Backend) {
     c.leader(Duration::from_secs(20)).await;
     let client = c.any_client();
     for (svc, body) in [
-        ("http", json!({"port": free_port(), "mode": "http"})),
-        ("api", json!({"port": free_port(), "balance": "leastconn"})),
+        (
+            "http",
+            ServiceBody {
+                port: free_port().into(),
+                mode: Some(Mode::Http),
+                ..Default::default()
+            },
+        ),
+        (
+            "api",
+            ServiceBody {
+                port: free_port().into(),
+                balance: Some(Balance::Leastconn),
+                ..Default::default()
+            },
+        ),
     ] {
         client
-            .define_service(svc, body)
+            .define_service(svc, &body)
             .await
             .unwrap_or_else(|e| panic!("define {svc}: {e}"));
     }
@@ -110,7 +125,7 @@ async fn page_text(ui: &str) -> Option<String> {
 /// The VIP holder node 1 reports, once there is one.
 async fn vip_holder(c: &Cluster) -> u64 {
     eventually(Duration::from_secs(15), "a VIP holder", || async {
-        c.node(1).view().await?["vip_holder"].as_u64()
+        c.node(1).view().await?.vip_holder
     })
     .await
 }
@@ -167,14 +182,13 @@ async fn ui_needs_a_read_token_by_header_or_sign_in_cookie() {
     let created = c
         .node(1)
         .client()
-        .request(
-            reqwest::Method::POST,
-            "/v1/tokens",
-            Some(json!({"scope": "register:http"})),
-        )
+        .create_token(&TokenBody {
+            scope: "register:http".into(),
+            ..Default::default()
+        })
         .await
         .expect("create token");
-    let register_only = created["secret"].as_str().unwrap().to_string();
+    let register_only = created.secret;
     let r = http
         .post(&url)
         .form(&[("token", register_only.as_str())])
@@ -401,14 +415,13 @@ async fn status_page_shows_the_live_cluster_in_headless_chromium() {
         "clb failover: {said}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let moved: Value = serde_json::from_str(&said).expect("clb --json failover");
-    let new_leader = moved["new_leader"].as_u64().expect("new_leader");
-    let new_term = moved["new_term"].as_u64().expect("new_term");
+    let moved: FailoverView = serde_json::from_str(&said).expect("clb --json failover");
+    let (new_leader, new_term) = (moved.new_leader, moved.new_term);
     assert_ne!(new_leader, holder);
     let elected =
         format!("data-kind=\"leader\" data-leader=\"{new_leader}\" data-term=\"{new_term}\"");
     // Of the hold that ended (every balancer also releases once at start-up).
-    let old_term = moved["term"].as_u64().expect("term");
+    let old_term = moved.term;
     // The new holder's claim is for the new term.
     let claimed = format!("{} data-term=\"{new_term}\"", claim(new_leader));
     let released = format!(
@@ -454,5 +467,5 @@ async fn status_page_shows_the_live_cluster_in_headless_chromium() {
     if let Ok(dir) = std::env::var("CLB_UI_SCREENSHOT_DIR") {
         let _ = std::fs::copy(&shot, Path::new(&dir).join("ui.png"));
     }
-    let _: Value = c.node(1).view().await.expect("cluster still answers");
+    c.node(1).view().await.expect("cluster still answers");
 }

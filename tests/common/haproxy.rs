@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clb::client::Client;
-use serde_json::{json, Value};
+use clb::model::{Check, Mode};
+use clb::render::RenderStatus;
+use clb::views::ServiceBody;
 
 use crate::harness::{eventually, free_port, Cluster, Node};
 
@@ -157,21 +159,21 @@ impl Balancer {
         self.node().client()
     }
 
-    pub async fn render_status(&self) -> Value {
+    /// The node's render state; `None` while it does not show one.
+    pub async fn render_status(&self) -> Option<RenderStatus> {
         let v = self.client().cluster().await.unwrap();
-        v["node_status"]["1"]["render"].clone()
+        v.node(1)?.render.clone()
     }
 
     /// Waits until haproxy runs the registry's latest index.
-    pub async fn applied(&self) -> Value {
+    pub async fn applied(&self) -> RenderStatus {
         eventually(
             Duration::from_secs(15),
             "haproxy runs the latest config",
             || async {
                 let v = self.client().cluster().await.ok()?;
-                let r = v["node_status"]["1"]["render"].clone();
-                let want = v["applied_index"].as_u64()?;
-                (r["applied_index"].as_u64()? >= want && r["last_error"].is_null()).then_some(r)
+                let r = v.node(1)?.render.clone()?;
+                (r.applied_index >= v.applied_index && r.last_error.is_none()).then_some(r)
             },
         )
         .await
@@ -222,7 +224,12 @@ pub async fn define_web(client: &Client, port: u16) {
     client
         .define_service(
             "web",
-            json!({"port": port, "mode": "http", "check": "none"}),
+            &ServiceBody {
+                port: port.into(),
+                mode: Some(Mode::Http),
+                check: Some(Check::None),
+                ..Default::default()
+            },
         )
         .await
         .expect("define service");
@@ -230,7 +237,14 @@ pub async fn define_web(client: &Client, port: u16) {
 
 pub async fn define_svc(client: &Client, name: &str) {
     client
-        .define_service(name, json!({"port": free_port(), "check": "tcp"}))
+        .define_service(
+            name,
+            &ServiceBody {
+                port: free_port().into(),
+                check: Some(Check::Tcp),
+                ..Default::default()
+            },
+        )
         .await
         .unwrap();
 }
