@@ -733,7 +733,7 @@ fn status_table(v: &ClusterView) -> String {
         };
         let (role, applied, haproxy, error) = match v.node_status.get(&id) {
             Some(NodeStatus::Up(st)) => {
-                let role = st.role.map_or("?".into(), |r| role_name(r).to_string());
+                let role = st.role.map_or("?".into(), |r| r.as_str().to_string());
                 match &st.render {
                     None => (
                         role,
@@ -771,7 +771,7 @@ fn status_table(v: &ClusterView) -> String {
     format!(
         "node {} ({}), term {}, applied index {}, {} members\n{}",
         v.node_id,
-        v.role.map_or("", role_name),
+        v.role.map_or("", |r| r.as_str()),
         v.term,
         v.applied_index,
         v.members,
@@ -780,13 +780,6 @@ fn status_table(v: &ClusterView) -> String {
             &rows
         )
     )
-}
-
-fn role_name(r: crate::Role) -> &'static str {
-    match r {
-        crate::Role::Balancer => "balancer",
-        crate::Role::Witness => "witness",
-    }
 }
 
 fn failover_text(v: &FailoverView) -> String {

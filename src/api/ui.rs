@@ -321,13 +321,6 @@ fn health(status: Option<&NodeStatus>) -> (&'static str, &'static str, String) {
     ("ok", "ok", esc(&st.health_reason))
 }
 
-fn role_name(r: crate::Role) -> &'static str {
-    match r {
-        crate::Role::Balancer => "balancer",
-        crate::Role::Witness => "witness",
-    }
-}
-
 /// A one-word setting by the name the API gives it (`http`, `roundrobin`).
 fn word(v: &impl serde::Serialize) -> String {
     match serde_json::to_value(v) {
@@ -411,7 +404,7 @@ fn status_page(view: &ClusterView, registry: &Registry, now_ms: u64) -> String {
             "learner"
         };
         let (h_label, h_class, h_detail) = health(status);
-        let role = st.and_then(|s| s.role).map_or("—", role_name);
+        let role = st.and_then(|s| s.role).map_or("—", |r| r.as_str());
         let vip_mark = if holder == Some(id) {
             format!(" {}", badge("ok", "VIP"))
         } else {

@@ -68,6 +68,16 @@ pub enum Role {
     Witness,
 }
 
+impl Role {
+    /// The name the API and `--role` use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Balancer => "balancer",
+            Role::Witness => "witness",
+        }
+    }
+}
+
 /// Timers and role for the Raft instance.
 #[derive(Debug, Clone)]
 pub struct RaftSettings {

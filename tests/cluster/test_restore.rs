@@ -99,7 +99,7 @@ const TIMERS: [&str; 6] = [
     "3000",
 ];
 
-async fn members(node: &Node) -> Option<usize> {
+async fn members(node: &Node) -> Option<u64> {
     Some(node.view().await?.members)
 }
 
