@@ -5,13 +5,14 @@
 //! own listener), the dribblers are closed at the header timeout, and the
 //! node's memory stays bounded. Every flood task stops by itself.
 
-#[path = "cluster/harness.rs"]
+#[path = "common/harness.rs"]
 mod harness;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use harness::Cluster;
+use harness::{ClusterExt, NodeExt};
+use lab::Cluster;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 

@@ -1,7 +1,7 @@
 //! Rendering against a real haproxy (Debian package, master-worker mode) with
 //! real backend HTTP servers on loopback.
 
-#[path = "cluster/harness.rs"]
+#[path = "common/harness.rs"]
 mod harness;
 
 #[path = "common/haproxy.rs"]
@@ -12,7 +12,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::{backend, define_svc, define_web, traffic, Balancer, Haproxy};
-use harness::{eventually, free_port, Cluster};
+use harness::{eventually, ClusterExt, NodeExt};
+use lab::{free_port, Cluster, Proc};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -321,7 +322,7 @@ async fn a_balancer_whose_haproxy_is_down_does_not_lead() {
     let dead = tempfile::tempdir().unwrap();
     let master = dead.path().join("master.sock").display().to_string();
     let admin = dead.path().join("admin.sock").display().to_string();
-    let timers = harness::FAST_TIMERS;
+    let timers = lab::FAST_TIMERS;
     let c = Cluster::start_custom(3, &timers, |id| {
         let mut args = vec!["--stats-port".to_string(), "0".into()];
         if id == 1 {
@@ -389,8 +390,8 @@ async fn an_agent_stopped_with_sigterm_drains_before_unregistering() {
         .register("web", "stay", "127.0.0.1", Some(stay.port), None, None)
         .await
         .unwrap();
-    let mut agent = Command::new(env!("CARGO_BIN_EXE_clb"))
-        .args(["agent", "web", "leaving", "--address", "127.0.0.1"])
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_clb"));
+    cmd.args(["agent", "web", "leaving", "--address", "127.0.0.1"])
         .args([
             "--port",
             &leaving.port.to_string(),
@@ -402,9 +403,8 @@ async fn an_agent_stopped_with_sigterm_drains_before_unregistering() {
         .env("CLB_SERVER", &b.node().addr)
         .env("CLB_TOKEN", harness::TOKEN)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        .stderr(Stdio::null());
+    let mut agent = Proc::build(&mut cmd).spawn().unwrap();
     eventually(
         Duration::from_secs(10),
         "the agent's member takes traffic",
@@ -421,7 +421,7 @@ async fn an_agent_stopped_with_sigterm_drains_before_unregistering() {
         (stay.hits.load(Ordering::SeqCst) > 40).then_some(())
     })
     .await;
-    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    agent.signal(libc::SIGTERM);
     let status = agent.wait().unwrap();
     assert!(
         status.success(),

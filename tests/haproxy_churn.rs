@@ -14,7 +14,7 @@
 //! which reloads every 30 s (`CLB_CHURN_RELOAD_SECS` sets that interval);
 //! `CLB_CHURN_LOGS=DIR` keeps haproxy's and clbd's logs and any core there.
 
-#[path = "cluster/harness.rs"]
+#[path = "common/harness.rs"]
 mod harness;
 
 #[path = "common/haproxy.rs"]
@@ -27,7 +27,8 @@ use std::time::{Duration, Instant};
 
 use clb::render::haproxy::exchange;
 use common::Balancer;
-use harness::{eventually, free_port};
+use harness::{eventually, NodeExt};
+use lab::free_port;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};

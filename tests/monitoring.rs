@@ -3,14 +3,15 @@
 //! would fail if a rule lost its teeth, and every metric the rules and the
 //! dashboard name is one a running clbd really exports.
 
-#[path = "cluster/harness.rs"]
+#[path = "common/harness.rs"]
 mod harness;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use harness::Cluster;
+use harness::ClusterExt;
+use lab::Cluster;
 
 fn deploy(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

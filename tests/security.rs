@@ -2,12 +2,13 @@
 //! rate limit, the audit history, and attack strings against every field that
 //! reaches haproxy.cfg.
 
-#[path = "cluster/harness.rs"]
+#[path = "common/harness.rs"]
 mod harness;
 
 use std::time::{Duration, Instant};
 
-use harness::{eventually, Cluster, TOKEN};
+use harness::{eventually, ClusterExt, TOKEN};
+use lab::Cluster;
 use reqwest::Method;
 use serde_json::{json, Value};
 

@@ -5,7 +5,7 @@
 
 #[path = "common/forge.rs"]
 mod forge;
-#[path = "cluster/harness.rs"]
+#[path = "common/harness.rs"]
 mod harness;
 
 use std::path::{Path, PathBuf};
@@ -14,7 +14,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clb::client::{Client, ClientOptions};
-use harness::{eventually, free_port, peer_addr_for, Cluster, TOKEN};
+use harness::{eventually, ClusterExt, TOKEN};
+use lab::{free_port, peer_addr_for, Cluster};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 use rustls_pki_types::{CertificateDer, ServerName};
 use serde_json::json;
@@ -452,7 +453,7 @@ async fn a_three_node_cluster_forms_and_replicates_over_https() {
             i as u64 + 1,
             addr.clone(),
             peer.clone(),
-            &harness::FAST_TIMERS,
+            &lab::FAST_TIMERS,
             args,
         );
     }

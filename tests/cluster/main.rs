@@ -1,8 +1,8 @@
 //! Multi-process tests: real `clbd` binaries on loopback.
 
+#[path = "../common/harness.rs"]
 mod harness;
 mod linearizability;
-mod netns;
 mod test_chaos;
 mod test_disk;
 mod test_failover;

@@ -5,7 +5,8 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::harness::{eventually, Cluster};
+use crate::harness::{eventually, ClusterExt, NodeExt};
+use lab::Cluster;
 use serde_json::Value;
 
 fn member_names(services: &Value, service: &str) -> BTreeSet<String> {

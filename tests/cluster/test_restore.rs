@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use clb::consensus::store::MAX_VALUE;
 use serde_json::{json, Value};
 
-use crate::harness::{eventually, Cluster, Node};
+use crate::harness::{eventually, ClusterExt, NodeExt};
+use lab::{Cluster, Node};
 
 /// Writes a `clb snapshot save` file: `per_service` members in each of
 /// `services`, and one token.

@@ -12,7 +12,8 @@ use std::collections::BTreeSet;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::harness::{eventually, Cluster, TOKEN};
+use crate::harness::{eventually, ClusterExt, NodeExt, TOKEN};
+use lab::Cluster;
 
 const WRITES: usize = 20;
 
