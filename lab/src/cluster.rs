@@ -189,9 +189,11 @@ impl Cluster {
     pub async fn healthy(&self, within: Duration) -> Result<(), String> {
         for node in self.nodes.values() {
             let what = format!("node {} healthy", node.id);
-            eventually(within, &what, || async { node.healthy().await.then_some(()) })
-                .await
-                .map_err(|e| format!("{e}; log tail:\n{}", tail(&node.log_text(), 10)))?;
+            eventually(within, &what, || async {
+                node.healthy().await.then_some(())
+            })
+            .await
+            .map_err(|e| format!("{e}; log tail:\n{}", tail(&node.log_text(), 10)))?;
         }
         Ok(())
     }

@@ -96,7 +96,6 @@ impl Netns {
         all.extend_from_slice(args);
         ip(&all)
     }
-}
 
     /// Deletes the namespace now, for the error `Drop` could only print.
     pub fn delete(mut self) -> Result<()> {

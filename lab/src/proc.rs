@@ -84,9 +84,9 @@ impl<'a> Spawn<'a> {
                 });
             }
         }
-        let child = cmd.spawn().map_err(|e| {
-            io::Error::new(e.kind(), format!("spawn {:?}: {e}", cmd.get_program()))
-        })?;
+        let child = cmd
+            .spawn()
+            .map_err(|e| io::Error::new(e.kind(), format!("spawn {:?}: {e}", cmd.get_program())))?;
         let pid = child.id() as i32;
         if let Ok(mut l) = LIVE.lock() {
             l.push((pid, self.group, self.graceful));
@@ -264,7 +264,11 @@ mod tests {
             .spawn()
             .expect("spawn sh");
         let grandchild = crate::wait::poll(Duration::from_secs(5), "the pid file", || {
-            std::fs::read_to_string(&pidfile).ok()?.trim().parse::<i32>().ok()
+            std::fs::read_to_string(&pidfile)
+                .ok()?
+                .trim()
+                .parse::<i32>()
+                .ok()
         })
         .unwrap();
         drop(p);

@@ -14,7 +14,11 @@ pub struct TimedOut {
 
 impl std::fmt::Display for TimedOut {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "timed out after {:?} waiting for {}", self.within, self.what)
+        write!(
+            f,
+            "timed out after {:?} waiting for {}",
+            self.within, self.what
+        )
     }
 }
 
