@@ -772,12 +772,9 @@ async fn start_in(net: &Net, args: impl Fn(u64) -> Vec<String>) -> Cluster {
         })
         .expect("spawn in the node's namespace");
     }
-    for node in c.nodes.values() {
-        eventually(Duration::from_secs(20), "node healthy", || async {
-            node.healthy().await.then_some(())
-        })
-        .await;
-    }
+    c.healthy(Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     c
 }
 
