@@ -323,6 +323,7 @@ impl ClbCluster {
             seen
         })
         .await
+        .map_err(Into::into)
     }
 
     async fn put(&self, id: u64, path: &str, body: Value) -> Result<Value> {
@@ -344,6 +345,7 @@ impl ClbCluster {
             Some(())
         })
         .await
+        .map_err(Into::into)
     }
 }
 
@@ -438,6 +440,7 @@ impl EtcdCluster {
             None
         })
         .await
+        .map_err(Into::into)
     }
 }
 

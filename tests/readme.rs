@@ -14,7 +14,7 @@ mod harness;
 
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use harness::{ClusterExt, NodeExt};
 use lab::netns::Netns;
@@ -83,20 +83,13 @@ fn run_block(
         .spawn()
         .expect("run the block");
     lab.procs.push(child);
-    let status = wait(lab.procs.last_mut().expect("just pushed"), within);
+    let status = lab
+        .procs
+        .last_mut()
+        .expect("just pushed")
+        .wait_within(within);
     let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
     (status, read(&out_path), read(&err_path))
-}
-
-fn wait(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
-    let until = Instant::now() + within;
-    while Instant::now() < until {
-        if let Ok(Some(s)) = child.try_wait() {
-            return Some(s);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    None
 }
 
 #[test]
@@ -183,7 +176,7 @@ fn readme_first_screen_runs_as_written() {
 
     // clbd stops cleanly, and takes its haproxy with it.
     clbd.signal(libc::SIGTERM);
-    let stopped = wait(&mut clbd, Duration::from_secs(20));
+    let stopped = clbd.wait_within(Duration::from_secs(20));
     assert!(
         stopped.is_some_and(|s| s.success()),
         "clbd stops on SIGTERM: {stopped:?}"

@@ -145,19 +145,22 @@ impl Proc {
     /// `within` for it to exit; then SIGKILL to whatever is left. The exit
     /// status if it exited by itself.
     pub fn terminate(mut self, within: Duration) -> Option<std::process::ExitStatus> {
-        // SAFETY: as in `signal`.
-        unsafe { libc::kill(self.pid(), libc::SIGTERM) };
-        let deadline = Instant::now() + within;
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(s)) => return Some(s),
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(10))
-                }
-                _ => return None,
-            }
-        }
+        self.signal(libc::SIGTERM);
+        self.wait_within(within)
         // `self` drops here: SIGKILL to the group and the reap.
+    }
+
+    /// The exit status once the child exits, or `None` if it still runs
+    /// after `within` (or cannot be waited for).
+    pub fn wait_within(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let every = Duration::from_millis(10);
+        crate::wait::poll_every(within, every, "exit", || match self.child.try_wait() {
+            Ok(Some(s)) => Some(Some(s)),
+            Ok(None) => None,
+            Err(_) => Some(None),
+        })
+        .ok()
+        .flatten()
     }
 
     /// SIGKILL (after SIGCONT: a stopped process cannot die) without
