@@ -643,7 +643,8 @@ impl Pair {
                     .all(|a| std::net::TcpStream::connect_timeout(a, ms(50)).is_ok())
             });
             reached.ok().filter(|r| *r).map(|_| ())
-        })
+        })?;
+        Ok(())
     }
 
     /// Exactly one holder and the client getting 200s; returns the holder.
@@ -658,6 +659,7 @@ impl Pair {
                 (traffic::served_since(shots, since, None) >= 50).then_some(h)
             },
         )
+        .map_err(Into::into)
     }
 
     /// Two holders in samples within `[from, to]`, ignoring a dead host's

@@ -368,7 +368,7 @@ async fn on_tmpfs(mounts: &mut Mounts, hook: &Path) -> Cluster {
         })
         .collect();
     let hook = path(hook);
-    Cluster::start_custom(3, &crate::harness::FAST_TIMERS, move |id| {
+    Cluster::start_custom(3, &lab::FAST_TIMERS, move |id| {
         [
             "--data-dir",
             &path(&dirs[id as usize - 1]),
@@ -394,7 +394,7 @@ async fn on_tmpfs(mounts: &mut Mounts, hook: &Path) -> Cluster {
 /// Three nodes, node 3's data dir at `data`, and writes through nodes 1 and
 /// 2 already under way.
 async fn node3_on(data: &Path) -> (Cluster, Writes) {
-    let c = Cluster::start_custom(3, &crate::harness::FAST_TIMERS, |id| {
+    let c = Cluster::start_custom(3, &lab::FAST_TIMERS, |id| {
         let mut a = vec!["--validate-cmd".to_string(), "true".into()];
         if id == 3 {
             a.extend(["--data-dir".to_string(), path(data)]);

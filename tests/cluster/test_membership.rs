@@ -260,7 +260,6 @@ async fn a_second_process_with_the_same_node_id_halts_with_an_error() {
     let mut fresh = impostor(&c, "dup0");
     spawn(&mut fresh, &c.token_file);
     let status = fresh
-        .0
         .child
         .as_mut()
         .expect("spawned")
