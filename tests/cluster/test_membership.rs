@@ -259,12 +259,7 @@ async fn a_second_process_with_the_same_node_id_halts_with_an_error() {
     // peers know from before, so it refuses to start.
     let mut fresh = impostor(&c, "dup0");
     spawn(&mut fresh, &c.token_file);
-    let status = fresh
-        .child
-        .as_mut()
-        .expect("spawned")
-        .wait()
-        .expect("wait");
+    let status = fresh.child.as_mut().expect("spawned").wait().expect("wait");
     fresh.child = None;
     assert_eq!(status.code(), Some(1), "{}", fresh.log_text());
     assert!(
