@@ -246,7 +246,7 @@ impl ClbCluster {
             &[("RUST_LOG", clb::DEFAULT_LOG)],
         )?;
         let dir = lab.path().to_path_buf();
-        lab.spawn_peers(n, &[], |id| extra(id, &dir));
+        lab.spawn_peers(n, &[], |id| extra(id, &dir))?;
         lab.healthy(Duration::from_secs(30))
             .await
             .map_err(|e| anyhow!(e))?;

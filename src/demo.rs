@@ -189,7 +189,12 @@ pub async fn run(opts: DemoOptions) -> Result<String, DemoError> {
         a
     };
     // clbd's own timers: the demo shows the defaults an operator gets.
-    cluster.spawn_peers(3, &[], args);
+    cluster
+        .spawn_peers(3, &[], args)
+        .map_err(|source| DemoError::Spawn {
+            what: "clbd".into(),
+            source,
+        })?;
     let mut demo = Demo {
         haproxies: BTreeMap::new(),
         cluster,

@@ -53,8 +53,14 @@ impl Node {
 
     /// Starts `clbd` with [`Node::args`], its output appended to the log
     /// (a restart keeps the earlier runs' lines). In the calling thread's
-    /// network namespace.
+    /// network namespace. Panics if it cannot: for tests.
     pub fn spawn(&mut self) {
+        self.start()
+            .unwrap_or_else(|e| panic!("node {}: {e}", self.id));
+    }
+
+    /// [`Node::spawn`], returning the error.
+    pub fn start(&mut self) -> io::Result<()> {
         assert!(self.child.is_none(), "node {} already running", self.id);
         let mut cmd = Command::new(&self.clbd);
         cmd.args(&self.args).envs(self.env.iter().cloned());
@@ -62,10 +68,8 @@ impl Node {
         if self.own_group {
             how = how.group().die_with_parent();
         }
-        let child = how
-            .spawn()
-            .unwrap_or_else(|e| panic!("node {}: {e}", self.id));
-        self.child = Some(child);
+        self.child = Some(how.spawn()?);
+        Ok(())
     }
 
     /// Sends `sig` to our own child by pid.
@@ -164,7 +168,12 @@ impl Cluster {
     /// Defines and spawns `n` nodes (ids 1..=n) on reserved loopback ports,
     /// all named in `--peers`, with `timers` and per-node `args`; does not
     /// wait for them (see [`Cluster::healthy`]).
-    pub fn spawn_peers(&mut self, n: u64, timers: &[&str], args: impl Fn(u64) -> Vec<String>) {
+    pub fn spawn_peers(
+        &mut self,
+        n: u64,
+        timers: &[&str],
+        args: impl Fn(u64) -> Vec<String>,
+    ) -> io::Result<()> {
         let addrs: BTreeMap<u64, (String, String)> = (1..=n)
             .map(|id| {
                 let api = format!("127.0.0.1:{}", free_port());
@@ -180,8 +189,9 @@ impl Cluster {
         for (id, (addr, peer)) in addrs {
             let mut all = vec!["--peers".to_string(), peers.clone()];
             all.extend(args(id));
-            self.add_node_at(id, addr, peer, timers, all);
+            self.define_node(id, addr, peer, timers, all).start()?;
         }
+        Ok(())
     }
 
     /// Waits until every node answers `/healthz`; the error names the
@@ -202,6 +212,20 @@ impl Cluster {
     /// listener at `peer_addr`, given the cluster secret unless `args`
     /// choose otherwise (`--cluster-secret-file`, `--insecure-peers`).
     pub fn add_node_at(
+        &mut self,
+        id: u64,
+        addr: String,
+        peer_addr: String,
+        timers: &[&str],
+        args: Vec<String>,
+    ) -> &mut Node {
+        let node = self.define_node(id, addr, peer_addr, timers, args);
+        node.spawn();
+        node
+    }
+
+    /// [`Cluster::add_node_at`] without the spawn.
+    pub fn define_node(
         &mut self,
         id: u64,
         addr: String,
@@ -254,7 +278,7 @@ impl Cluster {
         ]);
         all.extend(timers.iter().map(|s| s.to_string()));
         all.extend(args);
-        let mut node = Node {
+        let node = Node {
             id,
             addr,
             peer_addr,
@@ -266,7 +290,6 @@ impl Cluster {
             own_group: self.own_group,
             child: None,
         };
-        node.spawn();
         self.nodes.insert(id, node);
         self.nodes.get_mut(&id).expect("just inserted")
     }

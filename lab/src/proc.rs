@@ -8,7 +8,7 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Every live [`Proc`] of this process: `(pid, group, graceful)`.
 static LIVE: Mutex<Vec<(i32, bool, bool)>> = Mutex::new(Vec::new());
@@ -127,8 +127,8 @@ impl Proc {
 
     /// Sends `sig` to the child alone (it may pass it on to its own).
     pub fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on our own child, not yet reaped, so the id
-        // cannot have been reused.
+        // SAFETY: kill(2) on our own child; owners signal before they wait
+        // for it (`Drop` checks), so the id cannot have been reused.
         unsafe { libc::kill(self.pid(), sig) };
     }
 
@@ -188,15 +188,8 @@ impl Drop for Proc {
     fn drop(&mut self) {
         let pid = self.pid();
         if self.graceful && matches!(self.child.try_wait(), Ok(None)) {
-            // SAFETY: as in `signal`.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-            let deadline = Instant::now() + GRACE;
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = self.child.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            self.signal(libc::SIGTERM);
+            self.wait_within(GRACE);
         }
         // A child already reaped (an owner's `wait`) may have its pid
         // reused: only its group, which outlives it while a fork lives, is

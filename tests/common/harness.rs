@@ -102,7 +102,7 @@ impl ClusterExt for Cluster {
 
     async fn start_custom(n: u64, timers: &[&str], args: impl Fn(u64) -> Vec<String>) -> Cluster {
         let mut c = Self::empty();
-        c.spawn_peers(n, timers, args);
+        c.spawn_peers(n, timers, args).expect("spawn clbd");
         c.healthy(Duration::from_secs(20))
             .await
             .unwrap_or_else(|e| panic!("{e}"));
