@@ -1,7 +1,7 @@
 //! One `clbd` process: the API's answers to bad input, auth, and the CLI's
 //! exit codes. Every refusal must leave the registry and the log untouched.
 
-#[path = "common/harness.rs"]
+#[path = "cluster/harness.rs"]
 mod harness;
 
 use std::process::Command;

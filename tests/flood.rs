@@ -5,7 +5,7 @@
 //! own listener), the dribblers are closed at the header timeout, and the
 //! node's memory stays bounded. Every flood task stops by itself.
 
-#[path = "common/harness.rs"]
+#[path = "cluster/harness.rs"]
 mod harness;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

@@ -1,7 +1,7 @@
 //! Rendering against a real haproxy (Debian package, master-worker mode) with
 //! real backend HTTP servers on loopback.
 
-#[path = "common/harness.rs"]
+#[path = "cluster/harness.rs"]
 mod harness;
 
 #[path = "common/haproxy.rs"]

@@ -14,7 +14,7 @@
 //! which reloads every 30 s (`CLB_CHURN_RELOAD_SECS` sets that interval);
 //! `CLB_CHURN_LOGS=DIR` keeps haproxy's and clbd's logs and any core there.
 
-#[path = "common/harness.rs"]
+#[path = "cluster/harness.rs"]
 mod harness;
 
 #[path = "common/haproxy.rs"]

@@ -3,7 +3,7 @@
 //! would fail if a rule lost its teeth, and every metric the rules and the
 //! dashboard name is one a running clbd really exports.
 
-#[path = "common/harness.rs"]
+#[path = "cluster/harness.rs"]
 mod harness;
 
 use std::collections::BTreeSet;

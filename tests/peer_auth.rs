@@ -6,7 +6,7 @@
 
 #[path = "common/forge.rs"]
 mod forge;
-#[path = "common/harness.rs"]
+#[path = "cluster/harness.rs"]
 mod harness;
 
 use std::time::Duration;

@@ -9,7 +9,7 @@
 
 #[path = "common/docs.rs"]
 mod docs;
-#[path = "common/harness.rs"]
+#[path = "cluster/harness.rs"]
 mod harness;
 
 use std::os::unix::process::CommandExt;

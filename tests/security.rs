@@ -2,7 +2,7 @@
 //! rate limit, the audit history, and attack strings against every field that
 //! reaches haproxy.cfg.
 
-#[path = "common/harness.rs"]
+#[path = "cluster/harness.rs"]
 mod harness;
 
 use std::time::{Duration, Instant};

@@ -6,7 +6,7 @@
 
 #[path = "common/haproxy.rs"]
 mod haproxy;
-#[path = "common/harness.rs"]
+#[path = "cluster/harness.rs"]
 mod harness;
 
 use std::collections::HashSet;

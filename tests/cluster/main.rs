@@ -1,6 +1,5 @@
 //! Multi-process tests: real `clbd` binaries on loopback.
 
-#[path = "../common/harness.rs"]
 mod harness;
 mod linearizability;
 mod test_chaos;

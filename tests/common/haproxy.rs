@@ -1,6 +1,6 @@
 //! A one-node clb driving a real haproxy (Debian package, master-worker
 //! mode) and real backend HTTP servers on loopback: shared by the haproxy
-//! test files, which include it with `#[path]` beside `common/harness.rs`.
+//! test files, which include it with `#[path]` beside `cluster/harness.rs`.
 
 #![allow(dead_code)]
 
