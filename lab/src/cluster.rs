@@ -4,7 +4,9 @@
 //! fails, the tail of every node's log is printed.
 //!
 //! What a node *says* (its status JSON) is read by the caller, through
-//! clb's client; this module only starts, stops and waits for `/healthz`.
+//! clb's client (for tests: the extension traits in
+//! `tests/cluster/harness.rs`); this module only starts, stops and waits
+//! for `/healthz`.
 
 use std::collections::BTreeMap;
 use std::io;
