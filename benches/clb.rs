@@ -24,19 +24,18 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
-use std::future::Future;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use clb::model::{self, MemberSpec, Registry, ServiceDef};
 use clb::render::template::{NodeContext, Template};
+use lab::wait::eventually_every;
+use lab::{free_port, free_ports, Proc};
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const TOKEN: &str = "bench-token";
 const SECRET: &str = "bench-cluster-secret-0123456789abcdef";
@@ -110,23 +109,16 @@ fn parse_args() -> Result<Opts> {
 
 fn main() -> Result<()> {
     let opts = parse_args()?;
+    // Ctrl-C kills every child by pid; before the runtime's threads exist.
+    lab::cleanup_on_signals();
     // Two workers: the load generator should not take more than the
     // machine's share the servers need (the reference machine has 2 cores).
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let out = rt.block_on(async {
-        tokio::spawn(async {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                eprintln!("interrupted: killing child processes");
-                kill_all_children();
-                std::process::exit(130);
-            }
-        });
-        run(&opts).await
-    });
-    kill_all_children();
+    let out = rt.block_on(run(&opts));
+    lab::proc::kill_all();
     out
 }
 
@@ -205,127 +197,8 @@ fn have(bin: &str) -> bool {
 
 // ---------------------------------------------------------------- processes
 
-/// Every child we started, by pid, so Ctrl-C can kill them too.
-/// `true` marks haproxy masters, which get SIGTERM so they stop their workers.
-static CHILDREN: Mutex<Vec<(i32, bool)>> = Mutex::new(Vec::new());
-
-fn kill_all_children() {
-    let pids: Vec<(i32, bool)> = CHILDREN.lock().map(|c| c.clone()).unwrap_or_default();
-    for &(pid, graceful) in &pids {
-        let sig = if graceful {
-            libc::SIGTERM
-        } else {
-            libc::SIGKILL
-        };
-        // SAFETY: kill(2) on pids we spawned and have not reaped yet.
-        unsafe { libc::kill(pid, sig) };
-    }
-    if pids.iter().any(|p| p.1) {
-        std::thread::sleep(Duration::from_millis(300));
-        for &(pid, _) in &pids {
-            // SAFETY: as above.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-    }
-}
-
-/// A child process killed by pid on drop.
-struct Proc {
-    child: Child,
-    graceful: bool,
-}
-
-impl Proc {
-    fn spawn(cmd: &mut Command, log: &Path, graceful: bool) -> Result<Proc> {
-        let log_file = File::options()
-            .create(true)
-            .append(true)
-            .open(log)
-            .with_context(|| format!("open {}", log.display()))?;
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone()?)
-            .stderr(log_file)
-            .spawn()
-            .with_context(|| format!("spawn {:?}", cmd.get_program()))?;
-        if let Ok(mut c) = CHILDREN.lock() {
-            c.push((child.id() as i32, graceful));
-        }
-        Ok(Proc { child, graceful })
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let pid = self.pid();
-        if self.graceful {
-            // SAFETY: kill(2) on our own, not yet reaped child.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = self.child.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if let Ok(mut c) = CHILDREN.lock() {
-            c.retain(|p| p.0 != pid);
-        }
-    }
-}
-
-/// Ports handed out in this run, so two probes never return the same one.
-static PORTS: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
-
-fn bindable(port: u16) -> bool {
-    TcpListener::bind(("127.0.0.1", port)).is_ok()
-}
-
-/// `n` consecutive ports that were free a moment ago; returns the first.
-fn free_ports(n: u16) -> Result<u16> {
-    let mut given = PORTS.lock().map_err(|_| anyhow!("port lock"))?;
-    for _ in 0..200 {
-        let first = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        if u32::from(first) + u32::from(n) > 65_535 {
-            continue;
-        }
-        let run = first..first + n;
-        if run.clone().all(|p| !given.contains(&p) && bindable(p)) {
-            given.extend(run);
-            return Ok(first);
-        }
-    }
-    bail!("no run of {n} free ports found")
-}
-
-fn free_port() -> Result<u16> {
-    free_ports(1)
-}
-
-/// Polls `f` until it returns `Some`, or fails naming `what` at the deadline.
-async fn until<T, F, Fut>(within: Duration, what: &str, mut f: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(v) = f().await {
-            return Ok(v);
-        }
-        if Instant::now() > deadline {
-            bail!("timed out after {within:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
+/// How often a wait looks again: fine enough for the settle times reported.
+const POLL: Duration = Duration::from_millis(10);
 
 fn rss_kib(pid: i32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -346,104 +219,57 @@ fn mib(kib: Option<u64>) -> Value {
 
 // ---------------------------------------------------------------- clb cluster
 
-struct ClbNode {
-    addr: String,
-    proc: Option<Proc>,
-    log: PathBuf,
-}
-
-/// Real `clbd` processes on probed loopback ports with temp data dirs.
+/// Real `clbd` processes (the lab's cluster: reserved loopback ports,
+/// temp data dirs) and an HTTP client for the bench's requests.
 struct ClbCluster {
-    dir: tempfile::TempDir,
-    token_file: PathBuf,
-    nodes: BTreeMap<u64, ClbNode>,
+    lab: lab::Cluster,
     http: reqwest::Client,
 }
 
+impl std::ops::Deref for ClbCluster {
+    type Target = lab::Cluster;
+    fn deref(&self) -> &lab::Cluster {
+        &self.lab
+    }
+}
+
 impl ClbCluster {
-    /// `n` nodes from `--peers`; `extra(id, dir)` adds per-node flags.
+    /// `n` nodes from `--peers` on clbd's default timers; `extra(id, dir)`
+    /// adds per-node flags.
     async fn start(n: u64, extra: &dyn Fn(u64, &Path) -> Vec<String>) -> Result<ClbCluster> {
-        let dir = tempfile::Builder::new().prefix("clb-bench").tempdir()?;
-        let token_file = dir.path().join("tokens");
-        std::fs::write(&token_file, format!("{TOKEN}\n"))?;
-        std::fs::write(dir.path().join("cluster-secret"), format!("{SECRET}\n"))?;
-        let mut addrs = BTreeMap::new();
-        for id in 1..=n {
-            let api = format!("127.0.0.1:{}", free_port()?);
-            let peer = format!("127.0.0.1:{}", free_port()?);
-            addrs.insert(id, (api, peer));
-        }
-        let peers = addrs
-            .iter()
-            .map(|(id, (_, p))| format!("{id}={p}"))
-            .collect::<Vec<_>>()
-            .join(",");
+        let mut lab = lab::Cluster::new(
+            env!("CARGO_BIN_EXE_clbd"),
+            "clb-bench",
+            TOKEN,
+            SECRET,
+            // The production default filter, spelled out so the caller's env cannot change it.
+            &[("RUST_LOG", clb::DEFAULT_LOG)],
+        )?;
+        let dir = lab.path().to_path_buf();
+        lab.spawn_peers(n, &[], |id| extra(id, &dir))?;
+        lab.healthy(Duration::from_secs(30))
+            .await
+            .map_err(|e| anyhow!(e))?;
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
             .build()?;
-        let mut cluster = ClbCluster {
-            dir,
-            token_file,
-            nodes: BTreeMap::new(),
-            http,
-        };
-        for (id, (addr, peer)) in addrs {
-            let mut args = vec!["--peers".to_string(), peers.clone()];
-            args.extend(extra(id, cluster.dir.path()));
-            cluster.spawn_node(id, addr, peer, args)?;
-        }
-        for id in 1..=n {
-            cluster.wait_healthy(id).await?;
-        }
+        let cluster = ClbCluster { lab, http };
         cluster.leader(Duration::from_secs(20)).await?;
         Ok(cluster)
     }
 
-    fn spawn_node(
-        &mut self,
-        id: u64,
-        addr: String,
-        peer: String,
-        extra: Vec<String>,
-    ) -> Result<()> {
-        let dir = self.dir.path();
-        let log = dir.join(format!("node{id}.log"));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_clbd"));
-        cmd.args(["--node-id", &id.to_string(), "--listen", &addr])
-            .args(["--peer-listen", &peer])
-            .arg("--cluster-secret-file")
-            .arg(dir.join("cluster-secret"))
-            .arg("--data-dir")
-            .arg(dir.join(format!("node{id}")))
-            .arg("--token-file")
-            .arg(&self.token_file)
-            .arg("-o")
-            .arg(dir.join(format!("haproxy{id}.cfg")))
-            .args(&extra)
-            // The production default filter, spelled out so the caller's env cannot change it.
-            .env("RUST_LOG", clb::DEFAULT_LOG);
-        let proc = Proc::spawn(&mut cmd, &log, false)?;
-        self.nodes.insert(
-            id,
-            ClbNode {
-                addr,
-                proc: Some(proc),
-                log,
-            },
-        );
-        Ok(())
+    fn spawn_node(&mut self, id: u64, addr: String, peer: String, extra: Vec<String>) {
+        self.lab.add_node_at(id, addr, peer, &[], extra);
     }
 
     async fn wait_healthy(&self, id: u64) -> Result<()> {
-        let url = self.url(id, "/healthz");
-        let log = self.nodes[&id].log.clone();
-        until(Duration::from_secs(30), "clbd healthy", || async {
-            let ok = matches!(self.http.get(&url).send().await, Ok(r) if r.status().is_success());
-            ok.then_some(())
+        let node = &self.nodes[&id];
+        eventually_every(Duration::from_secs(30), POLL, "clbd healthy", || async {
+            node.healthy().await.then_some(())
         })
         .await
         .with_context(|| {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let text = node.log_text();
             let tail: Vec<&str> = text.lines().rev().take(10).collect();
             format!("node {id} log tail: {tail:?}")
         })
@@ -451,10 +277,6 @@ impl ClbCluster {
 
     fn url(&self, id: u64, path: &str) -> String {
         format!("http://{}{path}", self.nodes[&id].addr)
-    }
-
-    fn pid(&self, id: u64) -> Option<i32> {
-        self.nodes[&id].proc.as_ref().map(Proc::pid)
     }
 
     async fn request(
@@ -489,7 +311,7 @@ impl ClbCluster {
     }
 
     async fn leader(&self, within: Duration) -> Result<u64> {
-        until(within, "a leader every node agrees on", || async {
+        eventually_every(within, POLL, "a leader every node agrees on", || async {
             let mut seen = None;
             for id in self.nodes.keys() {
                 let l = self.node_view(*id).await?["leader"].as_u64()?;
@@ -501,6 +323,7 @@ impl ClbCluster {
             seen
         })
         .await
+        .map_err(Into::into)
     }
 
     async fn put(&self, id: u64, path: &str, body: Value) -> Result<Value> {
@@ -511,7 +334,7 @@ impl ClbCluster {
 
     /// Waits until every node applied `index` and rendered it.
     async fn settled(&self, index: u64, within: Duration) -> Result<()> {
-        until(within, "every node applied and rendered", || async {
+        eventually_every(within, POLL, "every node applied and rendered", || async {
             for id in self.nodes.keys() {
                 let v = self.node_view(*id).await?;
                 let rendered = v["render"]["rendered_index"].as_u64().unwrap_or(index);
@@ -522,6 +345,7 @@ impl ClbCluster {
             Some(())
         })
         .await
+        .map_err(Into::into)
     }
 }
 
@@ -540,7 +364,7 @@ impl EtcdCluster {
         let dir = tempfile::Builder::new().prefix("etcd-bench").tempdir()?;
         let mut ports = Vec::new();
         for _ in 0..n {
-            ports.push((free_port()?, free_port()?));
+            ports.push((free_port(), free_port()));
         }
         let initial = ports
             .iter()
@@ -566,7 +390,7 @@ impl EtcdCluster {
                 .args(["--initial-cluster-token", "clb-bench"])
                 .args(["--logger", "zap", "--log-level", "warn"]);
             let log = dir.path().join(format!("e{i}.log"));
-            procs.push(Proc::spawn(&mut cmd, &log, false)?);
+            procs.push(Proc::build(&mut cmd).log(&log).spawn()?);
             clients.push(client_url);
         }
         let http = reqwest::Client::builder()
@@ -580,7 +404,7 @@ impl EtcdCluster {
         };
         for c in &cluster.clients {
             let url = format!("{c}/health");
-            until(Duration::from_secs(30), "etcd healthy", || async {
+            eventually_every(Duration::from_secs(30), POLL, "etcd healthy", || async {
                 let v: Value = cluster
                     .http
                     .get(&url)
@@ -599,7 +423,7 @@ impl EtcdCluster {
 
     /// The client URL of the current leader.
     async fn leader(&self) -> Result<String> {
-        until(Duration::from_secs(20), "an etcd leader", || async {
+        eventually_every(Duration::from_secs(20), POLL, "an etcd leader", || async {
             for c in &self.clients {
                 let resp = self
                     .http
@@ -616,6 +440,7 @@ impl EtcdCluster {
             None
         })
         .await
+        .map_err(Into::into)
     }
 }
 
@@ -957,19 +782,14 @@ async fn bench_writes(opts: &Opts) -> Result<Value> {
 
 // ---------------------------------------------------------------- propagation
 
-/// One exchange on a haproxy CLI socket (write half closed, read to EOF).
+/// One exchange on a haproxy CLI socket, given up after 2 s (the bench
+/// polls every millisecond and must not hang on one socket).
 async fn haproxy_cmd(socket: &Path, command: &str) -> Option<String> {
-    let work = async {
-        let mut s = tokio::net::UnixStream::connect(socket).await.ok()?;
-        s.write_all(format!("{command}\n").as_bytes()).await.ok()?;
-        s.shutdown().await.ok()?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.ok()?;
-        Some(out)
-    };
+    let work = clb::render::haproxy::exchange(socket, command);
     tokio::time::timeout(Duration::from_secs(2), work)
         .await
         .ok()?
+        .ok()
 }
 
 /// True when `show servers state` lists `server` running (op state 2) and
@@ -1095,15 +915,14 @@ async fn bench_propagation(quick: bool) -> Result<Value> {
             .arg(dir.join(format!("hap{id}/master.sock")))
             .arg("-f")
             .arg(dir.join(format!("haproxy{id}.cfg")));
-        haproxies.push(Proc::spawn(
-            &mut cmd,
-            &dir.join(format!("hap{id}.log")),
-            true,
-        )?);
+        let log = dir.join(format!("hap{id}.log"));
+        // SIGTERM first: the master stops its workers.
+        haproxies.push(Proc::build(&mut cmd).log(&log).graceful().spawn()?);
     }
     // clbd retries a failed apply with backoff (≤ 5 s) and reloads once haproxy answers.
-    until(
+    eventually_every(
         Duration::from_secs(30),
+        POLL,
         "every haproxy runs the rendered config",
         || async {
             for id in &ids {
@@ -1478,12 +1297,12 @@ async fn bench_scale(quick: bool) -> Result<Value> {
         let rss: Vec<Option<u64>> = cluster
             .nodes
             .keys()
-            .map(|id| cluster.pid(*id).and_then(|p| rss_kib(p, "VmRSS")))
+            .map(|id| cluster.node(*id).pid().and_then(|p| rss_kib(p, "VmRSS")))
             .collect();
         let hwm = cluster
             .nodes
             .keys()
-            .filter_map(|id| cluster.pid(*id).and_then(|p| rss_kib(p, "VmHWM")))
+            .filter_map(|id| cluster.node(*id).pid().and_then(|p| rss_kib(p, "VmHWM")))
             .max();
         let goal = if size == 10_000 { "RSS ≤ 64 MiB" } else { "" };
         println!(
@@ -1518,14 +1337,14 @@ async fn bench_scale(quick: bool) -> Result<Value> {
     // POST /v1/cluster/nodes, which returns once the learner caught up
     // (snapshot install: the log was compacted every 5,000 entries).
     let members = done;
-    let addr = format!("127.0.0.1:{}", free_port()?);
-    let peer = format!("127.0.0.1:{}", free_port()?);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let peer = format!("127.0.0.1:{}", free_port());
     cluster.spawn_node(
         4,
         addr,
         peer.clone(),
         [args(4, Path::new("")), vec!["--join".into()]].concat(),
-    )?;
+    );
     cluster.wait_healthy(4).await?;
     let target_index = cluster.node_view(leader).await.context("leader view")?["applied_index"]
         .as_u64()
@@ -1543,19 +1362,29 @@ async fn bench_scale(quick: bool) -> Result<Value> {
         )
         .await;
     let add_s = t.elapsed().as_secs_f64();
-    let caught_up = until(Duration::from_secs(300), "node 4 caught up", || async {
-        let v = cluster.node_view(4).await?;
-        (v["applied_index"].as_u64()? >= target_index).then_some(())
-    })
+    let caught_up = eventually_every(
+        Duration::from_secs(300),
+        POLL,
+        "node 4 caught up",
+        || async {
+            let v = cluster.node_view(4).await?;
+            (v["applied_index"].as_u64()? >= target_index).then_some(())
+        },
+    )
     .await;
     let catch_s = t.elapsed().as_secs_f64();
-    let rendered = until(Duration::from_secs(120), "node 4 rendered", || async {
-        let v = cluster.node_view(4).await?;
-        (v["render"]["rendered_index"].as_u64()? >= target_index).then_some(())
-    })
+    let rendered = eventually_every(
+        Duration::from_secs(120),
+        POLL,
+        "node 4 rendered",
+        || async {
+            let v = cluster.node_view(4).await?;
+            (v["render"]["rendered_index"].as_u64()? >= target_index).then_some(())
+        },
+    )
     .await;
     let render_s = t.elapsed().as_secs_f64();
-    let rss4 = cluster.pid(4).and_then(|p| rss_kib(p, "VmRSS"));
+    let rss4 = cluster.node(4).pid().and_then(|p| rss_kib(p, "VmRSS"));
     let log4 = std::fs::read_to_string(&cluster.nodes[&4].log).unwrap_or_default();
     let snapshot_seen = log4.to_lowercase().contains("snapshot");
     println!(

@@ -17,12 +17,9 @@
 //! Both systems get the same topology (see `lab`): balancers A and B, each
 //! with its own haproxy 2.6 in front of one backend K, a client C, and for
 //! clb a witness W; every host in its own namespace on a bridge (the helpers
-//! are `tests/cluster/netns.rs`). Needs root, `haproxy`, `keepalived` and `ip`,
+//! are the `lab` crate's `netns` and `traffic`). Needs root, `haproxy`, `keepalived` and `ip`,
 //! nothing else; it installs nothing. Every process is killed by pid and every
 //! namespace removed at the end, on error and on Ctrl-C.
-
-#[path = "../tests/cluster/netns.rs"]
-mod netns;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -32,7 +29,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use netns::{Host, Lab, Sample, Shot};
+use lab::netns::{self, Host, Lab};
+use lab::traffic::{self, Sample, Shot};
+use lab::wait::poll_every;
 use rand::Rng;
 use serde_json::{json, Value};
 
@@ -130,30 +129,6 @@ fn parse_args() -> Result<Opts> {
     })
 }
 
-/// Blocks SIGINT and SIGTERM in every thread and handles them on one: kill
-/// what we started, remove the namespaces, exit.
-fn handle_signals() {
-    // SAFETY: sigset manipulation on a local set; pthread_sigmask before
-    // any other thread exists, so every later thread inherits the mask
-    // (std resets the mask in spawned children).
-    let set = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    };
-    std::thread::spawn(move || {
-        let mut sig = 0;
-        // SAFETY: sigwait on the set blocked above.
-        unsafe { libc::sigwait(&set, &mut sig) };
-        eprintln!("signal {sig}: killing our processes, removing our namespaces");
-        netns::cleanup_all();
-        std::process::exit(130);
-    });
-}
-
 fn main() -> Result<()> {
     let opts = parse_args()?;
     // SAFETY: geteuid has no preconditions.
@@ -165,7 +140,7 @@ fn main() -> Result<()> {
             bail!("{tool} not found (apt-get install -y haproxy keepalived iproute2)");
         }
     }
-    handle_signals();
+    lab::cleanup_on_signals();
     let out = run(&opts);
     netns::cleanup_all();
     out
@@ -279,9 +254,9 @@ impl Pair {
         let k = lab.add_host("k", BACKEND_LAST)?;
         let client = lab.add_host("c", CLIENT_LAST)?;
         let backend = SocketAddr::from((k.ip, BACKEND_PORT));
-        netns::backend(&k.ns, backend, "k", lab.stop.clone(), LAB_MAX)?;
+        traffic::backend(&k.ns, backend, "k", lab.stop.clone(), LAB_MAX)?;
         let vip = lab.addr(VIP_LAST);
-        let samples = netns::sampler(
+        let samples = traffic::sampler(
             vec![a.ns.clone(), b.ns.clone()],
             vip,
             SAMPLE_EVERY,
@@ -312,7 +287,7 @@ impl Pair {
                 }
                 for i in 0..2 {
                     let cfg = self.cfg(i);
-                    netns::poll(STEP_MAX, ms(20), "a rendered haproxy config", || {
+                    poll_every(STEP_MAX, ms(20), "a rendered haproxy config", || {
                         cfg.exists().then_some(())
                     })?;
                     self.spawn_haproxy(i)?;
@@ -320,7 +295,7 @@ impl Pair {
                 let api = self.api(0);
                 let ns = self.bal[0].ns.clone();
                 let put = |path: &str, body: String| {
-                    netns::poll(STEP_MAX, ms(50), path, || {
+                    poll_every(STEP_MAX, ms(50), path, || {
                         let r =
                             netns::http(&ns, api, "PUT", path, Some(TOKEN), Some(&body), ms(3000))?;
                         (r.0 == 200).then_some(())
@@ -661,28 +636,30 @@ impl Pair {
                 System::Keepalived => SocketAddr::new(self.bal[j].ip.into(), SVC_PORT),
             })
             .collect();
-        netns::poll(STEP_MAX, ms(10), "the restored host's network up", || {
+        poll_every(STEP_MAX, ms(10), "the restored host's network up", || {
             let reached = netns::in_ns(&ns, || {
                 others
                     .iter()
                     .all(|a| std::net::TcpStream::connect_timeout(a, ms(50)).is_ok())
             });
             reached.ok().filter(|r| *r).map(|_| ())
-        })
+        })?;
+        Ok(())
     }
 
     /// Exactly one holder and the client getting 200s; returns the holder.
     fn steady(&self, shots: &Mutex<Vec<Shot>>) -> Result<usize> {
         let since = Instant::now();
-        netns::poll(
+        poll_every(
             STEP_MAX,
             ms(10),
             "one VIP holder and 200s through it",
             || {
                 let h = self.holder()?;
-                (netns::served_since(shots, since, None) >= 50).then_some(h)
+                (traffic::served_since(shots, since, None) >= 50).then_some(h)
             },
         )
+        .map_err(Into::into)
     }
 
     /// Two holders in samples within `[from, to]`, ignoring a dead host's
@@ -863,7 +840,7 @@ fn drill_loop(pair: &mut Pair, count: usize) -> Result<Vec<Drill>> {
     // sent nothing for up to 0.8 s after the address had moved (the
     // "client-side tail" of the earlier runs: the late first request then
     // took 1-2 ms). With 32, most keep sending.
-    let opts = netns::ClientOpts {
+    let opts = traffic::ClientOpts {
         workers: 32,
         interval: ms(1),
         connect_timeout: ms(20),
@@ -871,7 +848,7 @@ fn drill_loop(pair: &mut Pair, count: usize) -> Result<Vec<Drill>> {
         path: "/",
     };
     let target = SocketAddr::from((pair.vip, SVC_PORT));
-    let shots = netns::client(
+    let shots = traffic::client(
         &pair.client.ns,
         target,
         opts,
@@ -884,7 +861,7 @@ fn drill_loop(pair: &mut Pair, count: usize) -> Result<Vec<Drill>> {
         let victim = pair.steady(&shots)?;
         let survivor = 1 - victim;
         // Restored hosts must be healthy standbys before the next drill.
-        netns::poll(
+        poll_every(
             STEP_MAX,
             ms(20),
             "the other balancer a healthy standby",
@@ -906,16 +883,16 @@ fn drill_loop(pair: &mut Pair, count: usize) -> Result<Vec<Drill>> {
         pair.lab.kill_all_of(&[&daemon, &haproxy]);
         // Measured from t0; only requests sent after the cut count, so no
         // answer from the dying host's last moment is taken for a failover.
-        let failover = netns::poll(
+        let failover = poll_every(
             STEP_MAX,
             ms(1),
             "a 200 through the VIP after the kill",
-            || netns::first_success_after(&shots, cut),
+            || traffic::first_success_after(&shots, cut),
         )
         .map(|at| at - t0)
         .map_err(|e| eprintln!("drill {n}: {e}"))
         .ok();
-        let vip_moved = netns::poll(STEP_MAX, ms(5), "the VIP on the survivor", || {
+        let vip_moved = poll_every(STEP_MAX, ms(5), "the VIP on the survivor", || {
             let s = pair.samples.lock().ok()?;
             s.iter()
                 .find(|s| s.at > t0 && s.held[survivor])
@@ -992,7 +969,7 @@ fn drill_loop(pair: &mut Pair, count: usize) -> Result<Vec<Drill>> {
             System::Clb => pair.spawn_clbd(victim)?,
             System::Keepalived => pair.spawn_keepalived(victim)?,
         }
-        netns::poll(
+        poll_every(
             STEP_MAX,
             ms(20),
             "the restored host a healthy standby",
@@ -1099,7 +1076,7 @@ fn stability_one(profile: &str, duration: Duration) -> Result<Vec<Value>> {
 fn stability_run(clb: &Pair, ka: &Pair, duration: Duration) -> Result<Vec<Value>> {
     // Steady state for both before the window opens.
     let target = |p: &Pair| SocketAddr::from((p.vip, SVC_PORT));
-    let opts = netns::ClientOpts {
+    let opts = traffic::ClientOpts {
         workers: 1,
         interval: ms(10),
         connect_timeout: ms(100),
@@ -1108,7 +1085,7 @@ fn stability_run(clb: &Pair, ka: &Pair, duration: Duration) -> Result<Vec<Value>
     };
     for p in [clb, ka] {
         let stop = Arc::new(AtomicBool::new(false));
-        let shots = netns::client(&p.client.ns, target(p), opts, stop.clone(), STEP_MAX);
+        let shots = traffic::client(&p.client.ns, target(p), opts, stop.clone(), STEP_MAX);
         let r = p.steady(&shots);
         stop.store(true, Ordering::SeqCst);
         r.with_context(|| format!("{} steady state", p.system.name()))?;

@@ -8,14 +8,17 @@
 //! hook that only appends `unix_ns node action term` to a log, so the
 //! timeline shows every claim. The leader is SIGKILLed half-way. Children
 //! are killed (by process group) and the temp dir removed on every exit path.
+//! The processes, ports, hook and backends are the `lab` crate's, the one
+//! the tests and benches use.
 
-use std::net::TcpListener;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
 
 use crate::views::{ClusterView, ServiceBody};
+use lab::traffic::HttpBackend;
+use lab::{hook_events, Cluster, Proc};
 
 use crate::client::Client;
 use crate::clock::now_ms;
@@ -62,117 +65,45 @@ struct Event {
     text: String,
 }
 
-/// The demo's children and temp dir; cleaned up on drop.
-struct Lab {
-    dir: PathBuf,
-    keep: bool,
-    children: Vec<(String, Child)>,
+/// The demo's cluster (its nodes and temp dir) and haproxies; killed and
+/// removed on drop unless kept.
+struct Demo {
+    /// Before `cluster`: stopped before the temp dir they use goes.
+    haproxies: BTreeMap<u64, Proc>,
+    cluster: Cluster,
 }
 
-impl Lab {
-    fn spawn(&mut self, label: &str, mut cmd: Command) -> Result<(), DemoError> {
-        let log =
-            std::fs::File::create(self.dir.join(format!("{label}.log"))).map_err(|source| {
-                DemoError::Spawn {
-                    what: label.into(),
-                    source,
-                }
-            })?;
-        let err = log.try_clone().map_err(|source| DemoError::Spawn {
-            what: label.into(),
-            source,
-        })?;
-        // SAFETY: prctl(2) only, between fork and exec: the child gets
-        // SIGKILL if clb dies without running this Lab's Drop (e.g. SIGKILL).
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(err)
-            .process_group(0)
-            .spawn()
-            .map_err(|source| DemoError::Spawn {
-                what: label.into(),
-                source,
-            })?;
-        self.children.push((label.to_string(), child));
-        Ok(())
-    }
-
-    /// SIGKILLs the process group of `label` and reaps it.
-    fn kill(&mut self, label: &str) {
-        if let Some(i) = self.children.iter().position(|(l, _)| l == label) {
-            let (_, mut child) = self.children.remove(i);
-            if let Ok(pid) = i32::try_from(child.id()) {
-                // SAFETY: kill(2) on the process group of our own child,
-                // created with process_group(0).
-                unsafe { libc::kill(-pid, libc::SIGKILL) };
-            }
-            let _ = child.wait();
-        }
+impl Demo {
+    fn dir(&self) -> PathBuf {
+        self.cluster.path().to_path_buf()
     }
 
     fn timeout(&self, what: &str) -> DemoError {
-        DemoError::Timeout(STEP_TIMEOUT, what.into(), self.dir.display().to_string())
+        DemoError::Timeout(STEP_TIMEOUT, what.into(), self.dir().display().to_string())
     }
-}
 
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let labels: Vec<String> = self.children.iter().map(|(l, _)| l.clone()).collect();
-        for l in labels {
-            self.kill(&l);
-        }
-        if !self.keep {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
+    /// Polls `f` until it returns `Some`, for at most [`STEP_TIMEOUT`].
+    async fn poll<T, F, Fut>(&self, what: &str, f: F) -> Result<T, DemoError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        lab::eventually(STEP_TIMEOUT, what, f)
+            .await
+            .map_err(|_| self.timeout(what))
     }
-}
-
-fn free_port() -> Result<u16, DemoError> {
-    let l = TcpListener::bind("127.0.0.1:0").map_err(DemoError::Port)?;
-    Ok(l.local_addr().map_err(DemoError::Port)?.port())
 }
 
 fn haproxy_installed() -> bool {
     crate::on_path("haproxy").is_some()
 }
 
-/// `(unix_ms, node, action, term)` lines the hook appended.
-fn hook_events(log: &Path) -> Vec<(u64, u64, String, u64)> {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            let ns: u128 = f.next()?.parse().ok()?;
-            let node = f.next()?.parse().ok()?;
-            let action = f.next()?.to_string();
-            let term = f.next()?.parse().ok()?;
-            Some(((ns / 1_000_000) as u64, node, action, term))
-        })
-        .collect()
-}
-
-/// Polls `f` every 20 ms until it returns `Some`, for at most [`STEP_TIMEOUT`].
-async fn poll<T, F, Fut>(mut f: F) -> Option<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + STEP_TIMEOUT;
-    while Instant::now() < deadline {
-        if let Some(v) = f().await {
-            return Some(v);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    None
+/// A sample backend on 127.0.0.1 answering its name; lives as long as the runtime.
+async fn backend(name: &str) -> Result<u16, DemoError> {
+    let b = HttpBackend::start(format!("hello from {name}\n"))
+        .await
+        .map_err(DemoError::Port)?;
+    Ok(b.port)
 }
 
 /// `GET /v1/cluster` on one node, bounded.
@@ -181,17 +112,6 @@ async fn view(client: &Client) -> Option<ClusterView> {
         .await
         .ok()?
         .ok()
-}
-
-/// A sample backend on 127.0.0.1 answering its name; lives as long as the runtime.
-async fn backend(name: &'static str) -> Result<u16, DemoError> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .map_err(DemoError::Port)?;
-    let port = listener.local_addr().map_err(DemoError::Port)?.port();
-    let app = axum::Router::new().fallback(move || async move { format!("hello from {name}\n") });
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    Ok(port)
 }
 
 /// One request through haproxy's frontend; the backend's answer.
@@ -220,47 +140,30 @@ pub async fn run(opts: DemoOptions) -> Result<String, DemoError> {
         return Err(DemoError::NoClbd(clbd.display().to_string()));
     }
     let haproxy = !opts.no_haproxy && haproxy_installed();
-    let dir = std::env::temp_dir().join(format!(
-        "clb-demo-{}-{:08x}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
-    std::fs::create_dir_all(&dir).map_err(|source| DemoError::TempDir {
+    let token = format!("demo-{:016x}", rand::random::<u64>());
+    // The nodes share a cluster secret, as a real cluster must.
+    let secret = crate::auth::new_cluster_secret();
+    let temp = |source| DemoError::TempDir {
+        path: std::env::temp_dir().display().to_string(),
+        source,
+    };
+    let mut cluster = Cluster::new(
+        &clbd,
+        "clb-demo-",
+        &token,
+        &secret,
+        &[("RUST_LOG", crate::DEFAULT_LOG)],
+    )
+    .map_err(temp)?;
+    cluster.own_group = true;
+    if opts.keep {
+        cluster.dir.disable_cleanup(true);
+    }
+    let dir = cluster.path().to_path_buf();
+    let (hook, hook_log) = lab::vip_hook(&dir).map_err(|source| DemoError::TempDir {
         path: dir.display().to_string(),
         source,
     })?;
-    let mut lab = Lab {
-        dir: dir.clone(),
-        keep: opts.keep,
-        children: Vec::new(),
-    };
-    let write = |name: &str, text: String| {
-        let path = dir.join(name);
-        std::fs::write(&path, text).map_err(|source| DemoError::TempDir {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Ok::<PathBuf, DemoError>(path)
-    };
-    let token = format!("demo-{:016x}", rand::random::<u64>());
-    let token_file = write("token", format!("{token}\n"))?;
-    let hook_log = dir.join("vip-events.log");
-    let hook = write(
-        "vip-hook.sh",
-        format!(
-            "#!/bin/sh\n# claim|release VIP NODE TERM: only logs, moves nothing\necho \"$(date +%s%N) $3 $1 $4\" >> '{}'\n",
-            hook_log.display()
-        ),
-    )?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).map_err(
-            |source| DemoError::TempDir {
-                path: hook.display().to_string(),
-                source,
-            },
-        )?;
-    }
 
     let t0 = now_ms();
     let mut events: Vec<Event> = Vec::new();
@@ -268,55 +171,40 @@ pub async fn run(opts: DemoOptions) -> Result<String, DemoError> {
         events.push(Event { at_ms, text });
     };
 
-    let mut addrs = Vec::new();
-    for id in 1..=3u64 {
-        let api = format!("127.0.0.1:{}", free_port()?);
-        let peer = format!("127.0.0.1:{}", free_port()?);
-        addrs.push((id, api, peer));
-    }
-    let peers = addrs
-        .iter()
-        .map(|(id, _, p)| format!("{id}={p}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    // The nodes share a cluster secret, as a real cluster must.
-    let secret_file = write("cluster-secret", crate::auth::new_cluster_secret() + "\n")?;
-    for (id, addr, peer) in &addrs {
-        let mut cmd = Command::new(&clbd);
-        cmd.args([
-            "--node-id",
-            &id.to_string(),
-            "--listen",
-            addr,
-            "--peer-listen",
-            peer,
-            "--peers",
-            &peers,
-        ])
-        .arg("--cluster-secret-file")
-        .arg(&secret_file)
-        .arg("--data-dir")
-        .arg(dir.join(format!("data{id}")))
-        .arg("--token-file")
-        .arg(&token_file)
-        .arg("-o")
-        .arg(dir.join(format!("haproxy{id}.cfg")))
-        .args(["--stats-port", "0"])
-        .env("RUST_LOG", crate::DEFAULT_LOG);
-        if *id == 3 {
-            cmd.args(["--role", "witness"]);
+    // Balancers 1 and 2 move the VIP and drive their haproxy; 3 is a witness.
+    let args = |id: u64| {
+        let mut a: Vec<String> = vec!["--stats-port".into(), "0".into()];
+        if id == 3 {
+            a.extend(["--role".into(), "witness".into()]);
         } else {
-            cmd.args(["--vip", VIP, "--vip-hook"]).arg(&hook);
+            a.extend(["--vip".into(), VIP.into(), "--vip-hook".into()]);
+            a.push(hook.display().to_string());
             if haproxy {
-                cmd.arg("--haproxy-socket")
-                    .arg(dir.join(format!("admin{id}.sock")))
-                    .arg("--haproxy-master-socket")
-                    .arg(dir.join(format!("master{id}.sock")))
-                    .args(["--reload-min-interval-ms", "200"]);
+                let sock = |kind: &str| dir.join(format!("{kind}{id}.sock")).display().to_string();
+                a.extend(["--haproxy-socket".into(), sock("admin")]);
+                a.extend(["--haproxy-master-socket".into(), sock("master")]);
+                a.extend(["--reload-min-interval-ms".into(), "200".into()]);
             }
         }
-        lab.spawn(&format!("node{id}"), cmd)?;
-    }
+        a
+    };
+    // clbd's own timers: the demo shows the defaults an operator gets.
+    cluster
+        .spawn_peers(3, &[], args)
+        .map_err(|source| DemoError::Spawn {
+            what: "clbd".into(),
+            source,
+        })?;
+    let mut demo = Demo {
+        haproxies: BTreeMap::new(),
+        cluster,
+    };
+    let addrs: Vec<(u64, String)> = demo
+        .cluster
+        .nodes
+        .values()
+        .map(|n| (n.id, n.addr.clone()))
+        .collect();
     note(
         &mut events,
         now_ms(),
@@ -324,7 +212,7 @@ pub async fn run(opts: DemoOptions) -> Result<String, DemoError> {
             "started balancers 1 and 2 and witness 3 on {}",
             addrs
                 .iter()
-                .map(|(_, a, _)| a.as_str())
+                .map(|(_, a)| a.as_str())
                 .collect::<Vec<_>>()
                 .join(", ")
         ),
@@ -332,21 +220,33 @@ pub async fn run(opts: DemoOptions) -> Result<String, DemoError> {
     if haproxy {
         for id in 1..=2u64 {
             let cfg = dir.join(format!("haproxy{id}.cfg"));
-            poll(|| async { cfg.exists().then_some(()) })
-                .await
-                .ok_or_else(|| lab.timeout("the first rendered haproxy config"))?;
+            demo.poll("the first rendered haproxy config", || async {
+                cfg.exists().then_some(())
+            })
+            .await?;
             let mut cmd = Command::new("haproxy");
             cmd.args(["-W", "-db", "-S"])
                 .arg(dir.join(format!("master{id}.sock")))
                 .arg("-f")
                 .arg(&cfg);
-            lab.spawn(&format!("haproxy{id}"), cmd)?;
+            let log = dir.join(format!("haproxy{id}.log"));
+            let child = Proc::build(&mut cmd)
+                .log(&log)
+                .truncate()
+                .group()
+                .die_with_parent()
+                .spawn()
+                .map_err(|source| DemoError::Spawn {
+                    what: format!("haproxy{id}"),
+                    source,
+                })?;
+            demo.haproxies.insert(id, child);
         }
     }
 
     let clients: Vec<(u64, Client)> = addrs
         .iter()
-        .map(|(id, a, _)| Ok((*id, Client::new(a, Some(token.clone()))?)))
+        .map(|(id, a)| Ok((*id, Client::new(a, Some(token.clone()))?)))
         .collect::<Result<_, DemoError>>()?;
     let agreed = |alive: Vec<u64>| {
         let clients = &clients;
@@ -364,9 +264,9 @@ pub async fn run(opts: DemoOptions) -> Result<String, DemoError> {
             seen.filter(|(l, _)| alive.contains(l))
         }
     };
-    let (leader, term) = poll(|| agreed(vec![1, 2, 3]))
-        .await
-        .ok_or_else(|| lab.timeout("a leader all nodes agree on"))?;
+    let (leader, term) = demo
+        .poll("a leader all nodes agree on", || agreed(vec![1, 2, 3]))
+        .await?;
     note(
         &mut events,
         now_ms(),
@@ -376,12 +276,12 @@ pub async fn run(opts: DemoOptions) -> Result<String, DemoError> {
     let any = Client::new(
         &addrs
             .iter()
-            .map(|(_, a, _)| a.as_str())
+            .map(|(_, a)| a.as_str())
             .collect::<Vec<_>>()
             .join(","),
         Some(token.clone()),
     )?;
-    let svc_port = free_port()?;
+    let svc_port = lab::free_ports(1).map_err(DemoError::Port)?;
     let web = ServiceBody {
         port: svc_port.into(),
         mode: Some(crate::model::Mode::Http),
@@ -405,29 +305,31 @@ pub async fn run(opts: DemoOptions) -> Result<String, DemoError> {
         format!("registered backends a and b in service web (port {svc_port})"),
     );
 
+    // The hook stamps nanoseconds; the timeline is in milliseconds.
+    let ms = |e: &lab::HookEvent| (e.at_ns / 1_000_000) as u64;
     let claim = |node: u64, after: u64| {
         let log = hook_log.clone();
         async move {
             hook_events(&log)
                 .into_iter()
-                .find(|e| e.1 == node && e.2 == "claim" && e.0 >= after)
+                .find(|e| e.node == node && e.action == "claim" && ms(e) >= after)
         }
     };
-    let first = poll(|| claim(leader, 0))
-        .await
-        .ok_or_else(|| lab.timeout("the leader's VIP claim"))?;
+    let first = demo
+        .poll("the leader's VIP claim", || claim(leader, 0))
+        .await?;
     note(
         &mut events,
-        first.0,
-        format!("node {leader} claimed the VIP {VIP} (term {})", first.3),
+        ms(&first),
+        format!("node {leader} claimed the VIP {VIP} (term {})", first.term),
     );
     if haproxy {
-        let answer = poll(|| async {
-            let a = through_haproxy(svc_port).await?;
-            a.starts_with("hello").then_some(a)
-        })
-        .await
-        .ok_or_else(|| lab.timeout("an answer through haproxy"))?;
+        let answer = demo
+            .poll("an answer through haproxy", || async {
+                let a = through_haproxy(svc_port).await?;
+                a.starts_with("hello").then_some(a)
+            })
+            .await?;
         note(
             &mut events,
             now_ms(),
@@ -436,37 +338,37 @@ pub async fn run(opts: DemoOptions) -> Result<String, DemoError> {
     }
 
     let killed_at = now_ms();
-    lab.kill(&format!("node{leader}"));
-    lab.kill(&format!("haproxy{leader}"));
+    demo.cluster.node_mut(leader).kill();
+    demo.haproxies.remove(&leader);
     note(
         &mut events,
         killed_at,
         format!("killed node {leader} (SIGKILL to clbd and its haproxy)"),
     );
     let survivors: Vec<u64> = [1, 2, 3].into_iter().filter(|&i| i != leader).collect();
-    let (next, next_term) = poll(|| agreed(survivors.clone()))
-        .await
-        .ok_or_else(|| lab.timeout("a new leader"))?;
+    let (next, next_term) = demo
+        .poll("a new leader", || agreed(survivors.clone()))
+        .await?;
     note(
         &mut events,
         now_ms(),
         format!("node {next} seen as the new leader (term {next_term})"),
     );
-    let second = poll(|| claim(next, killed_at))
-        .await
-        .ok_or_else(|| lab.timeout("the new leader's VIP claim"))?;
+    let second = demo
+        .poll("the new leader's VIP claim", || claim(next, killed_at))
+        .await?;
     note(
         &mut events,
-        second.0,
-        format!("node {next} claimed the VIP {VIP} (term {})", second.3),
+        ms(&second),
+        format!("node {next} claimed the VIP {VIP} (term {})", second.term),
     );
     if haproxy {
-        let answer = poll(|| async {
-            let a = through_haproxy(svc_port).await?;
-            a.starts_with("hello").then_some(a)
-        })
-        .await
-        .ok_or_else(|| lab.timeout("an answer through the surviving haproxy"))?;
+        let answer = demo
+            .poll("an answer through the surviving haproxy", || async {
+                let a = through_haproxy(svc_port).await?;
+                a.starts_with("hello").then_some(a)
+            })
+            .await?;
         note(
             &mut events,
             now_ms(),
@@ -477,8 +379,8 @@ pub async fn run(opts: DemoOptions) -> Result<String, DemoError> {
     let all = hook_events(&hook_log);
     let last_old = all
         .iter()
-        .filter(|e| e.1 == leader && e.2 == "claim")
-        .map(|e| (e.0, e.3))
+        .filter(|e| e.node == leader && e.action == "claim")
+        .map(|e| (ms(e), e.term))
         .max();
     events.sort_by_key(|e| e.at_ms);
     let rel = |ms: u64| format!("+{:.3}s", ms.saturating_sub(t0) as f64 / 1_000.0);
@@ -501,15 +403,15 @@ pub async fn run(opts: DemoOptions) -> Result<String, DemoError> {
         out.push(format!(
             "old holder's last claim: node {leader} at {} (term {t}), {} the new claim at {} (term {})",
             rel(at),
-            if at < second.0 { "before" } else { "NOT before" },
-            rel(second.0),
-            second.3
+            if at < ms(&second) { "before" } else { "NOT before" },
+            rel(ms(&second)),
+            second.term
         ));
     }
     out.push(format!(
         "the VIP moved to node {next} {} ms after node {leader} was killed",
-        second.0.saturating_sub(killed_at)
+        ms(&second).saturating_sub(killed_at)
     ));
-    drop(lab);
+    drop(demo);
     Ok(out.join("\n"))
 }

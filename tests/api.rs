@@ -12,7 +12,8 @@ use clb::views::{
     ClusterView, ErrorBody, ErrorDetail, Healthz, OneServiceView, ServiceView, ServicesView,
     Written,
 };
-use harness::{eventually, free_port, Cluster, TOKEN};
+use harness::{eventually, ClusterExt, NodeExt, TOKEN};
+use lab::{free_port, Cluster, Proc};
 use reqwest::Method;
 use serde::de::DeserializeOwned;
 use std::collections::BTreeMap;
@@ -547,20 +548,19 @@ async fn the_embedded_default_runs_with_no_config_and_a_generated_token() {
     let dir = tempfile::tempdir().unwrap();
     let addr = format!("127.0.0.1:{}", free_port());
     let data = dir.path().join("clb-data");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_clbd"))
-        .args([
-            "--data-dir",
-            data.to_str().unwrap(),
-            "-o",
-            dir.path().join("haproxy.cfg").to_str().unwrap(),
-            "--listen",
-            &addr,
-            "--peer-listen",
-            "127.0.0.1:0",
-        ])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_clbd"));
+    cmd.args([
+        "--data-dir",
+        data.to_str().unwrap(),
+        "-o",
+        dir.path().join("haproxy.cfg").to_str().unwrap(),
+        "--listen",
+        &addr,
+        "--peer-listen",
+        "127.0.0.1:0",
+    ])
+    .stderr(std::process::Stdio::null());
+    let mut child = Proc::build(&mut cmd).spawn().unwrap();
     let token_path = data.join("token");
     let token = eventually(Duration::from_secs(10), "generated token", || async {
         std::fs::read_to_string(&token_path)
@@ -599,7 +599,7 @@ async fn the_embedded_default_runs_with_no_config_and_a_generated_token() {
     )
     .await;
     // SIGTERM: a clean exit.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    child.signal(libc::SIGTERM);
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");
 }

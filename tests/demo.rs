@@ -3,31 +3,23 @@
 
 use std::io::Read;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use lab::Proc;
 
 /// Runs `clb demo ARGS`, killing it if it takes longer than `within`.
 fn demo(args: &[&str], within: Duration) -> (bool, String, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_clb"))
-        .arg("demo")
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_clb"));
+    cmd.arg("demo")
         .args(args)
-        .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn clb demo");
-    let deadline = Instant::now() + within;
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait clb demo") {
-            break s;
-        }
-        if Instant::now() > deadline {
-            // The demo's children get SIGKILL when it dies (PR_SET_PDEATHSIG).
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("clb demo ran longer than {within:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+        .stderr(Stdio::piped());
+    let mut child = Proc::build(&mut cmd).spawn().expect("spawn clb demo");
+    // On a panic the drop kills it; its children get SIGKILL when it dies
+    // (PR_SET_PDEATHSIG).
+    let status = child
+        .wait_within(within)
+        .unwrap_or_else(|| panic!("clb demo ran longer than {within:?}"));
     let (mut out, mut err) = (String::new(), String::new());
     child
         .stdout

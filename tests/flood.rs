@@ -11,7 +11,8 @@ mod harness;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use harness::Cluster;
+use harness::{ClusterExt, NodeExt};
+use lab::Cluster;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 

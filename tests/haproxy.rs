@@ -15,7 +15,8 @@ use clb::model::Check;
 use clb::render::ApplyOutcome;
 use clb::views::{AuditQuery, ServiceBody};
 use common::{backend, define_svc, define_web, traffic, Balancer, Haproxy};
-use harness::{eventually, free_port, Cluster};
+use harness::{eventually, ClusterExt, NodeExt};
+use lab::{free_port, Cluster, Proc};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_reach_haproxy_through_the_runtime_api() {
@@ -326,7 +327,7 @@ async fn a_balancer_whose_haproxy_is_down_does_not_lead() {
     let dead = tempfile::tempdir().unwrap();
     let master = dead.path().join("master.sock").display().to_string();
     let admin = dead.path().join("admin.sock").display().to_string();
-    let timers = harness::FAST_TIMERS;
+    let timers = lab::FAST_TIMERS;
     let c = Cluster::start_custom(3, &timers, |id| {
         let mut args = vec!["--stats-port".to_string(), "0".into()];
         if id == 1 {
@@ -387,8 +388,8 @@ async fn an_agent_stopped_with_sigterm_drains_before_unregistering() {
         .register("web", "stay", "127.0.0.1", Some(stay.port), None, None)
         .await
         .unwrap();
-    let mut agent = Command::new(env!("CARGO_BIN_EXE_clb"))
-        .args(["agent", "web", "leaving", "--address", "127.0.0.1"])
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_clb"));
+    cmd.args(["agent", "web", "leaving", "--address", "127.0.0.1"])
         .args([
             "--port",
             &leaving.port.to_string(),
@@ -400,9 +401,8 @@ async fn an_agent_stopped_with_sigterm_drains_before_unregistering() {
         .env("CLB_SERVER", &b.node().addr)
         .env("CLB_TOKEN", harness::TOKEN)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        .stderr(Stdio::null());
+    let mut agent = Proc::build(&mut cmd).spawn().unwrap();
     eventually(
         Duration::from_secs(10),
         "the agent's member takes traffic",
@@ -419,7 +419,7 @@ async fn an_agent_stopped_with_sigterm_drains_before_unregistering() {
         (stay.hits.load(Ordering::SeqCst) > 40).then_some(())
     })
     .await;
-    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    agent.signal(libc::SIGTERM);
     let status = agent.wait().unwrap();
     assert!(
         status.success(),

@@ -29,7 +29,8 @@ use clb::model::{Check, Mode, ServerOptions};
 use clb::render::haproxy::exchange;
 use clb::views::ServiceBody;
 use common::Balancer;
-use harness::{eventually, free_port};
+use harness::{eventually, NodeExt};
+use lab::free_port;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 

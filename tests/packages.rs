@@ -18,10 +18,12 @@
 mod docs;
 
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use lab::netns::Netns;
+use lab::Proc;
 
 const SERVER: &str = "clb-server";
 const CLIENT: &str = "clb-client";
@@ -90,18 +92,9 @@ fn uid_gid(user: &str) -> (u32, u32) {
     (id("-u"), id("-g"))
 }
 
-fn poll<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let end = Instant::now() + within;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < end,
-            "timed out after {within:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+fn poll<T>(within: Duration, what: &str, f: impl FnMut() -> Option<T>) -> T {
+    lab::wait::poll_every(within, Duration::from_millis(50), what, f)
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The value of `Key=` in a systemd unit file (the first one).
@@ -116,20 +109,19 @@ fn unit_value(unit: &str, key: &str) -> String {
 /// Everything the test started or changed, undone however it ends.
 struct Machine {
     ns: String,
-    children: Vec<Child>,
+    netns: Option<Netns>,
+    children: Vec<Proc>,
     haproxy_cfg: Option<(Vec<u8>, (u32, u32, u32))>,
 }
 
 impl Machine {
     fn spawn(&mut self, program: &str, args: &[&str], log: &Path) -> u32 {
-        let log = std::fs::File::create(log).expect("log file");
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.ns, program])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .process_group(0)
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns, program]).args(args);
+        let child = Proc::build(&mut cmd)
+            .log(log)
+            .truncate()
+            .group()
             .spawn()
             .unwrap_or_else(|e| panic!("{program}: {e}"));
         let pid = child.id();
@@ -150,12 +142,9 @@ impl Machine {
 
 impl Drop for Machine {
     fn drop(&mut self) {
-        for c in &mut self.children {
-            // SAFETY: kill(2) on process groups this test created.
-            unsafe { libc::kill(-(c.id() as i32), libc::SIGKILL) };
-            let _ = c.wait();
-        }
-        let _ = run("ip", &["netns", "del", &self.ns]);
+        // Dropping kills each process group, then the namespace goes.
+        self.children.clear();
+        self.netns = None;
         for f in [
             "/run/haproxy.pid",
             "/run/haproxy-master.sock",
@@ -245,6 +234,7 @@ fn packages_install_run_keep_a_changed_conffile_and_purge_clean() {
     let pid = std::process::id();
     let mut m = Machine {
         ns: format!("clbpkg{pid}"),
+        netns: None,
         children: Vec::new(),
         haproxy_cfg: None,
     };
@@ -303,8 +293,7 @@ fn packages_install_run_keep_a_changed_conffile_and_purge_clean() {
         .strip_prefix("EXTRAOPTS=")
         .expect("the drop-in sets EXTRAOPTS")
         .to_string();
-    ok("ip", &["netns", "add", &m.ns]);
-    ok("ip", &["-n", &m.ns, "link", "set", "lo", "up"]);
+    m.netns = Some(Netns::new(&m.ns).unwrap_or_else(|e| panic!("{e:#}")));
     std::fs::create_dir_all("/run/haproxy").expect("/run/haproxy");
     let dir = tempfile::tempdir().expect("tempdir");
     let mut haproxy_args = vec![
@@ -441,8 +430,7 @@ fn packages_install_run_keep_a_changed_conffile_and_purge_clean() {
     );
     assert!(!log().contains("Permission denied"), "{}", log());
     for c in &mut m.children {
-        // SAFETY: kill(2) on process groups this test created.
-        unsafe { libc::kill(-(c.id() as i32), libc::SIGTERM) };
+        c.signal_all(libc::SIGTERM);
         let _ = c.wait();
     }
     m.children.clear();

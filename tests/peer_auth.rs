@@ -14,7 +14,8 @@ use std::time::Duration;
 use clb::auth::Scope;
 use clb::consensus::{LeaderError, LeaderReply, LeaderRequest};
 use clb::model::{Command, Proposal};
-use harness::{eventually, free_port, Cluster, FAST_TIMERS, SECRET};
+use harness::{eventually, ClusterExt, NodeExt, SECRET};
+use lab::{free_port, Cluster, FAST_TIMERS};
 
 /// What an attack must not change on a node.
 #[derive(Debug, PartialEq)]
@@ -24,7 +25,7 @@ struct Footprint {
     tokens: usize,
 }
 
-async fn footprint(node: &harness::Node) -> Footprint {
+async fn footprint(node: &lab::Node) -> Footprint {
     let v = node.view().await.expect("view");
     let tokens = node.client().tokens().await.expect("tokens");
     Footprint {
@@ -86,7 +87,7 @@ async fn the_embedded_default_refuses_every_unauthenticated_peer_rpc() {
     // makes one in its data dir.
     let mut c = Cluster::empty();
     let addr = format!("127.0.0.1:{}", free_port());
-    let peer = harness::peer_addr_for(&addr);
+    let peer = lab::peer_addr_for(&addr);
     c.add_node_at(1, addr, peer, &FAST_TIMERS, vec![]);
     c.leader(Duration::from_secs(20)).await;
     c.any_client()

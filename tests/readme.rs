@@ -14,28 +14,28 @@ mod harness;
 
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
+
+use harness::{ClusterExt, NodeExt};
+use lab::netns::Netns;
+use lab::Proc;
 use std::time::{Duration, Instant};
 
-/// Processes and the namespace, removed however the test ends.
+/// The blocks' processes and their namespace, removed however the test ends.
 struct Lab {
-    ns: String,
-    groups: Vec<i32>,
+    /// Before `ns`: killed before the namespace goes.
+    procs: Vec<Proc>,
+    ns: Netns,
 }
 
 impl Lab {
     /// A fresh namespace named `prefix` + this process's id, loopback up.
     fn new(prefix: &str) -> Lab {
         let ns = format!("{prefix}{}", std::process::id());
+        // One left by an earlier run of this process id that was killed.
         let _ = Command::new("ip").args(["netns", "del", &ns]).output();
-        let ok = Command::new("ip").args(["netns", "add", &ns]).status();
-        assert!(ok.is_ok_and(|s| s.success()), "ip netns add {ns}");
-        let lab = Lab { ns, groups: vec![] };
-        let up = Command::new("ip")
-            .args(["-n", &lab.ns, "link", "set", "lo", "up"])
-            .status();
-        assert!(up.is_ok_and(|s| s.success()), "loopback up");
-        lab
+        let ns = Netns::new(&ns).unwrap_or_else(|e| panic!("ip netns add {ns}: {e:#}"));
+        Lab { procs: vec![], ns }
     }
 }
 
@@ -49,19 +49,9 @@ fn test_path() -> String {
     )
 }
 
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for g in &self.groups {
-            // SAFETY: kill(2) on process groups this test created.
-            unsafe { libc::kill(-g, libc::SIGKILL) };
-        }
-        let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
-    }
-}
-
 fn in_ns(lab: &Lab, dir: &Path, path: &str, program: &str, args: &[&str]) -> Command {
     let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &lab.ns, program])
+    cmd.args(["netns", "exec", lab.ns.name(), program])
         .args(args)
         .current_dir(dir)
         .env("PATH", path)
@@ -85,26 +75,21 @@ fn run_block(
     within: Duration,
 ) -> (Option<std::process::ExitStatus>, String, String) {
     let (out_path, err_path) = (dir.join("block.out"), dir.join("block.err"));
-    let mut child = block
+    block
         .stdout(std::fs::File::create(&out_path).unwrap())
-        .stderr(std::fs::File::create(&err_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap());
+    let child = Proc::build(&mut block)
+        .group()
         .spawn()
         .expect("run the block");
-    lab.groups.push(child.id() as i32);
-    let status = wait(&mut child, within);
+    lab.procs.push(child);
+    let status = lab
+        .procs
+        .last_mut()
+        .expect("just pushed")
+        .wait_within(within);
     let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
     (status, read(&out_path), read(&err_path))
-}
-
-fn wait(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
-    let until = Instant::now() + within;
-    while Instant::now() < until {
-        if let Ok(Some(s)) = child.try_wait() {
-            return Some(s);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    None
 }
 
 #[test]
@@ -134,18 +119,15 @@ fn readme_first_screen_runs_as_written() {
     let dir = tempfile::tempdir().unwrap();
     let path = test_path();
     let log = std::fs::File::create(dir.path().join("clbd.log")).unwrap();
-    let mut clbd = in_ns(
+    let mut cmd = in_ns(
         &lab,
         dir.path(),
         &path,
         env!("CARGO_BIN_EXE_clbd"),
         &clbd_args,
-    )
-    .stdout(Stdio::null())
-    .stderr(log)
-    .spawn()
-    .expect("start clbd");
-    lab.groups.push(clbd.id() as i32);
+    );
+    cmd.stdout(Stdio::null()).stderr(log);
+    let mut clbd = Proc::build(&mut cmd).group().spawn().expect("start clbd");
 
     // The reader types the next block once clbd is up: its token is written
     // and it answers.
@@ -193,9 +175,8 @@ fn readme_first_screen_runs_as_written() {
     );
 
     // clbd stops cleanly, and takes its haproxy with it.
-    // SAFETY: a signal to the clbd this test started.
-    unsafe { libc::kill(clbd.id() as i32, libc::SIGTERM) };
-    let stopped = wait(&mut clbd, Duration::from_secs(20));
+    clbd.signal(libc::SIGTERM);
+    let stopped = clbd.wait_within(Duration::from_secs(20));
     assert!(
         stopped.is_some_and(|s| s.success()),
         "clbd stops on SIGTERM: {stopped:?}"
@@ -274,7 +255,7 @@ async fn operations_blocks_that_run_on_one_machine_run_as_written() {
     let drill = find("clb failover                    # graceful");
     let backup = find("clb snapshot save /var/backups/clb/");
 
-    let c = harness::Cluster::start_custom(3, &harness::FAST_TIMERS, |_| {
+    let c = lab::Cluster::start_custom(3, &lab::FAST_TIMERS, |_| {
         ["--vip", "127.0.0.79", "--vip-hook", "true"]
             .map(String::from)
             .to_vec()

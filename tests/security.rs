@@ -12,7 +12,8 @@ use clb::views::{
     Audit, ClusterView, ErrorBody, OneServiceView, RegisterBody, ServiceBody, StateBody, TokenBody,
     TokenCreated, Written,
 };
-use harness::{eventually, Cluster, TOKEN};
+use harness::{eventually, ClusterExt, TOKEN};
+use lab::Cluster;
 use reqwest::Method;
 use serde::de::DeserializeOwned;
 use serde::Serialize;

@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use clb::client::{Client, ClientOptions};
 use clb::views::{OneServiceView, ServiceBody};
-use harness::{eventually, free_port, peer_addr_for, Cluster, TOKEN};
+use harness::{eventually, ClusterExt, TOKEN};
+use lab::{free_port, peer_addr_for, Cluster};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -447,7 +448,7 @@ async fn a_three_node_cluster_forms_and_replicates_over_https() {
             i as u64 + 1,
             addr.clone(),
             peer.clone(),
-            &harness::FAST_TIMERS,
+            &lab::FAST_TIMERS,
             args,
         );
     }

@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use clb::model::{Balance, Mode};
 use clb::views::{FailoverView, ServiceBody, TokenBody};
-use harness::{eventually, free_port, Cluster, TOKEN};
+use harness::{eventually, ClusterExt, NodeExt, TOKEN};
+use lab::{free_port, Cluster};
 use reqwest::redirect::Policy;
 
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -25,7 +26,7 @@ const CHROMIUM: &str = "/usr/bin/chromium";
 /// are in every state. In `api`, `live` answers on a real port and `dead`
 /// points at a closed one; haproxy checks both.
 async fn cluster_with_members() -> (Cluster, haproxy::Backend) {
-    let c = Cluster::start_custom(3, &harness::FAST_TIMERS, |id| {
+    let c = Cluster::start_custom(3, &lab::FAST_TIMERS, |id| {
         if id == 3 {
             vec!["--role".into(), "witness".into()]
         } else {

@@ -2,7 +2,6 @@
 
 mod harness;
 mod linearizability;
-mod netns;
 mod test_chaos;
 mod test_disk;
 mod test_failover;

@@ -14,7 +14,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use clb::views::{
     ErrorBody, ErrorDetail, OneServiceView, RegisterBody, ServiceBody, ServiceView, ServicesView,
@@ -24,12 +24,12 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use reqwest::Method;
 
-use crate::harness::{
-    eventually, free_port, hook_events, peer_addr_for, vip_hook, Cluster, HookEvent, FAST_TIMERS,
-    TOKEN,
-};
+use crate::harness::{eventually, ClusterExt, NodeExt, TOKEN};
 use crate::linearizability::{self as lin, Entry, Op, Outcome};
-use crate::netns::{self, Host, Lab};
+use lab::netns::{self, Host, Lab};
+use lab::{
+    free_port, hook_events, now_ns, peer_addr_for, vip_hook, Cluster, HookEvent, FAST_TIMERS,
+};
 
 const SERVICE: &str = "http";
 const KEYS: usize = 8;
@@ -46,13 +46,6 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 /// A stopped holder, continued after its lease ran out, must release within
 /// this long; until then another node's newer claim is expected.
 const RESUME_GRACE_NS: u128 = 3_000_000_000;
-
-fn wall_ns() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_nanos()
-}
 
 #[derive(Debug, Clone)]
 enum Kind {
@@ -363,7 +356,7 @@ async fn faults(
     let record = |log: &mut Vec<Fault>, node: u64, what: &'static str| {
         log.push(Fault {
             mono: t0.elapsed().as_nanos() as u64,
-            wall: wall_ns(),
+            wall: now_ns(),
             node,
             what,
         })
@@ -418,10 +411,10 @@ async fn faults(
                 let net = net.expect("partitions need the namespace lab");
                 let host = &net.hosts[&target];
                 record(&mut log, target, "cut");
-                net.lab.set_link(host, false).expect("cut the link");
+                net.lab.isolate(host).expect("cut the link");
                 tokio::time::sleep(down).await;
                 record(&mut log, target, "heal");
-                net.lab.set_link(host, true).expect("restore the link");
+                net.lab.recover().expect("restore the link");
             }
             _ => {
                 // Target and one other node lose each other; both still
@@ -433,10 +426,11 @@ async fn faults(
                     .nth(rng.gen_range(0..ids.len() - 1))
                     .expect("another node");
                 record(&mut log, target, "split");
-                net.split(target, other, true).expect("split two nodes");
+                let (a, b) = (&net.hosts[&target], &net.hosts[&other]);
+                net.lab.partition(&[&[a], &[b]]).expect("split two nodes");
                 tokio::time::sleep(down).await;
                 record(&mut log, target, "heal");
-                net.split(target, other, false).expect("rejoin two nodes");
+                net.lab.recover().expect("rejoin two nodes");
             }
         }
     }
@@ -482,24 +476,6 @@ impl Net {
 
     fn addr(&self, id: u64) -> String {
         format!("{}:{NS_PORT}", self.hosts[&id].ip)
-    }
-
-    /// Blackhole routes both ways between nodes `a` and `b` (`on`), or
-    /// removes them.
-    fn split(&self, a: u64, b: u64, on: bool) -> anyhow::Result<()> {
-        let verb = if on { "add" } else { "del" };
-        for (from, to) in [(a, b), (b, a)] {
-            let dst = format!("{}/32", self.hosts[&to].ip);
-            netns::ip(&[
-                "-n",
-                &self.hosts[&from].ns,
-                "route",
-                verb,
-                "blackhole",
-                &dst,
-            ])?;
-        }
-        Ok(())
     }
 }
 
@@ -818,17 +794,14 @@ async fn start_in(net: &Net, args: impl Fn(u64) -> Vec<String>) -> Cluster {
         })
         .expect("spawn in the node's namespace");
     }
-    for node in c.nodes.values() {
-        eventually(Duration::from_secs(20), "node healthy", || async {
-            node.healthy().await.then_some(())
-        })
-        .await;
-    }
+    c.healthy(Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     c
 }
 
 async fn chaos(net: Option<Net>) {
-    let seed = env_u64("CLB_CHAOS_SEED").unwrap_or_else(|| wall_ns() as u64 % 1_000_000_007);
+    let seed = env_u64("CLB_CHAOS_SEED").unwrap_or_else(|| now_ns() as u64 % 1_000_000_007);
     let duration = Duration::from_secs(env_u64("CLB_CHAOS_DURATION_S").unwrap_or(60));
     eprintln!(
         "chaos: CLB_CHAOS_SEED={seed} CLB_CHAOS_DURATION_S={}",
@@ -837,7 +810,7 @@ async fn chaos(net: Option<Net>) {
     let mut rng = StdRng::seed_from_u64(seed);
 
     let dir = tempfile::tempdir().expect("tempdir");
-    let (script, hook_log) = vip_hook(dir.path());
+    let (script, hook_log) = vip_hook(dir.path()).expect("write hook");
     let script = script.display().to_string();
     let args = |_| {
         [
@@ -1053,7 +1026,7 @@ async fn chaos(net: Option<Net>) {
 
     // (4) never two VIP holders.
     let hooks = hook_events(&hook_log);
-    let (vip_problems, held, stale, kept) = vip_violations(&hooks, &fault_log, wall_ns());
+    let (vip_problems, held, stale, kept) = vip_violations(&hooks, &fault_log, now_ns());
     problems.extend(vip_problems);
     let kept_ms: Vec<u128> = kept.iter().map(|ns| ns / 1_000_000).collect();
 

@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use openraft::storage::RaftLogStorage;
 
-use crate::harness::{eventually, hook_events, vip_hook, Cluster, Node, TOKEN};
+use crate::harness::{eventually, ClusterExt, NodeExt, TOKEN};
+use lab::{hook_events, vip_hook, Cluster, Node};
 
 /// clbd's exit status for "start me again later" (`daemon::EXIT_RETRY`).
 const EXIT_RETRY: i32 = 75;
@@ -367,7 +368,7 @@ async fn on_tmpfs(mounts: &mut Mounts, hook: &Path) -> Cluster {
         })
         .collect();
     let hook = path(hook);
-    Cluster::start_custom(3, &crate::harness::FAST_TIMERS, move |id| {
+    Cluster::start_custom(3, &lab::FAST_TIMERS, move |id| {
         [
             "--data-dir",
             &path(&dirs[id as usize - 1]),
@@ -393,7 +394,7 @@ async fn on_tmpfs(mounts: &mut Mounts, hook: &Path) -> Cluster {
 /// Three nodes, node 3's data dir at `data`, and writes through nodes 1 and
 /// 2 already under way.
 async fn node3_on(data: &Path) -> (Cluster, Writes) {
-    let c = Cluster::start_custom(3, &crate::harness::FAST_TIMERS, |id| {
+    let c = Cluster::start_custom(3, &lab::FAST_TIMERS, |id| {
         let mut a = vec!["--validate-cmd".to_string(), "true".into()];
         if id == 3 {
             a.extend(["--data-dir".to_string(), path(data)]);
@@ -468,7 +469,7 @@ async fn a_follower_whose_disk_fills_exits_and_catches_up_when_space_returns() {
     let Some(mut mounts) = Mounts::new("follower disk full") else {
         return;
     };
-    let (hook, _) = vip_hook(mounts.dir.path());
+    let (hook, _) = vip_hook(mounts.dir.path()).expect("write hook");
     let mut c = on_tmpfs(&mut mounts, &hook).await;
     let leader = c.leader(Duration::from_secs(10)).await;
     let victim = c.followers(leader)[0];
@@ -480,7 +481,7 @@ async fn a_leader_whose_disk_fills_releases_the_vip_and_a_new_leader_loses_nothi
     let Some(mut mounts) = Mounts::new("leader disk full") else {
         return;
     };
-    let (hook, events) = vip_hook(mounts.dir.path());
+    let (hook, events) = vip_hook(mounts.dir.path()).expect("write hook");
     let mut c = on_tmpfs(&mut mounts, &hook).await;
     let victim = c.leader(Duration::from_secs(10)).await;
     eventually(

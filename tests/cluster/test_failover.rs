@@ -2,11 +2,13 @@
 //! appends `time_ns node action term` lines to a shared log.
 
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use clb::views::RaftState;
 
-use crate::harness::{eventually, hook_events, vip_hook, Cluster, HookEvent as Event};
+use crate::harness::{eventually, ClusterExt, NodeExt};
+use lab::netns::Netns;
+use lab::{hook_events, now_ns, vip_hook, Cluster, HookEvent as Event, Proc};
 
 /// Quick but not twitchy on a loaded 2-core CI machine. openraft 0.9 waits
 /// `max + rand(min, max)` after the last heartbeat (300–360 ms), plus `2 *
@@ -21,13 +23,6 @@ const TIMERS: [&str; 6] = [
     "180",
 ];
 const VIP: &str = "192.0.2.77";
-
-fn now_ns() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_nanos()
-}
 
 /// Every node gets the VIP and hook; `witness` (if any) gets `--role witness`.
 fn args(script: &Path, witness: Option<u64>, extra: Vec<String>) -> impl Fn(u64) -> Vec<String> {
@@ -77,7 +72,7 @@ fn last_claim_index(ev: &[Event], node: u64) -> Option<usize> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn voters_with_a_shorter_election_timeout_give_the_leader_no_lease() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (script, _log) = vip_hook(dir.path());
+    let (script, _log) = vip_hook(dir.path()).expect("write hook");
     let base = args(&script, None, vec![]);
     // Only node 1 may lead (2 and 3 are witnesses). Its window is 600 ms and
     // its lease 450 ms; theirs is 200 ms: they could vote for someone else
@@ -136,7 +131,7 @@ async fn voters_with_a_shorter_election_timeout_give_the_leader_no_lease() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_leader_new_claim_within_a_second_and_witness_never_holds() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (script, log) = vip_hook(dir.path());
+    let (script, log) = vip_hook(dir.path()).expect("write hook");
     let mut c = Cluster::start_custom(3, &TIMERS, args(&script, Some(3), vec![])).await;
     let old = holder(&c).await;
     assert_ne!(old, 3, "the witness must never lead for long");
@@ -198,7 +193,7 @@ async fn sigkill_leader_new_claim_within_a_second_and_witness_never_holds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigstop_leader_others_claim_and_it_releases_first_on_sigcont() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (script, log) = vip_hook(dir.path());
+    let (script, log) = vip_hook(dir.path()).expect("write hook");
     let c = Cluster::start_custom(3, &TIMERS, args(&script, Some(3), vec![])).await;
     let old = holder(&c).await;
     let other = if old == 1 { 2 } else { 1 };
@@ -266,7 +261,7 @@ async fn sigstop_leader_others_claim_and_it_releases_first_on_sigcont() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unhealthy_leader_hands_over_and_clb_failover_moves_the_vip() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (script, log) = vip_hook(dir.path());
+    let (script, log) = vip_hook(dir.path()).expect("write hook");
     let sick = |id: u64| dir.path().join(format!("sick{id}"));
     let health = format!("test ! -e {}/sick$CLB_NODE", dir.path().display());
     let make_args = {
@@ -366,52 +361,25 @@ async fn unhealthy_leader_hands_over_and_clb_failover_moves_the_vip() {
     assert!(release < claim, "{ev:?}");
 }
 
-/// A network namespace this test created; deleted (with its interfaces) on drop.
-struct Netns(String);
-
-impl Netns {
-    fn create() -> Result<Netns, String> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            return Err("not root".into());
-        }
-        let name = format!("clbt-{}-{}", std::process::id(), now_ns() % 1_000_000);
-        let ns = Netns(name);
-        ns.ip(&["netns", "add", &ns.0], false)?;
-        ns.ip(&["link", "set", "lo", "up"], true)?;
+/// A network namespace with a veth pair `vip0`/`vip1`, both up; deleted
+/// (with its interfaces) on drop.
+fn vip_netns() -> Result<Netns, String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("not root".into());
+    }
+    let name = format!("clbt-{}-{}", std::process::id(), now_ns() % 1_000_000);
+    let made = || -> anyhow::Result<Netns> {
+        let ns = Netns::new(&name)?;
         // veth, not dummy: container kernels often lack the dummy module.
-        ns.ip(
-            &[
-                "link", "add", "vip0", "type", "veth", "peer", "name", "vip1",
-            ],
-            true,
-        )?;
-        ns.ip(&["link", "set", "vip1", "up"], true)?;
-        ns.ip(&["link", "set", "vip0", "up"], true)?;
+        ns.ip(&[
+            "link", "add", "vip0", "type", "veth", "peer", "name", "vip1",
+        ])?;
+        ns.ip(&["link", "set", "vip1", "up"])?;
+        ns.ip(&["link", "set", "vip0", "up"])?;
         Ok(ns)
-    }
-
-    /// Runs `ip ARGS`, inside the namespace when `inside`.
-    fn ip(&self, args: &[&str], inside: bool) -> Result<String, String> {
-        let mut cmd = std::process::Command::new("ip");
-        if inside {
-            cmd.args(["netns", "exec", &self.0, "ip"]);
-        }
-        let out = cmd.args(args).output().map_err(|e| format!("ip: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "ip {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into())
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = self.ip(&["netns", "del", &self.0], false);
-    }
+    };
+    made().map_err(|e| format!("{e:#}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -433,7 +401,7 @@ enum Family {
 /// The address added and removed on vip0, and announced to a neighbour on
 /// its link (gratuitous ARP / unsolicited neighbour advertisement).
 async fn linux_vip_moves(family: Family) {
-    let ns = match Netns::create() {
+    let ns = match vip_netns() {
         Ok(ns) => ns,
         Err(why) => {
             eprintln!("SKIPPED linux_vip_hook_moves_a_real_address: cannot create a network namespace ({why}); run as root");
@@ -464,39 +432,36 @@ async fn linux_vip_moves(family: Family) {
         ),
     };
     let has_vip = || {
-        ns.ip(&["addr", "show", "dev", "vip0"], true)
+        ns.ip(&["addr", "show", "dev", "vip0"])
             .map(|out| out.contains(shown))
             .unwrap_or(false)
     };
     // A crashed holder's leftover address is removed at start-up.
-    ns.ip(&["addr", "add", cidr, "dev", "vip0"], true)
+    ns.ip(&["addr", "add", cidr, "dev", "vip0"])
         .expect("leftover address");
     // A neighbour on vip0's link, which takes gratuitous ARP as news.
-    let peer = Netns(format!("{}-n", ns.0));
-    peer.ip(&["netns", "add", &peer.0], false)
-        .expect("neighbour ns");
-    ns.ip(&["link", "set", "vip1", "netns", &peer.0], true)
+    let peer = Netns::new(&format!("{}-n", ns.name())).expect("neighbour ns");
+    ns.ip(&["link", "set", "vip1", "netns", peer.name()])
         .expect("vip1 to the neighbour");
-    peer.ip(&["addr", "add", neighbour, "dev", "vip1"], true)
+    peer.ip(&["addr", "add", neighbour, "dev", "vip1"])
         .expect("neighbour address");
-    peer.ip(&["link", "set", "vip1", "up"], true)
-        .expect("vip1 up");
+    peer.ip(&["link", "set", "vip1", "up"]).expect("vip1 up");
     let sysctl = std::process::Command::new("ip")
-        .args(["netns", "exec", &peer.0, "sysctl", "-qw"])
+        .args(["netns", "exec", peer.name(), "sysctl", "-qw"])
         .args(&learn)
         .status()
         .expect("sysctl");
     assert!(sysctl.success(), "{learn:?} on the neighbour");
     let mac = ns
-        .ip(&["link", "show", "vip0"], true)
+        .ip(&["link", "show", "vip0"])
         .expect("vip0")
         .split_whitespace()
         .skip_while(|w| *w != "link/ether")
         .nth(1)
         .expect("vip0's MAC")
         .to_string();
-    let mut child = std::process::Command::new("ip")
-        .args(["netns", "exec", &ns.0, env!("CARGO_BIN_EXE_clbd")])
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(["netns", "exec", ns.name(), env!("CARGO_BIN_EXE_clbd")])
         .args([
             "--node-id",
             "1",
@@ -513,18 +478,10 @@ async fn linux_vip_moves(family: Family) {
         .arg("-o")
         .arg(dir.path().join("haproxy.cfg"))
         .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(dir.path().join("log")).expect("log"))
+        .stderr(std::fs::File::create(dir.path().join("log")).expect("log"));
+    let mut child = Proc::build(&mut cmd)
         .spawn()
         .expect("spawn clbd in the namespace");
-    struct Reap<'a>(&'a mut std::process::Child);
-    impl Drop for Reap<'_> {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let pid = child.id() as i32;
-    let guard = Reap(&mut child);
     // The single node leads, so it claims: the address is (again) on vip0.
     let log = || std::fs::read_to_string(dir.path().join("log")).unwrap_or_default();
     eventually(
@@ -538,7 +495,7 @@ async fn linux_vip_moves(family: Family) {
         Duration::from_secs(5),
         "the neighbour learning the VIP's MAC",
         || async {
-            let n = peer.ip(&["neigh", "show", vip, "dev", "vip1"], true).ok()?;
+            let n = peer.ip(&["neigh", "show", vip, "dev", "vip1"]).ok()?;
             n.contains(&mac).then_some(())
         },
     )
@@ -553,9 +510,9 @@ async fn linux_vip_moves(family: Family) {
         .lines()
         .find_map(|l| l.split("action=\"").nth(1)?.split('"').next());
     assert_eq!(first_hook, Some("release"), "{text}");
-    // SAFETY: SIGTERM to our own child (`ip netns exec` execs clbd in place).
-    unsafe { libc::kill(pid, libc::SIGTERM) };
-    let status = guard.0.wait().expect("wait clbd");
+    // `ip netns exec` execs clbd in place: the signal reaches clbd.
+    child.signal(libc::SIGTERM);
+    let status = child.wait().expect("wait clbd");
     assert!(status.success(), "clbd exit: {status}");
     assert!(!has_vip(), "the VIP must be released on shutdown");
     let text = log();

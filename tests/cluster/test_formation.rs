@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use clb::client::ClientError;
 use clb::views::{ErrorDetail, ServicesView};
 
-use crate::harness::{eventually, Cluster};
+use crate::harness::{eventually, ClusterExt, NodeExt};
+use lab::Cluster;
 
 fn member_names(services: &ServicesView, service: &str) -> BTreeSet<String> {
     services

@@ -8,9 +8,10 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use crate::harness::{eventually, Cluster};
+use crate::harness::{eventually, ClusterExt, NodeExt};
+use lab::{now_ns, Cluster};
 
 const TIMERS: [&str; 6] = [
     "--heartbeat-ms",
@@ -25,13 +26,6 @@ const LEASE_MS: u128 = 135;
 const HEARTBEAT_MS: u128 = 20;
 const VIP: &str = "192.0.2.79";
 const EACH: usize = 10;
-
-fn now_ns() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_nanos()
-}
 
 /// A hook that logs when it starts and when it returns; a release takes
 /// 200 ms, long enough to overlap a careless successor's claim.

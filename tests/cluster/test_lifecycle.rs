@@ -1,25 +1,25 @@
 //! Member lifecycle: the agent and TTLs, the removal guardrail, and backups.
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use clb::model::Mode;
 use clb::views::{AuditQuery, ServiceBody, ServicesView, TokenBody};
 
-use crate::harness::{eventually, free_port, Cluster, TOKEN};
+use crate::harness::{eventually, ClusterExt, NodeExt, TOKEN};
+use lab::{free_port, Cluster, Proc};
 
 /// `clb agent` as a child process, killed on drop.
 struct Agent {
-    child: Child,
+    child: Proc,
     log: std::path::PathBuf,
 }
 
 impl Agent {
     fn start(servers: &str, dir: &std::path::Path, member: &str, port: u16, ttl: u32) -> Agent {
         let log = dir.join(format!("agent-{member}.log"));
-        let f = std::fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_clb"))
-            .args(["agent", "http", member, "--address", "127.0.0.1"])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_clb"));
+        cmd.args(["agent", "http", member, "--address", "127.0.0.1"])
             .args([
                 "--port",
                 &port.to_string(),
@@ -29,24 +29,13 @@ impl Agent {
                 "1",
             ])
             .env("CLB_SERVER", servers)
-            .env("CLB_TOKEN", TOKEN)
-            .stdin(Stdio::null())
-            .stdout(f.try_clone().unwrap())
-            .stderr(f)
-            .spawn()
-            .unwrap();
+            .env("CLB_TOKEN", TOKEN);
+        let child = Proc::build(&mut cmd).log(&log).truncate().spawn().unwrap();
         Agent { child, log }
     }
 
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -3,7 +3,8 @@
 use std::process::Command;
 use std::time::Duration;
 
-use crate::harness::{eventually, free_port, Cluster, TOKEN};
+use crate::harness::{eventually, ClusterExt, NodeExt, TOKEN};
+use lab::{free_port, Cluster};
 
 fn clb(args: &[&str], server: &str) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_clb"))
@@ -219,18 +220,21 @@ async fn a_second_process_with_the_same_node_id_halts_with_an_error() {
     let probed = "another process started with --node-id 2 probed this node's address";
     let impostor = |c: &Cluster, name: &str| {
         let dir = c.dir.path().join(name);
-        crate::harness::Node {
+        lab::Node {
             id: 2,
             addr: format!("127.0.0.1:{}", free_port()),
             peer_addr: format!("127.0.0.1:{}", free_port()),
             log: c.dir.path().join(format!("{name}.log")),
             args: Vec::new(),
+            clbd: c.clbd.clone(),
+            env: c.env.clone(),
+            own_group: false,
             child: None,
             data_dir: dir,
         }
     };
     let secret = c.secret_file.clone();
-    let spawn = |n: &mut crate::harness::Node, token_file: &std::path::Path| {
+    let spawn = |n: &mut lab::Node, token_file: &std::path::Path| {
         n.args = vec![
             "--node-id".into(),
             "2".into(),
@@ -253,30 +257,18 @@ async fn a_second_process_with_the_same_node_id_halts_with_an_error() {
         ];
         n.spawn();
     };
-    struct Reap(crate::harness::Node);
-    impl Drop for Reap {
-        fn drop(&mut self) {
-            self.0.kill();
-        }
-    }
 
     // 0. With a data dir of its own: a new incarnation of node 2, which the
     // peers know from before, so it refuses to start.
-    let mut fresh = Reap(impostor(&c, "dup0"));
-    spawn(&mut fresh.0, &c.token_file);
-    let status = fresh
-        .0
-        .child
-        .as_mut()
-        .expect("spawned")
-        .wait()
-        .expect("wait");
-    fresh.0.child = None;
-    assert_eq!(status.code(), Some(1), "{}", fresh.0.log_text());
+    let mut fresh = impostor(&c, "dup0");
+    spawn(&mut fresh, &c.token_file);
+    let status = fresh.child.as_mut().expect("spawned").wait().expect("wait");
+    fresh.child = None;
+    assert_eq!(status.code(), Some(1), "{}", fresh.log_text());
     assert!(
-        fresh.0.log_text().contains("knows node 2 from before"),
+        fresh.log_text().contains("knows node 2 from before"),
         "{}",
-        fresh.0.log_text()
+        fresh.log_text()
     );
 
     // A copy of node 2's own data dir carries its incarnation: only the
@@ -301,25 +293,25 @@ async fn a_second_process_with_the_same_node_id_halts_with_an_error() {
     .await;
 
     // 1. Started while node 2 runs: halts at once.
-    let mut first = Reap(impostor(&c, "dup1"));
-    first.0.data_dir = copy1;
-    spawn(&mut first.0, &c.token_file);
+    let mut first = impostor(&c, "dup1");
+    first.data_dir = copy1;
+    spawn(&mut first, &c.token_file);
     eventually(Duration::from_secs(10), "the duplicate to halt", || async {
-        first.0.log_text().contains(halted).then_some(())
+        first.log_text().contains(halted).then_some(())
     })
     .await;
     eventually(Duration::from_secs(5), "node 2 to report it", || async {
         c.node(2).log_text().contains(probed).then_some(())
     })
     .await;
-    first.0.kill();
+    first.kill();
 
     // 2. Started while node 2 is down: halts once node 2 is back.
     c.node_mut(2).kill();
-    let mut second = Reap(impostor(&c, "dup2"));
-    second.0.data_dir = copy2;
-    spawn(&mut second.0, &c.token_file);
-    let n = &second.0;
+    let mut second = impostor(&c, "dup2");
+    second.data_dir = copy2;
+    spawn(&mut second, &c.token_file);
+    let n = &second;
     eventually(Duration::from_secs(10), "the duplicate serving", || async {
         n.healthy().await.then_some(())
     })

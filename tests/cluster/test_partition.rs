@@ -12,7 +12,7 @@
 //! the balancer that served the request. That keeps backend traffic off the
 //! bridge, so only the VIP path is under test.
 //!
-//! The namespaces, processes and traffic helpers are in `netns.rs`.
+//! The namespaces, processes and traffic helpers are the lab's (`lab/`).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -24,7 +24,8 @@ use clb::views::{ClusterView, OneServiceView, RegisterBody, ServiceBody};
 use serde::Serialize;
 
 use crate::harness::{SECRET, TOKEN};
-use crate::netns::{self, longest_gap, served_since, Host, Lab, Sample};
+use lab::netns::{self, Host, Lab};
+use lab::traffic::{self, longest_gap, served_since, Sample};
 
 /// Much slower than the `default` preset (300-600 ms, lease 200 ms): the
 /// margin between an isolated leader's lease end and the earliest election is
@@ -53,7 +54,7 @@ const RUST_LOG: &[(&str, &str)] = &[("RUST_LOG", clb::DEFAULT_LOG)];
 
 /// Polls `f` every 20 ms until it returns `Some`; panics at the deadline.
 fn wait_for<T>(within: Duration, what: &str, f: impl FnMut() -> Option<T>) -> T {
-    netns::poll(within, Duration::from_millis(20), what, f).unwrap_or_else(|e| panic!("{e}"))
+    lab::poll(within, what, f).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A request to the clb API from inside `ns`.
@@ -231,7 +232,7 @@ fn partition_drill_moves_the_vip_without_two_holders() {
         lab.spawn(&label, &h.ns, "haproxy", &args, &[])
             .expect("spawn haproxy");
         let at = SocketAddr::from((Ipv4Addr::LOCALHOST, backend_port));
-        netns::backend(&h.ns, at, &h.name, stop.clone(), DRILL_MAX).expect("backend");
+        traffic::backend(&h.ns, at, &h.name, stop.clone(), DRILL_MAX).expect("backend");
     }
 
     let api_a = addrs[0].1;
@@ -263,7 +264,7 @@ fn partition_drill_moves_the_vip_without_two_holders() {
     let zero = Instant::now();
     let mut marks: Vec<(&str, Instant)> = Vec::new();
     let every = Duration::from_millis(20);
-    let samples = netns::sampler(
+    let samples = traffic::sampler(
         vec![a.ns.clone(), b.ns.clone()],
         vip,
         every,
@@ -271,14 +272,14 @@ fn partition_drill_moves_the_vip_without_two_holders() {
         DRILL_MAX,
     );
     let vip_addr = SocketAddr::from((vip, svc_port));
-    let opts = netns::ClientOpts {
+    let opts = traffic::ClientOpts {
         workers: 1,
         interval: every,
         connect_timeout: Duration::from_millis(300),
         read_timeout: Duration::from_millis(300),
         path: "/",
     };
-    let shots = netns::client(&c.ns, vip_addr, opts, stop.clone(), DRILL_MAX);
+    let shots = traffic::client(&c.ns, vip_addr, opts, stop.clone(), DRILL_MAX);
     let holder = || {
         let s = samples.lock().expect("samples").last()?.clone();
         match (s.held[0], s.held[1]) {
@@ -322,10 +323,10 @@ fn partition_drill_moves_the_vip_without_two_holders() {
     let t = Instant::now();
     marks.push(("planned restarts", t));
     let patient_stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let patient = netns::client(
+    let patient = traffic::client(
         &c.ns,
         vip_addr,
-        netns::ClientOpts {
+        traffic::ClientOpts {
             workers: 1,
             interval: every,
             connect_timeout: PATIENT_CONNECT,
@@ -338,10 +339,10 @@ fn partition_drill_moves_the_vip_without_two_holders() {
     // Two workers asking for an answer that takes 300 ms: a request is
     // open on the holder nearly all the time, so without the drain every
     // move would reset one (checked: with --drain-ms 0 this fails).
-    let slow = netns::client(
+    let slow = traffic::client(
         &c.ns,
         vip_addr,
-        netns::ClientOpts {
+        traffic::ClientOpts {
             workers: 2,
             interval: every,
             connect_timeout: PATIENT_CONNECT,
@@ -403,7 +404,7 @@ fn partition_drill_moves_the_vip_without_two_holders() {
          {pfailed} failed, longest gap {} ms; {slow_sent} slow requests ({} ms each), {} \
          failed; drill client (300 ms connect timeout) {failed} failed, longest gap {} ms",
         pgap.as_millis(),
-        netns::SLOW.as_millis(),
+        traffic::SLOW.as_millis(),
         errors.len() - pfailed.min(errors.len()),
         gap.as_millis()
     ));
@@ -615,7 +616,7 @@ fn a_balancer_behind_the_witness_takes_over_once_the_witness_caught_it_up() {
     let d = lab.dir().to_path_buf();
     std::fs::write(d.join("tokens"), format!("{TOKEN}\n")).expect("tokens");
     std::fs::write(d.join("secret"), format!("{SECRET}\n")).expect("secret");
-    let (hook, events) = crate::harness::vip_hook(&d);
+    let (hook, events) = lab::vip_hook(&d).expect("write hook");
     for (i, (id, h)) in hosts.iter().enumerate() {
         let mut args: Vec<String> = [
             "--node-id",
@@ -667,7 +668,7 @@ fn a_balancer_behind_the_witness_takes_over_once_the_witness_caught_it_up() {
     });
     let (lead, lag) = if first == 1 { (0, 1) } else { (1, 0) };
     wait_for(Duration::from_secs(10), "the leader's claim", || {
-        crate::harness::hook_events(&events)
+        lab::hook_events(&events)
             .iter()
             .any(|e| e.node == first && e.action == "claim")
             .then_some(())
@@ -689,7 +690,7 @@ fn a_balancer_behind_the_witness_takes_over_once_the_witness_caught_it_up() {
         });
     }
     // The leader's host dies, then the lagging balancer comes back.
-    let killed = crate::harness::hook_events(&events).len();
+    let killed = lab::hook_events(&events).len();
     lab.kill(&format!("clbd-{}", hosts[lead].1.name));
     lab.set_link(&hosts[lead].1, false)
         .expect("unplug the dead host");
@@ -699,7 +700,7 @@ fn a_balancer_behind_the_witness_takes_over_once_the_witness_caught_it_up() {
         Duration::from_secs(30),
         "a claim by the balancer that was behind",
         || {
-            crate::harness::hook_events(&events)[killed..]
+            lab::hook_events(&events)[killed..]
                 .iter()
                 .find(|e| e.node == survivor && e.action == "claim")
                 .cloned()
@@ -722,8 +723,6 @@ fn a_balancer_behind_the_witness_takes_over_once_the_witness_caught_it_up() {
         log.contains("unfit to lead: handing leadership over"),
         "the witness never led: {log}"
     );
-    assert!(crate::harness::hook_events(&events)
-        .iter()
-        .all(|e| e.node != 3));
+    assert!(lab::hook_events(&events).iter().all(|e| e.node != 3));
     eprintln!("the survivor claimed in term {}", claim.term);
 }

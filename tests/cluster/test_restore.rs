@@ -17,7 +17,8 @@ use clb::model::{
 };
 use clb::views::{AuditQuery, Backup, BACKUP_FORMAT};
 
-use crate::harness::{eventually, Cluster, Node};
+use crate::harness::{eventually, ClusterExt, NodeExt};
+use lab::{Cluster, Node};
 
 /// Writes a `clb snapshot save` file: `per_service` members in each of
 /// `services`, and one token.

@@ -23,7 +23,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::harness::{eventually, hook_events, vip_hook, Cluster};
+use crate::harness::{eventually, ClusterExt, NodeExt};
+use lab::{hook_events, vip_hook, Cluster};
 
 const VIP: &str = "192.0.2.78";
 const PAUSES_MS: [u64; 3] = [500, 1_000, 2_000];
@@ -31,7 +32,7 @@ const EACH: usize = 10;
 
 async fn follower_pauses_depose_nobody(under_writes: bool) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (script, log) = vip_hook(dir.path());
+    let (script, log) = vip_hook(dir.path()).expect("write hook");
     let script = script.display().to_string();
     // CLB_STABILITY_TIMERS=PRESET runs the same pauses at a preset's
     // timers, alone on the machine (docs/failover.md, Measured).

@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use clb::views::RaftState;
 
-use crate::harness::{eventually, Cluster, TOKEN};
+use crate::harness::{eventually, ClusterExt, NodeExt, TOKEN};
+use lab::Cluster;
 
 const WRITES: usize = 20;
 

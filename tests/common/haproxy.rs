@@ -6,8 +6,8 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::process::{Command, Stdio};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +16,9 @@ use clb::model::{Check, Mode};
 use clb::render::RenderStatus;
 use clb::views::ServiceBody;
 
-use crate::harness::{eventually, free_port, Cluster, Node};
+use crate::harness::{eventually, ClusterExt, NodeExt};
+use lab::traffic::HttpBackend;
+use lab::{free_port, Cluster, Node, Proc};
 
 /// A backend HTTP server answering its own name, counting requests.
 pub struct Backend {
@@ -26,28 +28,18 @@ pub struct Backend {
 }
 
 pub async fn backend(name: &str) -> Backend {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let hits = Arc::new(AtomicU64::new(0));
-    let (h, n) = (hits.clone(), name.to_string());
-    let app = axum::Router::new().fallback(move || {
-        let (h, n) = (h.clone(), n.clone());
-        async move {
-            h.fetch_add(1, Ordering::SeqCst);
-            n
-        }
-    });
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let b = HttpBackend::start(name).await.expect("backend");
     Backend {
         name: name.into(),
-        port,
-        hits,
+        port: b.port,
+        hits: b.hits,
     }
 }
 
-/// haproxy in master-worker mode on a config clbd rendered; killed on drop.
+/// haproxy in master-worker mode on a config clbd rendered; stopped on
+/// drop (SIGTERM: the master stops its workers).
 pub struct Haproxy {
-    pub child: Child,
+    pub child: Proc,
 }
 
 impl Haproxy {
@@ -94,7 +86,8 @@ impl Haproxy {
     }
 
     fn spawn(mut cmd: Command) -> Haproxy {
-        let child = cmd
+        let child = Proc::build(&mut cmd)
+            .graceful()
             .spawn()
             .expect("haproxy is installed (scripts/test.sh installs it)");
         Haproxy { child }
@@ -102,14 +95,6 @@ impl Haproxy {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
-    }
-}
-
-impl Drop for Haproxy {
-    fn drop(&mut self) {
-        // The master stops its workers on SIGTERM.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
     }
 }
 
