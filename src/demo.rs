@@ -78,19 +78,23 @@ impl Demo {
         self.cluster.path().to_path_buf()
     }
 
-    fn timeout(&self, what: &str) -> DemoError {
+    /// A step that did not happen in time; the temp dir is kept so the
+    /// node logs the message points to are still there.
+    fn timeout(&mut self, what: &str) -> DemoError {
+        self.cluster.dir.disable_cleanup(true);
         DemoError::Timeout(STEP_TIMEOUT, what.into(), self.dir().display().to_string())
     }
 
     /// Polls `f` until it returns `Some`, for at most [`STEP_TIMEOUT`].
-    async fn poll<T, F, Fut>(&self, what: &str, f: F) -> Result<T, DemoError>
+    async fn poll<T, F, Fut>(&mut self, what: &str, f: F) -> Result<T, DemoError>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Option<T>>,
     {
-        lab::eventually(STEP_TIMEOUT, what, f)
-            .await
-            .map_err(|_| self.timeout(what))
+        match lab::eventually(STEP_TIMEOUT, what, f).await {
+            Ok(v) => Ok(v),
+            Err(_) => Err(self.timeout(what)),
+        }
     }
 }
 
@@ -315,8 +319,14 @@ pub async fn run(opts: DemoOptions) -> Result<String, DemoError> {
                 .find(|e| e.node == node && e.action == "claim" && ms(e) >= after)
         }
     };
-    let first = demo
-        .poll("the leader's VIP claim", || claim(leader, 0))
+    // The first leader may have handed over since (its haproxy had not
+    // taken a configuration yet): the holder is the node all agree leads
+    // and that claimed.
+    let (leader, first) = demo
+        .poll("the leader's VIP claim", || async {
+            let (l, _) = agreed(vec![1, 2, 3]).await?;
+            Some((l, claim(l, 0).await?))
+        })
         .await?;
     note(
         &mut events,
