@@ -31,6 +31,10 @@ pub enum ApiError {
     /// release failed): not a missing leader or quorum.
     #[error("{0}")]
     Failover(String),
+    /// A follower could not get an answer from the leader it forwarded an
+    /// operator request to: it may or may not have been carried out.
+    #[error("{0}")]
+    Forward(String),
     /// This node failed at something of its own (reading its audit log).
     #[error("{0}")]
     Internal(String),
@@ -49,6 +53,7 @@ impl ApiError {
             ApiError::Consensus(ConsensusError::Rejected(_)) => StatusCode::CONFLICT,
             ApiError::Consensus(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Failover(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Forward(_) => StatusCode::BAD_GATEWAY,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -73,6 +78,10 @@ impl ApiError {
             ApiError::Failover(_) => situation(
                 true,
                 "the leader could not hand leadership over; it still leads",
+            ),
+            ApiError::Forward(_) => situation(
+                false,
+                "the leader did not answer this node; it may have done it: check clb status before trying again",
             ),
             ApiError::Internal(_) => situation(
                 true,

@@ -713,7 +713,7 @@ async fn failover(
                     std::time::Duration::from_secs(30),
                 )
                 .await
-                .map_err(|e| unavailable(format!("forward to leader {l}: {e}")))?;
+                .map_err(|e| ApiError::Forward(format!("forward to leader {l}: {e}")))?;
             match answer {
                 Ok(text) => serde_json::from_str(&text)
                     .map(Json)
