@@ -33,10 +33,16 @@
 //!   ─► consensus::Consensus::write ─► the leader (forwarded over /raft/leader
 //!      from a follower): validate again, Command::allowed_by, batch ─► Raft log
 //!   ─► committed on a quorum ─► consensus::store applies it on every node
-//!      (model::Registry::apply) ─► watch<Applied>
-//!   ─► render: template ─► haproxy -c ─► install ─► runtime API or reload
-//! failover watches Raft: the leader with a quorum lease claims the VIP by a hook
+//!      (model::Registry::apply; Command::touches names the keys to persist)
+//!      ─► watch<Applied>
+//!   ─► render::Renderer::pass: template ─► haproxy -c ─► install ─► runtime
+//!      API or reload
+//! failover watches Raft: failover::decide picks; the leader with a quorum
+//! lease claims the VIP by a hook
 //! ```
+//!
+//! The test lab (processes, ports, clusters, network namespaces, traffic)
+//! is the workspace crate `lab`, which `clb demo` uses too.
 
 /// `clb agent`: keeps a member registered, drains it on shutdown.
 pub mod agent;
