@@ -255,17 +255,12 @@ pub async fn run(opts: DemoOptions) -> Result<String, DemoError> {
     let agreed = |alive: Vec<u64>| {
         let clients = &clients;
         async move {
-            let mut seen: Option<(u64, u64)> = None;
-            for (id, c) in clients.iter().filter(|(id, _)| alive.contains(id)) {
+            lab::agreed_leader(&alive, |id| async move {
+                let c = &clients.iter().find(|(n, _)| *n == id)?.1;
                 let v = view(c).await?;
-                let l = (v.leader?, v.term);
-                if seen.is_some_and(|s| s.0 != l.0) {
-                    return None;
-                }
-                let _ = id;
-                seen = Some(l);
-            }
-            seen.filter(|(l, _)| alive.contains(l))
+                Some((v.leader, v.term))
+            })
+            .await
         }
     };
     let (leader, term) = demo

@@ -373,3 +373,76 @@ impl Drop for Cluster {
         }
     }
 }
+
+/// The leader every one of `nodes` names, with the highest term they
+/// report, if they all name the same one and it is among them. `report`
+/// gives a node's `(leader, term)`; a node that does not answer, one that
+/// knows no leader, or a disagreement (an election under way) is `None`:
+/// poll again.
+pub async fn agreed_leader<F, Fut>(nodes: &[u64], mut report: F) -> Option<(u64, u64)>
+where
+    F: FnMut(u64) -> Fut,
+    Fut: std::future::Future<Output = Option<(Option<u64>, u64)>>,
+{
+    let mut seen: Option<(u64, u64)> = None;
+    for &id in nodes {
+        let (leader, term) = report(id).await?;
+        let leader = leader?;
+        seen = match seen {
+            Some((l, _)) if l != leader => return None,
+            Some((_, t)) => Some((leader, t.max(term))),
+            None => Some((leader, term)),
+        };
+    }
+    seen.filter(|(l, _)| nodes.contains(l))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    #[test]
+    fn a_leader_counts_only_when_every_node_names_it() {
+        let views = |v: Vec<(u64, Option<(Option<u64>, u64)>)>| {
+            move |id: u64| {
+                let r = v.iter().find(|(n, _)| *n == id).and_then(|(_, r)| *r);
+                async move { r }
+            }
+        };
+        let all = [1, 2, 3];
+        let agree = views(vec![
+            (1, Some((Some(2), 4))),
+            (2, Some((Some(2), 5))),
+            (3, Some((Some(2), 5))),
+        ]);
+        assert_eq!(block(agreed_leader(&all, agree)), Some((2, 5)));
+        let split = views(vec![
+            (1, Some((Some(2), 4))),
+            (2, Some((Some(3), 5))),
+            (3, Some((Some(3), 5))),
+        ]);
+        assert_eq!(block(agreed_leader(&all, split)), None);
+        let silent = views(vec![
+            (1, Some((Some(2), 4))),
+            (2, None),
+            (3, Some((Some(2), 4))),
+        ]);
+        assert_eq!(block(agreed_leader(&all, silent)), None);
+        let unknown = views(vec![
+            (1, Some((None, 4))),
+            (2, Some((Some(2), 4))),
+            (3, Some((Some(2), 4))),
+        ]);
+        assert_eq!(block(agreed_leader(&all, unknown)), None);
+        // A leader that is not among the nodes asked (killed, say) is no answer.
+        let gone = views(vec![(1, Some((Some(3), 4))), (2, Some((Some(3), 4)))]);
+        assert_eq!(block(agreed_leader(&[1, 2], gone)), None);
+    }
+}

@@ -21,7 +21,7 @@ pub mod proc;
 pub mod traffic;
 pub mod wait;
 
-pub use cluster::{peer_addr_for, Cluster, Node, FAST_TIMERS};
+pub use cluster::{agreed_leader, peer_addr_for, Cluster, Node, FAST_TIMERS};
 pub use hook::{hook_events, now_ns, vip_hook, HookEvent};
 pub use ports::{free_port, free_ports};
 pub use proc::Proc;

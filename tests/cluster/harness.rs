@@ -114,19 +114,20 @@ impl ClusterExt for Cluster {
     }
 
     async fn leader(&self, within: Duration) -> u64 {
-        eventually(within, "a leader all running nodes agree on", || async {
-            let mut seen = None;
-            for n in self.nodes.values().filter(|n| n.child.is_some()) {
-                let v = n.view().await?;
-                let l = v.leader?;
-                if seen.is_some_and(|s| s != l) {
-                    return None;
-                }
-                seen = Some(l);
-            }
-            seen.filter(|l| self.nodes.get(l).is_some_and(|n| n.child.is_some()))
+        let running: Vec<u64> = self
+            .nodes
+            .values()
+            .filter(|n| n.child.is_some())
+            .map(|n| n.id)
+            .collect();
+        let (leader, _) = eventually(within, "a leader all running nodes agree on", || {
+            lab::agreed_leader(&running, |id| async move {
+                let v = self.nodes[&id].view().await?;
+                Some((v.leader, v.term))
+            })
         })
-        .await
+        .await;
+        leader
     }
 
     async fn converged(&self, index: u64, within: Duration) {
