@@ -31,10 +31,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use clb::model::{self, MemberSpec, Registry, ServiceDef};
+use clb::model::{self, Check, MemberSpec, Mode, Registry, ServiceDef};
 use clb::render::template::{NodeContext, Template};
+use clb::views::{AddNodeBody, NodeView, RegisterBody, ServiceBody, Written};
 use lab::wait::eventually_every;
 use lab::{free_port, free_ports, Proc};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 const TOKEN: &str = "bench-token";
@@ -128,13 +131,13 @@ async fn run(opts: &Opts) -> Result<()> {
     println!("# clb benchmarks\n");
     println!(
         "machine: {} CPUs, {} GiB RAM, kernel {}, clb {}{}\n",
-        machine["cpus"],
-        machine["mem_gib"],
-        machine["kernel"].as_str().unwrap_or("?"),
-        machine["commit"].as_str().unwrap_or("?"),
+        machine.cpus,
+        machine.mem_gib,
+        machine.kernel,
+        machine.commit.as_deref().unwrap_or("?"),
         if opts.quick { " (--quick)" } else { "" }
     );
-    report.insert("machine".into(), machine);
+    report.insert("machine".into(), serde_json::to_value(&machine)?);
     report.insert("quick".into(), json!(opts.quick));
     if opts.writes {
         report.insert("writes".into(), bench_writes(opts).await?);
@@ -156,7 +159,18 @@ async fn run(opts: &Opts) -> Result<()> {
     Ok(())
 }
 
-fn machine() -> Value {
+/// The report's `machine` object.
+#[derive(Serialize)]
+struct Machine {
+    cpus: usize,
+    mem_gib: u64,
+    kernel: String,
+    commit: Option<String>,
+    haproxy: Option<String>,
+    etcd: Option<String>,
+}
+
+fn machine() -> Machine {
     let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
     let mem_kib: u64 = read("/proc/meminfo")
         .lines()
@@ -170,14 +184,14 @@ fn machine() -> Value {
         .ok()
         .filter(|o| o.status.success())
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
-    json!({
-        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        "mem_gib": mem_kib / (1024 * 1024),
-        "kernel": read("/proc/sys/kernel/osrelease").trim(),
-        "commit": commit,
-        "haproxy": tool_version("haproxy", &["-v"]),
-        "etcd": tool_version("etcd", &["--version"]),
-    })
+    Machine {
+        cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        mem_gib: mem_kib / (1024 * 1024),
+        kernel: read("/proc/sys/kernel/osrelease").trim().to_string(),
+        commit,
+        haproxy: tool_version("haproxy", &["-v"]),
+        etcd: tool_version("etcd", &["--version"]),
+    }
 }
 
 fn tool_version(bin: &str, args: &[&str]) -> Option<String> {
@@ -279,33 +293,38 @@ impl ClbCluster {
         format!("http://{}{path}", self.nodes[&id].addr)
     }
 
-    async fn request(
+    /// One API call; the answer read as the view `T`.
+    async fn request<T: DeserializeOwned>(
         &self,
         id: u64,
         method: reqwest::Method,
         path: &str,
-        body: Option<Value>,
+        body: Option<&impl Serialize>,
         timeout: Duration,
-    ) -> Result<Value> {
+    ) -> Result<T> {
         let mut req = self
             .http
             .request(method, self.url(id, path))
             .bearer_auth(TOKEN)
             .timeout(timeout);
         if let Some(b) = body {
-            req = req.json(&b);
+            req = req.json(b);
         }
         let resp = req.send().await?;
         let status = resp.status();
-        let v: Value = resp.json().await?;
-        ensure!(status.is_success(), "{path} on node {id}: {status} {v}");
-        Ok(v)
+        let body = resp.bytes().await?;
+        if !status.is_success() {
+            // Any JSON: the error answer is quoted whole.
+            let v: Value = serde_json::from_slice(&body)?;
+            bail!("{path} on node {id}: {status} {v}");
+        }
+        Ok(serde_json::from_slice(&body)?)
     }
 
     /// `GET /v1/node`: this node's own state (no fan-out).
-    async fn node_view(&self, id: u64) -> Option<Value> {
+    async fn node_view(&self, id: u64) -> Option<NodeView> {
         let get = reqwest::Method::GET;
-        self.request(id, get, "/v1/node", None, Duration::from_secs(5))
+        self.request(id, get, "/v1/node", None::<&()>, Duration::from_secs(5))
             .await
             .ok()
     }
@@ -314,7 +333,7 @@ impl ClbCluster {
         eventually_every(within, POLL, "a leader every node agrees on", || async {
             let mut seen = None;
             for id in self.nodes.keys() {
-                let l = self.node_view(*id).await?["leader"].as_u64()?;
+                let l = self.node_view(*id).await?.leader?;
                 if seen.is_some_and(|s| s != l) {
                     return None;
                 }
@@ -326,7 +345,7 @@ impl ClbCluster {
         .map_err(Into::into)
     }
 
-    async fn put(&self, id: u64, path: &str, body: Value) -> Result<Value> {
+    async fn put(&self, id: u64, path: &str, body: &impl Serialize) -> Result<Written> {
         let put = reqwest::Method::PUT;
         self.request(id, put, path, Some(body), Duration::from_secs(30))
             .await
@@ -337,8 +356,8 @@ impl ClbCluster {
         eventually_every(within, POLL, "every node applied and rendered", || async {
             for id in self.nodes.keys() {
                 let v = self.node_view(*id).await?;
-                let rendered = v["render"]["rendered_index"].as_u64().unwrap_or(index);
-                if v["applied_index"].as_u64()? < index || rendered < index {
+                let rendered = v.render.as_ref().map_or(index, |r| r.rendered_index);
+                if v.applied_index < index || rendered < index {
                     return None;
                 }
             }
@@ -350,6 +369,35 @@ impl ClbCluster {
 }
 
 // ---------------------------------------------------------------- etcd cluster
+
+/// etcd's `GET /health`.
+#[derive(Deserialize)]
+struct EtcdHealth {
+    health: String,
+}
+
+/// What the bench reads of etcd's `POST /v3/maintenance/status` (the JSON
+/// gateway spells member ids as strings).
+#[derive(Deserialize)]
+struct EtcdStatus {
+    #[serde(default)]
+    leader: Option<String>,
+    #[serde(default)]
+    header: Option<EtcdHeader>,
+}
+
+#[derive(Deserialize)]
+struct EtcdHeader {
+    #[serde(default)]
+    member_id: Option<String>,
+}
+
+/// etcd's `POST /v3/kv/put`: base64 key and value.
+#[derive(Serialize)]
+struct EtcdPut {
+    key: String,
+    value: String,
+}
 
 struct EtcdCluster {
     _dir: tempfile::TempDir,
@@ -405,7 +453,7 @@ impl EtcdCluster {
         for c in &cluster.clients {
             let url = format!("{c}/health");
             eventually_every(Duration::from_secs(30), POLL, "etcd healthy", || async {
-                let v: Value = cluster
+                let v: EtcdHealth = cluster
                     .http
                     .get(&url)
                     .send()
@@ -414,7 +462,7 @@ impl EtcdCluster {
                     .json()
                     .await
                     .ok()?;
-                (v["health"] == "true").then_some(())
+                (v.health == "true").then_some(())
             })
             .await?;
         }
@@ -432,8 +480,9 @@ impl EtcdCluster {
                     .send()
                     .await
                     .ok()?;
-                let v: Value = resp.json().await.ok()?;
-                if v["leader"].is_string() && v["leader"] == v["header"]["member_id"] {
+                let v: EtcdStatus = resp.json().await.ok()?;
+                let member = v.header.and_then(|h| h.member_id);
+                if v.leader.is_some() && v.leader == member {
                     return Some(c.clone());
                 }
             }
@@ -483,7 +532,11 @@ fn ip_of(i: usize) -> String {
 
 impl Target {
     async fn register(&self, http: &reqwest::Client, name: &str, i: usize) -> Result<(), String> {
-        let body = json!({"address": ip_of(i), "port": 8080});
+        let body = RegisterBody {
+            address: ip_of(i),
+            port: Some(8080),
+            ..Default::default()
+        };
         let sent = match self {
             Target::Clb { base, services } => {
                 let svc = match services {
@@ -498,8 +551,11 @@ impl Target {
             }
             Target::Etcd { base } => {
                 let key = format!("/clb/services/web/members/{name}");
-                let kv =
-                    json!({"key": b64(key.as_bytes()), "value": b64(body.to_string().as_bytes())});
+                let value = serde_json::to_string(&body).map_err(|e| e.to_string())?;
+                let kv = EtcdPut {
+                    key: b64(key.as_bytes()),
+                    value: b64(value.as_bytes()),
+                };
                 http.post(format!("{base}/v3/kv/put"))
                     .json(&kv)
                     .send()
@@ -648,15 +704,24 @@ fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
-fn summary(v: &[f64]) -> Value {
+/// Nearest-rank percentiles of a set of latencies, as the report has them.
+#[derive(Serialize)]
+struct Summary {
+    n: usize,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+}
+
+fn summary(v: &[f64]) -> Summary {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
-    json!({
-        "n": s.len(),
-        "p50_ms": round3(pct(&s, 0.5)),
-        "p99_ms": round3(pct(&s, 0.99)),
-        "max_ms": round3(s.last().copied().unwrap_or(0.0)),
-    })
+    Summary {
+        n: s.len(),
+        p50_ms: round3(pct(&s, 0.5)),
+        p99_ms: round3(pct(&s, 0.99)),
+        max_ms: round3(s.last().copied().unwrap_or(0.0)),
+    }
 }
 
 /// The run with the median throughput.
@@ -903,10 +968,15 @@ async fn bench_propagation(quick: bool) -> Result<Value> {
         .put(
             leader,
             "/v1/services/web",
-            json!({"port": web_port, "mode": "http", "check": "none"}),
+            &ServiceBody {
+                port: web_port.into(),
+                mode: Some(Mode::Http),
+                check: Some(Check::None),
+                ..Default::default()
+            },
         )
         .await?;
-    let index = v["index"].as_u64().unwrap_or(0);
+    let index = v.index;
     cluster.settled(index, Duration::from_secs(30)).await?;
     let mut haproxies = Vec::new();
     for id in &ids {
@@ -927,9 +997,8 @@ async fn bench_propagation(quick: bool) -> Result<Value> {
         || async {
             for id in &ids {
                 let v = cluster.node_view(*id).await?;
-                let r = &v["render"];
-                let ok = r["applied_index"].as_u64()? >= v["applied_index"].as_u64()?
-                    && r["last_error"].is_null();
+                let r = v.render.as_ref()?;
+                let ok = r.applied_index >= v.applied_index && r.last_error.is_none();
                 if !ok {
                     return None;
                 }
@@ -962,7 +1031,11 @@ async fn bench_propagation(quick: bool) -> Result<Value> {
         let resp = http
             .put(format!("{leader_url}/v1/services/web/members/{name}"))
             .bearer_auth(TOKEN)
-            .json(&json!({"address": "127.0.0.1", "port": 9 + i}))
+            .json(&RegisterBody {
+                address: "127.0.0.1".into(),
+                port: Some(9 + u32::try_from(i)?),
+                ..Default::default()
+            })
             .send()
             .await?;
         ensure!(
@@ -980,12 +1053,13 @@ async fn bench_propagation(quick: bool) -> Result<Value> {
         });
         // What the render pipeline spent on this change, per node.
         for id in &ids {
-            if let Some(v) = cluster.node_view(*id).await {
-                let r = &v["render"];
-                for key in ["last_render_ms", "last_validate_ms", "last_apply_ms"] {
-                    if let Some(x) = r[key].as_f64() {
-                        breakdown.entry(key).or_default().push(x);
-                    }
+            if let Some(r) = cluster.node_view(*id).await.and_then(|v| v.render) {
+                for (key, x) in [
+                    ("last_render_ms", r.last_render_ms),
+                    ("last_validate_ms", r.last_validate_ms),
+                    ("last_apply_ms", r.last_apply_ms),
+                ] {
+                    breakdown.entry(key).or_default().push(x);
                 }
             }
         }
@@ -1001,7 +1075,12 @@ async fn bench_propagation(quick: bool) -> Result<Value> {
         let resp = http
             .put(format!("{leader_url}/v1/services/{svc}"))
             .bearer_auth(TOKEN)
-            .json(&json!({"port": port, "mode": "http", "check": "none"}))
+            .json(&ServiceBody {
+                port: port.into(),
+                mode: Some(Mode::Http),
+                check: Some(Check::None),
+                ..Default::default()
+            })
             .send()
             .await?;
         ensure!(
@@ -1022,7 +1101,7 @@ async fn bench_propagation(quick: bool) -> Result<Value> {
     let mut stats = Vec::new();
     for id in &ids {
         if let Some(v) = cluster.node_view(*id).await {
-            stats.push(json!({"node": id, "render": v["render"]}));
+            stats.push(json!({"node": id, "render": v.render}));
         }
     }
     drop(haproxies);
@@ -1037,17 +1116,17 @@ async fn bench_propagation(quick: bool) -> Result<Value> {
         let per_node: Vec<f64> = s.iter().flat_map(|x| x.live_ms.iter().copied()).collect();
         let timeouts = s.iter().filter(|x| x.timed_out).count();
         let (a, l, t) = (summary(&ack), summary(&all), summary(&total));
-        let f = |v: &Value| format!("{:.1}", v.as_f64().unwrap_or(0.0));
+        let f = |v: f64| format!("{v:.1}");
         println!(
             "| {name} | {} | {} | {} | {} | {} | {} | {} | {} | {goal} | {timeouts} |",
             s.len(),
-            f(&a["p50_ms"]),
-            f(&a["p99_ms"]),
-            f(&l["p50_ms"]),
-            f(&l["p99_ms"]),
-            f(&l["max_ms"]),
-            f(&t["p50_ms"]),
-            f(&t["p99_ms"]),
+            f(a.p50_ms),
+            f(a.p99_ms),
+            f(l.p50_ms),
+            f(l.p99_ms),
+            f(l.max_ms),
+            f(t.p50_ms),
+            f(t.p99_ms),
         );
         json!({
             "path": name,
@@ -1253,12 +1332,17 @@ async fn bench_scale(quick: bool) -> Result<Value> {
     let mut cluster = ClbCluster::start(3, &args).await?;
     let leader = cluster.leader(Duration::from_secs(20)).await?;
     for s in 0..SERVICES {
-        let port = 10_000 + s;
+        let port = u32::try_from(10_000 + s)?;
         cluster
             .put(
                 leader,
                 &format!("/v1/services/svc{s}"),
-                json!({"port": port, "mode": "http", "check": "tcp"}),
+                &ServiceBody {
+                    port,
+                    mode: Some(Mode::Http),
+                    check: Some(Check::Tcp),
+                    ..Default::default()
+                },
             )
             .await?;
     }
@@ -1288,12 +1372,14 @@ async fn bench_scale(quick: bool) -> Result<Value> {
         let out = load(&target, workers, done..size, "m", left).await?;
         done += out.ok + out.errors;
         let t = Instant::now();
-        let index = cluster.node_view(leader).await.context("leader view")?["applied_index"]
-            .as_u64()
-            .unwrap_or(0);
+        let index = cluster
+            .node_view(leader)
+            .await
+            .context("leader view")?
+            .applied_index;
         cluster.settled(index, Duration::from_secs(180)).await?;
         let settle = t.elapsed().as_secs_f64();
-        let members = cluster.node_view(leader).await.map(|v| v["render"].clone());
+        let members = cluster.node_view(leader).await.and_then(|v| v.render);
         let rss: Vec<Option<u64>> = cluster
             .nodes
             .keys()
@@ -1346,18 +1432,24 @@ async fn bench_scale(quick: bool) -> Result<Value> {
         [args(4, Path::new("")), vec!["--join".into()]].concat(),
     );
     cluster.wait_healthy(4).await?;
-    let target_index = cluster.node_view(leader).await.context("leader view")?["applied_index"]
-        .as_u64()
-        .unwrap_or(0);
+    let target_index = cluster
+        .node_view(leader)
+        .await
+        .context("leader view")?
+        .applied_index;
     let t = Instant::now();
     let post = reqwest::Method::POST;
-    let body = json!({"id": 4, "addr": peer, "learner": false});
+    let body = AddNodeBody {
+        id: 4,
+        addr: peer,
+        learner: false,
+    };
     let added = cluster
-        .request(
+        .request::<Written>(
             leader,
             post,
             "/v1/cluster/nodes",
-            Some(body),
+            Some(&body),
             Duration::from_secs(300),
         )
         .await;
@@ -1368,7 +1460,7 @@ async fn bench_scale(quick: bool) -> Result<Value> {
         "node 4 caught up",
         || async {
             let v = cluster.node_view(4).await?;
-            (v["applied_index"].as_u64()? >= target_index).then_some(())
+            (v.applied_index >= target_index).then_some(())
         },
     )
     .await;
@@ -1379,7 +1471,7 @@ async fn bench_scale(quick: bool) -> Result<Value> {
         "node 4 rendered",
         || async {
             let v = cluster.node_view(4).await?;
-            (v["render"]["rendered_index"].as_u64()? >= target_index).then_some(())
+            (v.render?.rendered_index >= target_index).then_some(())
         },
     )
     .await;

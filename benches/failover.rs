@@ -29,10 +29,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use clb::model::{self, Check};
+use clb::views::{ClusterView, Healthz, NodeView, RegisterBody, ServiceBody};
 use lab::netns::{self, Host, Lab};
 use lab::traffic::{self, Sample, Shot};
 use lab::wait::poll_every;
 use rand::Rng;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use serde_json::{json, Value};
 
 const USAGE: &str = "usage: cargo bench --bench failover -- drills|stability \
@@ -151,14 +155,14 @@ fn run(opts: &Opts) -> Result<()> {
     println!("# failover: clb beside keepalived\n");
     println!(
         "machine: {} CPUs, kernel {}, {}, {}, clb {}\n",
-        machine["nproc"],
-        machine["kernel"].as_str().unwrap_or("?"),
-        machine["haproxy"].as_str().unwrap_or("?"),
-        machine["keepalived"].as_str().unwrap_or("?"),
-        machine["commit"].as_str().unwrap_or("?"),
+        machine.nproc,
+        machine.kernel,
+        machine.haproxy.as_deref().unwrap_or("?"),
+        machine.keepalived.as_deref().unwrap_or("?"),
+        machine.commit.as_deref().unwrap_or("?"),
     );
     let mut report = serde_json::Map::new();
-    report.insert("machine".into(), machine);
+    report.insert("machine".into(), serde_json::to_value(&machine)?);
     match opts.mode {
         Mode::Drills => {
             report.insert("drills".into(), drills(opts)?);
@@ -192,7 +196,18 @@ fn first_line(bin: &str, args: &[&str]) -> Option<String> {
         .map(|l| l.trim().to_string())
 }
 
-fn machine() -> Value {
+/// The report's `machine` object.
+#[derive(Serialize)]
+struct Machine {
+    nproc: usize,
+    kernel: String,
+    loadavg_at_start: String,
+    commit: Option<String>,
+    haproxy: Option<String>,
+    keepalived: Option<String>,
+}
+
+fn machine() -> Machine {
     let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
     let commit = Command::new("git")
         .args(["rev-parse", "--short", "HEAD"])
@@ -201,14 +216,28 @@ fn machine() -> Value {
         .ok()
         .filter(|o| o.status.success())
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
-    json!({
-        "nproc": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        "kernel": read("/proc/sys/kernel/osrelease").trim(),
-        "loadavg_at_start": read("/proc/loadavg").trim(),
-        "commit": commit,
-        "haproxy": first_line("haproxy", &["-v"]),
-        "keepalived": first_line("keepalived", &["--version"]),
-    })
+    Machine {
+        nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        kernel: read("/proc/sys/kernel/osrelease").trim().to_string(),
+        loadavg_at_start: read("/proc/loadavg").trim().to_string(),
+        commit,
+        haproxy: first_line("haproxy", &["-v"]),
+        keepalived: first_line("keepalived", &["--version"]),
+    }
+}
+
+/// A value as JSON text: how the tables have always shown report cells
+/// (`600.0`, `null`, quoted strings).
+fn json_text(v: &impl Serialize) -> String {
+    serde_json::to_value(v).unwrap_or(Value::Null).to_string()
+}
+
+/// [`json_text`], or – where the report has `null`.
+fn dash(v: &impl Serialize) -> String {
+    match serde_json::to_value(v).unwrap_or(Value::Null) {
+        Value::Null => "–".into(),
+        v => v.to_string(),
+    }
 }
 
 // ---------------------------------------------------------------- the lab
@@ -301,22 +330,29 @@ impl Pair {
                         (r.0 == 200).then_some(())
                     })
                 };
+                let service = |port: u16, mode: model::Mode| ServiceBody {
+                    port: port.into(),
+                    mode: Some(mode),
+                    check: Some(Check::None),
+                    ..Default::default()
+                };
                 put(
                     "/v1/services/web",
-                    format!(r#"{{"port": {SVC_PORT}, "mode": "http", "check": "none"}}"#),
+                    serde_json::to_string(&service(SVC_PORT, model::Mode::Http))?,
                 )?;
                 put(
                     "/v1/services/web/members/k",
-                    format!(
-                        r#"{{"address": "{}", "port": {BACKEND_PORT}}}"#,
-                        self.lab.addr(BACKEND_LAST)
-                    ),
+                    serde_json::to_string(&RegisterBody {
+                        address: self.lab.addr(BACKEND_LAST).to_string(),
+                        port: Some(BACKEND_PORT.into()),
+                        ..Default::default()
+                    })?,
                 )?;
                 // The write load's service: members on loopback ports nobody
                 // connects to, no health checks, so churn sends no traffic.
                 put(
                     "/v1/services/load",
-                    format!(r#"{{"port": {LOAD_PORT}, "mode": "tcp", "check": "none"}}"#),
+                    serde_json::to_string(&service(LOAD_PORT, model::Mode::Tcp))?,
                 )?;
             }
             System::Keepalived => {
@@ -560,7 +596,8 @@ impl Pair {
         }
     }
 
-    fn get(&self, i: usize, path: &str) -> Option<Value> {
+    /// `GET path` on node `i`, read as the view `T`; `None` unless a 200.
+    fn get<T: DeserializeOwned>(&self, i: usize, path: &str) -> Option<T> {
         let (code, body) = netns::http(
             &self.host(i).ns,
             self.api(i),
@@ -598,21 +635,20 @@ impl Pair {
         }
         match self.system {
             System::Clb => {
-                let Some(h) = self.get(i, "/healthz") else {
+                let Some(h) = self.get::<Healthz>(i, "/healthz") else {
                     return false;
                 };
-                let leader = self.get(holder, "/v1/node");
-                let mine = self.get(i, "/v1/node");
+                let leader = self.get::<NodeView>(holder, "/v1/node");
+                let mine = self.get::<NodeView>(i, "/v1/node");
                 let (Some(leader), Some(mine)) = (leader, mine) else {
                     return false;
                 };
                 // Fit to take over: its haproxy runs the configuration and
                 // its health gate lets it campaign.
-                h["ok"] == true
-                    && mine["may_campaign"] == true
-                    && h["vip_held"] == false
-                    && h["leader"] == json!(holder + 1)
-                    && mine["applied_index"].as_u64() >= leader["applied_index"].as_u64()
+                h.ok && mine.may_campaign
+                    && !h.vip_held
+                    && h.leader == Some(holder as u64 + 1)
+                    && mine.applied_index >= leader.applied_index
             }
             System::Keepalived => self
                 .notify_states(i)
@@ -720,6 +756,36 @@ struct Drill {
     open_at_move: usize,
 }
 
+/// A row of a table and of the report: a system's numbers, or why it has none.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Row<T> {
+    Done(T),
+    Failed {
+        system: String,
+        profile: String,
+        error: String,
+    },
+}
+
+/// One system and profile's drills.
+#[derive(Serialize)]
+struct DrillStats {
+    system: &'static str,
+    profile: String,
+    n: usize,
+    failed: usize,
+    p50_ms: Option<f64>,
+    p90_ms: Option<f64>,
+    p99_ms: Option<f64>,
+    max_ms: Option<f64>,
+    vip_moved_p50_ms: Option<f64>,
+    overlap_moments: usize,
+    seconds: u64,
+    /// Each drill's own numbers (the report only).
+    drills: Vec<Value>,
+}
+
 fn drills(opts: &Opts) -> Result<Value> {
     let mut rows = Vec::new();
     for profile in &opts.profiles {
@@ -730,11 +796,16 @@ fn drills(opts: &Opts) -> Result<Value> {
                 Ok(d) => d,
                 Err(e) => {
                     eprintln!("{} {profile}: {e:#}", system.name());
-                    rows.push(json!({"system": system.name(), "profile": profile, "error": format!("{e:#}")}));
+                    rows.push(Row::Failed {
+                        system: system.name().into(),
+                        profile: profile.clone(),
+                        error: format!("{e:#}"),
+                    });
                     continue;
                 }
             };
             let row = drill_row(system, profile, &drills, started.elapsed());
+            let row = Row::Done(row);
             eprintln!("{}", row_line(&row));
             rows.push(row);
         }
@@ -750,29 +821,44 @@ fn drills(opts: &Opts) -> Result<Value> {
          every {} ms with the VIP on both live balancers)",
         SAMPLE_EVERY.as_millis()
     );
-    Ok(Value::Array(rows))
+    Ok(serde_json::to_value(rows)?)
 }
 
-fn row_line(r: &Value) -> String {
-    if let Some(e) = r.get("error") {
-        return format!("| {} | {} | error: {} |", r["system"], r["profile"], e);
-    }
-    let f = |k: &str| match r[k].as_f64() {
+/// A failed row's cells, JSON-quoted as the tables have always shown them.
+fn failed_line(system: &str, profile: &str, error: &str) -> String {
+    format!(
+        "| {} | {} | error: {} |",
+        json_text(&system),
+        json_text(&profile),
+        json_text(&error)
+    )
+}
+
+fn row_line(r: &Row<DrillStats>) -> String {
+    let r = match r {
+        Row::Done(r) => r,
+        Row::Failed {
+            system,
+            profile,
+            error,
+        } => return failed_line(system, profile, error),
+    };
+    let f = |v: Option<f64>| match v {
         Some(v) => format!("{v:.0}"),
         None => "–".into(),
     };
     format!(
         "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-        r["system"].as_str().unwrap_or("?"),
-        r["profile"].as_str().unwrap_or("?"),
-        r["n"],
-        r["failed"],
-        f("p50_ms"),
-        f("p90_ms"),
-        f("p99_ms"),
-        f("max_ms"),
-        f("vip_moved_p50_ms"),
-        r["overlap_moments"],
+        r.system,
+        r.profile,
+        r.n,
+        r.failed,
+        f(r.p50_ms),
+        f(r.p90_ms),
+        f(r.p99_ms),
+        f(r.max_ms),
+        f(r.vip_moved_p50_ms),
+        r.overlap_moments,
     )
 }
 
@@ -785,7 +871,7 @@ fn pct(sorted: &[f64], p: f64) -> Option<f64> {
     Some(sorted[rank.clamp(1, sorted.len()) - 1])
 }
 
-fn drill_row(system: System, profile: &str, drills: &[Drill], took: Duration) -> Value {
+fn drill_row(system: System, profile: &str, drills: &[Drill], took: Duration) -> DrillStats {
     let millis = |d: &Duration| d.as_secs_f64() * 1000.0;
     let mut ok: Vec<f64> = drills
         .iter()
@@ -797,19 +883,19 @@ fn drill_row(system: System, profile: &str, drills: &[Drill], took: Duration) ->
         .filter_map(|d| d.vip_moved.as_ref().map(millis))
         .collect();
     moved.sort_by(f64::total_cmp);
-    json!({
-        "system": system.name(),
-        "profile": profile,
-        "n": drills.len(),
-        "failed": drills.iter().filter(|d| d.failover.is_none()).count(),
-        "p50_ms": pct(&ok, 50.0),
-        "p90_ms": pct(&ok, 90.0),
-        "p99_ms": pct(&ok, 99.0),
-        "max_ms": ok.last(),
-        "vip_moved_p50_ms": pct(&moved, 50.0),
-        "overlap_moments": drills.iter().map(|d| d.overlap_samples).sum::<usize>(),
-        "seconds": took.as_secs(),
-        "drills": drills.iter().map(|d| json!({
+    DrillStats {
+        system: system.name(),
+        profile: profile.to_string(),
+        n: drills.len(),
+        failed: drills.iter().filter(|d| d.failover.is_none()).count(),
+        p50_ms: pct(&ok, 50.0),
+        p90_ms: pct(&ok, 90.0),
+        p99_ms: pct(&ok, 99.0),
+        max_ms: ok.last().copied(),
+        vip_moved_p50_ms: pct(&moved, 50.0),
+        overlap_moments: drills.iter().map(|d| d.overlap_samples).sum::<usize>(),
+        seconds: took.as_secs(),
+        drills: drills.iter().map(|d| json!({
             "victim": d.victim,
             "failover_ms": d.failover.as_ref().map(millis),
             "vip_moved_ms": d.vip_moved.as_ref().map(millis),
@@ -820,7 +906,7 @@ fn drill_row(system: System, profile: &str, drills: &[Drill], took: Duration) ->
             "first_ok_took_ms": d.first_ok.map(|f| f.1),
             "open_at_move": d.open_at_move,
         })).collect::<Vec<_>>(),
-    })
+    }
 }
 
 fn run_drills(system: System, profile: &str, count: usize, octet: u8) -> Result<Vec<Drill>> {
@@ -1008,14 +1094,42 @@ fn drill_loop(pair: &mut Pair, count: usize) -> Result<Vec<Drill>> {
 
 // ---------------------------------------------------------------- stability
 
+/// One system's stability run.
+#[derive(Serialize)]
+struct StabilityStats {
+    system: &'static str,
+    profile: String,
+    seconds: f64,
+    leader_changes: Option<u64>,
+    vip_moves: usize,
+    overlap_moments: usize,
+    writes_per_s: Option<f64>,
+    write_errors: Option<u64>,
+    members_at_end: Option<u64>,
+    /// clb's alone: keepalived's row has none of these keys.
+    #[serde(flatten)]
+    clb: Option<ClbStability>,
+}
+
+#[derive(Serialize)]
+struct ClbStability {
+    vip_claims_after_first: Option<u64>,
+    writes_ok: u64,
+    unregister_absent: u64,
+}
+
 fn stability(opts: &Opts) -> Result<Value> {
     let mut rows = Vec::new();
     for profile in &opts.profiles {
         match stability_one(profile, opts.duration) {
-            Ok(mut r) => rows.append(&mut r),
+            Ok(r) => rows.extend(r.into_iter().map(Row::Done)),
             Err(e) => {
                 eprintln!("stability {profile}: {e:#}");
-                rows.push(json!({"system": "both", "profile": profile, "error": format!("{e:#}")}));
+                rows.push(Row::Failed {
+                    system: "both".into(),
+                    profile: profile.clone(),
+                    error: format!("{e:#}"),
+                });
             }
         }
     }
@@ -1026,33 +1140,34 @@ fn stability(opts: &Opts) -> Result<Value> {
     println!("| system | profile | seconds | leader changes | VIP claims after the first | VIP moves (sampler) | overlap moments | writes/s | write errors | members at end |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
-        if let Some(e) = r.get("error") {
-            println!("| {} | {} | error: {e} |", r["system"], r["profile"]);
-            continue;
-        }
-        let dash = |v: &Value| {
-            if v.is_null() {
-                "–".to_string()
-            } else {
-                v.to_string()
+        let r = match r {
+            Row::Done(r) => r,
+            Row::Failed {
+                system,
+                profile,
+                error,
+            } => {
+                println!("{}", failed_line(system, profile, error));
+                continue;
             }
         };
+        let claims = r.clb.as_ref().and_then(|c| c.vip_claims_after_first);
         println!(
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            r["system"].as_str().unwrap_or("?"),
-            r["profile"].as_str().unwrap_or("?"),
-            r["seconds"],
-            r["leader_changes"],
-            dash(&r["vip_claims_after_first"]),
-            r["vip_moves"],
-            r["overlap_moments"],
-            dash(&r["writes_per_s"]),
-            dash(&r["write_errors"]),
-            dash(&r["members_at_end"]),
+            r.system,
+            r.profile,
+            json_text(&r.seconds),
+            json_text(&r.leader_changes),
+            dash(&claims),
+            r.vip_moves,
+            r.overlap_moments,
+            dash(&r.writes_per_s),
+            dash(&r.write_errors),
+            dash(&r.members_at_end),
         );
     }
     println!("\n(clb leader changes: Raft term changes seen by the witness; keepalived: MASTER transitions after the first)");
-    Ok(Value::Array(rows))
+    Ok(serde_json::to_value(rows)?)
 }
 
 /// Counters of the write load.
@@ -1063,7 +1178,7 @@ struct Load {
     errors: AtomicU64,
 }
 
-fn stability_one(profile: &str, duration: Duration) -> Result<Vec<Value>> {
+fn stability_one(profile: &str, duration: Duration) -> Result<Vec<StabilityStats>> {
     let clb = Pair::new(System::Clb, profile, 11)?;
     let ka = Pair::new(System::Keepalived, profile, 12)?;
     let out = stability_run(&clb, &ka, duration);
@@ -1073,7 +1188,7 @@ fn stability_one(profile: &str, duration: Duration) -> Result<Vec<Value>> {
     out
 }
 
-fn stability_run(clb: &Pair, ka: &Pair, duration: Duration) -> Result<Vec<Value>> {
+fn stability_run(clb: &Pair, ka: &Pair, duration: Duration) -> Result<Vec<StabilityStats>> {
     // Steady state for both before the window opens.
     let target = |p: &Pair| SocketAddr::from((p.vip, SVC_PORT));
     let opts = traffic::ClientOpts {
@@ -1090,12 +1205,12 @@ fn stability_run(clb: &Pair, ka: &Pair, duration: Duration) -> Result<Vec<Value>
         stop.store(true, Ordering::SeqCst);
         r.with_context(|| format!("{} steady state", p.system.name()))?;
     }
-    let term = |p: &Pair| p.get(2, "/v1/node").and_then(|v| v["term"].as_u64());
+    let term = |p: &Pair| p.get::<NodeView>(2, "/v1/node").map(|v| v.term);
     let claims = |p: &Pair| -> Option<u64> {
         (0..2)
             .map(|i| {
-                p.get(i, "/v1/cluster")
-                    .and_then(|v| v["vip"]["claims_ok"].as_u64())
+                p.get::<ClusterView>(i, "/v1/cluster")
+                    .map(|v| v.vip.claims_ok)
             })
             .sum()
     };
@@ -1133,9 +1248,7 @@ fn stability_run(clb: &Pair, ka: &Pair, duration: Duration) -> Result<Vec<Value>
     let secs = (end - start).as_secs_f64();
     let term1 = term(clb);
     let claims1 = claims(clb);
-    let members = clb
-        .get(2, "/v1/cluster")
-        .and_then(|v| v["members"].as_u64());
+    let members = clb.get::<ClusterView>(2, "/v1/cluster").map(|v| v.members);
     let masters1 = masters(ka);
 
     let moves = |p: &Pair| -> usize {
@@ -1160,34 +1273,39 @@ fn stability_run(clb: &Pair, ka: &Pair, duration: Duration) -> Result<Vec<Value>
         n
     };
     let ok = load.ok.load(Ordering::SeqCst);
-    let clb_row = json!({
-        "system": "clb",
-        "profile": clb.profile,
-        "seconds": secs.round(),
-        "leader_changes": term1.map(|t| t - term0),
-        "vip_claims_after_first": claims1.map(|c| c - claims0),
-        "vip_moves": moves(clb),
-        "overlap_moments": clb.overlaps(start, end, None),
-        "writes_per_s": (ok as f64 / secs).round(),
-        "writes_ok": ok,
-        "unregister_absent": load.absent.load(Ordering::SeqCst),
-        "write_errors": load.errors.load(Ordering::SeqCst),
-        "members_at_end": members,
-    });
-    let ka_row = json!({
-        "system": "keepalived",
-        "profile": ka.profile,
-        "seconds": secs.round(),
-        "leader_changes": masters1 - masters0,
-        "vip_moves": moves(ka),
-        "overlap_moments": ka.overlaps(start, end, None),
-        "writes_per_s": null,
-        "write_errors": null,
-        "members_at_end": null,
-    });
+    let clb_row = StabilityStats {
+        system: "clb",
+        profile: clb.profile.clone(),
+        seconds: secs.round(),
+        leader_changes: term1.map(|t| t - term0),
+        vip_moves: moves(clb),
+        overlap_moments: clb.overlaps(start, end, None),
+        writes_per_s: Some((ok as f64 / secs).round()),
+        write_errors: Some(load.errors.load(Ordering::SeqCst)),
+        members_at_end: members,
+        clb: Some(ClbStability {
+            vip_claims_after_first: claims1.map(|c| c - claims0),
+            writes_ok: ok,
+            unregister_absent: load.absent.load(Ordering::SeqCst),
+        }),
+    };
+    let ka_row = StabilityStats {
+        system: "keepalived",
+        profile: ka.profile.clone(),
+        seconds: secs.round(),
+        leader_changes: Some((masters1 - masters0) as u64),
+        vip_moves: moves(ka),
+        overlap_moments: ka.overlaps(start, end, None),
+        writes_per_s: None,
+        write_errors: None,
+        members_at_end: None,
+        clb: None,
+    };
     eprintln!(
-        "stability {}: clb {clb_row}\nkeepalived {ka_row}",
-        clb.profile
+        "stability {}: clb {}\nkeepalived {}",
+        clb.profile,
+        json_text(&clb_row),
+        json_text(&ka_row)
     );
     Ok(vec![clb_row, ka_row])
 }
@@ -1204,7 +1322,12 @@ fn write_load(ns: &str, api: SocketAddr, deadline: Instant, load: &Load) {
         let key: u32 = rng.gen_range(0..3000);
         let path = format!("/v1/services/load/members/m{key}");
         let r = if rng.gen_bool(0.6) {
-            let body = format!(r#"{{"address": "127.0.0.1", "port": {}}}"#, 10_000 + key);
+            let body = RegisterBody {
+                address: "127.0.0.1".into(),
+                port: Some(10_000 + key),
+                ..Default::default()
+            };
+            let body = serde_json::to_string(&body).unwrap_or_default();
             netns::http_here(api, "PUT", &path, Some(TOKEN), Some(&body), ms(3000))
         } else {
             // force: churn is the point here, the removal guardrail would refuse it.
