@@ -330,19 +330,15 @@ impl ClbCluster {
     }
 
     async fn leader(&self, within: Duration) -> Result<u64> {
-        eventually_every(within, POLL, "a leader every node agrees on", || async {
-            let mut seen = None;
-            for id in self.nodes.keys() {
-                let l = self.node_view(*id).await?.leader?;
-                if seen.is_some_and(|s| s != l) {
-                    return None;
-                }
-                seen = Some(l);
-            }
-            seen
+        let ids: Vec<u64> = self.nodes.keys().copied().collect();
+        let (leader, _) = eventually_every(within, POLL, "a leader every node agrees on", || {
+            lab::agreed_leader(&ids, |id| async move {
+                let v = self.node_view(id).await?;
+                Some((v.leader, v.term))
+            })
         })
-        .await
-        .map_err(Into::into)
+        .await?;
+        Ok(leader)
     }
 
     async fn put(&self, id: u64, path: &str, body: &impl Serialize) -> Result<Written> {

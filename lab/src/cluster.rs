@@ -401,6 +401,9 @@ where
 mod tests {
     use super::*;
 
+    /// A node's (leader, term), or no answer.
+    type Report = Option<(Option<u64>, u64)>;
+
     fn block<T>(f: impl std::future::Future<Output = T>) -> T {
         tokio::runtime::Builder::new_current_thread()
             .build()
@@ -410,7 +413,7 @@ mod tests {
 
     #[test]
     fn a_leader_counts_only_when_every_node_names_it() {
-        let views = |v: Vec<(u64, Option<(Option<u64>, u64)>)>| {
+        let views = |v: Vec<(u64, Report)>| {
             move |id: u64| {
                 let r = v.iter().find(|(n, _)| *n == id).and_then(|(_, r)| *r);
                 async move { r }

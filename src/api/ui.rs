@@ -595,7 +595,7 @@ mod tests {
             "vip": {"vip": "10.0.0.9"},
             "nodes": {"1": "127.0.0.1:1", "2": "<i>:2"},
             "node_status": {
-                "1": {"state": "leader", "role": "balancer", "applied_index": 7,
+                "1": {"node_id": 1, "state": "leader", "role": "balancer", "applied_index": 7,
                       "render": {"rendered_index": 7, "applied_index": 7, "last_apply": "runtime",
                                  "last_error": "bad <cfg>", "validating": true}},
                 "2": {"error": "unreachable: <refused>"}
@@ -641,13 +641,13 @@ mod tests {
             "node_id": 1, "leader": 1, "voters": [1, 2, 3], "vip_holder": 1,
             "nodes": {"1": "a:1", "2": "a:2", "3": "a:3"},
             "node_status": {
-                "1": {"role": "balancer", "vip_held": true, "haproxy": stat("DOWN"), "timeline": [
+                "1": {"node_id": 1, "role": "balancer", "vip_held": true, "haproxy": stat("DOWN"), "timeline": [
                     {"at_ms": 2_000, "kind": "leader", "term": 2, "leader": 1},
                     {"at_ms": 3_000, "kind": "vip_claim", "term": 2},
                     {"at_ms": 4_000, "kind": "render", "how": "reload", "index": 5}]},
-                "2": {"role": "balancer", "haproxy": stat("UP"),
+                "2": {"node_id": 2, "role": "balancer", "haproxy": stat("UP"),
                       "timeline": [{"at_ms": 2_500, "kind": "leader", "term": 2, "leader": 1}]},
-                "3": {"role": "witness", "haproxy": null, "timeline": []}
+                "3": {"node_id": 3, "role": "witness", "haproxy": null, "timeline": []}
             }
         });
         let view: ClusterView = serde_json::from_value(view).unwrap();
