@@ -313,19 +313,13 @@ mod tests {
         }
     }
 
+    /// The model's test registration, with a TTL so that is stored too.
     fn register(service: &str, member: &str, address: &str) -> Command {
-        Command::Register {
-            service: service.into(),
-            member: member.into(),
-            spec: MemberSpec {
-                address: address.into(),
-                port: Some(8080),
-                weight: None,
-                ttl_s: Some(30),
-            },
-            create: ServiceDef::well_known("http"),
-            at_ms: 5,
+        let mut cmd = crate::model::register_for_test(service, member, address);
+        if let Command::Register { spec, .. } = &mut cmd {
+            spec.ttl_s = Some(30);
         }
+        cmd
     }
 
     fn membership_entry(index: u64) -> Entry<TypeConfig> {
