@@ -824,25 +824,31 @@ fn drills(opts: &Opts) -> Result<Value> {
     Ok(serde_json::to_value(rows)?)
 }
 
-/// A failed row's cells, JSON-quoted as the tables have always shown them.
-fn failed_line(system: &str, profile: &str, error: &str) -> String {
-    format!(
-        "| {} | {} | error: {} |",
-        json_text(&system),
-        json_text(&profile),
-        json_text(&error)
-    )
+impl<T> Row<T> {
+    /// The table line: `done`'s cells, or a failed row's, JSON-quoted as
+    /// the tables have always shown them.
+    fn line(&self, done: impl FnOnce(&T) -> String) -> String {
+        match self {
+            Row::Done(r) => done(r),
+            Row::Failed {
+                system,
+                profile,
+                error,
+            } => format!(
+                "| {} | {} | error: {} |",
+                json_text(system),
+                json_text(profile),
+                json_text(error)
+            ),
+        }
+    }
 }
 
 fn row_line(r: &Row<DrillStats>) -> String {
-    let r = match r {
-        Row::Done(r) => r,
-        Row::Failed {
-            system,
-            profile,
-            error,
-        } => return failed_line(system, profile, error),
-    };
+    r.line(drill_line)
+}
+
+fn drill_line(r: &DrillStats) -> String {
     let f = |v: Option<f64>| match v {
         Some(v) => format!("{v:.0}"),
         None => "–".into(),
@@ -1139,32 +1145,24 @@ fn stability(opts: &Opts) -> Result<Value> {
     );
     println!("| system | profile | seconds | leader changes | VIP claims after the first | VIP moves (sampler) | overlap moments | writes/s | write errors | members at end |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
-    for r in &rows {
-        let r = match r {
-            Row::Done(r) => r,
-            Row::Failed {
-                system,
-                profile,
-                error,
-            } => {
-                println!("{}", failed_line(system, profile, error));
-                continue;
-            }
-        };
-        let claims = r.clb.as_ref().and_then(|c| c.vip_claims_after_first);
-        println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            r.system,
-            r.profile,
-            json_text(&r.seconds),
-            json_text(&r.leader_changes),
-            dash(&claims),
-            r.vip_moves,
-            r.overlap_moments,
-            dash(&r.writes_per_s),
-            dash(&r.write_errors),
-            dash(&r.members_at_end),
-        );
+    for row in &rows {
+        let line = row.line(|r| {
+            let claims = r.clb.as_ref().and_then(|c| c.vip_claims_after_first);
+            format!(
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                r.system,
+                r.profile,
+                json_text(&r.seconds),
+                json_text(&r.leader_changes),
+                dash(&claims),
+                r.vip_moves,
+                r.overlap_moments,
+                dash(&r.writes_per_s),
+                dash(&r.write_errors),
+                dash(&r.members_at_end),
+            )
+        });
+        println!("{line}");
     }
     println!("\n(clb leader changes: Raft term changes seen by the witness; keepalived: MASTER transitions after the first)");
     Ok(serde_json::to_value(rows)?)
