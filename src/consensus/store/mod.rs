@@ -9,8 +9,8 @@
 //! snapshot ids) and `ident` (node identity, see [`get_meta`]).
 //!
 //! Files: `keys.rs` (encodings and key layout), `log.rs` (the log store),
-//! `state_machine.rs` (apply, persist, the published registry),
-//! `snapshot.rs` (build and install); this file opens the database and
+//! `state_machine.rs` (apply, persist, the published registry, snapshot
+//! install), `snapshot.rs` (snapshot build); this file opens the database and
 //! holds what they share (errors, tree names, node identity).
 //!
 //! Every value stays at most [`MAX_VALUE`] bytes: sled 0.34 writes a page

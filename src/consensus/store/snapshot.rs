@@ -1,6 +1,7 @@
 //! Snapshots: built from the applied registry on a background thread at
-//! low priority, kept as a file beside the database (`snapshot_file`),
-//! and installed from a leader.
+//! low priority and kept as a file beside the database (`snapshot_file`);
+//! an older version's snapshot tree moved to that file. Installing one from
+//! a leader is the state machine's (`state_machine.rs`).
 
 use super::*;
 /// Older versions kept the current snapshot in the `snapshot` tree, its
