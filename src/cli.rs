@@ -150,6 +150,10 @@ pub enum Command {
     },
     /// Ask the leader to step down: it releases the VIP and a healthy voter takes over
     Failover,
+    /// bgp mode: drain balancer ID (hold new connections back, wait for open ones) and withdraw its VIP route; it stays out, also across restarts, until ready-node
+    DrainNode { id: crate::consensus::NodeId },
+    /// bgp mode: let balancer ID announce the VIP again (as soon as it is fit)
+    ReadyNode { id: crate::consensus::NodeId },
     /// Print a new random cluster secret (256 bits, hex) for --cluster-secret-file
     GenSecret,
     /// Start a throw-away local cluster (2 balancers + witness), kill its leader, print the timeline
@@ -364,6 +368,14 @@ pub async fn run(cli: Cli) -> Result<String, Failure> {
             cluster_add(&ctx, id, &addr, learner).await
         }
         Command::Failover => failover(&ctx).await,
+        Command::DrainNode { id } => {
+            let v = ctx.client.drain_node(id, true).await?;
+            Ok(ctx.show(v, |b| bgp_text(id, b)))
+        }
+        Command::ReadyNode { id } => {
+            let v = ctx.client.drain_node(id, false).await?;
+            Ok(ctx.show(v, |b| bgp_text(id, b)))
+        }
         Command::GenSecret => Ok(crate::auth::new_cluster_secret()),
         Command::Demo { no_haproxy, keep } => demo(no_haproxy, keep).await,
         Command::Cluster(ClusterCmd::Remove { id }) => cluster_remove(&ctx, id).await,
@@ -779,7 +791,59 @@ fn status_table(v: &ClusterView) -> String {
             &["ID", "ADDRESS", "RAFT", "ROLE", "APPLIED", "HAPROXY", "ERROR"],
             &rows
         )
+    ) + &bgp_table(v)
+        .map(|t| format!("\nbgp mode, every fit balancer announces the VIP:\n{t}"))
+        .unwrap_or_default()
+}
+
+/// One balancer's announcement, after `drain-node` / `ready-node`.
+fn bgp_text(id: crate::consensus::NodeId, b: &crate::bgp::BgpStatus) -> String {
+    let state = if b.announced {
+        "announces the VIP".to_string()
+    } else {
+        format!("does not announce the VIP: {}", b.reason)
+    };
+    format!(
+        "node {id} {state}
+drained: {}, connections open: {}, BGP session: {}, BFD: {}",
+        if b.drained { "yes" } else { "no" },
+        b.connections,
+        or_dash(&b.session),
+        or_dash(&b.bfd)
     )
+}
+
+fn or_dash(s: &str) -> &str {
+    if s.is_empty() {
+        "-"
+    } else {
+        s
+    }
+}
+
+/// The bgp-mode rows of `clb status`, when any balancer runs bgp mode.
+fn bgp_table(v: &ClusterView) -> Option<String> {
+    let rows: Vec<Vec<String>> = v
+        .node_status
+        .iter()
+        .filter_map(|(id, st)| {
+            let b = st.up()?.bgp.as_ref()?;
+            Some(vec![
+                id.to_string(),
+                if b.announced { "yes" } else { "no" }.to_string(),
+                b.reason.clone(),
+                or_dash(&b.session).to_string(),
+                or_dash(&b.bfd).to_string(),
+                b.connections.to_string(),
+            ])
+        })
+        .collect();
+    (!rows.is_empty()).then(|| {
+        table(
+            &["ID", "ANNOUNCED", "WHY", "BGP", "BFD", "CONNECTIONS"],
+            &rows,
+        )
+    })
 }
 
 fn failover_text(v: &FailoverView) -> String {

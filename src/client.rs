@@ -390,6 +390,22 @@ impl Client {
             .await
     }
 
+    /// `clb drain-node` (`drained`) / `clb ready-node`: returns once node
+    /// `id` withdrew (or announces again, if fit).
+    pub async fn drain_node(
+        &self,
+        id: crate::consensus::NodeId,
+        drained: bool,
+    ) -> Result<crate::bgp::BgpStatus, ClientError> {
+        let verb = if drained { "drain" } else { "ready" };
+        self.request(
+            Method::POST,
+            &format!("/v1/cluster/nodes/{id}/{verb}"),
+            None::<&()>,
+        )
+        .await
+    }
+
     /// A linearizable backup (`clb snapshot save`).
     pub async fn snapshot(&self) -> Result<Backup, ClientError> {
         self.get("/v1/snapshot").await

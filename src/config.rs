@@ -170,6 +170,30 @@ pub struct Settings {
     /// linux-vip: before a planned release, hold new connections back (nft) and wait up to this for open requests; 0 turns it off [default: 2000]
     #[arg(long, env = "CLB_DRAIN_MS")]
     pub drain_ms: Option<u64>,
+    /// arp: the leader holds the VIP (--vip-hook); bgp: every fit balancer announces it through BIRD [default: arp]
+    #[arg(long, env = "CLB_VIP_MODE")]
+    pub vip_mode: Option<String>,
+    /// bgp mode: the router's address, BIRD's BGP neighbour
+    #[arg(long, env = "CLB_BGP_NEIGHBOR")]
+    pub bgp_neighbor: Option<String>,
+    /// bgp mode: this balancer's AS number [default: 65001]
+    #[arg(long, env = "CLB_BGP_ASN")]
+    pub bgp_asn: Option<u32>,
+    /// bgp mode: the router's AS number [default: 65000]
+    #[arg(long, env = "CLB_BGP_PEER_ASN")]
+    pub bgp_peer_asn: Option<u32>,
+    /// bgp mode: BIRD's control socket [default: /run/bird/bird.ctl]
+    #[arg(long, env = "CLB_BIRD_SOCKET")]
+    pub bird_socket: Option<PathBuf>,
+    /// bgp mode: the file clbd writes for BIRD's config to include [default: /etc/bird/clb.conf]
+    #[arg(long, env = "CLB_BIRD_INCLUDE")]
+    pub bird_include: Option<PathBuf>,
+    /// bgp mode: BFD interval towards the router, detection after 3 missed; 0 turns BFD off [default: 100]
+    #[arg(long, env = "CLB_BGP_BFD_MS")]
+    pub bgp_bfd_ms: Option<u64>,
+    /// bgp mode: withdraw when a committed change is not live in haproxy here this long after it was seen [default: 2000]
+    #[arg(long, env = "CLB_BGP_MAX_LAG_MS")]
+    pub bgp_max_lag_ms: Option<u64>,
     /// Command that must succeed for this balancer to lead (run through sh -c)
     #[arg(long, env = "CLB_HEALTH_CMD")]
     pub health_cmd: Option<String>,
@@ -259,6 +283,14 @@ impl Settings {
             vip_interface,
             vip_hook_timeout_ms,
             drain_ms,
+            vip_mode,
+            bgp_neighbor,
+            bgp_asn,
+            bgp_peer_asn,
+            bird_socket,
+            bird_include,
+            bgp_bfd_ms,
+            bgp_max_lag_ms,
             health_cmd,
             health_interval_ms,
             health_failures,
@@ -333,6 +365,8 @@ pub struct Config {
     pub limits: Limits,
     /// Where the cluster secret comes from.
     pub peer_auth: PeerAuth,
+    /// `--vip-mode bgp` on a balancer: announce the VIP through BIRD.
+    pub bgp: Option<crate::bgp::BgpConfig>,
 }
 
 /// How peers authenticate each other.
@@ -551,6 +585,13 @@ impl Config {
             check_host_port("advertise", adv)?;
         }
         let failover = failover_config(&failover_settings, role, heartbeat_ms, max)?;
+        let bgp = bgp_config(
+            &failover_settings,
+            role,
+            &s.data_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+        )?;
         Ok(Config {
             node_id,
             listen,
@@ -625,6 +666,7 @@ impl Config {
             tls,
             limits,
             peer_auth,
+            bgp,
         })
     }
 
@@ -782,6 +824,18 @@ fn failover_config(
         .as_deref()
         .map(|h| Hook::parse(h).map_err(|reason| invalid("vip-hook", reason)))
         .transpose()?;
+    // In bgp mode every fit balancer announces the VIP (bgp/); the leader
+    // claims nothing.
+    let vip = match vip_mode(s)? {
+        VipMode::Bgp if hook.is_some() => {
+            return Err(invalid(
+                "vip-hook",
+                "is for --vip-mode arp; in bgp mode BIRD announces the VIP",
+            ))
+        }
+        VipMode::Bgp => None,
+        VipMode::Arp => vip,
+    };
     if vip.is_some() && hook.is_none() && role == Role::Balancer {
         return Err(invalid("vip", "needs --vip-hook to say how to claim it"));
     }
@@ -860,6 +914,133 @@ fn failover_config(
         witness: role == Role::Witness,
         handover_wait: Duration::from_millis((election_max_ms * 4).max(1_000)),
     })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum VipMode {
+    Arp,
+    Bgp,
+}
+
+fn vip_mode(s: &Settings) -> Result<VipMode, ConfigError> {
+    match s.vip_mode.as_deref().map(str::trim) {
+        None | Some("arp") => Ok(VipMode::Arp),
+        Some("bgp") => Ok(VipMode::Bgp),
+        Some(m) => Err(invalid("vip-mode", format!("{m:?} is not arp or bgp"))),
+    }
+}
+
+/// `--vip-mode bgp` settings; `None` in arp mode and on a witness (which
+/// never carries traffic). Refuses bgp flags without bgp mode, so a typo in
+/// the mode is not a silent arp balancer.
+fn bgp_config(
+    s: &Settings,
+    role: Role,
+    data_dir: &Path,
+) -> Result<Option<crate::bgp::BgpConfig>, ConfigError> {
+    let bgp_flags = [
+        ("bgp-neighbor", s.bgp_neighbor.is_some()),
+        ("bgp-asn", s.bgp_asn.is_some()),
+        ("bgp-peer-asn", s.bgp_peer_asn.is_some()),
+        ("bird-socket", s.bird_socket.is_some()),
+        ("bird-include", s.bird_include.is_some()),
+        ("bgp-bfd-ms", s.bgp_bfd_ms.is_some()),
+        ("bgp-max-lag-ms", s.bgp_max_lag_ms.is_some()),
+    ];
+    if vip_mode(s)? == VipMode::Arp {
+        if let Some((flag, _)) = bgp_flags.iter().find(|(_, set)| *set) {
+            return Err(invalid(flag, "needs --vip-mode bgp"));
+        }
+        return Ok(None);
+    }
+    if role == Role::Witness {
+        return Ok(None);
+    }
+    let vip = match s.vip.as_deref() {
+        None => {
+            return Err(invalid(
+                "vip-mode",
+                "bgp needs --vip, the address to announce",
+            ))
+        }
+        Some(v) => v
+            .trim()
+            .parse::<std::net::IpAddr>()
+            .map_err(|_| invalid("vip", format!("{v:?} is not an IPv4 or IPv6 address")))?,
+    };
+    let neighbor = match s.bgp_neighbor.as_deref() {
+        None => {
+            return Err(invalid(
+                "vip-mode",
+                "bgp needs --bgp-neighbor, the router's address",
+            ))
+        }
+        Some(n) => n.trim().parse::<std::net::IpAddr>().map_err(|_| {
+            invalid(
+                "bgp-neighbor",
+                format!("{n:?} is not an IPv4 or IPv6 address"),
+            )
+        })?,
+    };
+    let asn = s.bgp_asn.unwrap_or(65001);
+    let peer_asn = s.bgp_peer_asn.unwrap_or(65000);
+    if asn == 0 || peer_asn == 0 {
+        return Err(invalid("bgp-asn", "AS numbers start at 1"));
+    }
+    let Some(haproxy_socket) = s.haproxy_socket.clone() else {
+        return Err(invalid(
+            "vip-mode",
+            "bgp needs --haproxy-socket (or --haproxy supervise): a balancer announces only while its haproxy answers",
+        ));
+    };
+    let drain_ms = s.drain_ms.unwrap_or(2_000);
+    if drain_ms > 0 && crate::failover::drain::nft_path().is_none() {
+        return Err(invalid(
+            "drain-ms",
+            "needs nft to hold new connections back before a withdrawal (apt-get install nftables), or set --drain-ms 0",
+        ));
+    }
+    let max_lag_ms = s.bgp_max_lag_ms.unwrap_or(2_000);
+    if max_lag_ms < 100 {
+        return Err(invalid(
+            "bgp-max-lag-ms",
+            format!(
+                "{max_lag_ms} is below 100: a balancer under writes would withdraw at every render"
+            ),
+        ));
+    }
+    let bfd_ms = s.bgp_bfd_ms.unwrap_or(100);
+    if bfd_ms > 0 && bfd_ms < 10 {
+        return Err(invalid(
+            "bgp-bfd-ms",
+            format!("{bfd_ms} is below BIRD's 10 ms"),
+        ));
+    }
+    Ok(Some(crate::bgp::BgpConfig {
+        include: crate::bgp::bird::Include {
+            protocol: "clb_vip".into(),
+            vip,
+            neighbor,
+            asn,
+            peer_asn,
+            bfd_interval_ms: bfd_ms,
+        },
+        socket: s
+            .bird_socket
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/run/bird/bird.ctl")),
+        include_file: s
+            .bird_include
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/etc/bird/clb.conf")),
+        max_lag: Duration::from_millis(max_lag_ms),
+        drain: (drain_ms > 0).then(|| crate::failover::drain::DrainConfig {
+            max: Duration::from_millis(drain_ms),
+            socket: Some(haproxy_socket.clone()),
+        }),
+        haproxy_socket,
+        drained_file: data_dir.join("bgp-drained"),
+    }))
 }
 
 /// The first non-empty line of a secret file; at least 16 characters.

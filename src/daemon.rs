@@ -526,22 +526,6 @@ pub async fn run(
         stop_rx.clone(),
     );
 
-    tokio::spawn({
-        let (consensus, failover, stop_tx) = (consensus.clone(), failover.clone(), stop_tx.clone());
-        let drain = config
-            .failover
-            .drain
-            .as_ref()
-            .map(|d| d.max)
-            .unwrap_or_default();
-        async move {
-            if asked_rx.await.is_ok() {
-                hand_over_before_stopping(&consensus, &failover, SHUTDOWN_GRACE + drain).await;
-            }
-            let _ = stop_tx.send(true);
-        }
-    });
-
     let input = render_input(&consensus);
     // A witness renders nothing.
     let render_status = template.clone().map(|template| {
@@ -579,6 +563,55 @@ pub async fn run(
         })),
     }
 
+    // bgp mode: announce the VIP while fit. Its own stop signal, so the
+    // withdrawal (and its drain) runs before anything else stops.
+    let (bgp_stop_tx, bgp_stop_rx) = watch::channel(false);
+    let bgp = match (&config.bgp, &render_status) {
+        (Some(cfg), Some(render)) => Some(crate::bgp::Bgp::start(
+            cfg.clone(),
+            crate::bgp::Sources {
+                consensus: consensus.clone(),
+                render: render.clone(),
+                failover: failover.subscribe(),
+            },
+            bgp_stop_rx,
+        )),
+        _ => None,
+    };
+    tokio::spawn({
+        let (consensus, failover, stop_tx) = (consensus.clone(), failover.clone(), stop_tx.clone());
+        let drain = config
+            .failover
+            .drain
+            .as_ref()
+            .map(|d| d.max)
+            .unwrap_or_default();
+        let bgp = bgp.clone();
+        let bgp_drain = config
+            .bgp
+            .as_ref()
+            .and_then(|b| b.drain.as_ref())
+            .map(|d| d.max)
+            .unwrap_or_default();
+        let mut failed = stop_rx.clone();
+        async move {
+            let asked = tokio::select! {
+                r = asked_rx => r.is_ok(),
+                // A failed disk stops the node too: withdraw first.
+                _ = failed.wait_for(|s| *s) => false,
+            };
+            // Traffic leaves this balancer before leadership does.
+            if let Some(bgp) = &bgp {
+                let _ = bgp_stop_tx.send(true);
+                bgp.stopped(bgp_drain + Duration::from_secs(3)).await;
+            }
+            if asked {
+                hand_over_before_stopping(&consensus, &failover, SHUTDOWN_GRACE + drain).await;
+            }
+            let _ = stop_tx.send(true);
+        }
+    });
+
     // haproxy's own view, for /ui: a balancer with an admin socket.
     let haproxy_stat = match (&render_status, &config.haproxy_socket) {
         (Some(status), Some(socket)) => Some(render::stat::spawn(
@@ -613,6 +646,7 @@ pub async fn run(
             &consensus,
             render_status.clone(),
             failover.clone(),
+            bgp.clone(),
         )),
         render: render_status,
         template,
@@ -621,6 +655,7 @@ pub async fn run(
         failover: failover.clone(),
         haproxy_stat,
         timeline,
+        bgp: bgp.clone(),
     };
     let peer_app = rpc::routes(
         consensus.clone(),
@@ -660,6 +695,9 @@ pub async fn run(
     };
     // The VIP is released before Raft stops, so a peer can take it over.
     failover.stopped().await;
+    if let Some(bgp) = &bgp {
+        bgp.stopped(Duration::from_secs(1)).await;
+    }
     // haproxy stops only after the VIP left this host, so no request to it
     // was refused while it was still here.
     if let Some(sup) = supervisor {

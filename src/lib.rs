@@ -50,6 +50,7 @@ pub mod agent;
 pub mod api;
 /// Token scopes and permissions; pure.
 pub mod auth;
+pub mod bgp;
 /// The `clb` command line: parsing and output.
 pub mod cli;
 /// Typed HTTP client for the API.

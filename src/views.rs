@@ -182,6 +182,10 @@ pub struct NodeView {
     /// What happened here lately, oldest first.
     #[serde(default)]
     pub timeline: Vec<Event>,
+    /// `--vip-mode bgp`: whether this balancer announces the VIP, and why
+    /// not; `None` in arp mode and on a witness.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bgp: Option<crate::bgp::BgpStatus>,
 }
 
 fn yes() -> bool {

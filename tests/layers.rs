@@ -17,6 +17,7 @@ const LAYERS: &[&[&str]] = &[
     // Raft and haproxy know the registry, not each other.
     &["consensus", "render"],
     &["failover"],
+    &["bgp"],
     &["timeline"],
     &["views"],
     &["api"],

@@ -62,6 +62,7 @@ impl Metrics {
         consensus: &Consensus,
         render: Option<watch::Receiver<RenderStatus>>,
         failover: Failover,
+        bgp: Option<crate::bgp::Bgp>,
     ) -> Self {
         Metrics::build(
             consensus_counters(
@@ -73,6 +74,7 @@ impl Metrics {
                 consensus: consensus.clone(),
                 render,
                 failover,
+                bgp,
             },
         )
     }
@@ -186,6 +188,7 @@ struct Sources {
     /// `None` on a witness, which renders nothing.
     render: Option<watch::Receiver<RenderStatus>>,
     failover: Failover,
+    bgp: Option<crate::bgp::Bgp>,
 }
 
 impl fmt::Debug for Sources {
@@ -214,6 +217,7 @@ struct NodeState {
     peers_up: Vec<(NodeId, bool)>,
     render: Option<RenderStatus>,
     vip: VipStatus,
+    bgp: Option<crate::bgp::BgpStatus>,
 }
 
 impl NodeState {
@@ -232,6 +236,7 @@ impl NodeState {
             peers_up: c.acks().peers_up(),
             render: s.render.as_ref().map(|r| r.borrow().clone()),
             vip: s.failover.status(),
+            bgp: s.bgp.as_ref().map(|b| b.status()),
         }
     }
 }
@@ -293,6 +298,9 @@ impl Collector for NodeState {
         )?;
         for (peer, up) in &self.peers_up {
             ConstGauge::new(flag(*up)).encode(peer_up.encode_family(&[("peer", *peer)])?)?;
+        }
+        if let Some(b) = &self.bgp {
+            bgp(&mut e, b)?;
         }
         vip(&mut e, &self.vip)
     }
@@ -359,6 +367,52 @@ fn render(e: &mut DescriptorEncoder, r: &RenderStatus) -> fmt::Result {
         "clb_render_last_apply_seconds",
         "Duration of the last apply.",
         r.last_apply_ms / 1e3,
+    )
+}
+
+/// `--vip-mode bgp` only: absent series mean arp mode, not "withdrawn".
+fn bgp(e: &mut DescriptorEncoder, b: &crate::bgp::BgpStatus) -> fmt::Result {
+    gauge(
+        e,
+        "clb_bgp_announced",
+        "1 while BIRD announces the VIP from this balancer.",
+        flag(b.announced),
+    )?;
+    gauge(
+        e,
+        "clb_bgp_session_up",
+        "1 while the BGP session to the router is established.",
+        flag(b.session_up),
+    )?;
+    gauge(
+        e,
+        "clb_bgp_bfd_up",
+        "1 while BFD towards the router is up.",
+        flag(b.bfd == "Up"),
+    )?;
+    gauge(
+        e,
+        "clb_bgp_drained",
+        "1 while an operator keeps this balancer drained.",
+        flag(b.drained),
+    )?;
+    gauge(
+        e,
+        "clb_haproxy_connections",
+        "Connections open on this balancer's haproxy.",
+        b.connections,
+    )?;
+    counter(
+        e,
+        "clb_bgp_withdrawals",
+        "Times this balancer withdrew the VIP.",
+        b.withdrawals,
+    )?;
+    counter(
+        e,
+        "clb_bgp_drains_cut",
+        "Withdrawals that left requests open (the drain timed out).",
+        b.drains_cut,
     )
 }
 

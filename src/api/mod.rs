@@ -26,6 +26,7 @@ pub use error::ApiError;
 pub use metrics::Metrics;
 
 use crate::auth::{self, Need, Scope, Token};
+use crate::bgp::BgpStatus;
 use crate::clock::now_ms;
 use crate::consensus::{Consensus, NodeId, Role, Written};
 use crate::failover::Failover;
@@ -68,6 +69,8 @@ pub struct AppState {
     pub haproxy_stat: Option<render::stat::Latest>,
     /// This node's recent VIP, leader and render events.
     pub timeline: crate::timeline::Timeline,
+    /// `--vip-mode bgp` on a balancer: the announcement and drain.
+    pub bgp: Option<crate::bgp::Bgp>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -93,6 +96,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/cluster/nodes", post(add_node))
         .route("/v1/cluster/failover", post(failover))
         .route("/v1/cluster/nodes/{id}", delete(remove_node))
+        .route("/v1/cluster/nodes/{id}/drain", post(drain_node))
+        .route("/v1/cluster/nodes/{id}/ready", post(ready_node))
         .route("/v1/tokens", get(list_tokens).post(create_token))
         .route("/v1/tokens/{id}", delete(revoke_token))
         .route("/v1/audit", get(audit))
@@ -410,6 +415,7 @@ pub fn node_view(state: &AppState) -> NodeView {
         render: state.render.as_ref().map(|r| r.borrow().clone()),
         haproxy: state.haproxy_stat.as_ref().and_then(|s| s.borrow().clone()),
         timeline: state.timeline.events(now_ms()),
+        bgp: state.bgp.as_ref().map(|b| b.status()),
     }
 }
 
@@ -474,6 +480,7 @@ pub fn peer_routes(state: AppState) -> Router {
     Router::new()
         .route("/raft/node", post(peer_node))
         .route("/raft/failover", post(peer_failover))
+        .route("/raft/bgp-drain", post(peer_bgp_drain))
         .with_state(state)
 }
 
@@ -724,6 +731,79 @@ async fn failover(
         }
         None => Err(unavailable("no leader elected".into())),
     }
+}
+
+/// How long `clb drain-node` waits for the drain and withdrawal; past it
+/// the answer shows where the announcer is.
+const DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+async fn drain_node(
+    state: State<AppState>,
+    p: Principal,
+    path: Result<Path<NodeId>, PathRejection>,
+) -> Result<Json<BgpStatus>, ApiError> {
+    let Path(id) = path?;
+    set_drained(state, p, id, true).await
+}
+
+async fn ready_node(
+    state: State<AppState>,
+    p: Principal,
+    path: Result<Path<NodeId>, PathRejection>,
+) -> Result<Json<BgpStatus>, ApiError> {
+    let Path(id) = path?;
+    set_drained(state, p, id, false).await
+}
+
+/// `clb drain-node` / `clb ready-node`: node-local state (an operator's
+/// maintenance is no Raft entry), so it is carried to node `id` over the
+/// peer listener when it is another node.
+async fn set_drained(
+    State(state): State<AppState>,
+    p: Principal,
+    id: NodeId,
+    drained: bool,
+) -> Result<Json<BgpStatus>, ApiError> {
+    p.require(Need::Admin)?;
+    if id == state.consensus.id {
+        return Ok(Json(drain_here(&state, drained).await?));
+    }
+    let m = state.consensus.raft.metrics().borrow().clone();
+    let addr = m
+        .membership_config
+        .membership()
+        .get_node(&id)
+        .map(|n| n.addr.clone())
+        .ok_or_else(|| ApiError::NotFound(format!("node {id} is not a member of the cluster")))?;
+    let answer: Result<BgpStatus, String> = state
+        .consensus
+        .peer_client()
+        .call(&addr, "/raft/bgp-drain", &drained, DRAIN_WAIT + DRAIN_WAIT)
+        .await
+        .map_err(|e| ApiError::Forward(format!("forward to node {id}: {e}")))?;
+    answer.map(Json).map_err(ApiError::Conflict)
+}
+
+async fn drain_here(state: &AppState, drained: bool) -> Result<BgpStatus, ApiError> {
+    let Some(bgp) = &state.bgp else {
+        return Err(ApiError::Conflict(format!(
+            "node {} does not announce the VIP (it runs --vip-mode arp, or is a witness): nothing to drain",
+            state.consensus.id
+        )));
+    };
+    bgp.set_drained(drained, DRAIN_WAIT)
+        .await
+        .map_err(|e| ApiError::Internal(format!("record the drain: {e}")))
+}
+
+async fn peer_bgp_drain(State(state): State<AppState>, body: axum::body::Bytes) -> Response {
+    let drained: bool = match crate::consensus::rpc::decode(&body) {
+        Ok(d) => d,
+        Err(r) => return r,
+    };
+    let answer: Result<BgpStatus, String> =
+        drain_here(&state, drained).await.map_err(|e| e.to_string());
+    crate::consensus::rpc::encode(&answer)
 }
 
 fn unavailable(why: String) -> ApiError {

@@ -321,6 +321,47 @@ fn health(status: Option<&NodeStatus>) -> (&'static str, &'static str, String) {
     ("ok", "ok", esc(&st.health_reason))
 }
 
+/// `--vip-mode bgp`: which balancers announce the VIP, and why not; only
+/// when some node runs bgp mode.
+fn bgp_section(out: &mut String, view: &ClusterView) {
+    let rows: Vec<_> = view
+        .node_status
+        .iter()
+        .filter_map(|(id, st)| Some((*id, st.up()?.bgp.as_ref()?)))
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    out.push_str(
+        "<section id=\"bgp\"><h2>BGP announcements</h2><table><thead><tr><th>node</th>\
+         <th>VIP route</th><th>why</th><th>BGP session</th><th>BFD</th><th>connections</th></tr></thead><tbody>\n",
+    );
+    for (id, b) in rows {
+        let (class, label) = match (b.announced, b.drained) {
+            (true, _) => ("ok", "announced"),
+            (false, true) => ("drain", "drained"),
+            (false, false) => ("bad", "withdrawn"),
+        };
+        let session_class = if b.session_up { "up" } else { "down" };
+        let bfd_class = match b.bfd.as_str() {
+            "Up" => "up",
+            "" => "nocheck",
+            _ => "down",
+        };
+        let _ = writeln!(
+            out,
+            "<tr id=\"bgp-{id}\"><td><b>node {id}</b></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{} <span class=\"muted\">({} in all)</span></td></tr>",
+            badge(class, label),
+            esc(&b.reason),
+            badge(session_class, if b.session.is_empty() { "unknown" } else { &b.session }),
+            badge(bfd_class, if b.bfd.is_empty() { "off" } else { &b.bfd }),
+            b.connections,
+            b.connections_total,
+        );
+    }
+    out.push_str("</tbody></table></section>\n");
+}
+
 /// A one-word setting by the name the API gives it (`http`, `roundrobin`).
 fn word(v: &impl serde::Serialize) -> String {
     match serde_json::to_value(v) {
@@ -455,6 +496,7 @@ fn status_page(view: &ClusterView, registry: &Registry, now_ms: u64) -> String {
         );
     }
     out.push_str("</tbody></table></section>\n");
+    bgp_section(&mut out, view);
 
     let events: Vec<timeline::NodeEvents> = node_ids
         .iter()

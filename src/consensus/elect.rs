@@ -17,7 +17,7 @@
 //! voters refuse real votes for `max` after their last heartbeat anyway: a
 //! pre-vote that passes predicts a real vote that passes.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -131,6 +131,9 @@ pub struct Liveness {
     inner: Mutex<Inner>,
     /// A VIP claim started here and no release has finished since.
     holding: AtomicBool,
+    /// The highest commit index a leader's AppendEntries carried here (bgp
+    /// mode's lag check: a follower knows no other measure of the leader).
+    leader_commit: AtomicU64,
     /// Pre-votes this node refused / granted as a voter.
     pub prevotes_refused: Counter,
     pub prevotes_granted: Counter,
@@ -171,6 +174,7 @@ impl Liveness {
                 leading_since: None,
             }),
             holding: AtomicBool::new(false),
+            leader_commit: AtomicU64::new(0),
             prevotes_refused: Counter::default(),
             prevotes_granted: Counter::default(),
             votes_refused: Counter::default(),
@@ -190,6 +194,15 @@ impl Liveness {
         if now > g.last_heard {
             g.last_heard = now;
         }
+    }
+
+    /// An accepted AppendEntries said the leader committed up to `index`.
+    pub fn leader_committed(&self, index: u64) {
+        self.leader_commit.fetch_max(index, Ordering::SeqCst);
+    }
+
+    pub fn leader_commit(&self) -> u64 {
+        self.leader_commit.load(Ordering::SeqCst)
     }
 
     pub fn last_heard(&self) -> Instant {

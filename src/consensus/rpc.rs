@@ -167,14 +167,19 @@ pub fn encode<T: Serialize>(value: &T) -> Response {
 }
 
 async fn append(State(c): State<Consensus>, body: Bytes) -> Response {
-    let req = match decode(&body) {
-        Ok(req) => req,
-        Err(r) => return r,
-    };
+    let req: openraft::raft::AppendEntriesRequest<crate::consensus::TypeConfig> =
+        match decode(&body) {
+            Ok(req) => req,
+            Err(r) => return r,
+        };
+    let commit = req.leader_commit.map(|l| l.index);
     let answer = c.raft.append_entries(req).await;
     // Accepted (even with a log conflict): the sender is the leader we follow.
     if matches!(&answer, Ok(r) if !matches!(r, AppendEntriesResponse::HigherVote(_))) {
         c.liveness().heard();
+        if let Some(index) = commit {
+            c.liveness().leader_committed(index);
+        }
     }
     encode(&answer)
 }

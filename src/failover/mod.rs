@@ -15,7 +15,7 @@ mod garp;
 mod health;
 mod hooks;
 mod lease;
-mod netlink;
+pub mod netlink;
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
