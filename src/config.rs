@@ -591,6 +591,7 @@ impl Config {
             &s.data_dir
                 .clone()
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            max,
         )?;
         Ok(Config {
             node_id,
@@ -937,6 +938,7 @@ fn bgp_config(
     s: &Settings,
     role: Role,
     data_dir: &Path,
+    election_max_ms: u64,
 ) -> Result<Option<crate::bgp::BgpConfig>, ConfigError> {
     let bgp_flags = [
         ("bgp-neighbor", s.bgp_neighbor.is_some()),
@@ -1034,6 +1036,7 @@ fn bgp_config(
             .clone()
             .unwrap_or_else(|| PathBuf::from("/etc/bird/clb.conf")),
         max_lag: Duration::from_millis(max_lag_ms),
+        leader_silence: Duration::from_millis(max_lag_ms + 2 * election_max_ms),
         drain: (drain_ms > 0).then(|| crate::failover::drain::DrainConfig {
             max: Duration::from_millis(drain_ms),
             socket: Some(haproxy_socket.clone()),

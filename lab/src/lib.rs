@@ -7,6 +7,7 @@
 //! - [`wait`]: [`eventually`] and [`poll`], a condition with a deadline;
 //! - [`cluster`]: real `clbd` nodes with sled data dirs in a temp dir;
 //! - [`netns`]: hosts in network namespaces on a bridge, with fault verbs;
+//! - [`ecmp`]: a router's ECMP forwarding, hash-threshold or resilient;
 //! - [`traffic`]: backends, a recording client, a VIP sampler, gap stats;
 //! - [`hook`]: a VIP hook that only logs, and the reader of its log.
 //!
@@ -14,6 +15,7 @@
 //! the nodes report is read by the caller through clb's own client.
 
 pub mod cluster;
+pub mod ecmp;
 pub mod hook;
 pub mod netns;
 pub mod ports;

@@ -374,6 +374,59 @@ impl Lab {
         Ok(host)
     }
 
+    /// A host behind `via` rather than on the bridge (a client behind a
+    /// router): a veth pair `v<name>` (in `via`, at `.1` of `subnet`) to
+    /// `eth0` (in the new host, at `.2`), and the new host's default route
+    /// through `via`. Unplugging it is deleting it; [`Lab::set_link`] is
+    /// for bridge hosts.
+    pub fn add_routed_host(&mut self, name: &str, via: &Host, subnet: [u8; 3]) -> Result<Host> {
+        let [a, b, c] = subnet;
+        let host = Host {
+            name: name.to_string(),
+            ns: format!("{}-{name}", self.prefix),
+            ip: Ipv4Addr::new(a, b, c, 2),
+            port: format!("v{name}"),
+        };
+        let gateway = Ipv4Addr::new(a, b, c, 1);
+        let ns = Netns::new(&host.ns)?;
+        self.namespaces.push(ns);
+        ip(&[
+            "-n", &via.ns, "link", "add", &host.port, "type", "veth", "peer", "name", "eth0",
+            "netns", &host.ns,
+        ])?;
+        ip(&[
+            "-n",
+            &via.ns,
+            "addr",
+            "add",
+            &format!("{gateway}/24"),
+            "dev",
+            &host.port,
+        ])?;
+        ip(&["-n", &via.ns, "link", "set", &host.port, "up"])?;
+        ip(&[
+            "-n",
+            &host.ns,
+            "addr",
+            "add",
+            &format!("{}/24", host.ip),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&["-n", &host.ns, "link", "set", "eth0", "up"])?;
+        ip(&[
+            "-n",
+            &host.ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &gateway.to_string(),
+        ])?;
+        self.hosts.push(host.clone());
+        Ok(host)
+    }
+
     /// Kills the processes started in `host`'s namespace and deletes it
     /// (its veth pair goes with it).
     pub fn remove_host(&mut self, host: &Host) -> Result<()> {

@@ -77,6 +77,10 @@ impl Queue {
 #[derive(Debug)]
 pub struct Fitness {
     max_lag: Duration,
+    /// How long no leader may be heard: `max_lag` plus two election
+    /// timeouts, so the election after a leader's death (during which
+    /// nothing can be committed) withdraws nobody.
+    silence: Duration,
     /// Leader commit indexes not yet applied here.
     commits: Queue,
     /// Registry indexes applied here, not yet live in haproxy.
@@ -87,9 +91,10 @@ pub struct Fitness {
 }
 
 impl Fitness {
-    pub fn new(max_lag: Duration) -> Fitness {
+    pub fn new(max_lag: Duration, silence: Duration) -> Fitness {
         Fitness {
             max_lag,
+            silence: silence.max(max_lag),
             commits: Queue::default(),
             registry: Queue::default(),
             synced: false,
@@ -125,14 +130,14 @@ impl Fitness {
         i.health.clone().map_err(|e| format!("unhealthy: {e}"))?;
         let ms = |d: Duration| d.as_millis();
         match (i.leading, i.heard) {
-            (Some(ack), _) if ack <= self.max_lag => {}
+            (Some(ack), _) if ack <= self.silence => {}
             (Some(ack), _) => {
                 return Err(format!(
                     "leads without a quorum: last ack {} ms ago",
                     ms(ack)
                 ))
             }
-            (None, Some(h)) if i.now.saturating_duration_since(h) <= self.max_lag => {}
+            (None, Some(h)) if i.now.saturating_duration_since(h) <= self.silence => {}
             (None, Some(h)) => {
                 return Err(format!(
                     "no Raft leader heard for {} ms",
@@ -176,6 +181,7 @@ mod tests {
     use super::*;
 
     const LAG: Duration = Duration::from_millis(1000);
+    const SILENCE: Duration = Duration::from_millis(2500);
 
     fn fine(now: Instant) -> Inputs {
         Inputs {
@@ -193,7 +199,7 @@ mod tests {
     }
 
     fn synced(now: Instant) -> Fitness {
-        let mut f = Fitness::new(LAG);
+        let mut f = Fitness::new(LAG, SILENCE);
         f.leader_committed(now, 10);
         assert_eq!(f.check(&fine(now)), Ok(()));
         f
@@ -202,7 +208,7 @@ mod tests {
     #[test]
     fn a_follower_is_fit_only_after_applying_a_commit_it_was_told_of() {
         let now = Instant::now();
-        let mut f = Fitness::new(LAG);
+        let mut f = Fitness::new(LAG, SILENCE);
         // Heard a leader, but no commit yet: it may be far behind.
         assert!(f.check(&fine(now)).unwrap_err().starts_with("catching up"));
         f.leader_committed(now, 50);
@@ -216,23 +222,27 @@ mod tests {
     #[test]
     fn a_leader_with_a_fresh_quorum_ack_is_synced() {
         let now = Instant::now();
-        let mut f = Fitness::new(LAG);
+        let mut f = Fitness::new(LAG, SILENCE);
         let mut i = fine(now);
         i.heard = None;
         i.leading = Some(Duration::from_millis(20));
         assert_eq!(f.check(&i), Ok(()));
-        i.leading = Some(Duration::from_millis(1500));
+        i.leading = Some(Duration::from_millis(2400));
+        assert_eq!(f.check(&i), Ok(()));
+        i.leading = Some(Duration::from_millis(2600));
         assert!(f.check(&i).unwrap_err().contains("without a quorum"));
     }
 
     #[test]
-    fn silence_from_the_leader_longer_than_the_lag_withdraws() {
+    fn an_election_keeps_balancers_in_and_longer_silence_withdraws() {
         let t0 = Instant::now();
         let mut f = synced(t0);
-        let mut i = fine(t0 + Duration::from_millis(900));
+        // The leader died at t0: past the lag, but an election may take
+        // that long, and nothing is committed meanwhile.
+        let mut i = fine(t0 + Duration::from_millis(2400));
         i.heard = Some(t0);
         assert_eq!(f.check(&i), Ok(()));
-        i.now = t0 + Duration::from_millis(1001);
+        i.now = t0 + Duration::from_millis(2501);
         assert!(f.check(&i).unwrap_err().contains("no Raft leader heard"));
         i.heard = None;
         assert!(f.check(&i).unwrap_err().contains("heard yet"));

@@ -45,6 +45,8 @@ pub struct BgpConfig {
     pub socket: PathBuf,
     pub include_file: PathBuf,
     pub max_lag: Duration,
+    /// How long without a Raft leader before withdrawing (fit.rs).
+    pub leader_silence: Duration,
     /// `None` with `--drain-ms 0`: withdraw at once.
     pub drain: Option<DrainConfig>,
     pub haproxy_socket: PathBuf,
@@ -118,7 +120,7 @@ impl Bgp {
             done,
         };
         let announcer = Announcer {
-            fitness: fit::Fitness::new(cfg.max_lag),
+            fitness: fit::Fitness::new(cfg.max_lag, cfg.leader_silence),
             cfg,
             src,
             status: status_tx,
@@ -315,7 +317,9 @@ impl Announcer {
                 Err(vip.health_reason)
             },
             leading,
-            heard: Some(liveness.last_heard()).filter(|_| m.current_leader.is_some()),
+            // Not gated on `current_leader`: a candidate has none, and an
+            // election must not withdraw anyone (fit.rs).
+            heard: Some(liveness.last_heard()),
             raft_applied: m.last_applied.map(|l| l.index).unwrap_or(0),
             live_index: render.applied_index,
             render_error: render.last_error,

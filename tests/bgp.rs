@@ -1,0 +1,865 @@
+//! `--vip-mode bgp` in a real routed lab: a router namespace running BIRD 2
+//! with ECMP (kernel multipath, L4 hashing) and BFD, a client namespace
+//! behind it, and three balancers on one bridge, each with BIRD 2, haproxy
+//! (supervised by clbd) and clbd (all three voters). Each balancer also runs
+//! a tiny backend on 127.0.0.1 that answers its own name, registered once as
+//! the member `127.0.0.1:PORT`: an answer names the balancer that carried
+//! the connection.
+//!
+//! One lab, phases in order (each needs the lab the previous one left):
+//! spread, a config one balancer's haproxy rejects, a balancer cut off from
+//! Raft, a planned drain and a SIGTERM under load, and ten host deaths.
+//! Figures are printed as `BGP-LAB ...` lines; docs/bgp.md quotes them.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clb::bgp::BgpStatus;
+use clb::model::{Check, Mode};
+use clb::views::{NodeView, RegisterBody, ServiceBody};
+use lab::ecmp::{Hashing, Router};
+use lab::netns::{self, Host, Lab};
+use lab::traffic::{self, ClientOpts, Shot};
+
+const TOKEN: &str = "bgp-lab-admin-token-0123456789";
+const SECRET: &str = "bgp-lab-cluster-secret-0123456789";
+const TIMERS: [&str; 6] = [
+    "--heartbeat-ms",
+    "50",
+    "--election-timeout-min-ms",
+    "600",
+    "--election-timeout-max-ms",
+    "900",
+];
+/// The lab's lag bound: a balancer withdraws when a committed change is not
+/// live in its haproxy this long after it saw it.
+const MAX_LAG_MS: u64 = 500;
+/// Hard stop for every background thread.
+const LAB_MAX: Duration = Duration::from_secs(300);
+const RUST_LOG: &[(&str, &str)] = &[("RUST_LOG", clb::DEFAULT_LOG)];
+/// The router's BIRD exports BGP routes here; [`Router`] forwards from it.
+const BGP_TABLE: u32 = 100;
+
+fn wait_for<T>(within: Duration, what: &str, f: impl FnMut() -> Option<T>) -> T {
+    lab::poll(within, what, f).unwrap_or_else(|e| panic!("{e}"))
+}
+
+struct Balancer {
+    host: Host,
+    api: SocketAddr,
+    args: Vec<String>,
+    bird_conf: PathBuf,
+    bird_sock: PathBuf,
+}
+
+impl Balancer {
+    fn clbd(&self) -> String {
+        format!("clbd-{}", self.host.name)
+    }
+
+    fn bird(&self) -> String {
+        format!("bird-{}", self.host.name)
+    }
+
+    fn http(&self, method: &str, path: &str, body: Option<&str>) -> Option<(u16, String)> {
+        netns::http(
+            &self.host.ns,
+            self.api,
+            method,
+            path,
+            Some(TOKEN),
+            body,
+            Duration::from_secs(40),
+        )
+    }
+
+    fn view(&self) -> Option<NodeView> {
+        let (status, body) = self.http("GET", "/v1/node", None)?;
+        (status == 200).then_some(())?;
+        serde_json::from_str(&body).ok()
+    }
+
+    fn bgp(&self) -> Option<BgpStatus> {
+        self.view()?.bgp
+    }
+}
+
+struct BgpLab {
+    lab: Lab,
+    client: Host,
+    balancers: Vec<Balancer>,
+    vip: Ipv4Addr,
+    port: u16,
+    dir: PathBuf,
+    ecmp: Router,
+}
+
+impl BgpLab {
+    /// The next hops the router forwards the VIP to.
+    fn next_hops(&self) -> Vec<Ipv4Addr> {
+        self.ecmp.next_hops()
+    }
+
+    fn all_hops(&self) -> Vec<Ipv4Addr> {
+        let mut all: Vec<Ipv4Addr> = self.balancers.iter().map(|b| b.host.ip).collect();
+        all.sort();
+        all
+    }
+
+    fn hops_without(&self, b: &Balancer) -> Vec<Ipv4Addr> {
+        self.all_hops()
+            .into_iter()
+            .filter(|h| *h != b.host.ip)
+            .collect()
+    }
+
+    fn wait_hops(&self, want: &[Ipv4Addr], within: Duration, what: &str) {
+        wait_for(within, what, || (self.next_hops() == want).then_some(()));
+    }
+
+    fn start_bird(&mut self, i: usize) {
+        let b = &self.balancers[i];
+        let args = vec![
+            "-f".into(),
+            "-c".into(),
+            b.bird_conf.display().to_string(),
+            "-s".into(),
+            b.bird_sock.display().to_string(),
+        ];
+        let (label, ns) = (b.bird(), b.host.ns.clone());
+        self.lab
+            .spawn(&label, &ns, "bird", &args, &[])
+            .expect("spawn bird");
+    }
+
+    fn start_clbd(&mut self, i: usize) {
+        let b = &self.balancers[i];
+        let (label, ns, args) = (b.clbd(), b.host.ns.clone(), b.args.clone());
+        self.lab
+            .spawn(&label, &ns, env!("CARGO_BIN_EXE_clbd"), &args, RUST_LOG)
+            .expect("spawn clbd");
+    }
+
+    fn client(&self, opts: ClientOpts, stop: Arc<AtomicBool>) -> Arc<Mutex<Vec<Shot>>> {
+        traffic::client(
+            &self.client.ns,
+            SocketAddr::from((self.vip, self.port)),
+            opts,
+            stop,
+            LAB_MAX,
+        )
+    }
+
+    fn define(&self, name: &str) {
+        let port = netns::free_port_in(&self.balancers[0].host.ns, Ipv4Addr::UNSPECIFIED)
+            .expect("free port");
+        let body = serde_json::to_string(&ServiceBody {
+            port: port.into(),
+            mode: Some(Mode::Tcp),
+            check: Some(Check::None),
+            ..Default::default()
+        })
+        .unwrap();
+        let r = self.balancers[0].http("PUT", &format!("/v1/services/{name}"), Some(&body));
+        assert_eq!(r.as_ref().map(|r| r.0), Some(200), "define {name}: {r:?}");
+    }
+}
+
+/// Prints the tail of every log when the test fails.
+struct LogsOnPanic(Vec<PathBuf>);
+
+impl Drop for LogsOnPanic {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for path in &self.0 {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!("---- {} (last 40 lines) ----", path.display());
+            for l in &lines[lines.len().saturating_sub(40)..] {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+fn router_conf(router: &Host, balancers: &[Host]) -> String {
+    let mut c = format!(
+        "router id {};\nlog stderr all;\nprotocol device {{ scan time 1; }}\n\
+         protocol kernel {{ kernel table {BGP_TABLE}; ipv4 {{ import none; export all; }}; merge paths on; }}\n\
+         protocol bfd {{ interface \"*\" {{ min rx interval 100 ms; min tx interval 100 ms; multiplier 3; }}; }}\n\
+         template bgp balancer {{ local as 65000; ipv4 {{ import all; export none; }}; bfd on; \
+         hold time 3; connect delay time 1; connect retry time 2; error wait time 1, 10; }}\n",
+        router.ip
+    );
+    for b in balancers {
+        c.push_str(&format!(
+            "protocol bgp {} from balancer {{ neighbor {} as 65001; }}\n",
+            b.name, b.ip
+        ));
+    }
+    c
+}
+
+fn build() -> Option<BgpLab> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED bgp lab: network namespaces need root (CI runs as root)");
+        return None;
+    }
+    assert!(
+        clb::find_program("bird").is_some(),
+        "bird is not installed: scripts/test.sh installs bird2 (apt-get install -y bird2)"
+    );
+    let pid = std::process::id();
+    let x = (pid % 200 + 20) as u8;
+    let mut lab = Lab::new(&format!("clg{pid}"), [10, 214, x]).expect("lab");
+    let router = lab.add_host("r", 1).expect("router");
+    let hosts: Vec<Host> = (1..=3u8)
+        .map(|i| lab.add_host(&format!("b{i}"), 10 + i).expect("balancer"))
+        .collect();
+    let client = lab
+        .add_routed_host("c", &router, [10, 215, x])
+        .expect("client");
+    let vip = Ipv4Addr::new(10, 216, x, 10);
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("ip")
+            .args(args)
+            .output()
+            .expect("ip netns exec");
+        assert!(out.status.success(), "{args:?}: {out:?}");
+    };
+    // L4 hashing: one client's connections differ only in source port.
+    run(&[
+        "netns",
+        "exec",
+        &router.ns,
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_forward=1",
+        "net.ipv4.fib_multipath_hash_policy=1",
+    ]);
+    for h in &hosts {
+        netns::ip(&[
+            "-n",
+            &h.ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &router.ip.to_string(),
+        ])
+        .expect("default route");
+    }
+    let dir = lab.dir().to_path_buf();
+    let router_cfg = dir.join("bird-r.conf");
+    std::fs::write(&router_cfg, router_conf(&router, &hosts)).unwrap();
+    let args = vec![
+        "-f".into(),
+        "-c".into(),
+        router_cfg.display().to_string(),
+        "-s".into(),
+        dir.join("bird-r.sock").display().to_string(),
+    ];
+    lab.spawn("bird-r", &router.ns, "bird", &args, &[])
+        .expect("router bird");
+    let ecmp = Router::start(
+        &router.ns,
+        &format!("{vip}/32"),
+        BGP_TABLE,
+        "eth0",
+        lab.stop.clone(),
+        LAB_MAX,
+    )
+    .expect("router forwarding");
+
+    let tokens = dir.join("tokens");
+    std::fs::write(&tokens, format!("{TOKEN}\n")).unwrap();
+    let secret = dir.join("secret");
+    std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+    let port = |h: &Host| netns::free_port_in(&h.ns, h.ip).expect("free port");
+    let addrs: Vec<(SocketAddr, SocketAddr)> = hosts
+        .iter()
+        .map(|h| {
+            (
+                SocketAddr::from((h.ip, port(h))),
+                SocketAddr::from((h.ip, port(h))),
+            )
+        })
+        .collect();
+    let peers = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, (_, p))| format!("{}={p}", i + 1))
+        .collect::<Vec<_>>()
+        .join(",");
+    // Node 3's validation fails while `reject` exists: a config its
+    // haproxy refuses, the others take.
+    let validate = dir.join("validate-b3.sh");
+    std::fs::write(
+        &validate,
+        format!(
+            "#!/bin/sh\n[ -e {} ] && {{ echo 'rejected by the lab' >&2; exit 1; }}\nexec haproxy -c -q -f \"$1\"\n",
+            dir.join("reject").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &validate,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let mut balancers = Vec::new();
+    for (i, (h, (api, peer))) in hosts.iter().zip(&addrs).enumerate() {
+        let id = i as u64 + 1;
+        let include = dir.join(format!("clb-{}.conf", h.name));
+        std::fs::write(&include, "").unwrap();
+        let bird_conf = dir.join(format!("bird-{}.conf", h.name));
+        std::fs::write(
+            &bird_conf,
+            format!(
+                "router id {};\nlog stderr all;\nprotocol device {{ scan time 1; }}\ninclude \"{}\";\n",
+                h.ip,
+                include.display()
+            ),
+        )
+        .unwrap();
+        let bird_sock = dir.join(format!("bird-{}.sock", h.name));
+        let d = |f: &str| dir.join(format!("{f}-{}", h.name)).display().to_string();
+        let mut args: Vec<String> = [
+            "--node-id",
+            &id.to_string(),
+            "--listen",
+            &api.to_string(),
+            "--peer-listen",
+            &peer.to_string(),
+            "--peers",
+            &peers,
+            "--cluster-secret-file",
+            &secret.display().to_string(),
+            "--token-file",
+            &tokens.display().to_string(),
+            "--data-dir",
+            &d("data"),
+            "-o",
+            &d("haproxy.cfg"),
+            "--haproxy",
+            "supervise",
+            "--stats-port",
+            "0",
+            "--reload-min-interval-ms",
+            "200",
+            "--vip",
+            &vip.to_string(),
+            "--vip-mode",
+            "bgp",
+            "--bgp-neighbor",
+            &router.ip.to_string(),
+            "--bird-socket",
+            &bird_sock.display().to_string(),
+            "--bird-include",
+            &include.display().to_string(),
+            "--bgp-max-lag-ms",
+            &MAX_LAG_MS.to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(TIMERS.iter().map(|s| s.to_string()));
+        if id == 3 {
+            args.extend([
+                "--validate-cmd".into(),
+                format!("{} {{}}", validate.display()),
+            ]);
+        }
+        balancers.push(Balancer {
+            host: h.clone(),
+            api: *api,
+            args,
+            bird_conf,
+            bird_sock,
+        });
+    }
+    let mut bl = BgpLab {
+        lab,
+        client,
+        balancers,
+        vip,
+        port: 0,
+        dir,
+        ecmp,
+    };
+    for i in 0..3 {
+        bl.start_bird(i);
+        bl.start_clbd(i);
+    }
+    // The local backends, and the service every balancer serves.
+    let backend_port = netns::free_port_in(&bl.balancers[0].host.ns, Ipv4Addr::LOCALHOST).unwrap();
+    for b in &bl.balancers {
+        let at = SocketAddr::from((Ipv4Addr::LOCALHOST, backend_port));
+        traffic::backend(&b.host.ns, at, &b.host.name, bl.lab.stop.clone(), LAB_MAX)
+            .expect("backend");
+    }
+    bl.port = netns::free_port_in(&bl.balancers[0].host.ns, Ipv4Addr::UNSPECIFIED).unwrap();
+    let svc = serde_json::to_string(&ServiceBody {
+        port: bl.port.into(),
+        mode: Some(Mode::Http),
+        check: Some(Check::None),
+        ..Default::default()
+    })
+    .unwrap();
+    wait_for(Duration::from_secs(30), "the service defined", || {
+        let r = bl.balancers[0].http("PUT", "/v1/services/web", Some(&svc))?;
+        (r.0 == 200).then_some(())
+    });
+    let member = serde_json::to_string(&RegisterBody {
+        address: "127.0.0.1".into(),
+        port: Some(backend_port.into()),
+        ..Default::default()
+    })
+    .unwrap();
+    let r = bl.balancers[0].http("PUT", "/v1/services/web/members/local", Some(&member));
+    assert_eq!(r.as_ref().map(|r| r.0), Some(200), "register: {r:?}");
+    Some(bl)
+}
+
+/// Counts answers per balancer.
+fn spread(shots: &[Shot]) -> BTreeMap<String, usize> {
+    let mut by = BTreeMap::new();
+    for s in shots {
+        if let Some(b) = &s.served_by {
+            *by.entry(b.clone()).or_insert(0) += 1;
+        }
+    }
+    by
+}
+
+fn failures(shots: &[Shot]) -> Vec<&Shot> {
+    shots.iter().filter(|s| s.error.is_some()).collect()
+}
+
+/// A client keep-alive connection to the VIP, and who answered it.
+struct Open {
+    stream: TcpStream,
+    by: String,
+}
+
+fn one_answer(s: &mut TcpStream) -> Option<String> {
+    s.write_all(b"GET / HTTP/1.1\r\nHost: vip\r\n\r\n").ok()?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        let n = s.read(&mut buf).ok()?;
+        if n == 0 {
+            return None;
+        }
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got).to_string();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap_or(0))
+                })
+                .unwrap_or(0);
+            if body.len() >= len && head.starts_with("HTTP/1.1 200") {
+                return Some(body[..len].to_string());
+            }
+        }
+    }
+}
+
+fn open_connections(bl: &BgpLab, n: usize) -> Vec<Open> {
+    let target = SocketAddr::from((bl.vip, bl.port));
+    netns::in_ns(&bl.client.ns, || {
+        (0..n)
+            .filter_map(|_| {
+                let mut stream =
+                    TcpStream::connect_timeout(&target, Duration::from_secs(1)).ok()?;
+                stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+                let by = one_answer(&mut stream)?;
+                Some(Open { stream, by })
+            })
+            .collect()
+    })
+    .expect("client namespace")
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let i = ((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1;
+    v[i]
+}
+
+#[test]
+fn bgp_mode_spreads_drains_and_survives_host_deaths() {
+    let Some(mut bl) = build() else { return };
+    let mut logs: Vec<PathBuf> = vec![bl.lab.log("bird-r")];
+    for b in &bl.balancers {
+        logs.push(bl.lab.log(&b.clbd()));
+        logs.push(bl.lab.log(&b.bird()));
+    }
+    let _logs = LogsOnPanic(logs);
+    let all = bl.all_hops();
+    bl.wait_hops(
+        &all,
+        Duration::from_secs(40),
+        "all three balancers announced at the router",
+    );
+    for b in &bl.balancers {
+        // Status, session and BFD as the node reports them.
+        wait_for(
+            Duration::from_secs(15),
+            "announced, session and BFD up",
+            || {
+                b.bgp()
+                    .filter(|s| s.announced && s.session_up && s.bfd == "Up")
+            },
+        );
+    }
+
+    // 1. Spread: 3,000 new connections from one client.
+    let stop = Arc::new(AtomicBool::new(false));
+    let opts = ClientOpts {
+        workers: 8,
+        interval: Duration::from_micros(500),
+        connect_timeout: Duration::from_secs(2),
+        read_timeout: Duration::from_secs(2),
+        path: "/",
+    };
+    let shots = bl.client(opts, stop.clone());
+    wait_for(Duration::from_secs(60), "3,000 requests", || {
+        (shots.lock().unwrap().len() >= 3000).then_some(())
+    });
+    stop.store(true, Ordering::SeqCst);
+    let shots: Vec<Shot> = shots.lock().unwrap().iter().take(3000).cloned().collect();
+    let by = spread(&shots);
+    eprintln!("BGP-LAB spread over 3000 connections: {by:?}");
+    assert!(
+        failures(&shots).is_empty(),
+        "failed: {:?}",
+        failures(&shots).first()
+    );
+    for b in &bl.balancers {
+        let n = by.get(&b.host.name).copied().unwrap_or(0);
+        assert!(
+            (600..=1410).contains(&n),
+            "balancer {} carried {n} of 3000 (outside 20-47 %): {by:?}",
+            b.host.name
+        );
+    }
+
+    // 2. A config node 3's haproxy rejects: it withdraws within the lag
+    // bound and never announces while it runs an older config.
+    let b3 = 2;
+    std::fs::write(bl.dir.join("reject"), "").unwrap();
+    bl.define("rejected-here");
+    let s = wait_for(
+        Duration::from_secs(10),
+        "node 3 withdrawn after the rejection",
+        || {
+            bl.balancers[b3]
+                .bgp()
+                .filter(|s| !s.announced && s.reason.contains("rejected"))
+        },
+    );
+    let without3 = bl.hops_without(&bl.balancers[b3]);
+    bl.wait_hops(
+        &without3,
+        Duration::from_secs(5),
+        "the router without node 3",
+    );
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        assert_eq!(
+            bl.next_hops(),
+            without3,
+            "node 3 announced while its config was rejected"
+        );
+        let s = bl.balancers[b3].bgp().expect("status");
+        assert!(!s.announced, "{s:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::fs::remove_file(bl.dir.join("reject")).unwrap();
+    bl.define("accepted-here");
+    bl.wait_hops(
+        &all,
+        Duration::from_secs(10),
+        "node 3 back after a config it accepts",
+    );
+    eprintln!(
+        "BGP-LAB rejected config: node 3 withdrew ({}), announced again once fit",
+        s.reason
+    );
+
+    // 3. Node 3 cut off from Raft (its BGP session stays up): it withdraws
+    // and stays out while the others commit changes it lacks.
+    let (b1h, b2h, b3h) = (
+        bl.balancers[0].host.clone(),
+        bl.balancers[1].host.clone(),
+        bl.balancers[b3].host.clone(),
+    );
+    bl.lab
+        .partition(&[&[&b3h], &[&b1h, &b2h]])
+        .expect("partition");
+    bl.wait_hops(
+        &without3,
+        Duration::from_secs(10),
+        "node 3 withdrawn when cut off from Raft",
+    );
+    let s = bl.balancers[b3].bgp().expect("status");
+    assert!(!s.announced && s.session_up, "{s:?}");
+    let lagging = s.reason.clone();
+    let spare = netns::free_port_in(&b1h.ns, Ipv4Addr::UNSPECIFIED).expect("free port");
+    wait_for(
+        Duration::from_secs(10),
+        "a change committed without node 3",
+        || {
+            let body = serde_json::to_string(&ServiceBody {
+                port: spare.into(),
+                mode: Some(Mode::Tcp),
+                check: Some(Check::None),
+                ..Default::default()
+            })
+            .ok()?;
+            let r = bl.balancers[0].http("PUT", "/v1/services/while-cut-off", Some(&body))?;
+            (r.0 == 200).then_some(())
+        },
+    );
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        assert_eq!(
+            bl.next_hops(),
+            without3,
+            "node 3 announced while behind the registry"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bl.lab.recover().expect("recover");
+    bl.wait_hops(
+        &all,
+        Duration::from_secs(15),
+        "node 3 back after catching up",
+    );
+    eprintln!("BGP-LAB lagging node: withdrew ({lagging}), announced again after catching up");
+
+    // 4. Planned drain of node 2 under load, then SIGTERM of node 1: no
+    // request fails (a held-back SYN is sent again after ~1 s).
+    let stop = Arc::new(AtomicBool::new(false));
+    let patient = ClientOpts {
+        workers: 4,
+        interval: Duration::from_millis(5),
+        connect_timeout: Duration::from_secs(7),
+        read_timeout: Duration::from_secs(7),
+        path: "/",
+    };
+    // A router with resilient hashing: a next hop that leaves or joins
+    // moves no flow of the others (with hash-threshold some do, and their
+    // host resets them: phase 5 counts them).
+    bl.ecmp
+        .set_hashing(Hashing::Resilient, Duration::from_secs(5))
+        .expect("resilient hashing");
+    let shots = bl.client(patient, stop.clone());
+    wait_for(Duration::from_secs(10), "load running", || {
+        (shots.lock().unwrap().len() >= 100).then_some(())
+    });
+    let r = bl.balancers[0].http("POST", "/v1/cluster/nodes/2/drain", None);
+    let drained: BgpStatus = serde_json::from_str(&r.as_ref().expect("drain answer").1)
+        .unwrap_or_else(|e| panic!("drain answer {r:?}: {e}"));
+    assert!(!drained.announced && drained.drained, "{drained:?}");
+    let without2 = bl.hops_without(&bl.balancers[1]);
+    bl.wait_hops(
+        &without2,
+        Duration::from_secs(5),
+        "the router without node 2",
+    );
+    let mark = shots.lock().unwrap().len();
+    wait_for(Duration::from_secs(10), "more load after the drain", || {
+        (shots.lock().unwrap().len() >= mark + 300).then_some(())
+    });
+    let after: Vec<Shot> = shots.lock().unwrap()[mark..].to_vec();
+    assert_eq!(
+        spread(&after).get("b2"),
+        None,
+        "node 2 carried new connections after its drain"
+    );
+    let r = bl.balancers[0].http("POST", "/v1/cluster/nodes/2/ready", None);
+    assert_eq!(r.as_ref().map(|r| r.0), Some(200), "ready: {r:?}");
+    bl.wait_hops(
+        &all,
+        Duration::from_secs(10),
+        "node 2 back after ready-node",
+    );
+    // SIGTERM: node 1 drains and withdraws before it stops.
+    let label = bl.balancers[0].clbd();
+    let status = bl.lab.terminate(&label, Duration::from_secs(20));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "clbd-b1 exit: {status:?}"
+    );
+    let without1 = bl.hops_without(&bl.balancers[0]);
+    assert_eq!(
+        bl.next_hops(),
+        without1,
+        "node 1 still announced after it stopped"
+    );
+    let mark = shots.lock().unwrap().len();
+    wait_for(Duration::from_secs(10), "more load after the stop", || {
+        (shots.lock().unwrap().len() >= mark + 200).then_some(())
+    });
+    stop.store(true, Ordering::SeqCst);
+    let shots: Vec<Shot> = shots.lock().unwrap().clone();
+    let failed = failures(&shots);
+    eprintln!(
+        "BGP-LAB planned drain + SIGTERM under load: {} requests, {} failed, slowest {:?}",
+        shots.len(),
+        failed.len(),
+        shots.iter().map(|s| s.at - s.start).max()
+    );
+    assert!(
+        failed.is_empty(),
+        "{} failed, first: {:?}",
+        failed.len(),
+        failed.first()
+    );
+    bl.start_clbd(0);
+    bl.wait_hops(
+        &all,
+        Duration::from_secs(20),
+        "node 1 back after its restart",
+    );
+
+    // 5. Host deaths: clbd, haproxy and BIRD SIGKILLed and the link cut.
+    let mut recoveries = Vec::new();
+    let (mut survivors_kept, mut survivors_broken) = (0, 0);
+    let mut broken_by = BTreeMap::new();
+    for drill in 0..10 {
+        let v = drill % 3;
+        let hashing = if drill % 2 == 0 {
+            Hashing::Threshold
+        } else {
+            Hashing::Resilient
+        };
+        bl.ecmp
+            .set_hashing(hashing, Duration::from_secs(5))
+            .expect("hashing");
+        let victim = bl.balancers[v].host.clone();
+        let open = open_connections(&bl, 24);
+        let stop = Arc::new(AtomicBool::new(false));
+        // Many workers, so some are free to connect while others wait out
+        // a connection sent to the dead host.
+        let quick = ClientOpts {
+            workers: 12,
+            interval: Duration::from_millis(2),
+            connect_timeout: Duration::from_millis(300),
+            read_timeout: Duration::from_secs(1),
+            path: "/",
+        };
+        let shots = bl.client(quick, stop.clone());
+        wait_for(Duration::from_secs(10), "load running", || {
+            (shots.lock().unwrap().len() >= 50).then_some(())
+        });
+        // The link first: a process killed first would have its kernel
+        // close BIRD's BGP connection, and the router would hear of the
+        // death at once instead of through BFD.
+        // The link first: a process killed first would have its kernel
+        // close BIRD's BGP connection, and the router would hear of the
+        // death at once instead of through BFD.
+        let killed = Instant::now();
+        bl.lab.set_link(&victim, false).expect("link down");
+        let labels = [bl.balancers[v].clbd(), bl.balancers[v].bird()];
+        bl.lab
+            .kill_all_of(&[labels[0].as_str(), labels[1].as_str()]);
+        // When the router stops sending new connections to the dead host.
+        let rerouted = lab::wait::poll_every(
+            Duration::from_secs(5),
+            Duration::from_millis(2),
+            "the router drops the dead balancer",
+            || (!bl.next_hops().contains(&victim.ip)).then(|| killed.elapsed()),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        // Long enough for a connection sent to the dead host just before
+        // to time out.
+        let settle = killed + rerouted + Duration::from_millis(600);
+        std::thread::sleep(settle.saturating_duration_since(Instant::now()));
+        stop.store(true, Ordering::SeqCst);
+        let shots: Vec<Shot> = shots.lock().unwrap().clone();
+        let after: Vec<&Shot> = shots
+            .iter()
+            .filter(|s| s.start >= killed + rerouted)
+            .collect();
+        let lost: Vec<&&Shot> = after.iter().filter(|s| s.error.is_some()).collect();
+        let failed_before = shots
+            .iter()
+            .filter(|s| s.error.is_some() && s.start >= killed && s.start < killed + rerouted)
+            .count();
+        assert!(
+            after.len() >= 20 && lost.is_empty(),
+            "drill {drill}: {} of {} new connections failed after the router dropped the dead host at {rerouted:?}: {:?}",
+            lost.len(),
+            after.len(),
+            lost.first()
+        );
+        let last_failed = rerouted;
+        recoveries.push(last_failed.as_secs_f64() * 1e3);
+        // Open connections on the survivors: the rehash moves some.
+        let (mut kept, mut broken) = (0, 0);
+        netns::in_ns(&bl.client.ns, || {
+            for mut o in open.into_iter().filter(|o| o.by != victim.name) {
+                match one_answer(&mut o.stream) {
+                    Some(by) if by == o.by => kept += 1,
+                    _ => broken += 1,
+                }
+            }
+        })
+        .unwrap();
+        survivors_kept += kept;
+        survivors_broken += broken;
+        let e = broken_by.entry(format!("{hashing:?}")).or_insert((0, 0));
+        e.0 += kept;
+        e.1 += broken;
+        eprintln!(
+            "BGP-LAB host death {drill} (node {}, {hashing:?} hashing): the router stopped sending new connections \
+             to it {:.0} ms after the kill ({failed_before} sent there failed, none after); \
+             open connections on survivors: {kept} kept, {broken} broken by the rehash",
+            v + 1,
+            last_failed.as_secs_f64() * 1e3
+        );
+        // Bring it back.
+        bl.lab.set_link(&victim, true).expect("link up");
+        bl.start_bird(v);
+        bl.start_clbd(v);
+        bl.wait_hops(
+            &all,
+            Duration::from_secs(30),
+            "the balancer back after the drill",
+        );
+    }
+    let p50 = pct(&mut recoveries, 0.5);
+    let p99 = pct(&mut recoveries, 0.99);
+    eprintln!(
+        "BGP-LAB host deaths: new connections all succeed again after p50 {p50:.0} ms, p99 {p99:.0} ms (10 drills); \
+         survivors' open connections: {survivors_kept} kept, {survivors_broken} broken; (kept, broken) by hashing: {broken_by:?}"
+    );
+    assert_eq!(
+        broken_by.get("Resilient").map(|e| e.1),
+        Some(0),
+        "resilient hashing broke open connections on survivors: {broken_by:?}"
+    );
+    assert!(
+        p99 < 1000.0,
+        "p99 recovery {p99:.0} ms (recoveries {recoveries:?})"
+    );
+    assert!(
+        survivors_kept > 0,
+        "every open connection on a survivor broke"
+    );
+}
