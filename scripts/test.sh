@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what the tests need (haproxy, iproute2,
-# nftables, chromium, gdb, python3, curl, openssl, cloud-init, prometheus for
+# nftables, bird2, chromium, gdb, python3, curl, openssl, cloud-init, prometheus for
 # promtool, and cargo-deb from crates.io) when missing, then checks
 # formatting, lints and runs every test.
 set -euo pipefail
@@ -21,6 +21,8 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 # tests/deploy.rs validates the cloud-init recipes with cloud-init's schema.
 command -v cloud-init >/dev/null 2>&1 || need+=(cloud-init)
+# tests/bgp.rs runs BIRD 2 on a lab router and on every bgp-mode balancer.
+[ -x /usr/sbin/bird ] || need+=(bird2)
 # tests/monitoring.rs checks and unit-tests the alert rules with promtool.
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 if ((${#need[@]})); then

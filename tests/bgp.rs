@@ -155,6 +155,25 @@ impl BgpLab {
         )
     }
 
+    /// `clb ARGS` against balancer `i`, from inside its namespace; stdout.
+    fn clb(&self, i: usize, args: &[&str]) -> String {
+        let b = &self.balancers[i];
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &b.host.ns, env!("CARGO_BIN_EXE_clb")])
+            .args(["--server", &format!("http://{}", b.api), "--insecure"])
+            .args(args)
+            .env("CLB_TOKEN", TOKEN)
+            .output()
+            .expect("run clb");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "clb {args:?}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    }
+
     fn define(&self, name: &str) {
         let port = netns::free_port_in(&self.balancers[0].host.ns, Ipv4Addr::UNSPECIFIED)
             .expect("free port");
@@ -526,6 +545,26 @@ fn bgp_mode_spreads_drains_and_survives_host_deaths() {
         );
     }
 
+    // What operators see: clb status, /metrics and /ui.
+    let status = bl.clb(0, &["status"]);
+    assert!(
+        status.contains("ANNOUNCED") && status.matches("Established").count() == 3,
+        "{status}"
+    );
+    let (code, metrics) = bl.balancers[1]
+        .http("GET", "/metrics", None)
+        .expect("metrics");
+    assert_eq!(code, 200);
+    for line in ["clb_bgp_announced 1", "clb_bgp_session_up 1", "clb_bgp_bfd_up 1"] {
+        assert!(metrics.lines().any(|l| l == line), "no {line:?} in\n{metrics}");
+    }
+    let (code, ui) = bl.balancers[2].http("GET", "/ui", None).expect("ui");
+    assert_eq!(code, 200);
+    assert!(
+        ui.contains("BGP announcements") && ui.matches(">announced<").count() == 3,
+        "{ui}"
+    );
+
     // 1. Spread: 3,000 new connections from one client.
     let stop = Arc::new(AtomicBool::new(false));
     let opts = ClientOpts {
@@ -671,9 +710,13 @@ fn bgp_mode_spreads_drains_and_survives_host_deaths() {
     wait_for(Duration::from_secs(10), "load running", || {
         (shots.lock().unwrap().len() >= 100).then_some(())
     });
-    let r = bl.balancers[0].http("POST", "/v1/cluster/nodes/2/drain", None);
-    let drained: BgpStatus = serde_json::from_str(&r.as_ref().expect("drain answer").1)
-        .unwrap_or_else(|e| panic!("drain answer {r:?}: {e}"));
+    // Through the CLI, asked of node 1 (it forwards to node 2).
+    let out = bl.clb(0, &["drain-node", "2"]);
+    assert!(
+        out.contains("node 2 does not announce the VIP: drained by an operator"),
+        "{out}"
+    );
+    let drained = bl.balancers[1].bgp().expect("node 2 status");
     assert!(!drained.announced && drained.drained, "{drained:?}");
     let without2 = bl.hops_without(&bl.balancers[1]);
     bl.wait_hops(
@@ -691,8 +734,8 @@ fn bgp_mode_spreads_drains_and_survives_host_deaths() {
         None,
         "node 2 carried new connections after its drain"
     );
-    let r = bl.balancers[0].http("POST", "/v1/cluster/nodes/2/ready", None);
-    assert_eq!(r.as_ref().map(|r| r.0), Some(200), "ready: {r:?}");
+    let out = bl.clb(2, &["ready-node", "2"]);
+    assert!(out.contains("node 2 announces the VIP"), "{out}");
     bl.wait_hops(
         &all,
         Duration::from_secs(10),
