@@ -1218,6 +1218,82 @@ mod tests {
     }
 
     #[test]
+    fn bgp_mode_flags_are_validated() {
+        let bad = |s: Settings| Config::from_settings(s).unwrap_err().to_string();
+        let bgp = || Settings {
+            vip: Some("192.0.2.10".into()),
+            vip_mode: Some("bgp".into()),
+            bgp_neighbor: Some("10.0.0.1".into()),
+            haproxy_socket: Some("/run/haproxy/admin.sock".into()),
+            data_dir: Some("/var/lib/clb".into()),
+            // Independent of nft on the machine running the test.
+            drain_ms: Some(0),
+            ..Default::default()
+        };
+        assert_eq!(
+            bad(Settings {
+                vip_mode: Some("ospf".into()),
+                ..bgp()
+            }),
+            "--vip-mode: \"ospf\" is not arp or bgp"
+        );
+        assert!(bad(Settings {
+            vip_mode: None,
+            vip: None,
+            ..bgp()
+        })
+        .starts_with("--bgp-neighbor: needs --vip-mode bgp"));
+        assert!(bad(Settings {
+            bgp_neighbor: None,
+            ..bgp()
+        })
+        .contains("needs --bgp-neighbor"));
+        assert!(bad(Settings { vip: None, ..bgp() }).contains("needs --vip"));
+        assert!(bad(Settings {
+            vip_hook: Some("true".into()),
+            ..bgp()
+        })
+        .starts_with("--vip-hook: is for --vip-mode arp"));
+        assert!(bad(Settings {
+            haproxy_socket: None,
+            haproxy: Some("external".into()),
+            ..bgp()
+        })
+        .contains("needs --haproxy-socket"));
+        assert!(bad(Settings {
+            bgp_neighbor: Some("router".into()),
+            ..bgp()
+        })
+        .starts_with("--bgp-neighbor:"));
+        assert!(bad(Settings {
+            bgp_max_lag_ms: Some(50),
+            ..bgp()
+        })
+        .starts_with("--bgp-max-lag-ms"));
+        let c = Config::from_settings(bgp()).unwrap();
+        let b = c.bgp.expect("bgp settings");
+        // The leader claims nothing in bgp mode.
+        assert!(c.failover.vip.is_none());
+        assert_eq!(b.include.asn, 65001);
+        assert_eq!(b.include.peer_asn, 65000);
+        assert_eq!(b.socket, PathBuf::from("/run/bird/bird.ctl"));
+        assert_eq!(b.include_file, PathBuf::from("/etc/bird/clb.conf"));
+        assert_eq!(b.drained_file, PathBuf::from("/var/lib/clb/bgp-drained"));
+        // Lag plus two maximum election timeouts of the default preset.
+        assert_eq!(
+            b.leader_silence,
+            Duration::from_millis(2_000 + 2 * c.raft.election_timeout_max_ms)
+        );
+        // A witness never announces.
+        let w = Config::from_settings(Settings {
+            role: Some("witness".into()),
+            ..bgp()
+        })
+        .unwrap();
+        assert!(w.bgp.is_none());
+    }
+
+    #[test]
     fn haproxy_auto_supervises_only_where_haproxy_is_installed() {
         let s = |mode: &str| Settings {
             haproxy: Some(mode.into()),

@@ -555,8 +555,15 @@ fn bgp_mode_spreads_drains_and_survives_host_deaths() {
         .http("GET", "/metrics", None)
         .expect("metrics");
     assert_eq!(code, 200);
-    for line in ["clb_bgp_announced 1", "clb_bgp_session_up 1", "clb_bgp_bfd_up 1"] {
-        assert!(metrics.lines().any(|l| l == line), "no {line:?} in\n{metrics}");
+    for line in [
+        "clb_bgp_announced 1",
+        "clb_bgp_session_up 1",
+        "clb_bgp_bfd_up 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line:?} in\n{metrics}"
+        );
     }
     let (code, ui) = bl.balancers[2].http("GET", "/ui", None).expect("ui");
     assert_eq!(code, 200);
