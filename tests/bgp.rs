@@ -208,22 +208,57 @@ impl Drop for LogsOnPanic {
     }
 }
 
-fn router_conf(router: &Host, balancers: &[Host]) -> String {
-    let mut c = format!(
-        "router id {};\nlog stderr all;\nprotocol device {{ scan time 1; }}\n\
-         protocol kernel {{ kernel table {BGP_TABLE}; ipv4 {{ import none; export all; }}; merge paths on; }}\n\
-         protocol bfd {{ interface \"*\" {{ min rx interval 100 ms; min tx interval 100 ms; multiplier 3; }}; }}\n\
-         template bgp balancer {{ local as 65000; ipv4 {{ import all; export none; }}; bfd on; \
-         hold time 3; connect delay time 1; connect retry time 2; error wait time 1, 10; }}\n",
-        router.ip
-    );
-    for b in balancers {
-        c.push_str(&format!(
-            "protocol bgp {} from balancer {{ neighbor {} as 65001; }}\n",
-            b.name, b.ip
-        ));
+/// `text` with each `(from, to)` replaced; panics when `from` is missing,
+/// so a template that drifts from what the lab expects fails here.
+fn fill(name: &str, text: &str, pairs: &[(&str, String)]) -> String {
+    pairs.iter().fold(text.to_string(), |t, (from, to)| {
+        assert!(t.contains(from), "{name} has no {from:?}");
+        t.replace(from, to)
+    })
+}
+
+fn deploy_file(rel: &str) -> String {
+    std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(rel))
+        .unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
+/// deploy/bird/router.conf as shipped, filled in for the lab; its kernel
+/// routes go to [`BGP_TABLE`] for [`Router`] to forward from.
+fn router_conf(router: &Host, balancers: &[Host], vip: Ipv4Addr) -> String {
+    let [a, b, c, _] = vip.octets();
+    let mut pairs = vec![
+        ("router id 10.0.1.1;", format!("router id {};", router.ip)),
+        ("log syslog all;", "log stderr all;".into()),
+        (
+            "merge paths on;",
+            format!("merge paths on;\n  kernel table {BGP_TABLE};"),
+        ),
+        (
+            "203.0.113.0/24{32,32}",
+            format!("{a}.{b}.{c}.0/24{{32,32}}"),
+        ),
+    ];
+    for (i, h) in balancers.iter().enumerate() {
+        pairs.push((["10.0.1.11", "10.0.1.12", "10.0.1.13"][i], h.ip.to_string()));
     }
-    c
+    fill(
+        "deploy/bird/router.conf",
+        &deploy_file("deploy/bird/router.conf"),
+        &pairs,
+    )
+}
+
+/// deploy/bird/balancer.conf as shipped, filled in for balancer `h`.
+fn balancer_conf(h: &Host, include: &std::path::Path) -> String {
+    fill(
+        "deploy/bird/balancer.conf",
+        &deploy_file("deploy/bird/balancer.conf"),
+        &[
+            ("router id 10.0.1.11;", format!("router id {};", h.ip)),
+            ("log syslog all;", "log stderr all;".into()),
+            ("/etc/bird/clb.conf", include.display().to_string()),
+        ],
+    )
 }
 
 fn build() -> Option<BgpLab> {
@@ -278,7 +313,7 @@ fn build() -> Option<BgpLab> {
     }
     let dir = lab.dir().to_path_buf();
     let router_cfg = dir.join("bird-r.conf");
-    std::fs::write(&router_cfg, router_conf(&router, &hosts)).unwrap();
+    std::fs::write(&router_cfg, router_conf(&router, &hosts, vip)).unwrap();
     let args = vec![
         "-f".into(),
         "-c".into(),
@@ -340,15 +375,7 @@ fn build() -> Option<BgpLab> {
         let include = dir.join(format!("clb-{}.conf", h.name));
         std::fs::write(&include, "").unwrap();
         let bird_conf = dir.join(format!("bird-{}.conf", h.name));
-        std::fs::write(
-            &bird_conf,
-            format!(
-                "router id {};\nlog stderr all;\nprotocol device {{ scan time 1; }}\ninclude \"{}\";\n",
-                h.ip,
-                include.display()
-            ),
-        )
-        .unwrap();
+        std::fs::write(&bird_conf, balancer_conf(h, &include)).unwrap();
         let bird_sock = dir.join(format!("bird-{}.sock", h.name));
         let d = |f: &str| dir.join(format!("{f}-{}", h.name)).display().to_string();
         let mut args: Vec<String> = [

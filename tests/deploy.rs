@@ -66,8 +66,34 @@ fn example_config_parses_and_names_every_setting() {
         vip_hook: Some("true".into()),
         restore: None,
         join: None,
-        ..settings
+        // The bgp block is shown for bgp mode; checked below.
+        bgp_neighbor: None,
+        bgp_asn: None,
+        bgp_peer_asn: None,
+        bird_socket: None,
+        bird_include: None,
+        bgp_bfd_ms: None,
+        bgp_max_lag_ms: None,
+        ..settings.clone()
     };
+    let bgp = Settings {
+        vip_mode: Some("bgp".into()),
+        vip_hook: None,
+        drain_ms: Some(0),
+        ..local.clone()
+    };
+    let bgp = Settings {
+        bgp_neighbor: settings.bgp_neighbor.clone(),
+        bgp_asn: settings.bgp_asn,
+        bgp_peer_asn: settings.bgp_peer_asn,
+        bird_socket: settings.bird_socket.clone(),
+        bird_include: settings.bird_include.clone(),
+        bgp_bfd_ms: settings.bgp_bfd_ms,
+        bgp_max_lag_ms: settings.bgp_max_lag_ms,
+        ..bgp
+    };
+    let bgp = Config::from_settings(bgp).unwrap_or_else(|e| panic!("bgp block: {e}"));
+    assert!(bgp.bgp.is_some());
     let config = Config::from_settings(local).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(config.node_id, 1);
     assert_eq!(config.listen.to_string(), "0.0.0.0:8090");
@@ -103,7 +129,11 @@ fn written_file(cloud_init: &str, path: &str) -> String {
 
 #[test]
 fn cloud_init_configs_parse_and_hold_no_secrets() {
-    for (file, role) in [("balancer.yaml", "balancer"), ("witness.yaml", "witness")] {
+    for (file, role) in [
+        ("balancer.yaml", "balancer"),
+        ("balancer-bgp.yaml", "balancer"),
+        ("witness.yaml", "witness"),
+    ] {
         let text = read(&format!("deploy/cloud-init/{file}"));
         assert!(text.starts_with("#cloud-config\n"), "{file}");
         let toml_text = written_file(&text, "/etc/clb/clbd.toml");
@@ -123,7 +153,12 @@ fn cloud_init_configs_parse_and_hold_no_secrets() {
     }
     // Every recipe installs the packages (checked against a checksum), not
     // files by hand, and the balancer's hook is one the package ships.
-    for file in ["balancer.yaml", "witness.yaml", "member.yaml"] {
+    for file in [
+        "balancer.yaml",
+        "balancer-bgp.yaml",
+        "witness.yaml",
+        "member.yaml",
+    ] {
         let text = read(&format!("deploy/cloud-init/{file}"));
         assert!(text.contains("apt-get install -y"), "{file}");
         assert!(text.contains("/tmp/clb-client.deb"), "{file}");
@@ -145,6 +180,45 @@ fn cloud_init_configs_parse_and_hold_no_secrets() {
             .join(name)
             .exists(),
         "{hook}"
+    );
+    // The bgp balancer validates in bgp mode (drains off here: nft may be
+    // missing on the machine running the test), and ships the same BIRD
+    // config and drop-in as deploy/.
+    let bgp = read("deploy/cloud-init/balancer-bgp.yaml");
+    let s: Settings = toml::from_str(&written_file(&bgp, "/etc/clb/clbd.toml")).unwrap();
+    assert_eq!(s.vip_mode.as_deref(), Some("bgp"));
+    let c = Config::from_settings(Settings {
+        drain_ms: Some(0),
+        cluster_secret_file: None,
+        insecure_peers: Some(true),
+        tls_cert: None,
+        tls_key: None,
+        tls_ca: None,
+        token_file: None,
+        ..s
+    })
+    .unwrap_or_else(|e| panic!("balancer-bgp.yaml: {e}"));
+    assert!(c.bgp.is_some());
+    let same = |written: &str, shipped: &str| {
+        let strip = |t: &str| {
+            t.lines()
+                .map(|l| l.split('#').next().unwrap_or("").trim().to_string())
+                .filter(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            strip(written),
+            strip(shipped),
+            "balancer-bgp.yaml and deploy/ differ"
+        );
+    };
+    same(
+        &written_file(&bgp, "/etc/systemd/system/clbd.service.d/bgp.conf"),
+        &read("deploy/systemd/clbd.service.d/bgp.conf"),
+    );
+    same(
+        &written_file(&bgp, "/etc/bird/bird.conf"),
+        &read("deploy/bird/balancer.conf"),
     );
     let member = read("deploy/cloud-init/member.yaml");
     assert!(member.starts_with("#cloud-config\n"));
@@ -195,7 +269,10 @@ fn cloud_init_recipes_pass_cloud_inits_own_schema() {
         );
         checked += 1;
     }
-    assert_eq!(checked, 3, "balancer, witness and member recipes");
+    assert_eq!(
+        checked, 4,
+        "balancer (arp and bgp), witness and member recipes"
+    );
     // The check can fail: a recipe with wrong types is refused.
     let bad = tempfile::NamedTempFile::new().expect("temp file");
     std::fs::write(bad.path(), "#cloud-config\npackages: 5\n").expect("write");
