@@ -984,6 +984,14 @@ fn bgp_config(
             )
         })?,
     };
+    // BIRD would need extended next hops to carry one family over the
+    // other's session; clb keeps them apart.
+    if vip.is_ipv4() != neighbor.is_ipv4() {
+        return Err(invalid(
+            "bgp-neighbor",
+            format!("{neighbor} and the VIP {vip} are of different address families: an IPv6 VIP needs an IPv6 neighbour"),
+        ));
+    }
     let asn = s.bgp_asn.unwrap_or(65001);
     let peer_asn = s.bgp_peer_asn.unwrap_or(65000);
     if asn == 0 || peer_asn == 0 {
@@ -1270,6 +1278,11 @@ mod tests {
             ..bgp()
         })
         .starts_with("--bgp-max-lag-ms"));
+        assert!(bad(Settings {
+            vip: Some("2001:db8::10".into()),
+            ..bgp()
+        })
+        .contains("different address families"));
         let c = Config::from_settings(bgp()).unwrap();
         let b = c.bgp.expect("bgp settings");
         // The leader claims nothing in bgp mode.

@@ -566,7 +566,7 @@ pub fn host_death(bl: &mut BgpLab, v: usize, hashing: Hashing) -> Drill {
         .set_hashing(hashing, Duration::from_secs(5))
         .expect("hashing");
     let victim = bl.balancers[v].host.clone();
-    let open = open_connections(&bl, 24);
+    let open = open_connections(bl, 24);
     let stop = Arc::new(AtomicBool::new(false));
     // Many workers, so some are free to connect while others wait out
     // a connection sent to the dead host.

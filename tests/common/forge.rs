@@ -114,6 +114,7 @@ pub fn forgeries() -> Vec<(&'static str, Vec<u8>)> {
         ("/raft/identity", bin(&IdentityProbe { id: 1, instance: 7 })),
         ("/raft/node", bin(&())),
         ("/raft/failover", bin(&())),
+        ("/raft/bgp-drain", bin(&true)),
         ("/raft/no-such-rpc", Vec::new()),
     ]
 }
