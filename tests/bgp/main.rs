@@ -312,6 +312,7 @@ fn bgp_mode_spreads_drains_and_survives_host_deaths() {
         );
         let (last_failed, failed_before, kept, broken) =
             (d.rerouted, d.failed_before, d.kept, d.broken);
+        recoveries.push(last_failed.as_secs_f64() * 1e3);
         survivors_kept += kept;
         survivors_broken += broken;
         let e = broken_by.entry(format!("{hashing:?}")).or_insert((0, 0));
