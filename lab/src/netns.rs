@@ -277,6 +277,32 @@ pub fn http_here(
     Some((status, body.to_string()))
 }
 
+/// Prints the tail of each log when the test fails (declare it after the
+/// lab, so it runs before the lab's drop removes the files). Lines of
+/// clbd's identity probe, which fill every log, are left out.
+pub struct LogsOnPanic(pub Vec<PathBuf>);
+
+impl Drop for LogsOnPanic {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for path in &self.0 {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            let tail: Vec<&str> = text
+                .lines()
+                .filter(|l| !l.contains("identity probe"))
+                .rev()
+                .take(60)
+                .collect();
+            eprintln!("---- {} (last 60 lines) ----", path.display());
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
 /// One host of the lab: its namespace, address and switch port.
 #[derive(Clone, Debug)]
 pub struct Host {

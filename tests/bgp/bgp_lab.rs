@@ -186,25 +186,6 @@ impl BgpLab {
     }
 }
 
-/// Prints the tail of every log when the test fails.
-pub struct LogsOnPanic(pub Vec<PathBuf>);
-
-impl Drop for LogsOnPanic {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            return;
-        }
-        for path in &self.0 {
-            let text = std::fs::read_to_string(path).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            eprintln!("---- {} (last 40 lines) ----", path.display());
-            for l in &lines[lines.len().saturating_sub(40)..] {
-                eprintln!("{l}");
-            }
-        }
-    }
-}
-
 /// `text` with each `(from, to)` replaced; panics when `from` is missing,
 /// so a template that drifts from what the lab expects fails here.
 pub fn fill(name: &str, text: &str, pairs: &[(&str, String)]) -> String {

@@ -17,7 +17,7 @@ use bgp_lab::*;
 use clb::model::{Check, Mode};
 use clb::views::ServiceBody;
 use lab::ecmp::Hashing;
-use lab::netns;
+use lab::netns::{self, LogsOnPanic};
 use lab::traffic::{ClientOpts, Shot};
 use std::net::Ipv4Addr;
 

@@ -15,7 +15,6 @@
 //! The namespaces, processes and traffic helpers are the lab's (`lab/`).
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -24,7 +23,7 @@ use clb::views::{ClusterView, OneServiceView, RegisterBody, ServiceBody};
 use serde::Serialize;
 
 use crate::harness::{SECRET, TOKEN};
-use lab::netns::{self, Host, Lab};
+use lab::netns::{self, Host, Lab, LogsOnPanic};
 use lab::traffic::{self, longest_gap, served_since, Sample};
 
 /// Much slower than the `default` preset (300-600 ms, lease 200 ms): the
@@ -108,31 +107,6 @@ fn node_addrs(nodes: &[(u64, Host)]) -> (Vec<SocketAddr>, Vec<SocketAddr>, Strin
         .collect::<Vec<_>>()
         .join(",");
     (api, peer, peers)
-}
-
-/// Prints the tail of each process log when the test fails (declared after
-/// the lab, so it runs before the lab's drop removes the files).
-struct LogsOnPanic(Vec<PathBuf>);
-
-impl Drop for LogsOnPanic {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            return;
-        }
-        for path in &self.0 {
-            let text = std::fs::read_to_string(path).unwrap_or_default();
-            let tail: Vec<&str> = text
-                .lines()
-                .filter(|l| !l.contains("identity probe"))
-                .rev()
-                .take(60)
-                .collect();
-            eprintln!("---- {} (last 60 lines) ----", path.display());
-            for l in tail.iter().rev() {
-                eprintln!("{l}");
-            }
-        }
-    }
 }
 
 #[test]
