@@ -4,14 +4,18 @@
 //! A balancer announces only while its haproxy answers, its health gate
 //! passes (`--health-cmd`, haproxy running a configuration), it hears from
 //! a Raft leader, and it keeps up: every index the leader said was
-//! committed is applied here, and every registry this node applied is live
-//! in haproxy, each within `max_lag`. A follower cannot know whether
+//! committed is applied here within `max_lag`, and every registry this node
+//! applied is live in haproxy within `max_lag` once its render failed, or
+//! within `STUCK` × `max_lag` while it is only slow. A follower cannot know whether
 //! entries it has not received change the configuration, so it holds itself
-//! to all of them; `max_lag` is the bound on how stale a configuration an
-//! announcing balancer can serve (docs/bgp.md).
+//! to all of them. docs/bgp.md has the bounds this gives.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
+
+/// How many `max_lag`s a render without an error may take before the
+/// balancer counts as stuck.
+pub const STUCK: u32 = 5;
 
 /// Samples kept per queue; past that the newest is raised instead of
 /// pushed, which only makes the rule stricter.
@@ -160,12 +164,21 @@ impl Fitness {
                 i.raft_applied
             ));
         }
-        if let Some((index, age)) = self.registry.overdue(i.now, self.max_lag) {
+        // A render that failed (haproxy rejected the config, the apply
+        // failed) withdraws after `max_lag`. One that is only slow does not
+        // until `STUCK` times that: every balancer renders the same change
+        // at once, and a reload slower than the bound (a big config, a busy
+        // host) must not take the VIP off all of them together.
+        let bound = match i.render_error {
+            Some(_) => self.max_lag,
+            None => self.max_lag * STUCK,
+        };
+        if let Some((index, age)) = self.registry.overdue(i.now, bound) {
             let why = i
                 .render_error
                 .as_deref()
                 .map(|e| format!(": {e}"))
-                .unwrap_or_default();
+                .unwrap_or_else(|| ": the render has not finished".into());
             return Err(format!(
                 "configuration behind: registry {index} ({} ms ago) is not live in haproxy (runs {}){why}",
                 ms(age),
@@ -294,6 +307,22 @@ mod tests {
         f.registry_applied(i.now, 12);
         i.live_index = 12;
         assert_eq!(f.check(&i), Ok(()));
+    }
+
+    #[test]
+    fn a_slow_render_withdraws_only_once_it_looks_stuck() {
+        let t0 = Instant::now();
+        let mut f = synced(t0);
+        f.registry_applied(t0, 11);
+        let mut i = fine(t0 + LAG * 3);
+        i.heard = Some(i.now);
+        i.raft_applied = 11;
+        // Every balancer reloads the same change: slow is not unfit.
+        assert_eq!(f.check(&i), Ok(()));
+        i.now = t0 + LAG * STUCK + Duration::from_millis(1);
+        i.heard = Some(i.now);
+        let e = f.check(&i).unwrap_err();
+        assert!(e.ends_with("the render has not finished"), "{e}");
     }
 
     #[test]

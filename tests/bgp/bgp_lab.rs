@@ -466,6 +466,28 @@ pub fn build_with(bfd_ms: u64) -> Option<BgpLab> {
     .unwrap();
     let r = bl.balancers[0].http("PUT", "/v1/services/web/members/local", Some(&member));
     assert_eq!(r.as_ref().map(|r| r.0), Some(200), "register: {r:?}");
+    // Every haproxy serves the service before the phases start: a balancer
+    // may announce while its reload with the new port is still due (within
+    // the lag bound), and a connection it gets then is refused.
+    for b in &bl.balancers {
+        let at = SocketAddr::from((Ipv4Addr::LOCALHOST, bl.port));
+        wait_for(
+            Duration::from_secs(20),
+            "haproxy serving the service",
+            || {
+                let (code, body) = netns::http(
+                    &b.host.ns,
+                    at,
+                    "GET",
+                    "/",
+                    None,
+                    None,
+                    Duration::from_secs(1),
+                )?;
+                (code == 200 && body == b.host.name).then_some(())
+            },
+        );
+    }
     Some(bl)
 }
 

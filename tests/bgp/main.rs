@@ -128,10 +128,10 @@ fn bgp_mode_spreads_drains_and_survives_host_deaths() {
     );
     let until = Instant::now() + Duration::from_millis(1500);
     while Instant::now() < until {
-        assert_eq!(
-            bl.next_hops(),
-            without3,
-            "node 3 announced while its config was rejected"
+        let hops = bl.next_hops();
+        assert!(
+            !hops.contains(&bl.balancers[b3].host.ip),
+            "node 3 announced while its config was rejected: {hops:?}"
         );
         let s = bl.balancers[b3].bgp().expect("status");
         assert!(!s.announced, "{s:?}");
@@ -185,10 +185,12 @@ fn bgp_mode_spreads_drains_and_survives_host_deaths() {
     );
     let until = Instant::now() + Duration::from_millis(1500);
     while Instant::now() < until {
-        assert_eq!(
-            bl.next_hops(),
-            without3,
-            "node 3 announced while behind the registry"
+        // The others may withdraw for a moment too (a slow reload of the
+        // new service); node 3 must not come back.
+        let hops = bl.next_hops();
+        assert!(
+            !hops.contains(&b3h.ip),
+            "node 3 announced while behind the registry: {hops:?}"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
