@@ -37,6 +37,10 @@ use crate::render::RenderStatus;
 /// How often fitness is checked and BIRD's state read.
 const TICK: Duration = Duration::from_millis(50);
 
+/// How long haproxy's admin socket may not answer before this balancer
+/// counts its haproxy as down.
+const HAPROXY_GRACE: Duration = Duration::from_millis(150);
+
 /// Validated bgp-mode settings (config.rs has the flags).
 #[derive(Debug, Clone)]
 pub struct BgpConfig {
@@ -130,6 +134,7 @@ impl Bgp {
             vip_on_lo: false,
             tick: 0,
             bird_up: None,
+            haproxy_down_since: None,
         };
         // A thread and runtime of its own, like failover's: a runtime busy
         // with writes must not delay a withdrawal.
@@ -209,6 +214,8 @@ struct Announcer {
     tick: u64,
     /// BIRD's static protocol state as last read: `Some(true)` exported.
     bird_up: Option<bool>,
+    /// When haproxy's admin socket stopped answering, if it has.
+    haproxy_down_since: Option<Instant>,
 }
 
 impl Announcer {
@@ -251,6 +258,23 @@ impl Announcer {
             self.vip_on_lo = self.vip_to_loopback();
         }
         let (haproxy, conns) = self.haproxy_info().await;
+        // One unanswered `show info` (a reload swapping workers, a busy
+        // tick) is not a dead haproxy: every balancer reloads at the same
+        // moment, and withdrawing all of them for it would be an outage.
+        let haproxy = match haproxy {
+            Ok(()) => {
+                self.haproxy_down_since = None;
+                Ok(())
+            }
+            Err(e) => {
+                let since = *self.haproxy_down_since.get_or_insert_with(Instant::now);
+                if since.elapsed() < HAPROXY_GRACE {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            }
+        };
         let inputs = self.inputs(stopping, haproxy);
         let verdict = match (self.vip_on_lo, self.configured) {
             (false, _) => Err("the VIP is not on the loopback interface".to_string()),
