@@ -1044,7 +1044,7 @@ fn bgp_config(
             .clone()
             .unwrap_or_else(|| PathBuf::from("/etc/bird/clb.conf")),
         max_lag: Duration::from_millis(max_lag_ms),
-        leader_silence: Duration::from_millis(max_lag_ms + 2 * election_max_ms),
+        leader_silence: Duration::from_millis(max_lag_ms + 4 * election_max_ms),
         drain: (drain_ms > 0).then(|| crate::failover::drain::DrainConfig {
             max: Duration::from_millis(drain_ms),
             socket: Some(haproxy_socket.clone()),
@@ -1292,10 +1292,10 @@ mod tests {
         assert_eq!(b.socket, PathBuf::from("/run/bird/bird.ctl"));
         assert_eq!(b.include_file, PathBuf::from("/etc/bird/clb.conf"));
         assert_eq!(b.drained_file, PathBuf::from("/var/lib/clb/bgp-drained"));
-        // Lag plus two maximum election timeouts of the default preset.
+        // Lag plus four maximum election timeouts of the default preset.
         assert_eq!(
             b.leader_silence,
-            Duration::from_millis(2_000 + 2 * c.raft.election_timeout_max_ms)
+            Duration::from_millis(2_000 + 4 * c.raft.election_timeout_max_ms)
         );
         // A witness never announces.
         let w = Config::from_settings(Settings {

@@ -6,9 +6,15 @@
 //! a Raft leader, and it keeps up: every index the leader said was
 //! committed is applied here within `max_lag`, and every registry this node
 //! applied is live in haproxy within `max_lag` once its render failed, or
-//! within `STUCK` × `max_lag` while it is only slow. A follower cannot know whether
-//! entries it has not received change the configuration, so it holds itself
-//! to all of them. docs/bgp.md has the bounds this gives.
+//! within `STUCK` × `max_lag` while it is only slow. A follower cannot know
+//! whether entries it has not received change the configuration, so it
+//! holds itself to all of them. docs/bgp.md has the bounds this gives.
+//!
+//! Silence is different: when the leader dies every follower stops hearing
+//! it, and nothing can be committed until the next leader is elected, so
+//! withdrawing then would take the VIP off every balancer for an election.
+//! A balancer withdraws after `silence` without a leader (`max_lag` plus
+//! four maximum election timeouts).
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -81,8 +87,8 @@ impl Queue {
 #[derive(Debug)]
 pub struct Fitness {
     max_lag: Duration,
-    /// How long no leader may be heard: `max_lag` plus two election
-    /// timeouts, so the election after a leader's death (during which
+    /// How long no leader may be heard: `max_lag` plus four maximum
+    /// election timeouts, so the election after a leader's death (during which
     /// nothing can be committed) withdraws nobody.
     silence: Duration,
     /// Leader commit indexes not yet applied here.
