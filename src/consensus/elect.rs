@@ -290,16 +290,29 @@ impl Elector {
         let mut losing_streak = 0u32;
         let mut lost_at: Option<Instant> = None;
         let first_retry = (self.max.saturating_sub(self.min) / 2).max(Duration::from_millis(1));
+        // The timeout drawn for the latest leader contact. Drawn once per
+        // contact, not per wake: redrawn at every metrics change, the first
+        // draw to fall due wins, so every follower fired near the low end of
+        // the range, together, and split the vote (seen: two candidates 13 ms
+        // apart after a leader's death, the election 1.2 s late).
+        let mut drawn: Option<(Instant, Duration)> = None;
         loop {
             let m = metrics.borrow_and_update().clone();
             if m.running_state.is_err() {
                 return;
             }
             let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
-            let jitter = self.max.saturating_sub(self.min).as_millis() as u64;
-            let timeout = self.max + Duration::from_millis(rand::random::<u64>() % (jitter + 1));
             let now = Instant::now();
             let heard = self.liveness.last_heard();
+            let timeout = match drawn {
+                Some((for_contact, t)) if for_contact == heard => t,
+                _ => {
+                    let jitter = self.max.saturating_sub(self.min).as_millis() as u64;
+                    let t = self.max + Duration::from_millis(rand::random::<u64>() % (jitter + 1));
+                    drawn = Some((heard, t));
+                    t
+                }
+            };
             // A leader was heard since the last lost round: start afresh.
             if lost_at.is_some_and(|at| heard > at) {
                 losing_streak = 0;
