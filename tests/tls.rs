@@ -518,15 +518,26 @@ async fn a_three_node_cluster_forms_and_replicates_over_https() {
     }
     // The walk-through's check from another host: `clb status` over HTTPS
     // against all three nodes, trusting the script's CA.
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_clb"))
-        .arg("status")
-        .env("CLB_SERVER", &all)
-        .env("CLB_CA", &pki.ca_file)
-        .env("CLB_TOKEN", TOKEN)
-        .env_remove("CLB_TOKEN_FILE")
-        .env_remove("CLB_INSECURE")
-        .output()
-        .expect("run clb status");
+    // Polled: a status taken during an election names no leader.
+    let status = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_clb"))
+            .arg("status")
+            .env("CLB_SERVER", &all)
+            .env("CLB_CA", &pki.ca_file)
+            .env("CLB_TOKEN", TOKEN)
+            .env_remove("CLB_TOKEN_FILE")
+            .env_remove("CLB_INSECURE")
+            .output()
+            .expect("run clb status")
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut o = status();
+    while !String::from_utf8_lossy(&o.stdout).contains("leader")
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        o = status();
+    }
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(
         o.status.success() && out.contains("leader") && !out.contains("unreachable"),
