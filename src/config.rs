@@ -167,7 +167,7 @@ pub struct Settings {
     /// A VIP hook run taking longer is killed and retried [default: 5000]
     #[arg(long, env = "CLB_VIP_HOOK_TIMEOUT_MS")]
     pub vip_hook_timeout_ms: Option<u64>,
-    /// linux-vip: before a planned release, hold new connections back (nft) and wait up to this for open requests; 0 turns it off [default: 2000]
+    /// linux-vip and bgp mode: before a planned release or withdrawal, hold new connections back (nft) and wait up to this for open requests; 0 turns it off [default: 2000]
     #[arg(long, env = "CLB_DRAIN_MS")]
     pub drain_ms: Option<u64>,
     /// arp: the leader holds the VIP (--vip-hook); bgp: every fit balancer announces it through BIRD [default: arp]
