@@ -11,11 +11,11 @@
 //!
 //! ```text
 //! cargo bench --bench clb -- [writes|propagation|render|scale|all] [--json FILE] [--quick]
-//!     [--count N] [--clients 1,16,64]
+//!     [--prefill 0,10000,100000] [--clients 1,16,64] [--secs 10] [--reps 3]
 //! ```
 //!
-//! `--count` and `--clients` override the writes benchmark's registrations per
-//! row and its client counts (for profiling runs).
+//! `--prefill`, `--clients`, `--secs` and `--reps` override the writes
+//! benchmark's registry sizes, client counts, seconds per row and runs.
 //!
 //! Needs `haproxy` and, for the etcd rows, `etcd` (`apt-get install -y haproxy
 //! etcd-server`); it installs nothing itself. Every child is killed by pid on
@@ -43,7 +43,7 @@ use serde_json::{json, Value};
 const TOKEN: &str = "bench-token";
 const SECRET: &str = "bench-cluster-secret-0123456789abcdef";
 const USAGE: &str = "usage: cargo bench --bench clb -- [writes|propagation|render|scale|all] \
-     [--json FILE] [--quick] [--count N] [--clients 1,16,64]";
+     [--json FILE] [--quick] [--prefill 0,10000,100000] [--clients 1,16,64] [--secs 10] [--reps 3]";
 
 // ---------------------------------------------------------------- arguments
 
@@ -54,18 +54,24 @@ struct Opts {
     scale: bool,
     json: Option<PathBuf>,
     quick: bool,
-    /// Writes per row, instead of the default for `quick`.
-    count: Option<usize>,
+    /// Seconds per writes row, instead of 10 (5 with `quick`).
+    secs: Option<u64>,
+    /// Runs per writes row, instead of 3 (1 with `quick`).
+    reps: Option<usize>,
     /// Writes rows, instead of 1, 16 and 64 clients.
     clients: Option<Vec<usize>>,
+    /// Registry sizes the writes rows start from, instead of 0, 10k, 100k.
+    prefill: Option<Vec<usize>>,
 }
 
 fn parse_args() -> Result<Opts> {
     let mut which = BTreeSet::new();
     let mut json = None;
     let mut quick = false;
-    let mut count = None;
+    let mut secs = None;
+    let mut reps = None;
     let mut clients = None;
+    let mut prefill = None;
     let mut bench = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -75,12 +81,10 @@ fn parse_args() -> Result<Opts> {
             "--bench" => bench = true,
             "--quick" => quick = true,
             "--json" => json = Some(PathBuf::from(args.next().context(USAGE)?)),
-            "--count" => count = Some(args.next().context(USAGE)?.parse()?),
-            "--clients" => {
-                let list = args.next().context(USAGE)?;
-                let parsed: Result<Vec<usize>, _> = list.split(',').map(str::parse).collect();
-                clients = Some(parsed.context(USAGE)?);
-            }
+            "--secs" => secs = Some(args.next().context(USAGE)?.parse()?),
+            "--reps" => reps = Some(args.next().context(USAGE)?.parse()?),
+            "--clients" => clients = Some(list(args.next())?),
+            "--prefill" => prefill = Some(list(args.next())?),
             "writes" | "propagation" | "render" | "scale" | "all" => {
                 bench = true;
                 which.insert(a);
@@ -105,9 +109,18 @@ fn parse_args() -> Result<Opts> {
         scale: all || which.contains("scale"),
         json,
         quick,
-        count,
+        secs,
+        reps,
         clients,
+        prefill,
     })
+}
+
+/// A comma-separated list of counts (`0,10000,100000`).
+fn list(arg: Option<String>) -> Result<Vec<usize>> {
+    let list = arg.context(USAGE)?;
+    let parsed: Result<Vec<usize>, _> = list.split(',').map(str::parse).collect();
+    parsed.with_context(|| format!("{list:?} is not a list of counts\n{USAGE}"))
 }
 
 fn main() -> Result<()> {
@@ -720,13 +733,6 @@ fn summary(v: &[f64]) -> Summary {
     }
 }
 
-/// The run with the median throughput.
-fn median_run(runs: &[LoadOut]) -> Option<&LoadOut> {
-    let mut sorted: Vec<&LoadOut> = runs.iter().collect();
-    sorted.sort_by(|a, b| a.rate().total_cmp(&b.rate()));
-    sorted.get(sorted.len() / 2).copied()
-}
-
 // ---------------------------------------------------------------- writes
 
 /// `CLB_BENCH_CLBD_ARGS` (split on spaces) is appended to every clbd of the
@@ -737,108 +743,251 @@ fn extra_clbd_args() -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// CPU time (user + system, the process and its reaped children such as
+/// `haproxy -c`) of `pids`, in µs, from /proc/PID/stat.
+fn cpu_us(pids: &[i32]) -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    pids.iter()
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // Fields after the parenthesised name; utime is field 14 overall.
+            let rest = &stat[stat.rfind(')')? + 2..];
+            let f: Vec<u64> = rest
+                .split(' ')
+                .skip(11)
+                .take(4)
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            Some(f.iter().sum::<u64>() * 1_000_000 / tck)
+        })
+        .sum()
+}
+
+/// One timed row of the writes benchmark: the load and the CPU all server
+/// processes used meanwhile.
+struct Row {
+    out: LoadOut,
+    cpu_us: u64,
+    /// Members in the registry (or keys in etcd) when the row started.
+    size: usize,
+}
+
+impl Row {
+    fn cpu_per_write_us(&self) -> f64 {
+        self.cpu_us as f64 / self.out.ok.max(1) as f64
+    }
+}
+
+/// What one side of the comparison needs: where to send, whose CPU to count,
+/// and how to wait for the previous load to be fully applied.
+trait Side {
+    fn target(&self) -> Target;
+    fn pids(&self) -> Vec<i32>;
+    async fn settle(&self) -> Result<()>;
+}
+
+impl Side for (ClbCluster, u64) {
+    fn target(&self) -> Target {
+        Target::Clb {
+            base: self.0.url(self.1, ""),
+            services: 0,
+        }
+    }
+    fn pids(&self) -> Vec<i32> {
+        let c = &self.0;
+        c.nodes.keys().filter_map(|id| c.node(*id).pid()).collect()
+    }
+    async fn settle(&self) -> Result<()> {
+        let v = self.0.node_view(self.1).await.context("leader view")?;
+        self.0
+            .settled(v.applied_index, Duration::from_secs(300))
+            .await
+    }
+}
+
+impl Side for (EtcdCluster, String) {
+    fn target(&self) -> Target {
+        Target::Etcd {
+            base: self.1.clone(),
+        }
+    }
+    fn pids(&self) -> Vec<i32> {
+        self.0._procs.iter().map(Proc::pid).collect()
+    }
+    async fn settle(&self) -> Result<()> {
+        // etcd acknowledges once applied on the leader; followers apply as
+        // they commit, which a quiet moment lets them finish.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        Ok(())
+    }
+}
+
+/// Prefills `side` to `size` members with 64 clients, then runs one timed
+/// row per client count on the same cluster.
+async fn run_side(
+    side: &impl Side,
+    name: &str,
+    size: usize,
+    rows: &[usize],
+    secs: Duration,
+    rep: usize,
+) -> Result<Vec<Row>> {
+    let target = side.target();
+    if size > 0 {
+        let t = Instant::now();
+        let out = load(&target, 64, 0..size, "pre", Duration::from_secs(600)).await?;
+        ensure!(
+            out.errors == 0 && !out.capped,
+            "{name}: prefill to {size} failed: {} errors (first {:?}), capped {}",
+            out.errors,
+            out.first_error,
+            out.capped
+        );
+        side.settle().await?;
+        eprintln!(
+            "writes rep {rep} {name}: prefilled {size} in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+    }
+    let mut done = size;
+    let mut out_rows = Vec::new();
+    for &clients in rows {
+        let prefix = format!("r{rep}c{clients}-");
+        let pids = side.pids();
+        let cpu0 = cpu_us(&pids);
+        // Bounded by time; the count bound is only a backstop.
+        let out = load(&target, clients, 0..10_000_000, &prefix, secs).await?;
+        let cpu = cpu_us(&pids).saturating_sub(cpu0);
+        eprintln!(
+            "writes rep {rep} size {size} clients {clients}: {name} {:.0}/s p50 {:.2} ms p99 {:.2} ms \
+             cpu/write {:.0} µs errors {}",
+            out.rate(),
+            pct(&out.lat_ms, 0.5),
+            pct(&out.lat_ms, 0.99),
+            cpu as f64 / out.ok.max(1) as f64,
+            out.errors
+        );
+        let ok = out.ok;
+        out_rows.push(Row {
+            out,
+            cpu_us: cpu,
+            size: done,
+        });
+        done += ok;
+        side.settle().await?;
+    }
+    Ok(out_rows)
+}
+
 async fn bench_writes(opts: &Opts) -> Result<Value> {
     let quick = opts.quick;
-    let count = opts.count.unwrap_or(if quick { 1_000 } else { 5_000 });
-    let reps = if quick { 1 } else { 3 };
-    let cap = Duration::from_secs(if quick { 30 } else { 120 });
+    let reps = opts.reps.unwrap_or(if quick { 1 } else { 3 });
+    let secs = Duration::from_secs(opts.secs.unwrap_or(if quick { 5 } else { 10 }));
     let rows = opts.clients.clone().unwrap_or_else(|| vec![1, 16, 64]);
+    let sizes = opts.prefill.clone().unwrap_or_else(|| {
+        if quick {
+            vec![0, 10_000]
+        } else {
+            vec![0, 10_000, 100_000]
+        }
+    });
     let etcd = have("etcd") && std::env::var_os("CLB_BENCH_NO_ETCD").is_none();
     println!("## writes\n");
     println!(
-        "{count} registrations per row, 3 nodes each, sent to the leader over keep-alive \
-         connections (one HTTP client per worker); median of {reps} run(s) by throughput, \
-         a fresh cluster per run."
+        "Every request registers a member never written before into one service \
+         (etcd: a key of the same name, the same JSON value). 3 nodes each, fsync on, \
+         requests to the leader over keep-alive connections (one HTTP client per worker). \
+         Per registry size a fresh cluster is prefilled by 64 clients, then runs one \
+         {secs:?} row per client count (the registry grows by each row's writes); median of \
+         {reps} run(s) by throughput. CPU per write is user + system time of all three \
+         server processes (and their reaped children) over the row, divided by its writes."
     );
     if !etcd {
         println!(
             "\n`etcd` not found: skipping the etcd rows (install with `apt-get install -y etcd-server`)."
         );
     }
-    let mut clb_runs: BTreeMap<usize, Vec<LoadOut>> = BTreeMap::new();
-    let mut etcd_runs: BTreeMap<usize, Vec<LoadOut>> = BTreeMap::new();
+    // (size, clients) → runs
+    let mut clb_runs: BTreeMap<(usize, usize), Vec<Row>> = BTreeMap::new();
+    let mut etcd_runs: BTreeMap<(usize, usize), Vec<Row>> = BTreeMap::new();
     for rep in 0..reps {
-        for &clients in &rows {
-            let prefix = format!("r{rep}c{clients}-");
+        for &size in &sizes {
             let cluster = ClbCluster::start(3, &|_, _| extra_clbd_args()).await?;
             let leader = cluster.leader(Duration::from_secs(20)).await?;
-            let target = Target::Clb {
-                base: format!("http://{}", cluster.nodes[&leader].addr),
-                services: 0,
-            };
-            let out = load(&target, clients, 0..count, &prefix, cap).await?;
-            eprintln!(
-                "writes rep {rep} clients {clients}: clb {:.0}/s p99 {:.2} ms errors {}",
-                out.rate(),
-                pct(&out.lat_ms, 0.99),
-                out.errors
-            );
-            clb_runs.entry(clients).or_default().push(out);
-            drop(cluster);
+            let side = (cluster, leader);
+            for (clients, row) in rows.iter().zip(run_side(&side, "clb", size, &rows, secs, rep).await?) {
+                clb_runs.entry((size, *clients)).or_default().push(row);
+            }
+            drop(side);
             if etcd {
                 let cluster = EtcdCluster::start(3).await?;
-                let target = Target::Etcd {
-                    base: cluster.leader().await?,
-                };
-                let out = load(&target, clients, 0..count, &prefix, cap).await?;
-                eprintln!(
-                    "writes rep {rep} clients {clients}: etcd {:.0}/s p99 {:.2} ms errors {}",
-                    out.rate(),
-                    pct(&out.lat_ms, 0.99),
-                    out.errors
-                );
-                etcd_runs.entry(clients).or_default().push(out);
+                let leader = cluster.leader().await?;
+                let side = (cluster, leader);
+                for (clients, row) in rows.iter().zip(run_side(&side, "etcd", size, &rows, secs, rep).await?) {
+                    etcd_runs.entry((size, *clients)).or_default().push(row);
+                }
             }
         }
     }
     println!(
-        "\n| clients | clb writes/s | clb p50 ms | clb p99 ms | clb max ms | etcd writes/s | etcd p50 ms | etcd p99 ms | etcd max ms | ratio clb/etcd writes/s | errors clb/etcd |"
+        "\n| registry | clients | clb writes/s | clb p50 ms | clb p99 ms | clb CPU µs/write | etcd writes/s | etcd p50 ms | etcd p99 ms | etcd CPU µs/write | clb/etcd writes/s | errors clb/etcd |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let median_row = |runs: &[Row]| -> Option<usize> {
+        let mut idx: Vec<usize> = (0..runs.len()).collect();
+        idx.sort_by(|a, b| runs[*a].out.rate().total_cmp(&runs[*b].out.rate()));
+        idx.get(idx.len() / 2).copied()
+    };
     let mut json_rows = Vec::new();
-    for &clients in &rows {
-        let c = median_run(&clb_runs[&clients]).context("no clb run")?;
-        let e = etcd_runs.get(&clients).and_then(|r| median_run(r));
-        let cell = |f: &dyn Fn(&LoadOut) -> String| e.map(f).unwrap_or_else(|| "–".into());
-        let ratio = e.map(|e| c.rate() / e.rate());
+    for (key, runs) in &clb_runs {
+        let (size, clients) = *key;
+        let c = &runs[median_row(runs).context("no clb run")?];
+        let e = etcd_runs
+            .get(key)
+            .and_then(|r| median_row(r).map(|i| &r[i]));
+        let cell = |f: &dyn Fn(&Row) -> String| e.map(f).unwrap_or_else(|| "–".into());
+        let ratio = e.map(|e| c.out.rate() / e.out.rate());
         println!(
-            "| {clients} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {}/{} |",
-            c.rate(),
-            pct(&c.lat_ms, 0.5),
-            pct(&c.lat_ms, 0.99),
-            c.lat_ms.last().copied().unwrap_or(0.0),
-            cell(&|e| format!("{:.0}", e.rate())),
-            cell(&|e| format!("{:.2}", pct(&e.lat_ms, 0.5))),
-            cell(&|e| format!("{:.2}", pct(&e.lat_ms, 0.99))),
-            cell(&|e| format!("{:.2}", e.lat_ms.last().copied().unwrap_or(0.0))),
+            "| {} | {clients} | {:.0} | {:.2} | {:.2} | {:.0} | {} | {} | {} | {} | {} | {}/{} |",
+            c.size,
+            c.out.rate(),
+            pct(&c.out.lat_ms, 0.5),
+            pct(&c.out.lat_ms, 0.99),
+            c.cpu_per_write_us(),
+            cell(&|e| format!("{:.0}", e.out.rate())),
+            cell(&|e| format!("{:.2}", pct(&e.out.lat_ms, 0.5))),
+            cell(&|e| format!("{:.2}", pct(&e.out.lat_ms, 0.99))),
+            cell(&|e| format!("{:.0}", e.cpu_per_write_us())),
             ratio.map_or("–".into(), |r| format!("{r:.2}")),
-            c.errors,
-            cell(&|e| e.errors.to_string()),
+            c.out.errors,
+            cell(&|e| e.out.errors.to_string()),
         );
-        for (name, runs) in [
-            ("clb", clb_runs.get(&clients)),
-            ("etcd", etcd_runs.get(&clients)),
-        ] {
+        let row_json = |r: &Row| {
+            let mut v = r.out.json();
+            v["registry"] = json!(r.size);
+            v["cpu_us_per_write"] = json!(round1(r.cpu_per_write_us()));
+            v
+        };
+        json_rows.push(json!({
+            "prefill": size,
+            "clients": clients,
+            "clb": row_json(c),
+            "etcd": e.map(row_json),
+            "ratio_writes_per_s": ratio.map(round3),
+            "clb_runs_writes_per_s": runs.iter().map(|r| round1(r.out.rate())).collect::<Vec<_>>(),
+            "etcd_runs_writes_per_s": etcd_runs.get(key).map(|r| r.iter().map(|r| round1(r.out.rate())).collect::<Vec<_>>()),
+        }));
+        for (name, runs) in [("clb", Some(runs)), ("etcd", etcd_runs.get(key))] {
             for r in runs.into_iter().flatten() {
-                if let Some(err) = &r.first_error {
-                    println!("\n{name} at {clients} clients, first error: {err}");
-                }
-                if r.capped {
-                    println!("\n{name} at {clients} clients hit the {cap:?} time cap");
+                if let Some(err) = &r.out.first_error {
+                    println!("\n{name} at {size} prefilled, {clients} clients, first error: {err}");
                 }
             }
         }
-        json_rows.push(json!({
-            "clients": clients,
-            "clb": c.json(),
-            "etcd": e.map(LoadOut::json),
-            "ratio_writes_per_s": ratio.map(round3),
-            "clb_runs_writes_per_s": clb_runs[&clients].iter().map(|r| round1(r.rate())).collect::<Vec<_>>(),
-            "etcd_runs_writes_per_s": etcd_runs.get(&clients).map(|r| r.iter().map(|r| round1(r.rate())).collect::<Vec<_>>()),
-        }));
     }
     println!();
-    Ok(json!({"count": count, "repetitions": reps, "etcd": etcd, "rows": json_rows}))
+    Ok(json!({"secs": secs.as_secs(), "repetitions": reps, "etcd": etcd, "rows": json_rows}))
 }
 
 // ---------------------------------------------------------------- propagation
