@@ -11,11 +11,14 @@
 //!
 //! ```text
 //! cargo bench --bench clb -- [writes|propagation|render|scale|all] [--json FILE] [--quick]
-//!     [--prefill 0,10000,100000] [--clients 1,16,64] [--secs 10] [--reps 3]
+//!     [--prefill 0,10000,100000] [--clients 1,16,64] [--secs 10] [--reps 3] [--file-only]
 //! ```
 //!
 //! `--prefill`, `--clients`, `--secs` and `--reps` override the writes
-//! benchmark's registry sizes, client counts, seconds per row and runs.
+//! benchmark's registry sizes, client counts, seconds per row and runs. The
+//! writes rows run each clbd with the haproxy it supervises (the production
+//! shape: member changes go live through haproxy's runtime API);
+//! `--file-only` runs clbd writing only its file, as without haproxy.
 //!
 //! Needs `haproxy` and, for the etcd rows, `etcd` (`apt-get install -y haproxy
 //! etcd-server`); it installs nothing itself. Every child is killed by pid on
@@ -43,7 +46,7 @@ use serde_json::{json, Value};
 const TOKEN: &str = "bench-token";
 const SECRET: &str = "bench-cluster-secret-0123456789abcdef";
 const USAGE: &str = "usage: cargo bench --bench clb -- [writes|propagation|render|scale|all] \
-     [--json FILE] [--quick] [--prefill 0,10000,100000] [--clients 1,16,64] [--secs 10] [--reps 3]";
+     [--json FILE] [--quick] [--prefill 0,10000,100000] [--clients 1,16,64] [--secs 10] [--reps 3] [--file-only]";
 
 // ---------------------------------------------------------------- arguments
 
@@ -62,6 +65,8 @@ struct Opts {
     clients: Option<Vec<usize>>,
     /// Registry sizes the writes rows start from, instead of 0, 10k, 100k.
     prefill: Option<Vec<usize>>,
+    /// Writes with clbd only writing its file, no haproxy.
+    file_only: bool,
 }
 
 fn parse_args() -> Result<Opts> {
@@ -72,6 +77,7 @@ fn parse_args() -> Result<Opts> {
     let mut reps = None;
     let mut clients = None;
     let mut prefill = None;
+    let mut file_only = false;
     let mut bench = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -85,6 +91,7 @@ fn parse_args() -> Result<Opts> {
             "--reps" => reps = Some(args.next().context(USAGE)?.parse()?),
             "--clients" => clients = Some(list(args.next())?),
             "--prefill" => prefill = Some(list(args.next())?),
+            "--file-only" => file_only = true,
             "writes" | "propagation" | "render" | "scale" | "all" => {
                 bench = true;
                 which.insert(a);
@@ -113,6 +120,7 @@ fn parse_args() -> Result<Opts> {
         reps,
         clients,
         prefill,
+        file_only,
     })
 }
 
@@ -362,6 +370,18 @@ impl ClbCluster {
 
     /// Waits until every node applied `index` and rendered it.
     async fn settled(&self, index: u64, within: Duration) -> Result<()> {
+        let waited = self.settled_quietly(index, within).await;
+        if waited.is_err() {
+            for id in self.nodes.keys() {
+                let v = self.node_view(*id).await;
+                let r = v.as_ref().map(|v| (v.applied_index, v.render.clone()));
+                eprintln!("node {id} at {index}: {r:?}");
+            }
+        }
+        waited
+    }
+
+    async fn settled_quietly(&self, index: u64, within: Duration) -> Result<()> {
         eventually_every(within, POLL, "every node applied and rendered", || async {
             for id in self.nodes.keys() {
                 let v = self.node_view(*id).await?;
@@ -743,6 +763,21 @@ fn extra_clbd_args() -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Flags for node `id` to run the haproxy it supervises; frontends bind to
+/// its own loopback address so three haproxies do not collide.
+fn supervised_haproxy(id: u64) -> Vec<String> {
+    [
+        "--haproxy",
+        "supervise",
+        "--stats-port",
+        "0",
+        "--bind-address",
+        &format!("127.0.0.{id}"),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// CPU time (user + system, the process and its reaped children such as
 /// `haproxy -c`) of `pids`, in µs, from /proc/PID/stat.
 fn cpu_us(pids: &[i32]) -> u64 {
@@ -762,6 +797,37 @@ fn cpu_us(pids: &[i32]) -> u64 {
             Some(f.iter().sum::<u64>() * 1_000_000 / tck)
         })
         .sum()
+}
+
+/// `pids` and every process below them, from /proc/PID/stat's ppid.
+fn with_descendants(mut pids: Vec<i32>) -> Vec<i32> {
+    let procs: Vec<(i32, i32)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            let ppid = stat[stat.rfind(')')? + 2..]
+                .split(' ')
+                .nth(1)?
+                .parse()
+                .ok()?;
+            Some((pid, ppid))
+        })
+        .collect();
+    let mut i = 0;
+    while i < pids.len() {
+        let parent = pids[i];
+        pids.extend(
+            procs
+                .iter()
+                .filter(|(_, pp)| *pp == parent)
+                .map(|(p, _)| *p),
+        );
+        i += 1;
+    }
+    pids
 }
 
 /// One timed row of the writes benchmark: the load and the CPU all server
@@ -796,7 +862,9 @@ impl Side for (ClbCluster, u64) {
     }
     fn pids(&self) -> Vec<i32> {
         let c = &self.0;
-        c.nodes.keys().filter_map(|id| c.node(*id).pid()).collect()
+        // With the haproxies they supervise: their runtime API work is part
+        // of what a write costs.
+        with_descendants(c.nodes.keys().filter_map(|id| c.node(*id).pid()).collect())
     }
     async fn settle(&self) -> Result<()> {
         let v = self.0.node_view(self.1).await.context("leader view")?;
@@ -893,7 +961,17 @@ async fn bench_writes(opts: &Opts) -> Result<Value> {
         }
     });
     let etcd = have("etcd") && std::env::var_os("CLB_BENCH_NO_ETCD").is_none();
+    let with_haproxy = !opts.file_only && have("haproxy");
     println!("## writes\n");
+    println!(
+        "clbd {}.\n",
+        if with_haproxy {
+            "supervises haproxy 2.6 (`--haproxy supervise`, service `web` without health checks): \
+             member changes go live through haproxy's runtime API"
+        } else {
+            "writes its haproxy.cfg only (`--file-only`, or haproxy not installed)"
+        }
+    );
     println!(
         "Every request registers a member never written before into one service \
          (etcd: a key of the same name, the same JSON value). 3 nodes each, fsync on, \
@@ -913,10 +991,31 @@ async fn bench_writes(opts: &Opts) -> Result<Value> {
     let mut etcd_runs: BTreeMap<(usize, usize), Vec<Row>> = BTreeMap::new();
     for rep in 0..reps {
         for &size in &sizes {
-            let cluster = ClbCluster::start(3, &|_, _| extra_clbd_args()).await?;
+            let cluster = ClbCluster::start(3, &|id, _| {
+                let mut args = extra_clbd_args();
+                if with_haproxy {
+                    args.extend(supervised_haproxy(id));
+                }
+                args
+            })
+            .await?;
             let leader = cluster.leader(Duration::from_secs(20)).await?;
+            if with_haproxy {
+                // No health checks: 100k servers checking 10.x addresses
+                // would be traffic off this host, and not what is measured.
+                let web = ServiceBody {
+                    port: u32::from(free_port()),
+                    mode: Some(Mode::Http),
+                    check: Some(Check::None),
+                    ..Default::default()
+                };
+                cluster.put(leader, "/v1/services/web", &web).await?;
+            }
             let side = (cluster, leader);
-            for (clients, row) in rows.iter().zip(run_side(&side, "clb", size, &rows, secs, rep).await?) {
+            for (clients, row) in rows
+                .iter()
+                .zip(run_side(&side, "clb", size, &rows, secs, rep).await?)
+            {
                 clb_runs.entry((size, *clients)).or_default().push(row);
             }
             drop(side);
@@ -924,7 +1023,10 @@ async fn bench_writes(opts: &Opts) -> Result<Value> {
                 let cluster = EtcdCluster::start(3).await?;
                 let leader = cluster.leader().await?;
                 let side = (cluster, leader);
-                for (clients, row) in rows.iter().zip(run_side(&side, "etcd", size, &rows, secs, rep).await?) {
+                for (clients, row) in rows
+                    .iter()
+                    .zip(run_side(&side, "etcd", size, &rows, secs, rep).await?)
+                {
                     etcd_runs.entry((size, *clients)).or_default().push(row);
                 }
             }
@@ -987,7 +1089,9 @@ async fn bench_writes(opts: &Opts) -> Result<Value> {
         }
     }
     println!();
-    Ok(json!({"secs": secs.as_secs(), "repetitions": reps, "etcd": etcd, "rows": json_rows}))
+    Ok(
+        json!({"secs": secs.as_secs(), "repetitions": reps, "etcd": etcd, "haproxy": with_haproxy, "rows": json_rows}),
+    )
 }
 
 // ---------------------------------------------------------------- propagation

@@ -149,6 +149,9 @@ pub struct Settings {
     /// How long the renderer waits for a burst of changes to end [default: 5]
     #[arg(long, env = "CLB_RENDER_COALESCE_MS")]
     pub render_coalesce_ms: Option<u64>,
+    /// How long the config file may trail member changes haproxy already runs through the admin socket; 0 writes it with every change [default: 2000]
+    #[arg(long, env = "CLB_FILE_LAG_MS")]
+    pub file_lag_ms: Option<u64>,
     /// `[service_defaults]` (file only): how services are created on first registration
     #[arg(skip)]
     pub service_defaults: Option<crate::model::ServiceDefaults>,
@@ -276,6 +279,7 @@ impl Settings {
             bind_address,
             reload_min_interval_ms,
             render_coalesce_ms,
+            file_lag_ms,
             service_defaults,
             auto_create_services,
             timers,
@@ -359,6 +363,7 @@ pub struct Config {
     pub bind_address: String,
     pub reload_min_interval: Duration,
     pub render_coalesce: Duration,
+    pub file_lag: Duration,
     /// `Some`: the API and peer RPCs are served over HTTPS.
     pub tls: Option<TlsSettings>,
     /// Connection cap and slow-client timeouts of the client listener.
@@ -664,6 +669,7 @@ impl Config {
             },
             reload_min_interval: Duration::from_millis(s.reload_min_interval_ms.unwrap_or(1_000)),
             render_coalesce: Duration::from_millis(s.render_coalesce_ms.unwrap_or(5)),
+            file_lag: Duration::from_millis(s.file_lag_ms.unwrap_or(2_000)),
             tls,
             limits,
             peer_auth,

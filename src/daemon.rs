@@ -528,7 +528,7 @@ pub async fn run(
 
     let input = render_input(&consensus);
     // A witness renders nothing.
-    let render_status = template.clone().map(|template| {
+    let rendering = template.clone().map(|template| {
         let settings = RenderSettings {
             output: config.output.clone(),
             template,
@@ -538,11 +538,13 @@ pub async fn run(
             reload_cmd: config.reload_cmd.clone(),
             reload_min_interval: config.reload_min_interval,
             coalesce: config.render_coalesce,
+            file_lag: config.file_lag,
             node: node_context(&config),
             builtin_template: config.template_dir.is_none(),
         };
         render::spawn(settings, input.clone(), stop_rx.clone())
     });
+    let (render_status, render_task) = rendering.unzip();
     // `--haproxy supervise`: haproxy starts once the first config is in place.
     let supervisor = match (&config.supervise, config.role) {
         (Some(s), Role::Balancer) => match render::supervise::Supervisor::start(s.clone()) {
@@ -697,6 +699,18 @@ pub async fn run(
     failover.stopped().await;
     if let Some(bgp) = &bgp {
         bgp.stopped(Duration::from_secs(1)).await;
+    }
+    // The renderer's last act brings a lagging file up to what haproxy
+    // runs, so a haproxy started later loads it; bounded, as a render is.
+    if let Some(task) = render_task {
+        if tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "the config file was not brought up to date before exit; the next start renders it"
+            );
+        }
     }
     // haproxy stops only after the VIP left this host, so no request to it
     // was refused while it was still here.

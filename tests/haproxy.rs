@@ -32,11 +32,20 @@ async fn members_reach_haproxy_through_the_runtime_api() {
             .await
             .unwrap();
     }
-    let status = b.applied().await;
+    let live = b.live().await;
     assert_eq!(
-        status.last_apply,
+        live.last_apply,
         Some(ApplyOutcome::Runtime),
-        "member adds need no reload: {status:?}"
+        "member adds need no reload: {live:?}"
+    );
+    // The file follows by itself (FILE_QUIET after the burst; --file-lag-ms
+    // bounds it under a stream of writes).
+    let t = std::time::Instant::now();
+    let status = b.applied().await;
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "the file trailed haproxy {:?}",
+        t.elapsed()
     );
     let reloads = status.reloads;
     let (seen, failed) = traffic(port, 40).await;
@@ -81,6 +90,80 @@ async fn members_reach_haproxy_through_the_runtime_api() {
     let (seen, _) = traffic(port, 40).await;
     assert!(seen.get("a").copied().unwrap_or(0) > 0, "{seen:?}");
     assert_eq!(status.reloads, reloads, "member changes never reloaded");
+}
+
+/// A member change goes live through the runtime API before the file holds
+/// it. A haproxy restarted outside clbd in that window loads the stale file:
+/// clbd sees another worker answer and reloads it with a current one. On
+/// shutdown the file catches up, so a haproxy started later loads what ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_haproxy_restarted_while_the_file_trails_gets_a_current_config() {
+    // The file never catches up by time in this test, only by the events under test.
+    let mut b = Balancer::start(&["--file-lag-ms", "600000"]).await;
+    let port = free_port();
+    define_web(&b.client(), port).await;
+    let haproxy = b.start_haproxy().await;
+    b.applied().await;
+    let (a, c, d) = (backend("a").await, backend("c").await, backend("d").await);
+    let line = |be: &common::Backend| format!("server {} 127.0.0.1:{} ", be.name, be.port);
+    b.client()
+        .register("web", "a", "127.0.0.1", Some(a.port), None, None)
+        .await
+        .unwrap();
+    let live = b.live().await;
+    assert_eq!(live.last_apply, Some(ApplyOutcome::Runtime), "{live:?}");
+    assert!(live.rendered_index < live.applied_index, "{live:?}");
+    assert!(!std::fs::read_to_string(&b.cfg).unwrap().contains(&line(&a)));
+    let (seen, _) = traffic(port, 20).await;
+    assert!(seen.get("a").copied().unwrap_or(0) > 0, "{seen:?}");
+
+    // Restarted by someone else: the new haproxy loads the file, which lacks
+    // a. clbd notices another worker at its next pass (the next change, or
+    // the file's catch-up) and reloads it with a current config; without
+    // that, a would stay out of it for --file-lag-ms.
+    let old = worker_pid(&b.admin).await.expect("haproxy answers");
+    let Haproxy { child } = haproxy;
+    child.terminate(Duration::from_secs(10));
+    let _haproxy = Haproxy::start(&b.cfg, &b.master);
+    eventually(
+        Duration::from_secs(10),
+        "the restarted haproxy answers",
+        || async { worker_pid(&b.admin).await.filter(|p| *p != old) },
+    )
+    .await;
+    b.client()
+        .register("web", "c", "127.0.0.1", Some(c.port), None, None)
+        .await
+        .unwrap();
+    let status = b.applied().await;
+    assert!(status.reloads > live.reloads, "{status:?}");
+    let text = std::fs::read_to_string(&b.cfg).unwrap();
+    assert!(
+        text.contains(&line(&a)) && text.contains(&line(&c)),
+        "{text}"
+    );
+    let (seen, failed) = eventually(
+        Duration::from_secs(10),
+        "the restarted haproxy serves a and c",
+        || async {
+            let (seen, failed) = traffic(port, 40).await;
+            (seen.contains_key("a") && seen.contains_key("c")).then_some((seen, failed))
+        },
+    )
+    .await;
+    assert_eq!(failed, 0, "{seen:?}");
+
+    // A runtime-only change, then SIGTERM: the file holds it when clbd exits.
+    b.client()
+        .register("web", "d", "127.0.0.1", Some(d.port), None, None)
+        .await
+        .unwrap();
+    let live = b.live().await;
+    assert!(live.rendered_index < live.applied_index, "{live:?}");
+    assert!(!std::fs::read_to_string(&b.cfg).unwrap().contains(&line(&d)));
+    b.cluster.node_mut(1).terminate();
+    let text = std::fs::read_to_string(&b.cfg).unwrap();
+    assert!(text.contains(&line(&d)), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -443,6 +526,15 @@ async fn an_agent_stopped_with_sigterm_drains_before_unregistering() {
         ["unregister", "set-state"],
         "drain came before unregister: {actions:?}"
     );
+}
+
+/// The pid of the worker answering the admin socket.
+async fn worker_pid(socket: &std::path::Path) -> Option<u32> {
+    let text = clb::render::haproxy::exchange(socket, "show info")
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("Pid:")?.trim().parse().ok())
 }
 
 /// The master's pid per its own `show proc`.

@@ -34,6 +34,12 @@ const MAX_PACE_WAIT: Duration = Duration::from_millis(200);
 /// asks again at least every second.
 const FIRST_RETRY: Duration = Duration::from_millis(50);
 const MAX_RETRY: Duration = Duration::from_secs(1);
+/// With haproxy's runtime API, a member-only change goes live without the
+/// file (see `Renderer::runtime_fast`); the file follows once writes pause for
+/// this long, or at the latest `--file-lag-ms` after the first change it
+/// lacks. Under a stream of writes the O(registry) render and write then run
+/// once per that interval instead of once per paced pass.
+const FILE_QUIET: Duration = Duration::from_millis(200);
 /// Validation runs at this nice value: it is background work that should
 /// not take CPU from Raft on a busy node.
 const VALIDATE_NICE: i32 = 10;
@@ -58,6 +64,9 @@ pub struct RenderSettings {
     pub reload_cmd: Option<String>,
     pub reload_min_interval: Duration,
     pub coalesce: Duration,
+    /// How long the file may trail runtime-only changes (see FILE_QUIET);
+    /// zero writes it in every pass.
+    pub file_lag: Duration,
     pub node: NodeContext,
     /// The built-in template: member-only changes need no `haproxy -c`.
     pub builtin_template: bool,
@@ -141,18 +150,18 @@ pub fn render_text(
     template.render(&input.registry, &node)
 }
 
-/// Runs the pipeline until `shutdown` turns true. Returns the status channel.
+/// Runs the pipeline until `shutdown` turns true. Returns the status channel
+/// and the task, which ends once the file holds what haproxy runs.
 pub fn spawn(
     settings: RenderSettings,
     input: watch::Receiver<RenderInput>,
     shutdown: watch::Receiver<bool>,
-) -> watch::Receiver<RenderStatus> {
+) -> (watch::Receiver<RenderStatus>, tokio::task::JoinHandle<()>) {
     let (tx, rx) = watch::channel(RenderStatus {
         validating: settings.validate_cmd.is_some(),
         ..Default::default()
     });
-    tokio::spawn(run(settings, input, shutdown, tx));
-    rx
+    (rx, tokio::spawn(run(settings, input, shutdown, tx)))
 }
 
 #[tracing::instrument(skip_all, name = "render")]
@@ -165,7 +174,18 @@ async fn run(
     let coalesce = settings.coalesce;
     let mut r = Renderer::new(settings, status);
     input.mark_changed();
+    enum Woke {
+        Input,
+        File,
+        Stop,
+    }
     loop {
+        let file_due = r.file_due();
+        // Due, even while changes keep coming (a wake would always win).
+        if file_due.is_some_and(|at| at <= Instant::now()) {
+            r.write_behind(&mut shutdown).await;
+            continue;
+        }
         let wake = async {
             if r.failing {
                 tokio::time::sleep(r.retry).await;
@@ -174,21 +194,46 @@ async fn run(
                 let _ = input.changed().await;
             }
         };
-        tokio::select! {
-            _ = wake => {}
-            _ = shutdown.wait_for(|s| *s) => return,
-        }
-        if *shutdown.borrow() {
-            return;
+        let file = async {
+            match file_due {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        let woke = tokio::select! {
+            // A new registry first: its pass may bring the file up to date anyway.
+            biased;
+            _ = wake => Woke::Input,
+            _ = shutdown.wait_for(|s| *s) => Woke::Stop,
+            _ = file => Woke::File,
+        };
+        match woke {
+            Woke::Stop => {
+                r.write_behind(&mut shutdown).await;
+                return;
+            }
+            Woke::File => {
+                r.write_behind(&mut shutdown).await;
+                continue;
+            }
+            Woke::Input if *shutdown.borrow() => {
+                r.write_behind(&mut shutdown).await;
+                return;
+            }
+            Woke::Input => {}
         }
         // Let a burst of writes land, then render only the latest.
         if !coalesce.is_zero() {
             tokio::time::sleep(coalesce).await;
         }
         if let Some(at) = r.not_before.take() {
-            tokio::select! {
-                _ = tokio::time::sleep_until(at.into()) => {}
-                _ = shutdown.wait_for(|s| *s) => return,
+            let stop = tokio::select! {
+                _ = tokio::time::sleep_until(at.into()) => false,
+                _ = shutdown.wait_for(|s| *s) => true,
+            };
+            if stop {
+                r.write_behind(&mut shutdown).await;
+                return;
             }
         }
         let current = input.borrow_and_update().clone();
@@ -224,6 +269,18 @@ struct Renderer {
     failing: bool,
     /// When the next pass may start (see PACE).
     not_before: Option<Instant>,
+    /// What haproxy runs when the file lacks it (member changes applied
+    /// through the runtime API only), and since when; `None` while the file
+    /// is current.
+    file_behind: Option<RenderInput>,
+    behind_since: Option<Instant>,
+    /// When the last runtime-only change went live.
+    last_fast: Option<Instant>,
+    /// The haproxy worker that runs `live`, by pid, once known. The file
+    /// lags what that process runs, so another process (haproxy restarted
+    /// by its supervisor or by systemd, or reloaded by someone else) loaded
+    /// a stale file and must be reloaded with a current one.
+    haproxy_pid: Option<u32>,
 }
 
 impl Renderer {
@@ -246,7 +303,125 @@ impl Renderer {
             retry: FIRST_RETRY,
             failing: false,
             not_before: None,
+            file_behind: None,
+            behind_since: None,
+            last_fast: None,
+            haproxy_pid: None,
         }
+    }
+
+    /// When the file must catch up with what haproxy runs (see FILE_QUIET).
+    fn file_due(&self) -> Option<Instant> {
+        self.file_behind.as_ref()?;
+        let first = self.behind_since?;
+        let lag = self.settings.file_lag;
+        let quiet = self.last_fast.unwrap_or(first) + FILE_QUIET.min(lag);
+        Some(quiet.min(first + lag))
+    }
+
+    /// True when haproxy runs a process other than the one `live` was
+    /// applied to (or cannot say which); remembers the pid on first sight.
+    async fn haproxy_replaced(&mut self) -> bool {
+        let Some(rt) = &self.runtime else {
+            return false;
+        };
+        match (rt.pid().await, self.haproxy_pid) {
+            (Ok(now), Some(known)) if now == known => false,
+            (Ok(now), None) => {
+                self.haproxy_pid = Some(now);
+                false
+            }
+            (Ok(now), Some(known)) => {
+                tracing::warn!(
+                    known,
+                    now,
+                    "haproxy was restarted or reloaded outside clbd; reloading it with a current config"
+                );
+                true
+            }
+            (Err(e), _) => {
+                tracing::warn!(cause = %e, "cannot ask haproxy which process runs; reloading");
+                true
+            }
+        }
+    }
+
+    /// A member-only change with the built-in template goes live through
+    /// the runtime API and leaves the file for later: rendering and writing
+    /// it is O(registry), the runtime ops are O(change). True when done;
+    /// false (with `live` forgotten when haproxy's state is unknown) when
+    /// the full pass must run instead.
+    async fn runtime_fast(&mut self, current: &RenderInput) -> bool {
+        if self.failing || !self.settings.builtin_template || self.settings.file_lag.is_zero() {
+            return false;
+        }
+        let (Some(live), Some(_)) = (&self.live, &self.runtime) else {
+            return false;
+        };
+        let plan = haproxy::plan(live, &current.registry);
+        if !matches!(plan, Plan::Runtime(_) | Plan::Nothing) {
+            return false;
+        }
+        if self.haproxy_replaced().await {
+            self.live = None;
+            return false;
+        }
+        let t = Instant::now();
+        let Some(rt) = &self.runtime else {
+            return false;
+        };
+        let applied = match &plan {
+            Plan::Runtime(ops) => rt.apply(ops).await,
+            _ => Ok(()),
+        };
+        // Removed servers stay in maint; past a bound a reload drops them,
+        // and a failed op leaves haproxy's state unknown: both take the full
+        // pass, which writes the file before it reloads.
+        if applied.is_err() || rt.retired().await >= haproxy::RETIRED_RELOAD_AT {
+            if let Err(e) = applied {
+                tracing::warn!(cause = %e, "runtime API change failed; reloading instead");
+            }
+            self.live = None;
+            return false;
+        }
+        let now = Instant::now();
+        if self.file_behind.replace(current.clone()).is_none() {
+            self.behind_since = Some(now);
+        }
+        self.last_fast = Some(now);
+        self.record(current, Ok(ApplyOutcome::Runtime), ms(t.elapsed()));
+        true
+    }
+
+    /// Brings the file up to what haproxy runs, after runtime-only changes
+    /// (also on shutdown, so a haproxy restarted later loads what it ran).
+    async fn write_behind(&mut self, shutdown: &mut watch::Receiver<bool>) {
+        let Some(ran) = self.file_behind.take() else {
+            return;
+        };
+        // A replaced haproxy loaded the stale file: reload it with this one.
+        if !*shutdown.borrow() && self.haproxy_replaced().await {
+            self.live = None;
+            self.pass(ran, shutdown).await;
+            return;
+        }
+        let t0 = Instant::now();
+        let Some(text) = self.render(&ran).await else {
+            return;
+        };
+        let render_ms = ms(t0.elapsed());
+        // Differs from the last validated file only in server lines, as a
+        // runtime-applied pass's file always did (see `pass`).
+        if self.written.as_deref() != Some(text.as_str()) && !self.install(&ran, text, false).await
+        {
+            return;
+        }
+        self.not_before = pace(t0.elapsed());
+        self.status.send_modify(|s| {
+            s.rendered_index = ran.index;
+            s.renders += 1;
+            s.last_render_ms = render_ms;
+        });
     }
 
     /// One pass: render `current`, install it if it changed, apply it.
@@ -257,12 +432,18 @@ impl Renderer {
             self.failing = false;
             return;
         }
+        if self.runtime_fast(&current).await {
+            return;
+        }
         let t0 = Instant::now();
         let Some(text) = self.render(&current).await else {
             return;
         };
         let render_ms = ms(t0.elapsed());
         let unchanged = self.written.as_deref() == Some(text.as_str());
+        if unchanged {
+            self.file_behind = None;
+        }
         self.not_before = pace(t0.elapsed());
         if unchanged && !self.failing {
             self.same_text(&current);
@@ -295,6 +476,7 @@ impl Renderer {
             if !self.install(&current, text, validate).await {
                 return;
             }
+            self.file_behind = None;
             let validate_ms = ms(t1.elapsed());
             self.not_before = pace(t0.elapsed());
             self.status.send_modify(|s| {
@@ -451,6 +633,8 @@ impl Renderer {
         &mut self,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<ApplyOutcome, String> {
+        // The new worker's pid is learnt at the next runtime-only change.
+        self.haproxy_pid = None;
         reload(
             &self.settings,
             self.runtime.as_ref(),

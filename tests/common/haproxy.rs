@@ -151,7 +151,27 @@ impl Balancer {
     }
 
     /// Waits until haproxy runs the registry's latest index.
+    /// The file on disk holds it too (a member-only change reaches haproxy
+    /// first and the file up to FILE_MAX_LAG later; see [`Balancer::live`]).
     pub async fn applied(&self) -> RenderStatus {
+        eventually(
+            Duration::from_secs(15),
+            "haproxy runs the latest config and the file holds it",
+            || async {
+                let v = self.client().cluster().await.ok()?;
+                let r = v.node(1)?.render.clone()?;
+                (r.applied_index >= v.applied_index
+                    && r.rendered_index >= r.applied_index
+                    && r.last_error.is_none())
+                .then_some(r)
+            },
+        )
+        .await
+    }
+
+    /// Waits until haproxy runs the registry's latest index, whether or not
+    /// the file holds it yet.
+    pub async fn live(&self) -> RenderStatus {
         eventually(
             Duration::from_secs(15),
             "haproxy runs the latest config",
