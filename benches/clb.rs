@@ -376,6 +376,11 @@ impl ClbCluster {
                 let v = self.node_view(*id).await;
                 let r = v.as_ref().map(|v| (v.applied_index, v.render.clone()));
                 eprintln!("node {id} at {index}: {r:?}");
+                let log = std::fs::read_to_string(&self.nodes[id].log).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                for line in tail.iter().rev() {
+                    eprintln!("  {line}");
+                }
             }
         }
         waited
