@@ -166,6 +166,44 @@ async fn a_haproxy_restarted_while_the_file_trails_gets_a_current_config() {
     assert!(text.contains(&line(&d)), "{text}");
 }
 
+/// Past 500 runtime ops a pass reloads instead: haproxy 2.6 spends time in
+/// proportion to the backend's servers on each added server, a reload the
+/// same for any number of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_member_change_reloads_instead_of_one_command_per_server() {
+    // A long coalescing window lands the whole burst in one pass.
+    let b = Balancer::start(&["--render-coalesce-ms", "8000"]).await;
+    let port = free_port();
+    define_web(&b.client(), port).await;
+    let _haproxy = b.start_haproxy().await;
+    let before = b.applied().await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..16u32 {
+        let client = b.client();
+        tasks.spawn(async move {
+            for i in 0..38u32 {
+                let n = w * 38 + i;
+                let addr = format!("10.1.{}.{}", n / 250, n % 250 + 1);
+                client
+                    .register("web", &format!("m{n}"), &addr, Some(80), None, None)
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    let after = b.applied().await;
+    assert_eq!(after.last_apply, Some(ApplyOutcome::Reload), "{after:?}");
+    assert!(after.reloads > before.reloads, "{after:?}");
+    let state = clb::render::haproxy::exchange(&b.admin, "show servers state be_web")
+        .await
+        .unwrap();
+    let servers = state.lines().filter(|l| l.contains(" m")).count();
+    assert_eq!(servers, 16 * 38, "{}", &state[..state.len().min(500)]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_structural_change_reloads_without_failing_a_request() {
     let b = Balancer::start(&[]).await;

@@ -40,6 +40,11 @@ const MAX_RETRY: Duration = Duration::from_secs(1);
 /// lacks. Under a stream of writes the O(registry) render and write then run
 /// once per that interval instead of once per paced pass.
 const FILE_QUIET: Duration = Duration::from_millis(200);
+/// In haproxy 2.6 an `add server` and a state change each cost time in
+/// proportion to the servers of the backend (measured: 0.9 and 0.5 ms at
+/// 30k servers, 2.2 ms per added member at 78k), while a reload costs the
+/// same for any number of changes. Past this many ops a pass reloads.
+const RUNTIME_OPS_MAX: usize = 500;
 /// Validation runs at this nice value: it is background work that should
 /// not take CPU from Raft on a busy node.
 const VALIDATE_NICE: i32 = 10;
@@ -310,6 +315,23 @@ impl Renderer {
         }
     }
 
+    /// A runtime plan of more than RUNTIME_OPS_MAX ops becomes a reload,
+    /// where one can be made.
+    fn bulk_reloads(&self, plan: Plan) -> Plan {
+        let can_reload =
+            self.settings.reload_cmd.is_some() || self.settings.master_socket.is_some();
+        match plan {
+            Plan::Runtime(ops) if can_reload && ops.len() > RUNTIME_OPS_MAX => {
+                tracing::info!(
+                    ops = ops.len(),
+                    "a large member change: reloading instead of one runtime command per server"
+                );
+                Plan::Reload
+            }
+            plan => plan,
+        }
+    }
+
     /// When the file must catch up with what haproxy runs (see FILE_QUIET).
     fn file_due(&self) -> Option<Instant> {
         self.file_behind.as_ref()?;
@@ -358,7 +380,7 @@ impl Renderer {
         let (Some(live), Some(_)) = (&self.live, &self.runtime) else {
             return false;
         };
-        let plan = haproxy::plan(live, &current.registry);
+        let plan = self.bulk_reloads(haproxy::plan(live, &current.registry));
         if !matches!(plan, Plan::Runtime(_) | Plan::Nothing) {
             return false;
         }
@@ -451,9 +473,10 @@ impl Renderer {
         }
         // Apply: runtime API when only members changed, else a reload.
         let plan = match (&self.live, &self.runtime) {
-            (Some(l), Some(_)) => haproxy::plan(l, &current.registry),
+            (Some(l), Some(_)) => self.bulk_reloads(haproxy::plan(l, &current.registry)),
             _ => Plan::Reload,
         };
+        let bulk = self.live.is_some() && self.runtime.is_some() && plan == Plan::Reload;
         // A member-only change with the built-in template differs from the
         // last validated file only in server lines built from validated
         // values; haproxy's runtime API checks each one as it applies it, and
@@ -469,7 +492,7 @@ impl Renderer {
             )
         };
         let runtime_only = matches!(plan, Plan::Runtime(_) | Plan::Nothing)
-            || self.validated.as_deref().is_some_and(member_only);
+            || (!bulk && self.validated.as_deref().is_some_and(member_only));
         let validate = !(runtime_only && self.settings.builtin_template);
         if !unchanged {
             let t1 = Instant::now();
