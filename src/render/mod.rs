@@ -428,14 +428,21 @@ impl Renderer {
             return;
         }
         let t0 = Instant::now();
-        let Some(text) = self.render(&ran).await else {
-            return;
-        };
+        let rendered = self.render(&ran).await;
         let render_ms = ms(t0.elapsed());
-        // Differs from the last validated file only in server lines, as a
-        // runtime-applied pass's file always did (see `pass`).
-        if self.written.as_deref() != Some(text.as_str()) && !self.install(&ran, text, false).await
-        {
+        let written = match rendered {
+            // Differs from the last validated file only in server lines, as
+            // a runtime-applied pass's file always did (see `pass`).
+            Some(text) if self.written.as_deref() == Some(text.as_str()) => true,
+            Some(text) => self.install(&ran, text, false).await,
+            None => false,
+        };
+        if !written {
+            // Logged and shown by render/install; try again a quiet period
+            // from now rather than at once (a full disk stays full a while).
+            self.file_behind = Some(ran);
+            self.behind_since = Some(Instant::now());
+            self.last_fast = None;
             return;
         }
         self.not_before = pace(t0.elapsed());
