@@ -150,37 +150,31 @@ impl Balancer {
         v.node(1)?.render.clone()
     }
 
-    /// Waits until haproxy runs the registry's latest index.
-    /// The file on disk holds it too (a member-only change reaches haproxy
-    /// first and the file up to FILE_MAX_LAG later; see [`Balancer::live`]).
+    /// Waits until haproxy runs the registry's latest index and the file
+    /// on disk holds it too (a member-only change reaches haproxy first and
+    /// the file up to --file-lag-ms later; see [`Balancer::live`]).
     pub async fn applied(&self) -> RenderStatus {
-        eventually(
-            Duration::from_secs(15),
-            "haproxy runs the latest config and the file holds it",
-            || async {
-                let v = self.client().cluster().await.ok()?;
-                let r = v.node(1)?.render.clone()?;
-                (r.applied_index >= v.applied_index
-                    && r.rendered_index >= r.applied_index
-                    && r.last_error.is_none())
-                .then_some(r)
-            },
-        )
-        .await
+        self.caught_up(true).await
     }
 
     /// Waits until haproxy runs the registry's latest index, whether or not
     /// the file holds it yet.
     pub async fn live(&self) -> RenderStatus {
-        eventually(
-            Duration::from_secs(15),
-            "haproxy runs the latest config",
-            || async {
-                let v = self.client().cluster().await.ok()?;
-                let r = v.node(1)?.render.clone()?;
-                (r.applied_index >= v.applied_index && r.last_error.is_none()).then_some(r)
-            },
-        )
+        self.caught_up(false).await
+    }
+
+    async fn caught_up(&self, file_too: bool) -> RenderStatus {
+        let what = if file_too {
+            "haproxy runs the latest config and the file holds it"
+        } else {
+            "haproxy runs the latest config"
+        };
+        eventually(Duration::from_secs(15), what, || async {
+            let v = self.client().cluster().await.ok()?;
+            let r = v.node(1)?.render.clone()?;
+            let file = !file_too || r.rendered_index >= r.applied_index;
+            (r.applied_index >= v.applied_index && file && r.last_error.is_none()).then_some(r)
+        })
         .await
     }
 
