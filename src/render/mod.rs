@@ -179,11 +179,6 @@ async fn run(
     let coalesce = settings.coalesce;
     let mut r = Renderer::new(settings, status);
     input.mark_changed();
-    enum Woke {
-        Input,
-        File,
-        Stop,
-    }
     loop {
         let file_due = r.file_due();
         // Due, even while changes keep coming (a wake would always win).
@@ -205,27 +200,19 @@ async fn run(
                 None => std::future::pending().await,
             }
         };
-        let woke = tokio::select! {
+        let file_time = tokio::select! {
             // A new registry first: its pass may bring the file up to date anyway.
             biased;
-            _ = wake => Woke::Input,
-            _ = shutdown.wait_for(|s| *s) => Woke::Stop,
-            _ = file => Woke::File,
+            _ = wake => false,
+            _ = shutdown.wait_for(|s| *s) => false,
+            _ = file => true,
         };
-        match woke {
-            Woke::Stop => {
-                r.write_behind(&mut shutdown).await;
+        if file_time || *shutdown.borrow() {
+            r.write_behind(&mut shutdown).await;
+            if *shutdown.borrow() {
                 return;
             }
-            Woke::File => {
-                r.write_behind(&mut shutdown).await;
-                continue;
-            }
-            Woke::Input if *shutdown.borrow() => {
-                r.write_behind(&mut shutdown).await;
-                return;
-            }
-            Woke::Input => {}
+            continue;
         }
         // Let a burst of writes land, then render only the latest.
         if !coalesce.is_zero() {
@@ -318,10 +305,8 @@ impl Renderer {
     /// A runtime plan of more than RUNTIME_OPS_MAX ops becomes a reload,
     /// where one can be made.
     fn bulk_reloads(&self, plan: Plan) -> Plan {
-        let can_reload =
-            self.settings.reload_cmd.is_some() || self.settings.master_socket.is_some();
         match plan {
-            Plan::Runtime(ops) if can_reload && ops.len() > RUNTIME_OPS_MAX => {
+            Plan::Runtime(ops) if self.can_reload() && ops.len() > RUNTIME_OPS_MAX => {
                 tracing::info!(
                     ops = ops.len(),
                     "a large member change: reloading instead of one runtime command per server"
@@ -330,6 +315,10 @@ impl Renderer {
             }
             plan => plan,
         }
+    }
+
+    fn can_reload(&self) -> bool {
+        self.settings.reload_cmd.is_some() || self.settings.master_socket.is_some()
     }
 
     /// When the file must catch up with what haproxy runs (see FILE_QUIET).
@@ -483,7 +472,6 @@ impl Renderer {
             (Some(l), Some(_)) => self.bulk_reloads(haproxy::plan(l, &current.registry)),
             _ => Plan::Reload,
         };
-        let bulk = self.live.is_some() && self.runtime.is_some() && plan == Plan::Reload;
         // A member-only change with the built-in template differs from the
         // last validated file only in server lines built from validated
         // values; haproxy's runtime API checks each one as it applies it, and
@@ -499,7 +487,7 @@ impl Renderer {
             )
         };
         let runtime_only = matches!(plan, Plan::Runtime(_) | Plan::Nothing)
-            || (!bulk && self.validated.as_deref().is_some_and(member_only));
+            || self.validated.as_deref().is_some_and(member_only);
         let validate = !(runtime_only && self.settings.builtin_template);
         if !unchanged {
             let t1 = Instant::now();
@@ -621,8 +609,7 @@ impl Renderer {
         validated: bool,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<ApplyOutcome, String> {
-        let can_reload =
-            self.settings.reload_cmd.is_some() || self.settings.master_socket.is_some();
+        let can_reload = self.can_reload();
         match plan {
             Plan::Nothing => Ok(ApplyOutcome::Runtime),
             Plan::Runtime(ops) => {
@@ -654,7 +641,14 @@ impl Renderer {
                     }
                 }
             }
-            Plan::Reload if can_reload => self.reload(shutdown).await,
+            Plan::Reload if can_reload => {
+                // A member-only file may have skipped validation (pass); a
+                // reload reads only a validated one.
+                validate_installed(&self.settings, validated)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                self.reload(shutdown).await
+            }
             Plan::Reload => Ok(ApplyOutcome::Written),
         }
     }
