@@ -786,6 +786,16 @@ fn supervised_haproxy(id: u64) -> Vec<String> {
 /// CPU time (user + system, the process and its reaped children such as
 /// `haproxy -c`) of `pids`, in µs, from /proc/PID/stat.
 fn cpu_us(pids: &[i32]) -> u64 {
+    cpu_fields_us(pids, 4)
+}
+
+/// User + system time of `pids` themselves, without reaped children, in µs.
+fn own_cpu_us(pids: &[i32]) -> u64 {
+    cpu_fields_us(pids, 2)
+}
+
+/// The sum of the first `n` of utime, stime, cutime, cstime of `pids`, in µs.
+fn cpu_fields_us(pids: &[i32], n: usize) -> u64 {
     // SAFETY: sysconf has no preconditions.
     let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     pids.iter()
@@ -796,7 +806,7 @@ fn cpu_us(pids: &[i32]) -> u64 {
             let f: Vec<u64> = rest
                 .split(' ')
                 .skip(11)
-                .take(4)
+                .take(n)
                 .filter_map(|v| v.parse().ok())
                 .collect();
             Some(f.iter().sum::<u64>() * 1_000_000 / tck)
@@ -835,6 +845,9 @@ fn with_descendants(mut pids: Vec<i32>) -> Vec<i32> {
     pids
 }
 
+/// How long the writes benchmark watches an idle cluster's CPU.
+const IDLE: Duration = Duration::from_secs(5);
+
 /// One timed row of the writes benchmark: the load and the CPU all server
 /// processes used meanwhile.
 struct Row {
@@ -855,7 +868,17 @@ impl Row {
 trait Side {
     fn target(&self) -> Target;
     fn pids(&self) -> Vec<i32>;
+    /// The server processes themselves, whose own CPU the row reports apart
+    /// from their children's (clb: clbd apart from haproxy and validation).
+    fn own_pids(&self) -> Vec<i32> {
+        self.pids()
+    }
     async fn settle(&self) -> Result<()>;
+    /// Counters that say where a row's work went (clb: haproxy reloads and
+    /// runtime passes, summed over the nodes).
+    async fn counters(&self) -> [u64; 2] {
+        [0, 0]
+    }
 }
 
 impl Side for (ClbCluster, u64) {
@@ -866,16 +889,29 @@ impl Side for (ClbCluster, u64) {
         }
     }
     fn pids(&self) -> Vec<i32> {
-        let c = &self.0;
         // With the haproxies they supervise: their runtime API work is part
         // of what a write costs.
-        with_descendants(c.nodes.keys().filter_map(|id| c.node(*id).pid()).collect())
+        with_descendants(self.own_pids())
+    }
+    fn own_pids(&self) -> Vec<i32> {
+        let c = &self.0;
+        c.nodes.keys().filter_map(|id| c.node(*id).pid()).collect()
     }
     async fn settle(&self) -> Result<()> {
         let v = self.0.node_view(self.1).await.context("leader view")?;
         self.0
             .settled(v.applied_index, Duration::from_secs(300))
             .await
+    }
+    async fn counters(&self) -> [u64; 2] {
+        let mut sum = [0, 0];
+        for id in self.0.nodes.keys() {
+            if let Some(r) = self.0.node_view(*id).await.and_then(|v| v.render) {
+                sum[0] += r.reloads;
+                sum[1] += r.runtime_applies;
+            }
+        }
+        sum
     }
 }
 
@@ -923,23 +959,43 @@ async fn run_side(
             t.elapsed().as_secs_f64()
         );
     }
+    // What the cluster costs doing nothing (heartbeats, leases, health and
+    // stats polling), which a slow row's CPU per write includes.
+    let pids = side.pids();
+    let (idle0, own0) = (cpu_us(&pids), own_cpu_us(&side.own_pids()));
+    tokio::time::sleep(IDLE).await;
+    eprintln!(
+        "writes rep {rep} size {size}: {name} idle {:.0} ms CPU/s ({:.0} ms/s {name} itself)",
+        (cpu_us(&pids) - idle0) as f64 / 1e3 / IDLE.as_secs_f64(),
+        (own_cpu_us(&side.own_pids()) - own0) as f64 / 1e3 / IDLE.as_secs_f64(),
+    );
     let mut done = size;
     let mut out_rows = Vec::new();
     for &clients in rows {
         let prefix = format!("r{rep}c{clients}-");
         let pids = side.pids();
         let cpu0 = cpu_us(&pids);
+        let own0 = own_cpu_us(&side.own_pids());
+        let counted0 = side.counters().await;
         // Bounded by time; the count bound is only a backstop.
         let out = load(&target, clients, 0..10_000_000, &prefix, secs).await?;
         let cpu = cpu_us(&pids).saturating_sub(cpu0);
+        let own = own_cpu_us(&side.own_pids()).saturating_sub(own0);
+        // Read after the row's writes are applied everywhere.
+        side.settle().await?;
+        let counted = side.counters().await;
         eprintln!(
             "writes rep {rep} size {size} clients {clients}: {name} {:.0}/s p50 {:.2} ms p99 {:.2} ms \
-             cpu/write {:.0} µs errors {}",
+             cpu/write {:.0} µs ({:.0} µs {name} itself) errors {} (reloads {}, runtime passes {} \
+             on all nodes)",
             out.rate(),
             pct(&out.lat_ms, 0.5),
             pct(&out.lat_ms, 0.99),
             cpu as f64 / out.ok.max(1) as f64,
-            out.errors
+            own as f64 / out.ok.max(1) as f64,
+            out.errors,
+            counted[0] - counted0[0],
+            counted[1] - counted0[1],
         );
         let ok = out.ok;
         out_rows.push(Row {
@@ -948,7 +1004,6 @@ async fn run_side(
             size: done,
         });
         done += ok;
-        side.settle().await?;
     }
     Ok(out_rows)
 }

@@ -296,6 +296,84 @@ async fn a_config_haproxy_rejects_never_goes_live() {
     assert!(m.contains("clb_render_validate_failures_total 1"), "{m}");
 }
 
+/// A reload that takes longer than clbd waits for it (a config of 100k
+/// servers without ids took haproxy 2.6 164 s to load) is followed until it
+/// finishes, not issued again: each new reload would start the load over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_slower_than_its_wait_is_followed_not_issued_again() {
+    // haproxy runs this Lua file as it loads a config: it sleeps while the
+    // marker file names a number of seconds.
+    let tdir = tempfile::tempdir().unwrap();
+    let marker = tdir.path().join("slow");
+    let lua = tdir.path().join("slow.lua");
+    std::fs::write(
+        &lua,
+        format!(
+            "local f = io.open(\"{}\", \"r\")\n\
+             if f then local secs = f:read(\"*n\"); f:close(); os.execute(\"sleep \" .. secs) end\n",
+            marker.display()
+        ),
+    )
+    .unwrap();
+    let template = clb::render::template::BUILTIN.replace(
+        "    master-worker\n",
+        &format!("    master-worker\n    lua-load {}\n", lua.display()),
+    );
+    std::fs::write(tdir.path().join("haproxy.cfg.j2"), template).unwrap();
+    // `true`: a validating `haproxy -c` would sleep as well.
+    let b = Balancer::start(&[
+        "--template-dir",
+        tdir.path().to_str().unwrap(),
+        "--validate-cmd",
+        "true",
+    ])
+    .await;
+    let port = free_port();
+    define_web(&b.client(), port).await;
+    let _haproxy = b.start_haproxy().await;
+    let before = b.applied().await;
+    let master_before = master_reloads(&b.master).await.expect("show proc");
+
+    let load = clb::render::haproxy::RELOAD_WAIT + Duration::from_secs(3);
+    std::fs::write(&marker, load.as_secs().to_string()).unwrap();
+    // A new service: a reload.
+    define_svc(&b.client(), "extra").await;
+    eventually(
+        clb::render::haproxy::RELOAD_WAIT + Duration::from_secs(5),
+        "the status to say the reload is still loading",
+        || async {
+            let r = b.render_status().await?;
+            r.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("still loading"))
+                .then_some(())
+        },
+    )
+    .await;
+    let after = eventually(
+        Duration::from_secs(30),
+        "the slow reload to be seen finished",
+        || async {
+            let r = b.render_status().await?;
+            (r.last_error.is_none() && r.reloads > before.reloads).then_some(r)
+        },
+    )
+    .await;
+    std::fs::remove_file(&marker).unwrap();
+    assert_eq!(after.last_apply, Some(ApplyOutcome::Reload), "{after:?}");
+    assert_eq!(after.reloads, before.reloads + 1, "{after:?}");
+    assert_eq!(
+        master_reloads(&b.master).await,
+        Some(master_before + 1),
+        "haproxy was reloaded more than once for one change"
+    );
+    let state = clb::render::haproxy::exchange(&b.admin, "show servers state be_extra").await;
+    assert!(
+        state.is_ok(),
+        "the new worker serves the new service: {state:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_haproxy_the_file_is_still_written_and_applied_later() {
     let b = Balancer::start(&[]).await;
@@ -573,6 +651,17 @@ async fn worker_pid(socket: &std::path::Path) -> Option<u32> {
         .ok()?;
     text.lines()
         .find_map(|l| l.strip_prefix("Pid:")?.trim().parse().ok())
+}
+
+/// How many reloads haproxy's master counts, per its `show proc`.
+async fn master_reloads(socket: &std::path::Path) -> Option<u64> {
+    let text = clb::render::haproxy::exchange(socket, "show proc")
+        .await
+        .ok()?;
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let cols: Vec<&str> = l.split_whitespace().collect();
+        (cols.get(1) == Some(&"master")).then(|| cols.get(2)?.parse().ok())?
+    })
 }
 
 /// The master's pid per its own `show proc`.

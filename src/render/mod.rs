@@ -273,6 +273,12 @@ struct Renderer {
     /// by its supervisor or by systemd, or reloaded by someone else) loaded
     /// a stale file and must be reloaded with a current one.
     haproxy_pid: Option<u32>,
+    /// Counts installed files, so a reload that finished late can be
+    /// matched to the file it loaded.
+    installs: u64,
+    /// A master-CLI reload still loading when its wait ended, and the
+    /// install it loads: followed instead of issued again.
+    pending_reload: Option<(haproxy::PendingReload, u64)>,
 }
 
 impl Renderer {
@@ -299,6 +305,8 @@ impl Renderer {
             behind_since: None,
             last_fast: None,
             haproxy_pid: None,
+            installs: 0,
+            pending_reload: None,
         }
     }
 
@@ -595,6 +603,7 @@ impl Renderer {
             return false;
         }
         self.written = Some(text);
+        self.installs += 1;
         if validate && self.settings.validate_cmd.is_some() {
             self.validated = Some(current.registry.clone());
         }
@@ -642,6 +651,9 @@ impl Renderer {
                 }
             }
             Plan::Reload if can_reload => {
+                if let Some(outcome) = self.follow_pending().await {
+                    return outcome;
+                }
                 // A member-only file may have skipped validation (pass); a
                 // reload reads only a validated one.
                 validate_installed(&self.settings, validated)
@@ -659,14 +671,53 @@ impl Renderer {
     ) -> Result<ApplyOutcome, String> {
         // The new worker's pid is learnt at the next runtime-only change.
         self.haproxy_pid = None;
-        reload(
+        if let Some(outcome) = self.follow_pending().await {
+            return outcome;
+        }
+        let done = reload(
             &self.settings,
             self.runtime.as_ref(),
             &mut self.last_reload,
             shutdown,
         )
-        .await
-        .map(|_| ApplyOutcome::Reload)
+        .await;
+        match done {
+            Ok(()) => Ok(ApplyOutcome::Reload),
+            Err(ReloadError::Haproxy(haproxy::HaproxyError::ReloadLoading(p))) => {
+                let e = haproxy::HaproxyError::ReloadLoading(p.clone());
+                self.pending_reload = Some((p, self.installs));
+                Err(e.to_string())
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Follows a reload still loading from an earlier pass: `Some` while it
+    /// loads, or once it finished with the file installed now; `None` when
+    /// a reload must be issued.
+    async fn follow_pending(&mut self) -> Option<Result<ApplyOutcome, String>> {
+        let (pending, installs) = self.pending_reload.take()?;
+        let progress = match self.settings.master_socket.as_deref() {
+            Some(master) => haproxy::reload_progress(master, &pending).await,
+            None => haproxy::ReloadProgress::Failed,
+        };
+        match progress {
+            haproxy::ReloadProgress::Loading => {
+                let e = haproxy::HaproxyError::ReloadLoading(pending.clone());
+                self.pending_reload = Some((pending, installs));
+                Some(Err(e.to_string()))
+            }
+            // It loaded the file installed now: nothing more to do.
+            haproxy::ReloadProgress::Done if installs == self.installs => {
+                tracing::info!(
+                    after_s = pending.issued.elapsed().as_secs(),
+                    "a slow reload finished"
+                );
+                Some(Ok(ApplyOutcome::Reload))
+            }
+            // A newer file, or a failed load: reload now.
+            _ => None,
+        }
     }
 
     /// What the apply did, for the status and the next pass.
@@ -732,13 +783,13 @@ async fn reload(
     runtime: Option<&haproxy::Runtime>,
     last: &mut Option<Instant>,
     shutdown: &mut watch::Receiver<bool>,
-) -> Result<(), String> {
+) -> Result<(), ReloadError> {
     if let Some(prev) = *last {
         let wait = settings.reload_min_interval.saturating_sub(prev.elapsed());
         if !wait.is_zero() {
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                _ = shutdown.wait_for(|s| *s) => return Err("shutting down".into()),
+                _ = shutdown.wait_for(|s| *s) => return Err(ReloadError::ShuttingDown),
             }
         }
     }
@@ -751,7 +802,15 @@ async fn reload(
         settings.master_socket.as_deref(),
     )
     .await
-    .map_err(|e| e.to_string())
+    .map_err(ReloadError::Haproxy)
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ReloadError {
+    #[error("shutting down")]
+    ShuttingDown,
+    #[error("{0}")]
+    Haproxy(haproxy::HaproxyError),
 }
 
 /// Validates the installed file before a reload, unless `install` already did.
