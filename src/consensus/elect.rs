@@ -131,6 +131,13 @@ pub struct Liveness {
     inner: Mutex<Inner>,
     /// A VIP claim started here and no release has finished since.
     holding: AtomicBool,
+    /// Held by the vote handler from its checks until openraft answered
+    /// (and [`Liveness::granted_vote`]), and by the election timer from its
+    /// last check until `elect()` is queued: a vote granted in between
+    /// would otherwise be followed by this node's own campaign for the next
+    /// term, deposing the candidate it just elected. openraft takes both
+    /// through one queue, in order.
+    pub vote_gate: tokio::sync::Mutex<()>,
     /// The highest commit index a leader's AppendEntries carried here (bgp
     /// mode's lag check: a follower knows no other measure of the leader).
     leader_commit: AtomicU64,
@@ -147,6 +154,8 @@ pub struct Liveness {
 #[derive(Debug)]
 struct Inner {
     last_heard: Instant,
+    /// When this node last granted a real vote.
+    last_granted: Option<Instant>,
     /// While leading: the candidate this node hands leadership to, until when.
     transfer: Option<(NodeId, Instant)>,
     /// When this node was first seen leading its current term.
@@ -170,10 +179,12 @@ impl Liveness {
             started: now,
             inner: Mutex::new(Inner {
                 last_heard,
+                last_granted: None,
                 transfer: None,
                 leading_since: None,
             }),
             holding: AtomicBool::new(false),
+            vote_gate: tokio::sync::Mutex::new(()),
             leader_commit: AtomicU64::new(0),
             prevotes_refused: Counter::default(),
             prevotes_granted: Counter::default(),
@@ -207,6 +218,23 @@ impl Liveness {
 
     pub fn last_heard(&self) -> Instant {
         self.lock().last_heard
+    }
+
+    /// This node granted a candidate its vote. As in Raft (§5.2: a follower
+    /// times out without hearing from the leader *or granting a vote*), that
+    /// restarts the election timer: the candidate gets a whole timeout to
+    /// win and be heard before this node campaigns itself.
+    pub fn granted_vote(&self) {
+        let now = Instant::now();
+        let mut g = self.lock();
+        g.last_granted = Some(g.last_granted.map_or(now, |t| t.max(now)));
+    }
+
+    /// The later of hearing from a leader and granting a vote: what the
+    /// election timer and the voting rules count from.
+    pub fn last_contact(&self) -> Instant {
+        let g = self.lock();
+        g.last_granted.map_or(g.last_heard, |t| t.max(g.last_heard))
     }
 
     pub fn started(&self) -> Instant {
@@ -303,7 +331,7 @@ impl Elector {
             }
             let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
             let now = Instant::now();
-            let heard = self.liveness.last_heard();
+            let heard = self.liveness.last_contact();
             let timeout = match drawn {
                 Some((for_contact, t)) if for_contact == heard => t,
                 _ => {
@@ -332,6 +360,7 @@ impl Elector {
                 }
                 continue;
             }
+            let mut gate = None;
             if voters.len() > 1 {
                 let (granted, refusals) = self.prevote(&m, &voters).await;
                 if granted < voters.len() / 2 + 1 {
@@ -360,10 +389,11 @@ impl Elector {
                 // Campaigning anyway would bump the term past that leader's
                 // and depose it a moment after it claimed the VIP: the
                 // second VIP move for one failure tests/cluster saw.
+                gate = Some(self.liveness.vote_gate.lock().await);
                 let after = metrics.borrow().clone();
                 if let Err(why) = still_campaign(
                     (&m.vote, heard),
-                    (&after.vote, self.liveness.last_heard()),
+                    (&after.vote, self.liveness.last_contact()),
                     after.state,
                 ) {
                     tracing::info!(granted, why, "pre-vote passed, but not campaigning");
@@ -380,7 +410,11 @@ impl Elector {
             losing_streak = 0;
             lost_at = None;
             self.liveness.elections.inc();
-            if self.raft.trigger().elect().await.is_err() {
+            // Queued while the gate is held: a vote request answered after
+            // it meets the new term.
+            let elected = self.raft.trigger().elect().await;
+            drop(gate);
+            if elected.is_err() {
                 return;
             }
             // Give the election a timeout to conclude before the next try,
@@ -447,10 +481,10 @@ impl Elector {
 
 /// Whether a pre-vote that passed may still become an election: not when
 /// this node's vote moved during the round (it voted for another candidate,
-/// or a leader of a newer term reached it), when it heard from a leader, or
-/// when it leads. `before` and `after` are (vote, last heard) at the start
-/// and end of the round. What is left is the moment between this check and
-/// openraft's `elect()`, which openraft 0.9 gives no way to close.
+/// or a leader of a newer term reached it), when it heard from a leader or
+/// granted a vote, or when it leads. `before` and `after` are (vote, last
+/// contact) at the start and end of the round. The moment between this
+/// check and `elect()` is closed by [`Liveness::vote_gate`].
 pub fn still_campaign(
     before: (&openraft::Vote<NodeId>, Instant),
     after: (&openraft::Vote<NodeId>, Instant),
@@ -463,7 +497,7 @@ pub fn still_campaign(
         return Err("this node's vote changed during the pre-vote round");
     }
     if after.1 > before.1 {
-        return Err("a leader was heard during the pre-vote round");
+        return Err("a leader was heard, or a vote granted, during the pre-vote round");
     }
     Ok(())
 }
@@ -582,6 +616,28 @@ mod tests {
         assert!(prevote_decision(&v, &req(4, log(2, 20))).is_err());
         assert!(prevote_decision(&v, &req(3, log(3, 10))).is_err());
         assert_eq!(prevote_decision(&v, &req(4, log(4, 1))), Ok(()));
+    }
+
+    /// The second VIP move tests/cluster test_handoff saw: a survivor that
+    /// granted its vote to the other one (which then won) still had its own
+    /// timer running from the dead leader's last heartbeat, passed a pre-vote
+    /// and campaigned for the next term.
+    #[test]
+    fn granting_a_vote_restarts_the_election_timer() {
+        let l = Liveness::new(false);
+        let heard = l.last_heard();
+        assert_eq!(l.last_contact(), heard);
+        std::thread::sleep(Duration::from_millis(2));
+        l.granted_vote();
+        let contact = l.last_contact();
+        assert!(contact > heard);
+        // Only the election rules count it: failover's "heard a leader" not.
+        assert_eq!(l.last_heard(), heard);
+        let vote = openraft::Vote::new(5, 2);
+        assert_eq!(
+            still_campaign((&vote, heard), (&vote, contact), ServerState::Follower),
+            Err("a leader was heard, or a vote granted, during the pre-vote round")
+        );
     }
 
     #[test]

@@ -599,7 +599,9 @@ impl Consensus {
             .is_some_and(|(_, at)| now.duration_since(at) < window);
         elect::VoterView {
             now,
-            last_heard: self.liveness.last_heard(),
+            // A vote it granted counts like hearing from a leader: the
+            // candidate it elected gets its window too.
+            last_heard: self.liveness.last_contact(),
             window,
             term: m.current_term,
             last_log_id,

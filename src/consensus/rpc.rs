@@ -245,15 +245,20 @@ async fn vote(State(c): State<Consensus>, body: Bytes) -> Response {
         Err(r) => return r,
     };
     let candidate = req.vote.leader_id.node_id;
+    let liveness = c.liveness();
+    let _gate = liveness.vote_gate.lock().await;
     let view = c.voter_view(candidate);
+    // The candidate this node already voted for in that term asks again (a
+    // lost answer, a retry): openraft answers as before.
+    let again = c.raft.metrics().borrow().vote.leader_id == req.vote.leader_id;
     // A restarted voter's window after start: its `last_heard` starts at
     // its start (elect.rs).
-    let sticky = elect::sticky(&view);
+    let sticky = elect::sticky(&view).filter(|_| !again);
     if sticky.is_some() {
         // openraft's leader grants votes while it leads (only followers keep
         // its refusal window), so the rules of elect.rs are applied here,
         // before openraft sees the request.
-        c.liveness().votes_refused.inc();
+        liveness.votes_refused.inc();
         tracing::info!(
             candidate,
             term = req.vote.leader_id.term,
@@ -265,7 +270,11 @@ async fn vote(State(c): State<Consensus>, body: Bytes) -> Response {
             Ok(VoteResponse::new(vote, None, false));
         return encode(&refused);
     }
-    encode(&c.raft.vote(req).await)
+    let answer = c.raft.vote(req).await;
+    if matches!(&answer, Ok(r) if r.vote_granted) {
+        liveness.granted_vote();
+    }
+    encode(&answer)
 }
 
 async fn snapshot(State(c): State<Consensus>, body: Bytes) -> Response {
