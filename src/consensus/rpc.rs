@@ -321,7 +321,30 @@ async fn campaign(
         Ok(req) => req,
         Err(r) => return r,
     };
-    let answer: Result<(), String> = if *may_campaign.borrow() {
+    // Checked and acted on under the gate, like the election timer's.
+    let _gate = c.liveness().vote_gate.lock().await;
+    let (term, leader) = {
+        let m = c.raft.metrics();
+        let m = m.borrow();
+        (m.current_term, m.current_leader)
+    };
+    let answer: Result<(), String> = if req.term != term || leader != Some(req.from) {
+        // Late (a hand-over that moved on to another candidate, a request
+        // held up in a queue) or not from the leader this node follows: an
+        // election now would bump the term past a healthy leader's and
+        // depose it, a VIP move for nothing.
+        tracing::info!(
+            from = req.from,
+            term = req.term,
+            my_term = term,
+            ?leader,
+            "asked to campaign by a node that is not my leader in my term: refused"
+        );
+        Err(format!(
+            "node {} does not lead term {} here (term {term}, leader {leader:?})",
+            req.from, req.term
+        ))
+    } else if *may_campaign.borrow() {
         tracing::info!(
             from = req.from,
             term = req.term,

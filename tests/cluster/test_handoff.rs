@@ -229,6 +229,8 @@ async fn claims_wait_for_the_previous_release_across_40_handoffs() {
             "round {round}: the VIP moved on from node {new} to node {now_holder} (term {now_term})"
         );
         (old, term) = (now_holder, now_term);
+        // Checked every round, so a failure shows the node logs of its moment.
+        check_order(&runs(&log), &kills);
     }
     let all = runs(&log);
     let handoffs = check_order(&all, &kills);

@@ -185,3 +185,65 @@ async fn a_paused_follower_deposes_nobody_on_an_idle_cluster() {
 async fn a_paused_follower_deposes_nobody_under_writes() {
     follower_pauses_depose_nobody(true).await;
 }
+
+/// A hand-over's request to campaign that arrives late (the leader moved on
+/// to another candidate, the request sat in a queue) or comes from a node
+/// that does not lead here is refused: an election would bump the term past
+/// the healthy leader's and depose it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_campaign_request_not_from_the_leader_in_its_term_deposes_nobody() {
+    use clb::consensus::rpc::CampaignRequest;
+    let c = Cluster::start(3).await;
+    let leader = c.leader(Duration::from_secs(10)).await;
+    let v = c.node(leader).view().await.expect("view");
+    let follower = *c.nodes.keys().find(|id| **id != leader).unwrap();
+    let other = *c
+        .nodes
+        .keys()
+        .find(|id| **id != leader && **id != follower)
+        .unwrap();
+    // An authenticated peer: the requests pass the gate and meet the rule.
+    let peers = clb::consensus::network::PeerClient::new(v.cluster_id.clone())
+        .with_secret(Some(crate::harness::SECRET.to_string()))
+        .with_identity(Arc::new(
+            clb::consensus::incarnation::Incarnations::ephemeral(99, 1),
+        ));
+    let stale = [
+        CampaignRequest {
+            from: leader,
+            term: v.term.saturating_sub(1),
+        },
+        CampaignRequest {
+            from: other,
+            term: v.term,
+        },
+    ];
+    let addr = c.node(follower).peer_addr.clone();
+    for req in &stale {
+        let answer: Result<(), String> = peers
+            .call(&addr, "/raft/campaign", req, Duration::from_secs(5))
+            .await
+            .expect("the follower answers an authenticated peer");
+        assert!(answer.is_err(), "{req:?} was taken: {answer:?}");
+    }
+    let after = c.node(leader).view().await.expect("view");
+    assert_eq!(
+        (after.term, after.leader),
+        (v.term, Some(leader)),
+        "a refused campaign request moved the term or the leader"
+    );
+    // The leader itself, in its term, is obeyed: the hand-over path works.
+    let answer: Result<(), String> = peers
+        .call(
+            &addr,
+            "/raft/campaign",
+            &CampaignRequest {
+                from: leader,
+                term: v.term,
+            },
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("answer");
+    assert_eq!(answer, Ok(()));
+}
