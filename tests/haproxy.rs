@@ -259,18 +259,7 @@ async fn a_config_haproxy_rejects_never_goes_live() {
     let good = std::fs::read_to_string(&b.cfg).unwrap();
 
     define_svc(&b.client(), "poison").await;
-    let status = eventually(
-        Duration::from_secs(10),
-        "the validation error is reported",
-        || async {
-            let r = b.render_status().await?;
-            r.last_error
-                .as_deref()
-                .is_some_and(|e| e.contains("rejected"))
-                .then_some(r)
-        },
-    )
-    .await;
+    let status = b.error_saying("rejected", Duration::from_secs(10)).await;
     assert!(status.validate_failures >= 1);
     assert_eq!(
         std::fs::read_to_string(&b.cfg).unwrap(),
@@ -338,16 +327,9 @@ async fn a_reload_slower_than_its_wait_is_followed_not_issued_again() {
     std::fs::write(&marker, load.as_secs().to_string()).unwrap();
     // A new service: a reload.
     define_svc(&b.client(), "extra").await;
-    eventually(
+    b.error_saying(
+        "still loading",
         clb::render::haproxy::RELOAD_WAIT + Duration::from_secs(5),
-        "the status to say the reload is still loading",
-        || async {
-            let r = b.render_status().await?;
-            r.last_error
-                .as_deref()
-                .is_some_and(|e| e.contains("still loading"))
-                .then_some(())
-        },
     )
     .await;
     let after = eventually(

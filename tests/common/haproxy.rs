@@ -150,6 +150,19 @@ impl Balancer {
         v.node(1)?.render.clone()
     }
 
+    /// Waits until the node's render error says `what`.
+    pub async fn error_saying(&self, what: &str, within: Duration) -> RenderStatus {
+        let waiting_for = format!("the render error to say {what:?}");
+        eventually(within, &waiting_for, || async {
+            let r = self.render_status().await?;
+            r.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains(what))
+                .then_some(r)
+        })
+        .await
+    }
+
     /// Waits until haproxy runs the registry's latest index and the file
     /// on disk holds it too (a member-only change reaches haproxy first and
     /// the file up to --file-lag-ms later; see [`Balancer::live`]).
