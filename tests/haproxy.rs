@@ -637,24 +637,22 @@ async fn worker_pid(socket: &std::path::Path) -> Option<u32> {
 
 /// How many reloads haproxy's master counts, per its `show proc`.
 async fn master_reloads(socket: &std::path::Path) -> Option<u64> {
+    master_column(socket, 2).await?.parse().ok()
+}
+
+/// The master's pid per its own `show proc`.
+async fn master_pid(socket: &std::path::Path) -> Option<i32> {
+    master_column(socket, 0).await?.parse().ok()
+}
+
+/// Column `n` of the master's line of `show proc` (pid, type, reloads, ...).
+async fn master_column(socket: &std::path::Path, n: usize) -> Option<String> {
     let text = clb::render::haproxy::exchange(socket, "show proc")
         .await
         .ok()?;
     text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
         let cols: Vec<&str> = l.split_whitespace().collect();
-        (cols.get(1) == Some(&"master")).then(|| cols.get(2)?.parse().ok())?
-    })
-}
-
-/// The master's pid per its own `show proc`.
-async fn master_pid(socket: &std::path::Path) -> Option<i32> {
-    let text = clb::render::haproxy::exchange(socket, "show proc")
-        .await
-        .ok()?;
-    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
-        let mut cols = l.split_whitespace();
-        let pid = cols.next()?.parse().ok()?;
-        (cols.next()? == "master").then_some(pid)
+        (cols.get(1) == Some(&"master")).then(|| cols.get(n).map(|c| c.to_string()))?
     })
 }
 

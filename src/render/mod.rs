@@ -642,31 +642,20 @@ impl Renderer {
                                 tracing::warn!(cause = %e, "runtime API change failed; reloading instead")
                             }
                         }
-                        // The file may have skipped validation (pass): check it first.
-                        validate_installed(&self.settings, validated)
-                            .await
-                            .map_err(|e| e.to_string())?;
-                        self.reload(shutdown).await
+                        self.reload(validated, shutdown).await
                     }
                 }
             }
-            Plan::Reload if can_reload => {
-                if let Some(outcome) = self.follow_pending().await {
-                    return outcome;
-                }
-                // A member-only file may have skipped validation (pass); a
-                // reload reads only a validated one.
-                validate_installed(&self.settings, validated)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                self.reload(shutdown).await
-            }
+            Plan::Reload if can_reload => self.reload(validated, shutdown).await,
             Plan::Reload => Ok(ApplyOutcome::Written),
         }
     }
 
+    /// Reloads haproxy with the installed file, which `validated` says was
+    /// validated when installed, or follows a reload still loading.
     async fn reload(
         &mut self,
+        validated: bool,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<ApplyOutcome, String> {
         // The new worker's pid is learnt at the next runtime-only change.
@@ -674,6 +663,11 @@ impl Renderer {
         if let Some(outcome) = self.follow_pending().await {
             return outcome;
         }
+        // A member-only file may have skipped validation (pass); a reload
+        // reads only a validated one.
+        validate_installed(&self.settings, validated)
+            .await
+            .map_err(|e| e.to_string())?;
         let done = reload(
             &self.settings,
             self.runtime.as_ref(),
@@ -684,9 +678,7 @@ impl Renderer {
         match done {
             Ok(()) => Ok(ApplyOutcome::Reload),
             Err(ReloadError::Haproxy(haproxy::HaproxyError::ReloadLoading(p))) => {
-                let e = haproxy::HaproxyError::ReloadLoading(p.clone());
-                self.pending_reload = Some((p, self.installs));
-                Err(e.to_string())
+                Err(self.keep_pending(p, self.installs))
             }
             Err(e) => Err(e.to_string()),
         }
@@ -702,11 +694,7 @@ impl Renderer {
             None => haproxy::ReloadProgress::Failed,
         };
         match progress {
-            haproxy::ReloadProgress::Loading => {
-                let e = haproxy::HaproxyError::ReloadLoading(pending.clone());
-                self.pending_reload = Some((pending, installs));
-                Some(Err(e.to_string()))
-            }
+            haproxy::ReloadProgress::Loading => Some(Err(self.keep_pending(pending, installs))),
             // It loaded the file installed now: nothing more to do.
             haproxy::ReloadProgress::Done if installs == self.installs => {
                 tracing::info!(
@@ -718,6 +706,14 @@ impl Renderer {
             // A newer file, or a failed load: reload now.
             _ => None,
         }
+    }
+
+    /// Remembers `pending` (loading the file of install `installs`) for
+    /// the next pass to follow; returns what the status says meanwhile.
+    fn keep_pending(&mut self, pending: haproxy::PendingReload, installs: u64) -> String {
+        let said = haproxy::HaproxyError::ReloadLoading(pending.clone()).to_string();
+        self.pending_reload = Some((pending, installs));
+        said
     }
 
     /// What the apply did, for the status and the next pass.
