@@ -57,6 +57,8 @@ pub mod cli;
 pub mod client;
 /// Wall-clock milliseconds; a leaf.
 pub mod clock;
+/// The binary format peers speak and the store keeps, with its version.
+pub mod codec;
 /// Settings from flags, env and file.
 pub mod config;
 /// Raft types, sled storage, peer transport.

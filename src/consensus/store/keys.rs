@@ -1,15 +1,15 @@
-//! How the store encodes: bincode values, big-endian log keys, the
+//! How the store encodes: [`crate::codec`] values, big-endian log keys, the
 //! registry's text keys (service, member, token, staged backup) and audit
 //! records.
 
 use super::*;
 
-pub(super) fn bin<T: Serialize>(v: &T) -> Result<Vec<u8>, bincode::Error> {
-    bincode::serialize(v)
+pub(super) fn bin<T: Serialize>(v: &T) -> Result<Vec<u8>, CodecError> {
+    crate::codec::encode(v)
 }
 
-pub(super) fn unbin<T: DeserializeOwned>(raw: &[u8]) -> Result<T, bincode::Error> {
-    bincode::deserialize(raw)
+pub(super) fn unbin<T: DeserializeOwned>(raw: &[u8]) -> Result<T, CodecError> {
+    crate::codec::decode(raw)
 }
 
 pub(super) fn index_key(index: u64) -> [u8; 8] {

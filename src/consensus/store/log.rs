@@ -58,18 +58,25 @@ impl LogStore {
 
     /// The entries among `items` (log tree pairs in key order), each
     /// whole or put together from its parts.
-    fn decode(
+    pub(super) fn decode(
         items: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
     ) -> Result<Vec<Entry<TypeConfig>>, StorageError> {
-        fn finish(
-            entries: &mut Vec<Entry<TypeConfig>>,
-            parts: Option<([u8; 8], Vec<u8>)>,
-        ) -> Result<(), StorageError> {
+        Self::decode_with(Codec::V1, items)
+    }
+
+    /// [`LogStore::decode`] of values in `codec` (a data dir being migrated).
+    pub(super) fn decode_with(
+        codec: Codec,
+        items: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
+    ) -> Result<Vec<Entry<TypeConfig>>, StorageError> {
+        let finish = |entries: &mut Vec<Entry<TypeConfig>>,
+                      parts: Option<([u8; 8], Vec<u8>)>|
+         -> Result<(), StorageError> {
             if let Some((_, value)) = parts {
-                entries.push(unbin(&value).map_err(read_logs_err)?);
+                entries.push(codec.decode(&value).map_err(read_logs_err)?);
             }
             Ok(())
-        }
+        };
         let mut entries = Vec::new();
         let mut parts: Option<([u8; 8], Vec<u8>)> = None;
         for item in items {
@@ -77,7 +84,7 @@ impl LogStore {
             match key.len() {
                 8 => {
                     finish(&mut entries, parts.take())?;
-                    entries.push(unbin(&value).map_err(read_logs_err)?);
+                    entries.push(codec.decode(&value).map_err(read_logs_err)?);
                 }
                 12 => {
                     let index: [u8; 8] = key[..8].try_into().expect("12-byte key");
@@ -112,7 +119,7 @@ impl LogStore {
     /// crash (power loss, ext4 turning read-only after an error) would lose
     /// what it called flushed, and Raft must never forget a vote or an
     /// entry it acknowledged. fdatasync closes that gap.
-    fn sync(&self) -> Result<(), sled::Error> {
+    pub(super) fn sync(&self) -> Result<(), sled::Error> {
         self.file.sync_data().map_err(sled::Error::from)
     }
 

@@ -3,7 +3,7 @@
 //! `sled::Db` holds every tree; the current snapshot is a file beside it
 //! (see `snapshot_file`).
 //!
-//! Trees: `log` (big-endian index → bincode entry, or its parts), `meta`
+//! Trees: `log` (big-endian index → encoded entry, or its parts), `meta`
 //! (vote, committed, last purged), `sm` (registry keys, a backup being
 //! restored, applied log id and membership), `snapshot` (a counter for
 //! snapshot ids) and `ident` (node identity, see [`get_meta`]).
@@ -42,6 +42,7 @@ use tokio::sync::watch;
 use super::snapshot_file::SnapshotFiles;
 use super::{LogId, NodeId, StorageError, TypeConfig};
 use crate::auth::Token;
+use crate::codec::{Codec, CodecError};
 use crate::model::{
     AuditEntry, Command, Member, Members, Registry, Response, Service, ServiceDef, StagedRestore,
     Touched,
@@ -122,6 +123,15 @@ pub fn open(dir: &Path) -> Result<Stores, StoreError> {
         meta: tree("meta")?,
         file: Arc::new(sync_created(dir).map_err(|e| StoreError::Open(e.into()))?),
     };
+    if let Some(m) = migrate::to_current(&db, &log)? {
+        if m != migrate::Migrated::default() {
+            tracing::info!(
+                entries = m.entries,
+                values = m.values,
+                "migrated the data dir from the previous release's encoding"
+            );
+        }
+    }
     let files = SnapshotFiles::open(dir).map_err(StoreError::SnapshotFile)?;
     let sm = StateMachine::load(db.clone(), tree("snapshot")?, files)?;
     Ok(Stores { log, sm, db })
@@ -281,6 +291,7 @@ fn write_snapshot_err<E: Error + 'static>(
 
 mod keys;
 mod log;
+mod migrate;
 mod snapshot;
 mod state_machine;
 
@@ -433,6 +444,140 @@ mod tests {
         assert_eq!(membership.log_id(), &Some(log_id(1, 1)));
     }
 
+    /// Rewrites the encoded values of the closed data dir `dir` the way the
+    /// release before postcard wrote them: bincode, entries cut in parts of
+    /// its own size, no format mark.
+    fn make_legacy(dir: &Path) {
+        let stores = reopen(dir);
+        let legacy = |v: &dyn erased::Value| v.legacy();
+        let entries = LogStore::decode(stores.log.log.iter()).unwrap();
+        stores.log.log.clear().unwrap();
+        for entry in entries {
+            let value = legacy(&entry);
+            let index = entry.log_id.index;
+            if value.len() <= MAX_VALUE {
+                stores.log.log.insert(index_key(index), value).unwrap();
+            } else {
+                for (n, part) in value.chunks(MAX_VALUE).enumerate() {
+                    stores
+                        .log
+                        .log
+                        .insert(part_key(index, n as u32), part)
+                        .unwrap();
+                }
+            }
+        }
+        let meta = &stores.log.meta;
+        let vote: Vote<NodeId> = unbin(&meta.get(VOTE_KEY).unwrap().unwrap()).unwrap();
+        meta.insert(VOTE_KEY, legacy(&vote)).unwrap();
+        for key in [COMMITTED_KEY, PURGED_KEY] {
+            let id: LogId = unbin(&meta.get(key).unwrap().unwrap()).unwrap();
+            meta.insert(key, legacy(&id)).unwrap();
+        }
+        let sm = sm_tree(&stores.db).unwrap();
+        let applied: Option<LogId> = unbin(&sm.get(APPLIED_KEY).unwrap().unwrap()).unwrap();
+        sm.insert(APPLIED_KEY, legacy(&applied)).unwrap();
+        let m: Membership = unbin(&sm.get(MEMBERSHIP_KEY).unwrap().unwrap()).unwrap();
+        sm.insert(MEMBERSHIP_KEY, legacy(&m)).unwrap();
+        stores.db.remove(b"format").unwrap();
+        stores.db.flush().unwrap();
+        // Really legacy: the current decoder cannot read it.
+        assert!(unbin::<Vote<NodeId>>(&meta.get(VOTE_KEY).unwrap().unwrap()).is_err());
+    }
+
+    /// Object-safe legacy encoding for [`make_legacy`].
+    mod erased {
+        pub trait Value {
+            fn legacy(&self) -> Vec<u8>;
+        }
+        impl<T: serde::Serialize> Value for T {
+            fn legacy(&self) -> Vec<u8> {
+                crate::codec::Codec::Legacy.encode(self).unwrap()
+            }
+        }
+    }
+
+    /// A data dir of the release before postcard opens with everything it
+    /// held: log entries (some in parts), vote, committed, purged, applied
+    /// state and membership. It is migrated once, and a dir marked with a
+    /// newer format is refused rather than misread.
+    #[tokio::test]
+    async fn a_legacy_data_dir_is_migrated_once_and_reads_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = |n: usize| {
+            Command::Batch(
+                (0..n)
+                    .map(|i| crate::model::Proposal {
+                        cmd: register("http", &format!("m{i}"), "10.0.0.1"),
+                        by: "test".into(),
+                        at_ms: 2,
+                        force: false,
+                    })
+                    .collect(),
+            )
+        };
+        let mut entries = vec![membership_entry(1)];
+        entries.extend((2..=12).map(|i| normal(i, big(if i % 3 == 0 { 200 } else { 1 }))));
+        let want = {
+            let mut stores = open(dir.path()).unwrap();
+            let batch = stores.log.append_batch(entries.clone()).unwrap();
+            stores.log.log.apply_batch(batch).unwrap();
+            stores
+                .log
+                .save_vote(&Vote::new_committed(4, 2))
+                .await
+                .unwrap();
+            stores.log.save_committed(Some(log_id(1, 9))).await.unwrap();
+            stores.log.purge(log_id(1, 2)).await.unwrap();
+            stores.sm.apply(entries[..9].to_vec()).await.unwrap();
+            let registry = stores.sm.subscribe().borrow().registry.clone();
+            assert_eq!(registry.member_count(), 200);
+            (registry, stores.sm.applied_state().await.unwrap())
+        };
+        make_legacy(dir.path());
+
+        let mut stores = reopen(dir.path());
+        // Every entry, whole or its first part, now starts with the format byte.
+        for item in stores.log.log.iter() {
+            let (key, value) = item.unwrap();
+            if key.len() == 8 || key[8..] == [0; 4] {
+                assert_eq!(value[0], crate::codec::FORMAT_V1, "{key:?}");
+            }
+        }
+        let read = stores.log.try_get_log_entries(0..).await.unwrap();
+        let indexes: Vec<u64> = read.iter().map(|e| e.log_id.index).collect();
+        assert_eq!(indexes, (3..=12).collect::<Vec<_>>());
+        for (got, want) in read.iter().zip(&entries[2..]) {
+            assert_eq!(got.log_id, want.log_id);
+            match (&got.payload, &want.payload) {
+                (EntryPayload::Normal(a), EntryPayload::Normal(b)) => assert_eq!(a, b),
+                _ => panic!("payload changed"),
+            }
+        }
+        assert!(
+            stores.log.log.len() > read.len(),
+            "big entries are in parts"
+        );
+        assert_eq!(
+            stores.log.read_vote().await.unwrap(),
+            Some(Vote::new_committed(4, 2))
+        );
+        assert_eq!(
+            stores.log.read_committed().await.unwrap(),
+            Some(log_id(1, 9))
+        );
+        let state = stores.log.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id, Some(log_id(1, 2)));
+        assert_eq!(stores.sm.subscribe().borrow().registry, want.0);
+        assert_eq!(stores.sm.applied_state().await.unwrap(), want.1);
+        assert_eq!(migrate::to_current(&stores.db, &stores.log).unwrap(), None);
+
+        stores.db.insert(b"format", &[0xC2][..]).unwrap();
+        drop(stores);
+        let e = reopen_err(dir.path());
+        assert!(e.contains("newer clbd"), "{e}");
+    }
+
     #[tokio::test]
     async fn installed_snapshot_replaces_state() {
         let leader_dir = tempfile::tempdir().unwrap();
@@ -526,7 +671,7 @@ mod tests {
     }
 
     #[test]
-    fn log_entries_round_trip_through_bincode() {
+    fn log_entries_round_trip_through_the_codec() {
         let entry = normal(
             4,
             Command::Register {
@@ -668,9 +813,9 @@ mod tests {
             def: api_def(),
             members: BTreeMap::from([("a".to_string(), member.clone())]),
         };
-        let from_bincode: Service = unbin(&bin(&old).unwrap()).unwrap();
+        let from_codec: Service = unbin(&bin(&old).unwrap()).unwrap();
         let from_json: Service = serde_json::from_slice(&json(&old).unwrap()).unwrap();
-        for svc in [from_bincode, from_json] {
+        for svc in [from_codec, from_json] {
             assert_eq!(svc.def, api_def());
             assert_eq!(svc.members.get("a"), Some(&member));
             assert_eq!(svc.members.len(), 1);
@@ -697,18 +842,28 @@ mod tests {
     /// Opens `dir` again once the last handle's sled threads (a page table
     /// snapshot after many writes) have let go of its lock.
     fn reopen(dir: &Path) -> Stores {
+        reopen_result(dir).unwrap_or_else(|e| panic!("reopen {}: {e}", dir.display()))
+    }
+
+    fn reopen_result(dir: &Path) -> Result<Stores, StoreError> {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
             match open(dir) {
-                Ok(stores) => return stores,
                 Err(StoreError::Open(e))
                     if e.to_string().contains("could not acquire lock")
                         && std::time::Instant::now() < deadline =>
                 {
                     std::thread::sleep(std::time::Duration::from_millis(10))
                 }
-                Err(e) => panic!("reopen {}: {e}", dir.display()),
+                r => return r,
             }
+        }
+    }
+
+    fn reopen_err(dir: &Path) -> String {
+        match reopen_result(dir) {
+            Ok(_) => panic!("{} opened", dir.display()),
+            Err(e) => e.to_string(),
         }
     }
 
@@ -858,7 +1013,7 @@ mod tests {
             )
         };
         let entries: Vec<_> = (1..=20)
-            .map(|i| normal(i, batch(if i % 2 == 0 { 256 } else { 1 })))
+            .map(|i| normal(i, batch(if i % 2 == 0 { 512 } else { 1 })))
             .collect();
         let batch_of = stores.log.append_batch(entries.clone()).unwrap();
         stores.log.log.apply_batch(batch_of).unwrap();
