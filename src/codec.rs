@@ -19,10 +19,6 @@ use serde::Serialize;
 /// The format byte of postcard values.
 pub const FORMAT_V1: u8 = 0xC1;
 
-/// Header on a peer request and its answer naming the body's codec
-/// ([`Codec::header`]); absent means [`Codec::Legacy`].
-pub const CODEC_HEADER: &str = "x-clb-codec";
-
 /// Header on every authenticated peer answer: the codecs this node reads
 /// beyond legacy, so a caller may switch to the newest both know.
 pub const ACCEPTS_HEADER: &str = "x-clb-codec-accepts";
@@ -69,25 +65,6 @@ impl Codec {
                 Some((&FORMAT_V1, rest)) => Ok(postcard::from_bytes(rest)?),
                 Some((&other, _)) => Err(CodecError::Format(other)),
             },
-        }
-    }
-
-    /// The value of [`CODEC_HEADER`] for this codec; None for legacy, which
-    /// the release before knew without a header.
-    pub fn header(self) -> Option<&'static str> {
-        match self {
-            Codec::Legacy => None,
-            Codec::V1 => Some("1"),
-        }
-    }
-
-    /// The codec a [`CODEC_HEADER`] value names; None for one this node
-    /// does not read.
-    pub fn from_header(value: Option<&str>) -> Option<Codec> {
-        match value {
-            None => Some(Codec::Legacy),
-            Some("1") => Some(Codec::V1),
-            Some(_) => None,
         }
     }
 
@@ -160,10 +137,7 @@ mod tests {
     }
 
     #[test]
-    fn headers_name_codecs() {
-        assert_eq!(Codec::from_header(None), Some(Codec::Legacy));
-        assert_eq!(Codec::from_header(Some("1")), Some(Codec::V1));
-        assert_eq!(Codec::from_header(Some("2")), None);
+    fn the_accepts_header_names_the_newest_codec_both_read() {
         assert_eq!(Codec::best_accepted(Some("1")), Codec::V1);
         assert_eq!(Codec::best_accepted(Some("2, 1")), Codec::V1);
         assert_eq!(Codec::best_accepted(Some("2")), Codec::Legacy);

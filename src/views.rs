@@ -254,6 +254,11 @@ pub struct ClusterView {
     pub vip: VipStatus,
     #[serde(default)]
     pub node_status: BTreeMap<NodeId, NodeStatus>,
+    /// The encoding this node speaks to each peer it has called: `legacy`
+    /// (a peer of the release before postcard, during a rolling upgrade) or
+    /// `v1`.
+    #[serde(default)]
+    pub peer_codecs: BTreeMap<NodeId, String>,
 }
 
 impl ClusterView {

@@ -372,6 +372,7 @@ pub fn cluster_view(state: &AppState) -> ClusterView {
     let m = state.consensus.raft.metrics().borrow().clone();
     let membership = m.membership_config.membership();
     let applied = state.consensus.applied();
+    let codecs = state.consensus.peer_client().codecs();
     ClusterView {
         node_id: state.consensus.id,
         role: Some(state.role),
@@ -393,6 +394,10 @@ pub fn cluster_view(state: &AppState) -> ClusterView {
         vip_holder: state.failover.holder(state.consensus.id, m.current_leader),
         vip: state.failover.status(),
         node_status: Default::default(),
+        peer_codecs: membership
+            .nodes()
+            .filter_map(|(id, n)| Some((*id, codecs.get(&n.addr)?.name().to_string())))
+            .collect(),
     }
 }
 

@@ -1,11 +1,17 @@
-//! Peer transport: Raft RPCs as HTTP POSTs with bincode bodies, under `/raft/`
-//! on the same listener as the client API.
+//! Peer transport: Raft RPCs as HTTP POSTs with [`crate::codec`] bodies,
+//! under `/raft/` on the same listener as the client API.
+//!
+//! The codec is chosen per peer: legacy (the release before postcard) until
+//! the peer's answers say it reads v1 ([`ACCEPTS_HEADER`]), and legacy again
+//! once a peer answers a v1 path with 404 without saying so (it was
+//! downgraded). A mixed cluster keeps working during a rolling upgrade.
 //!
 //! Every request carries the cluster id in `x-clb-cluster`, so a node of
 //! another cluster (or a stray data dir) is refused instead of corrupting us.
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use openraft::error::{
@@ -23,6 +29,7 @@ use serde::Serialize;
 use super::acks::Acks;
 use super::incarnation::{Incarnations, FROM_HEADER};
 use super::{NodeId, TypeConfig};
+use crate::codec::{Codec, CodecError, ACCEPTS_HEADER};
 use crate::pem::{load_ca, CaError};
 
 /// Header naming the cluster a peer request belongs to.
@@ -31,7 +38,7 @@ pub const CLUSTER_HEADER: &str = "x-clb-cluster";
 /// The error half of an RPC: what the peer transport reports to openraft.
 type RpcErr<E> = RPCError<NodeId, BasicNode, RaftError<NodeId, E>>;
 
-/// Why a bincode HTTP call to a peer failed.
+/// Why an HTTP call to a peer failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
     #[error("connect to {addr}: {source}")]
@@ -58,12 +65,9 @@ pub enum CallError {
         source: super::incarnation::Mismatch,
     },
     #[error("encode request: {0}")]
-    Encode(bincode::Error),
+    Encode(CodecError),
     #[error("decode answer from {addr}: {source}")]
-    Decode {
-        addr: String,
-        source: bincode::Error,
-    },
+    Decode { addr: String, source: CodecError },
 }
 
 impl CallError {
@@ -109,6 +113,8 @@ pub struct PeerClient {
     /// This node's incarnation, sent with every call; answers from a known
     /// node with another incarnation are refused.
     identity: Option<Arc<Incarnations>>,
+    /// The codec each peer address last said it reads (legacy until then).
+    codecs: Arc<Mutex<HashMap<String, Codec>>>,
 }
 
 /// Header carrying the cluster secret.
@@ -148,6 +154,7 @@ impl PeerClient {
             cluster_id: Arc::new(RwLock::new(cluster_id)),
             secret: None,
             identity: None,
+            codecs: Default::default(),
         }
     }
 
@@ -171,6 +178,7 @@ impl PeerClient {
             cluster_id: Arc::new(RwLock::new(cluster_id)),
             secret: None,
             identity: None,
+            codecs: Default::default(),
         })
     }
 
@@ -250,7 +258,7 @@ impl PeerClient {
         }
     }
 
-    /// POSTs `req` as bincode to `{scheme}://{addr}{path}` and decodes the answer.
+    /// POSTs `req` to `{scheme}://{addr}{path}` and decodes the answer.
     pub async fn call<Req, Resp>(
         &self,
         addr: &str,
@@ -263,6 +271,26 @@ impl PeerClient {
         Resp: DeserializeOwned,
     {
         self.call_on(Lane::Bulk, addr, path, req, timeout).await
+    }
+
+    /// The codec calls to `addr` use now.
+    fn codec_for(&self, addr: &str) -> Codec {
+        let codecs = self.codecs.lock().unwrap_or_else(|p| p.into_inner());
+        codecs.get(addr).copied().unwrap_or_default()
+    }
+
+    fn learn_codec(&self, addr: &str, codec: Codec) {
+        let mut codecs = self.codecs.lock().unwrap_or_else(|p| p.into_inner());
+        let before = codecs.insert(addr.to_string(), codec);
+        if before.unwrap_or_default() != codec {
+            tracing::info!(peer = addr, codec = codec.name(), "peer codec changed");
+        }
+    }
+
+    /// The codec used with each peer address called so far.
+    pub fn codecs(&self) -> BTreeMap<String, Codec> {
+        let codecs = self.codecs.lock().unwrap_or_else(|p| p.into_inner());
+        codecs.iter().map(|(a, c)| (a.clone(), *c)).collect()
     }
 
     /// [`PeerClient::call`] on the given lane.
@@ -278,8 +306,48 @@ impl PeerClient {
         Req: Serialize,
         Resp: DeserializeOwned,
     {
-        let body = bincode::serialize(req).map_err(CallError::Encode)?;
-        let url = self.url(addr, path);
+        let fut = async {
+            let codec = self.codec_for(addr);
+            match self.post_once(lane, addr, path, req, codec).await {
+                // A peer without the v1 routes (404) that does not advertise
+                // v1 runs an older release: it decoded nothing, so legacy may
+                // follow.
+                Err(CallError::Status { status: 404, .. })
+                    if codec != Codec::Legacy && self.codec_for(addr) == Codec::Legacy =>
+                {
+                    self.post_once(lane, addr, path, req, Codec::Legacy).await
+                }
+                r => r,
+            }
+        };
+        match tokio::time::timeout(timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(CallError::Timeout {
+                addr: addr.to_string(),
+                timeout,
+            }),
+        }
+    }
+
+    /// One POST of `req` in `codec`; learns the codec the peer reads from
+    /// its answer.
+    async fn post_once<Req, Resp>(
+        &self,
+        lane: Lane,
+        addr: &str,
+        path: &str,
+        req: &Req,
+        codec: Codec,
+    ) -> Result<Resp, CallError>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+    {
+        let body = codec.encode(req).map_err(CallError::Encode)?;
+        let url = match codec {
+            Codec::Legacy => self.url(addr, path),
+            Codec::V1 => self.url(addr, &format!("{}{path}", super::rpc::V1_PREFIX)),
+        };
         let http = match lane {
             Lane::Bulk => &self.http,
             Lane::Urgent => &self.urgent,
@@ -294,59 +362,58 @@ impl PeerClient {
         if let Some(id) = &self.identity {
             req = req.header(FROM_HEADER, id.header());
         }
-        let identity = self.identity.clone();
-        let send = req.body(body).send();
-        let fut = async {
-            let resp = send.await.map_err(|source| {
-                if source.is_connect() {
-                    CallError::Connect {
-                        addr: addr.to_string(),
-                        source,
-                    }
-                } else {
-                    CallError::Request {
-                        addr: addr.to_string(),
-                        source,
-                    }
-                }
-            })?;
-            let status = resp.status();
-            let from = resp
-                .headers()
-                .get(FROM_HEADER)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
-            let bytes = resp.bytes().await.map_err(|source| CallError::Request {
-                addr: addr.to_string(),
-                source,
-            })?;
-            if !status.is_success() {
-                return Err(CallError::Status {
+        let resp = req.body(body).send().await.map_err(|source| {
+            if source.is_connect() {
+                CallError::Connect {
                     addr: addr.to_string(),
-                    status: status.as_u16(),
-                    body: String::from_utf8_lossy(&bytes).chars().take(200).collect(),
-                });
+                    source,
+                }
+            } else {
+                CallError::Request {
+                    addr: addr.to_string(),
+                    source,
+                }
             }
-            // A vote or an ack from a node that lost its data must not count.
-            if let Some(id) = &identity {
-                id.check(from.as_deref())
-                    .map_err(|source| CallError::Replaced {
-                        addr: addr.to_string(),
-                        source,
-                    })?;
-            }
-            bincode::deserialize(&bytes).map_err(|source| CallError::Decode {
-                addr: addr.to_string(),
-                source,
-            })
+        })?;
+        let status = resp.status();
+        let header = |name: &str| {
+            resp.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
         };
-        match tokio::time::timeout(timeout, fut).await {
-            Ok(r) => r,
-            Err(_) => Err(CallError::Timeout {
-                addr: addr.to_string(),
-                timeout,
-            }),
+        let from = header(FROM_HEADER);
+        // Only an answer past the peer's authentication gate says what it
+        // reads; a refusal there says nothing of its release.
+        if status.is_success() || matches!(status.as_u16(), 400 | 404) {
+            self.learn_codec(
+                addr,
+                Codec::best_accepted(header(ACCEPTS_HEADER).as_deref()),
+            );
         }
+        let bytes = resp.bytes().await.map_err(|source| CallError::Request {
+            addr: addr.to_string(),
+            source,
+        })?;
+        if !status.is_success() {
+            return Err(CallError::Status {
+                addr: addr.to_string(),
+                status: status.as_u16(),
+                body: String::from_utf8_lossy(&bytes).chars().take(200).collect(),
+            });
+        }
+        // A vote or an ack from a node that lost its data must not count.
+        if let Some(id) = &self.identity {
+            id.check(from.as_deref())
+                .map_err(|source| CallError::Replaced {
+                    addr: addr.to_string(),
+                    source,
+                })?;
+        }
+        codec.decode(&bytes).map_err(|source| CallError::Decode {
+            addr: addr.to_string(),
+            source,
+        })
     }
 }
 

@@ -1,5 +1,8 @@
 //! Server side of the peer transport: `/raft/*` routes on the peer
-//! listener, bincode in and out.
+//! listener, legacy (bincode) in and out, and the same routes under
+//! [`V1_PREFIX`] in [`Codec::V1`]. A body's codec is named by its path, not
+//! a header: a node of the release before answers 404 to a v1 path instead
+//! of decoding postcard as bincode.
 //!
 //! Every request is authenticated from its headers alone (the cluster
 //! secret, then the cluster id) before any of its body is read; a refusal
@@ -27,6 +30,10 @@ use super::heartbeat::{self, LeasePing};
 use super::incarnation::{Mismatch, FROM_HEADER};
 use super::network::{CLUSTER_HEADER, SECRET_HEADER};
 use super::{Consensus, LeaderRequest, NodeId};
+use crate::codec::{Codec, ACCEPTS_HEADER};
+
+/// What [`ACCEPTS_HEADER`] says: the codecs this node reads beyond legacy.
+const ACCEPTS: &str = "1";
 
 /// Snapshot chunks and append batches are far larger than client requests;
 /// only an authenticated peer gets this far.
@@ -40,7 +47,7 @@ pub fn routes(consensus: Consensus, may_campaign: watch::Receiver<bool>, extra: 
         consensus: consensus.clone(),
         refused: Mutex::new(Throttle::default()),
     });
-    Router::new()
+    let rpcs = Router::new()
         .route("/raft/append", post(append))
         .route("/raft/vote", post(vote))
         .route("/raft/snapshot", post(snapshot))
@@ -54,9 +61,28 @@ pub fn routes(consensus: Consensus, may_campaign: watch::Receiver<bool>, extra: 
         .with_state(consensus.clone())
         .merge(campaign_route(consensus.clone(), may_campaign))
         .merge(identity_route(consensus))
-        .merge(extra)
+        .merge(extra);
+    let v1 = rpcs
+        .clone()
+        .layer(middleware::from_fn(|req: Request, next: Next| {
+            CODEC.scope(Codec::V1, next.run(req))
+        }));
+    rpcs.nest(V1_PREFIX, v1)
         .fallback(|| async { (StatusCode::NOT_FOUND, "no such peer RPC") })
         .layer(middleware::from_fn_with_state(gate, authenticate))
+}
+
+/// Path prefix of the peer RPCs in [`Codec::V1`] (`/codec-v1/raft/append`).
+pub const V1_PREFIX: &str = "/codec-v1";
+
+tokio::task_local! {
+    /// The codec of the peer request being answered.
+    static CODEC: Codec;
+}
+
+/// The codec of the request being answered: legacy outside [`V1_PREFIX`].
+fn codec() -> Codec {
+    CODEC.try_with(|c| *c).unwrap_or(Codec::Legacy)
 }
 
 /// The authentication gate and its log throttle.
@@ -126,6 +152,10 @@ async fn authenticate(
     let Some((status, why)) = refusal else {
         tracing::debug!(path = %req.uri().path(), from = ?headers.get(FROM_HEADER), "peer request");
         let mut resp = next.run(req).await;
+        resp.headers_mut().insert(
+            ACCEPTS_HEADER,
+            axum::http::HeaderValue::from_static(ACCEPTS),
+        );
         if let Some(value) = c
             .identity()
             .and_then(|i| axum::http::HeaderValue::from_str(&i.header()).ok())
@@ -152,15 +182,17 @@ async fn authenticate(
     (status, why).into_response()
 }
 
-/// Decodes an authenticated peer's request body.
+/// Decodes an authenticated peer's request body, in the request's codec.
 #[allow(clippy::result_large_err)]
 pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
-    bincode::deserialize(body)
+    codec()
+        .decode(body)
         .map_err(|e| (StatusCode::BAD_REQUEST, format!("decode: {e}")).into_response())
 }
 
+/// Encodes an answer in the request's codec.
 pub fn encode<T: Serialize>(value: &T) -> Response {
-    match bincode::serialize(value) {
+    match codec().encode(value) {
         Ok(bytes) => bytes.into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("encode: {e}")).into_response(),
     }

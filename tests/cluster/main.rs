@@ -12,4 +12,5 @@ mod test_membership;
 mod test_partition;
 mod test_restore;
 mod test_stability;
+mod test_upgrade;
 mod test_wiped;

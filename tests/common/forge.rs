@@ -7,7 +7,8 @@
 #![allow(dead_code)]
 
 use clb::auth::{sha256_hex, Scope, Token};
-use clb::consensus::rpc::{CampaignRequest, IdentityProbe};
+use clb::codec::Codec;
+use clb::consensus::rpc::{CampaignRequest, IdentityProbe, V1_PREFIX};
 use clb::consensus::{LeaderRequest, TypeConfig};
 use clb::model::{Command, MemberSpec, Proposal, ServiceDef};
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
@@ -61,12 +62,20 @@ pub fn injected_member() -> Command {
     }
 }
 
-fn bin<T: serde::Serialize>(v: &T) -> Vec<u8> {
-    bincode::serialize(v).expect("encode")
+/// `path` with `v` as the release before postcard sent it, and under the
+/// v1 prefix in v1: both must meet the same gate.
+fn both<T: serde::Serialize>(path: &str, v: &T) -> [(String, Vec<u8>); 2] {
+    [
+        (path.to_string(), Codec::Legacy.encode(v).expect("encode")),
+        (
+            format!("{V1_PREFIX}{path}"),
+            Codec::V1.encode(v).expect("encode"),
+        ),
+    ]
 }
 
 /// (path, body) of every peer RPC, forged.
-pub fn forgeries() -> Vec<(&'static str, Vec<u8>)> {
+pub fn forgeries() -> Vec<(String, Vec<u8>)> {
     let vote = Vote::new_committed(FORGED_TERM, 99);
     let log_id = |index| LogId::new(CommittedLeaderId::new(FORGED_TERM, 99), index);
     let entry = Entry::<TypeConfig> {
@@ -98,25 +107,31 @@ pub fn forgeries() -> Vec<(&'static str, Vec<u8>)> {
         proposal: proposal(cmd),
         scope: Scope::Admin,
     };
-    vec![
-        ("/raft/append", bin(&append)),
-        ("/raft/vote", bin(&ask_vote)),
-        ("/raft/snapshot", bin(&snapshot)),
-        ("/raft/leader", bin(&write(evil_token()))),
-        ("/raft/leader", bin(&write(injected_member()))),
-        (
+    [
+        both("/raft/append", &append),
+        both("/raft/vote", &ask_vote),
+        both("/raft/snapshot", &snapshot),
+        both("/raft/leader", &write(evil_token())),
+        both("/raft/leader", &write(injected_member())),
+        both(
             "/raft/campaign",
-            bin(&CampaignRequest {
+            &CampaignRequest {
                 from: 99,
                 term: FORGED_TERM,
-            }),
+            },
         ),
-        ("/raft/identity", bin(&IdentityProbe { id: 1, instance: 7 })),
-        ("/raft/node", bin(&())),
-        ("/raft/failover", bin(&())),
-        ("/raft/bgp-drain", bin(&true)),
-        ("/raft/no-such-rpc", Vec::new()),
+        both("/raft/identity", &IdentityProbe { id: 1, instance: 7 }),
+        both("/raft/node", &()),
+        both("/raft/failover", &()),
+        both("/raft/bgp-drain", &true),
+        [
+            ("/raft/no-such-rpc".to_string(), Vec::new()),
+            (format!("{V1_PREFIX}/raft/no-such-rpc"), Vec::new()),
+        ],
     ]
+    .into_iter()
+    .flatten()
+    .collect()
 }
 
 /// Sends every forgery to `base` (`scheme://peer-addr`) without a secret
