@@ -27,6 +27,8 @@ impl Plan {
     pub fn new(registry: Registry) -> Self {
         let parts = split(&registry);
         let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
+        // bincode, not the current codec: nodes of the release before
+        // postcard must cut and name the same backup alike.
         for part in &parts {
             hash.update(&bincode::serialize(part).expect("a registry encodes"));
         }
