@@ -10,7 +10,7 @@ use std::path::Path;
 /// Lowest first. Modules of one layer may not use each other either.
 const LAYERS: &[&[&str]] = &[
     // Leaves: std and external crates only.
-    &["clock", "names", "pem"],
+    &["clock", "codec", "names", "pem"],
     &["auth"],
     &["model"],
     &["restore"],
