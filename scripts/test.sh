@@ -38,4 +38,7 @@ command -v cargo-deb >/dev/null 2>&1 || cargo install cargo-deb --version 3.8.0 
 
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+# tests/cluster/test_upgrade.rs runs the previous release's clbd, built from
+# this repository's history: build it now, alone, not beside the cluster tests.
+cargo test --test cluster -- --exact test_upgrade::the_previous_release_builds
 cargo test --workspace --all-targets --no-fail-fast

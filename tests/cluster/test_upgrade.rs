@@ -18,8 +18,11 @@ use lab::{Cluster, FAST_TIMERS};
 /// The last commit whose clbd stores and speaks bincode only.
 const PREVIOUS_RELEASE: &str = "e81176cecdb8f52bf053147e9daf51080e0c0c26";
 
-/// Builds the previous release's clbd (skipped when already built).
+/// Builds the previous release's clbd (skipped when already built); one
+/// build at a time in this process.
 fn previous_release_clbd() -> PathBuf {
+    static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = BUILDING.lock().unwrap_or_else(|p| p.into_inner());
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let base = root.join("target/previous-release");
     let bin = base.join("target/debug/clbd");
@@ -52,6 +55,8 @@ fn previous_release_clbd() -> PathBuf {
     );
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let built = Command::new(cargo)
+        // Without debug info: faster to build, and never debugged.
+        .env("CARGO_PROFILE_DEV_DEBUG", "0")
         .args([
             "build",
             "--locked",
@@ -68,6 +73,15 @@ fn previous_release_clbd() -> PathBuf {
     assert!(built.success(), "building the previous release failed");
     std::fs::write(&stamp, PREVIOUS_RELEASE).expect("stamp");
     bin
+}
+
+/// scripts/test.sh runs this alone before the suite, so the build does not
+/// starve the timing-sensitive cluster tests beside it.
+#[test]
+fn the_previous_release_builds() {
+    let clbd = previous_release_clbd();
+    let out = Command::new(&clbd).arg("--version").output().expect("run");
+    assert!(out.status.success(), "{}", clbd.display());
 }
 
 const WAIT: Duration = Duration::from_secs(20);
