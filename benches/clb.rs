@@ -7,10 +7,12 @@
 //! - `render`: in-process render and `haproxy -c` time at 1k, 10k and 100k
 //!   members;
 //! - `scale`: a 3-node cluster loaded to 1k, 10k and 100k members (load rate,
-//!   `clbd` RSS), then a 4th node's catch-up by snapshot install.
+//!   `clbd` RSS), then a 4th node's catch-up by snapshot install;
+//! - `codec`: in-process size and encode + decode time of the AppendEntries
+//!   shapes a write sends, in postcard (v1) and in the legacy bincode.
 //!
 //! ```text
-//! cargo bench --bench clb -- [writes|propagation|render|scale|all] [--json FILE] [--quick]
+//! cargo bench --bench clb -- [writes|propagation|render|scale|codec|all] [--json FILE] [--quick]
 //!     [--prefill 0,10000,100000] [--clients 1,16,64] [--secs 10] [--reps 3] [--file-only]
 //! ```
 //!
@@ -45,7 +47,7 @@ use serde_json::{json, Value};
 
 const TOKEN: &str = "bench-token";
 const SECRET: &str = "bench-cluster-secret-0123456789abcdef";
-const USAGE: &str = "usage: cargo bench --bench clb -- [writes|propagation|render|scale|all] \
+const USAGE: &str = "usage: cargo bench --bench clb -- [writes|propagation|render|scale|codec|all] \
      [--json FILE] [--quick] [--prefill 0,10000,100000] [--clients 1,16,64] [--secs 10] [--reps 3] [--file-only]";
 
 // ---------------------------------------------------------------- arguments
@@ -55,6 +57,7 @@ struct Opts {
     propagation: bool,
     render: bool,
     scale: bool,
+    codec: bool,
     json: Option<PathBuf>,
     quick: bool,
     /// Seconds per writes row, instead of 10 (5 with `quick`).
@@ -92,7 +95,7 @@ fn parse_args() -> Result<Opts> {
             "--clients" => clients = Some(list(args.next())?),
             "--prefill" => prefill = Some(list(args.next())?),
             "--file-only" => file_only = true,
-            "writes" | "propagation" | "render" | "scale" | "all" => {
+            "writes" | "propagation" | "render" | "scale" | "codec" | "all" => {
                 bench = true;
                 which.insert(a);
             }
@@ -114,6 +117,7 @@ fn parse_args() -> Result<Opts> {
         propagation: all || which.contains("propagation"),
         render: all || which.contains("render"),
         scale: all || which.contains("scale"),
+        codec: all || which.contains("codec"),
         json,
         quick,
         secs,
@@ -171,6 +175,9 @@ async fn run(opts: &Opts) -> Result<()> {
     }
     if opts.scale {
         report.insert("scale".into(), bench_scale(opts.quick).await?);
+    }
+    if opts.codec {
+        report.insert("codec".into(), bench_codec()?);
     }
     if let Some(path) = &opts.json {
         std::fs::write(path, serde_json::to_string_pretty(&Value::Object(report))?)
@@ -1819,4 +1826,86 @@ async fn bench_scale(quick: bool) -> Result<Value> {
             "log_mentions_snapshot": snapshot_seen,
         },
     }))
+}
+
+// ---------------------------------------------------------------- codec
+
+/// Size and encode + decode time of one AppendEntries as a leader sends it:
+/// one entry of one registration (a lone client), one batch entry of 64
+/// (64 clients), and 16 such batch entries (a follower catching up).
+fn bench_codec() -> Result<Value> {
+    use clb::codec::Codec;
+    use clb::consensus::TypeConfig;
+    use openraft::raft::AppendEntriesRequest;
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, Vote};
+
+    println!("\n## codec\n");
+    println!("| AppendEntries | codec | bytes | encode + decode µs |");
+    println!("|---|---|---|---|");
+    let proposal = |i: usize| model::Proposal {
+        cmd: model::Command::Register {
+            service: "web".into(),
+            member: format!("m-{i:07}"),
+            spec: MemberSpec {
+                address: ip_of(i),
+                port: Some(8080),
+                weight: None,
+                ttl_s: None,
+            },
+            create: ServiceDef::well_known("web"),
+            at_ms: 1_764_000_000_000 + i as u64,
+        },
+        by: "tok-0123456789".into(),
+        at_ms: 1_764_000_000_000 + i as u64,
+        force: false,
+    };
+    let log_id = |index| LogId::new(CommittedLeaderId::new(7, 1), index);
+    let entry = |index: u64, batch: usize| Entry::<TypeConfig> {
+        log_id: log_id(index),
+        payload: EntryPayload::Normal(if batch == 1 {
+            proposal(index as usize)
+        } else {
+            model::Proposal {
+                cmd: model::Command::Batch(
+                    (0..batch)
+                        .map(|i| proposal(index as usize * batch + i))
+                        .collect(),
+                ),
+                by: String::new(),
+                at_ms: 0,
+                force: false,
+            }
+        }),
+    };
+    let shapes = [
+        ("1 entry × 1 write", 1, 1),
+        ("1 entry × 64 writes", 1, 64),
+        ("16 entries × 64 writes", 16, 64),
+    ];
+    let mut out = Vec::new();
+    for (name, entries, batch) in shapes {
+        let req = AppendEntriesRequest::<TypeConfig> {
+            vote: Vote::new_committed(7, 1),
+            prev_log_id: Some(log_id(1000)),
+            entries: (0..entries).map(|i| entry(1001 + i, batch)).collect(),
+            leader_commit: Some(log_id(1000)),
+        };
+        for codec in [Codec::V1, Codec::Legacy] {
+            let bytes = codec.encode(&req)?.len();
+            // Enough rounds for about a second of the largest shape.
+            let rounds = 20_000 / (entries as usize * batch).max(1) + 10;
+            let start = Instant::now();
+            for _ in 0..rounds {
+                let raw = codec.encode(std::hint::black_box(&req))?;
+                let back: AppendEntriesRequest<TypeConfig> = codec.decode(&raw)?;
+                std::hint::black_box(back);
+            }
+            let us = start.elapsed().as_secs_f64() * 1e6 / rounds as f64;
+            println!("| {name} | {} | {bytes} | {:.1} |", codec.name(), us);
+            out.push(
+                json!({"shape": name, "codec": codec.name(), "bytes": bytes, "us": round1(us)}),
+            );
+        }
+    }
+    Ok(Value::Array(out))
 }

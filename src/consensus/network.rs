@@ -383,8 +383,9 @@ impl PeerClient {
                 .map(str::to_string)
         };
         let from = header(FROM_HEADER);
-        // Only an answer past the peer's authentication gate says what it
-        // reads; a refusal there says nothing of its release.
+        // A success, or a route's 400/404, says what the peer reads (a gate
+        // refusal of a new node may say legacy; the next answer corrects
+        // it). 401/403/409 refusals say nothing of its release.
         if status.is_success() || matches!(status.as_u16(), 400 | 404) {
             self.learn_codec(
                 addr,
