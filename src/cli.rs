@@ -794,6 +794,27 @@ fn status_table(v: &ClusterView) -> String {
     ) + &bgp_table(v)
         .map(|t| format!("\nbgp mode, every fit balancer announces the VIP:\n{t}"))
         .unwrap_or_default()
+        + &legacy_peers(v)
+}
+
+/// A line naming the peers this node still speaks the previous release's
+/// encoding to (a rolling upgrade in progress); empty when none.
+fn legacy_peers(v: &ClusterView) -> String {
+    let legacy: Vec<String> = v
+        .peer_codecs
+        .iter()
+        .filter(|(_, c)| c.as_str() == "legacy")
+        .map(|(id, _)| id.to_string())
+        .collect();
+    if legacy.is_empty() {
+        return String::new();
+    }
+    format!(
+        "\nnode {} speaks the previous release's encoding to node {} \
+         (not upgraded yet, or not called since it was)",
+        v.node_id,
+        legacy.join(", ")
+    )
 }
 
 /// One balancer's announcement, after `drain-node` / `ready-node`.
@@ -910,6 +931,22 @@ mod tests {
             ],
         );
         assert_eq!(t, "A    BB\nxyz  1\nq    22");
+    }
+
+    #[test]
+    fn status_names_peers_on_the_previous_release() {
+        let mut v = ClusterView {
+            node_id: 1,
+            ..Default::default()
+        };
+        v.peer_codecs = [(2, "v1".to_string()), (3, "v1".to_string())].into();
+        assert!(!status_table(&v).contains("previous release"));
+        v.peer_codecs.insert(3, "legacy".into());
+        assert!(
+            status_table(&v).ends_with("node 1 speaks the previous release's encoding to node 3 (not upgraded yet, or not called since it was)"),
+            "{}",
+            status_table(&v)
+        );
     }
 
     #[test]
