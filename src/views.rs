@@ -241,6 +241,10 @@ pub struct ClusterView {
     pub applied_index: u64,
     #[serde(default)]
     pub last_log_index: Option<u64>,
+    /// The last log index this node purged after a snapshot: a follower
+    /// behind it catches up by snapshot, not by log entries.
+    #[serde(default)]
+    pub purged_index: Option<u64>,
     #[serde(default)]
     pub millis_since_quorum_ack: Option<u64>,
     /// Members in the registry.

@@ -389,6 +389,7 @@ pub fn cluster_view(state: &AppState) -> ClusterView {
             .collect(),
         applied_index: applied.index,
         last_log_index: m.last_log_index,
+        purged_index: m.purged.map(|l| l.index),
         millis_since_quorum_ack: m.millis_since_quorum_ack,
         members: applied.registry.member_count() as u64,
         vip_holder: state.failover.holder(state.consensus.id, m.current_leader),

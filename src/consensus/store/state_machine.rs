@@ -815,6 +815,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             tracing::warn!(cause = %e, "could not drop the replaced state machine tree");
         }
         self.store_snapshot(meta, data).await?;
+        tracing::info!(
+            index = meta.last_log_id.map(|l| l.index),
+            members = self.lock().registry.member_count(),
+            "installed a snapshot from the leader"
+        );
         Ok(())
     }
 
