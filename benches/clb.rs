@@ -1892,7 +1892,7 @@ fn bench_codec() -> Result<Value> {
         };
         for codec in [Codec::V1, Codec::Legacy] {
             let bytes = codec.encode(&req)?.len();
-            // Enough rounds for about a second of the largest shape.
+            // About 20,000 writes' worth of rounds per shape (at least 10).
             let rounds = 20_000 / (entries as usize * batch).max(1) + 10;
             let start = Instant::now();
             for _ in 0..rounds {

@@ -803,7 +803,7 @@ fn legacy_peers(v: &ClusterView) -> String {
     let legacy: Vec<String> = v
         .peer_codecs
         .iter()
-        .filter(|(_, c)| c.as_str() == "legacy")
+        .filter(|(_, c)| c.as_str() == crate::codec::Codec::Legacy.name())
         .map(|(id, _)| id.to_string())
         .collect();
     if legacy.is_empty() {

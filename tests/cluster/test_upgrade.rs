@@ -127,12 +127,17 @@ async fn codec_towards(c: &Cluster, id: u64, peer: u64, want: &str) {
     .await;
 }
 
+/// Starts the stopped node `id` on `clbd`.
+fn start_on(c: &mut Cluster, id: u64, clbd: &Path) {
+    c.node_mut(id).clbd = clbd.to_path_buf();
+    c.node_mut(id).spawn();
+}
+
 /// Restarts node `id` on `clbd` and waits until it answers.
 async fn restart_on(c: &mut Cluster, id: u64, clbd: &Path) {
     let status = c.node_mut(id).terminate();
     assert!(status.success(), "node {id} SIGTERM exit {status:?}");
-    c.node_mut(id).clbd = clbd.to_path_buf();
-    c.node_mut(id).spawn();
+    start_on(c, id, clbd);
     eventually(WAIT, &format!("node {id} healthy"), || async {
         c.node(id).healthy().await.then_some(())
     })
@@ -209,8 +214,7 @@ async fn a_rolling_upgrade_from_the_previous_release_keeps_every_write() {
     // a decode error instead of joining with a misread vote or log.
     let back = followers[0];
     assert!(c.node_mut(back).terminate().success());
-    c.node_mut(back).clbd = previous.clone();
-    c.node_mut(back).spawn();
+    start_on(&mut c, back, &previous);
     let exit = c
         .node_mut(back)
         .child
@@ -227,8 +231,7 @@ async fn a_rolling_upgrade_from_the_previous_release_keeps_every_write() {
     assert!(tail.contains("decode"), "{tail}");
     c.node_mut(back).kill();
     // This release still opens it, and the cluster goes on.
-    c.node_mut(back).clbd = current.clone();
-    c.node_mut(back).spawn();
+    start_on(&mut c, back, &current);
     let m = "after-refusal".to_string();
     write_through(&c, back, &m).await;
     written.push(m);

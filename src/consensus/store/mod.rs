@@ -448,8 +448,10 @@ mod tests {
     /// release before postcard wrote them: bincode, entries cut in parts of
     /// its own size, no format mark.
     fn make_legacy(dir: &Path) {
+        fn legacy<T: Serialize>(v: &T) -> Vec<u8> {
+            Codec::Legacy.encode(v).unwrap()
+        }
         let stores = reopen(dir);
-        let legacy = |v: &dyn erased::Value| v.legacy();
         let entries = LogStore::decode(stores.log.log.iter()).unwrap();
         stores.log.log.clear().unwrap();
         for entry in entries {
@@ -483,18 +485,6 @@ mod tests {
         stores.db.flush().unwrap();
         // Really legacy: the current decoder cannot read it.
         assert!(unbin::<Vote<NodeId>>(&meta.get(VOTE_KEY).unwrap().unwrap()).is_err());
-    }
-
-    /// Object-safe legacy encoding for [`make_legacy`].
-    mod erased {
-        pub trait Value {
-            fn legacy(&self) -> Vec<u8>;
-        }
-        impl<T: serde::Serialize> Value for T {
-            fn legacy(&self) -> Vec<u8> {
-                crate::codec::Codec::Legacy.encode(self).unwrap()
-            }
-        }
     }
 
     /// A data dir of the release before postcard opens with everything it
